@@ -1,0 +1,342 @@
+"""Patch a loaded transformers MoE model in place with forward hooks, and undo it exactly.
+
+Nothing about the model changes but three kinds of hooks, all removed by ``remove``:
+
+1. a pre/post hook pair on the model (and its decoder) that records the batch shape and the
+   attention mask of the current forward, so capacity can ignore padding and split groups;
+2. a forward hook on each MoE block's router (``block.gate``) that rewrites its (weights, ids)
+   output with the capacity-aware decision of :func:`moepatch.routing.route`;
+3. a pre/post hook pair on each block's fused experts module that lowers dropped slots (sentinel
+   id E) for transformers' experts implementations: the kept (token, expert) pairs are computed
+   as one row each, so no dropped pair reaches a GEMM and no implementation ever sees an
+   out-of-range id (transformers 5.17 and later releases treat those ids differently).
+
+Parameters, buffers, config and forward methods are never modified, so ``save_pretrained`` saves
+the original model and ``remove`` restores it bit for bit.
+
+Legend: T tokens, E routed experts, K native experts per token, W slots per token, D hidden.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import re
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import ModelStateError, UnsupportedModelError
+from ..routing.config import RoutingConfig, make_config
+from ..routing.route import route
+from ..routing.scores import FamilyScoring
+from ..routing.stats import LoadStats, PendingRecord
+from .registry import family_for, moe_blocks
+
+_STATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)")
+
+
+@dataclass
+class _ForwardContext:
+    """Shape and padding of the forward in flight, read by the router hooks."""
+
+    batch: int
+    seq: int
+    valid_BS: torch.Tensor | None
+
+
+@dataclass
+class _Block:
+    """Per-MoE-block patch state."""
+
+    name: str
+    layer: int
+    num_experts: int
+    top_k: int
+    scoring: FamilyScoring
+    lower: bool = False  # the router produced sentinels that the experts hook must lower
+    compact: tuple | None = None
+
+
+@dataclass
+class PatchState:
+    """Everything one patch owns; kept outside the model (a weak map), never in its state_dict."""
+
+    config: RoutingConfig
+    model_type: str
+    blocks: list[_Block]
+    handles: list = field(default_factory=list)
+    records: list = field(default_factory=list)
+    context: _ForwardContext | None = None
+    depth: int = 0
+    skipped_decode: int = 0
+
+
+class PatchHandle:
+    """Returned by :func:`apply`; ``remove()`` undoes the patch, ``stats()`` reads the statistics."""
+
+    def __init__(self, model: torch.nn.Module):
+        self._model = weakref.ref(model)
+
+    @property
+    def model(self) -> torch.nn.Module:
+        m = self._model()
+        if m is None:
+            raise ModelStateError("the patched model no longer exists")
+        return m
+
+    @property
+    def config(self) -> RoutingConfig:
+        return _state(self.model).config
+
+    def remove(self) -> None:
+        remove(self.model)
+
+    def stats(self) -> LoadStats:
+        return stats(self.model)
+
+    def reset_stats(self) -> None:
+        reset_stats(self.model)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+
+
+def _state(model: torch.nn.Module) -> PatchState:
+    state = _STATES.get(model)
+    if state is None:
+        raise ModelStateError(f"{type(model).__name__} is not patched by moepatch (call moepatch.apply first)")
+    return state
+
+
+def is_patched(model: torch.nn.Module) -> bool:
+    return model in _STATES
+
+
+def _check_model(model: torch.nn.Module):
+    if not isinstance(model, torch.nn.Module):
+        raise UnsupportedModelError(f"expected a transformers model (torch.nn.Module), got {type(model).__name__}")
+    spec = family_for(model)
+    meta = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if meta:
+        raise ModelStateError(
+            f"the model has {len(meta)} parameter(s) on the meta device (e.g. {meta[0]}); load real weights "
+            "first (from_pretrained, or to_empty() then load_state_dict) and patch the loaded model")
+    blocks = moe_blocks(model, spec)
+    if not blocks:
+        raise UnsupportedModelError(
+            f"no MoE block ({', '.join(spec.block_classes)}) found in this {spec.model_type} model")
+    return spec, blocks
+
+
+def apply(model: torch.nn.Module, capacity_factor: float | None = 1.5, strategy: str = "drop",
+          policy: str | None = None, **options) -> PatchHandle:
+    """Patch ``model`` in place with capacity-aware routing.
+
+    Args:
+        model: a loaded transformers model of a supported family (Mixtral, OLMoE, Qwen2-MoE,
+            Qwen3-MoE, DeepSeek-V2, DeepSeek-V3), on any device or spread with ``device_map``.
+        capacity_factor: γ in C = max(min_capacity, ceil(γ·T·k/E)); None or inf: no capacity.
+        strategy: ``"drop"``, ``"reroute"``, ``"expanded"`` or ``"expert_drop"``.
+        policy: which pairs an over-capacity expert keeps (``drop``/``reroute``): ``"score"``
+            (default), ``"order"``, ``"reverse"``, ``"random"`` (with ``seed``).
+        **options: see :class:`moepatch.routing.config.RoutingConfig` and docs/usage.md.
+    Returns:
+        A :class:`PatchHandle`.  Applying again reconfigures the patch (it never stacks) and
+        resets the statistics.
+    Raises:
+        UnsupportedModelError, ModelStateError, InvalidOptionError: the model is left untouched.
+    """
+    spec, blocks = _check_model(model)
+    routers = [b.gate for _, b in blocks]
+    cfg = make_config(capacity_factor, strategy, policy, num_experts=min(r.num_experts for r in routers), **options)
+    state = _STATES.get(model)
+    if state is not None:
+        state.config = cfg
+        state.records.clear()
+        state.skipped_decode = 0
+        return PatchHandle(model)
+
+    state = PatchState(config=cfg, model_type=spec.model_type, blocks=[])
+    try:
+        _install(model, state, blocks, spec)
+    except BaseException:
+        for h in state.handles:
+            h.remove()
+        raise
+    _STATES[model] = state
+    return PatchHandle(model)
+
+
+def _install(model, state, blocks, spec):
+    entry_points = [model]
+    decoder = getattr(model, "model", None)
+    if isinstance(decoder, torch.nn.Module) and decoder is not model:
+        entry_points.append(decoder)
+    for m in entry_points:
+        sig = inspect.signature(m.forward)
+        state.handles.append(m.register_forward_pre_hook(_context_pre_hook(state, sig), with_kwargs=True))
+        state.handles.append(m.register_forward_hook(_context_post_hook(state), always_call=True))
+    for i, (name, block) in enumerate(blocks):
+        match = _LAYER_RE.search(name)
+        b = _Block(name=name, layer=int(match.group(1)) if match else i, num_experts=block.gate.num_experts,
+                   top_k=block.gate.top_k, scoring=spec.scoring(block.gate))
+        state.blocks.append(b)
+        state.handles.append(block.gate.register_forward_hook(_router_hook(state, b)))
+        state.handles.append(block.experts.register_forward_pre_hook(_experts_pre_hook(b), with_kwargs=True))
+        state.handles.append(block.experts.register_forward_hook(_experts_post_hook(b), always_call=True))
+
+
+def _context_pre_hook(state: PatchState, sig: inspect.Signature):
+    def hook(module, args, kwargs):
+        state.depth += 1
+        if state.depth > 1:  # the decoder inside the CausalLM: the outer call already set it
+            return None
+        try:
+            bound = sig.bind_partial(*args, **kwargs).arguments
+        except TypeError:
+            bound = kwargs
+        x = bound.get("input_ids")
+        if x is None:
+            x = bound.get("inputs_embeds")
+        if x is None or x.dim() < 2:
+            state.context = None
+            return None
+        batch, seq = int(x.shape[0]), int(x.shape[1])
+        mask = bound.get("attention_mask")
+        valid = None
+        # A 2-D mask covers the cached positions too; the current tokens are its last `seq` columns.
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[0] == batch and mask.shape[1] >= seq:
+            valid = mask[:, -seq:].bool()
+        state.context = _ForwardContext(batch, seq, valid)
+        return None
+
+    return hook
+
+
+def _context_post_hook(state: PatchState):
+    def hook(module, args, output):
+        state.depth = max(state.depth - 1, 0)
+        if state.depth == 0:
+            state.context = None
+        return None
+
+    return hook
+
+
+def _router_hook(state: PatchState, block: _Block):
+    def hook(module, args, output):
+        block.lower = False
+        cfg = state.config
+        logits, weights_TK, ids_TK = output
+        T = logits.shape[0]
+        if T == 0:
+            return None
+        ctx = state.context
+        if ctx is not None and ctx.batch * ctx.seq == T:
+            batch, seq, valid = ctx.batch, ctx.seq, ctx.valid_BS
+        elif args and args[0].dim() == 3 and args[0].shape[0] * args[0].shape[1] == T:
+            batch, seq, valid = int(args[0].shape[0]), int(args[0].shape[1]), None
+        else:
+            batch, seq, valid = 1, T, None
+        if seq == 1 and not cfg.apply_in_decode:
+            state.skipped_decode += 1
+            return None
+        scores_TE = block.scoring.scores(logits)
+        factor_T = block.scoring.factor(scores_TE, ids_TK)
+        result = route(cfg, scores_TE, ids_TK, weights_TK, factor_T, batch=batch, seq=seq, valid_BS=valid,
+                       layer=block.layer)
+        if cfg.collect_stats:
+            state.records.append(PendingRecord(block.layer, block.top_k, block.num_experts, cfg.ep_size, result))
+        if cfg.unlimited:
+            return None
+        block.lower = True
+        return (logits, result.topk_weights_TW, result.topk_ids_TW)
+
+    return hook
+
+
+def _experts_pre_hook(block: _Block):
+    def hook(module, args, kwargs):
+        block.compact = None
+        if not block.lower:
+            return None
+        block.lower = False
+        names = ("hidden_states", "top_k_index", "top_k_weights")
+        vals = dict(zip(names, args))
+        vals.update({k: v for k, v in kwargs.items() if k in names})
+        x_TD, ids_TW, w_TW = vals["hidden_states"], vals["top_k_index"], vals["top_k_weights"]
+        T, W = ids_TW.shape
+        kept_TW = ids_TW < block.num_experts
+        # Column of each kept pair among its token's kept pairs: the compact output is (T, Wk, D).
+        col_TW = torch.cumsum(kept_TW.long(), dim=1) - 1
+        tok_P, slot_P = kept_TW.nonzero(as_tuple=True)  # NOTE: host sync (data-dependent size)
+        P = tok_P.numel()
+        width = int(kept_TW.sum(1).max()) if T else 0  # NOTE: host sync
+        block.compact = (T, width, tok_P, col_TW[tok_P, slot_P])
+        if P == 0:
+            # Every pair was dropped: run one zero-weight row so the experts module sees a valid
+            # call; the post hook discards it and returns zeros.
+            return (torch.zeros_like(x_TD[:1]), ids_TW.new_zeros(1, 1), w_TW.new_zeros(1, 1)), {}
+        return (x_TD[tok_P], ids_TW[tok_P, slot_P, None], w_TW[tok_P, slot_P, None]), {}
+
+    return hook
+
+
+def _experts_post_hook(block: _Block):
+    def hook(module, args, output):
+        if block.compact is None:
+            return None
+        T, width, tok_P, col_P = block.compact
+        block.compact = None
+        out_TWD = output.new_zeros(T, max(width, 1), output.shape[-1])
+        if tok_P.numel():
+            out_TWD[tok_P, col_P] = output
+        # A fixed-order sum over each token's kept pairs (deterministic, accumulated in float32).
+        return out_TWD.float().sum(dim=1).to(output.dtype)
+
+    return hook
+
+
+def remove(model: torch.nn.Module) -> None:
+    """Undo :func:`apply` exactly: every hook is removed and the model is as it was."""
+    state = _state(model)
+    for h in state.handles:
+        h.remove()
+    state.handles.clear()
+    del _STATES[model]
+
+
+@contextlib.contextmanager
+def patched(model: torch.nn.Module, capacity_factor: float | None = 1.5, strategy: str = "drop",
+            policy: str | None = None, **options):
+    """Patch for the ``with`` block only; a patch that was there before comes back afterwards."""
+    previous = _STATES[model].config if model in _STATES else None
+    handle = apply(model, capacity_factor, strategy, policy, **options)
+    try:
+        yield handle
+    finally:
+        if previous is None:
+            remove(model)
+        else:
+            explicit = {k: getattr(previous, k) for k in previous._explicit}
+            apply(model, previous.capacity_factor, previous.strategy, **explicit)
+
+
+def stats(model: torch.nn.Module) -> LoadStats:
+    """Load statistics collected since the last reset (or the last ``apply``)."""
+    state = _state(model)
+    records = [r.materialize() for r in state.records]
+    cfg = dict(state.config.to_dict(), model_type=state.model_type, skipped_decode_steps=state.skipped_decode)
+    return LoadStats(records, cfg)
+
+
+def reset_stats(model: torch.nn.Module) -> None:
+    state = _state(model)
+    state.records.clear()
+    state.skipped_decode = 0

@@ -1,0 +1,17 @@
+"""Qwen-MoE (Qwen1.5/Qwen2-MoE with a gated shared expert, Qwen3-MoE): softmax, ``norm_topk_prob``.
+
+The shared expert of Qwen2-MoE runs outside the router/experts pair and is never touched.
+"""
+
+from ..routing.scores import FamilyScoring
+from .registry import FamilySpec
+
+
+def _scoring(router):
+    return FamilyScoring(kind="softmax", normalize=bool(router.norm_topk_prob))
+
+
+SPECS = (
+    FamilySpec(model_type="qwen2_moe", block_classes=("Qwen2MoeSparseMoeBlock",), scoring=_scoring),
+    FamilySpec(model_type="qwen3_moe", block_classes=("Qwen3MoeSparseMoeBlock",), scoring=_scoring),
+)

@@ -1,0 +1,109 @@
+"""Capacity groups, capacities and the per-bucket ranking every strategy is built on.
+
+Legend: T tokens (batch-major flattening of B sequences of S positions), E routed experts,
+K experts per token, G capacity groups, D expert-parallel devices, NB capacity buckets per group
+(E for expert scope, D for device scope), P (token, expert) pairs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+# ceil(γ·T·k/E) in floating point: 1.1 * 80 / 8 evaluates to 11.000000000000002; a tolerance far
+# below one token keeps such products on the integer they denote.
+_CEIL_TOLERANCE = 1e-9
+
+
+def capacity_for(tokens: int, top_k: int, num_experts: int, capacity_factor: float, min_capacity: int = 0) -> int:
+    """C = max(min_capacity, ceil(γ · T · k / E)) for one group of ``tokens`` real tokens."""
+    if tokens <= 0:
+        return int(min_capacity)
+    raw = capacity_factor * tokens * top_k / num_experts
+    return max(int(min_capacity), math.ceil(raw - _CEIL_TOLERANCE))
+
+
+def capacities(tokens_G: torch.Tensor, top_k: int, num_experts: int, capacity_factor: float,
+               min_capacity: int = 0) -> torch.Tensor:
+    """Vectorised :func:`capacity_for` over groups: tokens_G (G,) int64 -> capacity_G (G,) int64."""
+    raw_G = tokens_G.double() * (capacity_factor * top_k) / num_experts
+    cap_G = torch.ceil(raw_G - _CEIL_TOLERANCE).long().clamp_min(int(min_capacity))
+    return torch.where(tokens_G > 0, cap_G, torch.full_like(cap_G, int(min_capacity)))
+
+
+def expert_devices(num_experts: int, ep_size: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """Device of each expert (E,) int64: contiguous blocks, the first E % D devices hold one more.
+
+    Matches ``torch.tensor_split(torch.arange(E), D)``, the split the expert-parallel loader uses.
+    """
+    dev_E = torch.empty(num_experts, dtype=torch.long)
+    for d, block in enumerate(torch.tensor_split(torch.arange(num_experts), ep_size)):
+        dev_E[block] = d
+    return dev_E.to(device)
+
+
+def token_devices(num_tokens: int, ep_size: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """Source device of each token (T,) int64: the flattened batch split into D contiguous chunks."""
+    t_T = torch.arange(num_tokens, device=device)
+    return t_T * ep_size // max(num_tokens, 1)
+
+
+def group_ids(batch: int, seq: int, group: str, ep_size: int,
+              device: torch.device | str | None = None) -> tuple[torch.Tensor, int]:
+    """Capacity group of each of the T = batch * seq tokens and the number of groups G.
+
+    ``group="batch"``: one group per forward, or one per source device when ``ep_size > 1``.
+    ``group="sequence"``: one group per sequence (split further where a sequence straddles two
+    simulated devices, which only happens when the batch does not divide by ``ep_size``).
+    """
+    T = batch * seq
+    dev_T = token_devices(T, ep_size, device)
+    if group == "batch":
+        return dev_T, ep_size
+    if group == "sequence":
+        row_T = torch.arange(T, device=device) // max(seq, 1)
+        return row_T * ep_size + dev_T, batch * ep_size
+    raise ValueError(f"unknown group {group!r}; accepted: 'batch', 'sequence'")
+
+
+def bucket_rank(bucket_P: torch.Tensor, order_P: torch.Tensor, num_buckets: int) -> torch.Tensor:
+    """Rank of each pair inside its bucket when pairs are taken in priority order.
+
+    Args:
+        bucket_P: (P,) int64 bucket of each pair.
+        order_P: (P,) int64 permutation of pair indices, highest priority first.
+        num_buckets: number of buckets (all values of ``bucket_P`` are below it).
+    Returns:
+        (P,) int64: 0 for the highest-priority pair of each bucket, 1 for the next, ...
+    """
+    P = bucket_P.numel()
+    # A stable sort by bucket keeps the priority order inside each bucket.
+    sorted_bucket, perm = torch.sort(bucket_P[order_P], stable=True)
+    pair_at = order_P[perm]
+    counts_B = torch.bincount(sorted_bucket, minlength=num_buckets)
+    starts_B = torch.cumsum(counts_B, 0) - counts_B
+    rank_sorted = torch.arange(P, device=bucket_P.device) - starts_B[sorted_bucket]
+    rank_P = torch.empty_like(rank_sorted)
+    rank_P[pair_at] = rank_sorted
+    return rank_P
+
+
+def priority_order(policy: str, score_P: torch.Tensor, token_P: torch.Tensor,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """Pair indices, highest priority first, for a drop policy.
+
+    Pairs must be listed in token-major order (pair p belongs to token ``token_P[p]`` and
+    ``token_P`` is non-decreasing), so a stable sort breaks score ties toward the lower token.
+    """
+    P = score_P.numel()
+    if policy == "score":
+        return torch.sort(-score_P, stable=True).indices
+    if policy == "order":
+        return torch.arange(P, device=score_P.device)
+    if policy == "reverse":
+        return torch.sort(-token_P, stable=True).indices
+    if policy == "random":
+        keys = torch.rand(P, generator=generator, dtype=torch.float64).to(score_P.device)
+        return torch.sort(keys, stable=True).indices
+    raise ValueError(f"unknown policy {policy!r}; accepted: 'score', 'order', 'reverse', 'random'")

@@ -1,0 +1,156 @@
+"""One routing decision for one MoE layer and one forward: the reference every backend matches.
+
+Legend: B sequences of S positions, T = B * S tokens (batch-major), E routed experts, K native
+experts per token, W output slots per token (K, or more for expanded drop), G capacity groups.
+
+Dropped slots are marked with the sentinel expert id E and weight 0; what consumes the routing
+(transformers' experts, the Triton kernels, the expert-parallel dispatcher) skips them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .capacity import capacities, expert_devices, group_ids, token_devices
+from .config import RoutingConfig
+from .strategies import expanded_drop, expert_drop, token_drop, token_reroute
+
+
+@dataclass
+class RoutingResult:
+    """Output of :func:`route`; tensors stay on the routing device (no host sync).
+
+    Attributes:
+        topk_ids_TW: (T, W) int64 expert of each slot, E where the slot is empty.
+        topk_weights_TW: (T, W) combine weights in the native weights' dtype, 0 on empty slots.
+        load_before_E / load_after_E: (E,) int64 pairs per expert before / after capacity.
+        tokens_G: (G,) int64 real tokens per capacity group; capacity_G: (G,) int64 or None.
+        routed_pairs: native pairs of the real tokens; dropped_pairs: native pairs left without an
+            expert; rerouted_pairs: pairs moved to another expert; added_pairs: extra pairs of
+            expanded drop.  All int64 scalars.
+    """
+
+    topk_ids_TW: torch.Tensor
+    topk_weights_TW: torch.Tensor
+    load_before_E: torch.Tensor
+    load_after_E: torch.Tensor
+    tokens_G: torch.Tensor
+    capacity_G: torch.Tensor | None
+    routed_pairs: torch.Tensor
+    dropped_pairs: torch.Tensor
+    rerouted_pairs: torch.Tensor
+    added_pairs: torch.Tensor
+
+
+def _load(ids_TW: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Pairs per expert (E,), ignoring the sentinel."""
+    return torch.bincount(ids_TW.reshape(-1), minlength=num_experts + 1)[:num_experts]
+
+
+def _generator(seed: int, layer: int) -> torch.Generator:
+    # One fresh CPU generator per (seed, layer) and call: the same input always drops the same pairs.
+    return torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + layer)
+
+
+def route(cfg: RoutingConfig, scores_TE: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor,
+          factor_T: torch.Tensor, *, batch: int, seq: int, valid_BS: torch.Tensor | None = None,
+          layer: int = 0) -> RoutingResult:
+    """Apply capacity-aware routing to one layer's native top-k decision.
+
+    Args:
+        cfg: the validated configuration.
+        scores_TE: (T, E) float32 family scores s[t, e].
+        topk_ids_TK: (T, K) int64 native picks; topk_weights_TK: (T, K) native combine weights.
+        factor_T: (T,) float32, the family's weight of expert e is s[t, e] * factor_T[t].
+        batch, seq: B and S with T = B * S (token t is position t % S of sequence t // S).
+        valid_BS: (B, S) bool, False at padding positions; None when every position is real.
+        layer: layer index, seeds the ``random`` policy.
+    """
+    T, E = scores_TE.shape
+    K = topk_ids_TK.shape[1]
+    device = scores_TE.device
+    if batch * seq != T:
+        raise ValueError(f"batch * seq = {batch} * {seq} does not match the {T} routed tokens")
+    if valid_BS is None or cfg.count_padding:
+        active_T = torch.ones(T, dtype=torch.bool, device=device)
+    else:
+        active_T = valid_BS.reshape(-1).to(device=device, dtype=torch.bool)
+    group_T, G = group_ids(batch, seq, cfg.group, cfg.ep_size, device)
+    tokens_G = torch.bincount(group_T[active_T], minlength=G)
+    load_before_E = _load(topk_ids_TK[active_T], E)
+    routed = active_T.sum() * K
+    zero = torch.zeros((), dtype=torch.long, device=device)
+
+    if cfg.unlimited:
+        return RoutingResult(topk_ids_TK, topk_weights_TK, load_before_E, load_before_E, tokens_G, None,
+                             routed, zero, zero, zero)
+
+    dev_E = expert_devices(E, cfg.ep_size, device)
+    if cfg.capacity_scope == "expert":
+        bucket_E = torch.arange(E, device=device)
+        bucket_size_B = torch.ones(E, dtype=torch.long, device=device)
+    else:
+        bucket_E = dev_E
+        bucket_size_B = torch.bincount(dev_E, minlength=cfg.ep_size)
+    capacity_G = None
+    if cfg.strategy != "expert_drop":
+        capacity_G = capacities(tokens_G, K, E, cfg.capacity_factor, cfg.min_capacity)
+    sentinel = torch.full_like(topk_ids_TK, E)
+    w_zero = torch.zeros_like(topk_weights_TK)
+    rerouted = added = zero
+
+    if cfg.strategy in ("drop", "expert_drop"):
+        if cfg.strategy == "drop":
+            keep_TK = token_drop(scores_TE, topk_ids_TK, active_T, group_T, capacity_G, bucket_E,
+                                 bucket_size_B, cfg.policy, _generator(cfg.seed, layer))
+        else:
+            keep_TK, _ = expert_drop(topk_ids_TK, active_T, E, cfg.expert_drop_fraction)
+        ids_TW = torch.where(keep_TK, topk_ids_TK, sentinel)
+        w_TW = torch.where(keep_TK, topk_weights_TK, w_zero)
+        dropped = routed - keep_TK.sum()
+    elif cfg.strategy == "reroute":
+        keep_TK = token_drop(scores_TE, topk_ids_TK, active_T, group_T, capacity_G, bucket_E,
+                             bucket_size_B, cfg.policy, _generator(cfg.seed, layer))
+        ids_TK, placed_TK, moved_TK = token_reroute(scores_TE, topk_ids_TK, keep_TK, active_T, group_T,
+                                                    capacity_G, bucket_E, bucket_size_B,
+                                                    cfg.reroute_target, cfg.reroute_rounds)
+        moved_w_TK = (scores_TE.gather(1, ids_TK) * factor_T[:, None]).to(topk_weights_TK.dtype)
+        ids_TW = torch.where(placed_TK, ids_TK, sentinel)
+        w_TW = torch.where(moved_TK, moved_w_TK, torch.where(placed_TK, topk_weights_TK, w_zero))
+        dropped = routed - placed_TK.sum()
+        rerouted = moved_TK.sum()
+    else:  # expanded
+        if cfg.local_experts == "all" or cfg.ep_size == 1:
+            local_TE = torch.ones(T, E, dtype=torch.bool, device=device)
+            m = E
+        else:
+            local_TE = dev_E[None, :] == token_devices(T, cfg.ep_size, device)[:, None]
+            m = -(-E // cfg.ep_size)  # the largest device block of expert_devices
+        keep_TE = expanded_drop(scores_TE, topk_ids_TK, active_T, group_T, capacity_G, bucket_E, bucket_size_B,
+                                local_TE, cfg.max_experts_per_token)
+        keep_TK = keep_TE.gather(1, topk_ids_TK)
+        native_TE = torch.zeros_like(keep_TE).scatter_(1, topk_ids_TK, True)
+        extra_TE = keep_TE & ~native_TE
+        # Native picks keep their slots; extra experts follow in ascending expert order.
+        n_extra = min(E, K + m) - K
+        ids_TW = torch.cat([torch.where(keep_TK, topk_ids_TK, sentinel),
+                            torch.full((T, n_extra), E, dtype=torch.long, device=device)], dim=1)
+        slot_TE = K + torch.cumsum(extra_TE.long(), dim=1) - 1
+        tok_X, exp_X = extra_TE.nonzero(as_tuple=True)
+        ids_TW[tok_X, slot_TE[tok_X, exp_X]] = exp_X
+        w_TW = torch.zeros(ids_TW.shape, dtype=topk_weights_TK.dtype, device=device)
+        w_TW[:, :K] = torch.where(keep_TK, topk_weights_TK, w_zero)
+        w_TW[tok_X, slot_TE[tok_X, exp_X]] = (scores_TE[tok_X, exp_X] * factor_T[tok_X]).to(w_TW.dtype)
+        dropped = routed - keep_TK.sum()
+        added = extra_TE.sum()
+
+    if cfg.renormalize == "kept":
+        native_T = torch.where(active_T, topk_weights_TK.float().sum(1), 0.0)
+        kept_T = w_TW.float().sum(1)
+        scale_T = torch.where(kept_T > 0, native_T / torch.where(kept_T > 0, kept_T, 1.0), 0.0)
+        w_TW = (w_TW.float() * scale_T[:, None]).to(w_TW.dtype)
+
+    return RoutingResult(ids_TW, w_TW, load_before_E, _load(ids_TW, E), tokens_G, capacity_G,
+                         routed, dropped, rerouted, added)

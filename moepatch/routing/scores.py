@@ -1,0 +1,55 @@
+"""Family routing scores and the weight a family gives an expert it did not pick.
+
+Legend: T tokens, E routed experts, K experts per token.
+
+Every supported family computes a score s[t, e] from its router logits and combines the top-k
+experts with weights w[t, j] = s[t, e_j] * factor[t], where factor[t] folds in the family's
+top-k renormalisation and its routed scaling factor.  The native weights of the picked experts
+always come from the unpatched router (bit-exact); `FamilyScoring.factor` gives the weight an
+expert receives when capacity-aware routing moves a token onto it (reroute, expanded drop).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class FamilyScoring:
+    """How a model family turns router logits into scores and combine weights.
+
+    Attributes:
+        kind: ``"softmax"`` (Mixtral, OLMoE, Qwen-MoE, DeepSeek-V2) or ``"sigmoid"`` (DeepSeek-V3).
+        normalize: the top-k weights are divided by their sum over the token's picks.
+        eps: added to that sum (DeepSeek-V3 uses 1e-20).
+        scale: ``routed_scaling_factor`` (DeepSeek), 1.0 elsewhere.
+    """
+
+    kind: str = "softmax"
+    normalize: bool = False
+    eps: float = 0.0
+    scale: float = 1.0
+
+    def scores(self, logits_TE: torch.Tensor) -> torch.Tensor:
+        """Scores s[t, e] in float32 from router logits (T, E) of any float dtype."""
+        if self.kind == "softmax":
+            return torch.softmax(logits_TE.float(), dim=-1)
+        if self.kind == "sigmoid":
+            return torch.sigmoid(logits_TE.float())
+        raise ValueError(f"unknown score kind {self.kind!r}; accepted: 'softmax', 'sigmoid'")
+
+    def factor(self, scores_TE: torch.Tensor, topk_ids_TK: torch.Tensor) -> torch.Tensor:
+        """factor[t] (float32, shape (T,)) such that the family's weight of expert e is s[t, e] * factor[t].
+
+        The denominator is taken over the token's original top-k picks, so a rerouted expert is
+        weighted as the native normalisation would weigh it in the dropped expert's place.
+        """
+        T = scores_TE.shape[0]
+        factor_T = torch.full((T,), float(self.scale), dtype=torch.float32, device=scores_TE.device)
+        if self.normalize:
+            denom_T = scores_TE.gather(1, topk_ids_TK).sum(dim=-1) + self.eps
+            # A zero denominator only happens for softmax underflow on garbage rows; keep it finite.
+            factor_T = factor_T / denom_T.clamp_min(torch.finfo(torch.float32).tiny)
+        return factor_T
