@@ -20,6 +20,7 @@ Legend: T tokens, E routed experts, K native experts per token, W slots per toke
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import re
 import weakref
@@ -62,11 +63,20 @@ class _Block:
 
 @dataclass
 class PatchState:
-    """Everything one patch owns; kept outside the model (a weak map), never in its state_dict."""
+    """Everything one patch owns; kept outside the model (a weak map), never in its state_dict.
+
+    ``backend`` says who computes the experts: ``"hf"`` (transformers' own implementations, with
+    sentinels lowered by the experts hooks), ``"triton"`` (moepatch.ops, consumes sentinels) or
+    ``"ep"`` (moepatch.parallel, dispatches kept pairs to their ranks).  ``route_fn`` has the
+    signature of :func:`moepatch.routing.route`; ``source_rank`` is this rank under real EP.
+    """
 
     config: RoutingConfig
     model_type: str
     blocks: list[_Block]
+    backend: str = "hf"
+    route_fn: object = route
+    source_rank: int | None = None
     handles: list = field(default_factory=list)
     records: list = field(default_factory=list)
     context: _ForwardContext | None = None
@@ -155,22 +165,73 @@ def apply(model: torch.nn.Module, capacity_factor: float | None = 1.5, strategy:
     spec, blocks = _check_model(model)
     routers = [b.gate for _, b in blocks]
     cfg = make_config(capacity_factor, strategy, policy, num_experts=min(r.num_experts for r in routers), **options)
+    backend, source_rank = _choose_backend(model, cfg)
+    if backend == "ep":
+        cfg = dataclasses.replace(cfg, ep_size=_world_size())
     state = _STATES.get(model)
     if state is not None:
+        if backend != state.backend:
+            raise ModelStateError(
+                f"the model is patched with the {state.backend!r} experts backend; call moepatch.remove(model) "
+                f"before switching to {backend!r}")
         state.config = cfg
         state.records.clear()
         state.skipped_decode = 0
         return PatchHandle(model)
 
-    state = PatchState(config=cfg, model_type=spec.model_type, blocks=[])
+    state = PatchState(config=cfg, model_type=spec.model_type, blocks=[], backend=backend, source_rank=source_rank)
     try:
         _install(model, state, blocks, spec)
+        if backend == "triton":
+            from ..ops import integration
+
+            state.route_fn = integration.route_fn()
+            state.handles.extend(integration.install(model, [b for _, b in blocks]))
+        elif backend == "ep":
+            from ..parallel import ep
+
+            state.handles.extend(ep.install(model, [b for _, b in blocks], cfg))
     except BaseException:
-        for h in state.handles:
+        for h in reversed(state.handles):
             h.remove()
         raise
     _STATES[model] = state
     return PatchHandle(model)
+
+
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size()
+
+
+def _choose_backend(model: torch.nn.Module, cfg: RoutingConfig) -> tuple[str, int | None]:
+    """Which experts backend runs the patched layers, and this process's rank under real EP."""
+    if cfg.expert_parallel:
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            raise ModelStateError(
+                "expert_parallel=True needs an initialised torch.distributed process group; launch with "
+                "`accelerate launch` or `torchrun` (see docs/expert-parallel.md)")
+        return "ep", dist.get_rank()
+    on_cuda = any(p.device.type == "cuda" for p in model.parameters())
+    if cfg.kernel == "triton" or (cfg.kernel == "auto" and on_cuda):
+        try:
+            from ..ops import integration
+        except ImportError as exc:
+            if cfg.kernel == "auto":
+                return "hf", None
+            raise ModelStateError(
+                f"kernel='triton' needs Triton and a CUDA device ({exc}); install triton or use kernel='torch'"
+            ) from exc
+        problem = integration.unavailable_reason(model)
+        if problem is None:
+            return "triton", None
+        if cfg.kernel == "triton":
+            raise ModelStateError(f"kernel='triton' is not available for this model: {problem}; accepted "
+                                  "alternatives: kernel='torch' or kernel='auto'")
+    return "hf", None
 
 
 def _install(model, state, blocks, spec):
@@ -249,13 +310,13 @@ def _router_hook(state: PatchState, block: _Block):
             return None
         scores_TE = block.scoring.scores(logits)
         factor_T = block.scoring.factor(scores_TE, ids_TK)
-        result = route(cfg, scores_TE, ids_TK, weights_TK, factor_T, batch=batch, seq=seq, valid_BS=valid,
-                       layer=block.layer)
+        result = state.route_fn(cfg, scores_TE, ids_TK, weights_TK, factor_T, batch=batch, seq=seq,
+                                valid_BS=valid, layer=block.layer, source_rank=state.source_rank)
         if cfg.collect_stats:
             state.records.append(PendingRecord(block.layer, block.top_k, block.num_experts, cfg.ep_size, result))
         if cfg.unlimited:
             return None
-        block.lower = True
+        block.lower = state.backend == "hf"
         return (logits, result.topk_weights_TW, result.topk_ids_TW)
 
     return hook

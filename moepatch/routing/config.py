@@ -13,7 +13,7 @@ from ..errors import InvalidOptionError
 
 STRATEGIES = ("drop", "reroute", "expanded", "expert_drop")
 POLICIES = ("score", "order", "reverse", "random")
-KERNELS = ("auto", "torch")
+KERNELS = ("auto", "torch", "triton")
 
 # Options that only mean something for some strategies; passing one to another strategy is an error.
 STRATEGY_OPTIONS = {
@@ -23,7 +23,7 @@ STRATEGY_OPTIONS = {
     "expert_drop": ("expert_drop_fraction",),
 }
 COMMON_OPTIONS = ("min_capacity", "renormalize", "count_padding", "apply_in_decode", "group",
-                  "capacity_scope", "ep_size", "kernel", "collect_stats")
+                  "capacity_scope", "ep_size", "kernel", "collect_stats", "expert_parallel")
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,7 @@ class RoutingConfig:
     ep_size: int = 1
     kernel: str = "auto"
     collect_stats: bool = True
+    expert_parallel: bool = False
     _explicit: tuple = field(default=(), compare=False, repr=False)
 
     @property
@@ -129,6 +130,7 @@ def make_config(capacity_factor=1.5, strategy="drop", policy=None, *, num_expert
     _bool("count_padding", cfg.count_padding)
     _bool("apply_in_decode", cfg.apply_in_decode)
     _bool("collect_stats", cfg.collect_stats)
+    _bool("expert_parallel", cfg.expert_parallel)
     _choice("group", cfg.group, ("batch", "sequence"))
     _choice("capacity_scope", cfg.capacity_scope, ("expert", "device"))
     _int("ep_size", cfg.ep_size, 1, num_experts)

@@ -56,7 +56,7 @@ def _generator(seed: int, layer: int) -> torch.Generator:
 
 def route(cfg: RoutingConfig, scores_TE: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor,
           factor_T: torch.Tensor, *, batch: int, seq: int, valid_BS: torch.Tensor | None = None,
-          layer: int = 0) -> RoutingResult:
+          layer: int = 0, source_rank: int | None = None) -> RoutingResult:
     """Apply capacity-aware routing to one layer's native top-k decision.
 
     Args:
@@ -67,6 +67,9 @@ def route(cfg: RoutingConfig, scores_TE: torch.Tensor, topk_ids_TK: torch.Tensor
         batch, seq: B and S with T = B * S (token t is position t % S of sequence t // S).
         valid_BS: (B, S) bool, False at padding positions; None when every position is real.
         layer: layer index, seeds the ``random`` policy.
+        source_rank: under real expert parallelism, the rank these tokens come from: all T tokens
+            then sit on that one device (one capacity group per forward, or per sequence) and its
+            experts are their local experts.  None simulates ``cfg.ep_size`` devices in one process.
     """
     T, E = scores_TE.shape
     K = topk_ids_TK.shape[1]
@@ -77,7 +80,12 @@ def route(cfg: RoutingConfig, scores_TE: torch.Tensor, topk_ids_TK: torch.Tensor
         active_T = torch.ones(T, dtype=torch.bool, device=device)
     else:
         active_T = valid_BS.reshape(-1).to(device=device, dtype=torch.bool)
-    group_T, G = group_ids(batch, seq, cfg.group, cfg.ep_size, device)
+    if source_rank is None:
+        group_T, G = group_ids(batch, seq, cfg.group, cfg.ep_size, device)
+        token_dev_T = token_devices(T, cfg.ep_size, device)
+    else:
+        group_T, G = group_ids(batch, seq, cfg.group, 1, device)
+        token_dev_T = torch.full((T,), source_rank, dtype=torch.long, device=device)
     tokens_G = torch.bincount(group_T[active_T], minlength=G)
     load_before_E = _load(topk_ids_TK[active_T], E)
     routed = active_T.sum() * K
@@ -126,7 +134,7 @@ def route(cfg: RoutingConfig, scores_TE: torch.Tensor, topk_ids_TK: torch.Tensor
             local_TE = torch.ones(T, E, dtype=torch.bool, device=device)
             m = E
         else:
-            local_TE = dev_E[None, :] == token_devices(T, cfg.ep_size, device)[:, None]
+            local_TE = dev_E[None, :] == token_dev_T[:, None]
             m = -(-E // cfg.ep_size)  # the largest device block of expert_devices
         keep_TE = expanded_drop(scores_TE, topk_ids_TK, active_T, group_T, capacity_G, bucket_E, bucket_size_B,
                                 local_TE, cfg.max_experts_per_token)
