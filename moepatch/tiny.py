@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import torch
 
+_MLA = dict(n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=0, kv_lora_rank=16,
+            q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, intermediate_size=64,
+            moe_intermediate_size=48)
 _COMMON = dict(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 
@@ -29,17 +32,13 @@ def tiny_config(model_type: str, **overrides):
                                 num_experts_per_tok=2, norm_topk_prob=True, decoder_sparse_step=1,
                                 mlp_only_layers=[], head_dim=8)
     elif model_type == "deepseek_v2":
-        cfg = tf.DeepseekV2Config(**dict(_COMMON, num_key_value_heads=4), intermediate_size=64, moe_intermediate_size=48, n_routed_experts=8,
-                                  num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=0,
-                                  kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8,
-                                  v_head_dim=8, routed_scaling_factor=1.5, topk_method="greedy", n_group=1,
-                                  topk_group=1)
+        # MLA attention has as many key/value heads as query heads.
+        cfg = tf.DeepseekV2Config(**dict(_COMMON, num_key_value_heads=4), **_MLA, routed_scaling_factor=1.5,
+                                  topk_method="greedy", n_group=1, topk_group=1)
     elif model_type == "deepseek_v3":
-        cfg = tf.DeepseekV3Config(**dict(_COMMON, num_key_value_heads=4), intermediate_size=64, moe_intermediate_size=48, n_routed_experts=8,
-                                  num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=0,
-                                  kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8,
-                                  v_head_dim=8, routed_scaling_factor=2.5, n_group=2, topk_group=1,
-                                  norm_topk_prob=True)
+        # first_k_dense_replace, n_group and topk_group must be set: the defaults make every tiny layer dense.
+        cfg = tf.DeepseekV3Config(**dict(_COMMON, num_key_value_heads=4), **_MLA, routed_scaling_factor=2.5,
+                                  n_group=2, topk_group=1, norm_topk_prob=True)
     else:
         from .patch.registry import supported_model_types
 
