@@ -1,7 +1,9 @@
 """The ``moepatch`` command line.
 
-    moepatch demo                      tiny random model of every family, load before/after capacity
-    moepatch stats --model M --text F  load statistics of a model on a text file (no lm-eval)
+    moepatch eval [--model M] [--tasks T]   quality sweep: baseline and capacity variants (lm-eval)
+    moepatch stats --model M --text F       load statistics of a model on a text file (no lm-eval)
+    moepatch lm-eval ARGS...                lm-eval's own CLI with ``--model moepatch`` registered
+    moepatch demo                           tiny random model of every family, load before/after capacity
 """
 
 from __future__ import annotations
@@ -61,17 +63,109 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+def _csv(kind):
+    def parse(text):
+        items = [x.strip() for x in text.split(",") if x.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {kind}")
+        return items
+
+    return parse
+
+
+def _gammas(text):
+    out = []
+    for x in _csv("numbers")(text):
+        try:
+            out.append(float(x))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"capacity factor {x!r} is not a number") from None
+    return out
+
+
+def _cmd_eval(args) -> int:
+    import tempfile
+
+    from moepatch.errors import MoePatchError
+
+    try:
+        return _run_eval(args, tempfile)
+    except MoePatchError as exc:
+        print(f"moepatch eval: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run_eval(args, tempfile) -> int:
+    from moepatch.eval.loading import load_model
+    from moepatch.eval.presets import parse_tasks
+    from moepatch.eval.sweep import build_variants, run_sweep
+    from moepatch.eval.tasks import write_task_configs
+    from moepatch.routing.config import make_config
+
+    specs = parse_tasks(args.tasks)
+    for g in args.capacity_factor:  # fail on a bad γ, strategy or policy before loading anything
+        for s in args.strategy:
+            make_config(g, s, args.policy[0] if s in ("drop", "reroute") else None)
+    for p in args.policy:
+        make_config(1.0, "drop", p)
+    variants = build_variants(args.capacity_factor, args.strategy, args.policy)
+
+    with tempfile.TemporaryDirectory() as task_dir:
+        write_task_configs(task_dir)
+        from lm_eval.tasks import TaskManager
+
+        tm = TaskManager(include_path=task_dir)
+        unknown = [t.task for t in specs if t.task not in tm.all_tasks]
+        if unknown:
+            import difflib
+
+            hints = {u: difflib.get_close_matches(u, tm.all_tasks, n=3) for u in unknown}
+            msg = "; ".join(f"{u!r}" + (f" (did you mean {', '.join(h)}?)" if h else "") for u, h in hints.items())
+            raise _eval_error(f"unknown lm-eval task(s): {msg}. Use lm-eval task names, 'paper', or omit --tasks for "
+                              "the embedded offline tasks (stdlib_ppl, stdlib_cloze)")
+        print(f"loading model {args.model or '(embedded default)'} ...", flush=True)
+        model, tok, target = load_model(args.model, args.dtype, args.device)
+        import moepatch.eval.lm as mlm
+
+        lm = mlm.MoePatchLM(pretrained=model, tokenizer=tok, batch_size=args.batch_size,
+                            max_length=args.max_length, capacity_factor=None)
+        print(f"{len(variants)} variant(s) + baseline on {', '.join(t.task for t in specs)}"
+              + (f" (limit {args.limit})" if args.limit else ""), flush=True)
+        sweep = run_sweep(lm, specs, variants, tm, limit=args.limit)
+    print()
+    print(f"model: {target}")
+    print(sweep.table())
+    if args.output:
+        paths = sweep.write(args.output)
+        print("\nwrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+def _eval_error(msg):
+    from moepatch.errors import MoePatchError
+
+    return MoePatchError(msg)
+
+
+def _cmd_lm_eval(args) -> int:
+    import moepatch.eval.lm  # noqa: F401  (registers --model moepatch)
+    from lm_eval.__main__ import cli_evaluate
+
+    sys.argv = ["lm_eval", *args.rest]
+    cli_evaluate()
+    return 0
+
+
 def _cmd_stats(args) -> int:
     import torch
-    import transformers
 
     import moepatch
+    from moepatch.eval.loading import load_model
 
     with open(args.text, encoding="utf-8", errors="replace") as f:
         text = f.read()
-    tok = transformers.AutoTokenizer.from_pretrained(args.model)
-    model = transformers.AutoModelForCausalLM.from_pretrained(args.model).eval()
-    ids = tok(text, return_tensors="pt").input_ids[:, : args.max_tokens]
+    model, tok, _ = load_model(args.model, args.dtype, args.device)
+    ids = tok(text, return_tensors="pt").input_ids[:, : args.max_tokens].to(next(model.parameters()).device)
     handle = moepatch.apply(model, capacity_factor=args.capacity_factor, strategy=args.strategy)
     with torch.no_grad():
         for start in range(0, ids.shape[1], args.seq_len):
@@ -91,10 +185,32 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--families", nargs="*", help="model types (default: all supported)")
     d.add_argument("--capacity-factor", type=float, nargs="+", default=list(DEMO_GAMMAS))
     d.set_defaults(fn=_cmd_demo)
+    e = sub.add_parser("eval", help="quality sweep: baseline and capacity variants with lm-eval")
+    e.add_argument("--model", help="alias (mixtral, olmoe, deepseek-v2-lite, qwen-moe, qwen3-moe), hub id or local "
+                                   "directory; default: the embedded model shipped with moepatch")
+    e.add_argument("--tasks", help="comma-separated lm-eval tasks, or 'paper' (the paper's 9 tasks, "
+                                   "recipes/eval/paper.yaml); default: the embedded offline tasks")
+    e.add_argument("--capacity-factor", type=_gammas, default=[1.0, 1.5, 2.0], help="e.g. 1.0,1.5,2.0")
+    e.add_argument("--strategy", type=_csv("strategies"), default=["drop", "reroute", "expanded"],
+                   help="comma-separated: drop, reroute, expanded, expert_drop")
+    e.add_argument("--policy", type=_csv("policies"), default=["score", "order", "random"],
+                   help="drop policies, comma-separated: score, order, reverse, random")
+    e.add_argument("--limit", type=float, help="lm-eval --limit: examples per task (or a fraction)")
+    e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--max-length", type=int, default=None)
+    e.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
+    e.add_argument("--device", default="auto", help="auto (device_map='auto' on GPUs), cpu, cuda, cuda:1, ...")
+    e.add_argument("--output", help="directory for results.json, results.csv and PNG plots")
+    e.set_defaults(fn=_cmd_eval)
+    le = sub.add_parser("lm-eval", help="lm-eval's CLI with the 'moepatch' model registered", add_help=False)
+    le.add_argument("rest", nargs=argparse.REMAINDER)
+    le.set_defaults(fn=_cmd_lm_eval)
     s = sub.add_parser("stats", help="load statistics of a model on a text file")
-    s.add_argument("--model", required=True, help="local model directory")
+    s.add_argument("--model", help="alias, hub id or local directory (default: the embedded model)")
+    s.add_argument("--dtype", default="auto")
+    s.add_argument("--device", default="auto")
     s.add_argument("--text", required=True, help="UTF-8 text file")
-    s.add_argument("--capacity-factor", type=float, default=None)
+    s.add_argument("--capacity-factor", type=float, default=None, help="default: none (native load only)")
     s.add_argument("--strategy", default="drop")
     s.add_argument("--seq-len", type=int, default=512)
     s.add_argument("--max-tokens", type=int, default=8192)
