@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
+# Sibling module: a script's own directory is first on sys.path.
 import stdlib_corpus
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

@@ -1,0 +1,119 @@
+"""Offline lm-eval tasks built from held-out Python stdlib files, and the embedded model's location.
+
+The JSONL data under ``moepatch/data/tasks/`` is produced by
+``recipes/embedded/make_tasks.py`` from files that the embedded default model
+never trained on.  lm-eval finds tasks through YAML configs on an include path,
+and a YAML config can only point at its data by path, so the configs are
+written at run time with absolute paths into this installed package::
+
+    from lm_eval.tasks import TaskManager
+    from moepatch.eval.tasks import write_task_configs
+
+    names = write_task_configs(tmp_dir)
+    manager = TaskManager(include_path=tmp_dir)  # include_defaults=False loads faster
+
+Set ``HF_DATASETS_OFFLINE=1`` (and ``HF_HUB_OFFLINE=1``) before importing
+``datasets``/``lm_eval`` to guarantee that nothing touches the network; the
+``json`` dataset builder ships with ``datasets`` and reads the local files.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+EMBEDDED_TASKS = ("stdlib_ppl", "stdlib_cloze")
+
+# Bump when the task definition or data changes in a way that affects scores.
+TASK_VERSION = 1.0
+
+
+def data_dir() -> Path:
+    """Directory of the package data (``moepatch/data``)."""
+    return Path(__file__).resolve().parent.parent / "data"
+
+
+def embedded_model_path() -> Path:
+    """Directory of the shipped embedded OLMoE model (``save_pretrained`` layout + tokenizer)."""
+    return data_dir() / "embedded_model"
+
+
+def task_data_path(task: str) -> Path:
+    """Absolute path of a task's JSONL data file."""
+    if task not in EMBEDDED_TASKS:
+        raise ValueError(f"unknown embedded task {task!r}; expected one of {EMBEDDED_TASKS}")
+    return data_dir() / "tasks" / f"{task}.jsonl"
+
+
+def _q(value: str) -> str:
+    # JSON strings are valid YAML scalars and quote any path safely.
+    return json.dumps(value)
+
+
+def _common_header(task: str) -> list[str]:
+    return [
+        f"task: {task}",
+        "dataset_path: json",
+        "dataset_kwargs:",
+        "  data_files:",
+        f"    test: {_q(str(task_data_path(task)))}",
+        "test_split: test",
+    ]
+
+
+def _task_yaml(task: str) -> str:
+    lines = _common_header(task)
+    if task == "stdlib_ppl":
+        lines += [
+            "output_type: loglikelihood_rolling",
+            # Feature names (not Jinja templates): Jinja would drop the
+            # documents' trailing newline.
+            'doc_to_text: ""',
+            "doc_to_target: text",
+            "metric_list:",
+            "  - metric: word_perplexity",
+            "    aggregation: weighted_perplexity",
+            "    higher_is_better: false",
+            "  - metric: byte_perplexity",
+            "    aggregation: weighted_perplexity",
+            "    higher_is_better: false",
+            "  - metric: bits_per_byte",
+            "    aggregation: bits_per_byte",
+            "    higher_is_better: false",
+        ]
+    else:
+        lines += [
+            "output_type: multiple_choice",
+            "doc_to_text: context",
+            "doc_to_choice: choices",
+            "doc_to_target: label",
+            # Choices are whole lines (indentation and newline included) that
+            # directly follow the context's final newline.
+            'target_delimiter: ""',
+            "metric_list:",
+            "  - metric: acc",
+            "    aggregation: mean",
+            "    higher_is_better: true",
+            "  - metric: acc_norm",
+            "    aggregation: mean",
+            "    higher_is_better: true",
+        ]
+    lines += ["metadata:", f"  version: {TASK_VERSION}"]
+    return "\n".join(lines) + "\n"
+
+
+def write_task_configs(dest_dir: str) -> list[str]:
+    """Write lm-eval YAML configs for the embedded tasks into ``dest_dir``.
+
+    Returns the task names, ready for ``TaskManager(include_path=dest_dir)``
+    and ``simple_evaluate(tasks=...)``.  Raises ``FileNotFoundError`` if the
+    package data is missing.
+    """
+    dest = Path(dest_dir)
+    dest.mkdir(parents=True, exist_ok=True)
+    for task in EMBEDDED_TASKS:
+        path = task_data_path(task)
+        if not path.is_file():
+            raise FileNotFoundError(f"task data {path} is missing; run recipes/embedded/make_tasks.py")
+        (dest / f"{task}.yaml").write_text(_task_yaml(task), encoding="utf-8")
+    return list(EMBEDDED_TASKS)
