@@ -132,7 +132,10 @@ def _check_model(model: torch.nn.Module):
     if not isinstance(model, torch.nn.Module):
         raise UnsupportedModelError(f"expected a transformers model (torch.nn.Module), got {type(model).__name__}")
     spec = family_for(model)
-    meta = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    # accelerate's CPU/disk offload keeps offloaded weights on the meta device and loads them in its
+    # own forward hooks (`_hf_hook`); such a model is real.  A meta parameter without one is not.
+    meta = [f"{mn}.{pn}" if mn else pn for mn, m in model.named_modules() if not hasattr(m, "_hf_hook")
+            for pn, p in m.named_parameters(recurse=False) if p.device.type == "meta"]
     if meta:
         raise ModelStateError(
             f"the model has {len(meta)} parameter(s) on the meta device (e.g. {meta[0]}); load real weights "

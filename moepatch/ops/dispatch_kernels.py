@@ -1,0 +1,86 @@
+"""Dispatch: sort the (token, slot) pairs into per-expert blocks of BLOCK_M rows, without a host sync.
+
+Legend: T tokens, W slots per token, P = T * W pairs (pair p = t * W + w), E experts, R rows of
+the padded sorted layout, NB = R / BLOCK_M blocks, C chunks of pairs.
+
+Layout produced (every size is a function of P, E and BLOCK_M only, so it is static):
+    sorted_pairs_R (int32): the pair each row computes; P on padding rows.  Expert e owns rows
+        [start_E[e], start_E[e+1]); its pairs come first in ascending pair order, then padding up
+        to a multiple of BLOCK_M.  Sentinel slots (id outside [0, E)) get no row at all.
+    start_E1 (int32, E + 1): padded row offsets; start_E1[E] is the number of rows in use.
+R is bounded by P + min(E, P) * (BLOCK_M - 1): every expert with pairs wastes at most BLOCK_M - 1 rows.
+
+Two kernels, both deterministic (no atomics, pairs keep their order inside an expert):
+    _dispatch_count_kernel: pairs per (chunk, expert).
+    _dispatch_scatter_kernel: every program recomputes the expert offsets from those counts
+        (cheap: C * E integers), writes the padding sentinels of its slice of rows and the rows of
+        its own chunk.  With one chunk (decode, small prefill) it counts by itself: one launch.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _dispatch_count_kernel(ids_ptr, counts_ptr, P, E, BLOCK_P: tl.constexpr, E_PAD: tl.constexpr):
+    pid = tl.program_id(0)
+    offs_p = pid * BLOCK_P + tl.arange(0, BLOCK_P)
+    e_x = tl.arange(0, E_PAD)
+    ids = tl.load(ids_ptr + offs_p, mask=offs_p < P, other=-1).to(tl.int32)
+    onehot = (ids[:, None] == e_x[None, :]) & (e_x[None, :] < E)
+    tl.store(counts_ptr + pid * E + e_x, tl.sum(onehot.to(tl.int32), axis=0), mask=e_x < E)
+
+
+@triton.jit
+def _dispatch_scatter_kernel(ids_ptr, counts_ptr, sorted_ptr, start_ptr, P, E, R, num_chunks, rows_per_program,
+                             BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, E_PAD: tl.constexpr,
+                             BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, SINGLE: tl.constexpr):
+    pid = tl.program_id(0)
+    e_x = tl.arange(0, E_PAD)
+    e_ok = e_x < E
+    offs_p = pid * BLOCK_P + tl.arange(0, BLOCK_P)
+    ids = tl.load(ids_ptr + offs_p, mask=offs_p < P, other=-1).to(tl.int32)
+    onehot = ((ids[:, None] == e_x[None, :]) & e_ok[None, :]).to(tl.int32)  # (BLOCK_P, E_PAD)
+
+    # Pairs per expert over all chunks, and over the chunks before this one.
+    if SINGLE:
+        total_e = tl.sum(onehot, axis=0)
+        before_e = tl.zeros([E_PAD], dtype=tl.int32)
+    else:
+        total_e = tl.zeros([E_PAD], dtype=tl.int32)
+        before_e = tl.zeros([E_PAD], dtype=tl.int32)
+        for c0 in range(0, num_chunks, BLOCK_C):
+            c_x = c0 + tl.arange(0, BLOCK_C)
+            cnt = tl.load(counts_ptr + c_x[:, None] * E + e_x[None, :],
+                          mask=(c_x[:, None] < num_chunks) & e_ok[None, :], other=0)
+            total_e += tl.sum(cnt, axis=0)
+            before_e += tl.sum(tl.where(c_x[:, None] < pid, cnt, 0), axis=0)
+
+    padded_e = (total_e + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    end_e = tl.cumsum(padded_e, axis=0)
+    start_e = end_e - padded_e
+    used = tl.sum(padded_e, axis=0)
+    if pid == 0:
+        tl.store(start_ptr + e_x, start_e, mask=e_ok)
+        tl.store(start_ptr + E, used)
+
+    # Padding rows of this program's slice: rows past the expert's pairs, and rows past `used`.
+    # Real rows are written below by the program owning their chunk, so no address is written twice.
+    for r0 in range(pid * rows_per_program, tl.minimum((pid + 1) * rows_per_program, R), BLOCK_R):
+        r_x = r0 + tl.arange(0, BLOCK_R)
+        owner = (end_e[None, :] <= r_x[:, None]) & e_ok[None, :]
+        e_r = tl.sum(owner.to(tl.int32), axis=1)  # expert of the row (E past the last one)
+        mine = (e_x[None, :] == e_r[:, None])
+        row_start = tl.sum(tl.where(mine, start_e[None, :], 0), axis=1)
+        row_count = tl.sum(tl.where(mine, total_e[None, :], 0), axis=1)
+        pad = (e_r >= E) | (r_x - row_start >= row_count)
+        row_end = tl.minimum((pid + 1) * rows_per_program, R)
+        tl.store(sorted_ptr + r_x, tl.full([BLOCK_R], 0, tl.int32) + P, mask=pad & (r_x < row_end))
+
+    # Rows of this chunk's pairs: expert start + pairs of earlier chunks + rank inside the chunk.
+    rank = tl.sum((tl.cumsum(onehot, axis=0) - onehot) * onehot, axis=1)
+    base = tl.sum(onehot * (start_e + before_e)[None, :], axis=1)
+    valid = tl.sum(onehot, axis=1) > 0
+    tl.store(sorted_ptr + base + rank, offs_p.to(tl.int32), mask=valid)

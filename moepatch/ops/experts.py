@@ -1,0 +1,300 @@
+"""Fused SwiGLU experts on Triton: dispatch -> gate_up (+SiLU) -> down (+routing weight) -> combine.
+
+Legend: T tokens, W slots per token, P = T * W pairs, R dispatch rows, E experts, H hidden,
+I intermediate, S split-K parts of the down GEMM.
+
+``fused_experts(x_TH, ids_TW, weights_TW, gate_up_EIH, down_EHI)`` is the whole layer: slots whose
+id is outside [0, E) (moepatch's sentinel E for dropped pairs) never reach a GEMM and add nothing.
+Every launch has a grid and buffers sized from (T, W, E, H, I) alone and no step reads a number
+back to the host, so the layer can be captured in a CUDA graph.  The result is bit-identical run
+to run (no atomics; see gemm_kernels.py).
+
+The launchers are plain functions taking an explicit tile configuration (what :func:`tune` times);
+each is also registered as a ``torch.library.custom_op`` (``moepatch::moe_dispatch``, ...,
+``moepatch::fused_experts``) with a fake implementation, so torch.compile traces through them.
+Those ops pick their configuration from the tables in moepatch/ops/configs (see tuning.py).
+
+Peak extra memory: the dispatch index (R int32), h_RI in the activation dtype, y_SPH (the
+activation dtype, fp32 with split-K, only used at small M), and the output: below transformers'
+grouped_mm, which holds the gathered inputs, the (P, 2I) projection and its activation at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from .dispatch_kernels import _dispatch_count_kernel, _dispatch_scatter_kernel
+from .gemm_kernels import _combine_kernel, _down_kernel, _gate_up_kernel
+from .tuning import device_key, get_config
+
+
+@dataclass
+class DispatchLayout:
+    """The dispatch of one call (see dispatch_kernels.py).
+
+    Attributes:
+        sorted_pairs_R: (R,) int32 pair of each row, P on padding rows.
+        start_E1: (E + 1,) int32 first row of each expert; start_E1[E] = rows in use.
+        num_pairs, width, num_experts, block_m: P, W, E and BLOCK_M.
+    """
+
+    sorted_pairs_R: torch.Tensor
+    start_E1: torch.Tensor
+    num_pairs: int
+    width: int
+    num_experts: int
+    block_m: int
+
+    @property
+    def rows(self) -> int:
+        return self.sorted_pairs_R.numel()
+
+
+# Configurations whose pipeline depth had to shrink on this GPU (too little shared memory), by
+# (kernel name, tile sizes): the stages that compiled.
+_STAGES_THAT_FIT: dict = {}
+
+
+def _launch(kernel, grid, args, constexprs: dict, num_warps: int, num_stages: int):
+    """Launch ``kernel``; if this GPU lacks the shared memory for ``num_stages``, retry with fewer.
+
+    The shipped tables target the H200 (227 KiB of shared memory per block); smaller GPUs get the
+    deepest pipeline that compiles instead of an error.  Only the first launch of a configuration
+    can fail that way, so the retry never happens inside a captured CUDA graph's replay.
+    """
+    from triton.runtime.errors import OutOfResources
+
+    key = (kernel.fn.__name__ if hasattr(kernel, "fn") else str(kernel), tuple(sorted(constexprs.items())), num_warps)
+    stages = min(num_stages, _STAGES_THAT_FIT.get(key, num_stages))
+    while True:
+        try:
+            kernel[grid](*args, **constexprs, num_warps=num_warps, num_stages=stages)
+            return
+        except OutOfResources:
+            if stages <= 1:
+                raise
+            stages -= 1
+            _STAGES_THAT_FIT[key] = stages
+
+
+def _pow2(n: int) -> int:
+    return max(2, triton.next_power_of_2(n))
+
+
+def max_rows(num_pairs: int, num_experts: int, block_m: int) -> int:
+    """Static bound on the dispatch rows: each expert with pairs pads at most BLOCK_M - 1 rows."""
+    return triton.cdiv(num_pairs + min(num_experts, num_pairs) * (block_m - 1), block_m) * block_m
+
+
+def dispatch(ids_TW: torch.Tensor, num_experts: int, block_m: int) -> DispatchLayout:
+    """Sort the pairs of ``ids_TW`` (T, W) into per-expert blocks of ``block_m`` rows (no host sync)."""
+    T, W = ids_TW.shape
+    P, E = T * W, num_experts
+    ids_P = ids_TW.reshape(-1)
+    R = max_rows(P, E, block_m)
+    sorted_R = torch.empty(R, dtype=torch.int32, device=ids_TW.device)
+    start_E1 = torch.empty(E + 1, dtype=torch.int32, device=ids_TW.device)
+    if P == 0:
+        start_E1.zero_()
+        return DispatchLayout(sorted_R, start_E1, P, W, E, block_m)
+    e_pad = _pow2(E)
+    block_p = max(16, min(1024, 8192 // e_pad))
+    chunks = triton.cdiv(P, block_p)
+    single = chunks == 1
+    # One chunk: the scatter kernel counts by itself and never reads `counts` (any int32 buffer will do).
+    counts = sorted_R if single else torch.empty(chunks, E, dtype=torch.int32, device=ids_TW.device)
+    if not single:
+        _dispatch_count_kernel[(chunks,)](ids_P, counts, P, E, BLOCK_P=block_p, E_PAD=e_pad)
+    _dispatch_scatter_kernel[(chunks,)](
+        ids_P, counts, sorted_R, start_E1, P, E, R, chunks, triton.cdiv(R, chunks),
+        BLOCK_M=block_m, BLOCK_P=block_p, E_PAD=e_pad, BLOCK_C=max(1, min(64, 4096 // e_pad)),
+        BLOCK_R=max(16, min(1024, 8192 // e_pad)), SINGLE=single)
+    return DispatchLayout(sorted_R, start_E1, P, W, E, block_m)
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # fp32 models get true fp32 products (Triton would use TF32 on tensor cores otherwise).
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def gate_up(x_TH: torch.Tensor, gate_up_EIH: torch.Tensor, layout: DispatchLayout, config: dict,
+            out: torch.Tensor | None = None) -> torch.Tensor:
+    """h_RI = silu(x @ gate^T) * (x @ up^T) for every dispatch row; padding rows are left unwritten.
+
+    Args:
+        x_TH: (T, H) activations in the weights' dtype.  gate_up_EIH: (E, 2I, H), [gate; up] rows.
+        config: a tuning configuration (its "gate_up" entry and the layout's BLOCK_M are used).
+    """
+    E, two_i, H = gate_up_EIH.shape
+    I = two_i // 2  # noqa: E741
+    h_RI = out if out is not None else torch.empty(layout.rows, I, device=x_TH.device, dtype=x_TH.dtype)
+    if layout.num_pairs == 0:
+        return h_RI
+    c = config["gate_up"]
+    num_m = layout.rows // layout.block_m
+    grid = (num_m * triton.cdiv(I, c["BLOCK_N"]),)
+    _launch(_gate_up_kernel, grid,
+            (x_TH, gate_up_EIH, h_RI, layout.sorted_pairs_R, layout.start_E1,
+             layout.num_pairs, layout.width, E, I, H, num_m,
+             x_TH.stride(0), x_TH.stride(1), gate_up_EIH.stride(0), gate_up_EIH.stride(1), gate_up_EIH.stride(2),
+             h_RI.stride(0)),
+            dict(BLOCK_M=layout.block_m, BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"], GROUP_M=c["GROUP_M"],
+                 E_PAD=_pow2(E), EVEN_K=H % c["BLOCK_K"] == 0, PRECISION=_precision(x_TH.dtype)),
+            c["num_warps"], c["num_stages"])
+    return h_RI
+
+
+def down(h_RI: torch.Tensor, down_EHI: torch.Tensor, layout: DispatchLayout, weights_TW: torch.Tensor,
+         config: dict) -> torch.Tensor:
+    """y_SPH[s, p] = weight[p] * (h[row of p] @ down_e^T) over split-K part s; rows of dropped pairs unwritten.
+
+    Returns (S, P, H): in h's dtype when S == 1, else fp32 parts for the combine to add.
+    """
+    E, H, I = down_EHI.shape  # noqa: E741
+    c = config["down"]
+    split = max(1, min(int(c.get("SPLIT_K", 1)), triton.cdiv(I, c["BLOCK_K"])))
+    y_dtype = h_RI.dtype if split == 1 else torch.float32
+    y_SPH = torch.empty(split, layout.num_pairs, H, device=h_RI.device, dtype=y_dtype)
+    if layout.num_pairs == 0:
+        return y_SPH
+    k_per_split = triton.cdiv(triton.cdiv(I, split), c["BLOCK_K"]) * c["BLOCK_K"]
+    num_m = layout.rows // layout.block_m
+    grid = (num_m * triton.cdiv(H, c["BLOCK_N"]), split)
+    _launch(_down_kernel, grid,
+            (h_RI, down_EHI, y_SPH, layout.sorted_pairs_R, layout.start_E1, weights_TW.reshape(-1),
+             layout.num_pairs, E, H, I, num_m, k_per_split,
+             h_RI.stride(0), down_EHI.stride(0), down_EHI.stride(1), down_EHI.stride(2), y_SPH.stride(0),
+             y_SPH.stride(1)),
+            dict(BLOCK_M=layout.block_m, BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"], GROUP_M=c["GROUP_M"],
+                 E_PAD=_pow2(E), EVEN_K=I % c["BLOCK_K"] == 0, PRECISION=_precision(h_RI.dtype)),
+            c["num_warps"], c["num_stages"])
+    return y_SPH
+
+
+def combine(y_SPH: torch.Tensor, ids_TW: torch.Tensor, num_experts: int, out_dtype: torch.dtype) -> torch.Tensor:
+    """out_TH[t] = fixed-order fp32 sum of the token's kept rows of y_SPH (0 when none is kept)."""
+    T, W = ids_TW.shape
+    S, _, H = y_SPH.shape
+    out_TH = torch.empty(T, H, device=y_SPH.device, dtype=out_dtype)
+    if T == 0:
+        return out_TH
+    block_n = min(512, _pow2(H))
+    _combine_kernel[(T, triton.cdiv(H, block_n))](
+        y_SPH, ids_TW.reshape(-1), out_TH, W, num_experts, H, S, y_SPH.stride(0), y_SPH.stride(1),
+        out_TH.stride(0), BLOCK_N=block_n, num_warps=4)
+    return out_TH
+
+
+def config_for(x_TH: torch.Tensor, ids_TW: torch.Tensor, gate_up_EIH: torch.Tensor) -> dict:
+    E, two_i, H = gate_up_EIH.shape
+    return get_config(x_TH.shape[0], E, H, two_i // 2, ids_TW.shape[1], device_key(x_TH.device))
+
+
+def _check(x_TH, ids_TW, weights_TW, gate_up_EIH, down_EHI):
+    T, H = x_TH.shape
+    E, two_i, H1 = gate_up_EIH.shape
+    if H1 != H or two_i % 2 or tuple(down_EHI.shape) != (E, H, two_i // 2):
+        raise ValueError(f"expert weights do not match: x {tuple(x_TH.shape)}, gate_up {tuple(gate_up_EIH.shape)}, "
+                         f"down {tuple(down_EHI.shape)}; expected gate_up (E, 2I, H) and down (E, H, I)")
+    if ids_TW.shape != weights_TW.shape or ids_TW.shape[0] != T:
+        raise ValueError(f"routing shapes {tuple(ids_TW.shape)} / {tuple(weights_TW.shape)} do not match {T} tokens")
+
+
+def fused_experts_impl(x_TH: torch.Tensor, ids_TW: torch.Tensor, weights_TW: torch.Tensor,
+                       gate_up_EIH: torch.Tensor, down_EHI: torch.Tensor, config: dict | None = None) -> torch.Tensor:
+    """The whole fused experts layer; see the module docstring.
+
+    Args:
+        x_TH: (T, H) activations (any float dtype; computed in the weights' dtype).
+        ids_TW: (T, W) integer expert ids; ids outside [0, E) are empty slots.
+        weights_TW: (T, W) combine weights (any float dtype; applied in fp32).
+        gate_up_EIH: (E, 2I, H) [gate; up]; down_EHI: (E, H, I).
+        config: a tuning configuration; None looks it up for this shape and GPU.
+    Returns:
+        (T, H) in x_TH's dtype.
+    """
+    _check(x_TH, ids_TW, weights_TW, gate_up_EIH, down_EHI)
+    E = gate_up_EIH.shape[0]
+    cfg = config if config is not None else config_for(x_TH, ids_TW, gate_up_EIH)
+    x_c = x_TH.to(gate_up_EIH.dtype)
+    ids_c = ids_TW.contiguous()
+    layout = dispatch(ids_c, E, cfg["BLOCK_M"])
+    h_RI = gate_up(x_c, gate_up_EIH, layout, cfg)
+    y_SPH = down(h_RI, down_EHI, layout, weights_TW.contiguous(), cfg)
+    return combine(y_SPH, ids_c, E, x_TH.dtype)
+
+
+# --- torch.library registration: opaque to torch.compile, static shapes for the fake tensors. ---
+
+@torch.library.custom_op("moepatch::moe_dispatch", mutates_args=())
+def moe_dispatch(ids_TW: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    layout = dispatch(ids_TW.contiguous(), num_experts, block_m)
+    return layout.sorted_pairs_R, layout.start_E1
+
+
+@moe_dispatch.register_fake
+def _(ids_TW, num_experts, block_m):
+    R = max_rows(ids_TW.numel(), num_experts, block_m)
+    return ids_TW.new_empty(R, dtype=torch.int32), ids_TW.new_empty(num_experts + 1, dtype=torch.int32)
+
+
+def _layout(sorted_R, start_E1, num_pairs, width, block_m):
+    return DispatchLayout(sorted_R, start_E1, num_pairs, width, start_E1.numel() - 1, block_m)
+
+
+@torch.library.custom_op("moepatch::moe_gate_up", mutates_args=())
+def moe_gate_up(x_TH: torch.Tensor, gate_up_EIH: torch.Tensor, sorted_R: torch.Tensor, start_E1: torch.Tensor,
+                width: int, block_m: int) -> torch.Tensor:
+    T = x_TH.shape[0]
+    E, two_i, H = gate_up_EIH.shape
+    cfg = get_config(T, E, H, two_i // 2, width, device_key(x_TH.device))
+    return gate_up(x_TH.to(gate_up_EIH.dtype), gate_up_EIH, _layout(sorted_R, start_E1, T * width, width, block_m),
+                   cfg)
+
+
+@moe_gate_up.register_fake
+def _(x_TH, gate_up_EIH, sorted_R, start_E1, width, block_m):
+    return x_TH.new_empty(sorted_R.shape[0], gate_up_EIH.shape[1] // 2, dtype=gate_up_EIH.dtype)
+
+
+@torch.library.custom_op("moepatch::moe_down", mutates_args=())
+def moe_down(h_RI: torch.Tensor, down_EHI: torch.Tensor, sorted_R: torch.Tensor, start_E1: torch.Tensor,
+             weights_TW: torch.Tensor, block_m: int) -> torch.Tensor:
+    T, W = weights_TW.shape
+    E, H, I = down_EHI.shape  # noqa: E741
+    cfg = get_config(T, E, H, I, W, device_key(h_RI.device))
+    return down(h_RI, down_EHI, _layout(sorted_R, start_E1, T * W, W, block_m), weights_TW.contiguous(), cfg)
+
+
+@moe_down.register_fake
+def _(h_RI, down_EHI, sorted_R, start_E1, weights_TW, block_m):
+    T, W = weights_TW.shape
+    E, H, I = down_EHI.shape  # noqa: E741
+    c = get_config(T, E, H, I, W, device_key(h_RI.device))["down"]
+    split = max(1, min(int(c.get("SPLIT_K", 1)), triton.cdiv(I, c["BLOCK_K"])))
+    return h_RI.new_empty(split, T * W, H, dtype=h_RI.dtype if split == 1 else torch.float32)
+
+
+@torch.library.custom_op("moepatch::moe_combine", mutates_args=())
+def moe_combine(y_SPH: torch.Tensor, ids_TW: torch.Tensor, num_experts: int, out_dtype: torch.dtype) -> torch.Tensor:
+    return combine(y_SPH, ids_TW.contiguous(), num_experts, out_dtype)
+
+
+@moe_combine.register_fake
+def _(y_SPH, ids_TW, num_experts, out_dtype):
+    return y_SPH.new_empty(ids_TW.shape[0], y_SPH.shape[2], dtype=out_dtype)
+
+
+@torch.library.custom_op("moepatch::fused_experts", mutates_args=())
+def fused_experts(x_TH: torch.Tensor, ids_TW: torch.Tensor, weights_TW: torch.Tensor, gate_up_EIH: torch.Tensor,
+                  down_EHI: torch.Tensor) -> torch.Tensor:
+    """:func:`fused_experts_impl` with the configuration of this shape and GPU, as one custom op."""
+    return fused_experts_impl(x_TH, ids_TW, weights_TW, gate_up_EIH, down_EHI)
+
+
+@fused_experts.register_fake
+def _(x_TH, ids_TW, weights_TW, gate_up_EIH, down_EHI):
+    return torch.empty_like(x_TH)

@@ -1,0 +1,158 @@
+"""Grouped expert GEMMs over the dispatch layout, and the deterministic combine.
+
+Legend: T tokens, W slots per token, P = T * W pairs, R rows of the dispatch layout (see
+dispatch_kernels.py), E experts, H hidden, I intermediate, S split-K parts of the down GEMM.
+
+    _gate_up_kernel:  h_RI[r] = silu(x[t] @ Wg_e^T) * (x[t] @ Wu_e^T) for the row's pair (t, e);
+                      gate and up are two accumulators of one program, so the (R, 2I) projection
+                      never reaches memory.  x rows are gathered through the pair index.
+    _down_kernel:     y_SPH[s, p] = w[p] * (h_RI[r, Ks] @ Wd_e[:, Ks]^T), one row per pair (indexed
+                      by pair, not by row, so the combine reads a token's rows contiguously).
+                      Split-K (S > 1) gives small-M decode enough programs to stream the weights
+                      at full bandwidth; the parts are fp32 and summed by the combine.
+    _combine_kernel:  out[t] = sum over w (ascending), then s (ascending) of y_SPH[s, t*W + w] for
+                      kept slots, in fp32.  Fixed order and no atomics: bit-identical run to run.
+
+Programs are ordered in groups of GROUP_M row blocks (the Triton matmul tutorial's swizzle), so
+the row blocks of one expert share each weight tile through L2 while it is streamed; a block whose
+first row is past the rows in use exits before reading anything.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _block_coords(pid, num_m, num_n, GROUP_M: tl.constexpr):
+    width = GROUP_M * num_n
+    group = pid // width
+    first_m = group * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % size_m
+    pid_n = (pid % width) // size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def _block_expert(start_ptr, row0, E, E_PAD: tl.constexpr):
+    # Expert owning rows [row0, row0 + BLOCK_M): the number of experts whose rows end at or before
+    # row0 (empty experts end where they start, so they are counted and skipped).
+    e_x = tl.arange(0, E_PAD)
+    end_e = tl.load(start_ptr + 1 + e_x, mask=e_x < E, other=2147483647)
+    return tl.sum((end_e <= row0).to(tl.int32), axis=0)
+
+
+@triton.jit
+def _gate_up_kernel(x_ptr, w1_ptr, h_ptr, sorted_ptr, start_ptr,
+                    P, W, E, N, K, num_m,
+                    stride_xt, stride_xk, stride_we, stride_wn, stride_wk, stride_hr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                    E_PAD: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr):
+    """N = I (outputs per half), K = H."""
+    pid = tl.program_id(0)
+    pid_m, pid_n = _block_coords(pid, num_m, tl.cdiv(N, BLOCK_N), GROUP_M)
+    row0 = pid_m * BLOCK_M
+    if row0 >= tl.load(start_ptr + E):
+        return
+    e = _block_expert(start_ptr, row0, E, E_PAD).to(tl.int64)
+
+    offs_m = row0 + tl.arange(0, BLOCK_M)
+    pair = tl.load(sorted_ptr + offs_m)
+    row_ok = pair < P
+    tok = (pair // W).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = x_ptr + tok[:, None] * stride_xt + offs_k[None, :] * stride_xk
+    g_ptrs = w1_ptr + e * stride_we + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None] * stride_wk
+    u_ptrs = g_ptrs + N * stride_wn
+
+    acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
+            bg = tl.load(g_ptrs, mask=n_ok[None, :], other=0.0)
+            bu = tl.load(u_ptrs, mask=n_ok[None, :], other=0.0)
+        else:
+            k_ok = offs_k < K - k0
+            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            bg = tl.load(g_ptrs, mask=n_ok[None, :] & k_ok[:, None], other=0.0)
+            bu = tl.load(u_ptrs, mask=n_ok[None, :] & k_ok[:, None], other=0.0)
+        acc_g = tl.dot(a, bg, acc_g, input_precision=PRECISION)
+        acc_u = tl.dot(a, bu, acc_u, input_precision=PRECISION)
+        a_ptrs += BLOCK_K * stride_xk
+        g_ptrs += BLOCK_K * stride_wk
+        u_ptrs += BLOCK_K * stride_wk
+
+    # SiLU in fp32 on the unrounded accumulator, one rounding for the stored product.
+    h = acc_g * tl.sigmoid(acc_g) * acc_u
+    h_ptrs = h_ptr + offs_m[:, None].to(tl.int64) * stride_hr + offs_n[None, :]
+    tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _down_kernel(h_ptr, w2_ptr, y_ptr, sorted_ptr, start_ptr, weights_ptr,
+                 P, E, N, K, num_m, k_per_split,
+                 stride_hr, stride_we, stride_wn, stride_wk, stride_ys, stride_yp,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                 E_PAD: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr):
+    """N = H, K = I; program_id(1) is the split-K part, covering [s * k_per_split, (s + 1) * k_per_split)."""
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    pid_m, pid_n = _block_coords(pid, num_m, tl.cdiv(N, BLOCK_N), GROUP_M)
+    row0 = pid_m * BLOCK_M
+    if row0 >= tl.load(start_ptr + E):
+        return
+    e = _block_expert(start_ptr, row0, E, E_PAD).to(tl.int64)
+
+    offs_m = row0 + tl.arange(0, BLOCK_M)
+    pair = tl.load(sorted_ptr + offs_m)
+    row_ok = pair < P
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    k_lo = split * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, K)
+    offs_k = k_lo + tl.arange(0, BLOCK_K)
+    a_ptrs = h_ptr + offs_m[:, None].to(tl.int64) * stride_hr + offs_k[None, :]
+    b_ptrs = w2_ptr + e * stride_we + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None] * stride_wk
+
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
+            b = tl.load(b_ptrs, mask=n_ok[None, :], other=0.0)
+        else:
+            k_ok = offs_k < k_hi - (k0 - k_lo)
+            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=n_ok[None, :] & k_ok[:, None], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K * stride_wk
+
+    # The routing weight in fp32 before the single rounding to the output dtype.
+    w = tl.load(weights_ptr + pair, mask=row_ok, other=0.0).to(tl.float32)
+    acc = acc * w[:, None]
+    y_ptrs = y_ptr + split.to(tl.int64) * stride_ys + pair[:, None].to(tl.int64) * stride_yp + offs_n[None, :]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _combine_kernel(y_ptr, ids_ptr, out_ptr, W, E, N, S, stride_ys, stride_yp, stride_ot,
+                    BLOCK_N: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for w in range(W):
+        p = t * W + w
+        # Sentinel slots were never computed: their rows hold garbage and must not be read.
+        eid_n = tl.load(ids_ptr + p + offs_n * 0)
+        mask = n_ok & (eid_n >= 0) & (eid_n < E)
+        y_ptrs = y_ptr + p * stride_yp + offs_n
+        for _ in range(S):
+            acc += tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32)
+            y_ptrs += stride_ys
+    tl.store(out_ptr + t * stride_ot + offs_n, acc.to(out_ptr.dtype.element_ty), mask=n_ok)

@@ -1,0 +1,31 @@
+"""The benchmark scripts' CPU smoke runs (tiny shapes, interpreter) finish and pass their own checks."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU smoke path; GPUs run the real benchmark")
+def test_bench_kernels_smoke(tmp_path):
+    bench = _load("bench_kernels")
+    assert bench.main(["--smoke", "--shapes", "olmoe", "--ms", "5", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "results.json").is_file() and (tmp_path / "results.md").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU smoke path; GPUs run the real benchmark")
+def test_bench_e2e_smoke(tmp_path):
+    bench = _load("bench_e2e")
+    assert bench.main(["--smoke", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "e2e.json").is_file()

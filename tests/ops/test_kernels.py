@@ -1,0 +1,252 @@
+"""The Triton kernels against float64 references, on tiny odd shapes (interpreter on the CPU)."""
+
+import pytest
+import torch
+
+from moepatch.ops import experts as X
+from moepatch.ops.tuning import default_config
+
+TOL = {torch.float32: 1e-5, torch.float16: 3e-3}
+
+
+def _dispatch_reference(ids_TW, E, block_m):
+    """Expected (sorted pairs, starts): per expert its pairs ascending, padded to block_m with P."""
+    P = ids_TW.numel()
+    ids_P = ids_TW.reshape(-1)
+    rows, starts = [], [0]
+    for e in range(E):
+        pairs = (ids_P == e).nonzero().flatten().tolist()
+        pad = -len(pairs) % block_m
+        rows += pairs + [P] * pad
+        starts.append(len(rows))
+    R = X.max_rows(P, E, block_m)
+    return torch.tensor(rows + [P] * (R - len(rows)), dtype=torch.int32), torch.tensor(starts, dtype=torch.int32)
+
+
+def _ids(kind, T, W, E, gen):
+    if kind == "random":  # includes sentinels (E) and empty experts by chance
+        return torch.randint(0, E + 1, (T, W), generator=gen)
+    if kind == "distinct":  # every token a distinct set of W experts (top-k shape), W == E allowed
+        return torch.rand(T, E, generator=gen).argsort(dim=1)[:, :W]
+    if kind == "one_expert":  # all tokens on one expert, the other slots dropped
+        ids = torch.full((T, W), E)
+        ids[:, 0] = E - 1
+        return ids
+    if kind == "all_sentinel":
+        return torch.full((T, W), E)
+    if kind == "empty_expert":  # expert 1 never chosen
+        ids = torch.randint(0, E, (T, W), generator=gen)
+        return torch.where(ids == 1, torch.zeros_like(ids), ids)
+    raise ValueError(kind)
+
+
+KINDS = ["random", "distinct", "one_expert", "all_sentinel", "empty_expert"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("T,W,E,block_m", [(1, 2, 8, 16), (13, 2, 8, 16), (7, 3, 3, 16), (37, 4, 5, 32),
+                                           (150, 2, 128, 16), (611, 2, 8, 16)])
+def test_dispatch_layout(kind, T, W, E, block_m, device):
+    if kind == "distinct" and W > E:
+        pytest.skip("more slots than experts")
+    gen = torch.Generator().manual_seed(T * 31 + E)
+    ids = _ids(kind, T, W, E, gen)
+    layout = X.dispatch(ids.to(device), E, block_m)
+    want_rows, want_starts = _dispatch_reference(ids, E, block_m)
+    assert torch.equal(layout.start_E1.cpu(), want_starts)
+    assert torch.equal(layout.sorted_pairs_R.cpu(), want_rows)
+
+
+def _reference(x, ids, w, w1, w2):
+    """float64 experts: sum over kept slots of w * down(silu(gate x) * up x)."""
+    E, two_i, _ = w1.shape
+    I = two_i // 2  # noqa: E741
+    x64, w1_64, w2_64 = x.double().cpu(), w1.double().cpu(), w2.double().cpu()
+    out = torch.zeros(x.shape, dtype=torch.float64)
+    ids, w = ids.cpu(), w.double().cpu()
+    for e in range(E):
+        tok, slot = (ids == e).nonzero(as_tuple=True)
+        if tok.numel() == 0:
+            continue
+        g = x64[tok] @ w1_64[e, :I].T
+        u = x64[tok] @ w1_64[e, I:].T
+        y = (torch.nn.functional.silu(g) * u) @ w2_64[e].T
+        out.index_add_(0, tok, y * w[tok, slot][:, None])
+    return out
+
+
+def _problem(T, W, E, H, I, dtype, kind, device, seed=0):  # noqa: E741
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, H, generator=gen).to(dtype)
+    w1 = (torch.randn(E, 2 * I, H, generator=gen) * H**-0.5).to(dtype)
+    w2 = (torch.randn(E, H, I, generator=gen) * I**-0.5).to(dtype)
+    ids = _ids(kind, T, W, E, gen)
+    wts = torch.rand(T, W, generator=gen)
+    return [t.to(device) for t in (x, ids, wts, w1, w2)]
+
+
+def _rel(out, ref):
+    ref_norm = ref.norm().item()
+    return (out.double().cpu() - ref).norm().item() / (ref_norm if ref_norm > 0 else 1.0)
+
+
+def _config(T, W, E, H, I, block_m=16, split=1, bn=32, bk=32):  # noqa: E741
+    cfg = default_config(T, E, H, I, W, "cpu")
+    cfg["BLOCK_M"] = block_m
+    cfg["gate_up"] = dict(cfg["gate_up"], BLOCK_N=bn, BLOCK_K=bk)
+    cfg["down"] = dict(cfg["down"], BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split)
+    return cfg
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("T,W,E,H,I", [(1, 2, 8, 32, 48), (13, 2, 8, 32, 48), (7, 3, 3, 40, 24), (19, 5, 5, 24, 40)])
+def test_fused_experts_matches_reference(T, W, E, H, I, kind, dtype, device):  # noqa: E741
+    if kind == "distinct" and W > E:
+        pytest.skip("more slots than experts")
+    x, ids, wts, w1, w2 = _problem(T, W, E, H, I, dtype, kind, device)
+    ref = _reference(x, ids, wts, w1, w2)
+    for cfg in (_config(T, W, E, H, I), _config(T, W, E, H, I, block_m=32, split=3, bn=16, bk=16)):
+        out = X.fused_experts_impl(x, ids, wts, w1, w2, cfg)
+        assert out.dtype == dtype and out.shape == x.shape
+        assert torch.isfinite(out).all()
+        if kind == "all_sentinel":
+            assert (out == 0).all()
+        else:
+            assert _rel(out, ref) < TOL[dtype], (cfg, _rel(out, ref))
+
+
+def test_dropped_pairs_never_reach_a_gemm(device):
+    """A token whose every slot is a sentinel is exactly 0 even when its input row and weights are NaN."""
+    T, W, E, H, I = 9, 2, 4, 32, 32  # noqa: E741
+    x, ids, wts, w1, w2 = _problem(T, W, E, H, I, torch.float32, "distinct", device)
+    ids[3] = E
+    ids[5, 1] = E
+    x[3] = float("nan")
+    wts[3] = float("nan")
+    wts[5, 1] = float("nan")
+    out = X.fused_experts_impl(x, ids, wts, w1, w2, _config(T, W, E, H, I))
+    assert (out[3] == 0).all() and torch.isfinite(out).all()
+    keep = torch.ones(T, dtype=torch.bool)
+    keep[3] = False
+    ref = _reference(x.nan_to_num(), ids, wts.nan_to_num(), w1, w2)
+    assert _rel(out[keep], ref[keep]) < TOL[torch.float32]
+
+
+def test_odd_hidden_sizes_and_multichunk_dispatch(device):
+    """H, I not multiples of BLOCK_K (masked K loop) and more pairs than one dispatch chunk."""
+    T, W, E, H, I = 97, 3, 64, 20, 28  # noqa: E741  (E=64: 128 pairs per chunk, 3 chunks)
+    x, ids, wts, w1, w2 = _problem(T, W, E, H, I, torch.float32, "random", device, seed=3)
+    ref = _reference(x, ids, wts, w1, w2)
+    out = X.fused_experts_impl(x, ids, wts, w1, w2, _config(T, W, E, H, I, split=2, bn=16, bk=16))
+    assert _rel(out, ref) < TOL[torch.float32]
+
+
+def test_deterministic(device):
+    T, W, E, H, I = 29, 2, 8, 32, 32  # noqa: E741
+    x, ids, wts, w1, w2 = _problem(T, W, E, H, I, torch.float16, "random", device, seed=5)
+    for split in (1, 4):
+        cfg = _config(T, W, E, H, I, split=split, bk=16, bn=16)
+        a = X.fused_experts_impl(x, ids, wts, w1, w2, cfg)
+        b = X.fused_experts_impl(x, ids, wts, w1, w2, cfg)
+        assert torch.equal(a, b)
+
+
+def test_combine_is_a_fixed_order_sum(device):
+    """The combine equals a float32 sum over slots in ascending order, bit for bit."""
+    T, W, E, H = 11, 3, 4, 40
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, E + 1, (T, W), generator=gen)
+    y = torch.randn(2, T * W, H, generator=gen)
+    out = X.combine(y.to(device), ids.to(device), E, torch.float32).cpu()
+    want = torch.zeros(T, H)
+    kept = (ids < E).reshape(-1)
+    y_kept = torch.where(kept[None, :, None], y, 0.0).view(2, T, W, H)
+    for w in range(W):
+        for s in range(2):
+            want += y_kept[s, :, w]
+    assert torch.equal(out, want)
+
+
+def test_custom_ops_agree_with_launchers(device):
+    T, W, E, H, I = 10, 2, 4, 32, 32  # noqa: E741
+    x, ids, wts, w1, w2 = _problem(T, W, E, H, I, torch.float32, "random", device)
+    ref = X.fused_experts_impl(x, ids, wts, w1, w2)
+    out = torch.ops.moepatch.fused_experts(x, ids, wts, w1, w2)
+    assert torch.equal(out, ref)
+    bm = X.config_for(x, ids, w1)["BLOCK_M"]
+    sorted_R, start = torch.ops.moepatch.moe_dispatch(ids, E, bm)
+    h = torch.ops.moepatch.moe_gate_up(x, w1, sorted_R, start, W, bm)
+    y = torch.ops.moepatch.moe_down(h, w2, sorted_R, start, wts, bm)
+    assert torch.equal(torch.ops.moepatch.moe_combine(y, ids, E, x.dtype), ref)
+
+
+def test_fake_tensor_shapes():
+    """register_fake gives the real output shapes (what torch.compile and graph capture rely on)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    T, W, E, H, I = 10, 2, 4, 32, 24  # noqa: E741
+    x, ids, wts, w1, w2 = _problem(T, W, E, H, I, torch.float32, "random", "cpu")
+    real = [X.max_rows(T * W, E, 16), E + 1]
+    with FakeTensorMode() as mode:
+        fx, fids, fw, fw1, fw2 = (mode.from_tensor(t) for t in (x, ids, wts, w1, w2))
+        assert torch.ops.moepatch.fused_experts(fx, fids, fw, fw1, fw2).shape == (T, H)
+        sorted_R, start = torch.ops.moepatch.moe_dispatch(fids, E, 16)
+        assert [sorted_R.shape[0], start.shape[0]] == real
+        h = torch.ops.moepatch.moe_gate_up(fx, fw1, sorted_R, start, W, 16)
+        assert h.shape == (real[0], I)
+
+
+def test_empty_batch(device):
+    x, ids, wts, w1, w2 = _problem(0, 2, 4, 32, 32, torch.float32, "random", device)
+    assert X.fused_experts_impl(x, ids, wts, w1, w2).shape == (0, 32)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", [1, 4, 64, 256, 1024])
+@pytest.mark.parametrize("shape", [(8, 4096, 14336, 2), (64, 2048, 1024, 8), (128, 2048, 768, 8)],
+                         ids=["mixtral", "olmoe", "qwen3"])
+def test_bf16_real_shapes(shape, M):
+    E, H, I, K = shape  # noqa: E741
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(M, H, device="cuda", generator=gen).bfloat16()
+    w1 = (torch.randn(E, 2 * I, H, device="cuda", generator=gen) * H**-0.5).bfloat16()
+    w2 = (torch.randn(E, H, I, device="cuda", generator=gen) * I**-0.5).bfloat16()
+    ids = torch.rand(M, E, device="cuda", generator=gen).topk(K, dim=1).indices
+    ids[::3, -1] = E  # some dropped slots
+    wts = torch.rand(M, K, device="cuda", generator=gen)
+    out = torch.full_like(x, float("nan"))
+    out.copy_(X.fused_experts(x, ids, wts, w1, w2))
+    # fp32 reference on the GPU, expert by expert
+    ref = torch.zeros(M, H, device="cuda")
+    for e in range(E):
+        tok, slot = (ids == e).nonzero(as_tuple=True)
+        if tok.numel():
+            g, u = (x[tok].float() @ w1[e].float().T).chunk(2, dim=-1)
+            ref.index_add_(0, tok, ((torch.nn.functional.silu(g) * u) @ w2[e].float().T) * wts[tok, slot, None])
+    assert ((out.float() - ref).norm() / ref.norm()).item() < 1e-2
+
+
+@pytest.mark.gpu
+def test_cuda_graph_and_no_host_sync():
+    E, H, I, K, M = 8, 256, 512, 2, 48  # noqa: E741
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(M, H, device="cuda", generator=gen).bfloat16()
+    w1 = (torch.randn(E, 2 * I, H, device="cuda", generator=gen) * H**-0.5).bfloat16()
+    w2 = (torch.randn(E, H, I, device="cuda", generator=gen) * I**-0.5).bfloat16()
+    ids = torch.rand(M, E, device="cuda", generator=gen).topk(K, dim=1).indices
+    wts = torch.rand(M, K, device="cuda", generator=gen)
+    want = X.fused_experts(x, ids, wts, w1, w2)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        X.fused_experts(x, ids, wts, w1, w2)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = X.fused_experts(x, ids, wts, w1, w2)
+    ids.copy_(torch.rand(M, E, device="cuda", generator=gen).topk(K, dim=1).indices)
+    graph.replay()
+    assert torch.equal(out, X.fused_experts(x, ids, wts, w1, w2))
+    assert not torch.equal(out, want)

@@ -1,0 +1,118 @@
+"""route_sync_free (the Triton backend's routing) chooses exactly the reference's pairs."""
+
+import itertools
+
+import pytest
+import torch
+
+from moepatch.ops.routing import route_sync_free
+from moepatch.routing import FamilyScoring, make_config, route
+
+
+def _inputs(T, E, K, seed, ties, scoring=FamilyScoring(kind="softmax", normalize=True)):
+    g = torch.Generator().manual_seed(seed)
+    if ties:
+        # Four score levels: many exact ties between pairs of one expert and between experts.
+        scores_TE = torch.randint(0, 4, (T, E), generator=g).float() / 4 + 0.125
+    else:
+        scores_TE = torch.softmax(torch.randn(T, E, generator=g) * 3, dim=-1)
+    ids_TK = torch.topk(scores_TE, K, dim=1).indices
+    factor_T = scoring.factor(scores_TE, ids_TK)
+    w_TK = scores_TE.gather(1, ids_TK) * factor_T[:, None]
+    return scores_TE, ids_TK, w_TK, factor_T
+
+
+def _assert_same(a, b):
+    for name in ("topk_ids_TW", "topk_weights_TW", "load_before_E", "load_after_E", "tokens_G",
+                 "capacity_G", "routed_pairs", "dropped_pairs", "rerouted_pairs", "added_pairs"):
+        x, y = getattr(a, name), getattr(b, name)
+        if x is None or y is None:
+            assert x is None and y is None, name
+            continue
+        assert x.dtype == y.dtype and x.shape == y.shape, (name, x.dtype, y.dtype, x.shape, y.shape)
+        assert torch.equal(x, y), (name, x, y)
+
+
+CASES = (
+    [dict(strategy="drop", policy=p) for p in ("score", "order", "reverse", "random")]
+    + [dict(strategy="drop", policy="score", group="sequence"),
+       dict(strategy="drop", policy="random", seed=7, ep_size=3),
+       dict(strategy="drop", policy="score", ep_size=2, capacity_scope="device"),
+       dict(strategy="drop", policy="order", min_capacity=2, renormalize="kept"),
+       dict(strategy="drop", policy="score", count_padding=True)]
+    + [dict(strategy="reroute", policy=p, reroute_target=t, reroute_rounds=r)
+       for p, t, r in itertools.product(("score", "random"), ("score", "least_loaded"), (1, 3))]
+    + [dict(strategy="reroute", policy="reverse", ep_size=2, capacity_scope="device", group="sequence",
+            reroute_rounds=2, renormalize="kept")]
+    + [dict(strategy="expanded"), dict(strategy="expanded", ep_size=3),
+       dict(strategy="expanded", ep_size=2, local_experts="all", max_experts_per_token=3),
+       dict(strategy="expanded", ep_size=4, capacity_scope="device", group="sequence", renormalize="kept")]
+    + [dict(strategy="expert_drop"), dict(strategy="expert_drop", expert_drop_fraction=0.3)]
+)
+
+
+@pytest.mark.parametrize("ties", [True, False], ids=["ties", "distinct"])
+@pytest.mark.parametrize("gamma", [0.5, 1.0, 1.5, None])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def test_same_pairs_as_reference(case, gamma, ties):
+    opts = dict(case)
+    strategy = opts.pop("strategy")
+    if strategy == "expert_drop" and gamma is not None:
+        pytest.skip("expert_drop takes no capacity factor")
+    B, S, E, K = 3, 7, 8, 2
+    cfg = make_config(gamma if strategy != "expert_drop" else 1.0, strategy, num_experts=E, **opts)
+    for seed in range(3):
+        scores, ids, w, factor = _inputs(B * S, E, K, seed, ties)
+        valid = torch.ones(B, S, dtype=torch.bool)
+        valid[0, :3] = False  # left padding
+        valid[2, -1] = False
+        for v in (None, valid):
+            kw = dict(batch=B, seq=S, valid_BS=v, layer=seed)
+            _assert_same(route_sync_free(cfg, scores, ids, w, factor, **kw), route(cfg, scores, ids, w, factor, **kw))
+
+
+@pytest.mark.parametrize("strategy", ["drop", "reroute", "expanded"])
+def test_source_rank_and_odd_shapes(strategy):
+    for T, E, K in ((1, 4, 4), (5, 5, 5), (13, 6, 3), (2, 16, 1)):  # K == E, one token, non-power-of-two
+        scores, ids, w, factor = _inputs(T, E, K, T + E, ties=True)
+        for src, ep in ((None, 1), (1, 2)):
+            opts = {"ep_size": ep} if strategy != "reroute" else {"ep_size": ep, "reroute_rounds": 2}
+            cfg = make_config(1.0, strategy, num_experts=E, **opts)
+            kw = dict(batch=1, seq=T, source_rank=src)
+            _assert_same(route_sync_free(cfg, scores, ids, w, factor, **kw), route(cfg, scores, ids, w, factor, **kw))
+
+
+def test_capacity_zero_and_all_padding():
+    scores, ids, w, factor = _inputs(6, 4, 2, 0, ties=True)
+    cfg = make_config(1e-9, "drop", num_experts=4)  # C = ceil(tiny) = 1; min over padding-only groups
+    valid = torch.zeros(2, 3, dtype=torch.bool)
+    for c in (cfg, make_config(1.0, "reroute", num_experts=4, group="sequence")):
+        kw = dict(batch=2, seq=3, valid_BS=valid)
+        a, b = route_sync_free(c, scores, ids, w, factor, **kw), route(c, scores, ids, w, factor, **kw)
+        _assert_same(a, b)
+        assert (a.topk_ids_TW == 4).all()  # every slot a sentinel
+
+
+@pytest.mark.gpu
+def test_no_host_sync_and_graph_capture():
+    """Every strategy runs under torch.cuda.set_sync_debug_mode('error') and captures in a CUDA graph."""
+    dev = "cuda"
+    scores, ids, w, factor = (t.to(dev) for t in _inputs(64, 8, 2, 0, ties=True))
+    for strategy, opts in (("drop", {}), ("drop", {"policy": "random"}), ("reroute", {"reroute_rounds": 2}),
+                           ("expanded", {"ep_size": 2}), ("expert_drop", {})):
+        cfg = make_config(1.0, strategy, num_experts=8, **opts)
+        route_sync_free(cfg, scores, ids, w, factor, batch=4, seq=16)  # warm-up fills the random-order cache
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            res = route_sync_free(cfg, scores, ids, w, factor, batch=4, seq=16)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        ref = route(cfg, scores, ids, w, factor, batch=4, seq=16)
+        _assert_same(res, ref)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = route_sync_free(cfg, scores, ids, w, factor, batch=4, seq=16)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out.topk_ids_TW, ref.topk_ids_TW)

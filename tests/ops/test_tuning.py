@@ -1,0 +1,72 @@
+"""Tile configuration tables: shipped H200 defaults, lookup, and the autotuner (interpreter run)."""
+
+import json
+
+import pytest
+import torch
+
+from moepatch.ops import tuning
+
+SHIPPED = tuning.SHIPPED_DIR / "NVIDIA_H200.json"
+SMEM_H200 = 227 * 1024
+
+
+def _smem(cfg, gemm):
+    """Shared memory of a pipelined GEMM tile in bf16: stages * (A tile + B tile(s))."""
+    c = cfg[gemm]
+    b_tiles = 2 if gemm == "gate_up" else 1
+    return c["num_stages"] * 2 * c["BLOCK_K"] * (cfg["BLOCK_M"] + b_tiles * c["BLOCK_N"])
+
+
+def test_shipped_table_is_well_formed():
+    table = json.loads(SHIPPED.read_text())
+    for key in ("E=8,H=4096,I=14336,K=2", "E=64,H=2048,I=1024,K=8", "E=64,H=2048,I=1408,K=6",
+                "E=128,H=2048,I=768,K=8"):
+        assert key in table
+        for m, cfg in table[key].items():
+            assert int(m) in tuning.M_BUCKETS
+            assert cfg["BLOCK_M"] in (16, 32, 64, 128)
+            for gemm in ("gate_up", "down"):
+                c = cfg[gemm]
+                for k in ("BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages"):
+                    assert c[k] > 0 and (k == "num_stages" or c[k] & (c[k] - 1) == 0), (key, m, gemm, k)
+                assert _smem(cfg, gemm) <= SMEM_H200, (key, m, gemm)
+            assert cfg["down"]["SPLIT_K"] >= 1
+
+
+def test_lookup_nearest_bucket_and_default(monkeypatch, tmp_path):
+    monkeypatch.setenv("MOEPATCH_KERNEL_CONFIGS", str(tmp_path))
+    tuning.get_config.cache_clear()
+    table = json.loads(SHIPPED.read_text())["E=8,H=4096,I=14336,K=2"]
+    assert tuning.get_config(1, 8, 4096, 14336, 2, "NVIDIA_H200") == table["1"]
+    assert tuning.get_config(5000, 8, 4096, 14336, 2, "NVIDIA_H200") == table["4096"]
+    assert tuning.get_config(100, 3, 40, 24, 3, "NVIDIA_H200") == tuning.default_config(100, 3, 40, 24, 3)
+    assert tuning.get_config(7, 8, 4096, 14336, 2, "some_other_gpu") == tuning.default_config(7, 8, 4096, 14336, 2)
+    # A user table wins over the shipped one.
+    custom = {"E=8,H=4096,I=14336,K=2": {"64": tuning.default_config(4096, 8, 4096, 14336, 2)}}
+    (tmp_path / "NVIDIA_H200.json").write_text(json.dumps(custom))
+    tuning.get_config.cache_clear()
+    assert tuning.get_config(1, 8, 4096, 14336, 2, "NVIDIA_H200")["BLOCK_M"] == 128
+    tuning.get_config.cache_clear()
+
+
+@pytest.mark.parametrize("M", [1, 64, 1024, 16384])
+def test_default_configs_fit_and_scale(M):
+    for E, H, I, K in ((8, 4096, 14336, 2), (64, 2048, 1024, 8), (128, 2048, 768, 8)):  # noqa: E741
+        cfg = tuning.default_config(M, E, H, I, K)
+        assert _smem(cfg, "gate_up") <= SMEM_H200 and _smem(cfg, "down") <= SMEM_H200
+        if M * K / E <= 32:
+            assert cfg["BLOCK_M"] == 16  # weight streaming: thinnest tensor-core tile
+
+
+def test_tune_writes_a_table_used_by_lookup(tmp_path, monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("the CPU variant of this test; the GPU run tunes for real")
+    monkeypatch.setenv("MOEPATCH_KERNEL_CONFIGS", str(tmp_path))
+    path = tuning.tune([(4, 32, 32, 2)], [3], dtype=torch.float32, out=tmp_path / "cpu.json", reps=1,
+                       max_candidates=1, device="cpu")
+    table = json.loads(path.read_text())
+    cfg = table["E=4,H=32,I=32,K=2"]["3"]
+    assert set(cfg) == {"BLOCK_M", "gate_up", "down"}
+    assert tuning.get_config(3, 4, 32, 32, 2, "cpu") == cfg
+    tuning.get_config.cache_clear()
