@@ -16,7 +16,7 @@ install:
 	$(PIP) install -q -e ".[dev]"
 
 demo: install
-	$(PYTHON) -m moepatch.cli demo
+	$(PYTHON) -m moepatch.cli eval --limit 100 --capacity-factor 1.0,1.5 --output out/demo
 
 test: install test-main test-tf517
 

@@ -4,6 +4,8 @@
     moepatch stats --model M --text F       load statistics of a model on a text file (no lm-eval)
     moepatch lm-eval ARGS...                lm-eval's own CLI with ``--model moepatch`` registered
     moepatch demo                           tiny random model of every family, load before/after capacity
+    moepatch bench kernels|e2e|ep|scmoe ... the benchmark scripts under scripts/ (GPU)
+    moepatch tune ...                       autotune the Triton tile table for this GPU
 """
 
 from __future__ import annotations
@@ -114,7 +116,11 @@ def _run_eval(args, tempfile) -> int:
         write_task_configs(task_dir)
         from lm_eval.tasks import TaskManager
 
-        tm = TaskManager(include_path=task_dir)
+        from moepatch.eval.tasks import EMBEDDED_TASKS
+
+        # Indexing lm-eval's thousands of bundled task files takes seconds: skip it when only ours are asked.
+        tm = TaskManager(include_path=task_dir,
+                         include_defaults=not all(t.task in EMBEDDED_TASKS for t in specs))
         unknown = [t.task for t in specs if t.task not in tm.all_tasks]
         if unknown:
             import difflib
@@ -154,6 +160,30 @@ def _cmd_lm_eval(args) -> int:
     sys.argv = ["lm_eval", *args.rest]
     cli_evaluate()
     return 0
+
+
+def _script_main(name: str):
+    """``main(argv)`` of scripts/NAME.py (benchmarks live beside the package, in the source tree)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    if not path.is_file():
+        raise SystemExit(f"moepatch: {path} not found; the benchmarks ship with the source tree (git clone)")
+    spec = importlib.util.spec_from_file_location(f"moepatch_scripts_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def _cmd_bench(args) -> int:
+    return int(_script_main(f"bench_{args.which}")(args.rest) or 0)
+
+
+def _cmd_tune(args) -> int:
+    from moepatch.ops.tuning import main as tune_main
+
+    return int(tune_main(args.rest) or 0)
 
 
 def _cmd_stats(args) -> int:
@@ -202,6 +232,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="auto", help="auto (device_map='auto' on GPUs), cpu, cuda, cuda:1, ...")
     e.add_argument("--output", help="directory for results.json, results.csv and PNG plots")
     e.set_defaults(fn=_cmd_eval)
+    b = sub.add_parser("bench", help="run a benchmark script (kernels, e2e, ep, scmoe); --help after the name")
+    b.add_argument("which", choices=["kernels", "e2e", "ep", "scmoe"])
+    b.add_argument("rest", nargs=argparse.REMAINDER)
+    b.set_defaults(fn=_cmd_bench)
+    t = sub.add_parser("tune", help="autotune the Triton tile configs for this GPU", add_help=False)
+    t.add_argument("rest", nargs=argparse.REMAINDER)
+    t.set_defaults(fn=_cmd_tune)
     le = sub.add_parser("lm-eval", help="lm-eval's CLI with the 'moepatch' model registered", add_help=False)
     le.add_argument("rest", nargs=argparse.REMAINDER)
     le.set_defaults(fn=_cmd_lm_eval)
@@ -219,8 +256,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Commands whose arguments belong to another parser (lm-eval's, a script's) pass them through untouched.
+_PASSTHROUGH = {"tune": _cmd_tune, "lm-eval": _cmd_lm_eval}
+
+
 def main(argv: list[str] | None = None) -> int:
     _offline()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in _PASSTHROUGH:
+        return _PASSTHROUGH[argv[0]](argparse.Namespace(rest=argv[1:]))
     args = build_parser().parse_args(argv)
     return args.fn(args)
 

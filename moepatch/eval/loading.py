@@ -44,8 +44,13 @@ def load_model(name: str | None, dtype: str = "auto", device: str = "auto"):
     if not is_local and (target.startswith((".", "/")) or os.sep in target and target.count("/") > 1):
         raise ModelLoadError(f"model path {target!r} does not exist; give a local model directory, a hub id "
                              f"or one of the aliases: {', '.join(MODEL_ALIASES)}")
-    kwargs = {"dtype": "auto" if dtype == "auto" else getattr(torch, dtype)}
-    if device == "auto" and torch.cuda.is_available():
+    on_gpu = torch.cuda.is_available() and (device == "auto" or device.startswith("cuda"))
+    # "auto": the checkpoint's dtype on GPUs; float32 on the CPU, where bf16 matmuls are many times slower.
+    if dtype == "auto":
+        kwargs = {"dtype": "auto" if on_gpu else torch.float32}
+    else:
+        kwargs = {"dtype": getattr(torch, dtype)}
+    if device == "auto" and on_gpu:
         kwargs["device_map"] = "auto"
     try:
         tok = transformers.AutoTokenizer.from_pretrained(target)

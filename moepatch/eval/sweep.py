@@ -154,7 +154,20 @@ def _delta(d: float, t: TaskSpec) -> str:
     return f"{100 * d:+.2f}" if t.higher_is_better else f"{d:+.4f}"
 
 
-def evaluate_tasks(lm, tasks: Sequence[TaskSpec], task_manager, limit=None) -> dict[str, float]:
+def load_tasks(tasks: Sequence[TaskSpec], task_manager) -> dict:
+    """Build lm-eval task objects once, so every variant reuses the loaded datasets.
+
+    Groups (e.g. mmlu) stay names: lm-eval expands them on each run.
+    """
+    from lm_eval.api.task import Task
+    from lm_eval.tasks import get_task_dict
+
+    built = get_task_dict([t.task for t in tasks], task_manager)
+    return {t.task: built[t.task] if isinstance(built.get(t.task), Task) else t.task for t in tasks}
+
+
+def evaluate_tasks(lm, tasks: Sequence[TaskSpec], task_manager, limit=None, prebuilt: dict | None = None
+                   ) -> dict[str, float]:
     """One lm-eval run per distinct shot count; returns {task: metric value}."""
     from lm_eval.evaluator import simple_evaluate
 
@@ -163,9 +176,9 @@ def evaluate_tasks(lm, tasks: Sequence[TaskSpec], task_manager, limit=None) -> d
     for t in tasks:
         by_shots.setdefault(t.shots, []).append(t)
     for shots, group in by_shots.items():
-        res = simple_evaluate(model=lm, tasks=[t.task for t in group], num_fewshot=shots, limit=limit,
-                              task_manager=task_manager, bootstrap_iters=0, log_samples=False,
-                              verbosity="ERROR")
+        todo = [prebuilt[t.task] if prebuilt else t.task for t in group]
+        res = simple_evaluate(model=lm, tasks=todo, num_fewshot=shots, limit=limit, task_manager=task_manager,
+                              bootstrap_iters=0, log_samples=False, verbosity="ERROR")
         for t in group:
             metrics = res["results"][t.task]
             if t.metric_key not in metrics:
@@ -181,11 +194,12 @@ def run_sweep(lm, tasks: Sequence[TaskSpec], variants: Sequence[Variant], task_m
     model = lm.model
     results = []
     todo = [BASELINE, *variants]
+    prebuilt = load_tasks(tasks, task_manager)
     for i, v in enumerate(todo, 1):
         progress(f"[{i}/{len(todo)}] {v.name} ...")
         t0 = time.perf_counter()
         handle = v.apply(model)
-        scores = evaluate_tasks(lm, tasks, task_manager, limit)
+        scores = evaluate_tasks(lm, tasks, task_manager, limit, prebuilt)
         st = handle.stats()
         results.append(VariantResult(v, scores, st.totals(), {str(k): s for k, s in st.layers().items()},
                                      time.perf_counter() - t0))
