@@ -154,8 +154,9 @@ def _eval_error(msg):
 
 
 def _cmd_lm_eval(args) -> int:
-    import moepatch.eval.lm  # noqa: F401  (registers --model moepatch)
     from lm_eval.__main__ import cli_evaluate
+
+    import moepatch.eval.lm  # noqa: F401  (registers --model moepatch)
 
     sys.argv = ["lm_eval", *args.rest]
     cli_evaluate()

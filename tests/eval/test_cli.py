@@ -30,7 +30,8 @@ def test_eval_sweep_writes_table_json_csv_png(tmp_path, capsys):
     (["eval", "--capacity-factor", "0"], "capacity_factor=0.0 is not valid"),
     (["eval", "--strategy", "dropout"], "strategy='dropout' is not supported"),
     (["eval", "--model", "/nonexistent/model"], "model path '/nonexistent/model' does not exist"),
-    (["eval", "--model", "olmoe", "--limit", "1"], "could not load 'allenai/OLMoE-1B-7B-0924-Instruct' (alias 'olmoe')"),
+    (["eval", "--model", "olmoe", "--limit", "1"],
+     "could not load 'allenai/OLMoE-1B-7B-0924-Instruct' (alias 'olmoe')"),
 ])
 def test_eval_errors(argv, needle, capsys):
     assert main(argv) == 2
