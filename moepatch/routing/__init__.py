@@ -1,6 +1,16 @@
 """Pure-torch capacity-aware routing: the reference every kernel and parallel path is tested against."""
 
-from .capacity import bucket_rank, capacities, capacity_for, expert_devices, group_ids, priority_order, token_devices
+from .capacity import (
+    bucket_rank,
+    capacities,
+    capacity_for,
+    chunk_sizes,
+    expert_devices,
+    group_ids,
+    priority_order,
+    random_keys,
+    token_devices,
+)
 from .config import POLICIES, STRATEGIES, RoutingConfig, make_config
 from .route import RoutingResult, route
 from .scores import FamilyScoring
@@ -9,6 +19,6 @@ from .strategies import expanded_drop, expert_drop, token_drop, token_reroute
 
 __all__ = [
     "POLICIES", "STRATEGIES", "FamilyScoring", "ForwardRecord", "LoadStats", "RoutingConfig", "RoutingResult",
-    "bucket_rank", "capacities", "capacity_for", "expanded_drop", "expert_devices", "expert_drop", "group_ids",
+    "bucket_rank", "capacities", "capacity_for", "chunk_sizes", "random_keys", "expanded_drop", "expert_devices", "expert_drop", "group_ids",
     "make_config", "priority_order", "route", "token_devices", "token_drop", "token_reroute",
 ]

@@ -89,12 +89,32 @@ def bucket_rank(bucket_P: torch.Tensor, order_P: torch.Tensor, num_buckets: int)
     return rank_P
 
 
+def chunk_sizes(num_tokens: int, ep_size: int) -> list[int]:
+    """Tokens per device chunk of :func:`token_devices`, computed on the host (no sync).
+
+    Token t is on device t·D // T, so device d holds t in [ceil(d·T/D), ceil((d+1)·T/D)).
+    """
+    return [-(-(d + 1) * num_tokens // ep_size) - -(-d * num_tokens // ep_size) for d in range(ep_size)]
+
+
+def random_keys(seed: int, layer: int, pairs_per_device: list[int], first_device: int = 0) -> torch.Tensor:
+    """Priority keys of the ``random`` policy (float64, CPU), one seeded stream per source device.
+
+    Each device draws from its own generator, so a rank under real expert parallelism draws exactly
+    the keys its chunk gets in the one-process simulation; device 0 alone is the non-EP case.
+    """
+    return torch.cat([torch.rand(n, generator=torch.Generator(device="cpu").manual_seed(
+        seed * 1_000_003 + layer + 7_919 * (first_device + d)), dtype=torch.float64)
+        for d, n in enumerate(pairs_per_device)]) if pairs_per_device else torch.zeros(0, dtype=torch.float64)
+
+
 def priority_order(policy: str, score_P: torch.Tensor, token_P: torch.Tensor,
-                   generator: torch.Generator | None = None) -> torch.Tensor:
+                   keys_P: torch.Tensor | None = None) -> torch.Tensor:
     """Pair indices, highest priority first, for a drop policy.
 
     Pairs must be listed in token-major order (pair p belongs to token ``token_P[p]`` and
     ``token_P`` is non-decreasing), so a stable sort breaks score ties toward the lower token.
+    ``keys_P`` are the ``random`` policy's keys (see :func:`random_keys`).
     """
     P = score_P.numel()
     if policy == "score":
@@ -104,6 +124,7 @@ def priority_order(policy: str, score_P: torch.Tensor, token_P: torch.Tensor,
     if policy == "reverse":
         return torch.sort(-token_P, stable=True).indices
     if policy == "random":
-        keys = torch.rand(P, generator=generator, dtype=torch.float64).to(score_P.device)
-        return torch.sort(keys, stable=True).indices
+        if keys_P is None or keys_P.numel() != P:
+            raise ValueError("policy='random' needs one key per pair (moepatch.routing.capacity.random_keys)")
+        return torch.sort(keys_P.to(score_P.device), stable=True).indices
     raise ValueError(f"unknown policy {policy!r}; accepted: 'score', 'order', 'reverse', 'random'")

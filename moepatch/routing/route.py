@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .capacity import capacities, expert_devices, group_ids, token_devices
+from .capacity import capacities, chunk_sizes, expert_devices, group_ids, random_keys, token_devices
 from .config import RoutingConfig
 from .strategies import expanded_drop, expert_drop, token_drop, token_reroute
 
@@ -49,9 +49,17 @@ def _load(ids_TW: torch.Tensor, num_experts: int) -> torch.Tensor:
     return torch.bincount(ids_TW.reshape(-1), minlength=num_experts + 1)[:num_experts]
 
 
-def _generator(seed: int, layer: int) -> torch.Generator:
-    # One fresh CPU generator per (seed, layer) and call: the same input always drops the same pairs.
-    return torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + layer)
+def policy_keys(cfg: RoutingConfig, num_tokens: int, top_k: int, layer: int, source_rank: int | None):
+    """The ``random`` policy's keys for this call (None for the other policies).
+
+    Fresh generators seeded with (seed, layer, source device) on every call: the same input always
+    keeps the same pairs, and each simulated device draws what its real rank would draw.
+    """
+    if cfg.policy != "random":
+        return None
+    if source_rank is not None:
+        return random_keys(cfg.seed, layer, [num_tokens * top_k], first_device=source_rank)
+    return random_keys(cfg.seed, layer, [n * top_k for n in chunk_sizes(num_tokens, cfg.ep_size)])
 
 
 def route(cfg: RoutingConfig, scores_TE: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor,
@@ -112,15 +120,18 @@ def route(cfg: RoutingConfig, scores_TE: torch.Tensor, topk_ids_TK: torch.Tensor
     if cfg.strategy in ("drop", "expert_drop"):
         if cfg.strategy == "drop":
             keep_TK = token_drop(scores_TE, topk_ids_TK, active_T, group_T, capacity_G, bucket_E,
-                                 bucket_size_B, cfg.policy, _generator(cfg.seed, layer))
+                                 bucket_size_B, cfg.policy, policy_keys(cfg, T, K, layer, source_rank))
         else:
-            keep_TK, _ = expert_drop(topk_ids_TK, active_T, E, cfg.expert_drop_fraction)
+            # Each source device skips the experts least loaded by its own tokens (all it knows under EP).
+            n_dev = 1 if source_rank is not None else cfg.ep_size
+            keep_TK, _ = expert_drop(topk_ids_TK, active_T, E, cfg.expert_drop_fraction,
+                                     token_dev_T if source_rank is None else None, n_dev)
         ids_TW = torch.where(keep_TK, topk_ids_TK, sentinel)
         w_TW = torch.where(keep_TK, topk_weights_TK, w_zero)
         dropped = routed - keep_TK.sum()
     elif cfg.strategy == "reroute":
         keep_TK = token_drop(scores_TE, topk_ids_TK, active_T, group_T, capacity_G, bucket_E,
-                             bucket_size_B, cfg.policy, _generator(cfg.seed, layer))
+                             bucket_size_B, cfg.policy, policy_keys(cfg, T, K, layer, source_rank))
         ids_TK, placed_TK, moved_TK = token_reroute(scores_TE, topk_ids_TK, keep_TK, active_T, group_T,
                                                     capacity_G, bucket_E, bucket_size_B,
                                                     cfg.reroute_target, cfg.reroute_rounds)

@@ -35,8 +35,9 @@ def _bucket_capacity(capacity_G, bucket_size_B):
 
 
 def token_drop(scores_TE, topk_ids_TK, active_T, group_T, capacity_G, bucket_E, bucket_size_B,
-               policy="score", generator=None):
-    """Token Drop: each bucket keeps its first C pairs in policy order.
+               policy="score", keys_P=None):
+    """Token Drop: each bucket keeps its first C pairs in policy order (``keys_P``: the random
+    policy's keys, one per pair in token-major order).
 
     Returns:
         keep_TK (bool): the native pairs that stay.
@@ -48,7 +49,7 @@ def token_drop(scores_TE, topk_ids_TK, active_T, group_T, capacity_G, bucket_E, 
     valid_P = active_T[token_P]
     bucket_P, nb = _flat_buckets(group_T[token_P], expert_P, valid_P, bucket_E, NB, G)
     score_P = scores_TE.gather(1, topk_ids_TK).reshape(-1)
-    order_P = priority_order(policy, score_P, token_P, generator)
+    order_P = priority_order(policy, score_P, token_P, keys_P)
     rank_P = bucket_rank(bucket_P, order_P, nb)
     keep_P = rank_P < _bucket_capacity(capacity_G, bucket_size_B)[bucket_P]
     return (keep_P & valid_P).view(T, K)
@@ -160,20 +161,27 @@ def expanded_drop(scores_TE, topk_ids_TK, active_T, group_T, capacity_G, bucket_
     return keep_TE
 
 
-def expert_drop(topk_ids_TK, active_T, num_experts, fraction=0.1):
+def expert_drop(topk_ids_TK, active_T, num_experts, fraction=0.1, group_T=None, num_groups=1):
     """The paper's comparison baseline: skip the least-loaded experts of the layer.
 
     n = max(1, round(fraction * E)) experts with the lowest load over the active tokens are
-    skipped (ties: the lower expert index is skipped first).
+    skipped (ties: the lower expert index is skipped first).  With ``group_T`` each group (a source
+    device under expert parallelism) decides from its own tokens' load.
 
     Returns:
-        keep_TK (bool), dropped_E (bool): kept native pairs and the skipped experts.
+        keep_TK (bool), dropped_GE (bool): kept native pairs and the skipped experts per group.
     """
     E = num_experts
+    T, K = topk_ids_TK.shape
+    if group_T is None:
+        group_T = torch.zeros(T, dtype=torch.long, device=topk_ids_TK.device)
     n_skip = max(1, round(fraction * E))
-    load_E = torch.bincount(topk_ids_TK[active_T].reshape(-1), minlength=E)
-    order_E = torch.sort(load_E, stable=True).indices
-    dropped_E = torch.zeros(E, dtype=torch.bool, device=topk_ids_TK.device)
-    dropped_E[order_E[:n_skip]] = True
-    keep_TK = ~dropped_E[topk_ids_TK] & active_T[:, None]
-    return keep_TK, dropped_E
+    pair_G = group_T[:, None].expand(T, K)[active_T]
+    load_GE = torch.zeros(num_groups * E, dtype=torch.long, device=topk_ids_TK.device)
+    load_GE.index_add_(0, (pair_G * E + topk_ids_TK[active_T]).reshape(-1),
+                       torch.ones(pair_G.numel(), dtype=torch.long, device=topk_ids_TK.device))
+    order_GE = torch.sort(load_GE.view(num_groups, E), dim=1, stable=True).indices
+    dropped_GE = torch.zeros(num_groups, E, dtype=torch.bool, device=topk_ids_TK.device)
+    dropped_GE.scatter_(1, order_GE[:, :n_skip], True)
+    keep_TK = ~dropped_GE[group_T[:, None], topk_ids_TK] & active_T[:, None]
+    return keep_TK, dropped_GE

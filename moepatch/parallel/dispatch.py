@@ -1,0 +1,285 @@
+"""Dispatch and combine for expert parallelism: the only moepatch module that calls torch.distributed
+collectives for MoE layers.
+
+Legend: T tokens on this rank, W routing slots per token, H hidden size, E routed experts of the
+layer, D ranks, M header slots for per-expert counts (the most experts any rank hosts in any
+layer), P (token, slot) pairs this rank sends, R rows it receives, C compact combine width.
+
+Experts sit on ranks in contiguous blocks, ``moepatch.routing.capacity.expert_devices(E, D)``
+(torch.tensor_split semantics: the first E % D ranks hold one more).  One MoE layer call on every
+rank is one *round*:
+
+1. header: a fixed-size ``all_to_all_single`` of int64 ``[status, tag, dtype, H, count_0..count_{M-1}]``
+   from every rank to every rank, ``count_j`` = rows this rank sends for the receiver's j-th
+   local expert.  Every rank reads every rank's status, so all ranks take the same decision;
+2. rows: ``all_to_all_single`` of the hidden rows with input/output split sizes; the rows sent to a
+   rank are sorted by expert, token order inside an expert.  Sentinel slots (id E) are never sent;
+3. the caller computes its local experts on the received rows;
+4. combine: the reverse ``all_to_all_single``; the source multiplies each row by its weight and
+   sums each token's rows in float32 in slot order (deterministic, like the core's lowering in
+   ``moepatch.patch.core._experts_post_hook``).
+
+Statuses make uneven work safe: a rank that has no forward to run serves rounds as IDLE (it sends
+nothing and computes what it receives) until every rank is IDLE, and a rank that failed sends
+ABORT so the others raise instead of waiting.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..routing.capacity import expert_devices
+from .errors import CollectiveError, PeerFailedError, ProtocolError
+
+ACTIVE, IDLE, ABORT = 1, 0, -1
+_STATUS_NAMES = {ACTIVE: "active", IDLE: "idle", ABORT: "abort"}
+# The header carries the sender's hidden dtype so an idle rank can allocate its receive buffer.
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_HEADER_FIXED = 4  # status, tag, dtype code, hidden size
+
+
+def dtype_code(dtype: torch.dtype) -> int:
+    if dtype not in _DTYPES:
+        raise TypeError(f"expert parallelism sends {dtype} hidden states, which it does not support; "
+                        f"accepted: {', '.join(map(str, _DTYPES))}")
+    return _DTYPES.index(dtype)
+
+
+@dataclass
+class Dispatched:
+    """One round as agreed by every rank, and what the source needs to combine.
+
+    Attributes:
+        tag: the MoE layer ordinal the active ranks run.
+        x_RH: rows received, grouped by source rank, inside a source by local expert.
+        counts_SM: rows per (source rank, local expert), host ints.
+        send_splits / recv_splits: rows sent to / received from each rank, host ints.
+        tok_P, col_P, sel_P: token, compact combine column and flat (T*W) slot of each sent row.
+        num_tokens, width: T and the compact combine width C (most kept slots of one token).
+        invalid_pairs: slots whose id was outside [0, E]; the caller raises once the round is done.
+    """
+
+    tag: int
+    x_RH: torch.Tensor
+    counts_SM: list
+    send_splits: list
+    recv_splits: list
+    tok_P: torch.Tensor
+    col_P: torch.Tensor
+    sel_P: torch.Tensor
+    num_tokens: int
+    width: int
+    invalid_pairs: int
+
+
+class Dispatcher:
+    """dispatch/combine over D ranks; subclasses provide the two exchanges.
+
+    Args:
+        rank, world: this rank and the number of ranks D.
+        header_slots: M, at least the most experts any rank hosts in any layer.
+    """
+
+    def __init__(self, rank: int, world: int, header_slots: int):
+        self.rank, self.world, self.header_slots = rank, world, header_slots
+        self._placement: dict = {}
+        # True from this rank's header until its rows came back: peers are inside the same round,
+        # so no other message (an abort) may be sent now.
+        self.round_open = False
+
+    # -- the transport ------------------------------------------------------------------------
+    def _exchange_header(self, send_DX: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _exchange_rows(self, send_NH: torch.Tensor, send_splits: list, recv_splits: list) -> torch.Tensor:
+        raise NotImplementedError
+
+    # -- the protocol -------------------------------------------------------------------------
+    def placement(self, num_experts: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rank of each expert, index of the expert on its rank), both (E,) int64 on ``device``."""
+        key = (num_experts, str(device))
+        if key not in self._placement:
+            dev_E = expert_devices(num_experts, self.world)
+            first_D = torch.searchsorted(dev_E, torch.arange(self.world), right=False)
+            local_E = torch.arange(num_experts) - first_D[dev_E]
+            if int(local_E.max()) >= self.header_slots:
+                raise ValueError(f"{num_experts} experts over {self.world} ranks need more than the "
+                                 f"{self.header_slots} header slots this dispatcher was built with")
+            self._placement[key] = (dev_E.to(device), local_E.to(device))
+        return self._placement[key]
+
+    def local_experts(self, num_experts: int) -> range:
+        """The global ids of the experts this rank hosts."""
+        dev_E = expert_devices(num_experts, self.world)
+        ids = (dev_E == self.rank).nonzero().flatten().tolist()
+        return range(ids[0], ids[-1] + 1) if ids else range(0)
+
+    def dispatch(self, x_TH: torch.Tensor, ids_TW: torch.Tensor, *, num_experts: int, tag: int,
+                 status: int = ACTIVE) -> Dispatched | None:
+        """Send every kept (token, slot) row to the rank of its expert.
+
+        Args:
+            x_TH: (T, H) hidden states (float32/float16/bfloat16), T may be 0.
+            ids_TW: (T, W) int64 global expert ids, E on empty slots.
+            num_experts: E of this layer.
+            tag: the layer ordinal; every active rank must send the same one.
+            status: ACTIVE for a real layer call, IDLE for a rank that only serves others.
+        Returns:
+            The agreed round, or None when every rank is IDLE (nothing left to serve).
+        Raises:
+            PeerFailedError: a rank sent ABORT.  ProtocolError: the active ranks disagree.
+            CollectiveError: the transport failed or timed out.
+        """
+        T, W = ids_TW.shape
+        device = x_TH.device
+        E, D, M = num_experts, self.world, self.header_slots
+        dev_E, local_E = self.placement(E, device)
+        flat_P = ids_TW.reshape(-1)
+        kept_P = (flat_P >= 0) & (flat_P < E)
+        invalid = ((flat_P < 0) | (flat_P > E)).sum()
+        # Sorting by expert groups the rows by destination rank (contiguous blocks) and, stably,
+        # keeps token order inside an expert; empty and invalid slots sort last and are cut off.
+        key_P = torch.where(kept_P, flat_P, torch.full_like(flat_P, E))
+        order_P = torch.sort(key_P, stable=True).indices
+        count_E = torch.bincount(key_P, minlength=E + 1)[:E]
+        send_DM = torch.zeros(D, M, dtype=torch.long, device=device)
+        send_DM[dev_E, local_E] = count_E
+        kept_TW = kept_P.view(T, W)
+        width = kept_TW.sum(1).max() if T else torch.zeros((), dtype=torch.long, device=device)
+        fixed = torch.tensor([status, tag, dtype_code(x_TH.dtype), x_TH.shape[1]], dtype=torch.long, device=device)
+        header_DX = torch.cat([fixed.expand(D, _HEADER_FIXED), send_DM], dim=1).contiguous()
+        self.round_open = True
+        recv_DX = self._exchange_header(header_DX)
+        # NOTE: host sync: split sizes must be known on the host; one transfer for everything.
+        host = torch.cat([send_DM.sum(1), recv_DX.reshape(-1), torch.stack([width, invalid])]).tolist()
+        send_splits = host[:D]
+        recv = [host[D + s * (_HEADER_FIXED + M): D + (s + 1) * (_HEADER_FIXED + M)] for s in range(D)]
+        width, invalid = host[-2], host[-1]
+
+        statuses = [r[0] for r in recv]
+        aborted = [s for s, st in enumerate(statuses) if st == ABORT and s != self.rank]
+        active = [s for s, st in enumerate(statuses) if st == ACTIVE]
+        if aborted or not active:
+            self.round_open = False  # every rank takes the same decision here: the round ends
+        if aborted:
+            raise PeerFailedError(
+                f"rank {self.rank}: rank(s) {aborted} raised and aborted the expert-parallel session "
+                "(their log has the cause); this rank stops too")
+        if not active:
+            return None
+        tags = {recv[s][1] for s in active}
+        formats = {(recv[s][2], recv[s][3]) for s in active}
+        if len(tags) > 1 or len(formats) > 1:
+            self.round_open = False
+            desc = ", ".join(f"rank {s}: layer {recv[s][1]} {_DTYPES[recv[s][2]]} H={recv[s][3]}" for s in active)
+            raise ProtocolError(f"rank {self.rank}: the active ranks run different MoE layers ({desc}); every rank "
+                                "must run the same model and call its MoE layers in the same order")
+        agreed_tag = tags.pop()
+        code, hidden = formats.pop()
+        counts_SM = [r[_HEADER_FIXED:] for r in recv]
+        recv_splits = [sum(c) for c in counts_SM]
+
+        P = sum(send_splits)
+        sel_P = order_P[:P]
+        tok_P = torch.div(sel_P, W, rounding_mode="floor")
+        # Compact column of each kept slot among its token's kept slots (the core's lowering layout).
+        col_P = (torch.cumsum(kept_TW.long(), dim=1) - 1).reshape(-1)[sel_P]
+        if status == ACTIVE:
+            send_NH = x_TH[tok_P]
+        else:
+            send_NH = x_TH.new_empty(0, hidden, dtype=_DTYPES[code])
+        x_RH = self._exchange_rows(send_NH.contiguous(), send_splits, recv_splits)
+        return Dispatched(agreed_tag, x_RH, counts_SM, send_splits, recv_splits, tok_P, col_P, sel_P, T,
+                          int(width), int(invalid))
+
+    def return_rows(self, y_RH: torch.Tensor, d: Dispatched) -> torch.Tensor:
+        """The reverse exchange: every computed row goes back to its source, in send order (P, H)."""
+        try:
+            return self._exchange_rows(y_RH.contiguous(), d.recv_splits, d.send_splits)
+        finally:
+            self.round_open = False
+
+    def combine(self, y_RH: torch.Tensor, d: Dispatched, weights_TW: torch.Tensor) -> torch.Tensor:
+        """Return the rows, weigh them and sum each token's rows; (T, H) in the rows' dtype.
+
+        Args:
+            y_RH: (R, H) expert outputs for the received rows, in receive order.
+            d: the round from :meth:`dispatch`.
+            weights_TW: (T, W) combine weights (0 on empty slots; never read there).
+        """
+        y_PH = self.return_rows(y_RH, d)
+        return weigh_and_sum(y_PH, d, weights_TW)
+
+    def abort(self, device: torch.device | str = "cpu") -> None:
+        """Tell every rank that this one failed; they raise PeerFailedError at their next round.
+
+        Only valid between rounds (``round_open`` False): the peers then wait in a header exchange.
+        """
+        header_DX = torch.zeros(self.world, _HEADER_FIXED + self.header_slots, dtype=torch.long, device=device)
+        header_DX[:, 0] = ABORT
+        self._exchange_header(header_DX)
+
+
+def weigh_and_sum(y_PH: torch.Tensor, d: Dispatched, weights_TW: torch.Tensor) -> torch.Tensor:
+    """Source side of the combine: out[t] = sum over t's kept slots, in slot order, of w * y.
+
+    The weight multiply promotes like transformers' experts implementations (a float32 weight
+    against bf16 rows multiplies in float32) and is cast back, then the kept slots are summed in
+    float32 over a compact (T, C, H) buffer, exactly as the core's lowering does.
+    """
+    T, H = d.num_tokens, y_PH.shape[-1]
+    w_P = weights_TW.reshape(-1)[d.sel_P]
+    buf_TCH = y_PH.new_zeros(T, max(d.width, 1), H)
+    if y_PH.shape[0]:
+        buf_TCH[d.tok_P, d.col_P] = (y_PH * w_P[:, None]).to(y_PH.dtype)
+    return buf_TCH.float().sum(dim=1).to(y_PH.dtype)
+
+
+class LocalDispatcher(Dispatcher):
+    """EP = 1: every expert is local; the exchanges are the identity (no process group needed)."""
+
+    def __init__(self, header_slots: int):
+        super().__init__(0, 1, header_slots)
+
+    def _exchange_header(self, send_DX):
+        return send_DX
+
+    def _exchange_rows(self, send_NH, send_splits, recv_splits):
+        return send_NH
+
+
+class AllToAllDispatcher(Dispatcher):
+    """torch.distributed ``all_to_all_single`` with split sizes (NCCL on GPU, gloo on CPU).
+
+    gloo supports ``all_to_all_single`` with unequal split sizes but not the list form
+    ``all_to_all`` with unequal sizes, so only the former is used.
+    """
+
+    def __init__(self, header_slots: int, group=None):
+        import torch.distributed as dist
+
+        self._dist = dist
+        self.group = group
+        super().__init__(dist.get_rank(group), dist.get_world_size(group), header_slots)
+
+    def _call(self, what, fn):
+        try:
+            return fn()
+        except RuntimeError as exc:
+            raise CollectiveError(
+                f"rank {self.rank}: the {what} all_to_all failed ({exc}). A peer died, raised outside an "
+                "ep_session, or is blocked elsewhere; the process-group timeout bounds the wait "
+                "(docs/expert-parallel.md, 'Failure behaviour')") from exc
+
+    def _exchange_header(self, send_DX):
+        recv_DX = torch.empty_like(send_DX)
+        self._call("header", lambda: self._dist.all_to_all_single(recv_DX, send_DX, group=self.group))
+        return recv_DX
+
+    def _exchange_rows(self, send_NH, send_splits, recv_splits):
+        recv_NH = send_NH.new_empty(sum(recv_splits), send_NH.shape[1])
+        self._call("rows", lambda: self._dist.all_to_all_single(
+            recv_NH, send_NH, output_split_sizes=recv_splits, input_split_sizes=send_splits, group=self.group))
+        return recv_NH

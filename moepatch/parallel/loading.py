@@ -1,0 +1,285 @@
+"""Models that hold only this rank's experts: loaded from a local checkpoint or built at random.
+
+Both build the model on the meta device (``accelerate.init_empty_weights``, buffers stay real so
+rotary tables and the like are computed as usual), shrink every MoE block's fused expert tensors
+to this rank's contiguous block (``expert_devices(E, world)``, torch.tensor_split semantics) and
+then materialise each parameter once, directly on ``device``.  Only the local experts are ever
+read or generated.  ``moepatch.apply(model, ..., expert_parallel=True)`` recognises such a model
+and does not slice it again.
+
+Checkpoint layouts read by :func:`load_expert_parallel` (safetensors, one file or an
+``model.safetensors.index.json`` shard index):
+
+* per-expert tensors, as ``save_pretrained`` of transformers 5.17 - 5.24 writes them (it converts
+  the fused tensors back to the original layout): ``<experts>.<e>.gate_proj/up_proj/down_proj.weight``
+  (OLMoE, Qwen2/3-MoE, DeepSeek-V2/V3) and Mixtral's ``<layer>.block_sparse_moe.experts.<e>.w1/w3/w2.weight``
+  (w1 = gate, w3 = up, w2 = down);
+* fused 3-D tensors under the in-memory names ``<experts>.gate_up_proj`` (E, 2I, H, gate rows then
+  up rows) and ``<experts>.down_proj`` (E, H, I), read with ``get_slice`` rows ``first:stop``.
+
+Every other tensor is read whole, under its module name or Mixtral's ``block_sparse_moe`` name.
+Not supported: ``pytorch_model.bin`` checkpoints, quantised (FP8 / GPTQ / ...) expert tensors,
+hub downloads (pass a local directory).
+
+Legend: E routed experts, L experts of this rank, I expert intermediate size, H hidden size.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zlib
+from pathlib import Path
+
+import torch
+
+from ..errors import UnsupportedModelError
+from ..patch.registry import family_for, moe_blocks
+from .ep import _SHARDS, EXPERTS_IMPLEMENTATION, ShardInfo, _local_range, register_experts_implementation
+
+_EXPERT_PARAMS = ("gate_up_proj", "down_proj")
+# (gate, up, down) names of per-expert checkpoints: transformers' own layout, then Mixtral's original one.
+_PER_EXPERT_NAMES = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"))
+
+
+def _renamed(name: str) -> list[str]:
+    """Checkpoint names a module name may be stored under (Mixtral keeps its original MoE block name)."""
+    out = [name]
+    if ".mlp." in name:
+        out.append(name.replace(".mlp.", ".block_sparse_moe."))
+    return out
+
+
+class _Checkpoint:
+    """Lazy read access to the tensors of a local safetensors checkpoint."""
+
+    def __init__(self, path: Path):
+        from safetensors import safe_open
+
+        self._open = safe_open
+        index = path / "model.safetensors.index.json"
+        single = path / "model.safetensors"
+        if index.is_file():
+            with open(index) as f:
+                self.weight_map = {k: path / v for k, v in json.load(f)["weight_map"].items()}
+        elif single.is_file():
+            with safe_open(str(single), framework="pt") as f:
+                self.weight_map = {k: single for k in f.keys()}
+        else:
+            raise FileNotFoundError(f"{path} has neither model.safetensors nor model.safetensors.index.json; "
+                                    "load_expert_parallel reads local safetensors checkpoints only")
+        self._files: dict = {}
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.weight_map
+
+    def _file(self, key):
+        fname = self.weight_map[key]
+        if fname not in self._files:
+            self._files[fname] = self._open(str(fname), framework="pt")
+        return self._files[fname]
+
+    def read(self, key: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """The tensor (CPU), or only its rows ``first:stop`` along dim 0 (only those bytes are read)."""
+        f = self._file(key)
+        if rows is None:
+            return f.get_tensor(key)
+        return f.get_slice(key)[rows[0]:rows[1]]
+
+    def first(self, names: list[str]) -> str | None:
+        return next((n for n in names if n in self.weight_map), None)
+
+
+def _skeleton(config, dtype: torch.dtype, rank: int, world: int):
+    """The model on the meta device with each experts module shrunk to this rank's L experts.
+
+    Returns:
+        (model, {experts module qualified name: ShardInfo}).
+    """
+    import copy
+
+    import transformers
+    from accelerate import init_empty_weights
+
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} is not in [0, {world})")
+    # A model keeps the config object it was built from, and the experts implementation is set on
+    # it: two models built from one config must not share that switch.
+    config = copy.deepcopy(config)
+    with init_empty_weights(include_buffers=False):
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    spec = family_for(model)
+    shards = {}
+    for name, block in moe_blocks(model, spec):
+        E = int(block.gate.num_experts)
+        if world > E:
+            raise ValueError(f"{world} ranks cannot share {E} experts (each rank needs at least one)")
+        first, stop = _local_range(E, world, rank)
+        experts = block.experts
+        for pname in _EXPERT_PARAMS:
+            p = experts._parameters[pname]
+            if p.shape[0] != E:
+                raise UnsupportedModelError(f"{name}.experts.{pname} has {p.shape[0]} experts, the router {E}")
+            experts._parameters[pname] = torch.nn.Parameter(
+                torch.empty((stop - first, *p.shape[1:]), dtype=p.dtype, device="meta"), requires_grad=p.requires_grad)
+        shards[f"{name}.experts"] = ShardInfo(rank, world, first, stop, E)
+    return model, shards
+
+
+def _materialize(model, shards: dict, device, fill) -> None:
+    """Give every meta parameter real storage on ``device`` from ``fill(name, shape, dtype, shard)``.
+
+    Tied parameters (one Parameter under several names) are filled once and stay tied.
+    """
+    for p, names in _unique_params(model):
+        if p.device.type != "meta":
+            continue
+        module_name, _, leaf = names[0].rpartition(".")
+        shard = shards.get(module_name) if leaf in _EXPERT_PARAMS else None
+        value = fill(names, tuple(p.shape), p.dtype, shard)
+        new = torch.nn.Parameter(value.to(device=device, dtype=p.dtype), requires_grad=p.requires_grad)
+        for full in names:
+            owner_name, _, leaf_name = full.rpartition(".")
+            model.get_submodule(owner_name)._parameters[leaf_name] = new
+
+
+def _finish(model, shards: dict, device):
+    model.to(device)  # the buffers; parameters are there already
+    if all(info.world == 1 for info in shards.values()):
+        return model.eval()  # every expert is here: an ordinary model (the single-process reference)
+    register_experts_implementation()
+    for module_name, info in shards.items():
+        experts = model.get_submodule(module_name)
+        _SHARDS[experts] = info
+        # Without expert parallelism this module cannot run (it lacks the other ranks' experts):
+        # select the EP implementation, which fails with a clear message until moepatch.apply installs it.
+        experts.config._experts_implementation_internal = EXPERTS_IMPLEMENTATION
+    return model.eval()
+
+
+def load_expert_parallel(path_or_config, rank: int, world: int, dtype: torch.dtype = torch.bfloat16,
+                         device: torch.device | str = "cpu"):
+    """A ``*ForCausalLM`` holding only rank ``rank``'s experts of a local safetensors checkpoint.
+
+    Args:
+        path_or_config: the checkpoint directory, or a transformers config whose ``name_or_path``
+            is that directory (the config then overrides the directory's config.json).
+        rank, world: this rank and the expert-parallel world size.
+        dtype: parameter dtype (checkpoint tensors are cast).
+        device: where the parameters are materialised (e.g. ``f"cuda:{local_rank}"``).
+    Returns:
+        The model in eval mode; patch it with ``moepatch.apply(model, ..., expert_parallel=True)``.
+    Raises:
+        FileNotFoundError: no safetensors checkpoint there.  KeyError: tensors the model needs are
+        missing (the message lists them).  UnsupportedModelError: not a supported MoE family.
+    """
+    import transformers
+
+    if isinstance(path_or_config, (str, os.PathLike)):
+        path = Path(path_or_config)
+        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+    else:
+        config = path_or_config
+        path = Path(getattr(config, "name_or_path", "") or "")
+        if not str(path) or not path.is_dir():
+            raise FileNotFoundError(f"config.name_or_path={str(path)!r} is not a local checkpoint directory; pass "
+                                    "the directory itself")
+    ckpt = _Checkpoint(path)
+    model, shards = _skeleton(config, dtype, rank, world)
+    # Resolve every tensor before reading any, so a wrong checkpoint fails fast and lists all gaps.
+    sources, missing = {}, []
+    for _, names in _unique_params(model):
+        module_name, _, leaf = names[0].rpartition(".")
+        shard = shards.get(module_name) if leaf in _EXPERT_PARAMS else None
+        src = _experts_source(ckpt, names[0], shard) if shard is not None else ckpt.first(
+            [c for n in names for c in _renamed(n)])
+        if src is None:
+            missing.append(names[0])
+        sources[names[0]] = src
+    if missing:
+        raise KeyError(f"{path} lacks tensors for {len(missing)} parameter(s) the model needs, e.g. {missing[:4]} "
+                       "(layouts read: docs/expert-parallel.md, 'Loading')")
+
+    def fill(names, shape, p_dtype, shard):
+        src = sources[names[0]]
+        return src() if callable(src) else ckpt.read(src)
+
+    _materialize(model, shards, device, fill)
+    # Persistent buffers (e.g. DeepSeek-V3's e_score_correction_bias) come from the checkpoint too.
+    state_keys = set(model.state_dict().keys())
+    for name, buf in model.named_buffers():
+        key = ckpt.first(_renamed(name)) if name in state_keys else None
+        if key is not None:
+            buf.copy_(ckpt.read(key).to(buf.dtype))
+    config._name_or_path = str(path)
+    return _finish(model, shards, device)
+
+
+def _unique_params(model):
+    """[(parameter, [every name it is registered under])]: tied weights appear once."""
+    aliases: dict = {}
+    for full, p in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(p), (p, []))[1].append(full)
+    return list(aliases.values())
+
+
+def _experts_source(ckpt: _Checkpoint, name: str, shard: ShardInfo):
+    """A reader of this rank's (L, 2I, H) gate_up or (L, H, I) down tensor, or None if absent."""
+    experts_path, _, leaf = name.rpartition(".")
+    rows = (shard.first, shard.stop)
+    fused = ckpt.first(_renamed(name))
+    if fused is not None:
+        return lambda: ckpt.read(fused, rows)
+    for prefix in _renamed(experts_path):
+        for gate, up, down in _PER_EXPERT_NAMES:
+            needed = [f"{prefix}.{e}.{n}.weight" for e in range(*rows)
+                      for n in ((gate, up) if leaf == "gate_up_proj" else (down,))]
+            if not all(k in ckpt for k in needed):
+                continue
+            if leaf == "gate_up_proj":
+                # transformers fuses [gate; up] along the output rows (Concatenate(dim=1) on (E, I, H)).
+                return lambda p=prefix, g=gate, u=up: torch.stack([
+                    torch.cat([ckpt.read(f"{p}.{e}.{g}.weight"), ckpt.read(f"{p}.{e}.{u}.weight")], dim=0)
+                    for e in range(*rows)])
+            return lambda p=prefix, d=down: torch.stack([ckpt.read(f"{p}.{e}.{d}.weight") for e in range(*rows)])
+    return None
+
+
+def _seed(seed: int, name: str, expert: int = -1) -> int:
+    # A stable per-tensor (and per-expert) seed: a slice built for any world size equals the same
+    # experts of the world-size-1 build, and every rank builds identical replicated weights.
+    return (seed * 1_000_003 + zlib.crc32(name.encode()) * 1_009 + expert + 1) % (2**63 - 1)
+
+
+def build_random_expert_parallel(config, rank: int, world: int, dtype: torch.dtype = torch.bfloat16,
+                                 device: torch.device | str = "cpu", seed: int = 0, std: float | None = None):
+    """A ``*ForCausalLM`` of ``config`` with random weights and only rank ``rank``'s experts.
+
+    Weights are N(0, std) (``std`` defaults to ``config.initializer_range``) for matrices and
+    expert tensors, 1 for 1-D weights (norm scales), 0 for biases; each tensor (and each expert)
+    draws from its own generator seeded by name, on ``device``.  So rank r's experts equal
+    experts ``first..stop-1`` of ``build_random_expert_parallel(config, 0, 1, ...)`` on the same
+    device type: the single-process reference of a benchmark.
+    """
+    model, shards = _skeleton(config, dtype, rank, world)
+    if std is None:
+        std = float(getattr(config, "initializer_range", 0.02))
+    device = torch.device(device)
+
+    def fill(names, shape, p_dtype, shard):
+        name = names[0]
+        out = torch.empty(shape, dtype=p_dtype, device=device)
+        if shard is not None:
+            for j, e in enumerate(range(shard.first, shard.stop)):
+                g = torch.Generator(device=device).manual_seed(_seed(seed, name, e))
+                out[j].normal_(0.0, std, generator=g)
+        elif name.endswith("bias"):
+            out.zero_()
+        elif len(shape) == 1:
+            out.fill_(1.0)
+        else:
+            out.normal_(0.0, std, generator=torch.Generator(device=device).manual_seed(_seed(seed, name)))
+        return out
+
+    _materialize(model, shards, device, fill)
+    return _finish(model, shards, device)

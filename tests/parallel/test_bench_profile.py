@@ -1,0 +1,49 @@
+"""The benchmark's routing construction: skewed, exact in bf16, reproducible (no process group)."""
+
+import pytest
+import torch
+
+from moepatch.parallel.bench import calibrate, hidden_states, routing_logits, selector, set_selector_gate, zipf_shares
+from moepatch.tiny import tiny_model
+
+
+@pytest.mark.parametrize("E, K, skew", [(8, 2, 1.8), (8, 2, 1.6), (2, 1, 1.8), (64, 8, 2.0)])
+def test_zipf_shares_hit_the_target_skew(E, K, skew):
+    shares = zipf_shares(E, K, skew, seed=0)
+    assert shares.sum().item() == pytest.approx(1.0)
+    assert shares.max().item() * E == pytest.approx(skew, rel=1e-6)
+
+
+def test_clustered_placement_puts_the_hottest_experts_first():
+    shares = zipf_shares(8, 2, 1.8, seed=0, placement="clustered")
+    assert torch.equal(shares.argsort(descending=True), torch.arange(8))
+
+
+def test_impossible_skew_is_refused():
+    with pytest.raises(ValueError, match="impossible"):
+        zipf_shares(8, 2, 4.0, seed=0)
+
+
+@pytest.mark.parametrize("E, K", [(8, 2), (2, 1)])
+def test_sampled_load_follows_the_profile(E, K):
+    shares = zipf_shares(E, K, 1.8, seed=0)
+    log_p = calibrate(shares, K, seed=0)
+    logits = routing_logits(log_p, 20000, torch.Generator().manual_seed(1))
+    load = torch.bincount(logits.topk(K, dim=1).indices.reshape(-1), minlength=E).double()
+    assert (load / load.sum() * E).max().item() == pytest.approx(1.8, abs=0.06)
+
+
+def test_logits_are_exact_in_bf16_distinct_and_reach_the_router_unchanged():
+    log_p = calibrate(zipf_shares(8, 2, 1.8, seed=0), 2, seed=0)
+    logits = routing_logits(log_p, 500, torch.Generator().manual_seed(2))
+    assert torch.equal(logits.bfloat16().float(), logits)
+    s = logits.sort(dim=1).values
+    assert bool((s[:, 1:] > s[:, :-1]).all())  # no ties inside a row
+    model = tiny_model("mixtral", dtype=torch.bfloat16)
+    block = model.model.layers[0].mlp
+    set_selector_gate(block, 32)
+    x = hidden_states(logits, 32, torch.Generator().manual_seed(3)).bfloat16()
+    assert x[:, selector(8, 32)].float().equal(logits)
+    with torch.no_grad():
+        router_logits = block.gate(x)[0]
+    assert torch.equal(router_logits.float(), logits)
