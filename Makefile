@@ -14,6 +14,7 @@ export TOKENIZERS_PARALLELISM := false
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e ".[dev]"
+	$(PYTHON) -m moepatch.cli install-lm-eval-plugin
 
 demo: install
 	$(PYTHON) -m moepatch.cli eval --limit 100 --capacity-factor 1.0,1.5 --output out/demo

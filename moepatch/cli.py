@@ -187,6 +187,27 @@ def _cmd_tune(args) -> int:
     return int(tune_main(args.rest) or 0)
 
 
+PTH_NAME = "moepatch_lm_eval.pth"
+# Guarded so that uninstalling moepatch leaves a harmless line behind instead of a start-up error.
+PTH_LINE = ("import importlib.util as _u; _u.find_spec('moepatch_lm_eval_plugin') and "
+            "__import__('moepatch_lm_eval_plugin')\n")
+
+
+def _cmd_install_plugin(args) -> int:
+    """Write the .pth that lets ``lm_eval --model moepatch`` find the model (see moepatch_lm_eval_plugin)."""
+    import sysconfig
+    from pathlib import Path
+
+    path = Path(args.site_dir or sysconfig.get_paths()["purelib"]) / PTH_NAME
+    if args.uninstall:
+        path.unlink(missing_ok=True)
+        print(f"removed {path}")
+        return 0
+    path.write_text(PTH_LINE)
+    print(f"wrote {path}: `lm_eval --model moepatch --model_args pretrained=...,capacity_factor=1.5` now works")
+    return 0
+
+
 def _cmd_stats(args) -> int:
     import torch
 
@@ -240,6 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("tune", help="autotune the Triton tile configs for this GPU", add_help=False)
     t.add_argument("rest", nargs=argparse.REMAINDER)
     t.set_defaults(fn=_cmd_tune)
+    ip = sub.add_parser("install-lm-eval-plugin", help="let `lm_eval --model moepatch` work (writes a .pth)")
+    ip.add_argument("--site-dir", help="site-packages directory (default: this interpreter's purelib)")
+    ip.add_argument("--uninstall", action="store_true")
+    ip.set_defaults(fn=_cmd_install_plugin)
     le = sub.add_parser("lm-eval", help="lm-eval's CLI with the 'moepatch' model registered", add_help=False)
     le.add_argument("rest", nargs=argparse.REMAINDER)
     le.set_defaults(fn=_cmd_lm_eval)

@@ -42,3 +42,20 @@ def test_demo_table_of_tiny_models():
     text = demo_tables(["qwen3_moe"], gammas=(1.0,), batch=2, seq=16)
     assert "qwen3_moe" in text and "γ=1.0" in text
     assert len(text.splitlines()) == 3 + 2  # title, header, rule, one row per layer
+
+
+def test_lm_eval_plugin_registers_the_model_lazily(tmp_path):
+    """What the .pth line does at start-up: `lm_eval --model moepatch` then resolves to MoePatchLM."""
+    import subprocess
+    import sys
+
+    from moepatch.cli import PTH_LINE, main
+
+    assert main(["install-lm-eval-plugin", "--site-dir", str(tmp_path)]) == 0
+    line = (tmp_path / "moepatch_lm_eval.pth").read_text()
+    assert line == PTH_LINE
+    code = (f"{line.strip()}\nimport sys\nassert 'moepatch.eval' not in sys.modules\n"
+            "from lm_eval.api.registry import get_model\nprint(get_model('moepatch').__name__, get_model('hf').__name__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["MoePatchLM", "HFLM"]
