@@ -55,7 +55,8 @@ def test_lm_eval_plugin_registers_the_model_lazily(tmp_path):
     line = (tmp_path / "moepatch_lm_eval.pth").read_text()
     assert line == PTH_LINE
     code = (f"{line.strip()}\nimport sys\nassert 'moepatch.eval' not in sys.modules\n"
-            "from lm_eval.api.registry import get_model\nprint(get_model('moepatch').__name__, get_model('hf').__name__)")
+            "from lm_eval.api.registry import get_model\n"
+            "print(get_model('moepatch').__name__, get_model('hf').__name__)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["MoePatchLM", "HFLM"]
