@@ -9,12 +9,20 @@ on random inputs) and each token count M it
    block against moepatch's pure-torch reference path, and that the sync-free routing picks the
    reference's pairs;
 2. times (CUDA events, median of --reps after --warmup, inputs rotated over --rotate routing sets):
-   experts only: ours ("triton"), transformers' "eager", "batched_mm" (skipped where its per-pair
-   weight copies would not fit) and "grouped_mm"; whole block: transformers' ("hf_block",
-   grouped_mm), patched without capacity ("tri_block") and with capacity γ=--gamma score drop
-   ("tri_cap"); for M <= --graph-max-m also CUDA-graph replays of ours ("*_graph");
-3. reports ratios to the floor (performance.md: max(bytes / BW, FLOPs / PEAK)) and to the best
+   experts only: ours ("triton", the eager entry patched models call), transformers' "eager",
+   "batched_mm" (skipped where its per-pair weight copies would not fit) and "grouped_mm"; whole
+   block: transformers' ("hf_block", grouped_mm), patched without capacity ("tri_block") and with
+   capacity γ=--gamma score drop ("tri_cap"); the capacity routing alone ("route_cap"); the host
+   time of one call of ours (CPU µs per call, no sync: what eager decode pays in launches); for
+   M <= --graph-max-m also CUDA-graph replays ("*_graph");
+3. checks that CUDA-graph replays are bit for bit the eager result: the experts (M <= --graph-max-m)
+   and the capped block (router + capacity + experts, M <= 4096);
+4. reports ratios to the floor (performance.md: max(bytes / BW, FLOPs / PEAK)) and to the best
    transformers backend, the capacity overhead tri_cap / tri_block, and peak extra memory.
+
+--tune N first autotunes the chosen shapes at --tune-ms (default: the benchmarked Ms) with N
+curated candidates per GEMM and BLOCK_M, within --tune-budget seconds, writes the table to
+OUT/tuned/<GPU>.json and benchmarks with it.
 
 Writes results.json and results.md to --out and prints a short table last.
 
@@ -180,16 +188,47 @@ class Timer:
 
     def graph(self, fn) -> float:
         """Median milliseconds of CUDA-graph replays of fn() (static inputs)."""
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                fn()
-        torch.cuda.current_stream().wait_stream(stream)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            fn()
+        g, _ = capture(fn)
         return self(lambda i: g.replay())
+
+    def host(self, fn, n_inputs: int = 1) -> float | None:
+        """Median host microseconds of one call of fn(i), no sync: the CPU cost of its launches."""
+        if self.device != "cuda":
+            return None
+        for i in range(self.warmup):
+            fn(i % n_inputs)
+        times = []
+        for i in range(self.reps):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn(i % n_inputs)
+            times.append((time.perf_counter() - t0) * 1e6)
+        torch.cuda.synchronize()
+        return statistics.median(times)
+
+
+def capture(fn):
+    """(graph, output) of fn() captured in a CUDA graph after two warm-up calls on a side stream."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = fn()
+    return g, out
+
+
+def graph_replays_exactly(fn) -> bool:
+    """fn() captured in a CUDA graph, its static output poisoned, replayed: equal to an eager call, bit for bit."""
+    want = fn().clone()
+    g, out = capture(fn)
+    out.fill_(float("nan"))
+    g.replay()
+    torch.cuda.synchronize()
+    return bool(torch.equal(out, want))
 
 
 def peak_extra_mb(device: str, fn) -> float | None:
@@ -259,7 +298,7 @@ def bench_m(name, shape, M, block, holder, scoring, timer, args, device, dtype) 
 
     def ours(i):
         x, ids, w, _ = routed[i]
-        return X.fused_experts(x, ids, w, experts.gate_up_proj, experts.down_proj)
+        return X.moe_experts(x, ids, w, experts.gate_up_proj, experts.down_proj)
 
     def hf(i):
         x, ids, w, _ = routed[i]
@@ -300,9 +339,16 @@ def bench_m(name, shape, M, block, holder, scoring, timer, args, device, dtype) 
 
         # --- timing ---
         _attempt(row, "t_triton", lambda: timer(ours, len(routed)))
+        _attempt(row, "host_us_triton", lambda: timer.host(ours, len(routed)))
+        set_impl(experts, "grouped_mm")
+        _attempt(row, "host_us_grouped_mm", lambda: timer.host(hf, len(routed)))
+        rcfg_fast = make_config(args.gamma, "drop", num_experts=E, collect_stats=False)
+        _attempt(row, "t_route_cap", lambda: timer(
+            lambda i: route_sync_free(rcfg_fast, scores, ids0, w0, factor, batch=1, seq=M).topk_ids_TW))
         row["mem_triton_mb"] = _mem_or_none(device, lambda: ours(0))
         if graphs:
             _attempt(row, "t_triton_graph", lambda: timer.graph(lambda: ours(0)))
+            _attempt(row, "graph_ok", lambda: graph_replays_exactly(lambda: ours(0)))
         for impl in HF_BACKENDS:
             if impl == "batched_mm" and not _batched_fits(M, K, H, I, device):
                 row[f"t_{impl}"] = "skipped"
@@ -320,6 +366,8 @@ def bench_m(name, shape, M, block, holder, scoring, timer, args, device, dtype) 
             _attempt(row, "t_tri_cap", lambda: timer(whole_block, len(xbs)))
             if graphs:
                 _attempt(row, "t_tri_cap_graph", lambda: timer.graph(lambda: whole_block(0)))
+            if device == "cuda" and M <= 4096:
+                _attempt(row, "cap_graph_ok", lambda: graph_replays_exactly(lambda: whole_block(0)))
         if graphs:  # last: a backend that cannot be captured must not disturb the other timings
             set_impl(experts, "grouped_mm")
             _attempt(row, "t_grouped_mm_graph", lambda: timer.graph(lambda: hf(0)))
@@ -361,6 +409,8 @@ def _ratios(row: dict) -> None:
     row["speedup_vs_hf"] = row["t_best_hf"] / t if t and row["t_best_hf"] else None
     cap, plain = _num(row.get("t_tri_cap")), _num(row.get("t_tri_block"))
     row["cap_overhead"] = cap / plain if cap and plain else None
+    capg, plaing = _num(row.get("t_tri_cap_graph")), _num(row.get("t_tri_block_graph"))
+    row["cap_overhead_graph"] = capg / plaing if capg and plaing else None
     hb = _num(row.get("t_hf_block"))
     row["block_speedup"] = hb / plain if hb and plain else None
 
@@ -381,9 +431,10 @@ COLUMNS = [("shape", "shape"), ("M", "M"), ("floor_ms", "floor"), ("t_triton", "
            ("t_triton_graph", "triton graph"), ("t_eager", "eager"), ("t_batched_mm", "batched_mm"),
            ("t_grouped_mm", "grouped_mm"), ("x_floor", "x floor"), ("x_floor_graph", "x floor (graph)"),
            ("speedup_vs_hf", "x best HF"), ("t_hf_block", "HF block"), ("t_tri_block", "our block"),
-           ("t_tri_cap", "our block γ"), ("cap_overhead", "cap cost"), ("err_triton", "err"),
-           ("err_tri_cap", "err γ"), ("pairs_equal", "pairs"), ("mem_triton_mb", "MiB ours"),
-           ("mem_grouped_mm_mb", "MiB grouped")]
+           ("t_tri_cap", "our block γ"), ("cap_overhead", "cap cost"), ("cap_overhead_graph", "cap cost (graph)"),
+           ("t_route_cap", "route γ"), ("cap_graph_ok", "γ graph ok"), ("host_us_triton", "host µs ours"),
+           ("host_us_grouped_mm", "host µs grouped"), ("err_triton", "err"), ("err_tri_cap", "err γ"),
+           ("pairs_equal", "pairs"), ("mem_triton_mb", "MiB ours"), ("mem_grouped_mm_mb", "MiB grouped")]
 
 
 def markdown(rows: list[dict]) -> str:
@@ -395,7 +446,7 @@ def markdown(rows: list[dict]) -> str:
 
 def _short(r: dict) -> str:
     keys = ["floor_ms", "t_triton", "t_triton_graph", "t_best_hf", "x_floor", "speedup_vs_hf", "cap_overhead",
-            "err_triton", "pairs_equal"]
+            "t_route_cap", "host_us_triton", "err_triton", "pairs_equal", "cap_graph_ok"]
     return " ".join(f"{k}={_fmt(r.get(k))}" for k in keys)
 
 
@@ -403,7 +454,7 @@ def short_table(rows: list[dict]) -> str:
     cols = [("shape", 17, None), ("M", 6, None), ("floor", 9, "floor_ms"), ("ours", 9, "t_triton"),
             ("graph", 9, "t_triton_graph"), ("bestHF", 9, "t_best_hf"), ("xFloor", 8, "x_floor"),
             ("xFlGr", 8, "x_floor_graph"), ("xHF", 7, "speedup_vs_hf"), ("cap", 7, "cap_overhead"),
-            ("err", 10, "err_triton")]
+            ("capGr", 7, "cap_overhead_graph"), ("hostus", 8, "host_us_triton"), ("err", 10, "err_triton")]
     out = ["".join(f"{h:<{w}}" if i == 0 else f"{h:>{w}}" for i, (h, w, _) in enumerate(cols))]
     for r in rows:
         cells = [f"{r['shape']:<17}", f"{r['M']:>6}"]
@@ -423,6 +474,10 @@ def failures(rows: list[dict], smoke: bool) -> list[str]:
                 bad.append(f"{r['shape']} M={r['M']} {k}={v}")
         if r.get("pairs_equal") is not True:
             bad.append(f"{r['shape']} M={r['M']} sync-free routing chose different pairs")
+        if "graph_ok" in r and r["graph_ok"] is not True:
+            bad.append(f"{r['shape']} M={r['M']} the experts' CUDA-graph replay differs: {r['graph_ok']}")
+        if "cap_graph_ok" in r and r["cap_graph_ok"] is not True:
+            bad.append(f"{r['shape']} M={r['M']} the capped block's CUDA-graph replay differs: {r['cap_graph_ok']}")
         for k, v in r.items():
             if isinstance(v, str) and v.startswith("error") and k.startswith(("t_triton", "t_tri_")):
                 bad.append(f"{r['shape']} M={r['M']} {k}: {v}")
@@ -441,7 +496,10 @@ def parse_args(argv):
     p.add_argument("--gamma", type=float, default=1.5, help="capacity factor of the capped variant")
     p.add_argument("--graph-max-m", type=int, default=64, help="also time CUDA-graph replays up to this M")
     p.add_argument("--tune", type=int, default=0, metavar="N",
-                   help="autotune the chosen shapes and Ms first with N candidates per GEMM (table in OUT)")
+                   help="autotune the chosen shapes first with N candidates per GEMM and BLOCK_M (table in OUT)")
+    p.add_argument("--tune-shapes", default=None, help="shapes to tune (default: --shapes)")
+    p.add_argument("--tune-ms", default=None, help="token counts to tune (default: --ms)")
+    p.add_argument("--tune-budget", type=float, default=None, help="tuning wall-clock budget, seconds")
     p.add_argument("--out", default="bench_kernels_out", help="directory for results.json / results.md")
     p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU under TRITON_INTERPRET=1")
     return p.parse_args(argv)
@@ -453,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         device, dtype = "cpu", torch.float32  # the interpreter's bf16 dot is not usable
         shapes = SMOKE_SHAPES
-        args.reps, args.warmup, args.rotate = min(args.reps, 2), min(args.warmup, 1), min(args.rotate, 2)
+        args.reps, args.warmup, args.rotate = 1, 0, 1
         ms = [int(m) for m in (args.ms or "1,7,40").split(",")]
     else:
         if not torch.cuda.is_available():
@@ -487,9 +545,11 @@ def main(argv: list[str] | None = None) -> int:
     log(f"env: {json.dumps(env)}")
     if args.tune and device == "cuda":
         t0 = time.time()
-        path = tuning.tune([tuple(shapes[n][k] for k in "EHIK") for n in names], ms, dtype=dtype,
+        tune_names = args.tune_shapes.split(",") if args.tune_shapes else names
+        tune_ms = [int(m) for m in args.tune_ms.split(",")] if args.tune_ms else ms
+        path = tuning.tune([tuple(shapes[n][k] for k in "EHIK") for n in tune_names], tune_ms, dtype=dtype,
                            out=out / "tuned" / f"{tuning.device_key('cuda')}.json", max_candidates=args.tune,
-                           log=log)
+                           log=log, budget_s=args.tune_budget)
         os.environ["MOEPATCH_KERNEL_CONFIGS"] = str(path.parent)
         tuning.get_config.cache_clear()
         log(f"tuned in {time.time() - t0:.0f} s -> {path}")

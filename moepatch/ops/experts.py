@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 import triton
+from triton.runtime.errors import OutOfResources
 
 from .dispatch_kernels import _dispatch_count_kernel, _dispatch_scatter_kernel
 from .gemm_kernels import _combine_kernel, _down_kernel, _gate_up_kernel
@@ -36,21 +37,35 @@ class DispatchLayout:
     """The dispatch of one call (see dispatch_kernels.py).
 
     Attributes:
-        sorted_pairs_R: (R,) int32 pair of each row, P on padding rows.
-        start_E1: (E + 1,) int32 first row of each expert; start_E1[E] = rows in use.
+        sorted_pairs_R: (R,) int32 pair of each row, P on padding rows; None when fused.
+        start_E1: (E + 1,) int32 first row of each expert; start_E1[E] = rows in use; None when fused.
         num_pairs, width, num_experts, block_m: P, W, E and BLOCK_M.
+        rows: R, the static bound on the rows (``max_rows``).
+        ids_P: (P,) slot ids when the layout is *fused*: no dispatch kernel ran and every GEMM
+            program derives its rows from the ids (small P only, see gemm_kernels.py).
     """
 
-    sorted_pairs_R: torch.Tensor
-    start_E1: torch.Tensor
+    sorted_pairs_R: torch.Tensor | None
+    start_E1: torch.Tensor | None
     num_pairs: int
     width: int
     num_experts: int
     block_m: int
+    rows: int
+    ids_P: torch.Tensor | None = None
 
     @property
-    def rows(self) -> int:
-        return self.sorted_pairs_R.numel()
+    def fused(self) -> bool:
+        return self.ids_P is not None
+
+    def kernel_args(self) -> tuple:
+        """(ids, sorted, start) pointers for the GEMM kernels; unused ones get any int tensor."""
+        if self.fused:
+            return self.ids_P, self.ids_P, self.ids_P
+        return self.sorted_pairs_R, self.sorted_pairs_R, self.start_E1
+
+    def kernel_constexprs(self) -> dict:
+        return dict(FUSED=self.fused, P_PAD=_pow2(max(16, self.num_pairs)) if self.fused else 16)
 
 
 # Configurations whose pipeline depth had to shrink on this GPU (too little shared memory), by
@@ -65,10 +80,11 @@ def _launch(kernel, grid, args, constexprs: dict, num_warps: int, num_stages: in
     deepest pipeline that compiles instead of an error.  Only the first launch of a configuration
     can fail that way, so the retry never happens inside a captured CUDA graph's replay.
     """
-    from triton.runtime.errors import OutOfResources
-
-    key = (kernel.fn.__name__ if hasattr(kernel, "fn") else str(kernel), tuple(sorted(constexprs.items())), num_warps)
-    stages = min(num_stages, _STAGES_THAT_FIT.get(key, num_stages))
+    stages = num_stages
+    key = None
+    if _STAGES_THAT_FIT:  # empty unless a configuration ever failed: no key to build on the fast path
+        key = (kernel.fn.__name__, tuple(sorted(constexprs.items())), num_warps)
+        stages = min(num_stages, _STAGES_THAT_FIT.get(key, num_stages))
     while True:
         try:
             kernel[grid](*args, **constexprs, num_warps=num_warps, num_stages=stages)
@@ -77,6 +93,7 @@ def _launch(kernel, grid, args, constexprs: dict, num_warps: int, num_stages: in
             if stages <= 1:
                 raise
             stages -= 1
+            key = key or (kernel.fn.__name__, tuple(sorted(constexprs.items())), num_warps)
             _STAGES_THAT_FIT[key] = stages
 
 
@@ -89,17 +106,37 @@ def max_rows(num_pairs: int, num_experts: int, block_m: int) -> int:
     return triton.cdiv(num_pairs + min(num_experts, num_pairs) * (block_m - 1), block_m) * block_m
 
 
-def dispatch(ids_TW: torch.Tensor, num_experts: int, block_m: int) -> DispatchLayout:
-    """Sort the pairs of ``ids_TW`` (T, W) into per-expert blocks of ``block_m`` rows (no host sync)."""
+# Fuse the dispatch into the GEMMs while every program's extra work stays small: a P_PAD x E_PAD
+# count and a BLOCK_M x P_PAD selection (Mixtral up to M = 64, the 64/128-expert models up to M = 4).
+_FUSE_MAX_PE = 4096
+_FUSE_MAX_PM = 8192
+
+
+def fuse_dispatch(num_pairs: int, num_experts: int, block_m: int) -> bool:
+    p_pad = _pow2(max(16, num_pairs))
+    return 0 < num_pairs and p_pad * _pow2(num_experts) <= _FUSE_MAX_PE and p_pad * block_m <= _FUSE_MAX_PM
+
+
+def dispatch(ids_TW: torch.Tensor, num_experts: int, block_m: int, fuse: bool | None = None) -> DispatchLayout:
+    """Sort the pairs of ``ids_TW`` (T, W) into per-expert blocks of ``block_m`` rows (no host sync).
+
+    ``fuse``: True returns a fused layout (no launch; the GEMMs derive the rows, small P only);
+    None (default) fuses on CUDA when :func:`fuse_dispatch` allows.  (The CPU interpreter runs the
+    fused derivation once per GEMM program, which is slow there, so tests ask for it explicitly.)
+    """
     T, W = ids_TW.shape
     P, E = T * W, num_experts
     ids_P = ids_TW.reshape(-1)
     R = max_rows(P, E, block_m)
+    if fuse is None:
+        fuse = ids_TW.is_cuda and fuse_dispatch(P, E, block_m)
+    if fuse and P > 0:
+        return DispatchLayout(None, None, P, W, E, block_m, R, ids_P)
     sorted_R = torch.empty(R, dtype=torch.int32, device=ids_TW.device)
     start_E1 = torch.empty(E + 1, dtype=torch.int32, device=ids_TW.device)
     if P == 0:
         start_E1.zero_()
-        return DispatchLayout(sorted_R, start_E1, P, W, E, block_m)
+        return DispatchLayout(sorted_R, start_E1, P, W, E, block_m, R)
     e_pad = _pow2(E)
     block_p = max(16, min(1024, 8192 // e_pad))
     chunks = triton.cdiv(P, block_p)
@@ -112,7 +149,7 @@ def dispatch(ids_TW: torch.Tensor, num_experts: int, block_m: int) -> DispatchLa
         ids_P, counts, sorted_R, start_E1, P, E, R, chunks, triton.cdiv(R, chunks),
         BLOCK_M=block_m, BLOCK_P=block_p, E_PAD=e_pad, BLOCK_C=max(1, min(64, 4096 // e_pad)),
         BLOCK_R=max(16, min(1024, 8192 // e_pad)), SINGLE=single)
-    return DispatchLayout(sorted_R, start_E1, P, W, E, block_m)
+    return DispatchLayout(sorted_R, start_E1, P, W, E, block_m, R)
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -137,12 +174,13 @@ def gate_up(x_TH: torch.Tensor, gate_up_EIH: torch.Tensor, layout: DispatchLayou
     num_m = layout.rows // layout.block_m
     grid = (num_m * triton.cdiv(I, c["BLOCK_N"]),)
     _launch(_gate_up_kernel, grid,
-            (x_TH, gate_up_EIH, h_RI, layout.sorted_pairs_R, layout.start_E1,
+            (x_TH, gate_up_EIH, h_RI, *layout.kernel_args(),
              layout.num_pairs, layout.width, E, I, H, num_m,
              x_TH.stride(0), x_TH.stride(1), gate_up_EIH.stride(0), gate_up_EIH.stride(1), gate_up_EIH.stride(2),
              h_RI.stride(0)),
             dict(BLOCK_M=layout.block_m, BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"], GROUP_M=c["GROUP_M"],
-                 E_PAD=_pow2(E), EVEN_K=H % c["BLOCK_K"] == 0, PRECISION=_precision(x_TH.dtype)),
+                 E_PAD=_pow2(E), EVEN_K=H % c["BLOCK_K"] == 0, PRECISION=_precision(x_TH.dtype),
+                 **layout.kernel_constexprs()),
             c["num_warps"], c["num_stages"])
     return h_RI
 
@@ -164,12 +202,13 @@ def down(h_RI: torch.Tensor, down_EHI: torch.Tensor, layout: DispatchLayout, wei
     num_m = layout.rows // layout.block_m
     grid = (num_m * triton.cdiv(H, c["BLOCK_N"]), split)
     _launch(_down_kernel, grid,
-            (h_RI, down_EHI, y_SPH, layout.sorted_pairs_R, layout.start_E1, weights_TW.reshape(-1),
+            (h_RI, down_EHI, y_SPH, *layout.kernel_args(), weights_TW.reshape(-1),
              layout.num_pairs, E, H, I, num_m, k_per_split,
              h_RI.stride(0), down_EHI.stride(0), down_EHI.stride(1), down_EHI.stride(2), y_SPH.stride(0),
              y_SPH.stride(1)),
             dict(BLOCK_M=layout.block_m, BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"], GROUP_M=c["GROUP_M"],
-                 E_PAD=_pow2(E), EVEN_K=I % c["BLOCK_K"] == 0, PRECISION=_precision(h_RI.dtype)),
+                 E_PAD=_pow2(E), EVEN_K=I % c["BLOCK_K"] == 0, PRECISION=_precision(h_RI.dtype),
+                 **layout.kernel_constexprs()),
             c["num_warps"], c["num_stages"])
     return y_SPH
 
@@ -204,7 +243,8 @@ def _check(x_TH, ids_TW, weights_TW, gate_up_EIH, down_EHI):
 
 
 def fused_experts_impl(x_TH: torch.Tensor, ids_TW: torch.Tensor, weights_TW: torch.Tensor,
-                       gate_up_EIH: torch.Tensor, down_EHI: torch.Tensor, config: dict | None = None) -> torch.Tensor:
+                       gate_up_EIH: torch.Tensor, down_EHI: torch.Tensor, config: dict | None = None,
+                       fuse_dispatch: bool | None = None) -> torch.Tensor:
     """The whole fused experts layer; see the module docstring.
 
     Args:
@@ -213,6 +253,7 @@ def fused_experts_impl(x_TH: torch.Tensor, ids_TW: torch.Tensor, weights_TW: tor
         weights_TW: (T, W) combine weights (any float dtype; applied in fp32).
         gate_up_EIH: (E, 2I, H) [gate; up]; down_EHI: (E, H, I).
         config: a tuning configuration; None looks it up for this shape and GPU.
+        fuse_dispatch: see :func:`dispatch` (None: automatic).
     Returns:
         (T, H) in x_TH's dtype.
     """
@@ -221,17 +262,30 @@ def fused_experts_impl(x_TH: torch.Tensor, ids_TW: torch.Tensor, weights_TW: tor
     cfg = config if config is not None else config_for(x_TH, ids_TW, gate_up_EIH)
     x_c = x_TH.to(gate_up_EIH.dtype)
     ids_c = ids_TW.contiguous()
-    layout = dispatch(ids_c, E, cfg["BLOCK_M"])
+    layout = dispatch(ids_c, E, cfg["BLOCK_M"], fuse_dispatch)
     h_RI = gate_up(x_c, gate_up_EIH, layout, cfg)
     y_SPH = down(h_RI, down_EHI, layout, weights_TW.contiguous(), cfg)
     return combine(y_SPH, ids_c, E, x_TH.dtype)
+
+
+def moe_experts(x_TH: torch.Tensor, ids_TW: torch.Tensor, weights_TW: torch.Tensor, gate_up_EIH: torch.Tensor,
+                down_EHI: torch.Tensor) -> torch.Tensor:
+    """What patched models call: the launchers directly in eager mode, the custom op under torch.compile.
+
+    A custom-op call goes through the dispatcher (10-20 µs of CPU per layer), which only a traced
+    graph needs; eager decode at small M is bound by exactly that kind of host time.  The result is
+    the same (the op runs :func:`fused_experts_impl`); neither path records autograd.
+    """
+    if torch.compiler.is_compiling():
+        return fused_experts(x_TH, ids_TW, weights_TW, gate_up_EIH, down_EHI)
+    return fused_experts_impl(x_TH, ids_TW, weights_TW, gate_up_EIH, down_EHI)
 
 
 # --- torch.library registration: opaque to torch.compile, static shapes for the fake tensors. ---
 
 @torch.library.custom_op("moepatch::moe_dispatch", mutates_args=())
 def moe_dispatch(ids_TW: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
-    layout = dispatch(ids_TW.contiguous(), num_experts, block_m)
+    layout = dispatch(ids_TW.contiguous(), num_experts, block_m, fuse=False)
     return layout.sorted_pairs_R, layout.start_E1
 
 
@@ -242,7 +296,7 @@ def _(ids_TW, num_experts, block_m):
 
 
 def _layout(sorted_R, start_E1, num_pairs, width, block_m):
-    return DispatchLayout(sorted_R, start_E1, num_pairs, width, start_E1.numel() - 1, block_m)
+    return DispatchLayout(sorted_R, start_E1, num_pairs, width, start_E1.numel() - 1, block_m, sorted_R.numel())
 
 
 @torch.library.custom_op("moepatch::moe_gate_up", mutates_args=())

@@ -16,6 +16,12 @@ dispatch_kernels.py), E experts, H hidden, I intermediate, S split-K parts of th
 Programs are ordered in groups of GROUP_M row blocks (the Triton matmul tutorial's swizzle), so
 the row blocks of one expert share each weight tile through L2 while it is streamed; a block whose
 first row is past the rows in use exits before reading anything.
+
+FUSED (small P, decode): there is no dispatch launch.  Every GEMM program reads the P slot ids
+itself and computes the same layout the dispatch kernel would write (per-expert counts padded
+to BLOCK_M, the expert of its row block, and the pairs of its rows in ascending order): a
+P_PAD x E_PAD count and a BLOCK_M x P_PAD selection, a few hundred cycles next to the weight tile
+it streams.  Both GEMMs derive the identical layout, so h rows line up between them.
 """
 
 from __future__ import annotations
@@ -45,21 +51,62 @@ def _block_expert(start_ptr, row0, E, E_PAD: tl.constexpr):
 
 
 @triton.jit
-def _gate_up_kernel(x_ptr, w1_ptr, h_ptr, sorted_ptr, start_ptr,
+def _fused_block_rows(ids_ptr, row0, P, E, BLOCK_M: tl.constexpr, E_PAD: tl.constexpr, P_PAD: tl.constexpr):
+    """(expert, pair of each row, rows in use) of the row block at row0, computed from the slot ids.
+
+    The same layout as dispatch_kernels.py: experts in order, each padded to BLOCK_M rows, its
+    pairs ascending; rows past an expert's pairs get the padding index P.
+    """
+    p_x = tl.arange(0, P_PAD)
+    e_x = tl.arange(0, E_PAD)
+    ids = tl.load(ids_ptr + p_x, mask=p_x < P, other=-1).to(tl.int32)
+    onehot = ((ids[:, None] == e_x[None, :]) & (e_x[None, :] < E)).to(tl.int32)
+    padded = (tl.sum(onehot, axis=0) + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    end = tl.cumsum(padded, axis=0)
+    used = tl.sum(padded, axis=0)
+    e = tl.sum(((end <= row0) & (e_x < E)).to(tl.int32), axis=0)
+    start = tl.sum(tl.where(e_x == e, end - padded, 0), axis=0)
+    match = (ids == e).to(tl.int32)
+    rank = tl.cumsum(match, axis=0) - match
+    want = row0 - start + tl.arange(0, BLOCK_M)
+    sel = (match[None, :] > 0) & (rank[None, :] == want[:, None])
+    pair = tl.sum(tl.where(sel, p_x[None, :], 0), axis=1)
+    pair = tl.where(tl.sum(sel.to(tl.int32), axis=1) > 0, pair, P)
+    return e, pair, used
+
+
+@triton.jit
+def _block_rows(ids_ptr, sorted_ptr, start_ptr, row0, P, E, BLOCK_M: tl.constexpr, E_PAD: tl.constexpr,
+                FUSED: tl.constexpr, P_PAD: tl.constexpr):
+    """(expert, pair of each row, rows in use) of the row block at row0: from the dispatch layout, or FUSED."""
+    if FUSED:
+        e, pair, used = _fused_block_rows(ids_ptr, row0, P, E, BLOCK_M, E_PAD, P_PAD)
+    else:
+        used = tl.load(start_ptr + E)
+        e = _block_expert(start_ptr, row0, E, E_PAD)
+        pair = tl.load(sorted_ptr + row0 + tl.arange(0, BLOCK_M))
+    return e.to(tl.int64), pair, used
+
+
+@triton.jit
+def _gate_up_kernel(x_ptr, w1_ptr, h_ptr, ids_ptr, sorted_ptr, start_ptr,
                     P, W, E, N, K, num_m,
                     stride_xt, stride_xk, stride_we, stride_wn, stride_wk, stride_hr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                    E_PAD: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr):
+                    E_PAD: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
+                    FUSED: tl.constexpr, P_PAD: tl.constexpr):
     """N = I (outputs per half), K = H."""
     pid = tl.program_id(0)
     pid_m, pid_n = _block_coords(pid, num_m, tl.cdiv(N, BLOCK_N), GROUP_M)
     row0 = pid_m * BLOCK_M
-    if row0 >= tl.load(start_ptr + E):
+    if not FUSED:  # the cheap exit before anything else is read
+        if row0 >= tl.load(start_ptr + E):
+            return
+    e, pair, used = _block_rows(ids_ptr, sorted_ptr, start_ptr, row0, P, E, BLOCK_M, E_PAD, FUSED, P_PAD)
+    if row0 >= used:
         return
-    e = _block_expert(start_ptr, row0, E, E_PAD).to(tl.int64)
 
     offs_m = row0 + tl.arange(0, BLOCK_M)
-    pair = tl.load(sorted_ptr + offs_m)
     row_ok = pair < P
     tok = (pair // W).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -94,22 +141,25 @@ def _gate_up_kernel(x_ptr, w1_ptr, h_ptr, sorted_ptr, start_ptr,
 
 
 @triton.jit
-def _down_kernel(h_ptr, w2_ptr, y_ptr, sorted_ptr, start_ptr, weights_ptr,
+def _down_kernel(h_ptr, w2_ptr, y_ptr, ids_ptr, sorted_ptr, start_ptr, weights_ptr,
                  P, E, N, K, num_m, k_per_split,
                  stride_hr, stride_we, stride_wn, stride_wk, stride_ys, stride_yp,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                 E_PAD: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr):
+                 E_PAD: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
+                 FUSED: tl.constexpr, P_PAD: tl.constexpr):
     """N = H, K = I; program_id(1) is the split-K part, covering [s * k_per_split, (s + 1) * k_per_split)."""
     pid = tl.program_id(0)
     split = tl.program_id(1)
     pid_m, pid_n = _block_coords(pid, num_m, tl.cdiv(N, BLOCK_N), GROUP_M)
     row0 = pid_m * BLOCK_M
-    if row0 >= tl.load(start_ptr + E):
+    if not FUSED:
+        if row0 >= tl.load(start_ptr + E):
+            return
+    e, pair, used = _block_rows(ids_ptr, sorted_ptr, start_ptr, row0, P, E, BLOCK_M, E_PAD, FUSED, P_PAD)
+    if row0 >= used:
         return
-    e = _block_expert(start_ptr, row0, E, E_PAD).to(tl.int64)
 
     offs_m = row0 + tl.arange(0, BLOCK_M)
-    pair = tl.load(sorted_ptr + offs_m)
     row_ok = pair < P
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N

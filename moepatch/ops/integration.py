@@ -89,9 +89,9 @@ def route_fn():
 def triton_experts_forward(self: torch.nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                            top_k_weights: torch.Tensor) -> torch.Tensor:
     """transformers experts function: (T, H), (T, W) ids (sentinels >= E skipped), (T, W) weights -> (T, H)."""
-    from .experts import fused_experts
+    from .experts import moe_experts
 
-    return fused_experts(hidden_states, top_k_index, top_k_weights, self.gate_up_proj, self.down_proj)
+    return moe_experts(hidden_states, top_k_index, top_k_weights, self.gate_up_proj, self.down_proj)
 
 
 def _interface():

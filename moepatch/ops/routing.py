@@ -12,9 +12,20 @@ computes, so that a patched layer can be captured in a CUDA graph:
 - the expert-to-device map is computed on the device instead of being copied from the host.
 
 The one exception is the ``random`` policy: its priority keys come from the reference's seeded
-CPU generator, so the pairs match the reference bit for bit.  The permutation depends only on
-(seed, layer, number of pairs), so it is computed once, kept on the device, and reused: after a
-warm-up forward at the same shape no copy happens and the layer can be captured.
+CPU generators (``routing.route.policy_keys``), so the pairs match the reference bit for bit.  The
+permutation depends only on (seed, layer, T, K, ep_size, source rank), so it is computed once, kept
+on the device, and reused: after a warm-up forward at the same shape no copy happens and the layer
+can be captured.
+
+Launch count.  A patched layer calls this once per forward, so its cost is paid at every M:
+
+- no capacity: nothing is launched; the result carries the native picks and computes its
+  statistics (loads, token counts) only when they are read (:class:`LazyRoutingResult`);
+- Token Drop with the ``score``, ``order`` or ``reverse`` policy in expert scope (any group,
+  simulated EP or ``source_rank``) on CUDA or under the interpreter: one Triton launch
+  (routing_kernels.py) computes capacities, ranks and the kept slots; statistics again on read;
+- everything else (reroute, expanded, expert_drop, ``random``, device scope): the torch path
+  below, ~100 small kernels (sorts, scatters), fine for studies but not for timing.
 
 Legend: T tokens, E routed experts, K native experts per token, W output slots, G capacity
 groups, NB buckets per group, P pairs.
@@ -22,19 +33,50 @@ groups, NB buckets per group, P pairs.
 
 from __future__ import annotations
 
+import functools
+import os
+import struct
 from collections import OrderedDict
 
 import torch
 
 from ..routing.capacity import capacities, group_ids, priority_order, token_devices
 from ..routing.config import RoutingConfig
-from ..routing.route import RoutingResult, _generator
+from ..routing.route import RoutingResult, policy_keys
 from ..routing.strategies import _bucket_capacity, _flat_buckets
 
-# Random-policy permutations kept on the device, keyed by (seed, layer, P, device); bounded so a
+# Random-policy permutations kept on the device, keyed by (seed, layer, shape, EP, device); bounded so a
 # long run over many shapes cannot grow without limit.
 _RANDOM_ORDERS: OrderedDict = OrderedDict()
 _RANDOM_ORDERS_MAX = 256
+
+
+_STAT_FIELDS = ("load_before_E", "load_after_E", "tokens_G", "capacity_G", "routed_pairs", "dropped_pairs",
+                "rerouted_pairs", "added_pairs")
+
+
+class LazyRoutingResult(RoutingResult):
+    """A :class:`RoutingResult` whose statistics are computed the first time one is read.
+
+    The routing decision (``topk_ids_TW``, ``topk_weights_TW``) is computed eagerly; the loads,
+    token counts and pair counts cost a handful of small kernels that most forwards never need
+    (the patch core reads them only when ``collect_stats`` is on, and then only when the
+    statistics are materialised).  The tensors they come from are kept alive until then.
+    """
+
+    def __init__(self, ids_TW: torch.Tensor, weights_TW: torch.Tensor, stats_fn):
+        self.topk_ids_TW = ids_TW
+        self.topk_weights_TW = weights_TW
+        self._stats_fn = stats_fn
+
+    def __getattr__(self, name):
+        # Only reached for attributes not set yet, i.e. the statistics before their first read.
+        fn = self.__dict__.get("_stats_fn")
+        if fn is None or name not in _STAT_FIELDS:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        self.__dict__.update(fn())
+        del self.__dict__["_stats_fn"]
+        return self.__dict__[name]
 
 
 def _count(index: torch.Tensor, size: int, weight: torch.Tensor | None = None) -> torch.Tensor:
@@ -52,26 +94,19 @@ def _expert_devices(num_experts: int, ep_size: int, device) -> torch.Tensor:
     return torch.where(e_E < boundary, e_E // (q + 1), r + (e_E - boundary) // q)
 
 
-def _random_order(num_pairs: int, seed: int, layer: int, device) -> torch.Tensor:
-    key = (seed, layer, num_pairs, str(device))
+def _random_order(cfg: RoutingConfig, T: int, K: int, layer: int, source_rank: int | None, device) -> torch.Tensor:
+    key = (cfg.seed, layer, T, K, cfg.ep_size, source_rank, str(device))
     order = _RANDOM_ORDERS.get(key)
     if order is None:
-        # The reference's keys, from its own generator; a stable sort of distinct keys is the
-        # same permutation on any device.  NOTE: host-to-device copy, once per (seed, layer, P).
-        keys = torch.rand(num_pairs, generator=_generator(seed, layer), dtype=torch.float64)
-        order = torch.sort(keys, stable=True).indices.to(device)
+        # The reference's keys (policy_keys: seeded CPU generators, one per source device); a stable
+        # sort of them is the same permutation on any device.  NOTE: host-to-device copy, once per key.
+        order = torch.sort(policy_keys(cfg, T, K, layer, source_rank), stable=True).indices.to(device)
         _RANDOM_ORDERS[key] = order
         if len(_RANDOM_ORDERS) > _RANDOM_ORDERS_MAX:
             _RANDOM_ORDERS.popitem(last=False)
     else:
         _RANDOM_ORDERS.move_to_end(key)
     return order
-
-
-def _priority(policy: str, score_P, token_P, seed: int, layer: int) -> torch.Tensor:
-    if policy == "random":
-        return _random_order(score_P.numel(), seed, layer, score_P.device)
-    return priority_order(policy, score_P, token_P)
 
 
 def bucket_rank(bucket_P: torch.Tensor, order_P: torch.Tensor, num_buckets: int) -> torch.Tensor:
@@ -91,7 +126,7 @@ def _pair_tokens(T: int, width: int, device) -> torch.Tensor:
 
 
 def token_drop(scores_TE, topk_ids_TK, active_T, group_T, capacity_G, bucket_E, bucket_size_B,
-               policy, seed, layer):
+               policy, random_order_P=None):
     T, K = topk_ids_TK.shape
     G, NB = capacity_G.numel(), bucket_size_B.numel()
     token_P = _pair_tokens(T, K, topk_ids_TK.device)
@@ -99,7 +134,8 @@ def token_drop(scores_TE, topk_ids_TK, active_T, group_T, capacity_G, bucket_E, 
     valid_P = active_T[token_P]
     bucket_P, nb = _flat_buckets(group_T[token_P], expert_P, valid_P, bucket_E, NB, G)
     score_P = scores_TE.gather(1, topk_ids_TK).reshape(-1)
-    rank_P = bucket_rank(bucket_P, _priority(policy, score_P, token_P, seed, layer), nb)
+    order_P = random_order_P if policy == "random" else priority_order(policy, score_P, token_P)
+    rank_P = bucket_rank(bucket_P, order_P, nb)
     keep_P = rank_P < _bucket_capacity(capacity_G, bucket_size_B)[bucket_P]
     return (keep_P & valid_P).view(T, K)
 
@@ -175,13 +211,15 @@ def expanded_drop(scores_TE, topk_ids_TK, active_T, group_T, capacity_G, bucket_
     return keep_TE
 
 
-def expert_drop(topk_ids_TK, active_T, num_experts, fraction):
-    n_skip = max(1, round(fraction * num_experts))
-    load_E = _count(topk_ids_TK, num_experts, active_T[:, None])
-    order_E = torch.sort(load_E, stable=True).indices
-    dropped_E = torch.zeros(num_experts, dtype=torch.bool, device=topk_ids_TK.device).scatter_(
-        0, order_E[:n_skip], True)
-    return ~dropped_E[topk_ids_TK] & active_T[:, None]
+def expert_drop(topk_ids_TK, active_T, num_experts, fraction, group_T, num_groups):
+    """``routing.strategies.expert_drop``: each group (source device) skips its least-loaded experts."""
+    E = num_experts
+    n_skip = max(1, round(fraction * E))
+    load_GE = _count(group_T[:, None] * E + topk_ids_TK, num_groups * E, active_T[:, None]).view(num_groups, E)
+    order_GE = torch.sort(load_GE, dim=1, stable=True).indices
+    dropped_GE = torch.zeros(num_groups, E, dtype=torch.bool, device=topk_ids_TK.device).scatter_(
+        1, order_GE[:, :n_skip], True)
+    return ~dropped_GE[group_T[:, None], topk_ids_TK] & active_T[:, None]
 
 
 def route_sync_free(cfg: RoutingConfig, scores_TE: torch.Tensor, topk_ids_TK: torch.Tensor,
@@ -190,28 +228,129 @@ def route_sync_free(cfg: RoutingConfig, scores_TE: torch.Tensor, topk_ids_TK: to
                     source_rank: int | None = None) -> RoutingResult:
     """:func:`moepatch.routing.route` without host synchronisation; same arguments, same result."""
     T, E = scores_TE.shape
-    K = topk_ids_TK.shape[1]
-    device = scores_TE.device
     if batch * seq != T:
         raise ValueError(f"batch * seq = {batch} * {seq} does not match the {T} routed tokens")
+    if cfg.unlimited:
+        return LazyRoutingResult(topk_ids_TK, topk_weights_TK,
+                                 lambda: _native_stats(cfg, topk_ids_TK, E, batch, seq, valid_BS, source_rank))
+    if _fused_drop_applies(cfg, scores_TE, topk_ids_TK):
+        return _fused_drop(cfg, scores_TE, topk_ids_TK, topk_weights_TK, batch, seq, valid_BS, source_rank)
+    return _route_torch(cfg, scores_TE, topk_ids_TK, topk_weights_TK, factor_T, batch, seq, valid_BS, layer,
+                        source_rank)
+
+
+def _active_groups(cfg, T, batch, seq, valid_BS, source_rank, device):
     if valid_BS is None or cfg.count_padding:
         active_T = torch.ones(T, dtype=torch.bool, device=device)
     else:
         active_T = valid_BS.reshape(-1).to(device=device, dtype=torch.bool)
+    group_T, G = group_ids(batch, seq, cfg.group, cfg.ep_size if source_rank is None else 1, device)
+    return active_T, group_T, G
+
+
+def _native_stats(cfg, topk_ids_TK, E, batch, seq, valid_BS, source_rank) -> dict:
+    """Statistics of the uncapped routing (what the reference returns for γ = None)."""
+    T, K = topk_ids_TK.shape
+    device = topk_ids_TK.device
+    active_T, group_T, G = _active_groups(cfg, T, batch, seq, valid_BS, source_rank, device)
+    load_E = _count(topk_ids_TK, E, active_T[:, None])
+    zero = torch.zeros((), dtype=torch.long, device=device)
+    return dict(load_before_E=load_E, load_after_E=load_E, tokens_G=_count(group_T, G, active_T), capacity_G=None,
+                routed_pairs=active_T.sum() * K, dropped_pairs=zero, rerouted_pairs=zero, added_pairs=zero)
+
+
+# The fused Token Drop (routing_kernels.py) is used where it applies; tests switch it off to check
+# the torch path against the reference too.
+USE_FUSED_DROP = True
+_POLICY_CODES = {"score": 0, "order": 1, "reverse": 2}
+
+
+def _fused_drop_applies(cfg: RoutingConfig, scores_TE: torch.Tensor, topk_ids_TK: torch.Tensor) -> bool:
+    if not (USE_FUSED_DROP and cfg.strategy == "drop" and cfg.policy in _POLICY_CODES
+            and cfg.capacity_scope == "expert" and scores_TE.dtype == torch.float32 and topk_ids_TK.numel() > 0):
+        return False
+    dev = scores_TE.device.type
+    if not (dev == "cuda" or (dev == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")):
+        return False
+    try:
+        from . import routing_kernels  # noqa: F401  (needs triton)
+    except ImportError:
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=256)
+def _f64_bits(x: float) -> int:
+    # Triton passes Python floats as float32; the capacity needs the reference's float64 values.
+    return struct.unpack("<q", struct.pack("<d", float(x)))[0]
+
+
+def _fused_drop(cfg, scores_TE, topk_ids_TK, topk_weights_TK, batch, seq, valid_BS, source_rank) -> RoutingResult:
+    """Token Drop (score / order / reverse, expert scope) in one launch of ``_capacity_drop_kernel``."""
+    from ..routing.capacity import _CEIL_TOLERANCE
+    from . import routing_kernels as RK
+
+    T, E = scores_TE.shape
+    K = topk_ids_TK.shape[1]
+    device = scores_TE.device
+    ep = cfg.ep_size if source_rank is None else 1
+    by_seq = cfg.group == "sequence"
+    G = (batch if by_seq else 1) * ep
+    max_tokens = -(-T // ep)
+    if by_seq:
+        max_tokens = min(max_tokens, seq)
+    block, single = RK.block_size(max_tokens * K)
+    ids_TK = topk_ids_TK.contiguous()
+    w_TK = topk_weights_TK.contiguous()
+    has_valid = valid_BS is not None and not cfg.count_padding
+    valid_T = valid_BS.reshape(-1).to(device=device, dtype=torch.bool) if has_valid else ids_TK
+    ids_TW = torch.empty_like(ids_TK)
+    w_TW = torch.empty_like(w_TK)
+    stats = torch.empty(2 * G * E + 2 * G, dtype=torch.long, device=device)
+    RK._capacity_drop_kernel[(G * E,)](
+        ids_TK, w_TK, scores_TE, valid_T, ids_TW, w_TW, stats, T, K, E, seq, ep, cfg.min_capacity,
+        _f64_bits(cfg.capacity_factor * K), _f64_bits(_CEIL_TOLERANCE), scores_TE.stride(0), scores_TE.stride(1),
+        POLICY=_POLICY_CODES[cfg.policy], GROUP_SEQ=by_seq, HAS_VALID=has_valid, BLOCK=block, SINGLE=single,
+        num_warps=8 if block >= 256 else 4)
+    if cfg.renormalize == "kept":
+        active_T = valid_T if has_valid else torch.ones(T, dtype=torch.bool, device=device)
+        w_TW = _renormalize_kept(w_TW, topk_weights_TK, active_T)
+
+    def stats_fn():
+        GE = G * E
+        after_GE = stats[GE:2 * GE].view(G, E)
+        tokens_G = stats[2 * GE:2 * GE + G]
+        routed = tokens_G.sum() * K
+        zero = torch.zeros((), dtype=torch.long, device=device)
+        return dict(load_before_E=stats[:GE].view(G, E).sum(0), load_after_E=after_GE.sum(0), tokens_G=tokens_G,
+                    capacity_G=stats[2 * GE + G:], routed_pairs=routed, dropped_pairs=routed - after_GE.sum(),
+                    rerouted_pairs=zero, added_pairs=zero)
+
+    return LazyRoutingResult(ids_TW, w_TW, stats_fn)
+
+
+def _renormalize_kept(w_TW, topk_weights_TK, active_T):
+    native_T = torch.where(active_T, topk_weights_TK.float().sum(1), 0.0)
+    kept_T = w_TW.float().sum(1)
+    scale_T = torch.where(kept_T > 0, native_T / torch.where(kept_T > 0, kept_T, 1.0), 0.0)
+    return (w_TW.float() * scale_T[:, None]).to(w_TW.dtype)
+
+
+def _route_torch(cfg, scores_TE, topk_ids_TK, topk_weights_TK, factor_T, batch, seq, valid_BS, layer,
+                 source_rank) -> RoutingResult:
+    """Every strategy with small torch kernels (the general path; see the module docstring)."""
+    T, E = scores_TE.shape
+    K = topk_ids_TK.shape[1]
+    device = scores_TE.device
+    active_T, group_T, G = _active_groups(cfg, T, batch, seq, valid_BS, source_rank, device)
     if source_rank is None:
-        group_T, G = group_ids(batch, seq, cfg.group, cfg.ep_size, device)
         token_dev_T = token_devices(T, cfg.ep_size, device)
     else:
-        group_T, G = group_ids(batch, seq, cfg.group, 1, device)
         token_dev_T = torch.full((T,), source_rank, dtype=torch.long, device=device)
     tokens_G = _count(group_T, G, active_T)
     load_before_E = _count(topk_ids_TK, E, active_T[:, None])
     routed = active_T.sum() * K
     zero = torch.zeros((), dtype=torch.long, device=device)
-
-    if cfg.unlimited:
-        return RoutingResult(topk_ids_TK, topk_weights_TK, load_before_E, load_before_E, tokens_G, None,
-                             routed, zero, zero, zero)
 
     dev_E = _expert_devices(E, cfg.ep_size, device)
     if cfg.capacity_scope == "expert":
@@ -227,18 +366,26 @@ def route_sync_free(cfg: RoutingConfig, scores_TE: torch.Tensor, topk_ids_TK: to
     w_zero = torch.zeros_like(topk_weights_TK)
     rerouted = added = zero
 
+    def random_order():
+        return _random_order(cfg, T, K, layer, source_rank, device) if cfg.policy == "random" else None
+
     if cfg.strategy in ("drop", "expert_drop"):
         if cfg.strategy == "drop":
             keep_TK = token_drop(scores_TE, topk_ids_TK, active_T, group_T, capacity_G, bucket_E,
-                                 bucket_size_B, cfg.policy, cfg.seed, layer)
+                                 bucket_size_B, cfg.policy, random_order())
         else:
-            keep_TK = expert_drop(topk_ids_TK, active_T, E, cfg.expert_drop_fraction)
+            # Each source device skips the experts least loaded by its own tokens (the reference's rule).
+            if source_rank is None:
+                keep_TK = expert_drop(topk_ids_TK, active_T, E, cfg.expert_drop_fraction, token_dev_T, cfg.ep_size)
+            else:
+                keep_TK = expert_drop(topk_ids_TK, active_T, E, cfg.expert_drop_fraction,
+                                      torch.zeros_like(token_dev_T), 1)
         ids_TW = torch.where(keep_TK, topk_ids_TK, sentinel)
         w_TW = torch.where(keep_TK, topk_weights_TK, w_zero)
         dropped = routed - keep_TK.sum()
     elif cfg.strategy == "reroute":
         keep_TK = token_drop(scores_TE, topk_ids_TK, active_T, group_T, capacity_G, bucket_E,
-                             bucket_size_B, cfg.policy, cfg.seed, layer)
+                             bucket_size_B, cfg.policy, random_order())
         ids_TK, placed_TK, moved_TK = token_reroute(scores_TE, topk_ids_TK, keep_TK, active_T, group_T,
                                                     capacity_G, bucket_E, bucket_size_B,
                                                     cfg.reroute_target, cfg.reroute_rounds)
@@ -276,10 +423,7 @@ def route_sync_free(cfg: RoutingConfig, scores_TE: torch.Tensor, topk_ids_TK: to
         added = extra_TE.sum()
 
     if cfg.renormalize == "kept":
-        native_T = torch.where(active_T, topk_weights_TK.float().sum(1), 0.0)
-        kept_T = w_TW.float().sum(1)
-        scale_T = torch.where(kept_T > 0, native_T / torch.where(kept_T > 0, kept_T, 1.0), 0.0)
-        w_TW = (w_TW.float() * scale_T[:, None]).to(w_TW.dtype)
+        w_TW = _renormalize_kept(w_TW, topk_weights_TK, active_T)
 
     load_after_E = _count(ids_TW, E + 1)[:E]
     return RoutingResult(ids_TW, w_TW, load_before_E, load_after_E, tokens_G, capacity_G,

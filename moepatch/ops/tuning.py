@@ -19,7 +19,6 @@ Legend: M tokens, E experts, H hidden, I intermediate, K experts per token (slot
 from __future__ import annotations
 
 import functools
-import itertools
 import json
 import os
 import time
@@ -136,44 +135,81 @@ def get_config(M: int, E: int, H: int, I: int, K: int, dev_key: str) -> dict:  #
     return default_config(M, E, H, I, K, "cpu" if dev_key == "cpu" else "cuda")
 
 
-def candidate_configs(M: int, E: int, H: int, I: int, K: int) -> list[dict]:  # noqa: E741
-    """The search space of :func:`tune` for one shape and M (a few dozen points, pruned by M)."""
+def _gu(bn, bk, g, w, st):
+    return dict(BLOCK_N=bn, BLOCK_K=bk, GROUP_M=g, num_warps=w, num_stages=st)
+
+
+def _dn(bn, bk, g, split, w, st):
+    return dict(BLOCK_N=bn, BLOCK_K=bk, GROUP_M=g, SPLIT_K=split, num_warps=w, num_stages=st)
+
+
+# Curated H200 candidates per regime, most promising first (tune() takes the first N).  Weight
+# streaming (few rows per expert): thin tiles, deep pipelines, split-K for down; compute-bound:
+# 128-row tiles with 8 warps, as vLLM's tuned H200 tables for the same layer shapes.  gate_up's
+# BLOCK_N is per half (two accumulators), so vLLM's BLOCK_N 256 on the fused [gate; up] is 128 here.
+_STREAM_GATE_UP = [_gu(32, 128, 8, 4, 4), _gu(64, 128, 8, 4, 4), _gu(64, 128, 16, 4, 5), _gu(32, 256, 8, 4, 3),
+                   _gu(64, 256, 8, 4, 3), _gu(16, 256, 8, 4, 4), _gu(128, 128, 8, 8, 3), _gu(64, 64, 8, 4, 5)]
+_STREAM_DOWN = [_dn(64, 128, 8, 4, 4, 4), _dn(64, 128, 8, 2, 4, 4), _dn(128, 128, 8, 2, 4, 4), _dn(64, 256, 8, 4, 4, 3),
+                _dn(32, 128, 8, 8, 4, 4), _dn(128, 128, 8, 4, 4, 4), _dn(64, 128, 8, 1, 4, 5), _dn(128, 64, 8, 1, 4, 5)]
+_MID_GATE_UP = [_gu(64, 128, 8, 4, 3), _gu(64, 128, 16, 4, 4), _gu(128, 128, 16, 8, 3), _gu(64, 64, 8, 4, 4),
+                _gu(32, 128, 8, 4, 4), _gu(128, 64, 16, 8, 4)]
+_MID_DOWN = [_dn(128, 128, 8, 1, 4, 3), _dn(64, 128, 8, 1, 4, 4), _dn(128, 128, 16, 2, 8, 3), _dn(256, 64, 16, 1, 8, 4),
+             _dn(128, 64, 8, 2, 4, 4), _dn(64, 128, 8, 2, 4, 4)]
+_BIG_GATE_UP = [_gu(128, 64, 16, 8, 3), _gu(128, 64, 16, 8, 4), _gu(64, 64, 8, 4, 4), _gu(128, 64, 32, 8, 4),
+                _gu(64, 128, 8, 4, 3), _gu(128, 32, 16, 8, 5)]
+_BIG_DOWN = [_dn(256, 64, 16, 1, 8, 3), _dn(256, 64, 16, 1, 8, 4), _dn(128, 64, 16, 1, 8, 4), _dn(128, 128, 8, 1, 8, 3),
+             _dn(256, 64, 32, 1, 8, 4), _dn(256, 64, 16, 2, 8, 3)]
+
+
+def candidate_configs(M: int, E: int, H: int, I: int, K: int) -> list[tuple[int, list, list]]:  # noqa: E741
+    """The search space of :func:`tune` for one shape and M: [(BLOCK_M, gate_up list, down list)].
+
+    Per BLOCK_M the regime's curated lists (see above), most promising first; BLOCK_M values are
+    chosen from the mean rows per expert (M * K / E) so that an expert's rows fill one or two
+    blocks.  Configurations whose pipeline exceeds the H200's shared memory are left out.
+    """
     rows = M * K / E
-    block_ms = [16] if rows <= 16 else [16, 32] if rows <= 48 else [32, 64] if rows <= 160 else [64, 128]
-    out = []
-    for bm in block_ms:
-        small = bm <= 32
-        gate_up = [dict(BLOCK_N=bn, BLOCK_K=bk, GROUP_M=g, num_warps=nw, num_stages=ns)
-                   for bn, bk, g, nw, ns in itertools.product(
-                       (16, 32, 64) if small else (64, 128), (64, 128, 256) if small else (64,),
-                       (8,) if small else (8, 16), (4,) if small else (4, 8), (3, 4, 5) if small else (3, 4))
-                   if not (bm == 128 and bn == 128 and nw == 4)]
-        down = [dict(BLOCK_N=bn, BLOCK_K=bk, GROUP_M=g, SPLIT_K=s, num_warps=nw, num_stages=ns)
-                for bn, bk, g, s, nw, ns in itertools.product(
-                    (32, 64, 128) if small else (128, 256), (64, 128, 256) if small else (64,),
-                    (8,) if small else (8, 16), (1, 2, 4, 8) if small else (1,), (4,) if small else (4, 8),
-                    (3, 4, 5) if small else (3, 4))
-                if not (bn == 256 and nw == 4)]
-        out.append((bm, gate_up, down))
-    return out
+    if rows <= 4:
+        plan = [(16, _STREAM_GATE_UP, _STREAM_DOWN)]
+    elif rows <= 24:
+        plan = [(16, _STREAM_GATE_UP, _STREAM_DOWN), (32, _MID_GATE_UP, _MID_DOWN)]
+    elif rows <= 96:
+        plan = [(64, _MID_GATE_UP, _MID_DOWN), (128, _BIG_GATE_UP, _BIG_DOWN), (32, _MID_GATE_UP, _MID_DOWN)]
+    elif rows <= 192:
+        plan = [(128, _BIG_GATE_UP, _BIG_DOWN), (64, _MID_GATE_UP, _MID_DOWN)]
+    else:
+        plan = [(128, _BIG_GATE_UP, _BIG_DOWN), (64, _BIG_GATE_UP, _BIG_DOWN)]
+    return [(bm, [c for c in gu if _fits(bm, c, 2)], [c for c in dn if _fits(bm, c, 1)]) for bm, gu, dn in plan]
+
+
+_SMEM_BYTES = 227 * 1024  # H200 shared memory per block
+
+
+def _fits(block_m: int, c: dict, b_tiles: int) -> bool:
+    return c["num_stages"] * 2 * c["BLOCK_K"] * (block_m + b_tiles * c["BLOCK_N"]) <= _SMEM_BYTES
 
 
 def tune(shapes: list[tuple[int, int, int, int]], ms: list[int], *, dtype: torch.dtype = torch.bfloat16,
          out: str | os.PathLike | None = None, reps: int = 20, max_candidates: int | None = None,
-         device: str = "cuda", log=None) -> Path:
+         device: str = "cuda", log=None, budget_s: float | None = None) -> Path:
     """Autotune (E, H, I, K) shapes over token counts ``ms`` on the current GPU and write a table.
 
-    Each GEMM is timed alone (CUDA events, median of ``reps`` after warm-up) for every candidate of
-    :func:`candidate_configs`; per BLOCK_M the best gate_up and best down are combined, and the
-    BLOCK_M with the lowest sum wins.  Entries already in the output file for other shapes are
-    kept.  Routing is uniform random top-k (tuning needs representative sizes, not a trained router).
+    For each M the configuration the lookup gives today is timed first (the baseline, and the
+    reference every candidate's output is checked against), then the candidates of
+    :func:`candidate_configs`: per BLOCK_M each gate_up candidate alone, then each down candidate
+    together with the combine (split-K parts cost the combine more), CUDA events, median of
+    ``reps`` after warm-up.  The best BLOCK_M (dispatch + gate_up + down/combine) wins; a
+    candidate whose output differs from the baseline's (rel err > 2e-2) is discarded.  Buckets
+    not tuned keep the configuration the lookup had, so the table is complete.  Routing is uniform
+    random top-k (tuning needs representative sizes, not a trained router).
 
     Args:
         shapes: list of (E, H, I, K).
         ms: tokens per forward to tune for; each becomes a bucket.
         out: JSON path; default ``~/.cache/moepatch/kernel_configs/<GPU>.json``.
-        max_candidates: keep at most this many candidates per GEMM and BLOCK_M (evenly spaced), to
-            bound the time.
+        max_candidates: at most this many candidates per GEMM and BLOCK_M (the first of each list).
+        budget_s: wall-clock budget for the whole call (compiles included), shared evenly by the
+            (shape, M) pairs; a pair out of time keeps its best so far (at least the baseline).
         log: callable taking one line of progress (e.g. ``print``); None is silent.
     Returns:
         The path written.
@@ -182,55 +218,109 @@ def tune(shapes: list[tuple[int, int, int, int]], ms: list[int], *, dtype: torch
         raise RuntimeError("tune() times kernels on a CUDA GPU; none is available")
     if torch.device(device).type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError(f"tune() on {device} needs TRITON_INTERPRET=1 (meant for tests only)")
-    path = Path(out) if out is not None else USER_DIR / f"{device_key(device)}.json"
+    dev_key = device_key(device)
+    path = Path(out) if out is not None else USER_DIR / f"{dev_key}.json"
     table = json.loads(path.read_text()) if path.is_file() else {}
+    t_start = time.perf_counter()
+    n_pairs = max(1, len(shapes) * len(ms))
+    done = 0
     for E, H, I, K in shapes:  # noqa: E741
+        key = shape_key(E, H, I, K)
+        # Start from what the lookup serves now, so untuned buckets stay as they were.
+        entry = table.setdefault(key, {str(m): get_config(m, E, H, I, K, dev_key) for m in M_BUCKETS})
         gen = torch.Generator(device=device).manual_seed(0)
         w1 = torch.randn(E, 2 * I, H, device=device, dtype=dtype, generator=gen) * H**-0.5
         w2 = torch.randn(E, H, I, device=device, dtype=dtype, generator=gen) * I**-0.5
-        entry = table.setdefault(shape_key(E, H, I, K), {})
         for M in ms:
+            deadline = None
+            if budget_s is not None:
+                deadline = t_start + budget_s * (done + 1) / n_pairs
             x = torch.randn(M, H, device=device, dtype=dtype, generator=gen)
             ids = torch.rand(M, E, device=device, generator=gen).topk(K, dim=1).indices
             wts = torch.rand(M, K, device=device, generator=gen)
-            best = None
-            for bm, gate_ups, downs in candidate_configs(M, E, H, I, K):
-                if max_candidates:
-                    gate_ups, downs = _spread(gate_ups, max_candidates), _spread(downs, max_candidates)
-                total, cfg = _tune_block_m(x, ids, wts, w1, w2, bm, gate_ups, downs, reps)
-                if log:
-                    log(f"tune {shape_key(E, H, I, K)} M={M} BLOCK_M={bm}: {total * 1e3:.1f} us")
-                if best is None or total < best[0]:
-                    best = (total, cfg)
-            entry[str(M)] = best[1]
+            base = get_config(M, E, H, I, K, dev_key)
+            best = _tune_m(x, ids, wts, w1, w2, base, candidate_configs(M, E, H, I, K), reps, max_candidates,
+                           deadline, log, f"{key} M={M}")
+            entry[str(M)] = best
+            done += 1
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
     get_config.cache_clear()
     return path
 
 
-def _tune_block_m(x, ids, wts, w1, w2, block_m, gate_ups, downs, reps) -> tuple[float, dict]:
-    """Best (milliseconds, configuration) for one BLOCK_M: each GEMM's fastest candidate, plus dispatch."""
+def _tune_m(x, ids, wts, w1, w2, base, plan, reps, max_candidates, deadline, log, label) -> dict:
+    """The best configuration for one (shape, M); see :func:`tune`."""
     from . import experts as X
 
-    E, two_i, _ = w1.shape
-    layout = X.dispatch(ids, E, block_m)
+    E = w1.shape[0]
     dev = x.device
-    t_dispatch = _time(lambda: X.dispatch(ids, E, block_m), reps, dev)
-    h = torch.empty(layout.rows, two_i // 2, device=x.device, dtype=x.dtype)
-    t_gate_up, c_gate_up = min(((_time_safe(lambda c=c: X.gate_up(x, w1, layout, {"gate_up": c}, out=h), reps, dev), c)
-                                for c in gate_ups), key=lambda tc: tc[0])
-    X.gate_up(x, w1, layout, {"gate_up": c_gate_up}, out=h)
-    t_down, c_down = min(((_time_safe(lambda c=c: X.down(h, w2, layout, wts, {"down": c}), reps, dev), c)
-                          for c in downs), key=lambda tc: tc[0])
-    return t_dispatch + t_gate_up + t_down, {"BLOCK_M": block_m, "gate_up": c_gate_up, "down": c_down}
+    ref = X.fused_experts_impl(x, ids, wts, w1, w2, base).float()
 
+    def agrees(out):
+        den = ref.norm().item() or 1.0
+        return torch.isfinite(out).all().item() and (out.float() - ref).norm().item() / den < 2e-2
 
-def _spread(items: list, n: int) -> list:
-    if len(items) <= n:
-        return items
-    step = len(items) / n
-    return [items[int(i * step)] for i in range(n)]
+    def out_of_time():
+        return deadline is not None and time.perf_counter() > deadline
+
+    results = []  # (ms, config)
+    t_base = _time_safe(lambda: X.fused_experts_impl(x, ids, wts, w1, w2, base), reps, dev)
+    results.append((t_base, base))
+    if log:
+        log(f"tune {label}: baseline BLOCK_M={base['BLOCK_M']} {t_base * 1e3:.1f} us")
+    # Baseline's own BLOCK_M first, so its GEMM configurations are candidates too.
+    plan = sorted(plan, key=lambda p: p[0] != base["BLOCK_M"])
+    for bm, gate_ups, downs in plan:
+        if out_of_time():
+            break
+        if bm == base["BLOCK_M"]:
+            gate_ups = [base["gate_up"]] + [c for c in gate_ups if c != base["gate_up"]]
+            downs = [base["down"]] + [c for c in downs if c != base["down"]]
+        if max_candidates:
+            gate_ups, downs = gate_ups[:max_candidates], downs[:max_candidates]
+        layout = X.dispatch(ids, E, bm)
+        t_dispatch = 0.0 if layout.fused else _time(lambda bm=bm: X.dispatch(ids, E, bm), reps, dev)
+        h = torch.empty(layout.rows, w1.shape[1] // 2, device=dev, dtype=x.dtype)
+        best_gu = (float("inf"), None)
+        for c in gate_ups:
+            if out_of_time() and best_gu[1] is not None:
+                break
+            t = _time_safe(lambda c=c, lay=layout, h=h: X.gate_up(x, w1, lay, {"gate_up": c}, out=h), reps, dev)
+            if t < best_gu[0]:
+                best_gu = (t, c)
+        if best_gu[1] is None:
+            continue
+        X.gate_up(x, w1, layout, {"gate_up": best_gu[1]}, out=h)
+        best_dn = (float("inf"), None)
+        for c in downs:
+            if out_of_time() and best_dn[1] is not None:
+                break
+
+            def run(c=c, lay=layout, h=h):
+                return X.combine(X.down(h, w2, lay, wts, {"down": c}), ids, E, x.dtype)
+
+            t = _time_safe(run, reps, dev)
+            if t < best_dn[0] and agrees(run()):
+                best_dn = (t, c)
+        if best_dn[1] is None:
+            continue
+        cfg = {"BLOCK_M": bm, "gate_up": best_gu[1], "down": best_dn[1]}
+        total = t_dispatch + best_gu[0] + best_dn[0]
+        if log:
+            log(f"tune {label}: BLOCK_M={bm} {total * 1e3:.1f} us (gate_up {best_gu[0] * 1e3:.1f}, "
+                f"down+combine {best_dn[0] * 1e3:.1f})")
+        if agrees(X.fused_experts_impl(x, ids, wts, w1, w2, cfg)):
+            # Re-time the whole layer: the sum of parts misses launch gaps and L2 effects.
+            results.append((_time_safe(lambda cfg=cfg: X.fused_experts_impl(x, ids, wts, w1, w2, cfg), reps, dev),
+                            cfg))
+    t_best, cfg_best = min(results, key=lambda r: r[0])
+    if log and TUNE_FAILURES:
+        log(f"tune {label}: {len(TUNE_FAILURES)} candidate(s) failed so far; last: {TUNE_FAILURES[-1]}")
+    if log:
+        log(f"tune {label}: chose BLOCK_M={cfg_best['BLOCK_M']} {t_best * 1e3:.1f} us "
+            f"({t_base / t_best:.2f}x the baseline) {json.dumps(cfg_best, sort_keys=True)}")
+    return cfg_best
 
 
 def _time(fn, reps: int, device: torch.device) -> float:
@@ -254,13 +344,24 @@ def _time(fn, reps: int, device: torch.device) -> float:
     return sorted(times)[len(times) // 2]
 
 
+# Candidates that failed to compile or run during tuning, with the error (reported by tune's log).
+TUNE_FAILURES: list[str] = []
+
+
 def _time_safe(fn, reps: int, device: torch.device) -> float:
-    """:func:`_time`, or infinity for a configuration this GPU cannot compile (too much shared memory)."""
+    """:func:`_time`, or infinity for a configuration this GPU cannot compile or run.
+
+    A tuner explores configurations nobody has run before: one that exceeds shared memory or trips
+    the compiler is recorded in TUNE_FAILURES and loses, instead of ending the whole run.
+    """
     from triton.runtime.errors import OutOfResources
 
     try:
         return _time(fn, reps, device)
     except OutOfResources:
+        return float("inf")
+    except Exception as exc:  # recorded and reported, see above
+        TUNE_FAILURES.append(f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")
         return float("inf")
 
 
@@ -283,6 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ms", default="1,4,16,64,256,1024,4096,16384", help="token counts (M buckets)")
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16"))
     p.add_argument("--max-candidates", type=int, default=8, help="candidates per GEMM and BLOCK_M (0: all)")
+    p.add_argument("--budget", type=float, default=None, help="wall-clock budget in seconds (compiles included)")
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--out", default=None, help="JSON path (default ~/.cache/moepatch/kernel_configs/<GPU>.json)")
     args = p.parse_args(argv)
@@ -299,6 +401,6 @@ def main(argv: list[str] | None = None) -> int:
                 p.error(f"shape {s!r}: expected E:H:I:K")
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float16
     path = tune(shapes, [int(m) for m in args.ms.split(",")], dtype=dtype, out=args.out, reps=args.reps,
-                max_candidates=args.max_candidates or None, log=print)
+                max_candidates=args.max_candidates or None, log=print, budget_s=args.budget)
     print(f"wrote {path}")
     return 0

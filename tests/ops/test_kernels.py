@@ -51,7 +51,7 @@ def test_dispatch_layout(kind, T, W, E, block_m, device):
         pytest.skip("more slots than experts")
     gen = torch.Generator().manual_seed(T * 31 + E)
     ids = _ids(kind, T, W, E, gen)
-    layout = X.dispatch(ids.to(device), E, block_m)
+    layout = X.dispatch(ids.to(device), E, block_m, fuse=False)
     want_rows, want_starts = _dispatch_reference(ids, E, block_m)
     assert torch.equal(layout.start_E1.cpu(), want_starts)
     assert torch.equal(layout.sorted_pairs_R.cpu(), want_rows)
@@ -114,6 +114,21 @@ def test_fused_experts_matches_reference(T, W, E, H, I, kind, dtype, device):  #
             assert (out == 0).all()
         else:
             assert _rel(out, ref) < TOL[dtype], (cfg, _rel(out, ref))
+
+
+@pytest.mark.parametrize("kind", ["random", "one_expert", "all_sentinel", "empty_expert"])
+@pytest.mark.parametrize("T,W,E,block_m,split", [(1, 2, 8, 16, 4), (13, 2, 8, 16, 1), (9, 3, 5, 32, 2)])
+def test_fused_dispatch_equals_dispatch_kernel(T, W, E, block_m, split, kind, device):
+    """GEMMs that derive their rows from the ids (decode) give bit for bit the dispatch-kernel result."""
+    H, I = 32, 48  # noqa: E741
+    assert X.fuse_dispatch(T * W, E, block_m)
+    x, ids, wts, w1, w2 = _problem(T, W, E, H, I, torch.float32, kind, device, seed=T)
+    cfg = _config(T, W, E, H, I, block_m=block_m, split=split)
+    fused = X.fused_experts_impl(x, ids, wts, w1, w2, cfg, fuse_dispatch=True)
+    plain = X.fused_experts_impl(x, ids, wts, w1, w2, cfg, fuse_dispatch=False)
+    assert torch.equal(fused, plain)
+    if kind != "all_sentinel":
+        assert _rel(fused, _reference(x, ids, wts, w1, w2)) < TOL[torch.float32]
 
 
 def test_dropped_pairs_never_reach_a_gemm(device):
@@ -225,6 +240,25 @@ def test_bf16_real_shapes(shape, M):
             g, u = (x[tok].float() @ w1[e].float().T).chunk(2, dim=-1)
             ref.index_add_(0, tok, ((torch.nn.functional.silu(g) * u) @ w2[e].float().T) * wts[tok, slot, None])
     assert ((out.float() - ref).norm() / ref.norm()).item() < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", [1, 3, 16, 64])
+def test_bf16_fused_dispatch_is_the_dispatch_layout(M):
+    """On the GPU small M fuses the dispatch into the GEMMs: same bits as the dispatch kernel's layout."""
+    E, H, I, K = 8, 512, 1024, 2  # noqa: E741
+    gen = torch.Generator(device="cuda").manual_seed(M)
+    x = torch.randn(M, H, device="cuda", generator=gen).bfloat16()
+    w1 = (torch.randn(E, 2 * I, H, device="cuda", generator=gen) * H**-0.5).bfloat16()
+    w2 = (torch.randn(E, H, I, device="cuda", generator=gen) * I**-0.5).bfloat16()
+    ids = torch.rand(M, E, device="cuda", generator=gen).topk(K, dim=1).indices
+    ids[::2, -1] = E
+    wts = torch.rand(M, K, device="cuda", generator=gen)
+    cfg = X.config_for(x, ids, w1)
+    assert X.dispatch(ids, E, cfg["BLOCK_M"]).fused
+    fused = X.fused_experts_impl(x, ids, wts, w1, w2, cfg, fuse_dispatch=True)
+    plain = X.fused_experts_impl(x, ids, wts, w1, w2, cfg, fuse_dispatch=False)
+    assert torch.equal(fused, plain)
 
 
 @pytest.mark.gpu

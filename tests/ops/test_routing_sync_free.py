@@ -5,6 +5,7 @@ import itertools
 import pytest
 import torch
 
+from moepatch.ops import routing as sync_free
 from moepatch.ops.routing import route_sync_free
 from moepatch.routing import FamilyScoring, make_config, route
 
@@ -51,17 +52,33 @@ CASES = (
 )
 
 
+def _fused_applies(strategy, opts):
+    return (strategy == "drop" and opts.get("policy", "score") in ("score", "order", "reverse")
+            and opts.get("capacity_scope", "expert") == "expert")
+
+
+@pytest.fixture(params=["fused", "torch"])
+def path(request, monkeypatch):
+    """Token Drop runs fused (one Triton launch) where it applies; the torch path is checked too."""
+    monkeypatch.setattr(sync_free, "USE_FUSED_DROP", request.param == "fused")
+    return request.param
+
+
 @pytest.mark.parametrize("ties", [True, False], ids=["ties", "distinct"])
 @pytest.mark.parametrize("gamma", [0.5, 1.0, 1.5, None])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
-def test_same_pairs_as_reference(case, gamma, ties):
+def test_same_pairs_as_reference(case, gamma, ties, path):
     opts = dict(case)
     strategy = opts.pop("strategy")
     if strategy == "expert_drop" and gamma is not None:
         pytest.skip("expert_drop takes no capacity factor")
+    fused = _fused_applies(strategy, opts) and gamma is not None
+    if path == "torch" and not fused:
+        pytest.skip("the same run as path=fused")
     B, S, E, K = 3, 7, 8, 2
     cfg = make_config(gamma if strategy != "expert_drop" else 1.0, strategy, num_experts=E, **opts)
-    for seed in range(3):
+    # The interpreter runs the fused kernel slowly: one seed there, its hard cases are in test_capacity_kernel.
+    for seed in range(1 if fused and path == "fused" else 3):
         scores, ids, w, factor = _inputs(B * S, E, K, seed, ties)
         valid = torch.ones(B, S, dtype=torch.bool)
         valid[0, :3] = False  # left padding

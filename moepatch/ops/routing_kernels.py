@@ -1,0 +1,194 @@
+"""Token Drop in one launch: capacity, per-expert priority ranks and the kept slots, on the device.
+
+Legend: T tokens, K slots per token (the native top-k), P = T * K pairs (pair p = t * K + k),
+E experts, G capacity groups, BLOCK pairs per tile.
+
+``_capacity_drop_kernel`` runs one program per (group g, expert e).  Every capacity group is a
+contiguous range of tokens (a batch-major slice of sequences and/or simulated devices, see
+``routing.capacity.group_ids``), so program (g, e) scans the pairs of its group and:
+
+1. counts the group's active tokens (T_g) and its expert's active pairs (n);
+2. computes C = max(min_capacity, ceil(γ·T_g·K/E − 1e-9)) in float64, bit for bit the
+   reference's ``capacities`` (γ·K and the tolerance arrive as float64 bit patterns because
+   Triton passes Python floats as float32);
+3. if n > C, finds which pairs rank below C in the policy's order:
+   ``score``: a radix select (8 passes of 4-bit digits) finds the C-th largest score key; pairs
+   above it are kept, and of the pairs equal to it the first ones in token order, which is the
+   reference's tie rule (stable sort of -score over token-major pairs).
+   ``order`` / ``reverse``: the rank is the running count of the expert's pairs in token order;
+   the first / last C are kept;
+4. writes the slot of every pair of its expert in the group: the expert id when kept, else the
+   sentinel E and weight 0, and its counts (load before / after, T_g, C) for the statistics.
+
+Each pair is written by exactly one program (the one of its expert and group); out-of-range ids
+are written as sentinels by the expert-0 program.  No atomics: the result does not depend on
+scheduling.  Cost: E programs read each group's ids once or twice, plus ~10 passes for an expert
+over capacity (its pairs only load scores); at Mixtral shapes a few microseconds.
+
+Score keys: float32 scores map to int32 keys with the same order (−0.0 equals +0.0; NaN ranks
+last, as in the reference's sort), biased to [0, 2^32) so digits are unsigned.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _load_pairs(ids_ptr, valid_ptr, p, p_hi, K, HAS_VALID: tl.constexpr):
+    in_range = p < p_hi
+    ids = tl.load(ids_ptr + p, mask=in_range, other=-1)
+    if HAS_VALID:
+        act = (tl.load(valid_ptr + p // K, mask=in_range, other=0) != 0) & in_range
+    else:
+        act = in_range
+    return ids, act, in_range
+
+
+@triton.jit
+def _score_key(scores_ptr, p, K, e, stride_st, stride_se, mask):
+    s = tl.load(scores_ptr + (p // K) * stride_st + e * stride_se, mask=mask, other=0.0).to(tl.float32)
+    s = tl.where(s == 0.0, 0.0, s)  # -0.0 and +0.0 tie, as they do in the reference's sort
+    bits = s.to(tl.int32, bitcast=True)
+    key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # signed int order == float order
+    key = tl.where(s != s, -2147483647 - 1, key)  # NaN last
+    return key.to(tl.int64) + tl.full([], 2147483648, tl.int64)
+
+
+@triton.jit
+def _digit_counts(digit, sel, bins):
+    # (BLOCK, 16) int64: [digit > d] << 32 | [digit >= d] for the selected pairs.
+    d = digit[:, None]
+    b = bins[None, :]
+    return ((((d > b) & sel[:, None]).to(tl.int64) << 32) + ((d >= b) & sel[:, None]).to(tl.int64))
+
+
+@triton.jit
+def _capacity_drop_kernel(ids_ptr, w_ptr, scores_ptr, valid_ptr, out_ids_ptr, out_w_ptr, stats_ptr,
+                          T, K, E, seq, ep, min_cap, gk_bits, tol_bits, stride_st, stride_se,
+                          POLICY: tl.constexpr, GROUP_SEQ: tl.constexpr, HAS_VALID: tl.constexpr,
+                          BLOCK: tl.constexpr, SINGLE: tl.constexpr):
+    """POLICY 0 = score, 1 = order, 2 = reverse.  stats: before (G, E), after (G, E), T_g (G), C (G), int64.
+
+    (Reductions are packed two per int64 where possible: each tl.sum is a JIT call that costs about
+    a millisecond under the CPU interpreter the tests run on; on the GPU it makes no difference.)
+    """
+    pid = tl.program_id(0)
+    e = pid % E
+    g = (pid // E).to(tl.int64)
+    GE = tl.num_programs(0)
+    G = GE // E
+    # Group g's tokens.  Simulated device d holds [ceil(d*T/ep), ceil((d+1)*T/ep)) (token_devices).
+    if GROUP_SEQ:
+        row = g // ep
+        d = g % ep
+        t_lo = tl.maximum(row * seq, (d * T + ep - 1) // ep)
+        t_hi = tl.minimum((row + 1) * seq, ((d + 1) * T + ep - 1) // ep)
+    else:
+        t_lo = (g * T + ep - 1) // ep
+        t_hi = ((g + 1) * T + ep - 1) // ep
+    p_lo = t_lo * K
+    p_hi = tl.maximum(t_hi, t_lo) * K
+    offs = tl.arange(0, BLOCK)
+
+    # 1. active tokens of the group and active pairs of this expert (packed: pairs << 32 | tokens).
+    counts = tl.zeros([BLOCK], dtype=tl.int64)
+    for p0 in range(p_lo, p_hi, BLOCK):
+        ids, act, _ = _load_pairs(ids_ptr, valid_ptr, p0 + offs, p_hi, K, HAS_VALID)
+        counts += (((ids == e) & act).to(tl.int64) << 32) + act.to(tl.int64)
+    total = tl.sum(counts, axis=0)
+    low32 = tl.full([], 0xFFFFFFFF, tl.int64)
+    tokens = (total & low32) // K
+    n = (total >> 32).to(tl.int32)
+
+    # 2. C = max(min_capacity, ceil(tokens * (γ·K) / E − tol)) in float64, as routing.capacity does.
+    raw = tokens.to(tl.float64) * tl.cast(gk_bits, tl.float64, bitcast=True) / tl.cast(E, tl.float64)
+    raw = raw - tl.cast(tol_bits, tl.float64, bitcast=True)
+    c = raw.to(tl.int64)  # truncation; raw > -1, so ceil is c + (c < raw)
+    c = c + (c.to(tl.float64) < raw).to(tl.int64)
+    min_c = tl.cast(min_cap, tl.int64)
+    cap = tl.where(tokens > 0, tl.maximum(c, min_c), min_c)
+    over = n.to(tl.int64) > cap
+
+    # 3. score: radix select of the C-th largest key (only for an expert over capacity).
+    thr = tl.zeros([], dtype=tl.int64)
+    rem = n  # pairs equal to thr that are kept, in token order (all of them when not over)
+    if POLICY == 0:
+        if over:
+            bins = tl.arange(0, 16)
+            prefix = tl.zeros([], dtype=tl.int64)
+            rem = cap.to(tl.int32)
+            if SINGLE:  # the whole group is one tile: load its keys once
+                ids, act, _ = _load_pairs(ids_ptr, valid_ptr, p_lo + offs, p_hi, K, HAS_VALID)
+                match1 = (ids == e) & act
+                ukey1 = _score_key(scores_ptr, p_lo + offs, K, e, stride_st, stride_se, match1)
+            for i in tl.static_range(8):
+                SHIFT: tl.constexpr = 28 - 4 * i
+                # Per digit d: pairs of the current prefix with a digit above d (<< 32) and at least d.
+                if SINGLE:
+                    sel = match1 & ((ukey1 >> (SHIFT + 4)) == (prefix >> (SHIFT + 4)))
+                    digit = ((ukey1 >> SHIFT) & 15).to(tl.int32)
+                    both = tl.sum(_digit_counts(digit, sel, bins), axis=0)
+                else:
+                    both = tl.zeros([16], dtype=tl.int64)
+                    for p0 in range(p_lo, p_hi, BLOCK):
+                        ids, act, _ = _load_pairs(ids_ptr, valid_ptr, p0 + offs, p_hi, K, HAS_VALID)
+                        match = (ids == e) & act
+                        ukey = _score_key(scores_ptr, p0 + offs, K, e, stride_st, stride_se, match)
+                        sel = match & ((ukey >> (SHIFT + 4)) == (prefix >> (SHIFT + 4)))
+                        both += tl.sum(_digit_counts(((ukey >> SHIFT) & 15).to(tl.int32), sel, bins), axis=0)
+                above = (both >> 32).to(tl.int32)
+                at_least = (both & low32).to(tl.int32)
+                # The rem-th largest key of the prefix has the digit where the count from the top
+                # first reaches rem; rem becomes its rank among the pairs of that digit.
+                hit = (above < rem) & (at_least >= rem)
+                packed = tl.sum(tl.where(hit, above * 16 + bins, 0), axis=0)
+                rem = rem - packed // 16
+                prefix = prefix | ((packed % 16).to(tl.int64) << SHIFT)
+            thr = prefix
+
+    # 4. write every slot of this expert in the group; count what is kept.
+    running = tl.zeros([], dtype=tl.int32)
+    kept = tl.zeros([BLOCK], dtype=tl.int32)
+    for p0 in range(p_lo, p_hi, BLOCK):
+        p = p0 + offs
+        ids, act, in_range = _load_pairs(ids_ptr, valid_ptr, p, p_hi, K, HAS_VALID)
+        mine = (ids == e) & in_range
+        # (the expert-0 test is broadcast first: the interpreter rejects a mask built with a scalar)
+        oob = ((ids < 0) | (ids >= E)) & in_range & ((offs * 0 + e) == 0)
+        match = mine & act
+        if POLICY == 0:
+            ukey = _score_key(scores_ptr, p, K, e, stride_st, stride_se, match)
+            m = (match & (ukey == thr)).to(tl.int32)  # ties at the threshold, kept in token order
+        else:
+            m = match.to(tl.int32)
+        rank = running + tl.cumsum(m, axis=0) - m
+        running += tl.sum(m, axis=0)
+        if POLICY == 0:
+            keep = match & ((ukey > thr) | ((m > 0) & (rank < rem)))
+        elif POLICY == 1:
+            keep = match & (rank.to(tl.int64) < cap)
+        else:
+            keep = match & (rank.to(tl.int64) >= n.to(tl.int64) - cap)
+        w = tl.load(w_ptr + p, mask=mine, other=0.0)
+        tl.store(out_ids_ptr + p, tl.where(keep, e, E).to(tl.int64), mask=mine | oob)
+        tl.store(out_w_ptr + p, tl.where(keep, w, 0.0), mask=mine | oob)
+        kept += keep.to(tl.int32)
+
+    tl.store(stats_ptr + pid, n.to(tl.int64))
+    tl.store(stats_ptr + GE + pid, tl.sum(kept, axis=0).to(tl.int64))
+    if e == 0:
+        tl.store(stats_ptr + 2 * GE + g, tokens.to(tl.int64))
+        tl.store(stats_ptr + 2 * GE + G + g, cap)
+
+
+# Pairs per tile.  A group that fits one tile keeps its keys in registers across the radix passes;
+# larger groups stream their tiles from L2 once per pass.  (Tests lower it to reach the tiled path.)
+MAX_BLOCK = 512
+
+
+def block_size(max_group_pairs: int) -> tuple[int, bool]:
+    """(BLOCK, SINGLE): pairs per tile, and whether a whole group fits one tile."""
+    block = max(16, min(MAX_BLOCK, triton.next_power_of_2(max(1, max_group_pairs))))
+    return block, max_group_pairs <= block

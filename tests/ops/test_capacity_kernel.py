@@ -1,0 +1,147 @@
+"""The fused Token Drop kernel (routing_kernels.py) against the reference, on hard cases.
+
+Exact ties at the capacity threshold, -0.0 and NaN scores, groups spread over several tiles,
+sequence groups split by simulated devices, ``source_rank``, K == E, one token, every pair on one
+expert, capacity 0, a huge minimum capacity, and weights that must pass through bit for bit.
+"""
+
+import pytest
+import torch
+
+from moepatch.ops import routing as sync_free
+from moepatch.ops import routing_kernels
+from moepatch.ops.routing import LazyRoutingResult, route_sync_free
+from moepatch.routing import FamilyScoring, make_config, route
+
+FIELDS = ("topk_ids_TW", "topk_weights_TW", "load_before_E", "load_after_E", "tokens_G", "capacity_G",
+          "routed_pairs", "dropped_pairs", "rerouted_pairs", "added_pairs")
+
+
+def _same(a, b):
+    for name in FIELDS:
+        x, y = getattr(a, name), getattr(b, name)
+        if x is None or y is None:
+            assert x is None and y is None, name
+            continue
+        assert x.dtype == y.dtype and x.shape == y.shape, (name, x.dtype, y.dtype, x.shape, y.shape)
+        assert torch.equal(x, y), (name, x, y)
+
+
+def _problem(T, E, K, seed, kind="ties", wdtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    if kind == "ties":  # three score levels: long runs of equal scores inside every expert
+        scores = torch.randint(0, 3, (T, E), generator=g).float() / 3 + 0.1
+    elif kind == "signed_zero_nan":  # -0.0 ties with +0.0; NaN ranks last in the reference's sort
+        scores = torch.randint(0, 3, (T, E), generator=g).float() - 1.0
+        scores[scores == 0] = torch.where(torch.rand(int((scores == 0).sum()), generator=g) < 0.5, -0.0, 0.0)
+        scores[torch.rand(T, E, generator=g) < 0.1] = float("nan")
+    elif kind == "one_expert":  # every token's first pick is expert 0
+        scores = torch.rand(T, E, generator=g)
+        scores[:, 0] = 2.0 + torch.randint(0, 2, (T,), generator=g).float()
+    else:
+        scores = torch.softmax(torch.randn(T, E, generator=g) * 3, dim=-1)
+    if kind == "signed_zero_nan":  # picks independent of the scores, so NaN and zero scores get picked
+        ids = torch.rand(T, E, generator=g).argsort(dim=1)[:, :K]
+    else:
+        ids = torch.topk(scores, K, dim=1).indices
+    w = (torch.rand(T, K, generator=g) + 0.5).to(wdtype)
+    factor = FamilyScoring().factor(scores, ids)
+    return scores, ids, w, factor
+
+
+@pytest.fixture(params=[16, 512], ids=["tiled", "one_tile"])
+def max_block(request, monkeypatch):
+    monkeypatch.setattr(routing_kernels, "MAX_BLOCK", request.param)
+    monkeypatch.setattr(sync_free, "USE_FUSED_DROP", True)
+    return request.param
+
+
+@pytest.mark.parametrize("policy", ["score", "order", "reverse"])
+@pytest.mark.parametrize("opts", [{}, {"group": "sequence", "ep_size": 2}, {"min_capacity": 3, "renormalize": "kept"}],
+                         ids=["batch", "seq-ep2", "mincap-kept"])
+def test_fused_drop_matches_reference(policy, opts, max_block):
+    B, S, E, K = 2, 23, 6, 2
+    valid = torch.ones(B, S, dtype=torch.bool)
+    valid[0, :4] = False
+    valid[1, -2:] = False
+    for gamma, kind, v, seed in ((0.7, "ties", valid, 0), (1.0, "signed_zero_nan", None, 1)):
+        cfg = make_config(gamma, "drop", policy, num_experts=E, **opts)
+        scores, ids, w, factor = _problem(B * S, E, K, seed, kind)
+        kw = dict(batch=B, seq=S, valid_BS=v, layer=seed)
+        got = route_sync_free(cfg, scores, ids, w, factor, **kw)
+        assert isinstance(got, LazyRoutingResult)
+        _same(got, route(cfg, scores, ids, w, factor, **kw))
+
+
+@pytest.mark.parametrize("T,E,K,kind,gamma,opts", [
+    (1, 4, 2, "ties", 0.5, {}),                       # one token
+    (9, 5, 5, "ties", 0.5, {}),                       # K == E
+    (40, 4, 1, "one_expert", 1.0, {}),                # every pair on expert 0, top-1
+    (12, 4, 2, "ties", 1e-9, {}),                     # capacity 0: everything dropped
+    (12, 4, 2, "ties", 0.5, {"min_capacity": 10**6}),  # capacity above every load
+    (30, 8, 2, "softmax", 1.0, {"ep_size": 3}),       # unequal device chunks
+])
+def test_fused_drop_odd_shapes(T, E, K, kind, gamma, opts, monkeypatch):
+    monkeypatch.setattr(routing_kernels, "MAX_BLOCK", 16)
+    cfg = make_config(gamma, "drop", num_experts=E, **opts)
+    scores, ids, w, factor = _problem(T, E, K, T + E, kind)
+    for src in (None, 1) if opts.get("ep_size", 1) == 1 else (None,):
+        kw = dict(batch=1, seq=T, source_rank=src)
+        _same(route_sync_free(cfg, scores, ids, w, factor, **kw), route(cfg, scores, ids, w, factor, **kw))
+
+
+def test_weights_pass_through_bitwise_and_stats_are_lazy():
+    cfg = make_config(0.8, "drop", num_experts=8, collect_stats=False)
+    scores, ids, w, factor = _problem(33, 8, 2, 3, "softmax", wdtype=torch.bfloat16)
+    got = route_sync_free(cfg, scores, ids, w, factor, batch=3, seq=11)
+    assert "load_before_E" not in got.__dict__  # nothing computed until read
+    ref = route(cfg, scores, ids, w, factor, batch=3, seq=11)
+    kept = got.topk_ids_TW < 8
+    assert got.topk_weights_TW.dtype == torch.bfloat16
+    assert torch.equal(got.topk_weights_TW[kept], w[kept]) and (got.topk_weights_TW[~kept] == 0).all()
+    _same(got, ref)
+    assert int(got.dropped_pairs) > 0
+
+
+def test_unlimited_launches_nothing():
+    """No capacity: the native picks come back as they are and no kernel runs before stats are read."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    cfg = make_config(None, num_experts=8)
+    scores, ids, w, factor = _problem(10, 8, 2, 0, "softmax")
+    with Count():
+        got = route_sync_free(cfg, scores, ids, w, factor, batch=2, seq=5)
+    assert Count.calls == 0 and got.topk_ids_TW is ids and got.topk_weights_TW is w
+    _same(got, route(cfg, scores, ids, w, factor, batch=2, seq=5))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T,E,K,opts", [(4096, 8, 2, {}), (16384, 128, 8, {}), (3000, 64, 6, {"group": "sequence"}),
+                                        (2048, 8, 2, {"ep_size": 4, "policy": "reverse"})])
+def test_fused_drop_real_sizes_on_gpu(T, E, K, opts):
+    """Groups of thousands of pairs (many tiles, every radix pass) on the GPU: the reference's pairs exactly."""
+    g = torch.Generator(device="cuda").manual_seed(T)
+    # Skewed softmax routing (a few hot experts) with ties from rounding the logits.
+    logits = (torch.randn(T, E, device="cuda", generator=g) * 2 + torch.linspace(0, 3, E, device="cuda")).round(
+        decimals=1)
+    scores = torch.softmax(logits, dim=-1)
+    ids = torch.topk(scores, K, dim=1).indices
+    factor = FamilyScoring(normalize=True).factor(scores, ids)
+    w = (scores.gather(1, ids) * factor[:, None]).bfloat16()
+    batch = 4 if opts.get("group") == "sequence" else 1
+    valid = torch.rand(batch, T // batch, device="cuda", generator=g) > 0.05
+    for gamma in (1.0, 1.5):
+        cfg = make_config(gamma, "drop", num_experts=E, **opts)
+        for v in (None, valid):
+            kw = dict(batch=batch, seq=T // batch, valid_BS=v)
+            got = route_sync_free(cfg, scores, ids, w, factor, **kw)
+            ref = route(cfg, scores, ids, w, factor, **kw)
+            assert int(ref.dropped_pairs) > 0
+            _same(got, ref)
