@@ -124,11 +124,12 @@ def _capacity_drop_kernel(ids_ptr, w_ptr, scores_ptr, valid_ptr, out_ids_ptr, ou
                 match1 = (ids == e) & act
                 ukey1 = _score_key(scores_ptr, p_lo + offs, K, e, stride_st, stride_se, match1)
             for i in tl.static_range(8):
-                SHIFT: tl.constexpr = 28 - 4 * i
+                # A plain name: Triton 3.6 rejects re-binding a constexpr in every unrolled step.
+                shift = 28 - 4 * i
                 # Per digit d: pairs of the current prefix with a digit above d (<< 32) and at least d.
                 if SINGLE:
-                    sel = match1 & ((ukey1 >> (SHIFT + 4)) == (prefix >> (SHIFT + 4)))
-                    digit = ((ukey1 >> SHIFT) & 15).to(tl.int32)
+                    sel = match1 & ((ukey1 >> (shift + 4)) == (prefix >> (shift + 4)))
+                    digit = ((ukey1 >> shift) & 15).to(tl.int32)
                     both = tl.sum(_digit_counts(digit, sel, bins), axis=0)
                 else:
                     both = tl.zeros([16], dtype=tl.int64)
@@ -136,8 +137,8 @@ def _capacity_drop_kernel(ids_ptr, w_ptr, scores_ptr, valid_ptr, out_ids_ptr, ou
                         ids, act, _ = _load_pairs(ids_ptr, valid_ptr, p0 + offs, p_hi, K, HAS_VALID)
                         match = (ids == e) & act
                         ukey = _score_key(scores_ptr, p0 + offs, K, e, stride_st, stride_se, match)
-                        sel = match & ((ukey >> (SHIFT + 4)) == (prefix >> (SHIFT + 4)))
-                        both += tl.sum(_digit_counts(((ukey >> SHIFT) & 15).to(tl.int32), sel, bins), axis=0)
+                        sel = match & ((ukey >> (shift + 4)) == (prefix >> (shift + 4)))
+                        both += tl.sum(_digit_counts(((ukey >> shift) & 15).to(tl.int32), sel, bins), axis=0)
                 above = (both >> 32).to(tl.int32)
                 at_least = (both & low32).to(tl.int32)
                 # The rem-th largest key of the prefix has the digit where the count from the top
@@ -145,7 +146,7 @@ def _capacity_drop_kernel(ids_ptr, w_ptr, scores_ptr, valid_ptr, out_ids_ptr, ou
                 hit = (above < rem) & (at_least >= rem)
                 packed = tl.sum(tl.where(hit, above * 16 + bins, 0), axis=0)
                 rem = rem - packed // 16
-                prefix = prefix | ((packed % 16).to(tl.int64) << SHIFT)
+                prefix = prefix | ((packed % 16).to(tl.int64) << shift)
             thr = prefix
 
     # 4. write every slot of this expert in the group; count what is kept.

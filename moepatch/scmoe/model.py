@@ -1,0 +1,630 @@
+"""ScMoE: the shortcut-connected Mixture-of-Experts decoder (Cai et al., ICML 2025), on one device.
+
+The method is described in ``shared/spec/scmoe.md``; docs/scmoe.md has the usage.  A decoder
+alternates a dense block l and an MoE block l+1.  The baseline's MoE block runs top-2 routed
+experts on its own post-attention state; an ScMoE block runs a dense shared expert SE on its own
+post-attention state and top-1 routed experts on a *shortcut source* x_s from block l:
+
+    h_l^att = h_{l-1} + Attn_l(n(h_{l-1}));   h_l = h_l^att + MLP_l(n(h_l^att))
+    h_{l+1}^att = h_l + Attn_{l+1}(n(h_l))
+    h_{l+1} = h_{l+1}^att + c · SE_{l+1}(n(h_{l+1}^att)) + c' · Σ_i g_i(x_s) E_i(x_s)
+
+with x_s = n(h_l) (Pos-1), n(h_l^att) (Pos-2, the default) or n(h_{l-1}) (Pos-3).  Each x_s is
+normalised by the norm that already normalises that tensor for the backbone (Pos-1: block l+1's
+input norm, Pos-2: block l's post-attention norm, as LongCat-Flash does, Pos-3: block l's input
+norm), so the routed experts read exactly what a backbone op reads and the shortcut adds no
+parameters.  Combining: ``add`` (c = c' = 1), ``cg1`` (c = sigmoid(w·y), c' = 1) and ``cg2``
+((c, c') = softmax(W·y)), y the current block's normalised post-attention state.
+With ``moe_every_layer`` every block is an ScMoE block whose routed experts read its own input
+(Pos-1 in the paper's every-layer setting: the previous block's output).
+
+Architectures (``ScMoEConfig.arch``): ``top2`` (the baseline), ``shared`` (SE + top-1 on the
+current state, the paper's shared-expert baseline), ``scmoe`` (SE + top-1 on the shortcut) and
+``scmoe2`` (SE + top-2 on the shortcut).  With the expert width equal to the SE width, ``top2``,
+``shared`` and ``scmoe`` activate the same parameters per token (up to the D or 2D weights of a
+CG gate); ``scmoe2`` activates one expert more.
+
+Every MoE unit is exposed as a :class:`UnitProgram` (the ops before the shortcut source, the
+backbone ops after it, and the merge), so ``moepatch.scmoe.schedule`` can run the same model
+under expert parallelism with the all-to-all overlapped; this module has no parallel code.
+
+Legend: B sequences, S positions, P cached positions, T = B*S tokens (batch-major), D hidden,
+I intermediate, E routed experts, K picks per token, W routing slots per token (K, or more for
+expanded drop), Hq / Hk query / key-value heads, Dh head dim, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..routing.scores import FamilyScoring
+
+ARCHS = ("top2", "shared", "scmoe", "scmoe2")
+COMBINES = ("add", "cg1", "cg2")
+POSITIONS = (1, 2, 3)
+
+
+@dataclass
+class ScMoEConfig:
+    """Shape and variant of an ScMoE (or baseline) decoder.
+
+    Attributes:
+        num_layers: decoder blocks (attention + FFN each); even unless ``moe_every_layer``.
+        intermediate_size: width of the dense MLPs of the dense blocks.
+        expert_intermediate_size: width of each routed expert and of the shared expert
+            (default: ``intermediate_size``).
+        arch: ``"top2"``, ``"shared"``, ``"scmoe"`` or ``"scmoe2"`` (module docstring).
+        position: shortcut source for ``scmoe``/``scmoe2``: 1, 2 (default) or 3.
+        combine: ``"add"``, ``"cg1"`` (default) or ``"cg2"``; ignored by ``top2``.
+        moe_every_layer: every block is an MoE block (shortcut archs then need ``position=1``).
+        norm_topk_prob: renormalise the routed weights over the picks (Mixtral); default off: the
+            weight is the softmax probability, so a top-1 router still receives a gradient.
+        aux_loss_coef: weight of the load-balancing loss in ``loss`` (paper: 0.01).
+        max_position_embeddings: informational (RoPE is computed for any position).
+    """
+
+    vocab_size: int = 4096
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int | None = None
+    intermediate_size: int = 256
+    expert_intermediate_size: int | None = None
+    num_experts: int = 8
+    arch: str = "scmoe"
+    position: int = 2
+    combine: str = "cg1"
+    moe_every_layer: bool = False
+    norm_topk_prob: bool = False
+    aux_loss_coef: float = 0.01
+    max_position_embeddings: int = 2048
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6
+    tie_embeddings: bool = True
+    initializer_range: float = 0.02
+
+    def __post_init__(self):
+        if self.arch not in ARCHS:
+            raise ValueError(f"arch={self.arch!r} is not supported; accepted: {', '.join(map(repr, ARCHS))}")
+        if self.combine not in COMBINES:
+            raise ValueError(f"combine={self.combine!r} is not supported; accepted: {', '.join(map(repr, COMBINES))}")
+        if self.position not in POSITIONS:
+            raise ValueError(f"position={self.position!r} is not supported; accepted: 1, 2, 3")
+        if self.moe_every_layer and self.shortcut and self.position != 1:
+            raise ValueError("moe_every_layer=True uses the Pos-1 shortcut (the block's input); set position=1")
+        if not self.moe_every_layer and self.num_layers % 2:
+            raise ValueError(f"num_layers={self.num_layers}: alternating dense/MoE blocks need an even number "
+                             "(or moe_every_layer=True)")
+        if self.num_kv_heads is None:
+            self.num_kv_heads = self.num_heads
+        if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
+            raise ValueError("hidden_size must be divisible by num_heads, and num_heads by num_kv_heads")
+        if self.expert_intermediate_size is None:
+            self.expert_intermediate_size = self.intermediate_size
+        if self.top_k > self.num_experts:
+            raise ValueError(f"arch {self.arch!r} routes to {self.top_k} experts; num_experts={self.num_experts}")
+
+    @property
+    def top_k(self) -> int:
+        return 2 if self.arch in ("top2", "scmoe2") else 1
+
+    @property
+    def shortcut(self) -> bool:
+        """The routed experts read a shortcut source (not the MoE block's own state)."""
+        return self.arch in ("scmoe", "scmoe2")
+
+    @property
+    def has_shared_expert(self) -> bool:
+        return self.arch != "top2"
+
+    @property
+    def source(self) -> int:
+        """Where the routed experts read: 0 = the MoE block's own post-attention state, else Pos-1/2/3."""
+        return self.position if self.shortcut else 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class ScMoEOutput:
+    """``loss`` = ``lm_loss`` + aux_loss_coef · ``aux_loss`` when labels are given."""
+
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+    lm_loss: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
+    past_key_values: KVCache | None = None
+
+
+class KVCache:
+    """Per-block keys and values, (B, Hk, P, Dh) each, grown by concatenation (small models, greedy decoding)."""
+
+    def __init__(self, num_layers: int):
+        self.k = [None] * num_layers
+        self.v = [None] * num_layers
+
+    @property
+    def length(self) -> int:
+        return 0 if self.k[0] is None else int(self.k[0].shape[2])
+
+    def update(self, layer: int, k_BHSd: torch.Tensor, v_BHSd: torch.Tensor):
+        if self.k[layer] is not None:
+            k_BHSd = torch.cat([self.k[layer], k_BHSd], dim=2)
+            v_BHSd = torch.cat([self.v[layer], v_BHSd], dim=2)
+        self.k[layer], self.v[layer] = k_BHSd, v_BHSd
+        return k_BHSd, v_BHSd
+
+
+@dataclass
+class ForwardContext:
+    """What every block needs about the forward in flight."""
+
+    batch: int
+    seq: int
+    cos_SDh: torch.Tensor
+    sin_SDh: torch.Tensor
+    cache: KVCache | None
+    attn_mask: torch.Tensor | None  # (B, 1, S, P+S) bool, or None with is_causal
+    is_causal: bool
+    valid_BS: torch.Tensor | None  # padding of the current tokens (capacity, aux loss)
+    source_rank: int | None = None  # set by the expert-parallel schedule
+
+
+def _rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Attention(nn.Module):
+    """Causal multi-head attention with RoPE, grouped key/value heads and an optional KV cache."""
+
+    def __init__(self, cfg: ScMoEConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads = cfg.num_heads, cfg.num_kv_heads
+        self.head_dim = cfg.hidden_size // cfg.num_heads
+        D, Dh = cfg.hidden_size, self.head_dim
+        self.q_proj = nn.Linear(D, self.num_heads * Dh, bias=False)
+        self.k_proj = nn.Linear(D, self.num_kv_heads * Dh, bias=False)
+        self.v_proj = nn.Linear(D, self.num_kv_heads * Dh, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * Dh, D, bias=False)
+
+    def forward(self, x_BSD: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        B, S, _ = x_BSD.shape
+        Dh = self.head_dim
+        q = self.q_proj(x_BSD).view(B, S, self.num_heads, Dh).transpose(1, 2)
+        k = self.k_proj(x_BSD).view(B, S, self.num_kv_heads, Dh).transpose(1, 2)
+        v = self.v_proj(x_BSD).view(B, S, self.num_kv_heads, Dh).transpose(1, 2)
+        cos, sin = ctx.cos_SDh.to(q.dtype), ctx.sin_SDh.to(q.dtype)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        if ctx.cache is not None:
+            k, v = ctx.cache.update(self.layer_idx, k, v)
+        if self.num_kv_heads != self.num_heads:
+            rep = self.num_heads // self.num_kv_heads
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.attn_mask, is_causal=ctx.is_causal)
+        return self.o_proj(out.transpose(1, 2).reshape(B, S, -1))
+
+
+class SwiGLU(nn.Module):
+    """The dense MLP and the shared expert: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, hidden: int, intermediate: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class TopKRouter(nn.Module):
+    """Softmax router with the transformers 5.x interface: ``forward(x_TD) -> (logits_TE, weights_TK, ids_TK)``.
+
+    Scores are float32 softmax probabilities; the weights are the picks' scores, renormalised over
+    the picks when ``normalize`` (float32, so the routed combine never runs in bf16).
+    """
+
+    def __init__(self, hidden: int, num_experts: int, top_k: int, normalize: bool):
+        super().__init__()
+        self.num_experts, self.top_k, self.normalize = num_experts, top_k, normalize
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden))
+
+    @property
+    def scoring(self) -> FamilyScoring:
+        return FamilyScoring(kind="softmax", normalize=self.normalize)
+
+    def forward(self, x_TD: torch.Tensor):
+        logits_TE = F.linear(x_TD, self.weight)
+        probs_TE = torch.softmax(logits_TE.float(), dim=-1)
+        weights_TK, ids_TK = torch.topk(probs_TE, self.top_k, dim=-1)
+        if self.normalize:
+            weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
+        return logits_TE, weights_TK, ids_TK
+
+
+class FusedExperts(nn.Module):
+    """E SwiGLU experts in transformers' fused layout: gate_up_proj (E, 2I, D) (gate rows first), down_proj (E, D, I).
+
+    ``forward`` skips slots whose id is the sentinel E (dropped by capacity-aware routing) and sums
+    each token's slots in float32 in slot order, like the expert-parallel combine
+    (``moepatch.parallel.dispatch.weigh_and_sum``), so both paths agree.
+    """
+
+    def __init__(self, hidden: int, intermediate: int, num_experts: int):
+        super().__init__()
+        self.num_experts, self.hidden_dim, self.intermediate_dim = num_experts, hidden, intermediate
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate, hidden))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, intermediate))
+
+    def _apply_gate(self, gate_up_PX: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up; the name and signature transformers' experts classes use (parallel.ep calls it)."""
+        gate, up = gate_up_PX.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+    def forward(self, x_TD: torch.Tensor, ids_TW: torch.Tensor, weights_TW: torch.Tensor) -> torch.Tensor:
+        """Args: x_TD (T, D); ids_TW (T, W) int64 in [0, E]; weights_TW (T, W). Returns (T, D) in x's dtype."""
+        T, W = ids_TW.shape
+        E = self.num_experts
+        flat_P = ids_TW.reshape(-1)
+        key_P = flat_P.clamp(0, E)
+        # Stable sort by expert: each expert's rows are contiguous, token order inside; sentinels last.
+        order_P = torch.sort(key_P, stable=True).indices
+        counts = torch.bincount(key_P, minlength=E + 1)[:E].tolist()  # NOTE: host sync (loop bounds)
+        sel_P = order_P[:sum(counts)]
+        tok_P = torch.div(sel_P, W, rounding_mode="floor")
+        x_PD = x_TD[tok_P]
+        pieces, start = [], 0
+        for e, n in enumerate(counts):
+            if n:
+                h = F.linear(x_PD[start:start + n], self.gate_up_proj[e])
+                pieces.append(F.linear(self._apply_gate(h), self.down_proj[e]))
+                start += n
+        buf_TWD = x_TD.new_zeros(T, W, x_TD.shape[-1])
+        if pieces:
+            y_PD = torch.cat(pieces)
+            w_P = weights_TW.reshape(-1)[sel_P]
+            buf_TWD = buf_TWD.index_put((tok_P, sel_P - tok_P * W), (y_PD * w_P[:, None]).to(x_TD.dtype))
+        return buf_TWD.float().sum(dim=1).to(x_TD.dtype)
+
+
+def load_balancing_loss(logits_TE: torch.Tensor, ids_TK: torch.Tensor, valid_T: torch.Tensor | None = None):
+    """Switch-style auxiliary loss E · Σ_e f_e · P_e: f_e the fraction of the (token, pick) pairs routed
+    to e, P_e the mean router probability of e.  It is 1 at perfect balance for any top-k."""
+    E = logits_TE.shape[-1]
+    probs_TE = torch.softmax(logits_TE.float(), dim=-1)
+    onehot_TE = torch.zeros_like(probs_TE).scatter_add_(1, ids_TK, torch.ones_like(ids_TK, dtype=probs_TE.dtype))
+    if valid_T is not None:
+        m_T = valid_T.to(probs_TE.dtype)[:, None]
+        probs_TE, onehot_TE = probs_TE * m_T, onehot_TE * m_T
+        n = m_T.sum().clamp_min(1.0)
+    else:
+        n = float(max(probs_TE.shape[0], 1))
+    f_E = onehot_TE.sum(0) / (n * ids_TK.shape[1])
+    p_E = probs_TE.sum(0) / n
+    return E * (f_E * p_E).sum()
+
+
+class RoutedMoE(nn.Module):
+    """The routed branch: router + fused experts, with optional capacity-aware routing.
+
+    ``capacity`` is set by :func:`moepatch.scmoe.apply_capacity` (then :func:`moepatch.routing.route`
+    rewrites the picks); ``aux_loss`` holds the last forward's load-balancing loss while grad is on.
+    """
+
+    def __init__(self, hidden: int, intermediate: int, num_experts: int, top_k: int, normalize: bool, layer: int):
+        super().__init__()
+        self.router = TopKRouter(hidden, num_experts, top_k, normalize)
+        self.experts = FusedExperts(hidden, intermediate, num_experts)
+        self.num_experts, self.top_k = num_experts, top_k
+        self.capacity_layer = layer
+        self.capacity = None
+        self.aux_loss: torch.Tensor | None = None
+
+    def gate(self, x_TD: torch.Tensor, ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """Route (T, D) rows: (ids_TW, weights_TW), with the sentinel E on slots capacity dropped."""
+        logits_TE, weights_TK, ids_TK = self.router(x_TD)
+        valid_T = None if ctx.valid_BS is None else ctx.valid_BS.reshape(-1)
+        self.aux_loss = load_balancing_loss(logits_TE, ids_TK, valid_T) if torch.is_grad_enabled() else None
+        if self.capacity is None:
+            return ids_TK, weights_TK
+        return self.capacity.decide(self.router.scoring, self.capacity_layer, logits_TE, ids_TK, weights_TK,
+                                    batch=ctx.batch, seq=ctx.seq, valid_BS=ctx.valid_BS,
+                                    source_rank=ctx.source_rank)
+
+    def forward(self, x_TD: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        ids_TW, weights_TW = self.gate(x_TD, ctx)
+        return self.experts(x_TD, ids_TW, weights_TW)
+
+
+class Block(nn.Module):
+    """One decoder block: attention, then a dense MLP (``dense``), top-k routed experts on its own
+    state (``moe``, the baseline) or a shared expert + routed experts on a source (``scmoe``)."""
+
+    def __init__(self, cfg: ScMoEConfig, layer_idx: int, kind: str):
+        super().__init__()
+        D, eps = cfg.hidden_size, cfg.rms_norm_eps
+        self.kind = kind
+        self.input_norm = nn.RMSNorm(D, eps=eps)
+        self.attn = Attention(cfg, layer_idx)
+        self.post_norm = nn.RMSNorm(D, eps=eps)
+        self.combine = cfg.combine
+        if kind == "dense":
+            self.mlp = SwiGLU(D, cfg.intermediate_size)
+            return
+        self.moe = RoutedMoE(D, cfg.expert_intermediate_size, cfg.num_experts, cfg.top_k, cfg.norm_topk_prob,
+                             layer_idx)
+        if kind == "scmoe":
+            self.shared_expert = SwiGLU(D, cfg.expert_intermediate_size)
+            if cfg.combine != "add":
+                self.coef_gate = nn.Linear(D, 1 if cfg.combine == "cg1" else 2, bias=False)
+
+    def attention(self, h_BSD: torch.Tensor, ctx: ForwardContext, normed_BSD: torch.Tensor | None = None):
+        """h + Attn(n(h)); ``normed_BSD`` is n(h) when it was already computed (a shortcut source)."""
+        return h_BSD + self.attn(self.input_norm(h_BSD) if normed_BSD is None else normed_BSD, ctx)
+
+    def shared_branch(self, y_BSD: torch.Tensor):
+        """(c · SE(y), c') of the combine; c' is None when it is 1."""
+        se_BSD = self.shared_expert(y_BSD)
+        if self.combine == "add":
+            return se_BSD, None
+        logits = self.coef_gate(y_BSD).float()
+        if self.combine == "cg1":
+            return (torch.sigmoid(logits) * se_BSD).to(se_BSD.dtype), None
+        coef_BS2 = torch.softmax(logits, dim=-1)
+        return (coef_BS2[..., :1] * se_BSD).to(se_BSD.dtype), coef_BS2[..., 1:]
+
+
+@dataclass
+class UnitProgram:
+    """One MoE unit's forward, split where the expert-parallel schedule needs it.
+
+    Building the program runs the ops before the shortcut source.  Then, in any order relative to
+    the routed branch (none of them reads it): ``ops``, the backbone ops after the source; last,
+    ``merge(routed_TD)`` adds the routed output and returns the unit's output (B, S, D).
+
+    Attributes:
+        x_s_TD: (T, D) the normalised shortcut source, the routed experts' input.
+        moe: the routed branch that reads it.
+        ops: [(name, fn)] e.g. ``[("mlp_l", ...), ("attn_l+1", ...), ("se_l+1", ...)]`` for Pos-2.
+        merge: adds the routed output (T, D) last.
+    """
+
+    x_s_TD: torch.Tensor
+    moe: RoutedMoE
+    ops: list[tuple[str, Callable[[], None]]]
+    merge: Callable[[torch.Tensor], torch.Tensor]
+
+
+class ScMoEForCausalLM(nn.Module):
+    """The ScMoE decoder language model (or its baselines), see the module docstring.
+
+    ``forward(input_ids, labels=None, attention_mask=None, past_key_values=None, use_cache=False)``
+    returns :class:`ScMoEOutput`; ``generate`` decodes greedily with a KV cache.
+    """
+
+    def __init__(self, config: ScMoEConfig):
+        super().__init__()
+        self.config = cfg = config
+        D = cfg.hidden_size
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, D)
+        moe_kind = "scmoe" if cfg.has_shared_expert else "moe"
+        if cfg.moe_every_layer:
+            kinds = [moe_kind] * cfg.num_layers
+            self.units = [(None, i) for i in range(cfg.num_layers)]
+        else:
+            kinds = ["dense" if i % 2 == 0 else moe_kind for i in range(cfg.num_layers)]
+            self.units = [(i, i + 1) for i in range(0, cfg.num_layers, 2)]
+        self.blocks = nn.ModuleList(Block(cfg, i, k) for i, k in enumerate(kinds))
+        self.norm = nn.RMSNorm(D, eps=cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(D, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        Dh = D // cfg.num_heads
+        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, Dh, 2, dtype=torch.float32) / Dh))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        std = self.config.initializer_range
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, 0.0, std)
+            elif isinstance(m, (TopKRouter, FusedExperts)):
+                for p in m.parameters(recurse=False):
+                    nn.init.normal_(p, 0.0, std)
+            elif isinstance(m, nn.RMSNorm):
+                nn.init.ones_(m.weight)
+
+    def moe_layers(self) -> list[RoutedMoE]:
+        return [b.moe for b in self.blocks if b.kind != "dense"]
+
+    # -- the forward ------------------------------------------------------------------------------
+    def context(self, input_ids_BS: torch.Tensor, attention_mask: torch.Tensor | None,
+                cache: KVCache | None) -> ForwardContext:
+        """Rotary tables and the attention mask of one forward (``attention_mask``: (B, P+S), 1 = real)."""
+        B, S = input_ids_BS.shape
+        device = input_ids_BS.device
+        past = cache.length if cache is not None else 0
+        pos_S = torch.arange(past, past + S, device=device, dtype=torch.float32)
+        freqs = torch.outer(pos_S, self.inv_freq.to(device))
+        emb_SDh = torch.cat([freqs, freqs], dim=-1)
+        valid_BS = keys_BK = None
+        if attention_mask is not None:
+            if attention_mask.shape != (B, past + S):
+                raise ValueError(f"attention_mask must be (batch, cached + new positions) = {(B, past + S)}, "
+                                 f"got {tuple(attention_mask.shape)}")
+            keys_BK = attention_mask.to(device=device, dtype=torch.bool)
+            if bool(keys_BK.all()):  # NOTE: host sync; keeps the fused causal kernel when nothing is padded
+                keys_BK = None
+            else:
+                valid_BS = keys_BK[:, past:]
+        attn_mask, is_causal = None, past == 0
+        if keys_BK is not None or (past > 0 and S > 1):
+            q_S = torch.arange(past, past + S, device=device)
+            k_K = torch.arange(past + S, device=device)
+            mask_BSK = (k_K[None, :] <= q_S[:, None])[None].expand(B, S, past + S)
+            if keys_BK is not None:
+                # A padded query attends to itself so its softmax row is never empty (no NaN).
+                mask_BSK = (mask_BSK & keys_BK[:, None, :]) | (k_K[None, None, :] == q_S[None, :, None])
+            attn_mask, is_causal = mask_BSK[:, None], False
+        return ForwardContext(B, S, emb_SDh.cos(), emb_SDh.sin(), cache, attn_mask, is_causal, valid_BS)
+
+    def unit_program(self, u: int, h_BSD: torch.Tensor, ctx: ForwardContext) -> UnitProgram:
+        """Split unit ``u`` (a dense block A and an MoE block B, or B alone) at its shortcut source."""
+        a_idx, b_idx = self.units[u]
+        A = None if a_idx is None else self.blocks[a_idx]
+        Bk = self.blocks[b_idx]
+        st = {"h": h_BSD}  # the residual stream and the normalised tensors the ops share
+
+        def attn_a():
+            st["h"] = A.attention(st["h"], ctx, st.pop("n", None))
+
+        def mlp_a():
+            y = st.pop("n", None)
+            st["h"] = st["h"] + A.mlp(A.post_norm(st["h"]) if y is None else y)
+
+        def attn_b():
+            st["h"] = Bk.attention(st["h"], ctx, st.pop("n", None))
+
+        def se_b():
+            y = st.pop("n", None)
+            st["se"], st["coef"] = Bk.shared_branch(Bk.post_norm(st["h"]) if y is None else y)
+
+        sequence = ([("attn_l", attn_a, A.input_norm), ("mlp_l", mlp_a, A.post_norm)] if A is not None else [])
+        sequence += [("attn_l+1", attn_b, Bk.input_norm)]
+        if Bk.kind == "scmoe":
+            sequence.append(("se_l+1", se_b, Bk.post_norm))
+        # Ops that run before the source: Pos-3 reads block l's input, Pos-2 its post-attention state,
+        # Pos-1 its output (= block l+1's input), source 0 (no shortcut) the MoE block's own state.
+        source = self.config.source
+        if A is None:
+            n_before = {1: 0, 0: 1}[source]
+        else:
+            n_before = {3: 0, 2: 1, 1: 2, 0: 3}[source]
+        for _, fn, _ in sequence[:n_before]:
+            fn()
+        norm = sequence[n_before][2] if n_before < len(sequence) else Bk.post_norm
+        st["n"] = x_s_BSD = norm(st["h"])
+        if n_before == len(sequence):  # the baseline: nothing left to run, the source is not reused
+            st.pop("n")
+
+        def merge(routed_TD: torch.Tensor) -> torch.Tensor:
+            routed_BSD = routed_TD.view_as(st["h"])
+            if Bk.kind != "scmoe":
+                return st["h"] + routed_BSD
+            se, coef = st.pop("se"), st.pop("coef")
+            if coef is not None:
+                routed_BSD = (coef * routed_BSD).to(se.dtype)
+            return st["h"] + se + routed_BSD
+
+        ops = [(name, fn) for name, fn, _ in sequence[n_before:]]
+        return UnitProgram(x_s_BSD.reshape(-1, x_s_BSD.shape[-1]), Bk.moe, ops, merge)
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, past_key_values: KVCache | None = None,
+                use_cache: bool = False) -> ScMoEOutput:
+        """Args:
+            input_ids: (B, S) int64.
+            labels: (B, S) int64, -100 where ignored; shifted inside (token t predicts t+1).
+            attention_mask: (B, P+S), 1 for real tokens (padding is neither attended nor routed
+                under capacity nor counted in the aux loss).
+            past_key_values: a :class:`KVCache` from a previous call; ``use_cache`` starts one.
+        """
+        cache = past_key_values if past_key_values is not None else (
+            KVCache(len(self.blocks)) if use_cache else None)
+        ctx = self.context(input_ids, attention_mask, cache)
+        h_BSD = self.embed_tokens(input_ids)
+        for u in range(len(self.units)):
+            prog = self.unit_program(u, h_BSD, ctx)
+            # The single-device order: the routed branch right after its source, then the backbone.
+            routed_TD = prog.moe(prog.x_s_TD, ctx)
+            for _, op in prog.ops:
+                op()
+            h_BSD = prog.merge(routed_TD)
+        return self.head(h_BSD, labels, cache)
+
+    def head(self, h_BSD: torch.Tensor, labels: torch.Tensor | None, cache: KVCache | None) -> ScMoEOutput:
+        """Final norm, logits, losses."""
+        logits = self.lm_head(self.norm(h_BSD))
+        aux = None
+        auxes = [m.aux_loss for m in self.moe_layers() if m.aux_loss is not None]
+        if auxes:
+            aux = torch.stack(auxes).mean()
+        out = ScMoEOutput(logits=logits, aux_loss=aux, past_key_values=cache)
+        if labels is not None:
+            out.lm_loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                                          labels[:, 1:].reshape(-1), ignore_index=-100)
+            out.loss = out.lm_loss if aux is None else out.lm_loss + self.config.aux_loss_coef * aux
+        return out
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32, eos_token_id: int | None = None,
+                 use_cache: bool = True) -> torch.Tensor:
+        """Greedy decoding; (B, S + new) ids.  With ``use_cache=False`` every step reruns the whole prefix
+        (same tokens, for checking the cache).  Prompts must be unpadded and of equal length; a sequence
+        that emitted ``eos_token_id`` keeps emitting it until all are done."""
+        ids = input_ids
+        cache = KVCache(len(self.blocks)) if use_cache else None
+        step_in = ids
+        done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+        for _ in range(max_new_tokens):
+            logits = self.forward(step_in, past_key_values=cache).logits[:, -1]
+            nxt = logits.argmax(dim=-1)
+            if eos_token_id is not None:
+                nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
+                done |= nxt == eos_token_id
+            ids = torch.cat([ids, nxt[:, None]], dim=1)
+            step_in = nxt[:, None] if use_cache else ids
+            if eos_token_id is not None and bool(done.all()):  # NOTE: host sync, once per token
+                break
+        return ids
+
+
+def build_scmoe(config: ScMoEConfig | None = None, **overrides) -> ScMoEForCausalLM:
+    """An ScMoE (or baseline) model with fresh weights: ``build_scmoe(arch="scmoe", position=2, combine="cg1")``."""
+    if config is None:
+        config = ScMoEConfig(**overrides)
+    elif overrides:
+        config = ScMoEConfig(**dict(config.to_dict(), **overrides))
+    return ScMoEForCausalLM(config)
+
+
+def active_parameters(model: nn.Module) -> dict:
+    """Unique parameters (tied counted once) and the parameters one token activates.
+
+    A routed experts module counts K/E of its parameters as active (K picks of E equal experts);
+    everything else (routers, shared experts, CG gates, attention, embeddings) counts whole.
+    Works for native ScMoE models, converted transformers models and unconverted transformers MoE
+    models (whose MoE blocks have ``gate.top_k`` and ``experts``).
+    """
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    routed = active_routed = 0
+    counted: set[int] = set()
+    for m in model.modules():
+        experts, top_k = None, None
+        if isinstance(m, RoutedMoE) or hasattr(m, "capacity_layer"):
+            experts, top_k = m.experts, m.top_k
+        elif hasattr(m, "gate") and hasattr(m, "experts") and hasattr(m.gate, "top_k"):
+            experts, top_k = m.experts, m.gate.top_k
+        if experts is None or id(experts) in counted:
+            continue
+        counted.add(id(experts))
+        n = sum(p.numel() for p in experts.parameters())
+        routed += n
+        active_routed += n * top_k // experts.num_experts
+    return {"total": total, "routed_experts": routed, "active": total - routed + active_routed}
+

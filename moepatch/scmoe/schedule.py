@@ -1,0 +1,335 @@
+"""ScMoE under expert parallelism: the sequential and the overlapped schedule of a shortcut unit.
+
+Every rank holds the whole backbone and scores its own batch (data parallel); the routed experts
+of each MoE layer are split over the ranks in contiguous blocks and each rank's routed rows go to
+the experts' ranks through moepatch.parallel's dispatcher (a header exchange, then
+``all_to_all_single`` of the rows with split sizes; the reverse exchange to combine).
+
+One unit (dense block l and MoE block l+1 with a Pos-2 shortcut) runs, per schedule:
+
+* ``sequential``: x_s -> gate -> dispatch -> experts -> combine, then MLP_l, Attn_{l+1}, SE_{l+1},
+  then the merge.  Communication and compute alternate; nothing is hidden.
+* ``overlap``: x_s -> gate -> *start* the dispatch; backbone ops 0..K-1 run while the rows travel;
+  wait; the expert GEMMs (on the compute stream); *start* the combine; backbone ops K..N-1 run while
+  the rows come back; wait; weigh and sum; merge.  The gating and dispatch preparation go as early
+  as possible and the final combine as late as possible.
+
+Both run the same ops on the same data, so their outputs are equal (bit for bit: the combine is a
+fixed-order float32 sum).  The backbone ops after the source are those of
+:meth:`moepatch.scmoe.model.ScMoEForCausalLM.unit_program` (Pos-1: Attn_{l+1}, SE_{l+1}; Pos-2:
+MLP_l too; Pos-3: Attn_l too).
+
+Communication is asynchronous, compute stays on the current stream: with NCCL,
+``all_to_all_single(..., async_op=True)`` runs on the process group's internal NCCL stream (the
+side stream), ordered after the producer by the event NCCL records on the current stream, and
+``work.wait()`` makes the current stream wait for it without blocking the host.  With gloo the
+same call runs on gloo's worker thread, so the same code path overlaps as far as gloo allows.
+The header exchange stays synchronous: the split sizes must be on the host before the rows can be
+sent (``Dispatcher.dispatch``, one host sync per layer).
+
+The slot K of the expert GEMMs among the N backbone ops is the paper's rule on measured times
+(:func:`choose_slot`): minimise |Σ_{i<K} COMP_i − T_dispatch| + |Σ_{i≥K} COMP_i − T_combine|
+(ops 0..K-1 hide the dispatch, ops K..N-1 the combine); :meth:`ShortcutEP.calibrate` measures.
+
+This path is inference-only (the all-to-all is not differentiable) and every rank must run the
+same number of forwards (there is no idle-serving loop as in ``moepatch.parallel.ep_session``).
+
+Legend: B sequences, S positions, T = B*S tokens on this rank, D hidden, E routed experts,
+W routing slots per token, R rows this rank receives, P rows it sends, L local experts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import ModelStateError
+from ..parallel.dispatch import AllToAllDispatcher, Dispatched, LocalDispatcher, weigh_and_sum
+from ..parallel.ep import _EPBlock, compute_local_experts
+from .model import ForwardContext, ScMoEForCausalLM, UnitProgram
+
+SCHEDULES = ("sequential", "overlap")
+
+
+class AsyncAllToAllDispatcher(AllToAllDispatcher):
+    """moepatch.parallel's all-to-all dispatcher whose row exchanges can be left in flight.
+
+    Inside :meth:`in_flight`, ``_exchange_rows`` issues ``all_to_all_single(..., async_op=True)``
+    and returns the receive buffer at once; :meth:`take_pending` hands over the work handle, and
+    the buffer may be read only after :meth:`PendingRows.wait`.  Outside it, it is the plain
+    synchronous dispatcher.  Headers, statuses and error handling are the parent's.
+    """
+
+    def __init__(self, header_slots: int, group=None):
+        super().__init__(header_slots, group)
+        self._async = False
+        self._pending: PendingRows | None = None
+
+    @contextlib.contextmanager
+    def in_flight(self):
+        self._async = True
+        try:
+            yield
+        finally:
+            self._async = False
+
+    def _exchange_rows(self, send_NH, send_splits, recv_splits):
+        if not self._async:
+            return super()._exchange_rows(send_NH, send_splits, recv_splits)
+        recv_NH = send_NH.new_empty(sum(recv_splits), send_NH.shape[1])
+        work = self._call("rows", lambda: self._dist.all_to_all_single(
+            recv_NH, send_NH, output_split_sizes=recv_splits, input_split_sizes=send_splits, group=self.group,
+            async_op=True))
+        # The send buffer must outlive the exchange: the pending handle keeps it.
+        self._pending = PendingRows(self, work, send_NH)
+        return recv_NH
+
+    def take_pending(self) -> PendingRows | None:
+        pending, self._pending = self._pending, None
+        return pending
+
+    def reduce_max(self, values: list[float]) -> list[float]:
+        """Element-wise max over the ranks (so every rank picks the same slots)."""
+        device = "cuda" if self._dist.get_backend(self.group) == "nccl" else "cpu"
+        t = torch.tensor(values, dtype=torch.float64, device=device)
+        self._call("timing", lambda: self._dist.all_reduce(t, op=self._dist.ReduceOp.MAX, group=self.group))
+        return t.tolist()
+
+
+@dataclass
+class PendingRows:
+    """An all-to-all of rows in flight."""
+
+    dispatcher: AsyncAllToAllDispatcher
+    work: object
+    send_NH: torch.Tensor
+
+    def wait(self) -> None:
+        """Host-blocking on gloo; on NCCL the current stream waits, the host does not."""
+        work, self.work = self.work, None
+        if work is not None:
+            self.dispatcher._call("rows", work.wait)
+        self.send_NH = None
+
+
+def choose_slot(comp_s: list[float], t_dispatch: float, t_combine: float) -> int:
+    """The paper's slot rule: K in [0, N] minimising |Σ_{i<K} COMP_i − T_dispatch| + |Σ_{i≥K} COMP_i − T_combine|.
+
+    Ops 0..K-1 run while the dispatch is in flight, the expert GEMMs come next, ops K..N-1 run
+    while the combine is in flight.  Ties go to the smaller K (the experts' output is ready sooner).
+    """
+    total = sum(comp_s)
+    best_k, best_cost, before = 0, float("inf"), 0.0
+    for k in range(len(comp_s) + 1):
+        cost = abs(before - t_dispatch) + abs(total - before - t_combine)
+        if cost < best_cost - 1e-12:
+            best_k, best_cost = k, cost
+        if k < len(comp_s):
+            before += comp_s[k]
+    return best_k
+
+
+class _Clock:
+    """Wall-clock phases; on CUDA every mark synchronises the device first (calibration and benchmarks only)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.t = time.perf_counter()
+
+    def lap(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()  # NOTE: host sync (timing)
+        now = time.perf_counter()
+        dt, self.t = now - self.t, now
+        return dt
+
+
+@dataclass
+class UnitTiming:
+    """Seconds of one unit's phases in the sequential schedule (median over iterations, max over ranks)."""
+
+    ops: dict[str, float]
+    gate: float
+    dispatch: float
+    experts: float
+    combine: float
+    slot: int = 0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def comm(self) -> float:
+        return self.dispatch + self.combine
+
+
+class ShortcutEP:
+    """Run a native ScMoE (or baseline) model with its routed experts over the ranks of a process group.
+
+    Args:
+        model: a :class:`ScMoEForCausalLM` with the same weights on every rank (same seed or
+            checkpoint).  Its experts modules keep their full parameters; this object computes
+            with views of this rank's contiguous block.
+        group: the process group (default: the default group); without an initialised process
+            group, one rank with the local dispatcher (identity exchanges).
+    Capacity-aware routing applies per source rank when :func:`moepatch.scmoe.apply_capacity`
+    was called with ``ep_size`` equal to the world size.
+    """
+
+    def __init__(self, model: ScMoEForCausalLM, group=None):
+        if not isinstance(model, ScMoEForCausalLM):
+            raise ModelStateError(f"ShortcutEP runs native ScMoE models, got {type(model).__name__}")
+        import torch.distributed as dist  # through moepatch.parallel's dispatcher only
+
+        world = dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
+        self.model = model
+        layers = model.moe_layers()
+        header_slots = max(-(-m.num_experts // world) for m in layers)
+        self.dispatcher = AsyncAllToAllDispatcher(header_slots, group) if world > 1 else LocalDispatcher(header_slots)
+        self.rank, self.world = self.dispatcher.rank, world
+        for m in layers:
+            cap = m.capacity
+            if cap is not None and cap.config.ep_size != world:
+                raise ModelStateError(f"capacity is configured for ep_size={cap.config.ep_size}; call "
+                                      f"apply_capacity(model, ..., ep_size={world}) for {world} ranks")
+        self._ordinal = {id(m): i for i, m in enumerate(layers)}
+        self.blocks = []
+        for i, m in enumerate(layers):
+            local = self.dispatcher.local_experts(m.num_experts)
+            sl = slice(local.start, local.stop)
+            ex = m.experts
+            self.blocks.append(_EPBlock(i, m.num_experts, weakref.ref(ex), ex.gate_up_proj.detach()[sl],
+                                        ex.down_proj.detach()[sl], None))
+        # Default slots before calibration: unit op costs, each exchange half an op.
+        self.slots: dict[int, int] = {}
+        self.timings: dict[int, UnitTiming] = {}
+
+    # -- one unit ---------------------------------------------------------------------------------
+    def _in_flight(self):
+        if isinstance(self.dispatcher, AsyncAllToAllDispatcher):
+            return self.dispatcher.in_flight()
+        return contextlib.nullcontext()
+
+    def _take_pending(self) -> PendingRows | None:
+        take = getattr(self.dispatcher, "take_pending", None)
+        return take() if take is not None else None
+
+    def _dispatch(self, prog: UnitProgram, ids_TW: torch.Tensor, asynchronous: bool):
+        ordinal = self._ordinal[id(prog.moe)]
+        with self._in_flight() if asynchronous else contextlib.nullcontext():
+            d = self.dispatcher.dispatch(prog.x_s_TD, ids_TW, num_experts=prog.moe.num_experts, tag=ordinal)
+        if d is None:
+            raise ModelStateError("every rank reported idle in a ShortcutEP forward; all ranks must run the same "
+                                  "number of forwards")
+        return d, self._take_pending() if asynchronous else None
+
+    def _experts(self, d: Dispatched) -> torch.Tensor:
+        return compute_local_experts(self.blocks[d.tag], d.x_RH, d.counts_SM)
+
+    def _combine(self, y_RD: torch.Tensor, d: Dispatched, asynchronous: bool):
+        with self._in_flight() if asynchronous else contextlib.nullcontext():
+            back_PD = self.dispatcher.return_rows(y_RD, d)
+        return back_PD, self._take_pending() if asynchronous else None
+
+    def default_slot(self, n_ops: int) -> int:
+        return choose_slot([1.0] * n_ops, 0.5, 0.5)
+
+    def run_unit(self, u: int, h_BSD: torch.Tensor, ctx: ForwardContext, schedule: str = "overlap",
+                 clock: _Clock | None = None, phases: dict | None = None) -> torch.Tensor:
+        """Unit ``u`` on this rank's tokens; (B, S, D).  ``clock``/``phases`` record the sequential phases."""
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule={schedule!r}; accepted: {', '.join(map(repr, SCHEDULES))}")
+        prog = self.model.unit_program(u, h_BSD, ctx)
+        if clock is not None:
+            clock.lap()
+        # Gating and dispatch preparation as early as possible: right after the source exists.
+        ids_TW, w_TW = prog.moe.gate(prog.x_s_TD, ctx)
+        if schedule == "sequential":
+            if clock is not None:
+                phases["gate"] = clock.lap()
+            d, _ = self._dispatch(prog, ids_TW, asynchronous=False)
+            if clock is not None:
+                phases["dispatch"] = clock.lap()
+            y_RD = self._experts(d)
+            if clock is not None:
+                phases["experts"] = clock.lap()
+            back_PD, _ = self._combine(y_RD, d, asynchronous=False)
+            routed_TD = weigh_and_sum(back_PD, d, w_TW)
+            if clock is not None:
+                phases["combine"] = clock.lap()
+            for name, op in prog.ops:
+                op()
+                if clock is not None:
+                    phases[name] = clock.lap()
+            return prog.merge(routed_TD)
+
+        k = self.slots.get(u, self.default_slot(len(prog.ops)))
+        d, pending = self._dispatch(prog, ids_TW, asynchronous=True)
+        for _, op in prog.ops[:k]:
+            op()
+        if pending is not None:
+            pending.wait()
+        y_RD = self._experts(d)
+        back_PD, pending = self._combine(y_RD, d, asynchronous=True)
+        for _, op in prog.ops[k:]:
+            op()
+        if pending is not None:
+            pending.wait()
+        # The final combine as late as possible: weigh, sum and merge last.
+        return prog.merge(weigh_and_sum(back_PD, d, w_TW))
+
+    # -- whole forwards -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                schedule: str = "overlap") -> torch.Tensor:
+        """Logits (B, S, V) of this rank's batch under expert parallelism."""
+        ctx, h_BSD = self.prepare(input_ids, attention_mask)
+        for u in range(len(self.model.units)):
+            h_BSD = self.run_unit(u, h_BSD, ctx, schedule)
+        return self.model.head(h_BSD, None, None).logits
+
+    __call__ = forward
+
+    def prepare(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        """The forward context (capacity per source rank) and the embeddings of this rank's batch."""
+        if torch.is_grad_enabled():
+            raise ModelStateError("the expert-parallel path is inference-only (its all-to-all is not differentiable); "
+                                  "run it under torch.no_grad() or torch.inference_mode()")
+        ctx = self.model.context(input_ids, attention_mask, None)
+        ctx.source_rank = self.rank if self.world > 1 else None
+        return ctx, self.model.embed_tokens(input_ids)
+
+    @torch.no_grad()
+    def calibrate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                  iters: int = 3, warmup: int = 1) -> dict[int, UnitTiming]:
+        """Time every unit's phases in the sequential schedule and set its slot by :func:`choose_slot`.
+
+        A collective: every rank must call it.  Times are medians over ``iters`` and maxima over the
+        ranks, so every rank picks the same slots.
+        """
+        ctx, h0 = self.prepare(input_ids, attention_mask)
+        device = h0.device
+        samples: dict[int, list[dict]] = {u: [] for u in range(len(self.model.units))}
+        for it in range(warmup + iters):
+            h_BSD = h0
+            for u in range(len(self.model.units)):
+                phases: dict = {}
+                h_BSD = self.run_unit(u, h_BSD, ctx, "sequential", clock=_Clock(device), phases=phases)
+                if it >= warmup:
+                    samples[u].append(phases)
+        for u, runs in samples.items():
+            names = list(runs[0])
+            med = [statistics.median(r[n] for r in runs) for n in names]
+            if isinstance(self.dispatcher, AsyncAllToAllDispatcher):
+                med = self.dispatcher.reduce_max(med)
+            vals = dict(zip(names, med))
+            ops = {n: vals[n] for n in names if n not in ("gate", "dispatch", "experts", "combine")}
+            t = UnitTiming(ops=ops, gate=vals["gate"], dispatch=vals["dispatch"], experts=vals["experts"],
+                           combine=vals["combine"])
+            t.slot = choose_slot(list(ops.values()), t.dispatch, t.combine)
+            self.slots[u] = t.slot
+            self.timings[u] = t
+        return self.timings

@@ -1,0 +1,250 @@
+"""ScMoE under expert parallelism: per-unit time of the top-2 MoE vs ScMoE, and how much all-to-all the overlap hides.
+
+One unit = a dense block and an MoE block (the shape of the paper's alternating decoder).  For
+each shape, on every rank (data parallel backbone, experts split over the ranks):
+
+* ``top2`` (the baseline: top-2 routed experts on the MoE block's own state; nothing to overlap),
+* ``scmoe`` Pos-2 CG-1 with the *sequential* schedule (dispatch, experts, combine, then the
+  backbone): the architecture's gain alone (half the routed rows, same FLOPs: a shared expert of
+  one expert's width plus top-1),
+* ``scmoe`` with the *overlapped* schedule (moepatch.scmoe.schedule): the overlap's gain on top.
+
+Reported per variant: the unit time (max over ranks of each iteration, median over iterations),
+the all-to-all time measured in the sequential schedule (dispatch + combine), the fraction of it
+the overlap hides ((T_sequential − T_overlap) / T_all-to-all, clipped to [0, 1]), the slot K
+chosen by the paper's rule, and speedups.  Before timing, each variant's expert-parallel unit
+output must equal the single-device unit on the same tokens (and overlap must equal sequential
+bit for bit), or the benchmark stops.
+
+    torchrun --nproc_per_node 2 scripts/bench_scmoe.py --out results/bench_scmoe      # 2 GPUs, NCCL
+    python3 scripts/bench_scmoe.py --smoke --out /tmp/bench_scmoe                      # CPU, 2 gloo ranks
+
+Started without a launcher it starts torchrun itself (one rank per GPU, 2 on a CPU machine, or
+``$MOEPATCH_EP_NPROC``), killed after ``--limit-s`` seconds.  Writes ``bench_scmoe.json`` and
+``bench_scmoe.md`` to ``--out`` and prints a short table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+# name: (hidden, expert/dense width, query heads, kv heads, experts, batch per rank, sequence)
+SHAPES = {
+    # Mixtral-8x7B layer dimensions: expert compute dwarfs the all-to-all on NVLink.
+    "mixtral": (4096, 14336, 32, 8, 8, 4, 2048),
+    # Narrower experts (as in fine-grained MoEs): the all-to-all is a larger share of the unit.
+    "narrow": (2048, 1024, 16, 4, 8, 8, 2048),
+}
+SMOKE_SHAPE = ("smoke", (32, 48, 4, 2, 4, 2, 16))
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--shapes", default="mixtral,narrow", help=f"comma-separated, from {', '.join(SHAPES)}")
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--calibrate-iters", type=int, default=5)
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"),
+                   help="on GPUs; the CPU smoke run uses float32")
+    p.add_argument("--smoke", action="store_true", help="tiny shape, a few iterations, gloo on the CPU")
+    p.add_argument("--limit-s", type=float, default=None,
+                   help="wall-clock limit of a self-started torchrun (default: 600, smoke 180)")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.iters, args.warmup, args.calibrate_iters = 3, 1, 2
+    names = [s for s in args.shapes.split(",") if s]
+    if not args.smoke and (not names or any(s not in SHAPES for s in names)):
+        p.error(f"--shapes {args.shapes!r}: accepted {', '.join(SHAPES)}")
+    args.shape_list = [SMOKE_SHAPE] if args.smoke else [(s, SHAPES[s]) for s in names]
+    return args
+
+
+def launched() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def relaunch(argv: list[str], limit_s: float) -> int:
+    """Run this script under torchrun in its own process group; kill that group at ``limit_s``."""
+    import torch
+
+    nproc = int(os.environ.get("MOEPATCH_EP_NPROC", "0")) or torch.cuda.device_count() or 2
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p))
+    env.setdefault("OMP_NUM_THREADS", "1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(Path(__file__).resolve()), *argv]
+    print(f"bench_scmoe: starting {nproc} ranks", file=sys.stderr, flush=True)
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    try:
+        return proc.wait(timeout=limit_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the group this call started: torchrun and its ranks
+        proc.wait()
+        print(f"bench_scmoe: killed after {limit_s:.0f} s", file=sys.stderr, flush=True)
+        return 124
+
+
+def _unit_single_device(model, u, h_BSD, ctx):
+    """The unit on one device (all experts local), the reference for the expert-parallel output."""
+    prog = model.unit_program(u, h_BSD, ctx)
+    routed = prog.moe(prog.x_s_TD, ctx)
+    for _, op in prog.ops:
+        op()
+    return prog.merge(routed)
+
+
+def run(args) -> int:
+    import torch
+    import torch.distributed as dist
+
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    from moepatch.parallel import init_distributed
+    from moepatch.scmoe import ScMoEConfig, ScMoEForCausalLM
+    from moepatch.scmoe.schedule import ShortcutEP
+
+    rank, world, device = init_distributed()
+    cuda = device.type == "cuda"
+    dtype = getattr(torch, args.dtype) if cuda else torch.float32
+    if not cuda:
+        torch.set_num_threads(1)
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    def max_over_ranks(values: list[float]) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return t.tolist()
+
+    def time_unit(fn, iters: int, warmup: int) -> float:
+        """Median over iterations of the slowest rank's time of one unit (seconds)."""
+        per_iter = []
+        for i in range(warmup + iters):
+            dist.barrier()
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            if i >= warmup:
+                per_iter.append(time.perf_counter() - t0)
+        return statistics.median(max_over_ranks(per_iter))
+
+    def bench_variant(shape_name, dims, variant, kw) -> dict:
+        """Check, calibrate and time one variant's unit; the row of the report."""
+        D, inter, hq, hk, E, batch, seq = dims
+        cfg = ScMoEConfig(vocab_size=256, hidden_size=D, num_layers=2, num_heads=hq, num_kv_heads=hk,
+                          intermediate_size=inter, num_experts=E, max_position_embeddings=seq, **kw)
+        torch.manual_seed(0)  # every rank builds the same weights
+        with torch.device(device):
+            model = ScMoEForCausalLM(cfg)
+        model = model.to(dtype).eval()
+        ep = ShortcutEP(model)
+        g = torch.Generator(device="cpu").manual_seed(100 + rank)  # each rank its own tokens
+        ids_BS = torch.randint(0, cfg.vocab_size, (batch, seq), generator=g).to(device)
+        with torch.no_grad():
+            # Correctness first, on this rank's first sequence.
+            cctx, ch0 = ep.prepare(ids_BS[:1])
+            ref = _unit_single_device(model, 0, ch0, cctx).float()
+            seq_out = ep.run_unit(0, ch0, cctx, "sequential")
+            ov_out = ep.run_unit(0, ch0, cctx, "overlap")
+            tol = 1e-4 if dtype == torch.float32 else 2e-2
+            err = (seq_out.float() - ref).abs().max().item() / max(ref.abs().max().item(), 1e-6)
+            ov_diff = (seq_out.float() - ov_out.float()).abs().max().item()
+            err, ov_diff = max_over_ranks([err, ov_diff])
+            if err > tol:
+                raise SystemExit(f"{shape_name}/{variant}: the expert-parallel unit differs from the single-device "
+                                 f"unit (relative {err:.2e} > {tol}); nothing timed")
+            if ov_diff and rank == 0:
+                # Expected 0 (same kernels, same data); reported, not fatal, so one GPU run still measures.
+                print(f"WARNING {shape_name}/{variant}: overlap differs from sequential by {ov_diff:.3e}", flush=True)
+            timing = ep.calibrate(ids_BS, iters=args.calibrate_iters, warmup=1)[0]
+            ctx, h0 = ep.prepare(ids_BS)
+            t_seq = time_unit(lambda: ep.run_unit(0, h0, ctx, "sequential"), args.iters, args.warmup)
+            t_ov = time_unit(lambda: ep.run_unit(0, h0, ctx, "overlap"), args.iters, args.warmup)
+        comm = timing.dispatch + timing.combine
+        return {
+            "shape": shape_name, "variant": variant, "hidden": D, "expert_width": inter, "experts": E,
+            "tokens_per_rank": batch * seq, "unit_sequential_ms": t_seq * 1e3, "unit_overlap_ms": t_ov * 1e3,
+            "dispatch_ms": timing.dispatch * 1e3, "combine_ms": timing.combine * 1e3,
+            "experts_ms": timing.experts * 1e3, "gate_ms": timing.gate * 1e3,
+            "ops_ms": {k: v * 1e3 for k, v in timing.ops.items()}, "slot": timing.slot, "a2a_ms": comm * 1e3,
+            "hidden_fraction": max(0.0, min(1.0, (t_seq - t_ov) / comm)) if comm > 0 and timing.ops else 0.0,
+            "check_relative_error": err, "overlap_minus_sequential_max_abs": ov_diff,
+        }
+
+    rows = []
+    env = {"world": world, "device": torch.cuda.get_device_name(device) if cuda else "cpu", "dtype": str(dtype),
+           "torch": torch.__version__, "backend": dist.get_backend()}
+    for shape_name, dims in args.shape_list:
+        for variant, kw in (("top2", dict(arch="top2")), ("scmoe", dict(arch="scmoe", position=2, combine="cg1"))):
+            rows.append(bench_variant(shape_name, dims, variant, kw))
+            if cuda:
+                torch.cuda.empty_cache()
+
+    summary = []
+    for shape_name, _ in args.shape_list:
+        base = next(r for r in rows if r["shape"] == shape_name and r["variant"] == "top2")
+        sc = next(r for r in rows if r["shape"] == shape_name and r["variant"] == "scmoe")
+        b = base["unit_sequential_ms"]
+        summary.append({"shape": shape_name, "top2_ms": b, "scmoe_sequential_ms": sc["unit_sequential_ms"],
+                        "scmoe_overlap_ms": sc["unit_overlap_ms"],
+                        "architecture_speedup": b / sc["unit_sequential_ms"],
+                        "overlap_speedup": sc["unit_sequential_ms"] / sc["unit_overlap_ms"],
+                        "total_speedup": b / sc["unit_overlap_ms"], "top2_a2a_ms": base["a2a_ms"],
+                        "scmoe_a2a_ms": sc["a2a_ms"], "scmoe_a2a_hidden": sc["hidden_fraction"], "slot": sc["slot"]})
+    if rank == 0:
+        args.out.mkdir(parents=True, exist_ok=True)
+        report = {"environment": env, "args": {k: str(v) for k, v in vars(args).items()}, "rows": rows,
+                  "summary": summary}
+        (args.out / "bench_scmoe.json").write_text(json.dumps(report, indent=1) + "\n")
+        md = [f"# ScMoE expert-parallel unit benchmark ({world} ranks, {env['device']}, {env['dtype']})", "",
+              "| shape | variant | schedule | unit ms | a2a ms (seq) | hidden | slot K |",
+              "|---|---|---|---|---|---|---|"]
+        for r in rows:
+            md.append(f"| {r['shape']} | {r['variant']} | sequential | {r['unit_sequential_ms']:.3f} | "
+                      f"{r['a2a_ms']:.3f} | - | - |")
+            md.append(f"| {r['shape']} | {r['variant']} | overlap | {r['unit_overlap_ms']:.3f} | "
+                      f"{r['a2a_ms']:.3f} | {100 * r['hidden_fraction']:.0f}% | {r['slot']} |")
+        md += ["", "| shape | top-2 ms | ScMoE seq ms | ScMoE overlap ms | architecture | overlap | total |",
+               "|---|---|---|---|---|---|---|"]
+        for s in summary:
+            md.append(f"| {s['shape']} | {s['top2_ms']:.3f} | {s['scmoe_sequential_ms']:.3f} | "
+                      f"{s['scmoe_overlap_ms']:.3f} | {s['architecture_speedup']:.2f}x | {s['overlap_speedup']:.2f}x | "
+                      f"{s['total_speedup']:.2f}x |")
+        (args.out / "bench_scmoe.md").write_text("\n".join(md) + "\n")
+        lines = [f"{'shape':>8} {'top2 ms':>9} {'ScMoE seq':>10} {'ScMoE ovl':>10} {'a2a ms':>8} {'hidden':>7} "
+                 f"{'arch':>6} {'ovl':>6} {'total':>6}"]
+        for s in summary:
+            lines.append(f"{s['shape']:>8} {s['top2_ms']:>9.3f} {s['scmoe_sequential_ms']:>10.3f} "
+                         f"{s['scmoe_overlap_ms']:>10.3f} {s['scmoe_a2a_ms']:>8.3f} "
+                         f"{100 * s['scmoe_a2a_hidden']:>6.0f}% {s['architecture_speedup']:>5.2f}x "
+                         f"{s['overlap_speedup']:>5.2f}x {s['total_speedup']:>5.2f}x")
+        print(f"wrote {args.out / 'bench_scmoe.json'} and {args.out / 'bench_scmoe.md'}")
+        print("\n".join(lines), flush=True)
+    dist.destroy_process_group()
+    return 0
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    if not launched():
+        return relaunch(argv, args.limit_s or (180.0 if args.smoke else 600.0))
+    return run(args)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    raise SystemExit(main())

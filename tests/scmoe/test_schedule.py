@@ -1,0 +1,87 @@
+"""The expert-parallel schedule: the slot rule, and overlapped == sequential == the single-device model."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from scmoe_launch import run_ranks
+
+from moepatch.errors import ModelStateError
+from moepatch.scmoe import apply_capacity, build_scmoe
+from moepatch.scmoe.schedule import ShortcutEP, choose_slot
+
+DIMS = dict(vocab_size=64, hidden_size=32, num_layers=4, num_heads=4, intermediate_size=48, num_experts=4)
+
+
+def _brute_force(comp, t_d, t_c):
+    costs = [abs(sum(comp[:k]) - t_d) + abs(sum(comp[k:]) - t_c) for k in range(len(comp) + 1)]
+    return costs.index(min(costs))
+
+
+@pytest.mark.parametrize("comp,t_d,t_c,expected", [
+    ([1.0, 1.0, 1.0], 1.0, 2.0, 1),  # one op hides the dispatch, two the combine
+    ([1.0, 1.0, 1.0], 2.0, 1.0, 2),
+    ([1.0, 1.0, 1.0], 0.0, 3.0, 0),  # nothing to hide before: experts first
+    ([1.0, 1.0, 1.0], 3.0, 0.0, 3),  # nothing to hide after: experts last
+    ([0.2, 3.0, 0.5], 0.3, 0.4, 2),  # 2.9 + 0.1 beats 0.1 + 3.1
+    ([], 1.0, 1.0, 0),
+])
+def test_choose_slot(comp, t_d, t_c, expected):
+    assert choose_slot(comp, t_d, t_c) == expected
+
+
+def test_choose_slot_is_the_argmin():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        n = int(torch.randint(0, 6, (1,), generator=g))
+        comp = torch.rand(n, generator=g).tolist()
+        t_d, t_c = torch.rand(2, generator=g).tolist()
+        assert choose_slot(comp, t_d, t_c) == _brute_force(comp, t_d, t_c)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("kw", [dict(arch="scmoe", position=2), dict(arch="scmoe", position=3, combine="cg2"),
+                                dict(arch="scmoe2", position=1, moe_every_layer=True), dict(arch="top2")])
+def test_one_rank_schedules_equal_the_model(kw):
+    torch.manual_seed(0)
+    model = build_scmoe(**kw, **DIMS).eval()
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))
+    ref = model(ids).logits
+    ep = ShortcutEP(model)  # no process group: the local dispatcher
+    assert torch.equal(ep(ids, schedule="sequential"), ref)
+    assert torch.equal(ep(ids, schedule="overlap"), ref)
+    timings = ep.calibrate(ids, iters=1)
+    for u, t in timings.items():
+        assert t.slot == ep.slots[u] == choose_slot(list(t.ops.values()), t.dispatch, t.combine)
+    assert torch.equal(ep(ids), ref)
+
+
+def test_one_rank_refusals():
+    torch.manual_seed(0)
+    model = build_scmoe(**DIMS)
+    ep = ShortcutEP(model)
+    with pytest.raises(ModelStateError, match="inference-only"):
+        ep.prepare(torch.zeros(1, 4, dtype=torch.long))
+    apply_capacity(model, 1.0, ep_size=2)
+    with pytest.raises(ModelStateError, match="ep_size"):
+        ShortcutEP(model)
+    with pytest.raises(ValueError, match="schedule"), torch.no_grad():
+        ep.run_unit(0, torch.zeros(1, 4, 32), None, schedule="later")
+
+
+@pytest.mark.distributed
+def test_two_gloo_ranks_overlap_equals_sequential(tmp_path):
+    """2 ranks: each rank's chunk under EP equals the single-device forward of the full batch, the
+    overlapped schedule (default and calibrated slots) equals the sequential one bit for bit, and
+    capacity per source rank equals the ep_size=2 simulation."""
+    per_rank = run_ranks(Path(__file__).with_name("ep_worker.py"), [], tmp_path, limit_s=90)
+    for rank, res in enumerate(per_rank):
+        for name, r in res.items():
+            assert r["ref_vs_seq"] <= 1e-5, (rank, name, r)
+            assert r["ref_max"] > 0.1
+            assert r["seq_equals_overlap"] and r["seq_equals_calibrated"], (rank, name)
+        cap = res["scmoe-pos2-cg1"]
+        assert cap["cap_sim_vs_seq"] <= 1e-5 and cap["cap_seq_equals_overlap"]
+        assert cap["cap_dropped"] > 0 and cap["cap_changes_output"] > 1e-4
+        assert res["scmoe-pos2-cg1"]["ops"]["0"] == ["mlp_l", "attn_l+1", "se_l+1"]
+        assert res["top2"]["ops"]["0"] == []

@@ -1,0 +1,56 @@
+"""The training recipe and the benchmark run their CPU smoke modes end to end."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _load(path: Path, name: str):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_recipe_smoke_trains_both_models_on_equal_tokens(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    # A learnable stream: a short repeated pattern with noise, vocabulary 128.
+    pattern = rng.integers(0, 128, 50)
+    train = np.tile(pattern, 120) ^ (rng.random(6000) < 0.05)
+    np.save(data / "train.npy", train.astype(np.uint16))
+    np.save(data / "validation.npy", np.tile(pattern, 20).astype(np.uint16))
+    (data / "meta.json").write_text(json.dumps({"vocab_size": 128, "eot_id": 0}))
+    recipe = _load(REPO / "recipes" / "scmoe" / "train.py", "scmoe_recipe")
+    out = tmp_path / "out"
+    assert recipe.main(["--smoke", "--data-dir", str(data), "--out", str(out), "--max-steps", "8"]) == 0
+    report = json.loads((out / "scmoe_train.json").read_text())
+    top2, scmoe = report["models"]["top2"], report["models"]["scmoe"]
+    assert top2["steps"] == scmoe["steps"] == report["data"]["steps"] == 8
+    # Equal active parameters up to the CG-1 gate vectors (hidden 32, 2 MoE blocks).
+    assert scmoe["params"]["active"] - top2["params"]["active"] == 2 * 32
+    assert scmoe["config"]["position"] == 2 and scmoe["config"]["combine"] == "cg1"
+    for r in (top2, scmoe):
+        curve = [p["val_loss"] for p in r["validation"]]
+        assert curve[-1] < curve[0]
+    assert (out / "scmoe_val_loss.png").stat().st_size > 1000
+
+
+@pytest.mark.distributed
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU smoke path; GPUs run the real benchmark")
+def test_bench_smoke(tmp_path):
+    bench = _load(REPO / "scripts" / "bench_scmoe.py", "bench_scmoe")
+    assert bench.main(["--smoke", "--out", str(tmp_path), "--limit-s", "120"]) == 0
+    report = json.loads((tmp_path / "bench_scmoe.json").read_text())
+    assert {(r["variant"]) for r in report["rows"]} == {"top2", "scmoe"}
+    assert report["environment"]["world"] == 2
+    assert all(r["overlap_minus_sequential_max_abs"] == 0.0 and r["check_relative_error"] < 1e-4
+               for r in report["rows"])
+    assert (tmp_path / "bench_scmoe.md").read_text().startswith("# ScMoE")
