@@ -42,7 +42,7 @@ import torch
 
 from ..routing.capacity import capacities, group_ids, priority_order, token_devices
 from ..routing.config import RoutingConfig
-from ..routing.route import RoutingResult, policy_keys
+from ..routing.route import RoutingResult, expanded_layout, policy_keys, renormalize_kept
 from ..routing.strategies import _bucket_capacity, _flat_buckets
 
 # Random-policy permutations kept on the device, keyed by (seed, layer, shape, EP, device); bounded so a
@@ -314,7 +314,7 @@ def _fused_drop(cfg, scores_TE, topk_ids_TK, topk_weights_TK, batch, seq, valid_
         num_warps=8 if block >= 256 else 4)
     if cfg.renormalize == "kept":
         active_T = valid_T if has_valid else torch.ones(T, dtype=torch.bool, device=device)
-        w_TW = _renormalize_kept(w_TW, topk_weights_TK, active_T)
+        w_TW = renormalize_kept(w_TW, topk_weights_TK, active_T)
 
     def stats_fn():
         GE = G * E
@@ -327,13 +327,6 @@ def _fused_drop(cfg, scores_TE, topk_ids_TK, topk_weights_TK, batch, seq, valid_
                     rerouted_pairs=zero, added_pairs=zero)
 
     return LazyRoutingResult(ids_TW, w_TW, stats_fn)
-
-
-def _renormalize_kept(w_TW, topk_weights_TK, active_T):
-    native_T = torch.where(active_T, topk_weights_TK.float().sum(1), 0.0)
-    kept_T = w_TW.float().sum(1)
-    scale_T = torch.where(kept_T > 0, native_T / torch.where(kept_T > 0, kept_T, 1.0), 0.0)
-    return (w_TW.float() * scale_T[:, None]).to(w_TW.dtype)
 
 
 def _route_torch(cfg, scores_TE, topk_ids_TK, topk_weights_TK, factor_T, batch, seq, valid_BS, layer,
@@ -404,26 +397,13 @@ def _route_torch(cfg, scores_TE, topk_ids_TK, topk_weights_TK, factor_T, batch, 
         keep_TE = expanded_drop(scores_TE, topk_ids_TK, active_T, group_T, capacity_G, bucket_E, bucket_size_B,
                                 local_TE, cfg.max_experts_per_token)
         keep_TK = keep_TE.gather(1, topk_ids_TK)
-        native_TE = torch.zeros_like(keep_TE).scatter_(1, topk_ids_TK, True)
-        extra_TE = keep_TE & ~native_TE
-        n_extra = min(E, K + m) - K
-        W = K + n_extra
-        # Extra experts go to consecutive slots after the native ones, in ascending expert order;
-        # every other (token, expert) is scattered into a trash column W that is cut off after.
-        slot_TE = torch.where(extra_TE, K + torch.cumsum(extra_TE.long(), dim=1) - 1, W)
-        ids_TX = torch.cat([torch.where(keep_TK, topk_ids_TK, sentinel),
-                            torch.full((T, n_extra + 1), E, dtype=torch.long, device=device)], dim=1)
-        ids_TX.scatter_(1, slot_TE, torch.arange(E, device=device).expand(T, E))
-        extra_w_TE = (scores_TE * factor_T[:, None]).to(topk_weights_TK.dtype)
-        w_TX = torch.cat([torch.where(keep_TK, topk_weights_TK, w_zero),
-                          torch.zeros((T, n_extra + 1), dtype=topk_weights_TK.dtype, device=device)], dim=1)
-        w_TX.scatter_(1, slot_TE, extra_w_TE)
-        ids_TW, w_TW = ids_TX[:, :W].contiguous(), w_TX[:, :W].contiguous()
+        ids_TW, w_TW, extra_TE = expanded_layout(keep_TE, topk_ids_TK, topk_weights_TK, scores_TE, factor_T,
+                                                 keep_TK, min(E, K + m))
         dropped = routed - keep_TK.sum()
         added = extra_TE.sum()
 
     if cfg.renormalize == "kept":
-        w_TW = _renormalize_kept(w_TW, topk_weights_TK, active_T)
+        w_TW = renormalize_kept(w_TW, topk_weights_TK, active_T)
 
     load_after_E = _count(ids_TW, E + 1)[:E]
     return RoutingResult(ids_TW, w_TW, load_before_E, load_after_E, tokens_G, capacity_G,

@@ -19,6 +19,7 @@ from .strategies import expanded_drop, expert_drop, token_drop, token_reroute
 
 __all__ = [
     "POLICIES", "STRATEGIES", "FamilyScoring", "ForwardRecord", "LoadStats", "RoutingConfig", "RoutingResult",
-    "bucket_rank", "capacities", "capacity_for", "chunk_sizes", "random_keys", "expanded_drop", "expert_devices", "expert_drop", "group_ids",
-    "make_config", "priority_order", "route", "token_devices", "token_drop", "token_reroute",
+    "bucket_rank", "capacities", "capacity_for", "chunk_sizes", "expanded_drop", "expert_devices", "expert_drop",
+    "group_ids", "make_config", "priority_order", "random_keys", "route", "token_devices", "token_drop",
+    "token_reroute",
 ]

@@ -49,6 +49,41 @@ def _load(ids_TW: torch.Tensor, num_experts: int) -> torch.Tensor:
     return torch.bincount(ids_TW.reshape(-1), minlength=num_experts + 1)[:num_experts]
 
 
+def expanded_layout(keep_TE, topk_ids_TK, topk_weights_TK, scores_TE, factor_T, keep_TK, width):
+    """Expanded drop's (T, W) slots from its (T, E) keep mask, with no host synchronisation.
+
+    Native picks keep their slots (sentinel E where dropped); extra experts follow in ascending
+    expert order with the family's weight s[t, e] * factor[t].  Every other (token, expert) is
+    scattered into a trash column W that is cut off afterwards.
+
+    Returns:
+        ids_TW, w_TW, extra_TE (bool: the added pairs).
+    """
+    T, E = keep_TE.shape
+    K = topk_ids_TK.shape[1]
+    device = keep_TE.device
+    native_TE = torch.zeros_like(keep_TE).scatter_(1, topk_ids_TK, True)
+    extra_TE = keep_TE & ~native_TE
+    n_extra = width - K
+    slot_TE = torch.where(extra_TE, K + torch.cumsum(extra_TE.long(), dim=1) - 1, width)
+    ids_TX = torch.cat([torch.where(keep_TK, topk_ids_TK, E),
+                        torch.full((T, n_extra + 1), E, dtype=torch.long, device=device)], dim=1)
+    ids_TX.scatter_(1, slot_TE, torch.arange(E, device=device).expand(T, E))
+    w_dtype = topk_weights_TK.dtype
+    w_TX = torch.cat([torch.where(keep_TK, topk_weights_TK, torch.zeros_like(topk_weights_TK)),
+                      torch.zeros((T, n_extra + 1), dtype=w_dtype, device=device)], dim=1)
+    w_TX.scatter_(1, slot_TE, (scores_TE * factor_T[:, None]).to(w_dtype))
+    return ids_TX[:, :width].contiguous(), w_TX[:, :width].contiguous(), extra_TE
+
+
+def renormalize_kept(w_TW, topk_weights_TK, active_T):
+    """``renormalize="kept"``: each token's kept weights rescaled to its native weights' sum (0 if none kept)."""
+    native_T = torch.where(active_T, topk_weights_TK.float().sum(1), 0.0)
+    kept_T = w_TW.float().sum(1)
+    scale_T = torch.where(kept_T > 0, native_T / torch.where(kept_T > 0, kept_T, 1.0), 0.0)
+    return (w_TW.float() * scale_T[:, None]).to(w_TW.dtype)
+
+
 def policy_keys(cfg: RoutingConfig, num_tokens: int, top_k: int, layer: int, source_rank: int | None):
     """The ``random`` policy's keys for this call (None for the other policies).
 
@@ -150,26 +185,13 @@ def route(cfg: RoutingConfig, scores_TE: torch.Tensor, topk_ids_TK: torch.Tensor
         keep_TE = expanded_drop(scores_TE, topk_ids_TK, active_T, group_T, capacity_G, bucket_E, bucket_size_B,
                                 local_TE, cfg.max_experts_per_token)
         keep_TK = keep_TE.gather(1, topk_ids_TK)
-        native_TE = torch.zeros_like(keep_TE).scatter_(1, topk_ids_TK, True)
-        extra_TE = keep_TE & ~native_TE
-        # Native picks keep their slots; extra experts follow in ascending expert order.
-        n_extra = min(E, K + m) - K
-        ids_TW = torch.cat([torch.where(keep_TK, topk_ids_TK, sentinel),
-                            torch.full((T, n_extra), E, dtype=torch.long, device=device)], dim=1)
-        slot_TE = K + torch.cumsum(extra_TE.long(), dim=1) - 1
-        tok_X, exp_X = extra_TE.nonzero(as_tuple=True)
-        ids_TW[tok_X, slot_TE[tok_X, exp_X]] = exp_X
-        w_TW = torch.zeros(ids_TW.shape, dtype=topk_weights_TK.dtype, device=device)
-        w_TW[:, :K] = torch.where(keep_TK, topk_weights_TK, w_zero)
-        w_TW[tok_X, slot_TE[tok_X, exp_X]] = (scores_TE[tok_X, exp_X] * factor_T[tok_X]).to(w_TW.dtype)
+        ids_TW, w_TW, extra_TE = expanded_layout(keep_TE, topk_ids_TK, topk_weights_TK, scores_TE, factor_T,
+                                                 keep_TK, min(E, K + m))
         dropped = routed - keep_TK.sum()
         added = extra_TE.sum()
 
     if cfg.renormalize == "kept":
-        native_T = torch.where(active_T, topk_weights_TK.float().sum(1), 0.0)
-        kept_T = w_TW.float().sum(1)
-        scale_T = torch.where(kept_T > 0, native_T / torch.where(kept_T > 0, kept_T, 1.0), 0.0)
-        w_TW = (w_TW.float() * scale_T[:, None]).to(w_TW.dtype)
+        w_TW = renormalize_kept(w_TW, topk_weights_TK, active_T)
 
     return RoutingResult(ids_TW, w_TW, load_before_E, _load(ids_TW, E), tokens_G, capacity_G,
                          routed, dropped, rerouted, added)
