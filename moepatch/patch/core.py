@@ -172,11 +172,11 @@ def apply(model: torch.nn.Module, capacity_factor: float | None = 1.5, strategy:
     if backend == "ep":
         cfg = dataclasses.replace(cfg, ep_size=_world_size())
     state = _STATES.get(model)
+    if state is not None and backend != state.backend:
+        # A different experts backend means different hooks: undo the old patch, then install afresh.
+        remove(model)
+        state = None
     if state is not None:
-        if backend != state.backend:
-            raise ModelStateError(
-                f"the model is patched with the {state.backend!r} experts backend; call moepatch.remove(model) "
-                f"before switching to {backend!r}")
         state.config = cfg
         state.records.clear()
         state.skipped_decode = 0
@@ -219,7 +219,9 @@ def _choose_backend(model: torch.nn.Module, cfg: RoutingConfig) -> tuple[str, in
                 "`accelerate launch` or `torchrun` (see docs/expert-parallel.md)")
         return "ep", dist.get_rank()
     on_cuda = any(p.device.type == "cuda" for p in model.parameters())
-    if cfg.kernel == "triton" or (cfg.kernel == "auto" and on_cuda):
+    # Without capacity, "auto" keeps transformers' own experts so the model stays bit-identical to the
+    # unpatched one (the Triton kernels agree only to bf16 rounding); kernel="triton" asks for speed.
+    if cfg.kernel == "triton" or (cfg.kernel == "auto" and on_cuda and not cfg.unlimited):
         try:
             from ..ops import integration
         except ImportError as exc:
