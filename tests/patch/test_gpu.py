@@ -19,8 +19,9 @@ def test_cuda_patch_matches_cpu_reference(family, dtype):
     mask[0, :6] = 0
     mask[1] = 0
     base = model(input_ids=x, attention_mask=mask).logits
-    with moepatch.patched(model, capacity_factor=None, kernel="torch"):
-        assert torch.equal(model(input_ids=x, attention_mask=mask).logits, base)
+    for kernel in ("torch", "auto"):  # auto keeps transformers' experts without capacity: bit-identical
+        with moepatch.patched(model, capacity_factor=None, kernel=kernel):
+            assert torch.equal(model(input_ids=x, attention_mask=mask).logits, base)
     for strategy in ("drop", "reroute", "expanded"):
         with moepatch.patched(model, capacity_factor=1.0, strategy=strategy, kernel="torch") as h:
             out = model(input_ids=x, attention_mask=mask).logits
