@@ -25,13 +25,15 @@ test: install test-main test-tf517
 test-main:
 	TRITON_INTERPRET=1 $(PYTHON) -m pytest -q
 
-# The GPU image has transformers 5.17 while PyPI is newer: the patch tests run against both.  The venv
+# The GPU image has transformers 5.17 while PyPI is newer: the version-sensitive tests (patching,
+# the experts registry, expert parallelism, ScMoE conversion) run against both.  The venv
 # sees the main site-packages and adds only transformers 5.17 and the huggingface-hub 1.x it needs.
 test-tf517:
 	@test -x $(TF517)/bin/python || $(PYTHON) -m venv --system-site-packages $(TF517)
 	@$(TF517)/bin/python -c "import transformers as t; assert t.__version__ == '5.17.0'" 2>/dev/null || \
 		$(TF517)/bin/pip install -q "transformers==5.17.0" "huggingface-hub>=1.5,<2"
-	TRITON_INTERPRET=1 PYTHONPATH=$(CURDIR) $(TF517)/bin/python -m pytest -q tests/patch
+	TRITON_INTERPRET=1 PYTHONPATH=$(CURDIR) $(TF517)/bin/python -m pytest -q tests/patch tests/ops/test_integration.py \
+		tests/parallel tests/scmoe
 
 lint:
 	$(PYTHON) -m ruff check moepatch tests scripts recipes
