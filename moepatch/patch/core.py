@@ -314,7 +314,8 @@ def _router_hook(state: PatchState, block: _Block):
             state.skipped_decode += 1
             return None
         scores_TE = block.scoring.scores(logits)
-        factor_T = block.scoring.factor(scores_TE, ids_TK)
+        # Only experts a token did not pick natively need the family's weight factor.
+        factor_T = block.scoring.factor(scores_TE, ids_TK) if cfg.strategy in ("reroute", "expanded") else None
         result = state.route_fn(cfg, scores_TE, ids_TK, weights_TK, factor_T, batch=batch, seq=seq,
                                 valid_BS=valid, layer=block.layer, source_rank=state.source_rank)
         if cfg.collect_stats:

@@ -98,7 +98,7 @@ def policy_keys(cfg: RoutingConfig, num_tokens: int, top_k: int, layer: int, sou
 
 
 def route(cfg: RoutingConfig, scores_TE: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor,
-          factor_T: torch.Tensor, *, batch: int, seq: int, valid_BS: torch.Tensor | None = None,
+          factor_T: torch.Tensor | None, *, batch: int, seq: int, valid_BS: torch.Tensor | None = None,
           layer: int = 0, source_rank: int | None = None) -> RoutingResult:
     """Apply capacity-aware routing to one layer's native top-k decision.
 
@@ -106,7 +106,8 @@ def route(cfg: RoutingConfig, scores_TE: torch.Tensor, topk_ids_TK: torch.Tensor
         cfg: the validated configuration.
         scores_TE: (T, E) float32 family scores s[t, e].
         topk_ids_TK: (T, K) int64 native picks; topk_weights_TK: (T, K) native combine weights.
-        factor_T: (T,) float32, the family's weight of expert e is s[t, e] * factor_T[t].
+        factor_T: (T,) float32, the family's weight of expert e is s[t, e] * factor_T[t]; only reroute
+            and expanded drop read it (None is fine for the other strategies).
         batch, seq: B and S with T = B * S (token t is position t % S of sequence t // S).
         valid_BS: (B, S) bool, False at padding positions; None when every position is real.
         layer: layer index, seeds the ``random`` policy.
