@@ -258,28 +258,32 @@ def _install(model, state, blocks, spec):
         state.handles.append(block.experts.register_forward_hook(_experts_post_hook(b), always_call=True))
 
 
+def forward_batch(sig: inspect.Signature, args, kwargs) -> _ForwardContext | None:
+    """Batch shape and padding of a model forward call, from its ``input_ids`` (or ``inputs_embeds``)
+    and a 2-D ``attention_mask``; None when the call has no batch-shaped input."""
+    try:
+        bound = sig.bind_partial(*args, **kwargs).arguments
+    except TypeError:
+        bound = kwargs
+    x = bound.get("input_ids")
+    if x is None:
+        x = bound.get("inputs_embeds")
+    if x is None or x.dim() < 2:
+        return None
+    batch, seq = int(x.shape[0]), int(x.shape[1])
+    mask = bound.get("attention_mask")
+    valid = None
+    # A 2-D mask covers the cached positions too; the current tokens are its last `seq` columns.
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[0] == batch and mask.shape[1] >= seq:
+        valid = mask[:, -seq:].bool()
+    return _ForwardContext(batch, seq, valid)
+
+
 def _context_pre_hook(state: PatchState, sig: inspect.Signature):
     def hook(module, args, kwargs):
         state.depth += 1
-        if state.depth > 1:  # the decoder inside the CausalLM: the outer call already set it
-            return None
-        try:
-            bound = sig.bind_partial(*args, **kwargs).arguments
-        except TypeError:
-            bound = kwargs
-        x = bound.get("input_ids")
-        if x is None:
-            x = bound.get("inputs_embeds")
-        if x is None or x.dim() < 2:
-            state.context = None
-            return None
-        batch, seq = int(x.shape[0]), int(x.shape[1])
-        mask = bound.get("attention_mask")
-        valid = None
-        # A 2-D mask covers the cached positions too; the current tokens are its last `seq` columns.
-        if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[0] == batch and mask.shape[1] >= seq:
-            valid = mask[:, -seq:].bool()
-        state.context = _ForwardContext(batch, seq, valid)
+        if state.depth == 1:  # the decoder inside the CausalLM sees depth 2: the outer call already set it
+            state.context = forward_batch(sig, args, kwargs)
         return None
 
     return hook

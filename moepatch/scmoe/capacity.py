@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import InvalidOptionError, ModelStateError, UnsupportedModelError
+from ..patch.core import forward_batch
 from ..routing.config import RoutingConfig, make_config
 from ..routing.route import route
 from ..routing.scores import FamilyScoring
@@ -178,20 +179,8 @@ def apply_capacity(model: torch.nn.Module, capacity_factor: float | None = 1.5, 
 
 def _mask_pre_hook(state: CapacityState, sig: inspect.Signature):
     def hook(module, args, kwargs):
-        try:
-            bound = sig.bind_partial(*args, **kwargs).arguments
-        except TypeError:
-            bound = kwargs
-        x = bound.get("input_ids")
-        if x is None:
-            x = bound.get("inputs_embeds")
-        mask = bound.get("attention_mask")
-        state.valid_BS = None
-        if isinstance(x, torch.Tensor) and x.dim() >= 2 and isinstance(mask, torch.Tensor) and mask.dim() == 2:
-            seq = x.shape[1]
-            # A 2-D mask covers the cached positions too; the current tokens are its last `seq` columns.
-            if mask.shape[0] == x.shape[0] and mask.shape[1] >= seq:
-                state.valid_BS = mask[:, -seq:].bool()
+        ctx = forward_batch(sig, args, kwargs)
+        state.valid_BS = None if ctx is None else ctx.valid_BS
         return None
 
     return hook
