@@ -86,18 +86,19 @@ def _gammas(text):
 
 
 def _cmd_eval(args) -> int:
-    import tempfile
-
     from moepatch.errors import MoePatchError
 
     try:
-        return _run_eval(args, tempfile)
+        return _run_eval(args)
     except MoePatchError as exc:
         print(f"moepatch eval: error: {exc}", file=sys.stderr)
         return 2
 
 
-def _run_eval(args, tempfile) -> int:
+def _run_eval(args) -> int:
+    import tempfile
+
+    from moepatch.errors import MoePatchError
     from moepatch.eval.loading import load_model
     from moepatch.eval.presets import parse_tasks
     from moepatch.eval.sweep import build_variants, run_sweep
@@ -127,7 +128,7 @@ def _run_eval(args, tempfile) -> int:
 
             hints = {u: difflib.get_close_matches(u, tm.all_tasks, n=3) for u in unknown}
             msg = "; ".join(f"{u!r}" + (f" (did you mean {', '.join(h)}?)" if h else "") for u, h in hints.items())
-            raise _eval_error(f"unknown lm-eval task(s): {msg}. Use lm-eval task names, 'paper', or omit --tasks for "
+            raise MoePatchError(f"unknown lm-eval task(s): {msg}. Use lm-eval task names, 'paper', or omit --tasks for "
                               "the embedded offline tasks (stdlib_ppl, stdlib_cloze)")
         print(f"loading model {args.model or '(embedded default)'} ...", flush=True)
         model, tok, target = load_model(args.model, args.dtype, args.device)
@@ -145,12 +146,6 @@ def _run_eval(args, tempfile) -> int:
         paths = sweep.write(args.output)
         print("\nwrote " + ", ".join(str(p) for p in paths))
     return 0
-
-
-def _eval_error(msg):
-    from moepatch.errors import MoePatchError
-
-    return MoePatchError(msg)
 
 
 def _cmd_lm_eval(args) -> int:
