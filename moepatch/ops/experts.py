@@ -21,14 +21,17 @@ grouped_mm, which holds the gathered inputs, the (P, 2I) projection and its acti
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 import triton
 from triton.runtime.errors import OutOfResources
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .dispatch_kernels import _dispatch_count_kernel, _dispatch_scatter_kernel
 from .gemm_kernels import _combine_kernel, _down_kernel, _gate_up_kernel
+from .tma_kernels import _down_desc_kernel, _gate_up_desc_kernel, _gather_rows_kernel
 from .tuning import device_key, get_config
 
 
@@ -213,6 +216,81 @@ def down(h_RI: torch.Tensor, down_EHI: torch.Tensor, layout: DispatchLayout, wei
     return y_SPH
 
 
+def descriptors_fit(layout: DispatchLayout, *tensors: torch.Tensor) -> bool:
+    """Whether the descriptor GEMMs (tma_kernels.py) can take these operands.
+
+    Tensor descriptors need contiguous 2-D views with 16-byte aligned bases and rows, and a
+    dispatch layout (not the fused small-P one).
+    """
+    if layout.fused or layout.num_pairs == 0:
+        return False
+    return all(t.is_contiguous() and t.data_ptr() % 16 == 0 and (t.shape[-1] * t.element_size()) % 16 == 0
+               for t in tensors)
+
+
+@functools.cache
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _programs(c: dict, tiles: int, device: torch.device) -> tuple[tuple[int], int]:
+    """(grid, NUM_PROGRAMS): one program per tile, or ``PERSISTENT`` programs per SM walking the tiles."""
+    per_sm = int(c.get("PERSISTENT", 0))
+    if per_sm <= 0 or device.type != "cuda":
+        return (tiles,), 0
+    n = min(tiles, per_sm * _num_sms(device.index if device.index is not None else torch.cuda.current_device()))
+    return (n,), n
+
+
+def gather_rows(x_TH: torch.Tensor, layout: DispatchLayout) -> torch.Tensor:
+    """x_RH[r] = x[token of row r] for the rows in use (zeros on their padding rows); rows past them unwritten."""
+    T, H = x_TH.shape
+    x_RH = torch.empty(layout.rows, H, device=x_TH.device, dtype=x_TH.dtype)
+    block_r = 32
+    block_h = min(512, _pow2(H))
+    _gather_rows_kernel[(triton.cdiv(layout.rows, block_r),)](
+        x_TH, layout.sorted_pairs_R, layout.start_E1, x_RH, layout.num_pairs, layout.width, layout.num_experts, H,
+        x_TH.stride(0), x_TH.stride(1), BLOCK_R=block_r, BLOCK_H=block_h, num_warps=4)
+    return x_RH
+
+
+def gate_up_desc(x_RH: torch.Tensor, gate_up_EIH: torch.Tensor, layout: DispatchLayout, config: dict) -> torch.Tensor:
+    """:func:`gate_up` on gathered rows (see :func:`gather_rows`) through tensor descriptors."""
+    E, two_i, H = gate_up_EIH.shape
+    I = two_i // 2  # noqa: E741
+    h_RI = torch.empty(layout.rows, I, device=x_RH.device, dtype=x_RH.dtype)
+    c = config["gate_up"]
+    bm, bn, bk = layout.block_m, c["BLOCK_N"], c["BLOCK_K"]
+    num_m = layout.rows // bm
+    grid, nprog = _programs(c, num_m * triton.cdiv(I, bn), x_RH.device)
+    a_desc = TensorDescriptor.from_tensor(x_RH, [bm, bk])
+    w_desc = TensorDescriptor.from_tensor(gate_up_EIH.view(E * two_i, H), [bn, bk])
+    _launch(_gate_up_desc_kernel, grid,
+            (a_desc, w_desc, h_RI, layout.start_E1, E, I, H, num_m, h_RI.stride(0)),
+            dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=c["GROUP_M"], E_PAD=_pow2(E), NUM_PROGRAMS=nprog),
+            c["num_warps"], c["num_stages"])
+    return h_RI
+
+
+def down_desc(h_RI: torch.Tensor, down_EHI: torch.Tensor, layout: DispatchLayout, weights_TW: torch.Tensor,
+              config: dict) -> torch.Tensor:
+    """:func:`down` (without split-K) through tensor descriptors; returns (1, P, H)."""
+    E, H, I = down_EHI.shape  # noqa: E741
+    c = config["down"]
+    bm, bn, bk = layout.block_m, c["BLOCK_N"], c["BLOCK_K"]
+    y_SPH = torch.empty(1, layout.num_pairs, H, device=h_RI.device, dtype=h_RI.dtype)
+    num_m = layout.rows // bm
+    grid, nprog = _programs(c, num_m * triton.cdiv(H, bn), h_RI.device)
+    a_desc = TensorDescriptor.from_tensor(h_RI, [bm, bk])
+    w_desc = TensorDescriptor.from_tensor(down_EHI.view(E * H, I), [bn, bk])
+    _launch(_down_desc_kernel, grid,
+            (a_desc, w_desc, y_SPH, layout.sorted_pairs_R, layout.start_E1, weights_TW.reshape(-1),
+             layout.num_pairs, E, H, I, num_m, y_SPH.stride(1)),
+            dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=c["GROUP_M"], E_PAD=_pow2(E), NUM_PROGRAMS=nprog),
+            c["num_warps"], c["num_stages"])
+    return y_SPH
+
+
 def combine(y_SPH: torch.Tensor, ids_TW: torch.Tensor, num_experts: int, out_dtype: torch.dtype) -> torch.Tensor:
     """out_TH[t] = fixed-order fp32 sum of the token's kept rows of y_SPH (0 when none is kept)."""
     T, W = ids_TW.shape
@@ -263,8 +341,12 @@ def fused_experts_impl(x_TH: torch.Tensor, ids_TW: torch.Tensor, weights_TW: tor
     x_c = x_TH.to(gate_up_EIH.dtype)
     ids_c = ids_TW.contiguous()
     layout = dispatch(ids_c, E, cfg["BLOCK_M"], fuse_dispatch)
-    h_RI = gate_up(x_c, gate_up_EIH, layout, cfg)
-    y_SPH = down(h_RI, down_EHI, layout, weights_TW.contiguous(), cfg)
+    if cfg.get("DESC") and descriptors_fit(layout, x_c, gate_up_EIH, down_EHI):
+        h_RI = gate_up_desc(gather_rows(x_c, layout), gate_up_EIH, layout, cfg)
+        y_SPH = down_desc(h_RI, down_EHI, layout, weights_TW.contiguous(), cfg)
+    else:
+        h_RI = gate_up(x_c, gate_up_EIH, layout, cfg)
+        y_SPH = down(h_RI, down_EHI, layout, weights_TW.contiguous(), cfg)
     return combine(y_SPH, ids_c, E, x_TH.dtype)
 
 

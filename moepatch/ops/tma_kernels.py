@@ -1,0 +1,131 @@
+"""Large-M expert GEMMs on contiguous, pre-gathered rows, loaded with tensor descriptors (TMA on Hopper).
+
+Legend: T tokens, W slots per token, P = T * W pairs, R dispatch rows, E experts, H hidden,
+I intermediate.
+
+At large M the layer is compute-bound and the gathered-A GEMMs of gemm_kernels.py (one pointer
+per row, cp.async) leave the tensor cores waiting.  Here the dispatch rows are first copied into a
+contiguous buffer (``_gather_rows_kernel``: x_RH[r] = x[token of row r], zeros on padding rows:
+R·H·2 bytes written once, ~1 % of the layer at Mixtral M = 4096), so every operand tile of both
+GEMMs is a plain rectangle of a 2-D tensor: A from x_RH / h_RI, B from the weights viewed as
+(E·2I, H) and (E·H, I).  Tiles go through ``tensor_descriptor.load`` (TMA bulk copies into shared
+memory, then wgmma), which is what brings Triton close to cuBLAS on Hopper.
+
+Out-of-range reads are safe by construction: a descriptor zero-fills past the tensor's edges; a
+gate tile whose last columns run past I reads up rows instead, and a down tile past H reads the
+next expert's rows: those columns are never stored.
+
+    _gate_up_desc_kernel: h_RI[r] = silu(x_RH[r] @ Wg_e^T) * (x_RH[r] @ Wu_e^T), as _gate_up_kernel.
+    _down_desc_kernel:    y_PH[p] = w[p] * (h_RI[r] @ Wd_e^T), rows stored by pair, as _down_kernel
+                          (no split-K: large M has programs enough).
+
+Both are persistent when NUM_PROGRAMS > 0 (each program walks tiles pid, pid + NUM_PROGRAMS, ...),
+else one program per tile.  Row blocks past the rows in use are skipped.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .gemm_kernels import _block_coords, _block_expert
+
+
+@triton.jit
+def _gather_rows_kernel(x_ptr, sorted_ptr, start_ptr, xs_ptr, P, W, E, H, stride_xt, stride_xk,
+                        BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr):
+    r_x = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    used = tl.load(start_ptr + E)
+    if tl.program_id(0) * BLOCK_R >= used:
+        return
+    pair = tl.load(sorted_ptr + r_x, mask=r_x < used, other=P)
+    ok = pair < P
+    tok = (pair // W).to(tl.int64)
+    for h0 in range(0, H, BLOCK_H):
+        h_x = h0 + tl.arange(0, BLOCK_H)
+        h_ok = h_x < H
+        v = tl.load(x_ptr + tok[:, None] * stride_xt + h_x[None, :] * stride_xk, mask=ok[:, None] & h_ok[None, :],
+                    other=0.0)
+        tl.store(xs_ptr + r_x[:, None].to(tl.int64) * H + h_x[None, :], v, mask=(r_x < used)[:, None] & h_ok[None, :])
+
+
+@triton.jit
+def _gate_up_desc_tile(a_desc, w_desc, h_ptr, start_ptr, tile, E, N, K, num_m, used, stride_hr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       GROUP_M: tl.constexpr, E_PAD: tl.constexpr):
+    pid_m, pid_n = _block_coords(tile, num_m, tl.cdiv(N, BLOCK_N), GROUP_M)
+    row0 = pid_m * BLOCK_M
+    if row0 < used:
+        e = _block_expert(start_ptr, row0, E, E_PAD)
+        n0 = pid_n * BLOCK_N
+        g_row = e * 2 * N + n0
+        u_row = g_row + N
+        acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            a = a_desc.load([row0, k0])
+            bg = w_desc.load([g_row, k0])
+            bu = w_desc.load([u_row, k0])
+            acc_g = tl.dot(a, bg.T, acc_g)
+            acc_u = tl.dot(a, bu.T, acc_u)
+        h = acc_g * tl.sigmoid(acc_g) * acc_u
+        offs_m = row0 + tl.arange(0, BLOCK_M)
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        h_ptrs = h_ptr + offs_m[:, None].to(tl.int64) * stride_hr + offs_n[None, :]
+        tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=(offs_m < used)[:, None] & (offs_n < N)[None, :])
+
+
+@triton.jit
+def _gate_up_desc_kernel(a_desc, w_desc, h_ptr, start_ptr, E, N, K, num_m, stride_hr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                         GROUP_M: tl.constexpr, E_PAD: tl.constexpr, NUM_PROGRAMS: tl.constexpr):
+    """N = I, K = H.  a_desc: x_RH blocks [BLOCK_M, BLOCK_K]; w_desc: (E·2I, H) blocks [BLOCK_N, BLOCK_K]."""
+    used = tl.load(start_ptr + E)
+    if NUM_PROGRAMS > 0:
+        num_tiles = num_m * tl.cdiv(N, BLOCK_N)
+        for tile in range(tl.program_id(0), num_tiles, NUM_PROGRAMS):
+            _gate_up_desc_tile(a_desc, w_desc, h_ptr, start_ptr, tile, E, N, K, num_m, used, stride_hr,
+                               BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, E_PAD)
+    else:
+        _gate_up_desc_tile(a_desc, w_desc, h_ptr, start_ptr, tl.program_id(0), E, N, K, num_m, used, stride_hr,
+                           BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, E_PAD)
+
+
+@triton.jit
+def _down_desc_tile(a_desc, w_desc, y_ptr, sorted_ptr, start_ptr, weights_ptr, tile, P, E, N, K, num_m, used,
+                    stride_yp, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                    GROUP_M: tl.constexpr, E_PAD: tl.constexpr):
+    pid_m, pid_n = _block_coords(tile, num_m, tl.cdiv(N, BLOCK_N), GROUP_M)
+    row0 = pid_m * BLOCK_M
+    if row0 < used:
+        e = _block_expert(start_ptr, row0, E, E_PAD)
+        n0 = pid_n * BLOCK_N
+        b_row = e * N + n0
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            a = a_desc.load([row0, k0])
+            b = w_desc.load([b_row, k0])
+            acc = tl.dot(a, b.T, acc)
+        pair = tl.load(sorted_ptr + row0 + tl.arange(0, BLOCK_M))
+        row_ok = pair < P
+        w = tl.load(weights_ptr + pair, mask=row_ok, other=0.0).to(tl.float32)
+        acc = acc * w[:, None]
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        y_ptrs = y_ptr + pair[:, None].to(tl.int64) * stride_yp + offs_n[None, :]
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_n < N)[None, :])
+
+
+@triton.jit
+def _down_desc_kernel(a_desc, w_desc, y_ptr, sorted_ptr, start_ptr, weights_ptr, P, E, N, K, num_m, stride_yp,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      GROUP_M: tl.constexpr, E_PAD: tl.constexpr, NUM_PROGRAMS: tl.constexpr):
+    """N = H, K = I.  a_desc: h_RI blocks [BLOCK_M, BLOCK_K]; w_desc: (E·H, I) blocks [BLOCK_N, BLOCK_K]."""
+    used = tl.load(start_ptr + E)
+    if NUM_PROGRAMS > 0:
+        num_tiles = num_m * tl.cdiv(N, BLOCK_N)
+        for tile in range(tl.program_id(0), num_tiles, NUM_PROGRAMS):
+            _down_desc_tile(a_desc, w_desc, y_ptr, sorted_ptr, start_ptr, weights_ptr, tile, P, E, N, K, num_m,
+                            used, stride_yp, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, E_PAD)
+    else:
+        _down_desc_tile(a_desc, w_desc, y_ptr, sorted_ptr, start_ptr, weights_ptr, tl.program_id(0), P, E, N, K,
+                        num_m, used, stride_yp, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, E_PAD)
