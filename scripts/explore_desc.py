@@ -41,28 +41,57 @@ def med_ms(fn, reps=15, warmup=3):
     return statistics.median(ts)
 
 
-GU = [  # BLOCK_N, BLOCK_K, GROUP_M, warps, stages, persistent
-    (128, 64, 16, 8, 4, 0), (128, 64, 16, 8, 3, 0), (128, 64, 8, 8, 4, 0), (128, 64, 16, 8, 4, 1),
-    (64, 64, 16, 4, 4, 0), (128, 128, 16, 8, 2, 0), (64, 128, 16, 4, 3, 0), (256, 64, 16, 8, 3, 0),
-]
-DN = [
-    (256, 64, 16, 8, 4, 0), (256, 64, 16, 8, 3, 0), (128, 64, 16, 8, 4, 0), (256, 64, 16, 8, 4, 1),
-    (128, 64, 16, 4, 4, 0), (128, 128, 16, 8, 3, 0), (256, 64, 8, 8, 4, 0),
-]
+# (BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages, PERSISTENT, FLATTEN, WARP_SPECIALIZE) per BLOCK_M
+GU = {
+    64: [(128, 64, 16, 8, 4, 0, 0, 0), (256, 64, 16, 8, 3, 0, 0, 0), (128, 64, 8, 8, 4, 0, 0, 0)],
+    128: [(128, 64, 16, 8, 4, 0, 0, 0), (128, 64, 8, 8, 4, 0, 0, 0), (128, 64, 32, 8, 4, 0, 0, 0),
+          (64, 128, 16, 4, 3, 0, 0, 0), (128, 64, 16, 8, 4, 1, 0, 0), (128, 64, 16, 8, 4, 1, 1, 0),
+          (128, 64, 16, 8, 4, 1, 0, 1)],
+    256: [(64, 64, 16, 8, 4, 0, 0, 0), (64, 64, 8, 8, 3, 0, 0, 0), (64, 64, 16, 8, 4, 1, 1, 0)],
+}
+DN = {
+    64: [(256, 64, 16, 8, 4, 0, 0, 0), (256, 64, 16, 8, 4, 1, 0, 0), (128, 64, 16, 4, 4, 0, 0, 0)],
+    128: [(256, 64, 16, 8, 4, 0, 0, 0), (256, 64, 8, 8, 4, 0, 0, 0), (128, 128, 16, 8, 3, 0, 0, 0),
+          (256, 64, 16, 8, 4, 1, 0, 0), (256, 64, 16, 8, 4, 1, 1, 0), (256, 64, 16, 8, 4, 1, 0, 1)],
+    256: [(128, 64, 16, 8, 4, 0, 0, 0), (128, 64, 8, 8, 3, 0, 0, 0), (128, 64, 16, 8, 4, 1, 1, 0)],
+}
+BMS = {256: (64, 128), 512: (64, 128), 1024: (128, 256), 4096: (128, 256), 16384: (128, 256)}
+
+
+def _c(t):
+    return dict(BLOCK_N=t[0], BLOCK_K=t[1], GROUP_M=t[2], num_warps=t[3], num_stages=t[4], PERSISTENT=t[5],
+                FLATTEN=t[6], WARP_SPECIALIZE=t[7], SPLIT_K=1)
 
 
 def cfg_of(bm, gu, dn):
-    return {"BLOCK_M": bm, "DESC": True,
-            "gate_up": dict(BLOCK_N=gu[0], BLOCK_K=gu[1], GROUP_M=gu[2], num_warps=gu[3], num_stages=gu[4],
-                            PERSISTENT=gu[5]),
-            "down": dict(BLOCK_N=dn[0], BLOCK_K=dn[1], GROUP_M=dn[2], num_warps=dn[3], num_stages=dn[4],
-                         PERSISTENT=dn[5], SPLIT_K=1)}
+    return {"BLOCK_M": bm, "DESC": True, "gate_up": _c(gu), "down": _c(dn)}
+
+
+def capture(fn):
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = fn()
+    return g, out
+
+
+def graph_ms(fn, reps=15):
+    g, _ = capture(fn)
+    return med_ms(g.replay, reps=reps)
+
+
+def rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--ms", default="256,512,1024,4096,16384")
-    ap.add_argument("--bms", default="64,128")
     ap.add_argument("--out", default="out/desc")
     args = ap.parse_args(argv)
     out = Path(args.out)
@@ -87,79 +116,70 @@ def main(argv=None):
         logits = (x @ gate.T).float()
         wts, ids = logits.softmax(-1).topk(K, dim=-1)
         wts = (wts / wts.sum(-1, keepdim=True)).to(torch.bfloat16)
+        ids = ids.contiguous()
         flops = 2 * M * K * 3 * H * I
         floor = max(flops / PEAK, (E * 3 * H * I * 2 + 2 * M * H * 2) / BW) * 1e3
         base_cfg = get_config(M, E, H, I, K, device_key(dev))
         ref = ex.fused_experts_impl(x, ids, wts, w1, w2, config=base_cfg)
         t_base = med_ms(lambda: ex.fused_experts_impl(x, ids, wts, w1, w2, config=base_cfg))
-        log(f"M={M} floor {floor:.3f} ms; shipped {t_base:.3f} ms ({t_base / floor:.2f}x)")
-        # cuBLAS ceiling: the same FLOPs as two dense GEMMs
-        a = torch.randn(M * K, H, device=dev, dtype=torch.bfloat16)
-        b1 = w1[0]
-        hbuf = torch.randn(M * K, I, device=dev, dtype=torch.bfloat16)
-        t_cublas = med_ms(lambda: (a @ b1.T, hbuf @ w2[0].T))
-        log(f"  cuBLAS dense same FLOPs (one expert's weights) {t_cublas:.3f} ms ({t_cublas / floor:.2f}x)")
+        g_base = graph_ms(lambda: ex.fused_experts_impl(x, ids, wts, w1, w2, config=base_cfg))
+        log(f"M={M} floor {floor:.3f} ms; shipped eager {t_base:.3f} ms ({t_base / floor:.2f}x), "
+            f"graph {g_base:.3f} ({g_base / floor:.2f}x)")
         best = None
-        for bm in [int(b) for b in args.bms.split(",")]:
-            c0 = cfg_of(bm, GU[0], DN[0])
-            layout = ex.dispatch(ids.contiguous(), E, bm, fuse=False)
+        for bm in BMS[M]:
+            layout = ex.dispatch(ids, E, bm, fuse=False)
             xs = ex.gather_rows(x, layout)
-            t_disp = med_ms(lambda: ex.dispatch(ids.contiguous(), E, bm, fuse=False))
-            t_gather = med_ms(lambda: ex.gather_rows(x, layout))
-            log(f"  BM={bm}: dispatch {t_disp:.3f} ms, gather {t_gather:.3f} ms")
-            h_ref = ex.gate_up(x, w1, layout, {**c0, "gate_up": {**c0["gate_up"], "PERSISTENT": 0}})
-            gu_best = None
-            for gu in GU:
-                c = cfg_of(bm, gu, DN[0])
-                try:
-                    h = ex.gate_up_desc(xs, w1, layout, c)
-                    used = int(layout.start_E1[E])
-                    err = ((h[:used].float() - h_ref[:used].float()).norm() / h_ref[:used].float().norm()).item()
-                    t = med_ms(lambda c=c: ex.gate_up_desc(xs, w1, layout, c))
-                except Exception as exc:  # report and go on
-                    log(f"    gate_up {gu}: error {type(exc).__name__}: {str(exc)[:200]}")
-                    continue
-                log(f"    gate_up desc {gu}: {t:.3f} ms err {err:.1e}")
-                if err < 1e-2 and (gu_best is None or t < gu_best[0]):
-                    gu_best = (t, gu)
-            t_gu_ptr = med_ms(lambda: ex.gate_up(x, w1, layout, base_cfg if base_cfg["BLOCK_M"] == bm else c0))
-            log(f"    gate_up pointer (shipped tiles) {t_gu_ptr:.3f} ms")
-            h = h_ref
-            dn_best = None
-            y_ref = ex.down(h, w2, layout, wts, {**c0, "down": {**c0["down"], "PERSISTENT": 0}})
-            for dn in DN:
-                c = cfg_of(bm, GU[0], dn)
-                try:
-                    y = ex.down_desc(h, w2, layout, wts, c)
-                    err = ((y.float() - y_ref.float()).norm() / y_ref.float().norm()).item()
-                    t = med_ms(lambda c=c: ex.down_desc(h, w2, layout, wts, c))
-                except Exception as exc:
-                    log(f"    down {dn}: error {type(exc).__name__}: {str(exc)[:200]}")
-                    continue
-                log(f"    down desc {dn}: {t:.3f} ms err {err:.1e}")
-                if err < 1e-2 and (dn_best is None or t < dn_best[0]):
-                    dn_best = (t, dn)
-            t_dn_ptr = med_ms(lambda: ex.down(h, w2, layout, wts, base_cfg if base_cfg["BLOCK_M"] == bm else c0))
-            log(f"    down pointer (shipped tiles) {t_dn_ptr:.3f} ms")
-            if gu_best and dn_best:
-                c = cfg_of(bm, gu_best[1], dn_best[1])
-                o = ex.fused_experts_impl(x, ids, wts, w1, w2, config=c)
-                err = ((o.float() - ref.float()).norm() / ref.float().norm()).item()
-                t = med_ms(lambda c=c: ex.fused_experts_impl(x, ids, wts, w1, w2, config=c))
-                log(f"  BM={bm} whole layer desc {t:.3f} ms ({t / floor:.2f}x floor) err vs shipped {err:.1e} cfg {c}")
-                if best is None or t < best[0]:
-                    best = (t, c)
-        rows.append(dict(M=M, floor=floor, shipped=t_base, cublas=t_cublas, desc=best[0] if best else None,
-                         cfg=best[1] if best else None))
+            real = layout.sorted_pairs_R[: int(layout.start_E1[E])] < layout.num_pairs
+            h_ref = ex.gate_up(x, w1, layout, cfg_of(bm, GU[bm][0], DN[bm][0]))[: real.numel()][real]
+            log(f"  BM={bm}: dispatch {graph_ms(lambda: ex.dispatch(ids, E, bm, fuse=False)):.3f} ms, "
+                f"gather {graph_ms(lambda: ex.gather_rows(x, layout)):.3f} ms (graph)")
+            picks = {}
+            for part, cands in (("gate_up", GU[bm]), ("down", DN[bm])):
+                timed = []
+                for t in cands:
+                    c = cfg_of(bm, t, t)
+                    try:
+                        if part == "gate_up":
+                            h = ex.gate_up_desc(xs, w1, layout, c)
+                            err = rel(h[: real.numel()][real], h_ref)
+                            ms = graph_ms(lambda c=c: ex.gate_up_desc(xs, w1, layout, c))
+                        else:
+                            h = ex.gate_up_desc(xs, w1, layout, cfg_of(bm, GU[bm][0], DN[bm][0]))
+                            y_ref = ex.down(h, w2, layout, wts, cfg_of(bm, GU[bm][0], DN[bm][0]))
+                            y = ex.down_desc(h, w2, layout, wts, c)
+                            err = rel(y, y_ref)
+                            ms = graph_ms(lambda c=c, h=h: ex.down_desc(h, w2, layout, wts, c))
+                    except Exception as exc:  # report and go on
+                        log(f"    {part} {t}: error {type(exc).__name__}: {str(exc)[:300]}")
+                        continue
+                    log(f"    {part} desc {t}: {ms:.3f} ms err {err:.1e}")
+                    if err < 1e-2:
+                        timed.append((ms, t))
+                timed.sort()
+                picks[part] = [t for _, t in timed[:2]]
+            for gu in picks.get("gate_up", []):
+                for dn in picks.get("down", []):
+                    c = cfg_of(bm, gu, dn)
+                    o = ex.fused_experts_impl(x, ids, wts, w1, w2, config=c)
+                    err = rel(o, ref)
+                    ms = graph_ms(lambda c=c: ex.fused_experts_impl(x, ids, wts, w1, w2, config=c))
+                    eager = med_ms(lambda c=c: ex.fused_experts_impl(x, ids, wts, w1, w2, config=c))
+                    log(f"  BM={bm} layer graph {ms:.3f} ms ({ms / floor:.2f}x) eager {eager:.3f} err {err:.1e} "
+                        f"gu {gu} dn {dn}")
+                    if err < 2e-2 and (best is None or ms < best[0]):
+                        best = (ms, eager, c)
+        rows.append(dict(M=M, floor=floor, shipped_eager=t_base, shipped_graph=g_base,
+                         desc_graph=best[0] if best else None, desc_eager=best[1] if best else None,
+                         cfg=best[2] if best else None))
+        (out / "desc.json").write_text(json.dumps(rows, indent=1))
         torch.cuda.empty_cache()
-    (out / "desc.json").write_text(json.dumps(rows, indent=1))
-    log("\n| M | floor ms | shipped | desc best | cuBLAS same FLOPs | desc/floor | shipped/floor |")
+    log("\n| M | floor ms | shipped graph | desc graph | ratio floor | shipped eager | desc eager |")
     log("|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        d = r["desc"]
-        ds, dr = ("-", "-") if d is None else (f"{d:.3f}", f"{d / r['floor']:.2f}")
-        log(f"| {r['M']} | {r['floor']:.3f} | {r['shipped']:.3f} | {ds} | {r['cublas']:.3f} | {dr} | "
-            f"{r['shipped'] / r['floor']:.2f} |")
+        d = r["desc_graph"]
+        ds, dr, de = ("-",) * 3 if d is None else (f"{d:.3f}", f"{d / r['floor']:.2f}", f"{r['desc_eager']:.3f}")
+        log(f"| {r['M']} | {r['floor']:.3f} | {r['shipped_graph']:.3f} | {ds} | {dr} | {r['shipped_eager']:.3f} | "
+            f"{de} |")
     for r in rows:
         log(r["M"], json.dumps(r["cfg"]))
     return 0

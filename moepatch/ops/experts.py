@@ -236,10 +236,19 @@ def _num_sms(index: int) -> int:
 def _programs(c: dict, tiles: int, device: torch.device) -> tuple[tuple[int], int]:
     """(grid, NUM_PROGRAMS): one program per tile, or ``PERSISTENT`` programs per SM walking the tiles."""
     per_sm = int(c.get("PERSISTENT", 0))
-    if per_sm <= 0 or device.type != "cuda":
+    if per_sm <= 0:
         return (tiles,), 0
-    n = min(tiles, per_sm * _num_sms(device.index if device.index is not None else torch.cuda.current_device()))
+    # The interpreter (CPU) pretends to have 2 SMs, so tests walk several tiles per program.
+    sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device()) \
+        if device.type == "cuda" else 2
+    n = max(1, min(tiles, per_sm * sms))
     return (n,), n
+
+
+def _loop_flags(c: dict, nprog: int) -> dict:
+    persistent = nprog > 0
+    return dict(NUM_PROGRAMS=nprog, FLATTEN=persistent and bool(c.get("FLATTEN", 0)),
+                WARP_SPECIALIZE=persistent and bool(c.get("WARP_SPECIALIZE", 0)))
 
 
 def gather_rows(x_TH: torch.Tensor, layout: DispatchLayout) -> torch.Tensor:
@@ -266,8 +275,8 @@ def gate_up_desc(x_RH: torch.Tensor, gate_up_EIH: torch.Tensor, layout: Dispatch
     a_desc = TensorDescriptor.from_tensor(x_RH, [bm, bk])
     w_desc = TensorDescriptor.from_tensor(gate_up_EIH.view(E * two_i, H), [bn, bk])
     _launch(_gate_up_desc_kernel, grid,
-            (a_desc, w_desc, h_RI, layout.start_E1, E, I, H, num_m, h_RI.stride(0)),
-            dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=c["GROUP_M"], E_PAD=_pow2(E), NUM_PROGRAMS=nprog),
+            (a_desc, w_desc, h_RI, layout.start_E1, E, I, H, h_RI.stride(0)),
+            dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=c["GROUP_M"], E_PAD=_pow2(E), **_loop_flags(c, nprog)),
             c["num_warps"], c["num_stages"])
     return h_RI
 
@@ -285,8 +294,8 @@ def down_desc(h_RI: torch.Tensor, down_EHI: torch.Tensor, layout: DispatchLayout
     w_desc = TensorDescriptor.from_tensor(down_EHI.view(E * H, I), [bn, bk])
     _launch(_down_desc_kernel, grid,
             (a_desc, w_desc, y_SPH, layout.sorted_pairs_R, layout.start_E1, weights_TW.reshape(-1),
-             layout.num_pairs, E, H, I, num_m, y_SPH.stride(1)),
-            dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=c["GROUP_M"], E_PAD=_pow2(E), NUM_PROGRAMS=nprog),
+             layout.num_pairs, E, H, I, y_SPH.stride(1)),
+            dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=c["GROUP_M"], E_PAD=_pow2(E), **_loop_flags(c, nprog)),
             c["num_warps"], c["num_stages"])
     return y_SPH
 

@@ -19,8 +19,10 @@ next expert's rows: those columns are never stored.
     _down_desc_kernel:    y_PH[p] = w[p] * (h_RI[r] @ Wd_e^T), rows stored by pair, as _down_kernel
                           (no split-K: large M has programs enough).
 
-Both are persistent when NUM_PROGRAMS > 0 (each program walks tiles pid, pid + NUM_PROGRAMS, ...),
-else one program per tile.  Row blocks past the rows in use are skipped.
+Tiles cover only the row blocks in use (read from the layout on the GPU, so the grid stays static):
+with NUM_PROGRAMS > 0 the kernels are persistent (program p walks tiles p, p + NUM_PROGRAMS, ...,
+FLATTEN lets Triton pipeline across tiles); else the grid has one program per possible tile and
+programs past the tiles in use exit.
 """
 
 from __future__ import annotations
@@ -50,12 +52,21 @@ def _gather_rows_kernel(x_ptr, sorted_ptr, start_ptr, xs_ptr, P, W, E, H, stride
 
 
 @triton.jit
-def _gate_up_desc_tile(a_desc, w_desc, h_ptr, start_ptr, tile, E, N, K, num_m, used, stride_hr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                       GROUP_M: tl.constexpr, E_PAD: tl.constexpr):
-    pid_m, pid_n = _block_coords(tile, num_m, tl.cdiv(N, BLOCK_N), GROUP_M)
-    row0 = pid_m * BLOCK_M
-    if row0 < used:
+def _gate_up_desc_kernel(a_desc, w_desc, h_ptr, start_ptr, E, N, K, stride_hr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                         GROUP_M: tl.constexpr, E_PAD: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
+                         FLATTEN: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
+    """N = I, K = H.  a_desc: x_RH blocks [BLOCK_M, BLOCK_K]; w_desc: (E·2I, H) blocks [BLOCK_N, BLOCK_K].
+
+    Tiles cover only the rows in use (a multiple of BLOCK_M); program p takes tiles p, p + step, ...
+    where step is NUM_PROGRAMS (persistent) or the grid size (one tile each).
+    """
+    num_m = tl.load(start_ptr + E) // BLOCK_M
+    num_n = tl.cdiv(N, BLOCK_N)
+    step = NUM_PROGRAMS if NUM_PROGRAMS > 0 else tl.num_programs(0)
+    for tile in tl.range(tl.program_id(0), num_m * num_n, step, flatten=FLATTEN, warp_specialize=WARP_SPECIALIZE):
+        pid_m, pid_n = _block_coords(tile, num_m, num_n, GROUP_M)
+        row0 = pid_m * BLOCK_M
         e = _block_expert(start_ptr, row0, E, E_PAD)
         n0 = pid_n * BLOCK_N
         g_row = e * 2 * N + n0
@@ -72,32 +83,21 @@ def _gate_up_desc_tile(a_desc, w_desc, h_ptr, start_ptr, tile, E, N, K, num_m, u
         offs_m = row0 + tl.arange(0, BLOCK_M)
         offs_n = n0 + tl.arange(0, BLOCK_N)
         h_ptrs = h_ptr + offs_m[:, None].to(tl.int64) * stride_hr + offs_n[None, :]
-        tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=(offs_m < used)[:, None] & (offs_n < N)[None, :])
+        tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=(offs_n < N)[None, :])
 
 
 @triton.jit
-def _gate_up_desc_kernel(a_desc, w_desc, h_ptr, start_ptr, E, N, K, num_m, stride_hr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         GROUP_M: tl.constexpr, E_PAD: tl.constexpr, NUM_PROGRAMS: tl.constexpr):
-    """N = I, K = H.  a_desc: x_RH blocks [BLOCK_M, BLOCK_K]; w_desc: (E·2I, H) blocks [BLOCK_N, BLOCK_K]."""
-    used = tl.load(start_ptr + E)
-    if NUM_PROGRAMS > 0:
-        num_tiles = num_m * tl.cdiv(N, BLOCK_N)
-        for tile in range(tl.program_id(0), num_tiles, NUM_PROGRAMS):
-            _gate_up_desc_tile(a_desc, w_desc, h_ptr, start_ptr, tile, E, N, K, num_m, used, stride_hr,
-                               BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, E_PAD)
-    else:
-        _gate_up_desc_tile(a_desc, w_desc, h_ptr, start_ptr, tl.program_id(0), E, N, K, num_m, used, stride_hr,
-                           BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, E_PAD)
-
-
-@triton.jit
-def _down_desc_tile(a_desc, w_desc, y_ptr, sorted_ptr, start_ptr, weights_ptr, tile, P, E, N, K, num_m, used,
-                    stride_yp, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    GROUP_M: tl.constexpr, E_PAD: tl.constexpr):
-    pid_m, pid_n = _block_coords(tile, num_m, tl.cdiv(N, BLOCK_N), GROUP_M)
-    row0 = pid_m * BLOCK_M
-    if row0 < used:
+def _down_desc_kernel(a_desc, w_desc, y_ptr, sorted_ptr, start_ptr, weights_ptr, P, E, N, K, stride_yp,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      GROUP_M: tl.constexpr, E_PAD: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
+                      FLATTEN: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
+    """N = H, K = I.  a_desc: h_RI blocks [BLOCK_M, BLOCK_K]; w_desc: (E·H, I) blocks [BLOCK_N, BLOCK_K]."""
+    num_m = tl.load(start_ptr + E) // BLOCK_M
+    num_n = tl.cdiv(N, BLOCK_N)
+    step = NUM_PROGRAMS if NUM_PROGRAMS > 0 else tl.num_programs(0)
+    for tile in tl.range(tl.program_id(0), num_m * num_n, step, flatten=FLATTEN, warp_specialize=WARP_SPECIALIZE):
+        pid_m, pid_n = _block_coords(tile, num_m, num_n, GROUP_M)
+        row0 = pid_m * BLOCK_M
         e = _block_expert(start_ptr, row0, E, E_PAD)
         n0 = pid_n * BLOCK_N
         b_row = e * N + n0
@@ -113,19 +113,3 @@ def _down_desc_tile(a_desc, w_desc, y_ptr, sorted_ptr, start_ptr, weights_ptr, t
         offs_n = n0 + tl.arange(0, BLOCK_N)
         y_ptrs = y_ptr + pair[:, None].to(tl.int64) * stride_yp + offs_n[None, :]
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_n < N)[None, :])
-
-
-@triton.jit
-def _down_desc_kernel(a_desc, w_desc, y_ptr, sorted_ptr, start_ptr, weights_ptr, P, E, N, K, num_m, stride_yp,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                      GROUP_M: tl.constexpr, E_PAD: tl.constexpr, NUM_PROGRAMS: tl.constexpr):
-    """N = H, K = I.  a_desc: h_RI blocks [BLOCK_M, BLOCK_K]; w_desc: (E·H, I) blocks [BLOCK_N, BLOCK_K]."""
-    used = tl.load(start_ptr + E)
-    if NUM_PROGRAMS > 0:
-        num_tiles = num_m * tl.cdiv(N, BLOCK_N)
-        for tile in range(tl.program_id(0), num_tiles, NUM_PROGRAMS):
-            _down_desc_tile(a_desc, w_desc, y_ptr, sorted_ptr, start_ptr, weights_ptr, tile, P, E, N, K, num_m,
-                            used, stride_yp, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, E_PAD)
-    else:
-        _down_desc_tile(a_desc, w_desc, y_ptr, sorted_ptr, start_ptr, weights_ptr, tl.program_id(0), P, E, N, K,
-                        num_m, used, stride_yp, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, E_PAD)

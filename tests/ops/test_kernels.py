@@ -98,6 +98,15 @@ def _config(T, W, E, H, I, block_m=16, split=1, bn=32, bk=32):  # noqa: E741
     return cfg
 
 
+def _desc_config(T, W, E, H, I, persistent=0):  # noqa: E741
+    """The large-M path: gathered rows and descriptor GEMMs (BLOCK_N 16 so tiles run past I and H)."""
+    cfg = _config(T, W, E, H, I, bn=16, bk=16)
+    cfg["DESC"] = True
+    for part in ("gate_up", "down"):
+        cfg[part] = dict(cfg[part], PERSISTENT=persistent, FLATTEN=persistent, SPLIT_K=1)
+    return cfg
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("T,W,E,H,I", [(1, 2, 8, 32, 48), (13, 2, 8, 32, 48), (7, 3, 3, 40, 24), (19, 5, 5, 24, 40)])
@@ -106,7 +115,8 @@ def test_fused_experts_matches_reference(T, W, E, H, I, kind, dtype, device):  #
         pytest.skip("more slots than experts")
     x, ids, wts, w1, w2 = _problem(T, W, E, H, I, dtype, kind, device)
     ref = _reference(x, ids, wts, w1, w2)
-    for cfg in (_config(T, W, E, H, I), _config(T, W, E, H, I, block_m=32, split=3, bn=16, bk=16)):
+    for cfg in (_config(T, W, E, H, I), _config(T, W, E, H, I, block_m=32, split=3, bn=16, bk=16),
+                _desc_config(T, W, E, H, I), _desc_config(T, W, E, H, I, persistent=1)):
         out = X.fused_experts_impl(x, ids, wts, w1, w2, cfg)
         assert out.dtype == dtype and out.shape == x.shape
         assert torch.isfinite(out).all()
@@ -212,6 +222,30 @@ def test_fake_tensor_shapes():
         assert h.shape == (real[0], I)
 
 
+def test_descriptor_path_is_taken_and_falls_back(device, monkeypatch):
+    """DESC configurations run the descriptor GEMMs when the operands allow it; otherwise the pointer GEMMs."""
+    calls = []
+    real = X.gate_up_desc
+    monkeypatch.setattr(X, "gate_up_desc", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for H, taken in ((32, True), (13, False)):  # 13 fp32 values per row: rows not 16-byte aligned
+        x, ids, wts, w1, w2 = _problem(21, 2, 4, H, 24, torch.float32, "random", device, seed=H)
+        calls.clear()
+        out = X.fused_experts_impl(x, ids, wts, w1, w2, _desc_config(21, 2, 4, H, 24, persistent=1))
+        assert bool(calls) == taken
+        assert _rel(out, _reference(x, ids, wts, w1, w2)) < TOL[torch.float32]
+
+
+def test_gathered_rows_are_the_dispatch_rows(device):
+    x, ids, wts, w1, w2 = _problem(29, 3, 5, 32, 16, torch.float32, "random", device)
+    layout = X.dispatch(ids, 5, 16, fuse=False)
+    xs = X.gather_rows(x, layout).cpu()
+    used = int(layout.start_E1[5])
+    pairs = layout.sorted_pairs_R[:used].long().cpu()
+    real = pairs < ids.numel()
+    assert torch.equal(xs[:used][real], x.cpu()[pairs[real] // 3])
+    assert (xs[:used][~real] == 0).all()  # padding rows are zeros, never garbage fed to a GEMM
+
+
 def test_empty_batch(device):
     x, ids, wts, w1, w2 = _problem(0, 2, 4, 32, 32, torch.float32, "random", device)
     assert X.fused_experts_impl(x, ids, wts, w1, w2).shape == (0, 32)
@@ -259,6 +293,41 @@ def test_bf16_fused_dispatch_is_the_dispatch_layout(M):
     fused = X.fused_experts_impl(x, ids, wts, w1, w2, cfg, fuse_dispatch=True)
     plain = X.fused_experts_impl(x, ids, wts, w1, w2, cfg, fuse_dispatch=False)
     assert torch.equal(fused, plain)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("persistent", [0, 1])
+def test_bf16_descriptor_path_graph_and_no_host_sync(persistent):
+    """The large-M descriptor GEMMs: bf16 accuracy, no host sync, replayable in a CUDA graph."""
+    E, H, I, K, M = 8, 1024, 2048, 2, 1024  # noqa: E741
+    gen = torch.Generator(device="cuda").manual_seed(persistent)
+    x = torch.randn(M, H, device="cuda", generator=gen).bfloat16()
+    w1 = (torch.randn(E, 2 * I, H, device="cuda", generator=gen) * H**-0.5).bfloat16()
+    w2 = (torch.randn(E, H, I, device="cuda", generator=gen) * I**-0.5).bfloat16()
+    ids = torch.rand(M, E, device="cuda", generator=gen).topk(K, dim=1).indices
+    ids[::5, -1] = E
+    wts = torch.rand(M, K, device="cuda", generator=gen)
+    cfg = {"BLOCK_M": 128, "DESC": True,
+           "gate_up": dict(BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4, PERSISTENT=persistent),
+           "down": dict(BLOCK_N=256, BLOCK_K=64, GROUP_M=16, num_warps=8, num_stages=4, PERSISTENT=persistent,
+                        FLATTEN=persistent, SPLIT_K=1)}
+    pointer = {k: v for k, v in cfg.items() if k != "DESC"}
+    want = X.fused_experts_impl(x, ids, wts, w1, w2, pointer)
+    out = X.fused_experts_impl(x, ids, wts, w1, w2, cfg)
+    assert ((out.float() - want.float()).norm() / want.float().norm()).item() < 1e-2
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        X.fused_experts_impl(x, ids, wts, w1, w2, cfg)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        g_out = X.fused_experts_impl(x, ids, wts, w1, w2, cfg)
+    ids.copy_(torch.rand(M, E, device="cuda", generator=gen).topk(K, dim=1).indices)
+    graph.replay()
+    assert torch.equal(g_out, X.fused_experts_impl(x, ids, wts, w1, w2, cfg))
+    assert torch.equal(X.fused_experts_impl(x, ids, wts, w1, w2, cfg), X.fused_experts_impl(x, ids, wts, w1, w2, cfg))
 
 
 @pytest.mark.gpu
