@@ -46,7 +46,7 @@ def demo_tables(families=None, gammas=DEMO_GAMMAS, batch=8, seq=64, seed=0) -> s
         head += "".join(f" | γ={g:<4} {'C':>4} {'max/mean':>8} {'drop':>6}" for g in gammas)
         rows = [f"{family}: {batch}x{seq} random tokens, token drop (score)", head, "-" * len(head)]
         for layer, s in layers.items():
-            mean = s["tokens"] * s["top_k"] / s["num_experts"]
+            mean = (s["tokens"] * s["top_k"] - s["identity_pairs"]) / s["num_experts"]  # computing experts only
             row = f"{layer:>5} {s['tokens']:>5} {s['num_experts']:>3} {s['top_k']:>2} {mean:>6.1f} " \
                   f"{s['mean_straggler_before']:>9.2f}"
             for g in gammas:

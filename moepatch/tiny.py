@@ -16,7 +16,11 @@ _COMMON = dict(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attentio
 
 
 def tiny_config(model_type: str, **overrides):
-    """A transformers config of ``model_type`` with hidden size 32, 2 layers and 8 experts."""
+    """A transformers config of ``model_type`` with hidden size 32, 2 layers and 8 experts.
+
+    LongCat-Flash: hidden size 64, 2 decoder layers (each with two attention sublayers and one
+    MoE), 8 computing experts plus 2 zero-computation experts, top-2.
+    """
     import transformers as tf
 
     if model_type == "mixtral":
@@ -39,6 +43,13 @@ def tiny_config(model_type: str, **overrides):
         # first_k_dense_replace, n_group and topk_group must be set: the defaults make every tiny layer dense.
         cfg = tf.DeepseekV3Config(**dict(_COMMON, num_key_value_heads=4), **_MLA, routed_scaling_factor=2.5,
                                   n_group=2, topk_group=1, norm_topk_prob=True)
+    elif model_type == "longcat_flash":
+        # `num_layers` decoder layers; num_hidden_layers (2 attention sublayers each) derives from it.
+        common = {k: v for k, v in _COMMON.items() if k != "num_hidden_layers"}
+        cfg = tf.LongcatFlashConfig(**dict(common, hidden_size=64, num_key_value_heads=4), num_layers=2,
+                                    ffn_hidden_size=64, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8,
+                                    qk_rope_head_dim=8, head_dim=8, v_head_dim=8, moe_topk=2, n_routed_experts=8,
+                                    zero_expert_num=2, expert_ffn_hidden_size=48, routed_scaling_factor=2.0)
     else:
         from .patch.registry import supported_model_types
 
@@ -57,9 +68,13 @@ def tiny_model(model_type: str, seed: int = 0, router_scale: float = 8.0, dtype=
     model = tf.AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     with torch.no_grad():
         for module in model.modules():
-            # The routers: (E, D) weights with E > 1 (Qwen2's shared-expert gate is (1, D)).
-            if type(module).__name__.endswith(("Router", "TopkRouter")) and module.weight.shape[0] > 1:
-                module.weight.normal_(0.0, router_scale / cfg.hidden_size**0.5)
+            # The routers: (E, D) weights with E > 1 (Qwen2's shared-expert gate is (1, D)); LongCat's
+            # router keeps its weight in a `classifier` Linear.
+            if not type(module).__name__.endswith(("Router", "TopkRouter")):
+                continue
+            weight = module.classifier.weight if hasattr(module, "classifier") else module.weight
+            if weight.shape[0] > 1:
+                weight.normal_(0.0, router_scale / cfg.hidden_size**0.5)
                 if hasattr(module, "e_score_correction_bias"):
                     module.e_score_correction_bias.normal_(0.0, 0.05)
     return model.eval()

@@ -4,17 +4,21 @@ Nothing about the model changes but three kinds of hooks, all removed by ``remov
 
 1. a pre/post hook pair on the model (and its decoder) that records the batch shape and the
    attention mask of the current forward, so capacity can ignore padding and split groups;
-2. a forward hook on each MoE block's router (``block.gate``) that rewrites its (weights, ids)
-   output with the capacity-aware decision of :func:`moepatch.routing.route`;
+2. a forward hook on each MoE block's router (``block.gate``, or the family's ``router_attr``)
+   that rewrites its (weights, ids) output with the capacity-aware decision of
+   :func:`moepatch.routing.route`, returning as many values as the router did (LongCat-Flash's
+   router in transformers 5.17 returns no logits: the hook recomputes them from its input);
 3. a pre/post hook pair on each block's fused experts module that lowers dropped slots (sentinel
-   id E) for transformers' experts implementations: the kept (token, expert) pairs are computed
+   id E + Z) for transformers' experts implementations: the kept (token, expert) pairs are computed
    as one row each, so no dropped pair reaches a GEMM and no implementation ever sees an
-   out-of-range id (transformers 5.17 and later releases treat those ids differently).
+   out-of-range id (transformers 5.17 and later releases treat those ids differently, and
+   LongCat-Flash's experts one-hot encode them with E + Z classes).
 
 Parameters, buffers, config and forward methods are never modified, so ``save_pretrained`` saves
 the original model and ``remove`` restores it bit for bit.
 
-Legend: T tokens, E routed experts, K native experts per token, W slots per token, D hidden.
+Legend: T tokens, E routed (computing) experts, Z zero-computation experts (LongCat-Flash; 0
+elsewhere), K native experts per token, W slots per token, D hidden.
 """
 
 from __future__ import annotations
@@ -57,6 +61,9 @@ class _Block:
     num_experts: int
     top_k: int
     scoring: FamilyScoring
+    zero_experts: int = 0
+    router_logits: object = None  # (router, hidden_states) -> logits, for routers that return none
+    pair_experts: object = None  # (experts, x_PD, ids_P, w_P) -> (P, D), see FamilySpec.pair_experts
     lower: bool = False  # the router produced sentinels that the experts hook must lower
     compact: tuple | None = None
 
@@ -153,7 +160,8 @@ def apply(model: torch.nn.Module, capacity_factor: float | None = 1.5, strategy:
 
     Args:
         model: a loaded transformers model of a supported family (Mixtral, OLMoE, Qwen2-MoE,
-            Qwen3-MoE, DeepSeek-V2, DeepSeek-V3), on any device or spread with ``device_map``.
+            Qwen3-MoE, DeepSeek-V2, DeepSeek-V3, LongCat-Flash), on any device or spread with
+            ``device_map``.
         capacity_factor: γ in C = max(min_capacity, ceil(γ·T·k/E)); None or inf: no capacity.
         strategy: ``"drop"``, ``"reroute"``, ``"expanded"`` or ``"expert_drop"``.
         policy: which pairs an over-capacity expert keeps (``drop``/``reroute``): ``"score"``
@@ -166,9 +174,9 @@ def apply(model: torch.nn.Module, capacity_factor: float | None = 1.5, strategy:
         UnsupportedModelError, ModelStateError, InvalidOptionError: the model is left untouched.
     """
     spec, blocks = _check_model(model)
-    routers = [b.gate for _, b in blocks]
+    routers = [spec.router(b) for _, b in blocks]
     cfg = make_config(capacity_factor, strategy, policy, num_experts=min(r.num_experts for r in routers), **options)
-    backend, source_rank = _choose_backend(model, cfg)
+    backend, source_rank = _choose_backend(model, cfg, spec)
     if backend == "ep":
         cfg = dataclasses.replace(cfg, ep_size=_world_size())
     state = _STATES.get(model)
@@ -208,8 +216,19 @@ def _world_size() -> int:
     return dist.get_world_size()
 
 
-def _choose_backend(model: torch.nn.Module, cfg: RoutingConfig) -> tuple[str, int | None]:
+def _choose_backend(model: torch.nn.Module, cfg: RoutingConfig, spec) -> tuple[str, int | None]:
     """Which experts backend runs the patched layers, and this process's rank under real EP."""
+    if not spec.experts_interface:
+        # The Triton and expert-parallel backends plug into transformers' ExpertsInterface.
+        if cfg.expert_parallel:
+            raise ModelStateError(
+                f"expert_parallel=True is not supported for {spec.model_type}: its experts module is not behind "
+                "transformers' ExpertsInterface; accepted: expert_parallel=False (simulate EP with ep_size=n)")
+        if cfg.kernel == "triton":
+            raise ModelStateError(
+                f"kernel='triton' is not available for {spec.model_type}: its experts module is not behind "
+                "transformers' ExpertsInterface; accepted alternatives: kernel='torch' or kernel='auto'")
+        return "hf", None
     if cfg.expert_parallel:
         import torch.distributed as dist
 
@@ -250,10 +269,12 @@ def _install(model, state, blocks, spec):
         state.handles.append(m.register_forward_hook(_context_post_hook(state), always_call=True))
     for i, (name, block) in enumerate(blocks):
         match = _LAYER_RE.search(name)
-        b = _Block(name=name, layer=int(match.group(1)) if match else i, num_experts=block.gate.num_experts,
-                   top_k=block.gate.top_k, scoring=spec.scoring(block.gate))
+        router = spec.router(block)
+        b = _Block(name=name, layer=int(match.group(1)) if match else i, num_experts=int(router.num_experts),
+                   top_k=int(router.top_k), scoring=spec.scoring(router), zero_experts=spec.num_zero_experts(block),
+                   router_logits=spec.router_logits, pair_experts=spec.pair_experts)
         state.blocks.append(b)
-        state.handles.append(block.gate.register_forward_hook(_router_hook(state, b)))
+        state.handles.append(router.register_forward_hook(_router_hook(state, b)))
         state.handles.append(block.experts.register_forward_pre_hook(_experts_pre_hook(b), with_kwargs=True))
         state.handles.append(block.experts.register_forward_hook(_experts_post_hook(b), always_call=True))
 
@@ -303,8 +324,12 @@ def _router_hook(state: PatchState, block: _Block):
     def hook(module, args, output):
         block.lower = False
         cfg = state.config
-        logits, weights_TK, ids_TK = output
-        T = logits.shape[0]
+        if len(output) == 3:
+            logits, weights_TK, ids_TK = output
+        else:  # a router that returns no logits (LongCat-Flash in transformers 5.17)
+            logits = None
+            weights_TK, ids_TK = output
+        T = ids_TK.shape[0]
         if T == 0:
             return None
         ctx = state.context
@@ -317,16 +342,20 @@ def _router_hook(state: PatchState, block: _Block):
         if seq == 1 and not cfg.apply_in_decode:
             state.skipped_decode += 1
             return None
-        scores_TE = block.scoring.scores(logits)
+        scores_TE = block.scoring.scores(block.router_logits(module, args[0]) if logits is None else logits)
         # Only experts a token did not pick natively need the family's weight factor.
         factor_T = block.scoring.factor(scores_TE, ids_TK) if cfg.strategy in ("reroute", "expanded") else None
+        # Only the reference route() knows zero-computation experts; such families run on the "hf" backend.
+        extra = {"zero_experts": block.zero_experts} if block.zero_experts else {}
         result = state.route_fn(cfg, scores_TE, ids_TK, weights_TK, factor_T, batch=batch, seq=seq,
-                                valid_BS=valid, layer=block.layer, source_rank=state.source_rank)
+                                valid_BS=valid, layer=block.layer, source_rank=state.source_rank, **extra)
         if cfg.collect_stats:
             state.records.append(PendingRecord(block.layer, block.top_k, block.num_experts, cfg.ep_size, result))
         if cfg.unlimited:
             return None
         block.lower = state.backend == "hf"
+        if logits is None:
+            return (result.topk_weights_TW, result.topk_ids_TW)
         return (logits, result.topk_weights_TW, result.topk_ids_TW)
 
     return hook
@@ -343,18 +372,28 @@ def _experts_pre_hook(block: _Block):
         vals.update({k: v for k, v in kwargs.items() if k in names})
         x_TD, ids_TW, w_TW = vals["hidden_states"], vals["top_k_index"], vals["top_k_weights"]
         T, W = ids_TW.shape
-        kept_TW = ids_TW < block.num_experts
+        # Zero-computation experts (ids E .. E+Z-1) are kept pairs like any other; E + Z is the sentinel.
+        kept_TW = ids_TW < block.num_experts + block.zero_experts
+        if bool(kept_TW.all()):  # NOTE: host sync
+            # Nothing dropped: the module runs the routing as is, exactly as the unpatched model would.
+            return None
         # Column of each kept pair among its token's kept pairs: the compact output is (T, Wk, D).
         col_TW = torch.cumsum(kept_TW.long(), dim=1) - 1
         tok_P, slot_P = kept_TW.nonzero(as_tuple=True)  # NOTE: host sync (data-dependent size)
         P = tok_P.numel()
         width = int(kept_TW.sum(1).max()) if T else 0  # NOTE: host sync
-        block.compact = (T, width, tok_P, col_TW[tok_P, slot_P])
+        x_PD, ids_P, w_P = x_TD[tok_P], ids_TW[tok_P, slot_P], w_TW[tok_P, slot_P]
+        if block.pair_experts is not None:
+            # The module cannot run one slot per row: it gets an empty call (it returns at once) and
+            # the post hook computes the kept pairs with the family's pair_experts.
+            block.compact = (T, width, tok_P, col_TW[tok_P, slot_P], (x_PD, ids_P, w_P))
+            return (x_TD[:0], ids_TW[:0], w_TW[:0]), {}
+        block.compact = (T, width, tok_P, col_TW[tok_P, slot_P], None)
         if P == 0:
             # Every pair was dropped: run one zero-weight row so the experts module sees a valid
             # call; the post hook discards it and returns zeros.
             return (torch.zeros_like(x_TD[:1]), ids_TW.new_zeros(1, 1), w_TW.new_zeros(1, 1)), {}
-        return (x_TD[tok_P], ids_TW[tok_P, slot_P, None], w_TW[tok_P, slot_P, None]), {}
+        return (x_PD, ids_P[:, None], w_P[:, None]), {}
 
     return hook
 
@@ -363,8 +402,10 @@ def _experts_post_hook(block: _Block):
     def hook(module, args, output):
         if block.compact is None:
             return None
-        T, width, tok_P, col_P = block.compact
+        T, width, tok_P, col_P, pairs = block.compact
         block.compact = None
+        if pairs is not None:
+            output = block.pair_experts(module, *pairs)
         out_TWD = output.new_zeros(T, max(width, 1), output.shape[-1])
         if tok_P.numel():
             out_TWD[tok_P, col_P] = output

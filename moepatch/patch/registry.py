@@ -1,8 +1,10 @@
 """Supported model families, keyed by ``config.model_type``.
 
 A family tells moepatch which modules are its MoE blocks and how its router scores and weighs
-experts.  Every block has a ``gate`` (the router: ``forward(x) -> (logits, weights, ids)``) and
-``experts`` (transformers' fused experts module behind the ``ExpertsInterface`` registry).
+experts.  Every block has a router (``block.gate`` by default, ``forward(x) -> (logits, weights,
+ids)`` or, where a release does not return the logits, ``(weights, ids)``) with ``num_experts`` and
+``top_k``, and ``experts`` (transformers' fused experts module, behind the ``ExpertsInterface``
+registry unless the spec says otherwise).
 """
 
 from __future__ import annotations
@@ -24,17 +26,39 @@ class FamilySpec:
         model_type: ``config.model_type``.
         block_classes: class names of the family's sparse MoE blocks (stable across transformers 5.x).
         scoring: builds the family's :class:`FamilyScoring` from a block's router module.
+        router_attr: the attribute of a block that holds its router.
+        router_logits: ``(router, hidden_states) -> (T, E + Z) logits`` exactly as the router computes
+            them, for releases whose router returns only ``(weights, ids)``; None when every
+            supported release returns the logits.
+        zero_experts: ``router -> Z``, the number of zero-computation (identity) experts, whose ids
+            follow the router's ``num_experts`` computing experts; None: the family has none.
+        experts_interface: the experts module is dispatched through transformers'
+            ``ExpertsInterface``, so the Triton and expert-parallel backends can run it.
+        pair_experts: ``(experts, x_PD, ids_P, w_P) -> (P, D)``, each kept (token, expert) pair's
+            weighted output as one row, for experts modules that cannot be called with one slot per
+            row (how capacity leaves dropped pairs out); None: the module itself is called so.
     """
 
     model_type: str
     block_classes: tuple[str, ...]
     scoring: Callable[[torch.nn.Module], FamilyScoring]
+    router_attr: str = "gate"
+    router_logits: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor] | None = None
+    zero_experts: Callable[[torch.nn.Module], int] | None = None
+    experts_interface: bool = True
+    pair_experts: Callable[..., torch.Tensor] | None = None
+
+    def router(self, block: torch.nn.Module) -> torch.nn.Module:
+        return getattr(block, self.router_attr)
+
+    def num_zero_experts(self, block: torch.nn.Module) -> int:
+        return 0 if self.zero_experts is None else int(self.zero_experts(self.router(block)))
 
 
 def _families() -> dict[str, FamilySpec]:
-    from . import deepseek, mixtral, olmoe, qwen_moe
+    from . import deepseek, longcat, mixtral, olmoe, qwen_moe
 
-    specs = (mixtral.SPEC, olmoe.SPEC, *qwen_moe.SPECS, *deepseek.SPECS)
+    specs = (mixtral.SPEC, olmoe.SPEC, *qwen_moe.SPECS, *deepseek.SPECS, longcat.SPEC)
     return {s.model_type: s for s in specs}
 
 

@@ -1,10 +1,17 @@
 """One routing decision for one MoE layer and one forward: the reference every backend matches.
 
 Legend: B sequences of S positions, T = B * S tokens (batch-major), E routed experts, K native
-experts per token, W output slots per token (K, or more for expanded drop), G capacity groups.
+experts per token, W output slots per token (K, or more for expanded drop), G capacity groups,
+Z zero-computation experts (LongCat-Flash; 0 elsewhere), ids E .. E+Z-1.
 
-Dropped slots are marked with the sentinel expert id E and weight 0; what consumes the routing
-(transformers' experts, the Triton kernels, the expert-parallel dispatcher) skips them.
+Dropped slots are marked with the sentinel expert id E + Z (the number of score columns) and
+weight 0; what consumes the routing (transformers' experts, the Triton kernels, the
+expert-parallel dispatcher) skips them.
+
+Zero-computation (identity) experts take no capacity.  Their pairs are always kept, they are
+never reroute targets or expanded-drop candidates, and the mean load the capacity is built on
+counts only the pairs on computing experts: C = max(min_capacity, ceil(γ · P / E)) with P the
+group's native pairs on the E computing experts (P = T·k when Z = 0, the spec's formula).
 """
 
 from __future__ import annotations
@@ -23,13 +30,15 @@ class RoutingResult:
     """Output of :func:`route`; tensors stay on the routing device (no host sync).
 
     Attributes:
-        topk_ids_TW: (T, W) int64 expert of each slot, E where the slot is empty.
+        topk_ids_TW: (T, W) int64 expert of each slot, E + Z where the slot is empty.
         topk_weights_TW: (T, W) combine weights in the native weights' dtype, 0 on empty slots.
-        load_before_E / load_after_E: (E,) int64 pairs per expert before / after capacity.
+        load_before_E / load_after_E: (E,) int64 pairs per computing expert before / after capacity.
         tokens_G: (G,) int64 real tokens per capacity group; capacity_G: (G,) int64 or None.
-        routed_pairs: native pairs of the real tokens; dropped_pairs: native pairs left without an
-            expert; rerouted_pairs: pairs moved to another expert; added_pairs: extra pairs of
-            expanded drop.  All int64 scalars.
+        routed_pairs: native pairs of the real tokens on computing experts; dropped_pairs: native
+            pairs left without an expert; rerouted_pairs: pairs moved to another expert;
+            added_pairs: extra pairs of expanded drop; identity_pairs: native pairs of the real
+            tokens on zero-computation experts (None means 0: families without them).  All int64
+            scalars.
     """
 
     topk_ids_TW: torch.Tensor
@@ -42,10 +51,11 @@ class RoutingResult:
     dropped_pairs: torch.Tensor
     rerouted_pairs: torch.Tensor
     added_pairs: torch.Tensor
+    identity_pairs: torch.Tensor | None = None
 
 
 def _load(ids_TW: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """Pairs per expert (E,), ignoring the sentinel."""
+    """Pairs per expert (E,), ignoring the sentinel and zero-computation experts (ids >= E)."""
     return torch.bincount(ids_TW.reshape(-1), minlength=num_experts + 1)[:num_experts]
 
 
@@ -99,12 +109,12 @@ def policy_keys(cfg: RoutingConfig, num_tokens: int, top_k: int, layer: int, sou
 
 def route(cfg: RoutingConfig, scores_TE: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor,
           factor_T: torch.Tensor | None, *, batch: int, seq: int, valid_BS: torch.Tensor | None = None,
-          layer: int = 0, source_rank: int | None = None) -> RoutingResult:
+          layer: int = 0, source_rank: int | None = None, zero_experts: int = 0) -> RoutingResult:
     """Apply capacity-aware routing to one layer's native top-k decision.
 
     Args:
         cfg: the validated configuration.
-        scores_TE: (T, E) float32 family scores s[t, e].
+        scores_TE: (T, E + Z) float32 family scores s[t, e], zero-computation experts last.
         topk_ids_TK: (T, K) int64 native picks; topk_weights_TK: (T, K) native combine weights.
         factor_T: (T,) float32, the family's weight of expert e is s[t, e] * factor_T[t]; only reroute
             and expanded drop read it (None is fine for the other strategies).
@@ -114,8 +124,12 @@ def route(cfg: RoutingConfig, scores_TE: torch.Tensor, topk_ids_TK: torch.Tensor
         source_rank: under real expert parallelism, the rank these tokens come from: all T tokens
             then sit on that one device (one capacity group per forward, or per sequence) and its
             experts are their local experts.  None simulates ``cfg.ep_size`` devices in one process.
+        zero_experts: Z, the number of zero-computation experts (the last Z score columns); they
+            take no capacity (see the module docstring) and sit on no expert-parallel device.
     """
-    T, E = scores_TE.shape
+    T, E_all = scores_TE.shape
+    Z = int(zero_experts)
+    E = E_all - Z
     K = topk_ids_TK.shape[1]
     device = scores_TE.device
     if batch * seq != T:
@@ -132,12 +146,17 @@ def route(cfg: RoutingConfig, scores_TE: torch.Tensor, topk_ids_TK: torch.Tensor
         token_dev_T = torch.full((T,), source_rank, dtype=torch.long, device=device)
     tokens_G = torch.bincount(group_T[active_T], minlength=G)
     load_before_E = _load(topk_ids_TK[active_T], E)
-    routed = active_T.sum() * K
+    native = active_T.sum() * K  # every native pair of the real tokens, zero experts included
+    identity = None
+    if Z:
+        zero_TK = (topk_ids_TK >= E) & active_T[:, None]
+        identity = zero_TK.sum()
+    routed = native if identity is None else native - identity
     zero = torch.zeros((), dtype=torch.long, device=device)
 
     if cfg.unlimited:
         return RoutingResult(topk_ids_TK, topk_weights_TK, load_before_E, load_before_E, tokens_G, None,
-                             routed, zero, zero, zero)
+                             routed, zero, zero, zero, identity)
 
     dev_E = expert_devices(E, cfg.ep_size, device)
     if cfg.capacity_scope == "expert":
@@ -146,53 +165,64 @@ def route(cfg: RoutingConfig, scores_TE: torch.Tensor, topk_ids_TK: torch.Tensor
     else:
         bucket_E = dev_E
         bucket_size_B = torch.bincount(dev_E, minlength=cfg.ep_size)
+    if Z:
+        # Zero-computation experts belong to no bucket; the strategies ignore their entries.
+        bucket_E = torch.cat([bucket_E, bucket_E.new_zeros(Z)])
     capacity_G = None
     if cfg.strategy != "expert_drop":
-        capacity_G = capacities(tokens_G, K, E, cfg.capacity_factor, cfg.min_capacity)
-    sentinel = torch.full_like(topk_ids_TK, E)
+        if Z:
+            # The mean load counts the pairs on computing experts only: N̄ = P_g / E.
+            pairs_G = torch.bincount(group_T[:, None].expand(T, K)[active_T[:, None] & ~zero_TK], minlength=G)
+            capacity_G = capacities(pairs_G, 1, E, cfg.capacity_factor, cfg.min_capacity)
+        else:
+            capacity_G = capacities(tokens_G, K, E, cfg.capacity_factor, cfg.min_capacity)
+    sentinel = torch.full_like(topk_ids_TK, E_all)
     w_zero = torch.zeros_like(topk_weights_TK)
     rerouted = added = zero
 
     if cfg.strategy in ("drop", "expert_drop"):
         if cfg.strategy == "drop":
             keep_TK = token_drop(scores_TE, topk_ids_TK, active_T, group_T, capacity_G, bucket_E,
-                                 bucket_size_B, cfg.policy, policy_keys(cfg, T, K, layer, source_rank))
+                                 bucket_size_B, cfg.policy, policy_keys(cfg, T, K, layer, source_rank), zero_experts=Z)
         else:
             # Each source device skips the experts least loaded by its own tokens (all it knows under EP).
             n_dev = 1 if source_rank is not None else cfg.ep_size
-            keep_TK, _ = expert_drop(topk_ids_TK, active_T, E, cfg.expert_drop_fraction,
-                                     token_dev_T if source_rank is None else None, n_dev)
+            keep_TK, _ = expert_drop(topk_ids_TK, active_T, E_all, cfg.expert_drop_fraction,
+                                     token_dev_T if source_rank is None else None, n_dev, zero_experts=Z)
         ids_TW = torch.where(keep_TK, topk_ids_TK, sentinel)
         w_TW = torch.where(keep_TK, topk_weights_TK, w_zero)
-        dropped = routed - keep_TK.sum()
+        # Zero-expert pairs of real tokens are always kept, so the difference counts computing pairs only.
+        dropped = native - keep_TK.sum()
     elif cfg.strategy == "reroute":
         keep_TK = token_drop(scores_TE, topk_ids_TK, active_T, group_T, capacity_G, bucket_E,
-                             bucket_size_B, cfg.policy, policy_keys(cfg, T, K, layer, source_rank))
+                             bucket_size_B, cfg.policy, policy_keys(cfg, T, K, layer, source_rank), zero_experts=Z)
         ids_TK, placed_TK, moved_TK = token_reroute(scores_TE, topk_ids_TK, keep_TK, active_T, group_T,
                                                     capacity_G, bucket_E, bucket_size_B,
-                                                    cfg.reroute_target, cfg.reroute_rounds)
+                                                    cfg.reroute_target, cfg.reroute_rounds, zero_experts=Z)
         moved_w_TK = (scores_TE.gather(1, ids_TK) * factor_T[:, None]).to(topk_weights_TK.dtype)
         ids_TW = torch.where(placed_TK, ids_TK, sentinel)
         w_TW = torch.where(moved_TK, moved_w_TK, torch.where(placed_TK, topk_weights_TK, w_zero))
-        dropped = routed - placed_TK.sum()
+        dropped = native - placed_TK.sum()
         rerouted = moved_TK.sum()
     else:  # expanded
         if cfg.local_experts == "all" or cfg.ep_size == 1:
-            local_TE = torch.ones(T, E, dtype=torch.bool, device=device)
+            local_TE = torch.ones(T, E_all, dtype=torch.bool, device=device)
             m = E
         else:
-            local_TE = dev_E[None, :] == token_dev_T[:, None]
+            # Zero-computation experts sit on no device (-1): never local.
+            dev_all_E = torch.cat([dev_E, dev_E.new_full((Z,), -1)]) if Z else dev_E
+            local_TE = dev_all_E[None, :] == token_dev_T[:, None]
             m = -(-E // cfg.ep_size)  # the largest device block of expert_devices
         keep_TE = expanded_drop(scores_TE, topk_ids_TK, active_T, group_T, capacity_G, bucket_E, bucket_size_B,
-                                local_TE, cfg.max_experts_per_token)
+                                local_TE, cfg.max_experts_per_token, zero_experts=Z)
         keep_TK = keep_TE.gather(1, topk_ids_TK)
         ids_TW, w_TW, extra_TE = expanded_layout(keep_TE, topk_ids_TK, topk_weights_TK, scores_TE, factor_T,
-                                                 keep_TK, min(E, K + m))
-        dropped = routed - keep_TK.sum()
+                                                 keep_TK, min(E_all, K + m))
+        dropped = native - keep_TK.sum()
         added = extra_TE.sum()
 
     if cfg.renormalize == "kept":
         w_TW = renormalize_kept(w_TW, topk_weights_TK, active_T)
 
     return RoutingResult(ids_TW, w_TW, load_before_E, _load(ids_TW, E), tokens_G, capacity_G,
-                         routed, dropped, rerouted, added)
+                         routed, dropped, rerouted, added, identity)

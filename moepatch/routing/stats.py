@@ -17,7 +17,12 @@ from .route import RoutingResult
 
 @dataclass
 class ForwardRecord:
-    """One MoE layer in one forward pass."""
+    """One MoE layer in one forward pass.
+
+    Loads, ``num_experts`` and ``routed_pairs`` cover the computing experts only; the native pairs
+    on zero-computation experts (LongCat-Flash) are ``identity_pairs`` and never dropped, so
+    tokens · top_k = routed_pairs + identity_pairs.
+    """
 
     layer: int
     tokens: int
@@ -31,11 +36,12 @@ class ForwardRecord:
     rerouted_pairs: int
     added_pairs: int
     ep_size: int = 1
+    identity_pairs: int = 0
 
     @property
     def mean_load(self) -> float:
-        """N̄ = T·k/E."""
-        return self.tokens * self.top_k / self.num_experts
+        """N̄ = T·k/E, the pairs on zero-computation experts left out: (T·k - identity_pairs)/E."""
+        return (self.tokens * self.top_k - self.identity_pairs) / self.num_experts
 
     @staticmethod
     def _ratio(load: list[int], mean: float) -> float:
@@ -89,7 +95,8 @@ class PendingRecord:
             capacity=None if r.capacity_G is None else r.capacity_G.tolist(),
             load_before=r.load_before_E.tolist(), load_after=r.load_after_E.tolist(),
             routed_pairs=int(r.routed_pairs), dropped_pairs=int(r.dropped_pairs),
-            rerouted_pairs=int(r.rerouted_pairs), added_pairs=int(r.added_pairs), ep_size=self.ep_size)
+            rerouted_pairs=int(r.rerouted_pairs), added_pairs=int(r.added_pairs), ep_size=self.ep_size,
+            identity_pairs=0 if r.identity_pairs is None else int(r.identity_pairs))
 
 
 class LoadStats:
@@ -111,12 +118,12 @@ class LoadStats:
         out: dict[int, dict] = {}
         for r in self.records:
             s = out.setdefault(r.layer, dict(forwards=0, tokens=0, routed_pairs=0, dropped_pairs=0,
-                                             rerouted_pairs=0, added_pairs=0, top_k=r.top_k,
+                                             rerouted_pairs=0, added_pairs=0, identity_pairs=0, top_k=r.top_k,
                                              num_experts=r.num_experts, load_before=[0] * r.num_experts,
                                              load_after=[0] * r.num_experts, straggler_before=[],
                                              straggler_after=[], capacity=[]))
             s["forwards"] += 1
-            for key in ("tokens", "routed_pairs", "dropped_pairs", "rerouted_pairs", "added_pairs"):
+            for key in ("tokens", "routed_pairs", "dropped_pairs", "rerouted_pairs", "added_pairs", "identity_pairs"):
                 s[key] += getattr(r, key)
             s["load_before"] = [a + b for a, b in zip(s["load_before"], r.load_before)]
             s["load_after"] = [a + b for a, b in zip(s["load_after"], r.load_after)]

@@ -35,28 +35,30 @@ def _bucket_capacity(capacity_G, bucket_size_B):
 
 
 def token_drop(scores_TE, topk_ids_TK, active_T, group_T, capacity_G, bucket_E, bucket_size_B,
-               policy="score", keys_P=None):
+               policy="score", keys_P=None, zero_experts=0):
     """Token Drop: each bucket keeps its first C pairs in policy order (``keys_P``: the random
-    policy's keys, one per pair in token-major order).
+    policy's keys, one per pair in token-major order, zero-expert pairs included).
 
     Returns:
-        keep_TK (bool): the native pairs that stay.
+        keep_TK (bool): the native pairs that stay (zero-expert pairs of active tokens always do).
     """
     T, K = topk_ids_TK.shape
     G, NB = capacity_G.numel(), bucket_size_B.numel()
     token_P = torch.arange(T, device=topk_ids_TK.device).repeat_interleave(K)
     expert_P = topk_ids_TK.reshape(-1)
-    valid_P = active_T[token_P]
+    active_P = active_T[token_P]
+    exempt_P = expert_P >= scores_TE.shape[1] - zero_experts
+    valid_P = active_P & ~exempt_P
     bucket_P, nb = _flat_buckets(group_T[token_P], expert_P, valid_P, bucket_E, NB, G)
     score_P = scores_TE.gather(1, topk_ids_TK).reshape(-1)
     order_P = priority_order(policy, score_P, token_P, keys_P)
     rank_P = bucket_rank(bucket_P, order_P, nb)
     keep_P = rank_P < _bucket_capacity(capacity_G, bucket_size_B)[bucket_P]
-    return (keep_P & valid_P).view(T, K)
+    return ((keep_P & valid_P) | (active_P & exempt_P)).view(T, K)
 
 
 def _bucket_load(group_T, ids_TK, keep_TK, bucket_E, num_groups, num_buckets):
-    """Kept pairs per (group, bucket), shape (G, NB)."""
+    """Kept pairs per (group, bucket), shape (G, NB); ``keep_TK`` must leave zero-expert pairs out."""
     T, K = ids_TK.shape
     token_P = torch.arange(T, device=ids_TK.device).repeat_interleave(K)
     keep_P = keep_TK.reshape(-1)
@@ -65,7 +67,7 @@ def _bucket_load(group_T, ids_TK, keep_TK, bucket_E, num_groups, num_buckets):
 
 
 def token_reroute(scores_TE, topk_ids_TK, keep_TK, active_T, group_T, capacity_G, bucket_E,
-                  bucket_size_B, target="score", rounds=1):
+                  bucket_size_B, target="score", rounds=1, zero_experts=0):
     """Token Reroute: offer each dropped pair to an expert with spare room.
 
     In each round every still-unplaced pair of token t proposes to a distinct expert e' that is
@@ -73,6 +75,7 @@ def token_reroute(scores_TE, topk_ids_TK, keep_TK, active_T, group_T, capacity_G
     best candidate (by s[t, e'] for ``target="score"``, by the bucket's spare room for
     ``"least_loaded"``; ties go to the lower expert index).  Every bucket admits its proposals by
     s[t, e'] (ties to the lower token) up to its spare room.  Rejected pairs try again next round.
+    Zero-computation experts are never targets.
 
     Returns:
         ids_TK (int64): the native picks with rerouted slots replaced by their new expert.
@@ -86,8 +89,9 @@ def token_reroute(scores_TE, topk_ids_TK, keep_TK, active_T, group_T, capacity_G
     ids_TK = topk_ids_TK.clone()
     keep_TK = keep_TK.clone()
     rerouted_TK = torch.zeros_like(keep_TK)
+    real_E = torch.arange(E, device=device) < E - zero_experts
     spare_GB = capacity_G[:, None] * bucket_size_B[None, :] - _bucket_load(
-        group_T, ids_TK, keep_TK, bucket_E, G, NB)
+        group_T, ids_TK, keep_TK & real_E[ids_TK], bucket_E, G, NB)
     picked_TE = torch.zeros(T, E, dtype=torch.bool, device=device).scatter_(1, topk_ids_TK, True)
     unplaced_TK = active_T[:, None] & ~keep_TK
     for _ in range(rounds):
@@ -95,7 +99,7 @@ def token_reroute(scores_TE, topk_ids_TK, keep_TK, active_T, group_T, capacity_G
         if not bool(unplaced_TK.any()):
             break
         spare_TE = spare_GB[group_T][:, bucket_E]  # (T, E)
-        avail_TE = ~picked_TE & (spare_TE > 0)
+        avail_TE = ~picked_TE & (spare_TE > 0) & real_E
         if target == "score":
             key_TE = scores_TE.clone()
         elif target == "least_loaded":
@@ -131,12 +135,14 @@ def token_reroute(scores_TE, topk_ids_TK, keep_TK, active_T, group_T, capacity_G
 
 
 def expanded_drop(scores_TE, topk_ids_TK, active_T, group_T, capacity_G, bucket_E, bucket_size_B,
-                  local_TE, max_experts_per_token=None):
+                  local_TE, max_experts_per_token=None, zero_experts=0):
     """Expanded Drop: candidates are the top-k plus the token's local experts; each bucket keeps
     its top-C candidates by s[t, e] (ties to the lower token).
 
     ``max_experts_per_token`` then keeps each token's best M kept experts (ties to the lower
-    expert index); capacity freed that way is not handed to anyone else.
+    expert index); capacity freed that way is not handed to anyone else.  Zero-computation
+    experts are never candidates beyond the token's own picks, which are always kept and do not
+    count toward M.
 
     Returns:
         keep_TE (bool): the (token, expert) pairs that are computed.
@@ -145,7 +151,8 @@ def expanded_drop(scores_TE, topk_ids_TK, active_T, group_T, capacity_G, bucket_
     G, NB = capacity_G.numel(), bucket_size_B.numel()
     device = scores_TE.device
     native_TE = torch.zeros(T, E, dtype=torch.bool, device=device).scatter_(1, topk_ids_TK, True)
-    cand_TE = (native_TE | local_TE) & active_T[:, None]
+    real_E = torch.arange(E, device=device) < E - zero_experts
+    cand_TE = (native_TE | local_TE) & active_T[:, None] & real_E
     token_P = torch.arange(T, device=device).repeat_interleave(E)
     expert_P = torch.arange(E, device=device).repeat(T)
     valid_P = cand_TE.reshape(-1)
@@ -158,30 +165,37 @@ def expanded_drop(scores_TE, topk_ids_TK, active_T, group_T, capacity_G, bucket_
         best_TM = torch.sort(key_TE, dim=1, descending=True, stable=True).indices[:, :max_experts_per_token]
         cap_TE = torch.zeros_like(keep_TE).scatter_(1, best_TM, True)
         keep_TE &= cap_TE
+    if zero_experts:
+        keep_TE |= native_TE & active_T[:, None] & ~real_E
     return keep_TE
 
 
-def expert_drop(topk_ids_TK, active_T, num_experts, fraction=0.1, group_T=None, num_groups=1):
+def expert_drop(topk_ids_TK, active_T, num_experts, fraction=0.1, group_T=None, num_groups=1, zero_experts=0):
     """The paper's comparison baseline: skip the least-loaded experts of the layer.
 
     n = max(1, round(fraction * E)) experts with the lowest load over the active tokens are
     skipped (ties: the lower expert index is skipped first).  With ``group_T`` each group (a source
-    device under expert parallelism) decides from its own tokens' load.
+    device under expert parallelism) decides from its own tokens' load.  With ``zero_experts``,
+    E = num_experts - zero_experts: only computing experts are counted and skipped.
 
     Returns:
-        keep_TK (bool), dropped_GE (bool): kept native pairs and the skipped experts per group.
+        keep_TK (bool), dropped_GE (bool, (G, E)): kept native pairs and the skipped experts per group.
     """
-    E = num_experts
+    E = num_experts - zero_experts
     T, K = topk_ids_TK.shape
+    device = topk_ids_TK.device
     if group_T is None:
-        group_T = torch.zeros(T, dtype=torch.long, device=topk_ids_TK.device)
+        group_T = torch.zeros(T, dtype=torch.long, device=device)
     n_skip = max(1, round(fraction * E))
-    pair_G = group_T[:, None].expand(T, K)[active_T]
-    load_GE = torch.zeros(num_groups * E, dtype=torch.long, device=topk_ids_TK.device)
-    load_GE.index_add_(0, (pair_G * E + topk_ids_TK[active_T]).reshape(-1),
-                       torch.ones(pair_G.numel(), dtype=torch.long, device=topk_ids_TK.device))
+    real_TK = topk_ids_TK < E
+    counted_TK = real_TK & active_T[:, None]
+    pair_G = group_T[:, None].expand(T, K)[counted_TK]
+    load_GE = torch.zeros(num_groups * E, dtype=torch.long, device=device)
+    load_GE.index_add_(0, pair_G * E + topk_ids_TK[counted_TK],
+                       torch.ones(pair_G.numel(), dtype=torch.long, device=device))
     order_GE = torch.sort(load_GE.view(num_groups, E), dim=1, stable=True).indices
-    dropped_GE = torch.zeros(num_groups, E, dtype=torch.bool, device=topk_ids_TK.device)
+    dropped_GE = torch.zeros(num_groups, E, dtype=torch.bool, device=device)
     dropped_GE.scatter_(1, order_GE[:, :n_skip], True)
-    keep_TK = ~dropped_GE[group_T[:, None], topk_ids_TK] & active_T[:, None]
+    skipped_TK = dropped_GE[group_T[:, None], topk_ids_TK.clamp(max=E - 1)] & real_TK
+    keep_TK = ~skipped_TK & active_T[:, None]
     return keep_TK, dropped_GE

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from moepatch.routing import (
@@ -56,12 +56,16 @@ def _experts(E):
     return torch.arange(E), torch.ones(E, dtype=torch.long)
 
 
-def _oracle_drop(scores, ids, active, group, cap, policy):
-    """The spec in loops: per (group, expert), keep the first C candidates in policy order."""
+def _oracle_drop(scores, ids, active, group, cap, policy, zero=0):
+    """The spec in loops: per (group, expert), keep the first C candidates in policy order.
+
+    The last ``zero`` experts are zero-computation experts: their pairs are kept, uncapped.
+    """
     T, K = ids.shape
-    keep = torch.zeros(T, K, dtype=torch.bool)
+    real = scores.shape[1] - zero
+    keep = (ids >= real) & active[:, None]
     for g in range(cap.numel()):
-        for e in range(scores.shape[1]):
+        for e in range(real):
             pairs = [(t, j) for t in range(T) for j in range(K) if active[t] and group[t] == g and ids[t, j] == e]
             if policy == "score":
                 pairs.sort(key=lambda p: (-scores[p[0], e].item(), p[0]))
@@ -114,17 +118,18 @@ def test_score_drop_keeps_the_best(case):
                 assert scores[tok_kept, e].min() >= scores[tok_drop, e].max()
 
 
-def _oracle_reroute(scores, ids, keep, active, group, cap, target, rounds):
-    """Token reroute by the spec's wording, one proposal per unplaced slot and round."""
+def _oracle_reroute(scores, ids, keep, active, group, cap, target, rounds, zero=0):
+    """Token reroute by the spec's wording, one proposal per unplaced slot and round (never onto
+    one of the last ``zero`` experts, which take no capacity)."""
     T, K = ids.shape
-    E = scores.shape[1]
+    E = scores.shape[1] - zero
     ids, keep = ids.clone(), keep.clone()
     moved = torch.zeros_like(keep)
     picked = [set(ids[t].tolist()) for t in range(T)]
     spare = {(g, e): int(cap[g]) for g in range(cap.numel()) for e in range(E)}
     for t in range(T):
         for j in range(K):
-            if keep[t, j]:
+            if keep[t, j] and ids[t, j] < E:
                 spare[(int(group[t]), int(ids[t, j]))] -= 1
     unplaced = [(t, j) for t in range(T) for j in range(K) if active[t] and not keep[t, j]]
     for _ in range(rounds):
@@ -344,3 +349,108 @@ def test_simulated_ep_groups_follow_device_chunks():
         ranks = [route(cfg_rank, scores[s], ids[s], w[s], factor[s], batch=2, seq=4, source_rank=i)
                  for i, s in enumerate((slice(0, 8), slice(8, 16)))]
         assert torch.equal(sim.topk_ids_TW, torch.cat([x.topk_ids_TW for x in ranks])), opts
+
+
+# --- zero-computation experts (LongCat-Flash): exempt from capacity ------------------------------
+
+@st.composite
+def zero_case(draw):
+    """A routing case whose last Z experts are zero-computation (identity) experts."""
+    scores, ids, active, group, cap = draw(routing_case())
+    assume(scores.shape[1] >= 2)
+    return scores, ids, active, group, cap, draw(st.integers(1, scores.shape[1] - 1))
+
+
+@SETTINGS
+@given(zero_case(), st.sampled_from(["score", "order", "reverse"]))
+def test_token_drop_never_drops_zero_experts(case, policy):
+    scores, ids, active, group, cap, Z = case
+    bucket_E, size_B = _experts(scores.shape[1])
+    keep = token_drop(scores, ids, active, group, cap, bucket_E, size_B, policy, zero_experts=Z)
+    assert torch.equal(keep, _oracle_drop(scores, ids, active, group, cap, policy, zero=Z))
+
+
+@SETTINGS
+@given(zero_case(), st.sampled_from(["score", "least_loaded"]), st.integers(1, 3))
+def test_token_reroute_never_targets_zero_experts(case, target, rounds):
+    scores, ids, active, group, cap, Z = case
+    bucket_E, size_B = _experts(scores.shape[1])
+    keep = token_drop(scores, ids, active, group, cap, bucket_E, size_B, "score", zero_experts=Z)
+    ids_got, keep_got, moved_got = token_reroute(scores, ids, keep, active, group, cap, bucket_E, size_B, target,
+                                                 rounds, zero_experts=Z)
+    want = _oracle_reroute(scores, ids, keep, active, group, cap, target, rounds, zero=Z)
+    assert torch.equal(keep_got, want[1]) and torch.equal(moved_got, want[2])
+    assert torch.equal(torch.where(keep_got, ids_got, -1), torch.where(want[1], want[0], -1))
+    real = scores.shape[1] - Z
+    assert not (moved_got & (ids_got >= real)).any()
+
+
+@SETTINGS
+@given(zero_case(), st.sampled_from([None, 1]))
+def test_expanded_drop_keeps_zero_picks_and_never_adds_zero_experts(case, max_per_token):
+    scores, ids, active, group, cap, Z = case
+    T, E_all = scores.shape
+    real = E_all - Z
+    bucket_E, size_B = _experts(E_all)
+    local = torch.ones(T, E_all, dtype=torch.bool)
+    keep = expanded_drop(scores, ids, active, group, cap, bucket_E, size_B, local, max_per_token, zero_experts=Z)
+    native = torch.zeros(T, E_all, dtype=torch.bool)
+    if T:
+        native.scatter_(1, ids, True)
+    assert torch.equal(keep[:, real:], native[:, real:] & active[:, None])
+    plain = expanded_drop(scores[:, :real], ids.clamp(max=real - 1), active, group, cap, bucket_E[:real],
+                          size_B[:real], local[:, :real], None)
+    # On the computing experts: each keeps its top-C candidates (every active token is a candidate).
+    for gi in range(cap.numel()):
+        for e in range(real):
+            toks = sorted((t for t in range(T) if active[t] and group[t] == gi),
+                          key=lambda t: (-scores[t, e].item(), t))
+            assert {t for t in range(T) if keep[t, e] and group[t] == gi} <= set(toks[: int(cap[gi])])
+            if max_per_token is None:
+                assert torch.equal(keep[:, e], plain[:, e])
+    if max_per_token is not None:
+        assert (keep[:, :real].sum(1) <= max_per_token).all()
+
+
+def test_expert_drop_never_skips_zero_experts():
+    ids = torch.tensor([[0, 4], [0, 1], [5, 1], [0, 3]])  # experts 4 and 5 are zero-computation
+    keep, dropped = expert_drop(ids, torch.ones(4, dtype=torch.bool), num_experts=6, fraction=0.5, zero_experts=2)
+    # Loads over the 4 computing experts: [3, 2, 0, 1]; half of them (2 and 3) are skipped.
+    assert dropped[0].tolist() == [False, False, True, True]
+    assert keep.tolist() == [[True, True], [True, True], [True, True], [True, False]]
+
+
+@pytest.mark.parametrize("opts", ALL_STRATEGIES, ids=lambda o: "-".join(f"{v}" for v in o.values()))
+def test_route_with_zero_experts(opts):
+    """C = ceil(γ · pairs on computing experts / E) per group; zero-expert pairs are kept and counted apart."""
+    Z = 2
+    scores, ids, w, factor = _layer(T=12, E=8, K=3, seed=4, scoring=FamilyScoring("softmax", scale=2.0))
+    E = 8 - Z
+    assert (ids >= E).any() and (ids < E).any()
+    cfg = make_config(0.75, num_experts=E, **opts)
+    valid = torch.ones(3, 4, dtype=torch.bool)
+    valid[0, :2] = False
+    r = route(cfg, scores, ids, w, factor, batch=3, seq=4, valid_BS=valid, zero_experts=Z)
+    active = valid.reshape(-1)
+    ids_W, w_W = r.topk_ids_TW, r.topk_weights_TW
+    kept = ids_W < E + Z
+    assert (w_W[~kept] == 0).all() and not kept[~active].any()
+    assert r.load_before_E.tolist() == torch.bincount(ids[active][ids[active] < E], minlength=E).tolist()
+    assert int(r.identity_pairs) == int((ids[active] >= E).sum())
+    assert int(r.routed_pairs) + int(r.identity_pairs) == int(active.sum()) * 3
+    assert r.load_after_E.sum() == (ids_W < E).sum()
+    # Zero-expert picks of real tokens stay, none is added; native slots hold the native pairs.
+    for t in active.nonzero().flatten().tolist():
+        assert sorted(e for e in ids_W[t].tolist() if E <= e < E + Z) == sorted(e for e in ids[t].tolist() if e >= E)
+    assert int(r.dropped_pairs) == int(r.routed_pairs) - int((ids_W[:, :3] < E).sum())
+    if opts.get("renormalize") != "kept":
+        want = scores.gather(1, ids_W.clamp(max=E + Z - 1)) * factor[:, None]
+        assert torch.equal(torch.where(kept, w_W, 0), torch.where(kept, want, 0))
+    if cfg.strategy != "expert_drop":
+        group_T, G = group_ids(3, 4, cfg.group, cfg.ep_size)
+        for g in range(G):
+            pairs = int(((ids < E) & (active & (group_T == g))[:, None]).sum())
+            assert int(r.capacity_G[g]) == math.ceil(0.75 * pairs / E)
+            if opts.get("capacity_scope") != "device":
+                in_g = (ids_W < E) & (group_T[:, None] == g)
+                assert (torch.bincount(ids_W[in_g], minlength=E) <= r.capacity_G[g]).all()

@@ -1,0 +1,64 @@
+"""LongCat-Flash (transformers ``longcat_flash``): softmax router with zero-computation experts.
+
+The router (``block.router``, ``LongcatFlashTopkRouter``) scores ``n_routed_experts`` computing
+experts plus ``zero_expert_num`` identity experts with one softmax; selection adds
+``e_score_correction_bias``, the weights are the plain scores times ``routed_scaling_factor`` and
+are never renormalised.  ``router.num_experts`` is the number of computing experts (ids below it);
+``router.n_routed_experts`` is the total.  transformers 5.24's router returns
+``(logits, weights, ids)``, 5.17's only ``(weights, ids)``: there the logits are recomputed from
+the router's input exactly as the router computes them.
+
+``LongcatFlashExperts`` is not behind the ExpertsInterface (only transformers' own experts run it:
+kernel="torch"/"auto"), and its forward needs at least two slots per row (it squeezes the slot
+dimension of its one-hot mask), so the capacity patch cannot hand it one kept pair per row as it
+does for the other families: :func:`pair_rows` computes the kept pairs from the module's weights.
+
+Legend: P kept (token, expert) pairs, D hidden, I expert width.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from ..routing.scores import FamilyScoring
+from .registry import FamilySpec
+
+
+def _router_logits(router: torch.nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    # The router's own expression: float32 and no bias (transformers ignores classifier.bias).
+    x_TD = hidden_states.view(-1, router.hidden_dim)
+    return F.linear(x_TD.type(torch.float32), router.classifier.weight.type(torch.float32))
+
+
+def pair_rows(experts: torch.nn.Module, x_PD: torch.Tensor, ids_P: torch.Tensor, w_P: torch.Tensor) -> torch.Tensor:
+    """Weighted output of each kept pair, as ``LongcatFlashExperts.forward`` computes one slot.
+
+    Args:
+        experts: a ``LongcatFlashExperts`` module.
+        x_PD: (P, D) the pair's token state; ids_P: (P,) int64 expert ids (>= num_routed_experts:
+            identity expert); w_P: (P,) combine weights (the router's dtype, float32).
+    Returns:
+        (P, D) in x_PD's dtype: w · SwiGLU_e(x), or w · x for an identity expert.
+    """
+    out_PD = torch.zeros_like(x_PD)
+    for e in torch.unique(ids_P).tolist():  # NOTE: host sync (which experts are hit)
+        sel_P = (ids_P == e).nonzero().squeeze(1)
+        x_ND = x_PD[sel_P]
+        if e >= experts.num_routed_experts or experts.gate_up_proj is None:
+            y_ND = experts.identity_expert(x_ND)
+        else:
+            gate_NI, up_NI = F.linear(x_ND, experts.gate_up_proj[e]).chunk(2, dim=-1)
+            y_ND = F.linear(experts.act_fn(gate_NI) * up_NI, experts.down_proj[e])
+        out_PD[sel_P] = (y_ND * w_P[sel_P, None]).to(x_PD.dtype)
+    return out_PD
+
+
+SPEC = FamilySpec(
+    model_type="longcat_flash",
+    block_classes=("LongcatFlashMoE",),
+    scoring=lambda router: FamilyScoring(kind="softmax", normalize=False, scale=float(router.routed_scaling_factor)),
+    router_attr="router",
+    router_logits=_router_logits,
+    zero_experts=lambda router: int(router.n_routed_experts) - int(router.num_experts),
+    experts_interface=False,
+    pair_experts=pair_rows,
+)
