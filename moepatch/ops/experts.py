@@ -273,10 +273,15 @@ def gate_up_desc(x_RH: torch.Tensor, gate_up_EIH: torch.Tensor, layout: Dispatch
     num_m = layout.rows // bm
     grid, nprog = _programs(c, num_m * triton.cdiv(I, bn), x_RH.device)
     a_desc = TensorDescriptor.from_tensor(x_RH, [bm, bk])
-    w_desc = TensorDescriptor.from_tensor(gate_up_EIH.view(E * two_i, H), [bn, bk])
+    joint = bool(c.get("JOINT", 0))
+    if joint:  # gate and up blocks of the same columns in one [2, BLOCK_N, BLOCK_K] box
+        w_desc = TensorDescriptor.from_tensor(gate_up_EIH.view(E * 2, I, H), [2, bn, bk])
+    else:
+        w_desc = TensorDescriptor.from_tensor(gate_up_EIH.view(E * two_i, H), [bn, bk])
     _launch(_gate_up_desc_kernel, grid,
             (a_desc, w_desc, h_RI, layout.start_E1, E, I, H, h_RI.stride(0)),
-            dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=c["GROUP_M"], E_PAD=_pow2(E), **_loop_flags(c, nprog)),
+            dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=c["GROUP_M"], E_PAD=_pow2(E), JOINT=joint,
+                 **_loop_flags(c, nprog)),
             c["num_warps"], c["num_stages"])
     return h_RI
 

@@ -55,8 +55,9 @@ def _gather_rows_kernel(x_ptr, sorted_ptr, start_ptr, xs_ptr, P, W, E, H, stride
 def _gate_up_desc_kernel(a_desc, w_desc, h_ptr, start_ptr, E, N, K, stride_hr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                          GROUP_M: tl.constexpr, E_PAD: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
-                         FLATTEN: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
-    """N = I, K = H.  a_desc: x_RH blocks [BLOCK_M, BLOCK_K]; w_desc: (E·2I, H) blocks [BLOCK_N, BLOCK_K].
+                         FLATTEN: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, JOINT: tl.constexpr):
+    """N = I, K = H.  a_desc: x_RH blocks [BLOCK_M, BLOCK_K]; w_desc: (E·2I, H) blocks [BLOCK_N, BLOCK_K],
+    or with JOINT the 3-D view (E·2, I, H) in blocks [2, BLOCK_N, BLOCK_K].
 
     Tiles cover only the rows in use (a multiple of BLOCK_M); program p takes tiles p, p + step, ...
     where step is NUM_PROGRAMS (persistent) or the grid size (one tile each).
@@ -71,14 +72,24 @@ def _gate_up_desc_kernel(a_desc, w_desc, h_ptr, start_ptr, E, N, K, stride_hr,
         n0 = pid_n * BLOCK_N
         g_row = e * 2 * N + n0
         u_row = g_row + N
-        acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            a = a_desc.load([row0, k0])
-            bg = w_desc.load([g_row, k0])
-            bu = w_desc.load([u_row, k0])
-            acc_g = tl.dot(a, bg.T, acc_g)
-            acc_u = tl.dot(a, bu.T, acc_u)
+        if JOINT:
+            # One (BLOCK_M, 2·BLOCK_N) product: w_desc is 3-D (E·2, I, H) with blocks [2, BLOCK_N, BLOCK_K],
+            # the gate rows then the up rows of the same columns, so A is read once per 2·BLOCK_N columns.
+            acc = tl.zeros([BLOCK_M, 2 * BLOCK_N], dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                a = a_desc.load([row0, k0])
+                b = w_desc.load([2 * e, n0, k0]).reshape(2 * BLOCK_N, BLOCK_K)
+                acc = tl.dot(a, b.T, acc)
+            acc_g, acc_u = tl.split(acc.reshape(BLOCK_M, 2, BLOCK_N).permute(0, 2, 1))
+        else:
+            acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                a = a_desc.load([row0, k0])
+                bg = w_desc.load([g_row, k0])
+                bu = w_desc.load([u_row, k0])
+                acc_g = tl.dot(a, bg.T, acc_g)
+                acc_u = tl.dot(a, bu.T, acc_u)
         h = acc_g * tl.sigmoid(acc_g) * acc_u
         offs_m = row0 + tl.arange(0, BLOCK_M)
         offs_n = n0 + tl.arange(0, BLOCK_N)

@@ -98,12 +98,12 @@ def _config(T, W, E, H, I, block_m=16, split=1, bn=32, bk=32):  # noqa: E741
     return cfg
 
 
-def _desc_config(T, W, E, H, I, persistent=0):  # noqa: E741
+def _desc_config(T, W, E, H, I, persistent=0, joint=0):  # noqa: E741
     """The large-M path: gathered rows and descriptor GEMMs (BLOCK_N 16 so tiles run past I and H)."""
     cfg = _config(T, W, E, H, I, bn=16, bk=16)
     cfg["DESC"] = True
     for part in ("gate_up", "down"):
-        cfg[part] = dict(cfg[part], PERSISTENT=persistent, FLATTEN=persistent, SPLIT_K=1)
+        cfg[part] = dict(cfg[part], PERSISTENT=persistent, FLATTEN=persistent, SPLIT_K=1, JOINT=joint)
     return cfg
 
 
@@ -116,7 +116,7 @@ def test_fused_experts_matches_reference(T, W, E, H, I, kind, dtype, device):  #
     x, ids, wts, w1, w2 = _problem(T, W, E, H, I, dtype, kind, device)
     ref = _reference(x, ids, wts, w1, w2)
     for cfg in (_config(T, W, E, H, I), _config(T, W, E, H, I, block_m=32, split=3, bn=16, bk=16),
-                _desc_config(T, W, E, H, I), _desc_config(T, W, E, H, I, persistent=1)):
+                _desc_config(T, W, E, H, I), _desc_config(T, W, E, H, I, persistent=1, joint=1)):
         out = X.fused_experts_impl(x, ids, wts, w1, w2, cfg)
         assert out.dtype == dtype and out.shape == x.shape
         assert torch.isfinite(out).all()
@@ -308,7 +308,8 @@ def test_bf16_descriptor_path_graph_and_no_host_sync(persistent):
     ids[::5, -1] = E
     wts = torch.rand(M, K, device="cuda", generator=gen)
     cfg = {"BLOCK_M": 128, "DESC": True,
-           "gate_up": dict(BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4, PERSISTENT=persistent),
+           "gate_up": dict(BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4, PERSISTENT=persistent,
+                           JOINT=persistent),
            "down": dict(BLOCK_N=256, BLOCK_K=64, GROUP_M=16, num_warps=8, num_stages=4, PERSISTENT=persistent,
                         FLATTEN=persistent, SPLIT_K=1)}
     pointer = {k: v for k, v in cfg.items() if k != "DESC"}
