@@ -87,6 +87,7 @@ class PatchState:
     handles: list = field(default_factory=list)
     records: list = field(default_factory=list)
     context: _ForwardContext | None = None
+    by_router: dict = field(default_factory=dict)  # id(router module) -> _Block
     depth: int = 0
     skipped_decode: int = 0
 
@@ -274,6 +275,7 @@ def _install(model, state, blocks, spec):
                    top_k=int(router.top_k), scoring=spec.scoring(router), zero_experts=spec.num_zero_experts(block),
                    router_logits=spec.router_logits, pair_experts=spec.pair_experts)
         state.blocks.append(b)
+        state.by_router[id(router)] = b
         state.handles.append(router.register_forward_hook(_router_hook(state, b)))
         state.handles.append(block.experts.register_forward_pre_hook(_experts_pre_hook(b), with_kwargs=True))
         state.handles.append(block.experts.register_forward_hook(_experts_post_hook(b), always_call=True))
@@ -320,16 +322,38 @@ def _context_post_hook(state: PatchState):
     return hook
 
 
+def _decide(state: PatchState, block: _Block, router, x, output, batch: int, seq: int, valid,
+            source_rank: int | None):
+    """The capacity-aware router output (same arity as ``output``), or None to leave it untouched."""
+    cfg = state.config
+    if len(output) == 3:
+        logits, weights_TK, ids_TK = output
+    else:  # a router that returns no logits (LongCat-Flash in transformers 5.17)
+        logits = None
+        weights_TK, ids_TK = output
+    if seq == 1 and not cfg.apply_in_decode:
+        state.skipped_decode += 1
+        return None
+    scores_TE = block.scoring.scores(block.router_logits(router, x) if logits is None else logits)
+    # Only experts a token did not pick natively need the family's weight factor.
+    factor_T = block.scoring.factor(scores_TE, ids_TK) if cfg.strategy in ("reroute", "expanded") else None
+    # Only the reference route() knows zero-computation experts; such families run on the "hf" backend.
+    extra = {"zero_experts": block.zero_experts} if block.zero_experts else {}
+    result = state.route_fn(cfg, scores_TE, ids_TK, weights_TK, factor_T, batch=batch, seq=seq,
+                            valid_BS=valid, layer=block.layer, source_rank=source_rank, **extra)
+    if cfg.collect_stats:
+        state.records.append(PendingRecord(block.layer, block.top_k, block.num_experts, cfg.ep_size, result))
+    if cfg.unlimited:
+        return None
+    if logits is None:
+        return (result.topk_weights_TW, result.topk_ids_TW)
+    return (logits, result.topk_weights_TW, result.topk_ids_TW)
+
+
 def _router_hook(state: PatchState, block: _Block):
     def hook(module, args, output):
         block.lower = False
-        cfg = state.config
-        if len(output) == 3:
-            logits, weights_TK, ids_TK = output
-        else:  # a router that returns no logits (LongCat-Flash in transformers 5.17)
-            logits = None
-            weights_TK, ids_TK = output
-        T = ids_TK.shape[0]
+        T = output[-1].shape[0]
         if T == 0:
             return None
         ctx = state.context
@@ -339,26 +363,38 @@ def _router_hook(state: PatchState, block: _Block):
             batch, seq, valid = int(args[0].shape[0]), int(args[0].shape[1]), None
         else:
             batch, seq, valid = 1, T, None
-        if seq == 1 and not cfg.apply_in_decode:
-            state.skipped_decode += 1
-            return None
-        scores_TE = block.scoring.scores(block.router_logits(module, args[0]) if logits is None else logits)
-        # Only experts a token did not pick natively need the family's weight factor.
-        factor_T = block.scoring.factor(scores_TE, ids_TK) if cfg.strategy in ("reroute", "expanded") else None
-        # Only the reference route() knows zero-computation experts; such families run on the "hf" backend.
-        extra = {"zero_experts": block.zero_experts} if block.zero_experts else {}
-        result = state.route_fn(cfg, scores_TE, ids_TK, weights_TK, factor_T, batch=batch, seq=seq,
-                                valid_BS=valid, layer=block.layer, source_rank=state.source_rank, **extra)
-        if cfg.collect_stats:
-            state.records.append(PendingRecord(block.layer, block.top_k, block.num_experts, cfg.ep_size, result))
-        if cfg.unlimited:
-            return None
-        block.lower = state.backend == "hf"
-        if logits is None:
-            return (result.topk_weights_TW, result.topk_ids_TW)
-        return (logits, result.topk_weights_TW, result.topk_ids_TW)
+        out = _decide(state, block, module, args[0], output, batch, seq, valid, state.source_rank)
+        if out is not None:
+            block.lower = state.backend == "hf"
+        return out
 
     return hook
+
+
+def capacity_decision(model: torch.nn.Module, router: torch.nn.Module, hidden_states: torch.Tensor, output: tuple,
+                      *, valid_BS: torch.Tensor | None = None, source_rank: int | None = None):
+    """The patch's decision for one router call made outside the model's forward (e.g. a schedule
+    that runs the layers itself and calls ``router.forward`` directly, bypassing the hooks).
+
+    Args:
+        model: the patched model; router: one of its MoE blocks' routers.
+        hidden_states: (B, S, D) the router's input; output: the router's native output.
+        valid_BS: (B, S) bool padding mask or None; source_rank: this rank under real expert
+            parallelism (capacity per source rank) or None (``ep_size`` simulated).
+    Returns:
+        (weights_TW, ids_TW): capacity-aware, or the native ones when nothing applies (statistics are
+        recorded as for a forward).
+    """
+    state = _state(model)
+    block = state.by_router.get(id(router))
+    if block is None:
+        raise ModelStateError(f"{type(router).__name__} is not a router of this patched model")
+    B, S = int(hidden_states.shape[0]), int(hidden_states.shape[1])
+    out = None
+    if output[-1].shape[0]:
+        out = _decide(state, block, router, hidden_states, output, B, S, valid_BS, source_rank)
+    out = output if out is None else out
+    return out[-2], out[-1]
 
 
 def _experts_pre_hook(block: _Block):

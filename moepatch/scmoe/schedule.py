@@ -34,6 +34,10 @@ The slot K of the expert GEMMs among the N backbone ops is the paper's rule on m
 This path is inference-only (the all-to-all is not differentiable) and every rank must run the
 same number of forwards (there is no idle-serving loop as in ``moepatch.parallel.ep_session``).
 
+transformers' LongCat-Flash runs here too, through :class:`moepatch.scmoe.longcat.LongcatShortcut`
+(one unit per decoder layer): its zero-computation experts are never dispatched, the source rank
+computes them in the final combine (the routed branch's ``computing_ids`` and ``combine``).
+
 Legend: B sequences, S positions, T = B*S tokens on this rank, D hidden, E routed experts,
 W routing slots per token, R rows this rank receives, P rows it sends, L local experts.
 """
@@ -170,18 +174,24 @@ class ShortcutEP:
     """Run a native ScMoE (or baseline) model with its routed experts over the ranks of a process group.
 
     Args:
-        model: a :class:`ScMoEForCausalLM` with the same weights on every rank (same seed or
-            checkpoint).  Its experts modules keep their full parameters; this object computes
-            with views of this rank's contiguous block.
+        model: a :class:`ScMoEForCausalLM` or a transformers ``LongcatFlashForCausalLM`` (in eval
+            mode) with the same weights on every rank (same seed or checkpoint).  Its experts
+            modules keep their full parameters; this object computes with views of this rank's
+            contiguous block.
         group: the process group (default: the default group); without an initialised process
             group, one rank with the local dispatcher (identity exchanges).
     Capacity-aware routing applies per source rank when :func:`moepatch.scmoe.apply_capacity`
-    was called with ``ep_size`` equal to the world size.
+    (LongCat-Flash: ``moepatch.apply``) was called with ``ep_size`` equal to the world size.
     """
 
-    def __init__(self, model: ScMoEForCausalLM, group=None):
-        if not isinstance(model, ScMoEForCausalLM):
-            raise ModelStateError(f"ShortcutEP runs native ScMoE models, got {type(model).__name__}")
+    def __init__(self, model, group=None):
+        if type(model).__name__ == "LongcatFlashForCausalLM":
+            from .longcat import LongcatShortcut
+
+            model = LongcatShortcut(model)
+        elif not isinstance(model, ScMoEForCausalLM):
+            raise ModelStateError(f"ShortcutEP runs native ScMoE models and LongcatFlashForCausalLM, got "
+                                  f"{type(model).__name__}")
         import torch.distributed as dist  # through moepatch.parallel's dispatcher only
 
         world = dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
@@ -193,8 +203,9 @@ class ShortcutEP:
         for m in layers:
             cap = m.capacity
             if cap is not None and cap.config.ep_size != world:
+                how = "moepatch.apply" if hasattr(m, "zero_experts") else "apply_capacity"
                 raise ModelStateError(f"capacity is configured for ep_size={cap.config.ep_size}; call "
-                                      f"apply_capacity(model, ..., ep_size={world}) for {world} ranks")
+                                      f"{how}(model, ..., ep_size={world}) for {world} ranks")
         self._ordinal = {id(m): i for i, m in enumerate(layers)}
         self.blocks = []
         for i, m in enumerate(layers):
@@ -219,6 +230,9 @@ class ShortcutEP:
 
     def _dispatch(self, prog: UnitProgram, ids_TW: torch.Tensor, asynchronous: bool):
         ordinal = self._ordinal[id(prog.moe)]
+        computing = getattr(prog.moe, "computing_ids", None)
+        if computing is not None:  # zero-computation experts stay at the source
+            ids_TW = computing(ids_TW)
         with self._in_flight() if asynchronous else contextlib.nullcontext():
             d = self.dispatcher.dispatch(prog.x_s_TD, ids_TW, num_experts=prog.moe.num_experts, tag=ordinal)
         if d is None:
@@ -233,6 +247,14 @@ class ShortcutEP:
         with self._in_flight() if asynchronous else contextlib.nullcontext():
             back_PD = self.dispatcher.return_rows(y_RD, d)
         return back_PD, self._take_pending() if asynchronous else None
+
+    @staticmethod
+    def _weigh(prog: UnitProgram, back_PD: torch.Tensor, d: Dispatched, w_TW: torch.Tensor,
+               ids_TW: torch.Tensor) -> torch.Tensor:
+        combine = getattr(prog.moe, "combine", None)
+        if combine is not None:  # the routed branch adds its identity experts here
+            return combine(back_PD, d, w_TW, ids_TW, prog.x_s_TD)
+        return weigh_and_sum(back_PD, d, w_TW)
 
     def default_slot(self, n_ops: int) -> int:
         return choose_slot([1.0] * n_ops, 0.5, 0.5)
@@ -257,7 +279,7 @@ class ShortcutEP:
             if clock is not None:
                 phases["experts"] = clock.lap()
             back_PD, _ = self._combine(y_RD, d, asynchronous=False)
-            routed_TD = weigh_and_sum(back_PD, d, w_TW)
+            routed_TD = self._weigh(prog, back_PD, d, w_TW, ids_TW)
             if clock is not None:
                 phases["combine"] = clock.lap()
             for name, op in prog.ops:
@@ -279,7 +301,7 @@ class ShortcutEP:
         if pending is not None:
             pending.wait()
         # The final combine as late as possible: weigh, sum and merge last.
-        return prog.merge(weigh_and_sum(back_PD, d, w_TW))
+        return prog.merge(self._weigh(prog, back_PD, d, w_TW, ids_TW))
 
     # -- whole forwards -----------------------------------------------------------------------------
     @torch.no_grad()

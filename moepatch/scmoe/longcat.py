@@ -1,0 +1,201 @@
+"""LongCat-Flash under the ScMoE expert-parallel schedule: an adapter, nothing in the model changes.
+
+Each ``LongcatFlashDecoderLayer`` is one shortcut unit (Pos-2, direct add, ``mlps[1]`` as the
+shared expert).  :class:`LongcatShortcut` gives :class:`moepatch.scmoe.schedule.ShortcutEP` what
+it reads from a native ScMoE model (``units``, ``moe_layers``, ``context``, ``embed_tokens``,
+``unit_program``, ``head``), built from the layer's own modules with the expressions of
+transformers' ``LongcatFlashDecoderLayer.forward``:
+
+    prologue  h = h + self_attn[0](input_layernorm[0](h));  x_s = post_attention_layernorm[0](h)
+    ops       mlp_l:    h = h + mlps[0](x_s)
+              attn_l+1: h = h + self_attn[1](input_layernorm[1](h))
+              se_l+1:   m = mlps[1](post_attention_layernorm[1](h))
+    merge     (h + m) + routed                       (transformers: residual + mlps[1] + shortcut)
+
+The routed branch is ``layer.mlp``: ``router.forward`` on x_s (hooks bypassed; a ``moepatch.apply``
+patch is applied per source rank through :func:`moepatch.patch.core.capacity_decision`), the
+computing experts (ids < E) are dispatched to their ranks, and the zero-computation experts
+(ids E .. E+Z-1: the token's state times its weight) are computed at the source rank and never
+dispatched (:func:`weigh_with_identity`).  Inference only, no KV cache.
+
+Legend: B sequences, S positions, T = B*S tokens, D hidden, E computing experts, Z identity experts,
+W slots per token, P rows sent by this rank.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import ModelStateError
+from .model import UnitProgram
+
+
+@dataclass
+class LongcatContext:
+    """What every layer needs about the forward in flight (the decoder layer's keyword arguments)."""
+
+    batch: int
+    seq: int
+    attention_mask: object  # transformers' causal mask (a tensor, a BlockMask or None)
+    position_ids: torch.Tensor
+    position_embeddings: tuple
+    valid_BS: torch.Tensor | None  # padding of the current tokens (capacity)
+    source_rank: int | None = None  # set by the expert-parallel schedule
+
+
+class _ComputingExperts:
+    """The E computing experts of a ``LongcatFlashExperts`` in the layout ``compute_local_experts`` reads
+    (``gate_up_proj`` (E, 2I, D) gate rows first, ``down_proj`` (E, D, I), ``_apply_gate``)."""
+
+    def __init__(self, experts: torch.nn.Module):
+        E = experts.num_routed_experts
+        self.gate_up_proj = experts.gate_up_proj.detach()[:E]  # a view; rows E.. belong to no computation
+        self.down_proj = experts.down_proj.detach()
+        self.act_fn = experts.act_fn
+
+    def _apply_gate(self, gate_up_PX: torch.Tensor) -> torch.Tensor:
+        gate, up = gate_up_PX.chunk(2, dim=-1)
+        return self.act_fn(gate) * up
+
+
+class LongcatRouted:
+    """One layer's routed branch for the schedule: ``gate``, ``num_experts`` (E, computing),
+    ``zero_experts`` (Z), ``experts`` (the computing experts' weights) and ``capacity``."""
+
+    def __init__(self, owner: LongcatShortcut, moe: torch.nn.Module):
+        self.owner, self.moe = owner, moe
+        self.router = moe.router
+        self.num_experts = int(moe.router.num_experts)
+        self.zero_experts = int(moe.router.n_routed_experts) - self.num_experts
+        self.top_k = int(moe.router.top_k)
+        self.experts = _ComputingExperts(moe.experts)
+
+    @property
+    def capacity(self):
+        """The ``moepatch.apply`` handle of the model (its ``config``), or None when it is not patched."""
+        import moepatch
+
+        return moepatch.PatchHandle(self.owner.model) if moepatch.is_patched(self.owner.model) else None
+
+    def gate(self, x_s_TD: torch.Tensor, ctx: LongcatContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids_TW, weights_TW): the router's picks, capacity-aware per source rank when patched."""
+        x_BSD = x_s_TD.view(ctx.batch, ctx.seq, -1)
+        output = self.router.forward(x_BSD)  # the native decision, without the patch's hook
+        if self.capacity is None:
+            return output[-1], output[-2]
+        from ..patch.core import capacity_decision
+
+        w_TW, ids_TW = capacity_decision(self.owner.model, self.router, x_BSD, output, valid_BS=ctx.valid_BS,
+                                         source_rank=ctx.source_rank)
+        return ids_TW, w_TW
+
+    def computing_ids(self, ids_TW: torch.Tensor) -> torch.Tensor:
+        """The slots to dispatch: computing experts keep their id, everything else is the sentinel E."""
+        return torch.where(ids_TW < self.num_experts, ids_TW, self.num_experts)
+
+    def combine(self, y_PD: torch.Tensor, d, weights_TW: torch.Tensor, ids_TW: torch.Tensor,
+                x_s_TD: torch.Tensor) -> torch.Tensor:
+        return weigh_with_identity(y_PD, d, weights_TW, ids_TW, x_s_TD, self.num_experts, self.zero_experts)
+
+
+def weigh_with_identity(y_PD: torch.Tensor, d, weights_TW: torch.Tensor, ids_TW: torch.Tensor,
+                        x_s_TD: torch.Tensor, num_experts: int, zero_experts: int) -> torch.Tensor:
+    """Source side of the combine with identity experts: out[t] = Σ over t's kept slots, in slot
+    order, of w · y (a returned row) or w · x_s[t] (an identity expert, computed here).
+
+    Like ``moepatch.parallel.dispatch.weigh_and_sum``: each product is taken as transformers does
+    (float32 weight against the rows' dtype) and cast back; the sum is float32 over (T, W, D).
+
+    Args:
+        y_PD: (P, D) returned rows in send order; d: the round (``Dispatched``) they belong to.
+        weights_TW, ids_TW: (T, W) the routing; x_s_TD: (T, D) the routed branch's input.
+    """
+    T, W = ids_TW.shape
+    D = x_s_TD.shape[-1]
+    buf_TWD = x_s_TD.new_zeros(T, W, D)
+    if y_PD.shape[0]:
+        w_P = weights_TW.reshape(-1)[d.sel_P]
+        buf_TWD.view(T * W, D)[d.sel_P] = (y_PD * w_P[:, None]).to(x_s_TD.dtype)
+    ident_TW = (ids_TW >= num_experts) & (ids_TW < num_experts + zero_experts)
+    tok_N, slot_N = ident_TW.nonzero(as_tuple=True)  # NOTE: host sync (data-dependent size)
+    buf_TWD[tok_N, slot_N] = (x_s_TD[tok_N] * weights_TW[tok_N, slot_N, None]).to(x_s_TD.dtype)
+    return buf_TWD.float().sum(dim=1).to(x_s_TD.dtype)
+
+
+class _Output:
+    def __init__(self, logits):
+        self.logits = logits
+
+
+class LongcatShortcut:
+    """A ``LongcatFlashForCausalLM`` seen as a chain of shortcut units (one per decoder layer).
+
+    Args:
+        model: the transformers model, eval mode, the same weights on every rank.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        if type(model).__name__ != "LongcatFlashForCausalLM":
+            raise ModelStateError(f"LongcatShortcut runs LongcatFlashForCausalLM models, got {type(model).__name__}")
+        if model.training:
+            raise ModelStateError("the expert-parallel path is inference-only; call model.eval() first")
+        self.model = model
+        self.decoder = model.model
+        self.config = model.config
+        self._modeling = importlib.import_module(type(model).__module__)
+        self.layers = list(self.decoder.layers[: self.config.num_layers])
+        if any(layer.mlp.experts.gate_up_proj is None for layer in self.layers):
+            raise ModelStateError("this LongCat-Flash model has no computing experts (n_routed_experts=0)")
+        self.units = list(range(len(self.layers)))
+        self._routed = [LongcatRouted(self, layer.mlp) for layer in self.layers]
+
+    def moe_layers(self) -> list[LongcatRouted]:
+        return self._routed
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.decoder.embed_tokens(input_ids)
+
+    def context(self, input_ids_BS: torch.Tensor, attention_mask: torch.Tensor | None, cache) -> LongcatContext:
+        """The decoder layers' keyword arguments, as ``LongcatFlashModel.forward`` builds them (no cache)."""
+        if cache is not None:
+            raise ModelStateError("the LongCat-Flash shortcut schedule runs without a KV cache")
+        B, S = input_ids_BS.shape
+        embeds_BSD = self.decoder.embed_tokens(input_ids_BS)
+        position_ids = torch.arange(S, device=embeds_BSD.device)[None]
+        # The 4th argument is the cache (named `past_key_values` in 5.17, `cache` in 5.24).
+        mask = self._modeling.create_causal_mask(self.config, embeds_BSD, attention_mask, None, position_ids)
+        rope = self.decoder.rotary_emb(embeds_BSD, position_ids)
+        valid_BS = None
+        if attention_mask is not None and not bool(attention_mask.bool().all()):  # NOTE: host sync
+            valid_BS = attention_mask.bool()
+        return LongcatContext(B, S, mask, position_ids, rope, valid_BS)
+
+    def unit_program(self, u: int, h_BSD: torch.Tensor, ctx: LongcatContext) -> UnitProgram:
+        """Layer ``u`` split at its shortcut source (the first sub-block's post-attention norm)."""
+        layer = self.layers[u]
+        kw = dict(attention_mask=ctx.attention_mask, position_ids=ctx.position_ids,
+                  position_embeddings=ctx.position_embeddings)
+        h_BSD = h_BSD + layer.self_attn[0](hidden_states=layer.input_layernorm[0](h_BSD), **kw)[0]
+        x_s_BSD = layer.post_attention_layernorm[0](h_BSD)
+        st = {"h": h_BSD}
+
+        def mlp_l():
+            st["h"] = st["h"] + layer.mlps[0](x_s_BSD)
+
+        def attn_l1():
+            st["h"] = st["h"] + layer.self_attn[1](hidden_states=layer.input_layernorm[1](st["h"]), **kw)[0]
+
+        def se_l1():
+            st["se"] = layer.mlps[1](layer.post_attention_layernorm[1](st["h"]))
+
+        def merge(routed_TD: torch.Tensor) -> torch.Tensor:
+            return st["h"] + st.pop("se") + routed_TD.view_as(st["h"])
+
+        ops = [("mlp_l", mlp_l), ("attn_l+1", attn_l1), ("se_l+1", se_l1)]
+        return UnitProgram(x_s_BSD.reshape(-1, x_s_BSD.shape[-1]), self._routed[u], ops, merge)
+
+    def head(self, h_BSD: torch.Tensor, labels, cache) -> _Output:
+        return _Output(self.model.lm_head(self.decoder.norm(h_BSD)))
