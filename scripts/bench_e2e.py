@@ -30,8 +30,8 @@ prompt, DynamicCache).  With few layers a decode step is short, so decode number
 launch overhead that a full model amortises; the per-layer CUDA-graph numbers of bench_kernels.py
 are the kernel-level measure.
 
-    python scripts/bench_e2e.py --out /tmp/e2e                   # H200, Mixtral dims, 2 layers
-    python scripts/bench_e2e.py --layers 4 --prefill 4x2048        # variations
+    python scripts/bench_e2e.py --out /tmp/e2e                   # H200, Mixtral dims, 4 layers
+    python scripts/bench_e2e.py --layers 2 --prefill 4x2048        # variations
     TRITON_INTERPRET=1 python scripts/bench_e2e.py --smoke --out /tmp/e2e_smoke   # CPU, tiny model
 """
 
@@ -119,7 +119,7 @@ def time_decode(model, prompt, new_tokens, device) -> float:
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--layers", type=int, default=4)
     p.add_argument("--hidden", type=int, default=4096)
     p.add_argument("--intermediate", type=int, default=14336)
     p.add_argument("--experts", type=int, default=8)
