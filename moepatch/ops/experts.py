@@ -263,11 +263,12 @@ def gather_rows(x_TH: torch.Tensor, layout: DispatchLayout) -> torch.Tensor:
     return x_RH
 
 
-def gate_up_desc(x_RH: torch.Tensor, gate_up_EIH: torch.Tensor, layout: DispatchLayout, config: dict) -> torch.Tensor:
+def gate_up_desc(x_RH: torch.Tensor, gate_up_EIH: torch.Tensor, layout: DispatchLayout, config: dict,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`gate_up` on gathered rows (see :func:`gather_rows`) through tensor descriptors."""
     E, two_i, H = gate_up_EIH.shape
     I = two_i // 2  # noqa: E741
-    h_RI = torch.empty(layout.rows, I, device=x_RH.device, dtype=x_RH.dtype)
+    h_RI = out if out is not None else torch.empty(layout.rows, I, device=x_RH.device, dtype=x_RH.dtype)
     c = config["gate_up"]
     bm, bn, bk = layout.block_m, c["BLOCK_N"], c["BLOCK_K"]
     num_m = layout.rows // bm

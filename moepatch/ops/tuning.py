@@ -161,12 +161,21 @@ _BIG_DOWN = [_dn(256, 64, 16, 1, 8, 3), _dn(256, 64, 16, 1, 8, 4), _dn(128, 64, 
              _dn(256, 64, 32, 1, 8, 4), _dn(256, 64, 16, 2, 8, 3)]
 
 
-def candidate_configs(M: int, E: int, H: int, I: int, K: int) -> list[tuple[int, list, list]]:  # noqa: E741
-    """The search space of :func:`tune` for one shape and M: [(BLOCK_M, gate_up list, down list)].
+# The descriptor GEMMs of tma_kernels.py (DESC), for the compute-bound regime: joint gate/up boxes,
+# and the persistent variants that won some buckets on the H200 (docs/kernels.md, run 3).
+_DESC_GATE_UP = [dict(_gu(128, 64, 16, 8, 4), JOINT=1), dict(_gu(128, 64, 16, 8, 3), JOINT=1),
+                 _gu(128, 64, 16, 8, 4), dict(_gu(128, 64, 8, 8, 4), JOINT=1)]
+_DESC_DOWN = [_dn(256, 64, 16, 1, 8, 4), dict(_dn(256, 64, 16, 1, 8, 4), PERSISTENT=1),
+              _dn(256, 64, 8, 1, 8, 4), dict(_dn(256, 64, 16, 1, 8, 4), PERSISTENT=1, FLATTEN=1)]
+
+
+def candidate_configs(M: int, E: int, H: int, I: int, K: int) -> list[tuple]:  # noqa: E741
+    """The search space of :func:`tune` for one shape and M: [(BLOCK_M, gate_up list, down list[, "desc"])].
 
     Per BLOCK_M the regime's curated lists (see above), most promising first; BLOCK_M values are
     chosen from the mean rows per expert (M * K / E) so that an expert's rows fill one or two
-    blocks.  Configurations whose pipeline exceeds the H200's shared memory are left out.
+    blocks.  Entries ending in "desc" are the descriptor GEMMs on gathered rows.  Configurations
+    whose pipeline exceeds the H200's shared memory are left out.
     """
     rows = M * K / E
     if rows <= 4:
@@ -178,8 +187,10 @@ def candidate_configs(M: int, E: int, H: int, I: int, K: int) -> list[tuple[int,
     elif rows <= 192:
         plan = [(128, _BIG_GATE_UP, _BIG_DOWN), (64, _MID_GATE_UP, _MID_DOWN)]
     else:
-        plan = [(128, _BIG_GATE_UP, _BIG_DOWN), (64, _BIG_GATE_UP, _BIG_DOWN)]
-    return [(bm, [c for c in gu if _fits(bm, c, 2)], [c for c in dn if _fits(bm, c, 1)]) for bm, gu, dn in plan]
+        plan = [(128, _BIG_GATE_UP, _BIG_DOWN), (128, _DESC_GATE_UP, _DESC_DOWN, "desc"),
+                (64, _BIG_GATE_UP, _BIG_DOWN)]
+    return [(p[0], [c for c in p[1] if _fits(p[0], c, 2)], [c for c in p[2] if _fits(p[0], c, 1)], *p[3:])
+            for p in plan]
 
 
 _SMEM_BYTES = 227 * 1024  # H200 shared memory per block
@@ -270,46 +281,64 @@ def _tune_m(x, ids, wts, w1, w2, base, plan, reps, max_candidates, deadline, log
     if log:
         log(f"tune {label}: baseline BLOCK_M={base['BLOCK_M']} {t_base * 1e3:.1f} us")
     # Baseline's own BLOCK_M first, so its GEMM configurations are candidates too.
-    plan = sorted(plan, key=lambda p: p[0] != base["BLOCK_M"])
-    for bm, gate_ups, downs in plan:
+    plan = sorted(plan, key=lambda p: (p[0] != base["BLOCK_M"], len(p) > 3 and not base.get("DESC")))
+    for bm, gate_ups, downs, *kind in plan:
         if out_of_time():
             break
-        if bm == base["BLOCK_M"]:
+        desc = bool(kind)
+        if bm == base["BLOCK_M"] and desc == bool(base.get("DESC")):
             gate_ups = [base["gate_up"]] + [c for c in gate_ups if c != base["gate_up"]]
             downs = [base["down"]] + [c for c in downs if c != base["down"]]
         if max_candidates:
             gate_ups, downs = gate_ups[:max_candidates], downs[:max_candidates]
-        layout = X.dispatch(ids, E, bm)
+        layout = X.dispatch(ids, E, bm, fuse=False if desc else None)
+        if desc and not X.descriptors_fit(layout, x, w1, w2):
+            continue
         t_dispatch = 0.0 if layout.fused else _time(lambda bm=bm: X.dispatch(ids, E, bm), reps, dev)
         h = torch.empty(layout.rows, w1.shape[1] // 2, device=dev, dtype=x.dtype)
+        if desc:
+            x_rows = X.gather_rows(x, layout)
+            t_dispatch += _time(lambda lay=layout: X.gather_rows(x, lay), reps, dev)
+
+            def gate_up_run(c, lay=layout, h=h, xr=x_rows):
+                X.gate_up_desc(xr, w1, lay, {"gate_up": c}, out=h)
+
+            def down_run(c, h, lay=layout):
+                return X.down_desc(h, w2, lay, wts, {"down": c})
+        else:
+            def gate_up_run(c, lay=layout, h=h):
+                X.gate_up(x, w1, lay, {"gate_up": c}, out=h)
+
+            def down_run(c, h, lay=layout):
+                return X.down(h, w2, lay, wts, {"down": c})
         best_gu = (float("inf"), None)
         for c in gate_ups:
             if out_of_time() and best_gu[1] is not None:
                 break
-            t = _time_safe(lambda c=c, lay=layout, h=h: X.gate_up(x, w1, lay, {"gate_up": c}, out=h), reps, dev)
+            t = _time_safe(lambda c=c: gate_up_run(c), reps, dev)
             if t < best_gu[0]:
                 best_gu = (t, c)
         if best_gu[1] is None:
             continue
-        X.gate_up(x, w1, layout, {"gate_up": best_gu[1]}, out=h)
+        gate_up_run(best_gu[1])
         best_dn = (float("inf"), None)
         for c in downs:
             if out_of_time() and best_dn[1] is not None:
                 break
 
-            def run(c=c, lay=layout, h=h):
-                return X.combine(X.down(h, w2, lay, wts, {"down": c}), ids, E, x.dtype)
+            def run(c=c, h=h):
+                return X.combine(down_run(c, h), ids, E, x.dtype)
 
             t = _time_safe(run, reps, dev)
             if t < best_dn[0] and agrees(run()):
                 best_dn = (t, c)
         if best_dn[1] is None:
             continue
-        cfg = {"BLOCK_M": bm, "gate_up": best_gu[1], "down": best_dn[1]}
+        cfg = {"BLOCK_M": bm, "gate_up": best_gu[1], "down": best_dn[1], **({"DESC": True} if desc else {})}
         total = t_dispatch + best_gu[0] + best_dn[0]
         if log:
-            log(f"tune {label}: BLOCK_M={bm} {total * 1e3:.1f} us (gate_up {best_gu[0] * 1e3:.1f}, "
-                f"down+combine {best_dn[0] * 1e3:.1f})")
+            log(f"tune {label}: BLOCK_M={bm}{' desc' if desc else ''} {total * 1e3:.1f} us "
+                f"(gate_up {best_gu[0] * 1e3:.1f}, down+combine {best_dn[0] * 1e3:.1f})")
         if agrees(X.fused_experts_impl(x, ids, wts, w1, w2, cfg)):
             # Re-time the whole layer: the sum of parts misses launch gaps and L2 effects.
             results.append((_time_safe(lambda cfg=cfg: X.fused_experts_impl(x, ids, wts, w1, w2, cfg), reps, dev),
