@@ -19,6 +19,7 @@ Legend: P kept (token, expert) pairs, D hidden, I expert width.
 import torch
 import torch.nn.functional as F
 
+from ..errors import ModelStateError
 from ..routing.scores import FamilyScoring
 from .registry import FamilySpec
 
@@ -39,6 +40,10 @@ def pair_rows(experts: torch.nn.Module, x_PD: torch.Tensor, ids_P: torch.Tensor,
     Returns:
         (P, D) in x_PD's dtype: w · SwiGLU_e(x), or w · x for an identity expert.
     """
+    if experts.gate_up_proj is not None and experts.gate_up_proj.device.type == "meta":
+        raise ModelStateError(
+            "LongCat-Flash experts offloaded by accelerate (weights on the meta device outside their forward) "
+            "cannot be capped: moepatch computes the kept pairs from the weights; load the experts on a device")
     out_PD = torch.zeros_like(x_PD)
     for e in torch.unique(ids_P).tolist():  # NOTE: host sync (which experts are hit)
         sel_P = (ids_P == e).nonzero().squeeze(1)
