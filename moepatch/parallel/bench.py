@@ -345,21 +345,31 @@ def hf_distributed_config(world: int):
     return DistributedConfig(tp_size=world, enable_expert_parallel=True)  # 5.17
 
 
-def load_hf_ep(path: str, world: int, dtype):
+def load_hf_ep(path: str, world: int, dtype, device: torch.device | None = None):
+    """transformers' own expert parallelism on ``path``, every tensor on this rank's ``device``.
+
+    transformers places the tensors its parallel plan shards; the rest (the router, norms,
+    embeddings) can stay on the CPU (seen on one H200 with transformers 5.17), so they are moved.
+    """
     import transformers
 
     model = transformers.AutoModelForCausalLM.from_pretrained(path, distributed_config=hf_distributed_config(world),
                                                               dtype=dtype)
+    if device is not None:
+        for module in model.modules():
+            for t in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False)):
+                if t.device != torch.device(device):
+                    t.data = t.data.to(device)
     return model.eval()
 
 
-def _try_hf_ep(path: str, world: int, dtype):
+def _try_hf_ep(path: str, world: int, dtype, device: torch.device | None = None):
     """(model, None), or (None, why) on every rank when any rank could not load transformers' EP."""
     import torch.distributed as dist
 
     model, error = None, None
     try:
-        model = load_hf_ep(path, world, dtype)
+        model = load_hf_ep(path, world, dtype, device)
     except Exception as exc:  # recorded in the report and the table; the moepatch timings go on
         error = f"{type(exc).__name__}: {exc}"[:500]
     errors = [None] * world
@@ -460,7 +470,7 @@ def run(args) -> dict:
                 loader_ok = bool(torch.equal(lb.gate_up_proj, bb.gate_up_proj)
                                  and torch.equal(lb.down_proj, bb.down_proj))
                 del loaded
-                hf_model, hf_error = _try_hf_ep(str(ckpt), world, dtype)
+                hf_model, hf_error = _try_hf_ep(str(ckpt), world, dtype, device)
                 if hf_model is not None:
                     with torch.no_grad():
                         x_all = _gather_rows(x_check, device)
