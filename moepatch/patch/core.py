@@ -203,6 +203,12 @@ def apply(model: torch.nn.Module, capacity_factor: float | None = 1.5, strategy:
             from ..parallel import ep
 
             state.handles.extend(ep.install(model, [b for _, b in blocks], cfg))
+            if blocks[0][1].experts.gate_up_proj.device.type == "cuda":
+                # The reference route() syncs with the host many times per layer; this one does
+                # not and chooses the same pairs (source rank included; tests/ops).
+                from ..ops.integration import route_fn
+
+                state.route_fn = route_fn()
     except BaseException:
         for h in reversed(state.handles):
             h.remove()
