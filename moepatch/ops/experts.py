@@ -170,7 +170,9 @@ def gate_up(x_TH: torch.Tensor, gate_up_EIH: torch.Tensor, layout: DispatchLayou
     """
     E, two_i, H = gate_up_EIH.shape
     I = two_i // 2  # noqa: E741
-    h_RI = out if out is not None else torch.empty(layout.rows, I, device=x_TH.device, dtype=x_TH.dtype)
+    # A fused layout stores h by pair (P rows), the dispatch layout by row (R rows).
+    rows = layout.num_pairs if layout.fused else layout.rows
+    h_RI = out if out is not None else torch.empty(rows, I, device=x_TH.device, dtype=x_TH.dtype)
     if layout.num_pairs == 0:
         return h_RI
     c = config["gate_up"]

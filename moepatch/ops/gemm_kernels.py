@@ -17,7 +17,9 @@ Programs are ordered in groups of GROUP_M row blocks (the Triton matmul tutorial
 the row blocks of one expert share each weight tile through L2 while it is streamed; a block whose
 first row is past the rows in use exits before reading anything.
 
-FUSED (small P, decode): there is no dispatch launch.  Every GEMM program reads the P slot ids
+FUSED (small P, decode): there is no dispatch launch, and h has one row per pair (P rows) instead
+of one per padded dispatch row (R rows: at Mixtral M = 4, 128 rows of 14336 for 8 pairs), so the
+layer's extra memory stays below transformers' grouped_mm at every M.  Every GEMM program reads the P slot ids
 itself and computes the same layout the dispatch kernel would write (per-expert counts padded
 to BLOCK_M, the expert of its row block, and the pairs of its rows in ascending order): a
 P_PAD x E_PAD count and a BLOCK_M x P_PAD selection, a few hundred cycles next to the weight tile
@@ -136,7 +138,9 @@ def _gate_up_kernel(x_ptr, w1_ptr, h_ptr, ids_ptr, sorted_ptr, start_ptr,
 
     # SiLU in fp32 on the unrounded accumulator, one rounding for the stored product.
     h = acc_g * tl.sigmoid(acc_g) * acc_u
-    h_ptrs = h_ptr + offs_m[:, None].to(tl.int64) * stride_hr + offs_n[None, :]
+    # FUSED (small P): h has one row per pair, not per padded dispatch row (see the module docstring).
+    h_row = pair if FUSED else offs_m
+    h_ptrs = h_ptr + h_row[:, None].to(tl.int64) * stride_hr + offs_n[None, :]
     tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
 
 
@@ -166,7 +170,8 @@ def _down_kernel(h_ptr, w2_ptr, y_ptr, ids_ptr, sorted_ptr, start_ptr, weights_p
     k_lo = split * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
     offs_k = k_lo + tl.arange(0, BLOCK_K)
-    a_ptrs = h_ptr + offs_m[:, None].to(tl.int64) * stride_hr + offs_k[None, :]
+    h_row = tl.where(row_ok, pair, 0) if FUSED else offs_m
+    a_ptrs = h_ptr + h_row[:, None].to(tl.int64) * stride_hr + offs_k[None, :]
     b_ptrs = w2_ptr + e * stride_we + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None] * stride_wk
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
