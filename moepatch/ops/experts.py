@@ -25,7 +25,6 @@ import functools
 from dataclasses import dataclass
 
 import torch
-import triton
 from triton.runtime.errors import OutOfResources
 from triton.tools.tensor_descriptor import TensorDescriptor
 
@@ -100,13 +99,19 @@ def _launch(kernel, grid, args, constexprs: dict, num_warps: int, num_stages: in
             _STAGES_THAT_FIT[key] = stages
 
 
+# Host-side integer helpers in plain Python: triton.cdiv / next_power_of_2 are JIT-aware callables
+# that cost microseconds per call, and a layer call makes a dozen of them.
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def _pow2(n: int) -> int:
-    return max(2, triton.next_power_of_2(n))
+    return max(2, 1 << (int(n) - 1).bit_length()) if n > 1 else 2
 
 
 def max_rows(num_pairs: int, num_experts: int, block_m: int) -> int:
     """Static bound on the dispatch rows: each expert with pairs pads at most BLOCK_M - 1 rows."""
-    return triton.cdiv(num_pairs + min(num_experts, num_pairs) * (block_m - 1), block_m) * block_m
+    return _cdiv(num_pairs + min(num_experts, num_pairs) * (block_m - 1), block_m) * block_m
 
 
 # Fuse the dispatch into the GEMMs while every program's extra work stays small: a P_PAD x E_PAD
@@ -142,14 +147,14 @@ def dispatch(ids_TW: torch.Tensor, num_experts: int, block_m: int, fuse: bool | 
         return DispatchLayout(sorted_R, start_E1, P, W, E, block_m, R)
     e_pad = _pow2(E)
     block_p = max(16, min(1024, 8192 // e_pad))
-    chunks = triton.cdiv(P, block_p)
+    chunks = _cdiv(P, block_p)
     single = chunks == 1
     # One chunk: the scatter kernel counts by itself and never reads `counts` (any int32 buffer will do).
     counts = sorted_R if single else torch.empty(chunks, E, dtype=torch.int32, device=ids_TW.device)
     if not single:
         _dispatch_count_kernel[(chunks,)](ids_P, counts, P, E, BLOCK_P=block_p, E_PAD=e_pad)
     _dispatch_scatter_kernel[(chunks,)](
-        ids_P, counts, sorted_R, start_E1, P, E, R, chunks, triton.cdiv(R, chunks),
+        ids_P, counts, sorted_R, start_E1, P, E, R, chunks, _cdiv(R, chunks),
         BLOCK_M=block_m, BLOCK_P=block_p, E_PAD=e_pad, BLOCK_C=max(1, min(64, 4096 // e_pad)),
         BLOCK_R=max(16, min(1024, 8192 // e_pad)), SINGLE=single)
     return DispatchLayout(sorted_R, start_E1, P, W, E, block_m, R)
@@ -177,7 +182,7 @@ def gate_up(x_TH: torch.Tensor, gate_up_EIH: torch.Tensor, layout: DispatchLayou
         return h_RI
     c = config["gate_up"]
     num_m = layout.rows // layout.block_m
-    grid = (num_m * triton.cdiv(I, c["BLOCK_N"]),)
+    grid = (num_m * _cdiv(I, c["BLOCK_N"]),)
     _launch(_gate_up_kernel, grid,
             (x_TH, gate_up_EIH, h_RI, *layout.kernel_args(),
              layout.num_pairs, layout.width, E, I, H, num_m,
@@ -198,14 +203,14 @@ def down(h_RI: torch.Tensor, down_EHI: torch.Tensor, layout: DispatchLayout, wei
     """
     E, H, I = down_EHI.shape  # noqa: E741
     c = config["down"]
-    split = max(1, min(int(c.get("SPLIT_K", 1)), triton.cdiv(I, c["BLOCK_K"])))
+    split = max(1, min(int(c.get("SPLIT_K", 1)), _cdiv(I, c["BLOCK_K"])))
     y_dtype = h_RI.dtype if split == 1 else torch.float32
     y_SPH = torch.empty(split, layout.num_pairs, H, device=h_RI.device, dtype=y_dtype)
     if layout.num_pairs == 0:
         return y_SPH
-    k_per_split = triton.cdiv(triton.cdiv(I, split), c["BLOCK_K"]) * c["BLOCK_K"]
+    k_per_split = _cdiv(_cdiv(I, split), c["BLOCK_K"]) * c["BLOCK_K"]
     num_m = layout.rows // layout.block_m
-    grid = (num_m * triton.cdiv(H, c["BLOCK_N"]), split)
+    grid = (num_m * _cdiv(H, c["BLOCK_N"]), split)
     _launch(_down_kernel, grid,
             (h_RI, down_EHI, y_SPH, *layout.kernel_args(), weights_TW.reshape(-1),
              layout.num_pairs, E, H, I, num_m, k_per_split,
@@ -259,7 +264,7 @@ def gather_rows(x_TH: torch.Tensor, layout: DispatchLayout) -> torch.Tensor:
     x_RH = torch.empty(layout.rows, H, device=x_TH.device, dtype=x_TH.dtype)
     block_r = 32
     block_h = min(512, _pow2(H))
-    _gather_rows_kernel[(triton.cdiv(layout.rows, block_r),)](
+    _gather_rows_kernel[(_cdiv(layout.rows, block_r),)](
         x_TH, layout.sorted_pairs_R, layout.start_E1, x_RH, layout.num_pairs, layout.width, layout.num_experts, H,
         x_TH.stride(0), x_TH.stride(1), BLOCK_R=block_r, BLOCK_H=block_h, num_warps=4)
     return x_RH
@@ -274,7 +279,7 @@ def gate_up_desc(x_RH: torch.Tensor, gate_up_EIH: torch.Tensor, layout: Dispatch
     c = config["gate_up"]
     bm, bn, bk = layout.block_m, c["BLOCK_N"], c["BLOCK_K"]
     num_m = layout.rows // bm
-    grid, nprog = _programs(c, num_m * triton.cdiv(I, bn), x_RH.device)
+    grid, nprog = _programs(c, num_m * _cdiv(I, bn), x_RH.device)
     a_desc = TensorDescriptor.from_tensor(x_RH, [bm, bk])
     joint = bool(c.get("JOINT", 0))
     if joint:  # gate and up blocks of the same columns in one [2, BLOCK_N, BLOCK_K] box
@@ -297,7 +302,7 @@ def down_desc(h_RI: torch.Tensor, down_EHI: torch.Tensor, layout: DispatchLayout
     bm, bn, bk = layout.block_m, c["BLOCK_N"], c["BLOCK_K"]
     y_SPH = torch.empty(1, layout.num_pairs, H, device=h_RI.device, dtype=h_RI.dtype)
     num_m = layout.rows // bm
-    grid, nprog = _programs(c, num_m * triton.cdiv(H, bn), h_RI.device)
+    grid, nprog = _programs(c, num_m * _cdiv(H, bn), h_RI.device)
     a_desc = TensorDescriptor.from_tensor(h_RI, [bm, bk])
     w_desc = TensorDescriptor.from_tensor(down_EHI.view(E * H, I), [bn, bk])
     _launch(_down_desc_kernel, grid,
@@ -316,7 +321,7 @@ def combine(y_SPH: torch.Tensor, ids_TW: torch.Tensor, num_experts: int, out_dty
     if T == 0:
         return out_TH
     block_n = min(512, _pow2(H))
-    _combine_kernel[(T, triton.cdiv(H, block_n))](
+    _combine_kernel[(T, _cdiv(H, block_n))](
         y_SPH, ids_TW.reshape(-1), out_TH, W, num_experts, H, S, y_SPH.stride(0), y_SPH.stride(1),
         out_TH.stride(0), BLOCK_N=block_n, num_warps=4)
     return out_TH
@@ -427,7 +432,7 @@ def _(h_RI, down_EHI, sorted_R, start_E1, weights_TW, block_m):
     T, W = weights_TW.shape
     E, H, I = down_EHI.shape  # noqa: E741
     c = get_config(T, E, H, I, W, device_key(h_RI.device))["down"]
-    split = max(1, min(int(c.get("SPLIT_K", 1)), triton.cdiv(I, c["BLOCK_K"])))
+    split = max(1, min(int(c.get("SPLIT_K", 1)), _cdiv(I, c["BLOCK_K"])))
     return h_RI.new_empty(split, T * W, H, dtype=h_RI.dtype if split == 1 else torch.float32)
 
 

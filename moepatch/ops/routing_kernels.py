@@ -191,5 +191,5 @@ MAX_BLOCK = 512
 
 def block_size(max_group_pairs: int) -> tuple[int, bool]:
     """(BLOCK, SINGLE): pairs per tile, and whether a whole group fits one tile."""
-    block = max(16, min(MAX_BLOCK, triton.next_power_of_2(max(1, max_group_pairs))))
+    block = max(16, min(MAX_BLOCK, 1 << (max(1, max_group_pairs) - 1).bit_length()))
     return block, max_group_pairs <= block
