@@ -14,7 +14,8 @@ each is also registered as a ``torch.library.custom_op`` (``moepatch::moe_dispat
 ``moepatch::fused_experts``) with a fake implementation, so torch.compile traces through them.
 Those ops pick their configuration from the tables in moepatch/ops/configs (see tuning.py).
 
-Peak extra memory: the dispatch index (R int32), h_RI in the activation dtype, y_SPH (the
+Peak extra memory: the dispatch index (R int32), h_PI (one row per pair; R rows on the descriptor
+path) in the activation dtype, y_SPH (the
 activation dtype, fp32 with split-K, only used at small M), and the output: below transformers'
 grouped_mm, which holds the gathered inputs, the (P, 2I) projection and its activation at once.
 """
@@ -167,7 +168,7 @@ def _precision(dtype: torch.dtype) -> str:
 
 def gate_up(x_TH: torch.Tensor, gate_up_EIH: torch.Tensor, layout: DispatchLayout, config: dict,
             out: torch.Tensor | None = None) -> torch.Tensor:
-    """h_RI = silu(x @ gate^T) * (x @ up^T) for every dispatch row; padding rows are left unwritten.
+    """h_PI = silu(x @ gate^T) * (x @ up^T) for every kept pair (row p is pair p; dropped pairs' rows unwritten).
 
     Args:
         x_TH: (T, H) activations in the weights' dtype.  gate_up_EIH: (E, 2I, H), [gate; up] rows.
@@ -175,9 +176,8 @@ def gate_up(x_TH: torch.Tensor, gate_up_EIH: torch.Tensor, layout: DispatchLayou
     """
     E, two_i, H = gate_up_EIH.shape
     I = two_i // 2  # noqa: E741
-    # A fused layout stores h by pair (P rows), the dispatch layout by row (R rows).
-    rows = layout.num_pairs if layout.fused else layout.rows
-    h_RI = out if out is not None else torch.empty(rows, I, device=x_TH.device, dtype=x_TH.dtype)
+    # One row per pair (P rows; the descriptor path's gate_up_desc keeps R dispatch rows).
+    h_RI = out if out is not None else torch.empty(layout.num_pairs, I, device=x_TH.device, dtype=x_TH.dtype)
     if layout.num_pairs == 0:
         return h_RI
     c = config["gate_up"]
@@ -415,7 +415,7 @@ def moe_gate_up(x_TH: torch.Tensor, gate_up_EIH: torch.Tensor, sorted_R: torch.T
 
 @moe_gate_up.register_fake
 def _(x_TH, gate_up_EIH, sorted_R, start_E1, width, block_m):
-    return x_TH.new_empty(sorted_R.shape[0], gate_up_EIH.shape[1] // 2, dtype=gate_up_EIH.dtype)
+    return x_TH.new_empty(x_TH.shape[0] * width, gate_up_EIH.shape[1] // 2, dtype=gate_up_EIH.dtype)
 
 
 @torch.library.custom_op("moepatch::moe_down", mutates_args=())

@@ -3,10 +3,10 @@
 Legend: T tokens, W slots per token, P = T * W pairs, R rows of the dispatch layout (see
 dispatch_kernels.py), E experts, H hidden, I intermediate, S split-K parts of the down GEMM.
 
-    _gate_up_kernel:  h_RI[r] = silu(x[t] @ Wg_e^T) * (x[t] @ Wu_e^T) for the row's pair (t, e);
+    _gate_up_kernel:  h_PI[p] = silu(x[t] @ Wg_e^T) * (x[t] @ Wu_e^T) for the row's pair p = (t, e);
                       gate and up are two accumulators of one program, so the (R, 2I) projection
                       never reaches memory.  x rows are gathered through the pair index.
-    _down_kernel:     y_SPH[s, p] = w[p] * (h_RI[r, Ks] @ Wd_e[:, Ks]^T), one row per pair (indexed
+    _down_kernel:     y_SPH[s, p] = w[p] * (h_PI[p, Ks] @ Wd_e[:, Ks]^T), one row per pair (indexed
                       by pair, not by row, so the combine reads a token's rows contiguously).
                       Split-K (S > 1) gives small-M decode enough programs to stream the weights
                       at full bandwidth; the parts are fp32 and summed by the combine.
@@ -17,9 +17,12 @@ Programs are ordered in groups of GROUP_M row blocks (the Triton matmul tutorial
 the row blocks of one expert share each weight tile through L2 while it is streamed; a block whose
 first row is past the rows in use exits before reading anything.
 
-FUSED (small P, decode): there is no dispatch launch, and h has one row per pair (P rows) instead
-of one per padded dispatch row (R rows: at Mixtral M = 4, 128 rows of 14336 for 8 pairs), so the
-layer's extra memory stays below transformers' grouped_mm at every M.  Every GEMM program reads the P slot ids
+h_PI has one row per pair (P rows), not one per padded dispatch row (R rows: at Mixtral M = 4, 128
+rows of 14336 for 8 pairs; with 64 experts at M = 16, 1088 rows for 128 pairs), so the layer's
+extra memory stays below transformers' grouped_mm.  (The descriptor GEMMs of tma_kernels.py need
+row-contiguous tiles and keep h by dispatch row; they run at large M where padding is ≤ 3 %.)
+
+FUSED (small P, decode): there is no dispatch launch.  Every GEMM program reads the P slot ids
 itself and computes the same layout the dispatch kernel would write (per-expert counts padded
 to BLOCK_M, the expert of its row block, and the pairs of its rows in ascending order): a
 P_PAD x E_PAD count and a BLOCK_M x P_PAD selection, a few hundred cycles next to the weight tile
@@ -108,7 +111,6 @@ def _gate_up_kernel(x_ptr, w1_ptr, h_ptr, ids_ptr, sorted_ptr, start_ptr,
     if row0 >= used:
         return
 
-    offs_m = row0 + tl.arange(0, BLOCK_M)
     row_ok = pair < P
     tok = (pair // W).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -138,9 +140,8 @@ def _gate_up_kernel(x_ptr, w1_ptr, h_ptr, ids_ptr, sorted_ptr, start_ptr,
 
     # SiLU in fp32 on the unrounded accumulator, one rounding for the stored product.
     h = acc_g * tl.sigmoid(acc_g) * acc_u
-    # FUSED (small P): h has one row per pair, not per padded dispatch row (see the module docstring).
-    h_row = pair if FUSED else offs_m
-    h_ptrs = h_ptr + h_row[:, None].to(tl.int64) * stride_hr + offs_n[None, :]
+    # h has one row per pair, not per padded dispatch row (see the module docstring).
+    h_ptrs = h_ptr + pair[:, None].to(tl.int64) * stride_hr + offs_n[None, :]
     tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
 
 
@@ -163,14 +164,13 @@ def _down_kernel(h_ptr, w2_ptr, y_ptr, ids_ptr, sorted_ptr, start_ptr, weights_p
     if row0 >= used:
         return
 
-    offs_m = row0 + tl.arange(0, BLOCK_M)
     row_ok = pair < P
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     k_lo = split * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
     offs_k = k_lo + tl.arange(0, BLOCK_K)
-    h_row = tl.where(row_ok, pair, 0) if FUSED else offs_m
+    h_row = tl.where(row_ok, pair, 0)
     a_ptrs = h_ptr + h_row[:, None].to(tl.int64) * stride_hr + offs_k[None, :]
     b_ptrs = w2_ptr + e * stride_we + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None] * stride_wk
 

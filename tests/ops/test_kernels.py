@@ -219,7 +219,9 @@ def test_fake_tensor_shapes():
         sorted_R, start = torch.ops.moepatch.moe_dispatch(fids, E, 16)
         assert [sorted_R.shape[0], start.shape[0]] == real
         h = torch.ops.moepatch.moe_gate_up(fx, fw1, sorted_R, start, W, 16)
-        assert h.shape == (real[0], I)
+        assert h.shape == (T * W, I)  # one row per pair, not per padded dispatch row
+    real_sorted, real_start = torch.ops.moepatch.moe_dispatch(ids, E, 16)
+    assert torch.ops.moepatch.moe_gate_up(x, w1, real_sorted, real_start, W, 16).shape == (T * W, I)
 
 
 def test_descriptor_path_is_taken_and_falls_back(device, monkeypatch):
