@@ -67,8 +67,18 @@ class DispatchLayout:
             return self.ids_P, self.ids_P, self.ids_P
         return self.sorted_pairs_R, self.sorted_pairs_R, self.start_E1
 
+    @property
+    def h_by_pair(self) -> bool:
+        """Whether the pointer GEMMs keep h by pair (P rows) rather than by dispatch row (R rows)."""
+        return not (self.fused and self.block_m >= 32)
+
+    @property
+    def h_rows(self) -> int:
+        return self.num_pairs if self.h_by_pair else self.rows
+
     def kernel_constexprs(self) -> dict:
-        return dict(FUSED=self.fused, P_PAD=_pow2(max(16, self.num_pairs)) if self.fused else 16)
+        return dict(FUSED=self.fused, P_PAD=_pow2(max(16, self.num_pairs)) if self.fused else 16,
+                    H_BY_PAIR=self.h_by_pair)
 
 
 # Configurations whose pipeline depth had to shrink on this GPU (too little shared memory), by
@@ -168,7 +178,7 @@ def _precision(dtype: torch.dtype) -> str:
 
 def gate_up(x_TH: torch.Tensor, gate_up_EIH: torch.Tensor, layout: DispatchLayout, config: dict,
             out: torch.Tensor | None = None) -> torch.Tensor:
-    """h_PI = silu(x @ gate^T) * (x @ up^T) for every kept pair (row p is pair p; dropped pairs' rows unwritten).
+    """h = silu(x @ gate^T) * (x @ up^T) for every kept pair, by pair or by row (``layout.h_by_pair``).
 
     Args:
         x_TH: (T, H) activations in the weights' dtype.  gate_up_EIH: (E, 2I, H), [gate; up] rows.
@@ -176,8 +186,8 @@ def gate_up(x_TH: torch.Tensor, gate_up_EIH: torch.Tensor, layout: DispatchLayou
     """
     E, two_i, H = gate_up_EIH.shape
     I = two_i // 2  # noqa: E741
-    # One row per pair (P rows; the descriptor path's gate_up_desc keeps R dispatch rows).
-    h_RI = out if out is not None else torch.empty(layout.num_pairs, I, device=x_TH.device, dtype=x_TH.dtype)
+    # One row per pair or per dispatch row (layout.h_by_pair); gate_up_desc always keeps R rows.
+    h_RI = out if out is not None else torch.empty(layout.h_rows, I, device=x_TH.device, dtype=x_TH.dtype)
     if layout.num_pairs == 0:
         return h_RI
     c = config["gate_up"]

@@ -3,10 +3,11 @@
 Legend: T tokens, W slots per token, P = T * W pairs, R rows of the dispatch layout (see
 dispatch_kernels.py), E experts, H hidden, I intermediate, S split-K parts of the down GEMM.
 
-    _gate_up_kernel:  h_PI[p] = silu(x[t] @ Wg_e^T) * (x[t] @ Wu_e^T) for the row's pair p = (t, e);
+    _gate_up_kernel:  h[p] = silu(x[t] @ Wg_e^T) * (x[t] @ Wu_e^T) for the row's pair p = (t, e)
+                      (h indexed by pair, or by dispatch row: H_BY_PAIR below);
                       gate and up are two accumulators of one program, so the (R, 2I) projection
                       never reaches memory.  x rows are gathered through the pair index.
-    _down_kernel:     y_SPH[s, p] = w[p] * (h_PI[p, Ks] @ Wd_e[:, Ks]^T), one row per pair (indexed
+    _down_kernel:     y_SPH[s, p] = w[p] * (h[p, Ks] @ Wd_e[:, Ks]^T), one row per pair (indexed
                       by pair, not by row, so the combine reads a token's rows contiguously).
                       Split-K (S > 1) gives small-M decode enough programs to stream the weights
                       at full bandwidth; the parts are fp32 and summed by the combine.
@@ -17,10 +18,13 @@ Programs are ordered in groups of GROUP_M row blocks (the Triton matmul tutorial
 the row blocks of one expert share each weight tile through L2 while it is streamed; a block whose
 first row is past the rows in use exits before reading anything.
 
-h_PI has one row per pair (P rows), not one per padded dispatch row (R rows: at Mixtral M = 4, 128
-rows of 14336 for 8 pairs; with 64 experts at M = 16, 1088 rows for 128 pairs), so the layer's
-extra memory stays below transformers' grouped_mm.  (The descriptor GEMMs of tma_kernels.py need
-row-contiguous tiles and keep h by dispatch row; they run at large M where padding is ≤ 3 %.)
+H_BY_PAIR: h has one row per pair (P rows) instead of one per padded dispatch row (R rows: at
+Mixtral M = 4, 128 rows of 14336 for 8 pairs; with 64 experts at M = 16, 1088 rows for 128 pairs),
+so the layer's extra memory stays below transformers' grouped_mm.  The launchers choose it for every
+layout but the fused one with BLOCK_M >= 32 (Mixtral's M ~ 64 bucket), where it measured 12 %
+slower under CUDA graphs on the H200 and the padded rows still stay below grouped_mm (12 vs 15 MB).
+(The descriptor GEMMs of tma_kernels.py need row-contiguous tiles and keep h by dispatch row; they
+run at large M where padding is <= 3 %.)
 
 FUSED (small P, decode): there is no dispatch launch.  Every GEMM program reads the P slot ids
 itself and computes the same layout the dispatch kernel would write (per-expert counts padded
@@ -99,7 +103,7 @@ def _gate_up_kernel(x_ptr, w1_ptr, h_ptr, ids_ptr, sorted_ptr, start_ptr,
                     stride_xt, stride_xk, stride_we, stride_wn, stride_wk, stride_hr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                     E_PAD: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
-                    FUSED: tl.constexpr, P_PAD: tl.constexpr):
+                    FUSED: tl.constexpr, P_PAD: tl.constexpr, H_BY_PAIR: tl.constexpr):
     """N = I (outputs per half), K = H."""
     pid = tl.program_id(0)
     pid_m, pid_n = _block_coords(pid, num_m, tl.cdiv(N, BLOCK_N), GROUP_M)
@@ -140,8 +144,9 @@ def _gate_up_kernel(x_ptr, w1_ptr, h_ptr, ids_ptr, sorted_ptr, start_ptr,
 
     # SiLU in fp32 on the unrounded accumulator, one rounding for the stored product.
     h = acc_g * tl.sigmoid(acc_g) * acc_u
-    # h has one row per pair, not per padded dispatch row (see the module docstring).
-    h_ptrs = h_ptr + pair[:, None].to(tl.int64) * stride_hr + offs_n[None, :]
+    # H_BY_PAIR: h has one row per pair, else one per padded dispatch row (see the module docstring).
+    h_row = pair if H_BY_PAIR else row0 + tl.arange(0, BLOCK_M)
+    h_ptrs = h_ptr + h_row[:, None].to(tl.int64) * stride_hr + offs_n[None, :]
     tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
 
 
@@ -151,7 +156,7 @@ def _down_kernel(h_ptr, w2_ptr, y_ptr, ids_ptr, sorted_ptr, start_ptr, weights_p
                  stride_hr, stride_we, stride_wn, stride_wk, stride_ys, stride_yp,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                  E_PAD: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
-                 FUSED: tl.constexpr, P_PAD: tl.constexpr):
+                 FUSED: tl.constexpr, P_PAD: tl.constexpr, H_BY_PAIR: tl.constexpr):
     """N = H, K = I; program_id(1) is the split-K part, covering [s * k_per_split, (s + 1) * k_per_split)."""
     pid = tl.program_id(0)
     split = tl.program_id(1)
@@ -170,7 +175,7 @@ def _down_kernel(h_ptr, w2_ptr, y_ptr, ids_ptr, sorted_ptr, start_ptr, weights_p
     k_lo = split * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
     offs_k = k_lo + tl.arange(0, BLOCK_K)
-    h_row = tl.where(row_ok, pair, 0)
+    h_row = tl.where(row_ok, pair, 0) if H_BY_PAIR else row0 + tl.arange(0, BLOCK_M)
     a_ptrs = h_ptr + h_row[:, None].to(tl.int64) * stride_hr + offs_k[None, :]
     b_ptrs = w2_ptr + e * stride_we + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None] * stride_wk
 

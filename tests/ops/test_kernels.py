@@ -141,6 +141,21 @@ def test_fused_dispatch_equals_dispatch_kernel(T, W, E, block_m, split, kind, de
         assert _rel(fused, _reference(x, ids, wts, w1, w2)) < TOL[torch.float32]
 
 
+def test_h_rows_follow_the_layout(device):
+    """h is kept by pair (P rows) except for fused layouts with BLOCK_M >= 32 (padded rows, measured faster)."""
+    T, W, E, H, I = 9, 2, 4, 32, 24  # noqa: E741
+    x, ids, wts, w1, w2 = _problem(T, W, E, H, I, torch.float32, "random", device)
+    outs = []
+    for block_m, fuse, by_pair in ((16, True, True), (32, True, False), (32, False, True)):
+        layout = X.dispatch(ids, E, block_m, fuse=fuse)
+        assert layout.h_by_pair == by_pair
+        cfg = _config(T, W, E, H, I, block_m=block_m)
+        h = X.gate_up(x, w1, layout, cfg)
+        assert h.shape == ((T * W) if by_pair else layout.rows, I)
+        outs.append(X.combine(X.down(h, w2, layout, wts, cfg), ids, E, x.dtype))
+    assert torch.equal(outs[0], outs[2]) and torch.equal(outs[1], outs[2])
+
+
 def test_dropped_pairs_never_reach_a_gemm(device):
     """A token whose every slot is a sentinel is exactly 0 even when its input row and weights are NaN."""
     T, W, E, H, I = 9, 2, 4, 32, 32  # noqa: E741
