@@ -12,7 +12,6 @@ from __future__ import annotations
 # ruff: noqa: B023  (every lambda is timed before its loop variables change)
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -20,43 +19,22 @@ from pathlib import Path
 import torch
 
 from moepatch.ops import experts as ex
-from moepatch.ops.tuning import device_key, get_config
+from moepatch.ops.tuning import _time, device_key, get_config
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_kernels import capture  # noqa: E402  (scripts/ is not a package)
 
 PEAK = 790e12
 BW = 4.3e12
 
 
-def med_ms(fn, reps=15, warmup=3):
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b))
-    return statistics.median(ts)
+def med_ms(fn, reps=15):
+    return _time(fn, reps, torch.device("cuda"))
 
 
 # gate_up candidates: (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages, PERSISTENT, JOINT)
 GU = [(128, 128, 64, 16, 8, 4, 0, 1), (128, 128, 64, 8, 8, 4, 0, 1), (128, 128, 64, 16, 8, 3, 0, 1),
       (128, 128, 64, 16, 8, 4, 1, 1), (128, 64, 64, 16, 4, 4, 0, 1), (128, 128, 64, 16, 8, 4, 0, 0)]
-
-
-def capture(fn):
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        out = fn()
-    return g, out
 
 
 def graph_ms(fn, reps=15):

@@ -52,6 +52,23 @@ def _gather_rows_kernel(x_ptr, sorted_ptr, start_ptr, xs_ptr, P, W, E, H, stride
 
 
 @triton.jit
+def _tile_space(start_ptr, E, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_PROGRAMS: tl.constexpr):
+    """(row blocks in use, column blocks, tile stride of a program): the tiles cover the rows in use only."""
+    num_m = tl.load(start_ptr + E) // BLOCK_M
+    step = NUM_PROGRAMS if NUM_PROGRAMS > 0 else tl.num_programs(0)
+    return num_m, tl.cdiv(N, BLOCK_N), step
+
+
+@triton.jit
+def _tile_origin(tile, num_m, num_n, start_ptr, E, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 GROUP_M: tl.constexpr, E_PAD: tl.constexpr):
+    """(first row, expert, first column) of a tile, in the grouped order of _block_coords."""
+    pid_m, pid_n = _block_coords(tile, num_m, num_n, GROUP_M)
+    row0 = pid_m * BLOCK_M
+    return row0, _block_expert(start_ptr, row0, E, E_PAD), pid_n * BLOCK_N
+
+
+@triton.jit
 def _gate_up_desc_kernel(a_desc, w_desc, h_ptr, start_ptr, E, N, K, stride_hr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                          GROUP_M: tl.constexpr, E_PAD: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
@@ -62,14 +79,9 @@ def _gate_up_desc_kernel(a_desc, w_desc, h_ptr, start_ptr, E, N, K, stride_hr,
     Tiles cover only the rows in use (a multiple of BLOCK_M); program p takes tiles p, p + step, ...
     where step is NUM_PROGRAMS (persistent) or the grid size (one tile each).
     """
-    num_m = tl.load(start_ptr + E) // BLOCK_M
-    num_n = tl.cdiv(N, BLOCK_N)
-    step = NUM_PROGRAMS if NUM_PROGRAMS > 0 else tl.num_programs(0)
+    num_m, num_n, step = _tile_space(start_ptr, E, N, BLOCK_M, BLOCK_N, NUM_PROGRAMS)
     for tile in tl.range(tl.program_id(0), num_m * num_n, step, flatten=FLATTEN, warp_specialize=WARP_SPECIALIZE):
-        pid_m, pid_n = _block_coords(tile, num_m, num_n, GROUP_M)
-        row0 = pid_m * BLOCK_M
-        e = _block_expert(start_ptr, row0, E, E_PAD)
-        n0 = pid_n * BLOCK_N
+        row0, e, n0 = _tile_origin(tile, num_m, num_n, start_ptr, E, BLOCK_M, BLOCK_N, GROUP_M, E_PAD)
         g_row = e * 2 * N + n0
         u_row = g_row + N
         if JOINT:
@@ -103,14 +115,9 @@ def _down_desc_kernel(a_desc, w_desc, y_ptr, sorted_ptr, start_ptr, weights_ptr,
                       GROUP_M: tl.constexpr, E_PAD: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
                       FLATTEN: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
     """N = H, K = I.  a_desc: h_RI blocks [BLOCK_M, BLOCK_K]; w_desc: (E·H, I) blocks [BLOCK_N, BLOCK_K]."""
-    num_m = tl.load(start_ptr + E) // BLOCK_M
-    num_n = tl.cdiv(N, BLOCK_N)
-    step = NUM_PROGRAMS if NUM_PROGRAMS > 0 else tl.num_programs(0)
+    num_m, num_n, step = _tile_space(start_ptr, E, N, BLOCK_M, BLOCK_N, NUM_PROGRAMS)
     for tile in tl.range(tl.program_id(0), num_m * num_n, step, flatten=FLATTEN, warp_specialize=WARP_SPECIALIZE):
-        pid_m, pid_n = _block_coords(tile, num_m, num_n, GROUP_M)
-        row0 = pid_m * BLOCK_M
-        e = _block_expert(start_ptr, row0, E, E_PAD)
-        n0 = pid_n * BLOCK_N
+        row0, e, n0 = _tile_origin(tile, num_m, num_n, start_ptr, E, BLOCK_M, BLOCK_N, GROUP_M, E_PAD)
         b_row = e * N + n0
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):

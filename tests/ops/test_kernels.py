@@ -268,19 +268,44 @@ def test_empty_batch(device):
     assert X.fused_experts_impl(x, ids, wts, w1, w2).shape == (0, 32)
 
 
+def _gpu_problem(M, E, H, I, K, seed, drop_every=0):  # noqa: E741
+    """bf16 inputs and weights on CUDA, top-K ids from random scores (every drop_every-th token's last slot dropped)."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    x = torch.randn(M, H, device="cuda", generator=gen).bfloat16()
+    w1 = (torch.randn(E, 2 * I, H, device="cuda", generator=gen) * H**-0.5).bfloat16()
+    w2 = (torch.randn(E, H, I, device="cuda", generator=gen) * I**-0.5).bfloat16()
+    ids = torch.rand(M, E, device="cuda", generator=gen).topk(K, dim=1).indices
+    if drop_every:
+        ids[::drop_every, -1] = E
+    wts = torch.rand(M, K, device="cuda", generator=gen)
+    return x, w1, w2, ids, wts, gen
+
+
+def _assert_sync_free_and_replayable(fn, ids, gen, E):
+    """fn() makes no host sync, and a CUDA graph of it replays new ids (of E experts) exactly like an eager call."""
+    want = fn()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fn()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    ids.copy_(torch.rand(ids.shape[0], E, device="cuda", generator=gen).topk(ids.shape[1], dim=1).indices)
+    graph.replay()
+    assert torch.equal(out, fn())
+    assert not torch.equal(out, want)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("M", [1, 4, 64, 256, 1024])
 @pytest.mark.parametrize("shape", [(8, 4096, 14336, 2), (64, 2048, 1024, 8), (128, 2048, 768, 8)],
                          ids=["mixtral", "olmoe", "qwen3"])
 def test_bf16_real_shapes(shape, M):
     E, H, I, K = shape  # noqa: E741
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    x = torch.randn(M, H, device="cuda", generator=gen).bfloat16()
-    w1 = (torch.randn(E, 2 * I, H, device="cuda", generator=gen) * H**-0.5).bfloat16()
-    w2 = (torch.randn(E, H, I, device="cuda", generator=gen) * I**-0.5).bfloat16()
-    ids = torch.rand(M, E, device="cuda", generator=gen).topk(K, dim=1).indices
-    ids[::3, -1] = E  # some dropped slots
-    wts = torch.rand(M, K, device="cuda", generator=gen)
+    x, w1, w2, ids, wts, _ = _gpu_problem(M, E, H, I, K, seed=0, drop_every=3)  # some dropped slots
     out = torch.full_like(x, float("nan"))
     out.copy_(X.fused_experts(x, ids, wts, w1, w2))
     # fp32 reference on the GPU, expert by expert
@@ -298,13 +323,7 @@ def test_bf16_real_shapes(shape, M):
 def test_bf16_fused_dispatch_is_the_dispatch_layout(M):
     """On the GPU small M fuses the dispatch into the GEMMs: same bits as the dispatch kernel's layout."""
     E, H, I, K = 8, 512, 1024, 2  # noqa: E741
-    gen = torch.Generator(device="cuda").manual_seed(M)
-    x = torch.randn(M, H, device="cuda", generator=gen).bfloat16()
-    w1 = (torch.randn(E, 2 * I, H, device="cuda", generator=gen) * H**-0.5).bfloat16()
-    w2 = (torch.randn(E, H, I, device="cuda", generator=gen) * I**-0.5).bfloat16()
-    ids = torch.rand(M, E, device="cuda", generator=gen).topk(K, dim=1).indices
-    ids[::2, -1] = E
-    wts = torch.rand(M, K, device="cuda", generator=gen)
+    x, w1, w2, ids, wts, _ = _gpu_problem(M, E, H, I, K, seed=M, drop_every=2)
     cfg = X.config_for(x, ids, w1)
     assert X.dispatch(ids, E, cfg["BLOCK_M"]).fused
     fused = X.fused_experts_impl(x, ids, wts, w1, w2, cfg, fuse_dispatch=True)
@@ -317,13 +336,7 @@ def test_bf16_fused_dispatch_is_the_dispatch_layout(M):
 def test_bf16_descriptor_path_graph_and_no_host_sync(persistent):
     """The large-M descriptor GEMMs: bf16 accuracy, no host sync, replayable in a CUDA graph."""
     E, H, I, K, M = 8, 1024, 2048, 2, 1024  # noqa: E741
-    gen = torch.Generator(device="cuda").manual_seed(persistent)
-    x = torch.randn(M, H, device="cuda", generator=gen).bfloat16()
-    w1 = (torch.randn(E, 2 * I, H, device="cuda", generator=gen) * H**-0.5).bfloat16()
-    w2 = (torch.randn(E, H, I, device="cuda", generator=gen) * I**-0.5).bfloat16()
-    ids = torch.rand(M, E, device="cuda", generator=gen).topk(K, dim=1).indices
-    ids[::5, -1] = E
-    wts = torch.rand(M, K, device="cuda", generator=gen)
+    x, w1, w2, ids, wts, gen = _gpu_problem(M, E, H, I, K, seed=persistent, drop_every=5)
     cfg = {"BLOCK_M": 128, "DESC": True,
            "gate_up": dict(BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4, PERSISTENT=persistent,
                            JOINT=persistent),
@@ -333,41 +346,12 @@ def test_bf16_descriptor_path_graph_and_no_host_sync(persistent):
     want = X.fused_experts_impl(x, ids, wts, w1, w2, pointer)
     out = X.fused_experts_impl(x, ids, wts, w1, w2, cfg)
     assert ((out.float() - want.float()).norm() / want.float().norm()).item() < 1e-2
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        X.fused_experts_impl(x, ids, wts, w1, w2, cfg)
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        g_out = X.fused_experts_impl(x, ids, wts, w1, w2, cfg)
-    ids.copy_(torch.rand(M, E, device="cuda", generator=gen).topk(K, dim=1).indices)
-    graph.replay()
-    assert torch.equal(g_out, X.fused_experts_impl(x, ids, wts, w1, w2, cfg))
+    _assert_sync_free_and_replayable(lambda: X.fused_experts_impl(x, ids, wts, w1, w2, cfg), ids, gen, E)
     assert torch.equal(X.fused_experts_impl(x, ids, wts, w1, w2, cfg), X.fused_experts_impl(x, ids, wts, w1, w2, cfg))
 
 
 @pytest.mark.gpu
 def test_cuda_graph_and_no_host_sync():
     E, H, I, K, M = 8, 256, 512, 2, 48  # noqa: E741
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    x = torch.randn(M, H, device="cuda", generator=gen).bfloat16()
-    w1 = (torch.randn(E, 2 * I, H, device="cuda", generator=gen) * H**-0.5).bfloat16()
-    w2 = (torch.randn(E, H, I, device="cuda", generator=gen) * I**-0.5).bfloat16()
-    ids = torch.rand(M, E, device="cuda", generator=gen).topk(K, dim=1).indices
-    wts = torch.rand(M, K, device="cuda", generator=gen)
-    want = X.fused_experts(x, ids, wts, w1, w2)
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        X.fused_experts(x, ids, wts, w1, w2)
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = X.fused_experts(x, ids, wts, w1, w2)
-    ids.copy_(torch.rand(M, E, device="cuda", generator=gen).topk(K, dim=1).indices)
-    graph.replay()
-    assert torch.equal(out, X.fused_experts(x, ids, wts, w1, w2))
-    assert not torch.equal(out, want)
+    x, w1, w2, ids, wts, gen = _gpu_problem(M, E, H, I, K, seed=0)
+    _assert_sync_free_and_replayable(lambda: X.fused_experts(x, ids, wts, w1, w2), ids, gen, E)
