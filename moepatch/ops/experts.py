@@ -176,6 +176,13 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def _pointer_constexprs(layout: DispatchLayout, c: dict, E: int, K: int, dtype: torch.dtype) -> dict:
+    """The compile-time arguments of _gate_up_kernel / _down_kernel for tile config ``c`` (K: the reduced dim)."""
+    return dict(BLOCK_M=layout.block_m, BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"], GROUP_M=c["GROUP_M"],
+                E_PAD=_pow2(E), EVEN_K=K % c["BLOCK_K"] == 0, PRECISION=_precision(dtype),
+                **layout.kernel_constexprs())
+
+
 def gate_up(x_TH: torch.Tensor, gate_up_EIH: torch.Tensor, layout: DispatchLayout, config: dict,
             out: torch.Tensor | None = None) -> torch.Tensor:
     """h = silu(x @ gate^T) * (x @ up^T) for every kept pair, by pair or by row (``layout.h_by_pair``).
@@ -198,9 +205,7 @@ def gate_up(x_TH: torch.Tensor, gate_up_EIH: torch.Tensor, layout: DispatchLayou
              layout.num_pairs, layout.width, E, I, H, num_m,
              x_TH.stride(0), x_TH.stride(1), gate_up_EIH.stride(0), gate_up_EIH.stride(1), gate_up_EIH.stride(2),
              h_RI.stride(0)),
-            dict(BLOCK_M=layout.block_m, BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"], GROUP_M=c["GROUP_M"],
-                 E_PAD=_pow2(E), EVEN_K=H % c["BLOCK_K"] == 0, PRECISION=_precision(x_TH.dtype),
-                 **layout.kernel_constexprs()),
+            _pointer_constexprs(layout, c, E, H, x_TH.dtype),
             c["num_warps"], c["num_stages"])
     return h_RI
 
@@ -226,9 +231,7 @@ def down(h_RI: torch.Tensor, down_EHI: torch.Tensor, layout: DispatchLayout, wei
              layout.num_pairs, E, H, I, num_m, k_per_split,
              h_RI.stride(0), down_EHI.stride(0), down_EHI.stride(1), down_EHI.stride(2), y_SPH.stride(0),
              y_SPH.stride(1)),
-            dict(BLOCK_M=layout.block_m, BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"], GROUP_M=c["GROUP_M"],
-                 E_PAD=_pow2(E), EVEN_K=I % c["BLOCK_K"] == 0, PRECISION=_precision(h_RI.dtype),
-                 **layout.kernel_constexprs()),
+            _pointer_constexprs(layout, c, E, I, h_RI.dtype),
             c["num_warps"], c["num_stages"])
     return y_SPH
 

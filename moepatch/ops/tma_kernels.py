@@ -82,8 +82,6 @@ def _gate_up_desc_kernel(a_desc, w_desc, h_ptr, start_ptr, E, N, K, stride_hr,
     num_m, num_n, step = _tile_space(start_ptr, E, N, BLOCK_M, BLOCK_N, NUM_PROGRAMS)
     for tile in tl.range(tl.program_id(0), num_m * num_n, step, flatten=FLATTEN, warp_specialize=WARP_SPECIALIZE):
         row0, e, n0 = _tile_origin(tile, num_m, num_n, start_ptr, E, BLOCK_M, BLOCK_N, GROUP_M, E_PAD)
-        g_row = e * 2 * N + n0
-        u_row = g_row + N
         if JOINT:
             # One (BLOCK_M, 2·BLOCK_N) product: w_desc is 3-D (E·2, I, H) with blocks [2, BLOCK_N, BLOCK_K],
             # the gate rows then the up rows of the same columns, so A is read once per 2·BLOCK_N columns.
@@ -94,6 +92,8 @@ def _gate_up_desc_kernel(a_desc, w_desc, h_ptr, start_ptr, E, N, K, stride_hr,
                 acc = tl.dot(a, b.T, acc)
             acc_g, acc_u = tl.split(acc.reshape(BLOCK_M, 2, BLOCK_N).permute(0, 2, 1))
         else:
+            g_row = e * 2 * N + n0  # gate rows of expert e in the (E·2I, H) view; up rows follow I later
+            u_row = g_row + N
             acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
             acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
             for k0 in range(0, K, BLOCK_K):

@@ -7,24 +7,12 @@ expert, capacity 0, a huge minimum capacity, and weights that must pass through 
 
 import pytest
 import torch
+from routing_asserts import assert_same_routing  # tests/ops/routing_asserts.py
 
 from moepatch.ops import routing as sync_free
 from moepatch.ops import routing_kernels
 from moepatch.ops.routing import LazyRoutingResult, route_sync_free
 from moepatch.routing import FamilyScoring, make_config, route
-
-FIELDS = ("topk_ids_TW", "topk_weights_TW", "load_before_E", "load_after_E", "tokens_G", "capacity_G",
-          "routed_pairs", "dropped_pairs", "rerouted_pairs", "added_pairs")
-
-
-def _same(a, b):
-    for name in FIELDS:
-        x, y = getattr(a, name), getattr(b, name)
-        if x is None or y is None:
-            assert x is None and y is None, name
-            continue
-        assert x.dtype == y.dtype and x.shape == y.shape, (name, x.dtype, y.dtype, x.shape, y.shape)
-        assert torch.equal(x, y), (name, x, y)
 
 
 def _problem(T, E, K, seed, kind="ties", wdtype=torch.float32):
@@ -70,7 +58,7 @@ def test_fused_drop_matches_reference(policy, opts, max_block):
         kw = dict(batch=B, seq=S, valid_BS=v, layer=seed)
         got = route_sync_free(cfg, scores, ids, w, factor, **kw)
         assert isinstance(got, LazyRoutingResult)
-        _same(got, route(cfg, scores, ids, w, factor, **kw))
+        assert_same_routing(got, route(cfg, scores, ids, w, factor, **kw))
 
 
 @pytest.mark.parametrize("T,E,K,kind,gamma,opts", [
@@ -87,7 +75,8 @@ def test_fused_drop_odd_shapes(T, E, K, kind, gamma, opts, monkeypatch):
     scores, ids, w, factor = _problem(T, E, K, T + E, kind)
     for src in (None, 1) if opts.get("ep_size", 1) == 1 else (None,):
         kw = dict(batch=1, seq=T, source_rank=src)
-        _same(route_sync_free(cfg, scores, ids, w, factor, **kw), route(cfg, scores, ids, w, factor, **kw))
+        assert_same_routing(route_sync_free(cfg, scores, ids, w, factor, **kw),
+                            route(cfg, scores, ids, w, factor, **kw))
 
 
 def test_weights_pass_through_bitwise_and_stats_are_lazy():
@@ -99,7 +88,7 @@ def test_weights_pass_through_bitwise_and_stats_are_lazy():
     kept = got.topk_ids_TW < 8
     assert got.topk_weights_TW.dtype == torch.bfloat16
     assert torch.equal(got.topk_weights_TW[kept], w[kept]) and (got.topk_weights_TW[~kept] == 0).all()
-    _same(got, ref)
+    assert_same_routing(got, ref)
     assert int(got.dropped_pairs) > 0
 
 
@@ -119,7 +108,7 @@ def test_unlimited_launches_nothing():
     with Count():
         got = route_sync_free(cfg, scores, ids, w, factor, batch=2, seq=5)
     assert Count.calls == 0 and got.topk_ids_TW is ids and got.topk_weights_TW is w
-    _same(got, route(cfg, scores, ids, w, factor, batch=2, seq=5))
+    assert_same_routing(got, route(cfg, scores, ids, w, factor, batch=2, seq=5))
 
 
 @pytest.mark.gpu
@@ -144,4 +133,4 @@ def test_fused_drop_real_sizes_on_gpu(T, E, K, opts):
             got = route_sync_free(cfg, scores, ids, w, factor, **kw)
             ref = route(cfg, scores, ids, w, factor, **kw)
             assert int(ref.dropped_pairs) > 0
-            _same(got, ref)
+            assert_same_routing(got, ref)

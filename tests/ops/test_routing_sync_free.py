@@ -4,6 +4,7 @@ import itertools
 
 import pytest
 import torch
+from routing_asserts import assert_same_routing  # tests/ops/routing_asserts.py
 
 from moepatch.ops import routing as sync_free
 from moepatch.ops.routing import route_sync_free
@@ -21,17 +22,6 @@ def _inputs(T, E, K, seed, ties, scoring=FamilyScoring(kind="softmax", normalize
     factor_T = scoring.factor(scores_TE, ids_TK)
     w_TK = scores_TE.gather(1, ids_TK) * factor_T[:, None]
     return scores_TE, ids_TK, w_TK, factor_T
-
-
-def _assert_same(a, b):
-    for name in ("topk_ids_TW", "topk_weights_TW", "load_before_E", "load_after_E", "tokens_G",
-                 "capacity_G", "routed_pairs", "dropped_pairs", "rerouted_pairs", "added_pairs"):
-        x, y = getattr(a, name), getattr(b, name)
-        if x is None or y is None:
-            assert x is None and y is None, name
-            continue
-        assert x.dtype == y.dtype and x.shape == y.shape, (name, x.dtype, y.dtype, x.shape, y.shape)
-        assert torch.equal(x, y), (name, x, y)
 
 
 CASES = (
@@ -88,7 +78,8 @@ def test_same_pairs_as_reference(case, gamma, ties, path, monkeypatch):
         valid[2, -1] = False
         for v in (None, valid):
             kw = dict(batch=B, seq=S, valid_BS=v, layer=seed)
-            _assert_same(route_sync_free(cfg, scores, ids, w, factor, **kw), route(cfg, scores, ids, w, factor, **kw))
+            assert_same_routing(route_sync_free(cfg, scores, ids, w, factor, **kw),
+                                route(cfg, scores, ids, w, factor, **kw))
 
 
 @pytest.mark.parametrize("strategy", ["drop", "reroute", "expanded"])
@@ -99,7 +90,8 @@ def test_source_rank_and_odd_shapes(strategy):
             opts = {"ep_size": ep} if strategy != "reroute" else {"ep_size": ep, "reroute_rounds": 2}
             cfg = make_config(1.0, strategy, num_experts=E, **opts)
             kw = dict(batch=1, seq=T, source_rank=src)
-            _assert_same(route_sync_free(cfg, scores, ids, w, factor, **kw), route(cfg, scores, ids, w, factor, **kw))
+            assert_same_routing(route_sync_free(cfg, scores, ids, w, factor, **kw),
+                                route(cfg, scores, ids, w, factor, **kw))
 
 
 def test_capacity_zero_and_all_padding():
@@ -109,7 +101,7 @@ def test_capacity_zero_and_all_padding():
     for c in (cfg, make_config(1.0, "reroute", num_experts=4, group="sequence")):
         kw = dict(batch=2, seq=3, valid_BS=valid)
         a, b = route_sync_free(c, scores, ids, w, factor, **kw), route(c, scores, ids, w, factor, **kw)
-        _assert_same(a, b)
+        assert_same_routing(a, b)
         assert (a.topk_ids_TW == 4).all()  # every slot a sentinel
 
 
@@ -129,7 +121,7 @@ def test_no_host_sync_and_graph_capture():
         finally:
             torch.cuda.set_sync_debug_mode(0)
         ref = route(cfg, scores, ids, w, factor, batch=4, seq=16)
-        _assert_same(res, ref)
+        assert_same_routing(res, ref)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             out = route_sync_free(cfg, scores, ids, w, factor, batch=4, seq=16)
