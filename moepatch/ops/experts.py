@@ -160,14 +160,15 @@ def dispatch(ids_TW: torch.Tensor, num_experts: int, block_m: int, fuse: bool | 
     block_p = max(16, min(1024, 8192 // e_pad))
     chunks = _cdiv(P, block_p)
     single = chunks == 1
-    # One chunk: the scatter kernel counts by itself and never reads `counts` (any int32 buffer will do).
-    counts = sorted_R if single else torch.empty(chunks, E, dtype=torch.int32, device=ids_TW.device)
+    # One chunk: the scatter kernel counts by itself and never reads `cum` (any int32 buffer will do).
+    cum = sorted_R
     if not single:
+        counts = torch.empty(chunks, E, dtype=torch.int32, device=ids_TW.device)
         _dispatch_count_kernel[(chunks,)](ids_P, counts, P, E, BLOCK_P=block_p, E_PAD=e_pad)
+        cum = torch.cumsum(counts, dim=0, dtype=torch.int32)
     _dispatch_scatter_kernel[(chunks,)](
-        ids_P, counts, sorted_R, start_E1, P, E, R, chunks, _cdiv(R, chunks),
-        BLOCK_M=block_m, BLOCK_P=block_p, E_PAD=e_pad, BLOCK_C=max(1, min(64, 4096 // e_pad)),
-        BLOCK_R=max(16, min(1024, 8192 // e_pad)), SINGLE=single)
+        ids_P, cum, sorted_R, start_E1, P, E, R, chunks, _cdiv(R, chunks),
+        BLOCK_M=block_m, BLOCK_P=block_p, E_PAD=e_pad, BLOCK_R=max(16, min(1024, 8192 // e_pad)), SINGLE=single)
     return DispatchLayout(sorted_R, start_E1, P, W, E, block_m, R)
 
 

@@ -23,7 +23,9 @@ Launch count.  A patched layer calls this once per forward, so its cost is paid 
   statistics (loads, token counts) only when they are read (:class:`LazyRoutingResult`);
 - Token Drop with the ``score``, ``order`` or ``reverse`` policy in expert scope (any group,
   simulated EP or ``source_rank``) on CUDA or under the interpreter: one Triton launch
-  (routing_kernels.py) computes capacities, ranks and the kept slots; statistics again on read;
+  (routing_kernels.py) computes capacities, ranks and the kept slots (groups of more than
+  ``routing_kernels.SORTED_MIN_PAIRS`` pairs are first sorted by expert: two dispatch launches and
+  two fills before it); statistics again on read;
 - everything else (reroute, expanded, expert_drop, ``random``, device scope): the torch path
   below, ~100 small kernels (sorts, scatters), fine for studies but not for timing.
 
@@ -299,19 +301,29 @@ def _fused_drop(cfg, scores_TE, topk_ids_TK, topk_weights_TK, batch, seq, valid_
     max_tokens = -(-T // ep)
     if by_seq:
         max_tokens = min(max_tokens, seq)
-    block, single = RK.block_size(max_tokens * K)
     ids_TK = topk_ids_TK.contiguous()
     w_TK = topk_weights_TK.contiguous()
     has_valid = valid_BS is not None and not cfg.count_padding
     valid_T = valid_BS.reshape(-1).to(device=device, dtype=torch.bool) if has_valid else ids_TK
-    ids_TW = torch.empty_like(ids_TK)
-    w_TW = torch.empty_like(w_TK)
+    block = RK.sorted_block_size(max_tokens * K, E)
+    if block is None:  # one program per (group, expert) scans the group's pairs
+        block, single = RK.block_size(max_tokens * K)
+        sorted_R = start_E1 = ids_TK
+        ids_TW = torch.empty_like(ids_TK)
+        w_TW = torch.empty_like(w_TK)
+    else:  # large groups: sort the pairs by expert first, each program walks its expert's rows
+        from .experts import dispatch
+
+        layout = dispatch(ids_TK, E, 1, fuse=False)
+        sorted_R, start_E1, single = layout.sorted_pairs_R, layout.start_E1, False
+        ids_TW = torch.full_like(ids_TK, E)
+        w_TW = torch.zeros_like(w_TK)
     stats = torch.empty(2 * G * E + 2 * G, dtype=torch.long, device=device)
     RK._capacity_drop_kernel[(G * E,)](
-        ids_TK, w_TK, scores_TE, valid_T, ids_TW, w_TW, stats, T, K, E, seq, ep, cfg.min_capacity,
-        _f64_bits(cfg.capacity_factor * K), _f64_bits(_CEIL_TOLERANCE), scores_TE.stride(0), scores_TE.stride(1),
-        POLICY=_POLICY_CODES[cfg.policy], GROUP_SEQ=by_seq, HAS_VALID=has_valid, BLOCK=block, SINGLE=single,
-        num_warps=8 if block >= 256 else 4)
+        ids_TK, w_TK, scores_TE, valid_T, sorted_R, start_E1, ids_TW, w_TW, stats, T, K, E, seq, ep,
+        cfg.min_capacity, _f64_bits(cfg.capacity_factor * K), _f64_bits(_CEIL_TOLERANCE), scores_TE.stride(0),
+        scores_TE.stride(1), POLICY=_POLICY_CODES[cfg.policy], GROUP_SEQ=by_seq, HAS_VALID=has_valid, BLOCK=block,
+        SINGLE=single, SORTED=sorted_R is not ids_TK, SEARCH=G > 1, num_warps=8 if block >= 256 else 4)
     if cfg.renormalize == "kept":
         active_T = valid_T if has_valid else torch.ones(T, dtype=torch.bool, device=device)
         w_TW = renormalize_kept(w_TW, topk_weights_TK, active_T)

@@ -37,9 +37,14 @@ def _problem(T, E, K, seed, kind="ties", wdtype=torch.float32):
     return scores, ids, w, factor
 
 
-@pytest.fixture(params=[16, 512], ids=["tiled", "one_tile"])
+@pytest.fixture(params=[16, 512, "sorted"], ids=["tiled", "one_tile", "sorted"])
 def max_block(request, monkeypatch):
-    monkeypatch.setattr(routing_kernels, "MAX_BLOCK", request.param)
+    """Each path of the kernel: a group over several tiles, one tile, or pairs sorted by expert first."""
+    if request.param == "sorted":
+        monkeypatch.setattr(routing_kernels, "SORTED_MIN_PAIRS", 0)
+        monkeypatch.setattr(routing_kernels, "MAX_SORTED_BLOCK", 16)
+    else:
+        monkeypatch.setattr(routing_kernels, "MAX_BLOCK", request.param)
     monkeypatch.setattr(sync_free, "USE_FUSED_DROP", True)
     return request.param
 
@@ -69,8 +74,12 @@ def test_fused_drop_matches_reference(policy, opts, max_block):
     (12, 4, 2, "ties", 0.5, {"min_capacity": 10**6}),  # capacity above every load
     (30, 8, 2, "softmax", 1.0, {"ep_size": 3}),       # unequal device chunks
 ])
-def test_fused_drop_odd_shapes(T, E, K, kind, gamma, opts, monkeypatch):
+@pytest.mark.parametrize("sort_first", [False, True], ids=["scan", "sorted"])
+def test_fused_drop_odd_shapes(T, E, K, kind, gamma, opts, sort_first, monkeypatch):
     monkeypatch.setattr(routing_kernels, "MAX_BLOCK", 16)
+    monkeypatch.setattr(routing_kernels, "MAX_SORTED_BLOCK", 16)
+    if sort_first:
+        monkeypatch.setattr(routing_kernels, "SORTED_MIN_PAIRS", 0)
     cfg = make_config(gamma, "drop", num_experts=E, **opts)
     scores, ids, w, factor = _problem(T, E, K, T + E, kind)
     for src in (None, 1) if opts.get("ep_size", 1) == 1 else (None,):
