@@ -30,7 +30,7 @@ from triton.runtime.errors import OutOfResources
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .dispatch_kernels import _dispatch_count_kernel, _dispatch_scatter_kernel
-from .gemm_kernels import _combine_kernel, _down_kernel, _gate_up_kernel
+from .gemm_kernels import _combine_kernel, _down_kernel, _down_token_kernel, _gate_up_kernel
 from .tma_kernels import _down_desc_kernel, _gate_up_desc_kernel, _gather_rows_kernel
 from .tuning import device_key, get_config
 
@@ -341,6 +341,35 @@ def combine(y_SPH: torch.Tensor, ids_TW: torch.Tensor, num_experts: int, out_dty
     return out_TH
 
 
+def token_path(layout: DispatchLayout, config: dict) -> bool:
+    """Whether the down GEMM runs as :func:`down_token` (one token, a "TOKEN" down configuration)."""
+    return bool(config["down"].get("TOKEN")) and layout.num_pairs == layout.width and layout.h_by_pair
+
+
+def down_token(h_RI: torch.Tensor, down_EHI: torch.Tensor, ids_TW: torch.Tensor, weights_TW: torch.Tensor,
+               config: dict, out_dtype: torch.dtype) -> torch.Tensor:
+    """:func:`down` and :func:`combine` in one launch for a single token (h by pair); returns (1, H)."""
+    E, H, I = down_EHI.shape  # noqa: E741
+    W = ids_TW.shape[1]
+    c = config["down"]
+    out_TH = torch.empty(1, H, device=h_RI.device, dtype=out_dtype)
+    _launch(_down_token_kernel, (_cdiv(H, c["BLOCK_N"]),),
+            (h_RI, down_EHI, out_TH, ids_TW, weights_TW, W, E, H, I,
+             h_RI.stride(0), down_EHI.stride(0), down_EHI.stride(1), down_EHI.stride(2)),
+            dict(BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"], W_PAD=_pow2(W), EVEN_K=I % c["BLOCK_K"] == 0,
+                 PRECISION=_precision(h_RI.dtype)),
+            c["num_warps"], c["num_stages"])
+    return out_TH
+
+
+def down_and_combine(h_RI: torch.Tensor, down_EHI: torch.Tensor, layout: DispatchLayout, ids_TW: torch.Tensor,
+                     weights_TW: torch.Tensor, config: dict, out_dtype: torch.dtype) -> torch.Tensor:
+    """The pointer path's down GEMM and combine: (T, H) in ``out_dtype``."""
+    if token_path(layout, config):
+        return down_token(h_RI, down_EHI, ids_TW, weights_TW, config, out_dtype)
+    return combine(down(h_RI, down_EHI, layout, weights_TW, config), ids_TW, layout.num_experts, out_dtype)
+
+
 def config_for(x_TH: torch.Tensor, ids_TW: torch.Tensor, gate_up_EIH: torch.Tensor) -> dict:
     E, two_i, H = gate_up_EIH.shape
     return get_config(x_TH.shape[0], E, H, two_i // 2, ids_TW.shape[1], device_key(x_TH.device))
@@ -377,13 +406,12 @@ def fused_experts_impl(x_TH: torch.Tensor, ids_TW: torch.Tensor, weights_TW: tor
     x_c = x_TH.to(gate_up_EIH.dtype)
     ids_c = ids_TW.contiguous()
     layout = dispatch(ids_c, E, cfg["BLOCK_M"], fuse_dispatch)
+    w_c = weights_TW.contiguous()
     if cfg.get("DESC") and descriptors_fit(layout, x_c, gate_up_EIH, down_EHI):
         h_RI = gate_up_desc(gather_rows(x_c, layout), gate_up_EIH, layout, cfg)
-        y_SPH = down_desc(h_RI, down_EHI, layout, weights_TW.contiguous(), cfg)
-    else:
-        h_RI = gate_up(x_c, gate_up_EIH, layout, cfg)
-        y_SPH = down(h_RI, down_EHI, layout, weights_TW.contiguous(), cfg)
-    return combine(y_SPH, ids_c, E, x_TH.dtype)
+        return combine(down_desc(h_RI, down_EHI, layout, w_c, cfg), ids_c, E, x_TH.dtype)
+    h_RI = gate_up(x_c, gate_up_EIH, layout, cfg)
+    return down_and_combine(h_RI, down_EHI, layout, ids_c, w_c, cfg, x_TH.dtype)
 
 
 def moe_experts(x_TH: torch.Tensor, ids_TW: torch.Tensor, weights_TW: torch.Tensor, gate_up_EIH: torch.Tensor,

@@ -13,6 +13,10 @@ dispatch_kernels.py), E experts, H hidden, I intermediate, S split-K parts of th
                       at full bandwidth; the parts are fp32 and summed by the combine.
     _combine_kernel:  out[t] = sum over w (ascending), then s (ascending) of y_SPH[s, t*W + w] for
                       kept slots, in fp32.  Fixed order and no atomics: bit-identical run to run.
+    _down_token_kernel: one token (decode at batch 1): out[n] = sum over w (ascending) of
+                      w[p] * (h[w] @ Wd_e[n]^T) in fp32, each program owning BLOCK_N outputs and
+                      walking every slot's weights in one flattened loop.  No y parts, no combine
+                      launch: the layer is two kernels and its extra memory is h alone.
 
 Programs are ordered in groups of GROUP_M row blocks (the Triton matmul tutorial's swizzle), so
 the row blocks of one expert share each weight tile through L2 while it is streamed; a block whose
@@ -216,3 +220,50 @@ def _combine_kernel(y_ptr, ids_ptr, out_ptr, W, E, N, S, stride_ys, stride_yp, s
             acc += tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32)
             y_ptrs += stride_ys
     tl.store(out_ptr + t * stride_ot + offs_n, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
+
+
+@triton.jit
+def _down_token_kernel(h_ptr, w2_ptr, out_ptr, ids_ptr, weights_ptr, W, E, N, K,
+                       stride_hr, stride_we, stride_wn, stride_wk,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, W_PAD: tl.constexpr, EVEN_K: tl.constexpr,
+                       PRECISION: tl.constexpr):
+    """N = H, K = I; h has one row per slot of the single token (h by pair).
+
+    The product is a 16-row tl.dot whose row 0 is the token (the tensor cores need 16 rows; the
+    other rows are masked to zero and never loaded), so the loop keeps the pipelined loads of
+    the GEMM kernels.  A slot whose id is outside [0, E) loads nothing and adds nothing.
+    """
+    pid_n = tl.program_id(0)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    rows = tl.arange(0, 16)
+    row0 = rows == 0
+    w_x = tl.arange(0, W_PAD)
+    ids_w = tl.load(ids_ptr + w_x, mask=w_x < W, other=-1).to(tl.int64)
+    wts_w = tl.load(weights_ptr + w_x, mask=w_x < W, other=0.0).to(tl.float32)
+    nk = tl.cdiv(K, BLOCK_K)
+
+    acc = tl.zeros([16, BLOCK_N], dtype=tl.float32)
+    total = tl.zeros([16, BLOCK_N], dtype=tl.float32)
+    for it in range(0, W * nk):
+        w = it // nk
+        k0 = (it - w * nk) * BLOCK_K
+        e = tl.sum(tl.where(w_x == w, ids_w, 0), axis=0)
+        e_k = offs_k * 0 + e  # (a tensor: the interpreter rejects masks built from scalars)
+        ok_k = (e_k >= 0) & (e_k < E)
+        if not EVEN_K:
+            ok_k = ok_k & (offs_k < K - k0)
+        a_ptrs = h_ptr + w.to(tl.int64) * stride_hr + (k0 + offs_k)[None, :] + rows[:, None] * 0
+        b_ptrs = (w2_ptr + tl.where(ok_k, e_k, 0)[:, None] * stride_we + offs_n[None, :].to(tl.int64) * stride_wn
+                  + (k0 + offs_k)[:, None] * stride_wk)
+        a = tl.load(a_ptrs, mask=row0[:, None] & ok_k[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=n_ok[None, :] & ok_k[:, None], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        # After the slot's last K block: add it with its routing weight (fp32), start the next slot.
+        last = k0 + BLOCK_K >= K
+        wt = tl.sum(tl.where(w_x == w, wts_w, 0.0), axis=0)
+        total = tl.where(last, total + acc * wt, total)
+        acc = tl.where(last, 0.0, acc)
+    out = tl.sum(total, axis=0)  # rows 1..15 are zero
+    tl.store(out_ptr + offs_n, out.to(out_ptr.dtype.element_ty), mask=n_ok)

@@ -161,6 +161,14 @@ _BIG_DOWN = [_dn(256, 64, 16, 1, 8, 3), _dn(256, 64, 16, 1, 8, 4), _dn(128, 64, 
              _dn(256, 64, 32, 1, 8, 4), _dn(256, 64, 16, 2, 8, 3)]
 
 
+# One token (M = 1): the down GEMM and the combine in one kernel (_down_token_kernel), programs per
+# BLOCK_N outputs walking every slot's weights; BLOCK_N 16 gives Mixtral 256 programs, the 2048-wide
+# models 128.
+_TOKEN_DOWN = [dict(_dn(16, 256, 1, 1, 4, 4), TOKEN=1), dict(_dn(16, 128, 1, 1, 4, 6), TOKEN=1),
+               dict(_dn(16, 512, 1, 1, 4, 3), TOKEN=1), dict(_dn(32, 256, 1, 1, 4, 4), TOKEN=1),
+               dict(_dn(16, 256, 1, 1, 8, 4), TOKEN=1)]
+
+
 # The descriptor GEMMs of tma_kernels.py (DESC), for the compute-bound regime: joint gate/up boxes,
 # and the persistent variants that won some buckets on the H200 (docs/kernels.md, run 3).
 _DESC_GATE_UP = [dict(_gu(128, 64, 16, 8, 4), JOINT=1), dict(_gu(128, 64, 16, 8, 3), JOINT=1),
@@ -178,7 +186,9 @@ def candidate_configs(M: int, E: int, H: int, I: int, K: int) -> list[tuple]:  #
     whose pipeline exceeds the H200's shared memory are left out.
     """
     rows = M * K / E
-    if rows <= 4:
+    if M == 1:
+        plan = [(16, _STREAM_GATE_UP, _TOKEN_DOWN + _STREAM_DOWN)]
+    elif rows <= 4:
         plan = [(16, _STREAM_GATE_UP, _STREAM_DOWN)]
     elif rows <= 24:
         plan = [(16, _STREAM_GATE_UP, _STREAM_DOWN), (32, _MID_GATE_UP, _MID_DOWN)]
@@ -326,8 +336,10 @@ def _tune_m(x, ids, wts, w1, w2, base, plan, reps, max_candidates, deadline, log
             if out_of_time() and best_dn[1] is not None:
                 break
 
-            def run(c=c, h=h):
-                return X.combine(down_run(c, h), ids, E, x.dtype)
+            def run(c=c, h=h, lay=layout, desc=desc):
+                if desc:
+                    return X.combine(down_run(c, h), ids, E, x.dtype)
+                return X.down_and_combine(h, w2, lay, ids, wts, {"down": c}, x.dtype)
 
             t = _time_safe(run, reps, dev)
             if t < best_dn[0] and agrees(run()):

@@ -107,16 +107,25 @@ def _desc_config(T, W, E, H, I, persistent=0, joint=0):  # noqa: E741
     return cfg
 
 
+def _token_config(T, W, E, H, I):  # noqa: E741
+    """One token's down GEMM and combine in one kernel (BLOCK_N 16 so tiles run past H)."""
+    cfg = _config(T, W, E, H, I, bn=16, bk=16)
+    cfg["down"] = dict(cfg["down"], TOKEN=1)
+    return cfg
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("T,W,E,H,I", [(1, 2, 8, 32, 48), (13, 2, 8, 32, 48), (7, 3, 3, 40, 24), (19, 5, 5, 24, 40)])
+@pytest.mark.parametrize("T,W,E,H,I", [(1, 2, 8, 32, 48), (13, 2, 8, 32, 48), (7, 3, 3, 40, 24), (19, 5, 5, 24, 40),
+                                       (1, 5, 5, 24, 40)])
 def test_fused_experts_matches_reference(T, W, E, H, I, kind, dtype, device):  # noqa: E741
     if kind == "distinct" and W > E:
         pytest.skip("more slots than experts")
     x, ids, wts, w1, w2 = _problem(T, W, E, H, I, dtype, kind, device)
     ref = _reference(x, ids, wts, w1, w2)
     for cfg in (_config(T, W, E, H, I), _config(T, W, E, H, I, block_m=32, split=3, bn=16, bk=16),
-                _desc_config(T, W, E, H, I), _desc_config(T, W, E, H, I, persistent=1, joint=1)):
+                _desc_config(T, W, E, H, I), _desc_config(T, W, E, H, I, persistent=1, joint=1),
+                _token_config(T, W, E, H, I)):
         out = X.fused_experts_impl(x, ids, wts, w1, w2, cfg)
         assert out.dtype == dtype and out.shape == x.shape
         assert torch.isfinite(out).all()
@@ -124,6 +133,24 @@ def test_fused_experts_matches_reference(T, W, E, H, I, kind, dtype, device):  #
             assert (out == 0).all()
         else:
             assert _rel(out, ref) < TOL[dtype], (cfg, _rel(out, ref))
+
+
+@pytest.mark.parametrize("fuse", [False, True], ids=["dispatched", "fused"])
+def test_token_path_is_one_launch_after_gate_up_and_leaves_no_y(fuse, device, monkeypatch):
+    """T = 1 with a TOKEN down configuration: no down / combine launch, the same result as split-K + combine."""
+    T, W, E, H, I = 1, 3, 6, 40, 56  # noqa: E741
+    x, ids, wts, w1, w2 = _problem(T, W, E, H, I, torch.float32, "distinct", device, seed=5)
+    ids[0, 1] = E  # one dropped slot
+    cfg = _token_config(T, W, E, H, I)
+    layout = X.dispatch(ids, E, cfg["BLOCK_M"], fuse=fuse)
+    assert X.token_path(layout, cfg) and not X.token_path(layout, _config(T, W, E, H, I))
+    h = X.gate_up(x, w1, layout, cfg)
+    split = X.combine(X.down(h, w2, layout, wts, _config(T, W, E, H, I, split=2, bn=16, bk=16)), ids, E, x.dtype)
+    for name in ("down", "combine"):
+        monkeypatch.setattr(X, name, lambda *a, **k: pytest.fail("the token path launched a separate kernel"))
+    out = X.down_and_combine(h, w2, layout, ids, wts, cfg, x.dtype)
+    assert out.shape == (1, H) and torch.allclose(out, split, rtol=1e-5, atol=1e-6)
+    assert _rel(out, _reference(x, ids, wts, w1, w2)) < TOL[torch.float32]
 
 
 @pytest.mark.parametrize("kind", ["random", "one_expert", "all_sentinel", "empty_expert"])

@@ -88,3 +88,22 @@ def test_tune_times_the_descriptor_path_at_large_m(tmp_path):
     ids, wts = torch.zeros(200, 1, dtype=torch.long), torch.rand(200, 1, generator=gen)
     want = X.fused_experts_impl(x, ids, wts, w1, w2, tuning.default_config(200, 1, 16, 16, 1, "cpu"))
     assert torch.allclose(X.fused_experts_impl(x, ids, wts, w1, w2, cfg), want, rtol=1e-4, atol=1e-4)
+
+
+def test_tune_at_one_token_tries_the_token_kernel(tmp_path):
+    """M = 1: the one-kernel down + combine configurations are candidates, timed with their combine."""
+    if torch.cuda.is_available():
+        pytest.skip("the CPU variant of this test; the GPU run tunes for real")
+    (bm, _, downs), = tuning.candidate_configs(1, 8, 4096, 14336, 2)
+    assert bm == 16 and downs[0].get("TOKEN") and any(not c.get("TOKEN") for c in downs)
+    assert not any(c.get("TOKEN") for p in tuning.candidate_configs(2, 8, 4096, 14336, 2) for c in p[2])
+    path = tuning.tune([(4, 32, 48, 3)], [1], dtype=torch.float32, out=tmp_path / "cpu.json", reps=1,
+                       max_candidates=1, device="cpu")
+    cfg = json.loads(path.read_text())["E=4,H=32,I=48,K=3"]["1"]
+    from moepatch.ops import experts as X
+
+    gen = torch.Generator().manual_seed(1)
+    x, w1, w2 = (torch.randn(*s, generator=gen) for s in ((1, 32), (4, 96, 32), (4, 32, 48)))
+    ids, wts = torch.tensor([[2, 0, 3]]), torch.rand(1, 3, generator=gen)
+    want = X.fused_experts_impl(x, ids, wts, w1, w2, tuning.default_config(1, 4, 32, 48, 3, "cpu"))
+    assert torch.allclose(X.fused_experts_impl(x, ids, wts, w1, w2, cfg), want, rtol=1e-4, atol=1e-5)

@@ -1,0 +1,94 @@
+"""Explore one-token decode (M = 1): split-K down + combine against the one-kernel token down.
+
+One run, on the GPU: for each shape, the shipped M = 1 configuration, then the same gate_up with
+each one-token down candidate (tuning._TOKEN_DOWN).  Every variant is checked against the
+shipped path first (rel err), then timed as a whole layer under CUDA-graph replay and eagerly,
+with its two halves (gate_up; down + combine) timed alone under graphs, and its peak extra memory.
+Table printed last; JSON in OUT.
+
+    PYTHONPATH=$PWD python3 scripts/explore_token.py --out $OUT/token
+"""
+
+from __future__ import annotations
+
+# ruff: noqa: B023  (every lambda is timed before its loop variables change)
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from moepatch.ops import experts as ex
+from moepatch.ops.tuning import _TOKEN_DOWN, PRESET_SHAPES, _time, device_key, get_config
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_kernels import capture, peak_extra_mb  # noqa: E402  (scripts/ is not a package)
+
+BW = 4.3e12
+
+
+def graph_ms(fn, reps):
+    g, _ = capture(fn)
+    return _time(g.replay, reps, torch.device("cuda"))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shapes", default=",".join(PRESET_SHAPES))
+    p.add_argument("--reps", type=int, default=50)
+    p.add_argument("--out", default="explore_token_out")
+    args = p.parse_args(argv)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dev = torch.device("cuda")
+    rows = []
+    for name in args.shapes.split(","):
+        E, H, I, K = PRESET_SHAPES[name]  # noqa: E741
+        gen = torch.Generator(device=dev).manual_seed(0)
+        w1 = torch.randn(E, 2 * I, H, device=dev, dtype=torch.bfloat16, generator=gen) * H**-0.5
+        w2 = torch.randn(E, H, I, device=dev, dtype=torch.bfloat16, generator=gen) * I**-0.5
+        x = torch.randn(1, H, device=dev, dtype=torch.bfloat16, generator=gen)
+        ids = torch.randperm(E, device=dev, generator=gen)[:K].view(1, K)
+        wts = torch.rand(1, K, device=dev, generator=gen)
+        floor = (K * 3 * H * I * 2 + 2 * H * 2) / BW * 1e3
+        base = get_config(1, E, H, I, K, device_key(dev))
+        ref = ex.fused_experts_impl(x, ids, wts, w1, w2, base).float()
+        variants = [("shipped", base)] + [(f"token bn{c['BLOCK_N']} bk{c['BLOCK_K']} w{c['num_warps']} "
+                                           f"s{c['num_stages']}", dict(base, down=c)) for c in _TOKEN_DOWN]
+        layout = ex.dispatch(ids, E, base["BLOCK_M"])
+        h = ex.gate_up(x, w1, layout, base)
+        for label, cfg in variants:
+            row = dict(shape=name, variant=label, floor_ms=floor)
+            try:
+                got = ex.fused_experts_impl(x, ids, wts, w1, w2, cfg)
+                row["rel_err"] = ((got.float() - ref).norm() / ref.norm()).item()
+                row["token_path"] = ex.token_path(layout, cfg)
+                row["graph_ms"] = graph_ms(lambda: ex.fused_experts_impl(x, ids, wts, w1, w2, cfg), args.reps)
+                row["eager_ms"] = _time(lambda: ex.fused_experts_impl(x, ids, wts, w1, w2, cfg), args.reps, dev)
+                row["gate_up_graph_ms"] = graph_ms(lambda: ex.gate_up(x, w1, layout, cfg, out=h), args.reps)
+                row["down_graph_ms"] = graph_ms(
+                    lambda: ex.down_and_combine(h, w2, layout, ids, wts, cfg, x.dtype), args.reps)
+                row["peak_mb"] = peak_extra_mb("cuda", lambda: ex.fused_experts_impl(x, ids, wts, w1, w2, cfg))
+                row["x_floor_graph"] = row["graph_ms"] / floor
+            except Exception as exc:  # an exploration reports every failure in its table
+                row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    (out_dir / "results.json").write_text(json.dumps(rows, indent=1))
+    cols = ["shape", "variant", "floor_ms", "graph_ms", "x_floor_graph", "eager_ms", "gate_up_graph_ms",
+            "down_graph_ms", "peak_mb", "rel_err", "token_path"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['shape']} | {r['variant']} | error: {r['error']} |")
+            continue
+        lines.append("| " + " | ".join(f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |")
+    table = "\n".join(lines)
+    (out_dir / "results.md").write_text(table + "\n")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
