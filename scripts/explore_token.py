@@ -54,11 +54,17 @@ def main(argv=None) -> int:
         floor = (K * 3 * H * I * 2 + 2 * H * 2) / BW * 1e3
         base = get_config(1, E, H, I, K, device_key(dev))
         ref = ex.fused_experts_impl(x, ids, wts, w1, w2, base).float()
-        variants = [("shipped", base)] + [(f"token bn{c['BLOCK_N']} bk{c['BLOCK_K']} w{c['num_warps']} "
-                                           f"s{c['num_stages']}", dict(base, down=c)) for c in _TOKEN_DOWN]
+        # (label, config, PDL): the shipped configuration without and with programmatic dependent
+        # launch (and L2 prefetch of the down weights before its wait), then the one-token downs.
+        variants = [("shipped", base, False), ("shipped pdl", base, True)]
+        variants += [(f"shipped pdl prefetch {n}", dict(base, down=dict(base["down"], PREFETCH=n)), True)
+                     for n in (2, 8)]
+        variants += [(f"token bn{c['BLOCK_N']} bk{c['BLOCK_K']} w{c['num_warps']} s{c['num_stages']}{' pdl' * pdl}",
+                      dict(base, down=c), pdl) for c in _TOKEN_DOWN[:4] for pdl in (False, True)]
         layout = ex.dispatch(ids, E, base["BLOCK_M"])
         h = ex.gate_up(x, w1, layout, base)
-        for label, cfg in variants:
+        for label, cfg, pdl in variants:
+            ex.PDL = pdl
             row = dict(shape=name, variant=label, floor_ms=floor)
             try:
                 got = ex.fused_experts_impl(x, ids, wts, w1, w2, cfg)

@@ -23,6 +23,7 @@ grouped_mm, which holds the gathered inputs, the (P, 2I) projection and its acti
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 
 import torch
@@ -86,13 +87,30 @@ class DispatchLayout:
 _STAGES_THAT_FIT: dict = {}
 
 
-def _launch(kernel, grid, args, constexprs: dict, num_warps: int, num_stages: int):
+# Programmatic dependent launch between the pointer path's kernels (gemm_kernels.py, "PDL"): on for
+# Hopper and later unless MOEPATCH_PDL=0.  Never under the interpreter (the calls are inline PTX).
+PDL = os.environ.get("MOEPATCH_PDL", "1") != "0"
+
+
+@functools.cache
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def use_pdl(device: torch.device) -> bool:
+    if not PDL or device.type != "cuda":
+        return False
+    return _capability(device.index if device.index is not None else torch.cuda.current_device())[0] >= 9
+
+
+def _launch(kernel, grid, args, constexprs: dict, num_warps: int, num_stages: int, pdl: bool = False):
     """Launch ``kernel``; if this GPU lacks the shared memory for ``num_stages``, retry with fewer.
 
     The shipped tables target the H200 (227 KiB of shared memory per block); smaller GPUs get the
     deepest pipeline that compiles instead of an error.  Only the first launch of a configuration
     can fail that way, so the retry never happens inside a captured CUDA graph's replay.
     """
+    extra = {"launch_pdl": True} if pdl else {}
     stages = num_stages
     key = None
     if _STAGES_THAT_FIT:  # empty unless a configuration ever failed: no key to build on the fast path
@@ -100,7 +118,7 @@ def _launch(kernel, grid, args, constexprs: dict, num_warps: int, num_stages: in
         stages = min(num_stages, _STAGES_THAT_FIT.get(key, num_stages))
     while True:
         try:
-            kernel[grid](*args, **constexprs, num_warps=num_warps, num_stages=stages)
+            kernel[grid](*args, **constexprs, num_warps=num_warps, num_stages=stages, **extra)
             return
         except OutOfResources:
             if stages <= 1:
@@ -206,7 +224,7 @@ def gate_up(x_TH: torch.Tensor, gate_up_EIH: torch.Tensor, layout: DispatchLayou
              layout.num_pairs, layout.width, E, I, H, num_m,
              x_TH.stride(0), x_TH.stride(1), gate_up_EIH.stride(0), gate_up_EIH.stride(1), gate_up_EIH.stride(2),
              h_RI.stride(0)),
-            _pointer_constexprs(layout, c, E, H, x_TH.dtype),
+            dict(_pointer_constexprs(layout, c, E, H, x_TH.dtype), PDL=use_pdl(x_TH.device)),
             c["num_warps"], c["num_stages"])
     return h_RI
 
@@ -226,14 +244,16 @@ def down(h_RI: torch.Tensor, down_EHI: torch.Tensor, layout: DispatchLayout, wei
         return y_SPH
     k_per_split = _cdiv(_cdiv(I, split), c["BLOCK_K"]) * c["BLOCK_K"]
     num_m = layout.rows // layout.block_m
+    pdl = use_pdl(h_RI.device)
     grid = (num_m * _cdiv(H, c["BLOCK_N"]), split)
     _launch(_down_kernel, grid,
             (h_RI, down_EHI, y_SPH, *layout.kernel_args(), weights_TW.reshape(-1),
              layout.num_pairs, E, H, I, num_m, k_per_split,
              h_RI.stride(0), down_EHI.stride(0), down_EHI.stride(1), down_EHI.stride(2), y_SPH.stride(0),
              y_SPH.stride(1)),
-            _pointer_constexprs(layout, c, E, I, h_RI.dtype),
-            c["num_warps"], c["num_stages"])
+            dict(_pointer_constexprs(layout, c, E, I, h_RI.dtype), PDL=pdl,
+                 PREFETCH=int(c.get("PREFETCH", 0)) if pdl else 0),
+            c["num_warps"], c["num_stages"], pdl=pdl)
     return y_SPH
 
 
@@ -335,9 +355,10 @@ def combine(y_SPH: torch.Tensor, ids_TW: torch.Tensor, num_experts: int, out_dty
     if T == 0:
         return out_TH
     block_n = min(512, _pow2(H))
-    _combine_kernel[(T, _cdiv(H, block_n))](
-        y_SPH, ids_TW.reshape(-1), out_TH, W, num_experts, H, S, y_SPH.stride(0), y_SPH.stride(1),
-        out_TH.stride(0), BLOCK_N=block_n, num_warps=4)
+    pdl = use_pdl(y_SPH.device)
+    _launch(_combine_kernel, (T, _cdiv(H, block_n)),
+            (y_SPH, ids_TW.reshape(-1), out_TH, W, num_experts, H, S, y_SPH.stride(0), y_SPH.stride(1),
+             out_TH.stride(0)), dict(BLOCK_N=block_n, PDL=pdl), 4, 1, pdl=pdl)
     return out_TH
 
 
@@ -352,13 +373,14 @@ def down_token(h_RI: torch.Tensor, down_EHI: torch.Tensor, ids_TW: torch.Tensor,
     E, H, I = down_EHI.shape  # noqa: E741
     W = ids_TW.shape[1]
     c = config["down"]
+    pdl = use_pdl(h_RI.device)
     out_TH = torch.empty(1, H, device=h_RI.device, dtype=out_dtype)
     _launch(_down_token_kernel, (_cdiv(H, c["BLOCK_N"]),),
             (h_RI, down_EHI, out_TH, ids_TW, weights_TW, W, E, H, I,
              h_RI.stride(0), down_EHI.stride(0), down_EHI.stride(1), down_EHI.stride(2)),
             dict(BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"], W_PAD=_pow2(W), EVEN_K=I % c["BLOCK_K"] == 0,
-                 PRECISION=_precision(h_RI.dtype)),
-            c["num_warps"], c["num_stages"])
+                 PRECISION=_precision(h_RI.dtype), PDL=pdl),
+            c["num_warps"], c["num_stages"], pdl=pdl)
     return out_TH
 
 

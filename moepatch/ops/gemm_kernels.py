@@ -30,6 +30,14 @@ slower under CUDA graphs on the H200 and the padded rows still stay below groupe
 (The descriptor GEMMs of tma_kernels.py need row-contiguous tiles and keep h by dispatch row; they
 run at large M where padding is <= 3 %.)
 
+PDL (programmatic dependent launch, Hopper): gate_up lets the next grid launch as soon as all its
+programs are running; down (launched with ``launch_pdl``) streams the first PREFETCH K blocks of
+its weight slice into L2 and only then waits for gate_up to finish (``gdc_wait``) before reading
+h, and likewise lets the combine launch early.  The next kernel's launch and its first weight
+reads overlap the previous kernel's tail, which matters at M = 1 where the layer is ~0.18 ms.
+Only h and y are produced by the previous grid; ids, weights and routing weights were written
+before gate_up started.  Off under the interpreter (the calls are inline PTX).
+
 FUSED (small P, decode): there is no dispatch launch.  Every GEMM program reads the P slot ids
 itself and computes the same layout the dispatch kernel would write (per-expert counts padded
 to BLOCK_M, the expert of its row block, and the pairs of its rows in ascending order): a
@@ -41,6 +49,7 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 
 @triton.jit
@@ -107,8 +116,11 @@ def _gate_up_kernel(x_ptr, w1_ptr, h_ptr, ids_ptr, sorted_ptr, start_ptr,
                     stride_xt, stride_xk, stride_we, stride_wn, stride_wk, stride_hr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                     E_PAD: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
-                    FUSED: tl.constexpr, P_PAD: tl.constexpr, H_BY_PAIR: tl.constexpr):
+                    FUSED: tl.constexpr, P_PAD: tl.constexpr, H_BY_PAIR: tl.constexpr, PDL: tl.constexpr = False,
+                    PREFETCH: tl.constexpr = 0):
     """N = I (outputs per half), K = H."""
+    if PDL:
+        gdc_launch_dependents()
     pid = tl.program_id(0)
     pid_m, pid_n = _block_coords(pid, num_m, tl.cdiv(N, BLOCK_N), GROUP_M)
     row0 = pid_m * BLOCK_M
@@ -160,7 +172,8 @@ def _down_kernel(h_ptr, w2_ptr, y_ptr, ids_ptr, sorted_ptr, start_ptr, weights_p
                  stride_hr, stride_we, stride_wn, stride_wk, stride_ys, stride_yp,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                  E_PAD: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
-                 FUSED: tl.constexpr, P_PAD: tl.constexpr, H_BY_PAIR: tl.constexpr):
+                 FUSED: tl.constexpr, P_PAD: tl.constexpr, H_BY_PAIR: tl.constexpr, PDL: tl.constexpr = False,
+                 PREFETCH: tl.constexpr = 0):
     """N = H, K = I; program_id(1) is the split-K part, covering [s * k_per_split, (s + 1) * k_per_split)."""
     pid = tl.program_id(0)
     split = tl.program_id(1)
@@ -182,6 +195,13 @@ def _down_kernel(h_ptr, w2_ptr, y_ptr, ids_ptr, sorted_ptr, start_ptr, weights_p
     h_row = tl.where(row_ok, pair, 0) if H_BY_PAIR else row0 + tl.arange(0, BLOCK_M)
     a_ptrs = h_ptr + h_row[:, None].to(tl.int64) * stride_hr + offs_k[None, :]
     b_ptrs = w2_ptr + e * stride_we + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None] * stride_wk
+    if PDL:  # weights first (they do not depend on gate_up), then wait for h
+        if PREFETCH > 0:
+            rows_n = tl.minimum(offs_n, N - 1).to(tl.int64)
+            _prefetch_rows_l2(w2_ptr + e * stride_we + rows_n * stride_wn + k_lo * stride_wk, K - 1 - k_lo,
+                              PREFETCH * BLOCK_K)
+        gdc_wait()
+        gdc_launch_dependents()
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
@@ -204,8 +224,19 @@ def _down_kernel(h_ptr, w2_ptr, y_ptr, ids_ptr, sorted_ptr, start_ptr, weights_p
 
 
 @triton.jit
+def _prefetch_rows_l2(row_ptrs, last, LENGTH: tl.constexpr):
+    """Ask L2 for the first LENGTH (2-byte) elements, at most last + 1, of each row: a prefetch per 128-byte line."""
+    lines = tl.minimum(tl.arange(0, LENGTH // 64) * 64, last)
+    ptrs = row_ptrs[:, None] + lines[None, :]
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
+                              is_pure=False, pack=1)
+
+
+@triton.jit
 def _combine_kernel(y_ptr, ids_ptr, out_ptr, W, E, N, S, stride_ys, stride_yp, stride_ot,
-                    BLOCK_N: tl.constexpr):
+                    BLOCK_N: tl.constexpr, PDL: tl.constexpr = False):
+    if PDL:
+        gdc_wait()
     t = tl.program_id(0).to(tl.int64)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
@@ -226,7 +257,7 @@ def _combine_kernel(y_ptr, ids_ptr, out_ptr, W, E, N, S, stride_ys, stride_yp, s
 def _down_token_kernel(h_ptr, w2_ptr, out_ptr, ids_ptr, weights_ptr, W, E, N, K,
                        stride_hr, stride_we, stride_wn, stride_wk,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, W_PAD: tl.constexpr, EVEN_K: tl.constexpr,
-                       PRECISION: tl.constexpr):
+                       PRECISION: tl.constexpr, PDL: tl.constexpr = False):
     """N = H, K = I; h has one row per slot of the single token (h by pair).
 
     The product is a 16-row tl.dot whose row 0 is the token (the tensor cores need 16 rows; the
@@ -243,6 +274,8 @@ def _down_token_kernel(h_ptr, w2_ptr, out_ptr, ids_ptr, weights_ptr, W, E, N, K,
     ids_w = tl.load(ids_ptr + w_x, mask=w_x < W, other=-1).to(tl.int64)
     wts_w = tl.load(weights_ptr + w_x, mask=w_x < W, other=0.0).to(tl.float32)
     nk = tl.cdiv(K, BLOCK_K)
+    if PDL:
+        gdc_wait()
 
     acc = tl.zeros([16, BLOCK_N], dtype=tl.float32)
     total = tl.zeros([16, BLOCK_N], dtype=tl.float32)

@@ -1,0 +1,101 @@
+"""Where the capacity-aware block's extra time goes at large M (H200): routes timed alone, and a profile.
+
+For each (shape, M): the Token Drop routing (γ = 1.5, score) timed under CUDA-graph replay with the
+pairs sorted by expert first (routing_kernels.SORTED_MIN_PAIRS, the default) and with every program
+scanning the whole group (the path before), the dispatch alone, and then one eager call of the
+patched block with and without capacity under torch.profiler: the kernels that take the time.
+
+    PYTHONPATH=$PWD python3 scripts/profile_route.py --out $OUT/route
+"""
+
+from __future__ import annotations
+
+# ruff: noqa: B023  (every lambda is timed before its loop variables change)
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+import moepatch
+from moepatch.ops import experts as ex
+from moepatch.ops import routing_kernels as rk
+from moepatch.ops.routing import route_sync_free
+from moepatch.ops.tuning import _time
+from moepatch.patch.registry import family_for
+from moepatch.routing import make_config
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_kernels import SHAPES, _Holder, build_block, capture  # noqa: E402  (scripts/ is not a package)
+
+
+def graph_ms(fn, reps=30):
+    g, _ = capture(fn)
+    return _time(g.replay, reps, torch.device("cuda"))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--cases", default="qwen3_30b_a3b:1024,qwen3_30b_a3b:16384,olmoe:16384,mixtral:16384")
+    p.add_argument("--out", default="profile_route_out")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    lines = []
+
+    def log(s=""):
+        print(s, flush=True)
+        lines.append(s)
+
+    for case in args.cases.split(","):
+        name, M = case.split(":")
+        M = int(M)
+        shape = SHAPES[name]
+        block, cfg = build_block(shape, torch.bfloat16, "cuda")
+        holder = _Holder(block, cfg)
+        scoring = family_for(holder).scoring(block.gate)
+        E = shape["E"]
+        x = torch.randn(M, shape["H"], device="cuda", dtype=torch.bfloat16)
+        with torch.no_grad():
+            logits, w, ids = block.gate(x)
+            scores = scoring.scores(logits)
+            factor = scoring.factor(scores, ids)
+            rcfg = make_config(1.5, "drop", num_experts=E, collect_stats=False)
+
+            def route():
+                return route_sync_free(rcfg, scores, ids, w, factor, batch=1, seq=M).topk_ids_TW
+
+            want = route()
+            t_sorted = graph_ms(route)
+            saved = rk.SORTED_MIN_PAIRS
+            rk.SORTED_MIN_PAIRS = 1 << 62
+            same = bool(torch.equal(route(), want))
+            t_scan = graph_ms(route)
+            rk.SORTED_MIN_PAIRS = saved
+            t_disp = graph_ms(lambda: ex.dispatch(ids, E, 1, fuse=False).sorted_pairs_R)
+            loads = torch.bincount(ids.flatten(), minlength=E)
+            log(f"[{name} M={M}] route sorted {t_sorted * 1e3:.1f} us, scan {t_scan * 1e3:.1f} us (same pairs: "
+                f"{same}), dispatch(block 1) {t_disp * 1e3:.1f} us; load max {int(loads.max())} mean "
+                f"{loads.float().mean():.0f}, dropped {int((want >= E).sum())} of {ids.numel()}")
+            xb = x.view(1, M, -1)
+            for gamma in (None, 1.5):
+                with moepatch.patched(holder, gamma, kernel="triton", collect_stats=False):
+                    for _ in range(2):
+                        block(xb)
+                    torch.cuda.synchronize()
+                    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                        block(xb)
+                        torch.cuda.synchronize()
+                log(f"  block γ={gamma}: top kernels")
+                table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=12,
+                                                  max_name_column_width=60)
+                for line in table.splitlines():
+                    log("    " + line[:150])
+        del block, holder
+        torch.cuda.empty_cache()
+    (out / "profile.txt").write_text("\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
