@@ -11,13 +11,14 @@ Layout produced (every size is a function of P, E and BLOCK_M only, so it is sta
 R is bounded by P + min(E, P) * (BLOCK_M - 1): every expert with pairs wastes at most BLOCK_M - 1 rows.
 
 Two kernels, both deterministic (no atomics, pairs keep their order inside an expert):
-    _dispatch_count_kernel: pairs per (chunk, expert); the host then takes their running sum over
-        chunks (one torch.cumsum), so a chunk's offsets are one row of it.
-    _dispatch_scatter_kernel: every program reads the expert totals and its chunk's offsets (2·E
-        integers), writes the padding sentinels of its slice of rows and the rows of its own chunk.
-        With one chunk (decode, small prefill) it counts by itself: one launch.
-(Until 2026-11-29 each scatter program summed the count rows of all earlier chunks: C²·E reads in
-all, 2 GB from L2 at 131072 pairs over 128 experts, where chunks are 64 pairs.)
+    _dispatch_count_kernel: pairs per (chunk, expert).
+    _dispatch_scatter_kernel: every program sums the count rows of the chunks before its own and
+        of all chunks (cheap: C * E integers), writes the padding sentinels of its slice of rows and
+        the rows of its own chunk.  With one chunk (decode, small prefill) it counts by itself: one launch.
+A chunk is SUBS sub-blocks of BLOCK_P pairs (BLOCK_P x E_PAD one-hot tiles in registers), walked in
+order with a running count per expert, so the number of chunks stays at most MAX_CHUNKS whatever P:
+the C^2 * E count reads stay a few MB.  (With one 64-pair chunk per program at 131072 pairs over 128
+experts, those reads were 2 GB and the dispatch took 0.45 ms on an H200.)
 """
 
 from __future__ import annotations
@@ -25,37 +26,55 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+MAX_CHUNKS = 128
+
 
 @triton.jit
-def _dispatch_count_kernel(ids_ptr, counts_ptr, P, E, BLOCK_P: tl.constexpr, E_PAD: tl.constexpr):
-    pid = tl.program_id(0)
-    offs_p = pid * BLOCK_P + tl.arange(0, BLOCK_P)
+def _onehot(ids_ptr, p0, P, E, BLOCK_P: tl.constexpr, E_PAD: tl.constexpr):
+    """(pair numbers, (BLOCK_P, E_PAD) int32 one-hot of their experts) of the sub-block at p0."""
+    offs_p = p0 + tl.arange(0, BLOCK_P)
     e_x = tl.arange(0, E_PAD)
     ids = tl.load(ids_ptr + offs_p, mask=offs_p < P, other=-1).to(tl.int32)
-    onehot = (ids[:, None] == e_x[None, :]) & (e_x[None, :] < E)
-    tl.store(counts_ptr + pid * E + e_x, tl.sum(onehot.to(tl.int32), axis=0), mask=e_x < E)
+    return offs_p, ((ids[:, None] == e_x[None, :]) & (e_x[None, :] < E)).to(tl.int32)
 
 
 @triton.jit
-def _dispatch_scatter_kernel(ids_ptr, cum_ptr, sorted_ptr, start_ptr, P, E, R, num_chunks, rows_per_program,
+def _dispatch_count_kernel(ids_ptr, counts_ptr, P, E, BLOCK_P: tl.constexpr, E_PAD: tl.constexpr,
+                           SUBS: tl.constexpr):
+    pid = tl.program_id(0)
+    e_x = tl.arange(0, E_PAD)
+    total = tl.zeros([E_PAD], dtype=tl.int32)
+    for sub in range(SUBS):
+        _, onehot = _onehot(ids_ptr, (pid * SUBS + sub) * BLOCK_P, P, E, BLOCK_P, E_PAD)
+        total += tl.sum(onehot, axis=0)
+    tl.store(counts_ptr + pid * E + e_x, total, mask=e_x < E)
+
+
+@triton.jit
+def _dispatch_scatter_kernel(ids_ptr, counts_ptr, sorted_ptr, start_ptr, P, E, R, num_chunks, rows_per_program,
                              BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, E_PAD: tl.constexpr,
-                             BLOCK_R: tl.constexpr, SINGLE: tl.constexpr):
-    """cum_ptr: (C, E) running sums over chunks of the pairs per expert (unused when SINGLE)."""
+                             BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, SINGLE: tl.constexpr,
+                             SUBS: tl.constexpr):
     pid = tl.program_id(0)
     e_x = tl.arange(0, E_PAD)
     e_ok = e_x < E
-    offs_p = pid * BLOCK_P + tl.arange(0, BLOCK_P)
-    ids = tl.load(ids_ptr + offs_p, mask=offs_p < P, other=-1).to(tl.int32)
-    onehot = ((ids[:, None] == e_x[None, :]) & e_ok[None, :]).to(tl.int32)  # (BLOCK_P, E_PAD)
 
     # Pairs per expert over all chunks, and over the chunks before this one.
     if SINGLE:
-        total_e = tl.sum(onehot, axis=0)
+        total_e = tl.zeros([E_PAD], dtype=tl.int32)
+        for sub in range(SUBS):
+            _, onehot = _onehot(ids_ptr, sub * BLOCK_P, P, E, BLOCK_P, E_PAD)
+            total_e += tl.sum(onehot, axis=0)
         before_e = tl.zeros([E_PAD], dtype=tl.int32)
     else:
-        total_e = tl.load(cum_ptr + (num_chunks - 1) * E + e_x, mask=e_ok, other=0)
-        # (the chunk test is broadcast first: the interpreter rejects a mask built with a scalar)
-        before_e = tl.load(cum_ptr + (pid - 1) * E + e_x, mask=e_ok & ((e_x * 0 + pid) > 0), other=0)
+        total_e = tl.zeros([E_PAD], dtype=tl.int32)
+        before_e = tl.zeros([E_PAD], dtype=tl.int32)
+        for c0 in range(0, num_chunks, BLOCK_C):
+            c_x = c0 + tl.arange(0, BLOCK_C)
+            cnt = tl.load(counts_ptr + c_x[:, None] * E + e_x[None, :],
+                          mask=(c_x[:, None] < num_chunks) & e_ok[None, :], other=0)
+            total_e += tl.sum(cnt, axis=0)
+            before_e += tl.sum(tl.where(c_x[:, None] < pid, cnt, 0), axis=0)
 
     padded_e = (total_e + BLOCK_M - 1) // BLOCK_M * BLOCK_M
     end_e = tl.cumsum(padded_e, axis=0)
@@ -78,8 +97,13 @@ def _dispatch_scatter_kernel(ids_ptr, cum_ptr, sorted_ptr, start_ptr, P, E, R, n
         row_end = tl.minimum((pid + 1) * rows_per_program, R)
         tl.store(sorted_ptr + r_x, tl.full([BLOCK_R], 0, tl.int32) + P, mask=pad & (r_x < row_end))
 
-    # Rows of this chunk's pairs: expert start + pairs of earlier chunks + rank inside the chunk.
-    rank = tl.sum((tl.cumsum(onehot, axis=0) - onehot) * onehot, axis=1)
-    base = tl.sum(onehot * (start_e + before_e)[None, :], axis=1)
-    valid = tl.sum(onehot, axis=1) > 0
-    tl.store(sorted_ptr + base + rank, offs_p.to(tl.int32), mask=valid)
+    # Rows of this chunk's pairs, sub-block by sub-block: expert start + pairs of earlier chunks and
+    # sub-blocks + rank inside the sub-block.
+    base_e = start_e + before_e
+    for sub in range(SUBS):
+        offs_p, onehot = _onehot(ids_ptr, (pid * SUBS + sub) * BLOCK_P, P, E, BLOCK_P, E_PAD)
+        rank = tl.sum((tl.cumsum(onehot, axis=0) - onehot) * onehot, axis=1)
+        base = tl.sum(onehot * base_e[None, :], axis=1)
+        valid = tl.sum(onehot, axis=1) > 0
+        tl.store(sorted_ptr + base + rank, offs_p.to(tl.int32), mask=valid)
+        base_e += tl.sum(onehot, axis=0)

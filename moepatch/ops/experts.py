@@ -30,6 +30,7 @@ import torch
 from triton.runtime.errors import OutOfResources
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from . import dispatch_kernels
 from .dispatch_kernels import _dispatch_count_kernel, _dispatch_scatter_kernel
 from .gemm_kernels import _combine_kernel, _down_kernel, _down_token_kernel, _gate_up_kernel
 from .tma_kernels import _down_desc_kernel, _gate_up_desc_kernel, _gather_rows_kernel
@@ -176,17 +177,19 @@ def dispatch(ids_TW: torch.Tensor, num_experts: int, block_m: int, fuse: bool | 
         return DispatchLayout(sorted_R, start_E1, P, W, E, block_m, R)
     e_pad = _pow2(E)
     block_p = max(16, min(1024, 8192 // e_pad))
-    chunks = _cdiv(P, block_p)
+    subs = 1  # sub-blocks per chunk: at most MAX_CHUNKS chunks (see dispatch_kernels.py)
+    while block_p * subs * dispatch_kernels.MAX_CHUNKS < P:
+        subs *= 2
+    chunks = _cdiv(P, block_p * subs)
     single = chunks == 1
-    # One chunk: the scatter kernel counts by itself and never reads `cum` (any int32 buffer will do).
-    cum = sorted_R
+    # One chunk: the scatter kernel counts by itself and never reads `counts` (any int32 buffer will do).
+    counts = sorted_R if single else torch.empty(chunks, E, dtype=torch.int32, device=ids_TW.device)
     if not single:
-        counts = torch.empty(chunks, E, dtype=torch.int32, device=ids_TW.device)
-        _dispatch_count_kernel[(chunks,)](ids_P, counts, P, E, BLOCK_P=block_p, E_PAD=e_pad)
-        cum = torch.cumsum(counts, dim=0, dtype=torch.int32)
+        _dispatch_count_kernel[(chunks,)](ids_P, counts, P, E, BLOCK_P=block_p, E_PAD=e_pad, SUBS=subs)
     _dispatch_scatter_kernel[(chunks,)](
-        ids_P, cum, sorted_R, start_E1, P, E, R, chunks, _cdiv(R, chunks),
-        BLOCK_M=block_m, BLOCK_P=block_p, E_PAD=e_pad, BLOCK_R=max(16, min(1024, 8192 // e_pad)), SINGLE=single)
+        ids_P, counts, sorted_R, start_E1, P, E, R, chunks, _cdiv(R, chunks),
+        BLOCK_M=block_m, BLOCK_P=block_p, E_PAD=e_pad, BLOCK_C=max(1, min(64, 4096 // e_pad)),
+        BLOCK_R=max(16, min(1024, 8192 // e_pad)), SINGLE=single, SUBS=subs)
     return DispatchLayout(sorted_R, start_E1, P, W, E, block_m, R)
 
 
@@ -224,7 +227,7 @@ def gate_up(x_TH: torch.Tensor, gate_up_EIH: torch.Tensor, layout: DispatchLayou
              layout.num_pairs, layout.width, E, I, H, num_m,
              x_TH.stride(0), x_TH.stride(1), gate_up_EIH.stride(0), gate_up_EIH.stride(1), gate_up_EIH.stride(2),
              h_RI.stride(0)),
-            dict(_pointer_constexprs(layout, c, E, H, x_TH.dtype), PDL=use_pdl(x_TH.device)),
+            dict(_pointer_constexprs(layout, c, E, H, x_TH.dtype), PDL=layout.fused and use_pdl(x_TH.device)),
             c["num_warps"], c["num_stages"])
     return h_RI
 
@@ -244,15 +247,14 @@ def down(h_RI: torch.Tensor, down_EHI: torch.Tensor, layout: DispatchLayout, wei
         return y_SPH
     k_per_split = _cdiv(_cdiv(I, split), c["BLOCK_K"]) * c["BLOCK_K"]
     num_m = layout.rows // layout.block_m
-    pdl = use_pdl(h_RI.device)
+    pdl = layout.fused and use_pdl(h_RI.device)
     grid = (num_m * _cdiv(H, c["BLOCK_N"]), split)
     _launch(_down_kernel, grid,
             (h_RI, down_EHI, y_SPH, *layout.kernel_args(), weights_TW.reshape(-1),
              layout.num_pairs, E, H, I, num_m, k_per_split,
              h_RI.stride(0), down_EHI.stride(0), down_EHI.stride(1), down_EHI.stride(2), y_SPH.stride(0),
              y_SPH.stride(1)),
-            dict(_pointer_constexprs(layout, c, E, I, h_RI.dtype), PDL=pdl,
-                 PREFETCH=int(c.get("PREFETCH", 0)) if pdl else 0),
+            dict(_pointer_constexprs(layout, c, E, I, h_RI.dtype), PDL=pdl),
             c["num_warps"], c["num_stages"], pdl=pdl)
     return y_SPH
 
@@ -347,15 +349,19 @@ def down_desc(h_RI: torch.Tensor, down_EHI: torch.Tensor, layout: DispatchLayout
     return y_SPH
 
 
-def combine(y_SPH: torch.Tensor, ids_TW: torch.Tensor, num_experts: int, out_dtype: torch.dtype) -> torch.Tensor:
-    """out_TH[t] = fixed-order fp32 sum of the token's kept rows of y_SPH (0 when none is kept)."""
+def combine(y_SPH: torch.Tensor, ids_TW: torch.Tensor, num_experts: int, out_dtype: torch.dtype,
+            pdl: bool = False) -> torch.Tensor:
+    """out_TH[t] = fixed-order fp32 sum of the token's kept rows of y_SPH (0 when none is kept).
+
+    pdl: launched as a programmatic dependent of the down GEMM (see gemm_kernels.py; CUDA only).
+    """
     T, W = ids_TW.shape
     S, _, H = y_SPH.shape
     out_TH = torch.empty(T, H, device=y_SPH.device, dtype=out_dtype)
     if T == 0:
         return out_TH
     block_n = min(512, _pow2(H))
-    pdl = use_pdl(y_SPH.device)
+    pdl = pdl and use_pdl(y_SPH.device)
     _launch(_combine_kernel, (T, _cdiv(H, block_n)),
             (y_SPH, ids_TW.reshape(-1), out_TH, W, num_experts, H, S, y_SPH.stride(0), y_SPH.stride(1),
              out_TH.stride(0)), dict(BLOCK_N=block_n, PDL=pdl), 4, 1, pdl=pdl)
@@ -368,12 +374,15 @@ def token_path(layout: DispatchLayout, config: dict) -> bool:
 
 
 def down_token(h_RI: torch.Tensor, down_EHI: torch.Tensor, ids_TW: torch.Tensor, weights_TW: torch.Tensor,
-               config: dict, out_dtype: torch.dtype) -> torch.Tensor:
-    """:func:`down` and :func:`combine` in one launch for a single token (h by pair); returns (1, H)."""
+               config: dict, out_dtype: torch.dtype, fused: bool = False) -> torch.Tensor:
+    """:func:`down` and :func:`combine` in one launch for a single token (h by pair); returns (1, H).
+
+    fused: h came from a fused-layout gate_up (then launched as its programmatic dependent on CUDA).
+    """
     E, H, I = down_EHI.shape  # noqa: E741
     W = ids_TW.shape[1]
     c = config["down"]
-    pdl = use_pdl(h_RI.device)
+    pdl = fused and use_pdl(h_RI.device)
     out_TH = torch.empty(1, H, device=h_RI.device, dtype=out_dtype)
     _launch(_down_token_kernel, (_cdiv(H, c["BLOCK_N"]),),
             (h_RI, down_EHI, out_TH, ids_TW, weights_TW, W, E, H, I,
@@ -388,8 +397,9 @@ def down_and_combine(h_RI: torch.Tensor, down_EHI: torch.Tensor, layout: Dispatc
                      weights_TW: torch.Tensor, config: dict, out_dtype: torch.dtype) -> torch.Tensor:
     """The pointer path's down GEMM and combine: (T, H) in ``out_dtype``."""
     if token_path(layout, config):
-        return down_token(h_RI, down_EHI, ids_TW, weights_TW, config, out_dtype)
-    return combine(down(h_RI, down_EHI, layout, weights_TW, config), ids_TW, layout.num_experts, out_dtype)
+        return down_token(h_RI, down_EHI, ids_TW, weights_TW, config, out_dtype, fused=layout.fused)
+    return combine(down(h_RI, down_EHI, layout, weights_TW, config), ids_TW, layout.num_experts, out_dtype,
+                   pdl=layout.fused)
 
 
 def config_for(x_TH: torch.Tensor, ids_TW: torch.Tensor, gate_up_EIH: torch.Tensor) -> dict:

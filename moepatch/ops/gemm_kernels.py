@@ -30,13 +30,13 @@ slower under CUDA graphs on the H200 and the padded rows still stay below groupe
 (The descriptor GEMMs of tma_kernels.py need row-contiguous tiles and keep h by dispatch row; they
 run at large M where padding is <= 3 %.)
 
-PDL (programmatic dependent launch, Hopper): gate_up lets the next grid launch as soon as all its
-programs are running; down (launched with ``launch_pdl``) streams the first PREFETCH K blocks of
-its weight slice into L2 and only then waits for gate_up to finish (``gdc_wait``) before reading
-h, and likewise lets the combine launch early.  The next kernel's launch and its first weight
-reads overlap the previous kernel's tail, which matters at M = 1 where the layer is ~0.18 ms.
-Only h and y are produced by the previous grid; ids, weights and routing weights were written
-before gate_up started.  Off under the interpreter (the calls are inline PTX).
+PDL (programmatic dependent launch, Hopper; fused layouts only): gate_up lets the next grid launch
+as soon as all its programs are running; down and the combine (launched with ``launch_pdl``) wait
+for the previous grid (``gdc_wait``) before reading h / y.  The next kernel's launch overlaps the
+previous one's tail: 5-10 % of a decode step of the 64/128-expert layers at M = 1 on an H200, where
+the layer is ~45 us; nothing measurable on Mixtral's 0.18 ms.  Only h and y are produced by the
+previous grid; ids and routing weights were written before gate_up started.  Off under the
+interpreter (the calls are inline PTX).
 
 FUSED (small P, decode): there is no dispatch launch.  Every GEMM program reads the P slot ids
 itself and computes the same layout the dispatch kernel would write (per-expert counts padded
@@ -116,8 +116,7 @@ def _gate_up_kernel(x_ptr, w1_ptr, h_ptr, ids_ptr, sorted_ptr, start_ptr,
                     stride_xt, stride_xk, stride_we, stride_wn, stride_wk, stride_hr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                     E_PAD: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
-                    FUSED: tl.constexpr, P_PAD: tl.constexpr, H_BY_PAIR: tl.constexpr, PDL: tl.constexpr = False,
-                    PREFETCH: tl.constexpr = 0):
+                    FUSED: tl.constexpr, P_PAD: tl.constexpr, H_BY_PAIR: tl.constexpr, PDL: tl.constexpr = False):
     """N = I (outputs per half), K = H."""
     if PDL:
         gdc_launch_dependents()
@@ -172,8 +171,7 @@ def _down_kernel(h_ptr, w2_ptr, y_ptr, ids_ptr, sorted_ptr, start_ptr, weights_p
                  stride_hr, stride_we, stride_wn, stride_wk, stride_ys, stride_yp,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                  E_PAD: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
-                 FUSED: tl.constexpr, P_PAD: tl.constexpr, H_BY_PAIR: tl.constexpr, PDL: tl.constexpr = False,
-                 PREFETCH: tl.constexpr = 0):
+                 FUSED: tl.constexpr, P_PAD: tl.constexpr, H_BY_PAIR: tl.constexpr, PDL: tl.constexpr = False):
     """N = H, K = I; program_id(1) is the split-K part, covering [s * k_per_split, (s + 1) * k_per_split)."""
     pid = tl.program_id(0)
     split = tl.program_id(1)
@@ -195,11 +193,7 @@ def _down_kernel(h_ptr, w2_ptr, y_ptr, ids_ptr, sorted_ptr, start_ptr, weights_p
     h_row = tl.where(row_ok, pair, 0) if H_BY_PAIR else row0 + tl.arange(0, BLOCK_M)
     a_ptrs = h_ptr + h_row[:, None].to(tl.int64) * stride_hr + offs_k[None, :]
     b_ptrs = w2_ptr + e * stride_we + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None] * stride_wk
-    if PDL:  # weights first (they do not depend on gate_up), then wait for h
-        if PREFETCH > 0:
-            rows_n = tl.minimum(offs_n, N - 1).to(tl.int64)
-            _prefetch_rows_l2(w2_ptr + e * stride_we + rows_n * stride_wn + k_lo * stride_wk, K - 1 - k_lo,
-                              PREFETCH * BLOCK_K)
+    if PDL:  # h comes from gate_up: wait for it; let the combine launch
         gdc_wait()
         gdc_launch_dependents()
 
@@ -221,15 +215,6 @@ def _down_kernel(h_ptr, w2_ptr, y_ptr, ids_ptr, sorted_ptr, start_ptr, weights_p
     acc = acc * w[:, None]
     y_ptrs = y_ptr + split.to(tl.int64) * stride_ys + pair[:, None].to(tl.int64) * stride_yp + offs_n[None, :]
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
-
-
-@triton.jit
-def _prefetch_rows_l2(row_ptrs, last, LENGTH: tl.constexpr):
-    """Ask L2 for the first LENGTH (2-byte) elements, at most last + 1, of each row: a prefetch per 128-byte line."""
-    lines = tl.minimum(tl.arange(0, LENGTH // 64) * 64, last)
-    ptrs = row_ptrs[:, None] + lines[None, :]
-    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
-                              is_pure=False, pack=1)
 
 
 @triton.jit

@@ -46,15 +46,18 @@ KINDS = ["random", "distinct", "one_expert", "all_sentinel", "empty_expert"]
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("T,W,E,block_m", [(1, 2, 8, 16), (13, 2, 8, 16), (7, 3, 3, 16), (37, 4, 5, 32),
                                            (150, 2, 128, 16), (611, 2, 8, 16)])
-def test_dispatch_layout(kind, T, W, E, block_m, device):
+def test_dispatch_layout(kind, T, W, E, block_m, device, monkeypatch):
     if kind == "distinct" and W > E:
         pytest.skip("more slots than experts")
     gen = torch.Generator().manual_seed(T * 31 + E)
     ids = _ids(kind, T, W, E, gen)
-    layout = X.dispatch(ids.to(device), E, block_m, fuse=False)
     want_rows, want_starts = _dispatch_reference(ids, E, block_m)
-    assert torch.equal(layout.start_E1.cpu(), want_starts)
-    assert torch.equal(layout.sorted_pairs_R.cpu(), want_rows)
+    # Default chunking, then at most 3 chunks (several sub-blocks per chunk where P is large).
+    for max_chunks in (X.dispatch_kernels.MAX_CHUNKS, 3):
+        monkeypatch.setattr(X.dispatch_kernels, "MAX_CHUNKS", max_chunks)
+        layout = X.dispatch(ids.to(device), E, block_m, fuse=False)
+        assert torch.equal(layout.start_E1.cpu(), want_starts), max_chunks
+        assert torch.equal(layout.sorted_pairs_R.cpu(), want_rows), max_chunks
 
 
 def _reference(x, ids, w, w1, w2):
