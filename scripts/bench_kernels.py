@@ -191,6 +191,21 @@ class Timer:
         g, _ = capture(fn)
         return self(lambda i: g.replay())
 
+    def interleaved(self, fn_a, fn_b, rounds: int = 5) -> tuple[float, float]:
+        """Medians of fn_a and fn_b timed in alternating rounds: clock and temperature drift during a
+        run (±5 % on a multi-millisecond layer) then moves both alike, so their ratio is steadier."""
+        per = max(1, self.reps // rounds)
+        a, b = [], []
+        saved = self.reps
+        self.reps = per
+        try:
+            for _ in range(rounds):
+                a.append(self(lambda i: fn_a()))
+                b.append(self(lambda i: fn_b()))
+        finally:
+            self.reps = saved
+        return statistics.median(a), statistics.median(b)
+
     def host(self, fn, n_inputs: int = 1) -> float | None:
         """Median host microseconds of one call of fn(i), no sync: the CPU cost of its launches."""
         if self.device != "cuda":
@@ -358,16 +373,30 @@ def bench_m(name, shape, M, block, holder, scoring, timer, args, device, dtype) 
             row[f"mem_{impl}_mb"] = _mem_or_none(device, lambda: hf(0))
         set_impl(experts, "grouped_mm")
         _attempt(row, "t_hf_block", lambda: timer(whole_block, len(xbs)))
+        captured = {}
         with moepatch.patched(holder, None, kernel="triton", collect_stats=False):
             _attempt(row, "t_tri_block", lambda: timer(whole_block, len(xbs)))
             if graphs:
-                _attempt(row, "t_tri_block_graph", lambda: timer.graph(lambda: whole_block(0)))
+                _attempt(captured, "block", lambda: capture(lambda: whole_block(0))[0])
         with moepatch.patched(holder, args.gamma, kernel="triton", collect_stats=False):
             _attempt(row, "t_tri_cap", lambda: timer(whole_block, len(xbs)))
             if graphs:
-                _attempt(row, "t_tri_cap_graph", lambda: timer.graph(lambda: whole_block(0)))
+                _attempt(captured, "cap", lambda: capture(lambda: whole_block(0))[0])
             if device == "cuda" and M <= 4096:
                 _attempt(row, "cap_graph_ok", lambda: graph_replays_exactly(lambda: whole_block(0)))
+        if graphs:
+            # The capped and uncapped blocks' graphs replayed in alternating rounds (their ratio is the cap cost).
+            for key in ("block", "cap"):
+                if isinstance(captured.get(key), str):
+                    row[f"t_tri_{key}_graph"] = captured[key]  # the capture's error
+            if not any(isinstance(v, str) for v in captured.values()):
+                pair = {}
+                _attempt(pair, "t", lambda: timer.interleaved(captured["block"].replay, captured["cap"].replay))
+                if isinstance(pair["t"], str):
+                    row["t_tri_block_graph"] = row["t_tri_cap_graph"] = pair["t"]
+                else:
+                    row["t_tri_block_graph"], row["t_tri_cap_graph"] = pair["t"]
+            captured.clear()
         if graphs:  # last: a backend that cannot be captured must not disturb the other timings
             set_impl(experts, "grouped_mm")
             _attempt(row, "t_grouped_mm_graph", lambda: timer.graph(lambda: hf(0)))

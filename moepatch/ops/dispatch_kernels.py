@@ -10,15 +10,19 @@ Layout produced (every size is a function of P, E and BLOCK_M only, so it is sta
     start_E1 (int32, E + 1): padded row offsets; start_E1[E] is the number of rows in use.
 R is bounded by P + min(E, P) * (BLOCK_M - 1): every expert with pairs wastes at most BLOCK_M - 1 rows.
 
-Two kernels, both deterministic (no atomics, pairs keep their order inside an expert):
+Three kernels, all deterministic (no atomics, pairs keep their order inside an expert):
     _dispatch_count_kernel: pairs per (chunk, expert).
-    _dispatch_scatter_kernel: every program sums the count rows of the chunks before its own and
-        of all chunks (cheap: C * E integers), writes the padding sentinels of its slice of rows and
-        the rows of its own chunk.  With one chunk (decode, small prefill) it counts by itself: one launch.
+    _dispatch_scan_kernel: per expert, the pairs of the chunks before each chunk (an exclusive
+        running sum over chunks, one program per block of experts) and, in row C, the totals.
+    _dispatch_scatter_kernel: every program reads its chunk's offsets and the totals (2·E integers),
+        writes the padding sentinels of its slice of rows and the rows of its own chunk.  With one
+        chunk (decode, small prefill) it counts by itself: one launch.
 A chunk is SUBS sub-blocks of BLOCK_P pairs (BLOCK_P x E_PAD one-hot tiles in registers), walked in
-order with a running count per expert, so the number of chunks stays at most MAX_CHUNKS whatever P:
-the C^2 * E count reads stay a few MB.  (With one 64-pair chunk per program at 131072 pairs over 128
-experts, those reads were 2 GB and the dispatch took 0.45 ms on an H200.)
+order with a running count per expert, so there are at most MAX_CHUNKS chunks whatever P.
+History (H200, 131072 pairs over 128 experts, 64-pair chunks): every scatter program summing the
+count rows of all earlier chunks read 2 GB from L2; a torch.cumsum over the (2048, 128) counts ran
+one thread per column and took ~0.4 ms; 128 chunks of 16 sub-blocks left 128 programs doing 16
+serial steps each (0.1 ms).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-MAX_CHUNKS = 128
+MAX_CHUNKS = 1024
 
 
 @triton.jit
@@ -51,10 +55,25 @@ def _dispatch_count_kernel(ids_ptr, counts_ptr, P, E, BLOCK_P: tl.constexpr, E_P
 
 
 @triton.jit
-def _dispatch_scatter_kernel(ids_ptr, counts_ptr, sorted_ptr, start_ptr, P, E, R, num_chunks, rows_per_program,
+def _dispatch_scan_kernel(counts_ptr, offs_ptr, C, E, BLOCK_C: tl.constexpr, BLOCK_E: tl.constexpr):
+    """offs[c, e] = pairs of expert e in chunks before c; offs[C, e] = all of them.  counts: (C, E)."""
+    e_x = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
+    e_ok = e_x < E
+    carry = tl.zeros([BLOCK_E], dtype=tl.int32)
+    for c0 in range(0, C, BLOCK_C):
+        c_x = c0 + tl.arange(0, BLOCK_C)
+        ok = (c_x[:, None] < C) & e_ok[None, :]
+        cnt = tl.load(counts_ptr + c_x[:, None] * E + e_x[None, :], mask=ok, other=0)
+        tl.store(offs_ptr + c_x[:, None] * E + e_x[None, :], tl.cumsum(cnt, axis=0) - cnt + carry[None, :], mask=ok)
+        carry += tl.sum(cnt, axis=0)
+    tl.store(offs_ptr + C * E + e_x, carry, mask=e_ok)
+
+
+@triton.jit
+def _dispatch_scatter_kernel(ids_ptr, offs_ptr, sorted_ptr, start_ptr, P, E, R, num_chunks, rows_per_program,
                              BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, E_PAD: tl.constexpr,
-                             BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, SINGLE: tl.constexpr,
-                             SUBS: tl.constexpr):
+                             BLOCK_R: tl.constexpr, SINGLE: tl.constexpr, SUBS: tl.constexpr):
+    """offs_ptr: (C + 1, E) from _dispatch_scan_kernel (unused when SINGLE)."""
     pid = tl.program_id(0)
     e_x = tl.arange(0, E_PAD)
     e_ok = e_x < E
@@ -67,14 +86,8 @@ def _dispatch_scatter_kernel(ids_ptr, counts_ptr, sorted_ptr, start_ptr, P, E, R
             total_e += tl.sum(onehot, axis=0)
         before_e = tl.zeros([E_PAD], dtype=tl.int32)
     else:
-        total_e = tl.zeros([E_PAD], dtype=tl.int32)
-        before_e = tl.zeros([E_PAD], dtype=tl.int32)
-        for c0 in range(0, num_chunks, BLOCK_C):
-            c_x = c0 + tl.arange(0, BLOCK_C)
-            cnt = tl.load(counts_ptr + c_x[:, None] * E + e_x[None, :],
-                          mask=(c_x[:, None] < num_chunks) & e_ok[None, :], other=0)
-            total_e += tl.sum(cnt, axis=0)
-            before_e += tl.sum(tl.where(c_x[:, None] < pid, cnt, 0), axis=0)
+        total_e = tl.load(offs_ptr + num_chunks * E + e_x, mask=e_ok, other=0)
+        before_e = tl.load(offs_ptr + pid * E + e_x, mask=e_ok, other=0)
 
     padded_e = (total_e + BLOCK_M - 1) // BLOCK_M * BLOCK_M
     end_e = tl.cumsum(padded_e, axis=0)

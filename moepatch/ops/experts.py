@@ -31,7 +31,7 @@ from triton.runtime.errors import OutOfResources
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from . import dispatch_kernels
-from .dispatch_kernels import _dispatch_count_kernel, _dispatch_scatter_kernel
+from .dispatch_kernels import _dispatch_count_kernel, _dispatch_scan_kernel, _dispatch_scatter_kernel
 from .gemm_kernels import _combine_kernel, _down_kernel, _down_token_kernel, _gate_up_kernel
 from .tma_kernels import _down_desc_kernel, _gate_up_desc_kernel, _gather_rows_kernel
 from .tuning import device_key, get_config
@@ -182,14 +182,19 @@ def dispatch(ids_TW: torch.Tensor, num_experts: int, block_m: int, fuse: bool | 
         subs *= 2
     chunks = _cdiv(P, block_p * subs)
     single = chunks == 1
-    # One chunk: the scatter kernel counts by itself and never reads `counts` (any int32 buffer will do).
-    counts = sorted_R if single else torch.empty(chunks, E, dtype=torch.int32, device=ids_TW.device)
+    # One chunk: the scatter kernel counts by itself and never reads `offs` (any int32 buffer will do).
+    offs = sorted_R
     if not single:
+        counts = torch.empty(chunks, E, dtype=torch.int32, device=ids_TW.device)
+        offs = torch.empty(chunks + 1, E, dtype=torch.int32, device=ids_TW.device)
         _dispatch_count_kernel[(chunks,)](ids_P, counts, P, E, BLOCK_P=block_p, E_PAD=e_pad, SUBS=subs)
+        block_e = min(e_pad, 32)
+        _dispatch_scan_kernel[(_cdiv(E, block_e),)](counts, offs, chunks, E, BLOCK_C=max(16, 2048 // block_e),
+                                                     BLOCK_E=block_e)
     _dispatch_scatter_kernel[(chunks,)](
-        ids_P, counts, sorted_R, start_E1, P, E, R, chunks, _cdiv(R, chunks),
-        BLOCK_M=block_m, BLOCK_P=block_p, E_PAD=e_pad, BLOCK_C=max(1, min(64, 4096 // e_pad)),
-        BLOCK_R=max(16, min(1024, 8192 // e_pad)), SINGLE=single, SUBS=subs)
+        ids_P, offs, sorted_R, start_E1, P, E, R, chunks, _cdiv(R, chunks),
+        BLOCK_M=block_m, BLOCK_P=block_p, E_PAD=e_pad, BLOCK_R=max(16, min(1024, 8192 // e_pad)), SINGLE=single,
+        SUBS=subs)
     return DispatchLayout(sorted_R, start_E1, P, W, E, block_m, R)
 
 

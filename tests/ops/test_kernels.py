@@ -45,7 +45,7 @@ KINDS = ["random", "distinct", "one_expert", "all_sentinel", "empty_expert"]
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("T,W,E,block_m", [(1, 2, 8, 16), (13, 2, 8, 16), (7, 3, 3, 16), (37, 4, 5, 32),
-                                           (150, 2, 128, 16), (611, 2, 8, 16)])
+                                           (150, 2, 128, 16), (611, 2, 8, 16), (2100, 2, 128, 16)])
 def test_dispatch_layout(kind, T, W, E, block_m, device, monkeypatch):
     if kind == "distinct" and W > E:
         pytest.skip("more slots than experts")
