@@ -34,6 +34,12 @@ def graph_ms(fn, reps=30):
     return _time(g.replay, reps, torch.device("cuda"))
 
 
+def _log_kernels(prof, log, limit=12):
+    events = sorted(prof.key_averages(), key=lambda e: -e.self_device_time_total)[:limit]
+    for e in events:
+        log(f"    {e.self_device_time_total:9.1f} {e.count:4d}  {e.key[:90]}")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--cases", default="qwen3_30b_a3b:1024,qwen3_30b_a3b:16384,olmoe:16384,mixtral:16384")
@@ -86,11 +92,18 @@ def main(argv=None) -> int:
                     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
                         block(xb)
                         torch.cuda.synchronize()
-                log(f"  block γ={gamma}: top kernels")
-                table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=12,
-                                                  max_name_column_width=60)
-                for line in table.splitlines():
-                    log("    " + line[:150])
+                log(f"  block γ={gamma}: top kernels (self device µs, calls)")
+                _log_kernels(prof, log)
+            for bm in (1, 128):
+                for _ in range(2):
+                    ex.dispatch(ids, E, bm, fuse=False)
+                torch.cuda.synchronize()
+                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                    for _ in range(5):
+                        ex.dispatch(ids, E, bm, fuse=False)
+                    torch.cuda.synchronize()
+                log(f"  dispatch block_m={bm}, 5 calls: kernels (self device µs, calls)")
+                _log_kernels(prof, log)
         del block, holder
         torch.cuda.empty_cache()
     (out / "profile.txt").write_text("\n".join(lines) + "\n")
