@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 
 MAX_CHUNKS = 1024
+SCAN_BLOCK_C = 256  # chunks per step of _dispatch_scan_kernel (tests lower it)
 
 
 @triton.jit
@@ -115,7 +116,14 @@ def _dispatch_scatter_kernel(ids_ptr, offs_ptr, sorted_ptr, start_ptr, P, E, R, 
     base_e = start_e + before_e
     for sub in range(SUBS):
         offs_p, onehot = _onehot(ids_ptr, (pid * SUBS + sub) * BLOCK_P, P, E, BLOCK_P, E_PAD)
-        rank = tl.sum((tl.cumsum(onehot, axis=0) - onehot) * onehot, axis=1)
+        if BLOCK_P <= 128:
+            # Rank = earlier pairs of the sub-block on the same expert, from a BLOCK_P x BLOCK_P comparison:
+            # on the H200 a scan down the (BLOCK_P, E_PAD) one-hot cost more than the rest of the kernel.
+            ids = tl.load(ids_ptr + offs_p, mask=offs_p < P, other=-1).to(tl.int32)
+            same = (ids[:, None] == ids[None, :]) & (tl.arange(0, BLOCK_P)[None, :] < tl.arange(0, BLOCK_P)[:, None])
+            rank = tl.sum(same.to(tl.int32), axis=1)
+        else:
+            rank = tl.sum((tl.cumsum(onehot, axis=0) - onehot) * onehot, axis=1)
         base = tl.sum(onehot * base_e[None, :], axis=1)
         valid = tl.sum(onehot, axis=1) > 0
         tl.store(sorted_ptr + base + rank, offs_p.to(tl.int32), mask=valid)

@@ -188,9 +188,9 @@ def dispatch(ids_TW: torch.Tensor, num_experts: int, block_m: int, fuse: bool | 
         counts = torch.empty(chunks, E, dtype=torch.int32, device=ids_TW.device)
         offs = torch.empty(chunks + 1, E, dtype=torch.int32, device=ids_TW.device)
         _dispatch_count_kernel[(chunks,)](ids_P, counts, P, E, BLOCK_P=block_p, E_PAD=e_pad, SUBS=subs)
-        block_e = min(e_pad, 32)
-        _dispatch_scan_kernel[(_cdiv(E, block_e),)](counts, offs, chunks, E, BLOCK_C=max(16, 2048 // block_e),
-                                                     BLOCK_E=block_e)
+        block_e = min(e_pad, 8)
+        _dispatch_scan_kernel[(_cdiv(E, block_e),)](counts, offs, chunks, E,
+                                                     BLOCK_C=dispatch_kernels.SCAN_BLOCK_C, BLOCK_E=block_e)
     _dispatch_scatter_kernel[(chunks,)](
         ids_P, offs, sorted_R, start_E1, P, E, R, chunks, _cdiv(R, chunks),
         BLOCK_M=block_m, BLOCK_P=block_p, E_PAD=e_pad, BLOCK_R=max(16, min(1024, 8192 // e_pad)), SINGLE=single,

@@ -52,12 +52,15 @@ def test_dispatch_layout(kind, T, W, E, block_m, device, monkeypatch):
     gen = torch.Generator().manual_seed(T * 31 + E)
     ids = _ids(kind, T, W, E, gen)
     want_rows, want_starts = _dispatch_reference(ids, E, block_m)
-    # Default chunking, then at most 3 chunks (several sub-blocks per chunk where P is large).
-    for max_chunks in (X.dispatch_kernels.MAX_CHUNKS, 3):
+    # Default chunking; at most 3 chunks (several sub-blocks per chunk where P is large); a scan of the
+    # chunk counts in several steps.
+    for max_chunks, scan_block in ((X.dispatch_kernels.MAX_CHUNKS, X.dispatch_kernels.SCAN_BLOCK_C), (3, 16),
+                                   (X.dispatch_kernels.MAX_CHUNKS, 16)):
         monkeypatch.setattr(X.dispatch_kernels, "MAX_CHUNKS", max_chunks)
+        monkeypatch.setattr(X.dispatch_kernels, "SCAN_BLOCK_C", scan_block)
         layout = X.dispatch(ids.to(device), E, block_m, fuse=False)
-        assert torch.equal(layout.start_E1.cpu(), want_starts), max_chunks
-        assert torch.equal(layout.sorted_pairs_R.cpu(), want_rows), max_chunks
+        assert torch.equal(layout.start_E1.cpu(), want_starts), (max_chunks, scan_block)
+        assert torch.equal(layout.sorted_pairs_R.cpu(), want_rows), (max_chunks, scan_block)
 
 
 def _reference(x, ids, w, w1, w2):
