@@ -176,7 +176,8 @@ def dispatch(ids_TW: torch.Tensor, num_experts: int, block_m: int, fuse: bool | 
         start_E1.zero_()
         return DispatchLayout(sorted_R, start_E1, P, W, E, block_m, R)
     e_pad = _pow2(E)
-    block_p = max(16, min(1024, 8192 // e_pad))
+    tile = dispatch_kernels.TILE_ELEMS
+    block_p = max(16, min(1024, tile // e_pad))
     subs = 1  # sub-blocks per chunk: at most MAX_CHUNKS chunks (see dispatch_kernels.py)
     while block_p * subs * dispatch_kernels.MAX_CHUNKS < P:
         subs *= 2
@@ -187,14 +188,15 @@ def dispatch(ids_TW: torch.Tensor, num_experts: int, block_m: int, fuse: bool | 
     if not single:
         counts = torch.empty(chunks, E, dtype=torch.int32, device=ids_TW.device)
         offs = torch.empty(chunks + 1, E, dtype=torch.int32, device=ids_TW.device)
-        _dispatch_count_kernel[(chunks,)](ids_P, counts, P, E, BLOCK_P=block_p, E_PAD=e_pad, SUBS=subs)
+        _dispatch_count_kernel[(chunks,)](ids_P, counts, P, E, BLOCK_P=block_p, E_PAD=e_pad, SUBS=subs,
+                                          num_warps=dispatch_kernels.NUM_WARPS)
         block_e = min(e_pad, 8)
         _dispatch_scan_kernel[(_cdiv(E, block_e),)](counts, offs, chunks, E,
                                                      BLOCK_C=dispatch_kernels.SCAN_BLOCK_C, BLOCK_E=block_e)
     _dispatch_scatter_kernel[(chunks,)](
         ids_P, offs, sorted_R, start_E1, P, E, R, chunks, _cdiv(R, chunks),
-        BLOCK_M=block_m, BLOCK_P=block_p, E_PAD=e_pad, BLOCK_R=max(16, min(1024, 8192 // e_pad)), SINGLE=single,
-        SUBS=subs)
+        BLOCK_M=block_m, BLOCK_P=block_p, E_PAD=e_pad, BLOCK_R=max(16, min(1024, tile // e_pad)), SINGLE=single,
+        SUBS=subs, num_warps=dispatch_kernels.NUM_WARPS)
     return DispatchLayout(sorted_R, start_E1, P, W, E, block_m, R)
 
 
