@@ -35,7 +35,7 @@ import triton.language as tl
 MAX_CHUNKS = 1024
 # Elements of the (BLOCK_P, E_PAD) one-hot and (BLOCK_R, E_PAD) row tiles, and warps per program of the
 # count and scatter kernels (environment overrides for measuring, see scripts/profile_route.py).
-TILE_ELEMS = int(os.environ.get("MOEPATCH_DISPATCH_TILE", "8192"))
+TILE_ELEMS = int(os.environ.get("MOEPATCH_DISPATCH_TILE", "2048"))
 NUM_WARPS = int(os.environ.get("MOEPATCH_DISPATCH_WARPS", "4"))
 SCAN_BLOCK_C = 256  # chunks per step of _dispatch_scan_kernel (tests lower it)
 
