@@ -27,7 +27,11 @@ Launch count.  A patched layer calls this once per forward, so its cost is paid 
   ``routing_kernels.SORTED_MIN_PAIRS`` pairs are first sorted by expert: two dispatch launches and
   two fills before it); statistics again on read;
 - everything else (reroute, expanded, expert_drop, ``random``, device scope): the torch path
-  below, ~100 small kernels (sorts, scatters), fine for studies but not for timing.
+  below, ~100 small kernels (sorts, scatters), fine for studies but not for timing.  Token
+  Reroute's first drop (score / order / reverse) and Expanded Drop's drop over its candidates
+  (Token Drop by score over (T, E) slots) run on the same Triton kernel in expert scope: 149 → 123
+  torch ops plus one launch for one reroute round, 100 → 78 plus one for expanded (counted on the
+  CPU, T = 256, E = 8, K = 2; not yet timed on a GPU).
 
 Legend: T tokens, E routed experts, K native experts per token, W output slots, G capacity
 groups, NB buckets per group, P pairs.
@@ -194,18 +198,22 @@ def token_reroute(scores_TE, topk_ids_TK, keep_TK, active_T, group_T, capacity_G
 
 
 def expanded_drop(scores_TE, topk_ids_TK, active_T, group_T, capacity_G, bucket_E, bucket_size_B,
-                  local_TE, max_experts_per_token=None):
+                  local_TE, max_experts_per_token=None, select=None):
+    """Expanded Drop's kept (token, expert) candidates; ``select(cand_TE)``, if given, does the drop step."""
     T, E = scores_TE.shape
     G, NB = capacity_G.numel(), bucket_size_B.numel()
     device = scores_TE.device
     native_TE = torch.zeros(T, E, dtype=torch.bool, device=device).scatter_(1, topk_ids_TK, True)
     cand_TE = (native_TE | local_TE) & active_T[:, None]
-    token_P = _pair_tokens(T, E, device)
-    expert_P = torch.arange(E, device=device).repeat(T)
-    valid_P = cand_TE.reshape(-1)
-    bucket_P, nb = _flat_buckets(group_T[token_P], expert_P, valid_P, bucket_E, NB, G)
-    rank_P = bucket_rank(bucket_P, priority_order("score", scores_TE.reshape(-1), token_P), nb)
-    keep_TE = (valid_P & (rank_P < _bucket_capacity(capacity_G, bucket_size_B)[bucket_P])).view(T, E)
+    if select is not None:
+        keep_TE = select(cand_TE)
+    else:
+        token_P = _pair_tokens(T, E, device)
+        expert_P = torch.arange(E, device=device).repeat(T)
+        valid_P = cand_TE.reshape(-1)
+        bucket_P, nb = _flat_buckets(group_T[token_P], expert_P, valid_P, bucket_E, NB, G)
+        rank_P = bucket_rank(bucket_P, priority_order("score", scores_TE.reshape(-1), token_P), nb)
+        keep_TE = (valid_P & (rank_P < _bucket_capacity(capacity_G, bucket_size_B)[bucket_P])).view(T, E)
     if max_experts_per_token is not None and max_experts_per_token < E:
         key_TE = torch.where(keep_TE, scores_TE, torch.full_like(scores_TE, -torch.inf))
         best_TM = torch.sort(key_TE, dim=1, descending=True, stable=True).indices[:, :max_experts_per_token]
@@ -268,8 +276,13 @@ _POLICY_CODES = {"score": 0, "order": 1, "reverse": 2}
 
 
 def _fused_drop_applies(cfg: RoutingConfig, scores_TE: torch.Tensor, topk_ids_TK: torch.Tensor) -> bool:
-    if not (USE_FUSED_DROP and cfg.strategy == "drop" and cfg.policy in _POLICY_CODES
-            and cfg.capacity_scope == "expert" and scores_TE.dtype == torch.float32 and topk_ids_TK.numel() > 0):
+    return cfg.strategy == "drop" and cfg.policy in _POLICY_CODES and _fused_kernel_usable(cfg, scores_TE, topk_ids_TK)
+
+
+def _fused_kernel_usable(cfg: RoutingConfig, scores_TE: torch.Tensor, topk_ids_TK: torch.Tensor) -> bool:
+    """Whether the Token Drop kernel can run here (any strategy's drop step; expert scope, fp32 scores)."""
+    if not (USE_FUSED_DROP and cfg.capacity_scope == "expert" and scores_TE.dtype == torch.float32
+            and topk_ids_TK.numel() > 0):
         return False
     dev = scores_TE.device.type
     if not (dev == "cuda" or (dev == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")):
@@ -287,13 +300,18 @@ def _f64_bits(x: float) -> int:
     return struct.unpack("<q", struct.pack("<d", float(x)))[0]
 
 
-def _fused_drop(cfg, scores_TE, topk_ids_TK, topk_weights_TK, batch, seq, valid_BS, source_rank) -> RoutingResult:
-    """Token Drop (score / order / reverse, expert scope) in one launch of ``_capacity_drop_kernel``."""
+def _drop_launch(cfg, scores_TE, ids_TS, w_TS, batch, seq, valid_BS, source_rank, native_k: int, policy: str):
+    """Launch ``_capacity_drop_kernel`` over (T, S) slot ids (ids outside [0, E) are empty slots).
+
+    S is the slots per token (the native top-k for Token Drop, E for the candidates of Expanded
+    Drop); ``native_k`` the K of C = γ·T·K/E.  Returns (ids_TS with the sentinel E on dropped and
+    empty slots, weights with 0 there, the kernel's statistics buffer, G, the valid mask or None).
+    """
     from ..routing.capacity import _CEIL_TOLERANCE
     from . import routing_kernels as RK
 
     T, E = scores_TE.shape
-    K = topk_ids_TK.shape[1]
+    K = ids_TS.shape[1]
     device = scores_TE.device
     ep = cfg.ep_size if source_rank is None else 1
     by_seq = cfg.group == "sequence"
@@ -301,8 +319,8 @@ def _fused_drop(cfg, scores_TE, topk_ids_TK, topk_weights_TK, batch, seq, valid_
     max_tokens = -(-T // ep)
     if by_seq:
         max_tokens = min(max_tokens, seq)
-    ids_TK = topk_ids_TK.contiguous()
-    w_TK = topk_weights_TK.contiguous()
+    ids_TK = ids_TS.contiguous()
+    w_TK = w_TS.contiguous()
     has_valid = valid_BS is not None and not cfg.count_padding
     valid_T = valid_BS.reshape(-1).to(device=device, dtype=torch.bool) if has_valid else ids_TK
     block = RK.sorted_block_size(max_tokens * K, E)
@@ -321,11 +339,21 @@ def _fused_drop(cfg, scores_TE, topk_ids_TK, topk_weights_TK, batch, seq, valid_
     stats = torch.empty(2 * G * E + 2 * G, dtype=torch.long, device=device)
     RK._capacity_drop_kernel[(G * E,)](
         ids_TK, w_TK, scores_TE, valid_T, sorted_R, start_E1, ids_TW, w_TW, stats, T, K, E, seq, ep,
-        cfg.min_capacity, _f64_bits(cfg.capacity_factor * K), _f64_bits(_CEIL_TOLERANCE), scores_TE.stride(0),
-        scores_TE.stride(1), POLICY=_POLICY_CODES[cfg.policy], GROUP_SEQ=by_seq, HAS_VALID=has_valid, BLOCK=block,
+        cfg.min_capacity, _f64_bits(cfg.capacity_factor * native_k), _f64_bits(_CEIL_TOLERANCE), scores_TE.stride(0),
+        scores_TE.stride(1), POLICY=_POLICY_CODES[policy], GROUP_SEQ=by_seq, HAS_VALID=has_valid, BLOCK=block,
         SINGLE=single, SORTED=sorted_R is not ids_TK, SEARCH=G > 1, num_warps=8 if block >= 256 else 4)
+    return ids_TW, w_TW, stats, G, valid_T if has_valid else None
+
+
+def _fused_drop(cfg, scores_TE, topk_ids_TK, topk_weights_TK, batch, seq, valid_BS, source_rank) -> RoutingResult:
+    """Token Drop (score / order / reverse, expert scope) in one launch of ``_capacity_drop_kernel``."""
+    T, E = scores_TE.shape
+    K = topk_ids_TK.shape[1]
+    device = scores_TE.device
+    ids_TW, w_TW, stats, G, valid_T = _drop_launch(cfg, scores_TE, topk_ids_TK, topk_weights_TK, batch, seq,
+                                                   valid_BS, source_rank, K, cfg.policy)
     if cfg.renormalize == "kept":
-        active_T = valid_T if has_valid else torch.ones(T, dtype=torch.bool, device=device)
+        active_T = valid_T if valid_T is not None else torch.ones(T, dtype=torch.bool, device=device)
         w_TW = renormalize_kept(w_TW, topk_weights_TK, active_T)
 
     def stats_fn():
@@ -389,8 +417,13 @@ def _route_torch(cfg, scores_TE, topk_ids_TK, topk_weights_TK, factor_T, batch, 
         w_TW = torch.where(keep_TK, topk_weights_TK, w_zero)
         dropped = routed - keep_TK.sum()
     elif cfg.strategy == "reroute":
-        keep_TK = token_drop(scores_TE, topk_ids_TK, active_T, group_T, capacity_G, bucket_E,
-                             bucket_size_B, cfg.policy, random_order())
+        if cfg.policy in _POLICY_CODES and _fused_kernel_usable(cfg, scores_TE, topk_ids_TK):
+            # The first step is Token Drop: one launch of the fused kernel instead of ~50 torch ops.
+            keep_TK = _drop_launch(cfg, scores_TE, topk_ids_TK, topk_weights_TK, batch, seq, valid_BS, source_rank,
+                                   K, cfg.policy)[0] < E
+        else:
+            keep_TK = token_drop(scores_TE, topk_ids_TK, active_T, group_T, capacity_G, bucket_E,
+                                 bucket_size_B, cfg.policy, random_order())
         ids_TK, placed_TK, moved_TK = token_reroute(scores_TE, topk_ids_TK, keep_TK, active_T, group_T,
                                                     capacity_G, bucket_E, bucket_size_B,
                                                     cfg.reroute_target, cfg.reroute_rounds)
@@ -406,8 +439,17 @@ def _route_torch(cfg, scores_TE, topk_ids_TK, topk_weights_TK, factor_T, batch, 
         else:
             local_TE = dev_E[None, :] == token_dev_T[:, None]
             m = -(-E // cfg.ep_size)
+        select = None
+        if _fused_kernel_usable(cfg, scores_TE, topk_ids_TK):
+            # The candidates' drop is Token Drop over (T, E) slots by score: one launch of the fused kernel.
+            e_TE = torch.arange(E, device=device).expand(T, E)
+
+            def select(cand_TE):
+                ids_TE = torch.where(cand_TE, e_TE, E)
+                return _drop_launch(cfg, scores_TE, ids_TE, scores_TE, batch, seq, valid_BS, source_rank, K,
+                                    "score")[0] < E
         keep_TE = expanded_drop(scores_TE, topk_ids_TK, active_T, group_T, capacity_G, bucket_E, bucket_size_B,
-                                local_TE, cfg.max_experts_per_token)
+                                local_TE, cfg.max_experts_per_token, select)
         keep_TK = keep_TE.gather(1, topk_ids_TK)
         ids_TW, w_TW, extra_TE = expanded_layout(keep_TE, topk_ids_TK, topk_weights_TK, scores_TE, factor_T,
                                                  keep_TK, min(E, K + m))

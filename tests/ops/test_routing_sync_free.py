@@ -43,8 +43,13 @@ CASES = (
 
 
 def _fused_applies(strategy, opts):
-    return (strategy == "drop" and opts.get("policy", "score") in ("score", "order", "reverse")
-            and opts.get("capacity_scope", "expert") == "expert")
+    """Where the Token Drop kernel runs: Token Drop itself, Token Reroute's first drop (same policies),
+    and Expanded Drop's drop over the candidates; expert scope only."""
+    if opts.get("capacity_scope", "expert") != "expert":
+        return False
+    if strategy in ("drop", "reroute"):
+        return opts.get("policy", "score") in ("score", "order", "reverse")
+    return strategy == "expanded"
 
 
 def _runs():
