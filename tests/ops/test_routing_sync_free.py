@@ -133,3 +133,24 @@ def test_no_host_sync_and_graph_capture():
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(out.topk_ids_TW, ref.topk_ids_TW)
+
+
+@pytest.mark.parametrize("strategy,opts", [("reroute", {"reroute_rounds": 2}), ("reroute", {"policy": "order"}),
+                                           ("expanded", {"ep_size": 2}),
+                                           ("expanded", {"group": "sequence", "max_experts_per_token": 3})])
+def test_reroute_and_expanded_drop_step_on_the_sorted_kernel_path(strategy, opts, monkeypatch):
+    """Their drop step on the fused kernel with the pairs sorted by expert first (the large-P path)."""
+    from moepatch.ops import routing_kernels
+
+    monkeypatch.setattr(sync_free, "USE_FUSED_DROP", True)
+    monkeypatch.setattr(routing_kernels, "SORTED_MIN_PAIRS", 0)
+    monkeypatch.setattr(routing_kernels, "MAX_SORTED_BLOCK", 16)
+    B, S, E, K = 3, 7, 8, 2
+    cfg = make_config(1.0, strategy, num_experts=E, **opts)
+    scores, ids, w, factor = _inputs(B * S, E, K, 4, ties=True)
+    valid = torch.ones(B, S, dtype=torch.bool)
+    valid[1, :2] = False
+    for v in (None, valid):
+        kw = dict(batch=B, seq=S, valid_BS=v, layer=0)
+        assert_same_routing(route_sync_free(cfg, scores, ids, w, factor, **kw),
+                            route(cfg, scores, ids, w, factor, **kw))
