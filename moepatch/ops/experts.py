@@ -98,8 +98,21 @@ def _capability(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
 
+@functools.cache
+def _pdl_supported() -> bool:
+    """This Triton has the grid dependency control calls and the ``launch_pdl`` launch option."""
+    from . import gemm_kernels
+
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+    except ImportError:
+        return False
+    return gemm_kernels.HAS_GDC and "launch_pdl" in getattr(CUDAOptions, "__dataclass_fields__", {})
+
+
 def use_pdl(device: torch.device) -> bool:
-    if not PDL or device.type != "cuda":
+    """Programmatic dependent launch on ``device``: CUDA, compute capability >= 9, a Triton that has it."""
+    if not PDL or device.type != "cuda" or not _pdl_supported():
         return False
     return _capability(device.index if device.index is not None else torch.cuda.current_device())[0] >= 9
 

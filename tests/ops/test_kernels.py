@@ -392,3 +392,19 @@ def test_cuda_graph_and_no_host_sync():
     E, H, I, K, M = 8, 256, 512, 2, 48  # noqa: E741
     x, w1, w2, ids, wts, gen = _gpu_problem(M, E, H, I, K, seed=0)
     _assert_sync_free_and_replayable(lambda: X.fused_experts(x, ids, wts, w1, w2), ids, gen, E)
+
+
+def test_pdl_is_requested_only_where_it_exists(monkeypatch):
+    """Programmatic dependent launch: never on the CPU/interpreter, never when switched off or unsupported."""
+    assert not X.use_pdl(torch.device("cpu"))
+    monkeypatch.setattr(X, "_capability", lambda index: (9, 0))
+    monkeypatch.setattr(X, "_pdl_supported", lambda: True)
+    assert X.use_pdl(torch.device("cuda", 0))
+    monkeypatch.setattr(X, "_capability", lambda index: (8, 0))
+    assert not X.use_pdl(torch.device("cuda", 0))  # Ampere has no griddepcontrol
+    monkeypatch.setattr(X, "_capability", lambda index: (9, 0))
+    monkeypatch.setattr(X, "PDL", False)  # MOEPATCH_PDL=0
+    assert not X.use_pdl(torch.device("cuda", 0))
+    monkeypatch.setattr(X, "PDL", True)
+    monkeypatch.setattr(X, "_pdl_supported", lambda: False)  # a Triton without launch_pdl
+    assert not X.use_pdl(torch.device("cuda", 0))
