@@ -29,9 +29,10 @@ Launch count.  A patched layer calls this once per forward, so its cost is paid 
 - everything else (reroute, expanded, expert_drop, ``random``, device scope): the torch path
   below, ~100 small kernels (sorts, scatters), fine for studies but not for timing.  Token
   Reroute's first drop (score / order / reverse) and Expanded Drop's drop over its candidates
-  (Token Drop by score over (T, E) slots) run on the same Triton kernel in expert scope: 149 → 123
-  torch ops plus one launch for one reroute round, 100 → 78 plus one for expanded (counted on the
-  CPU, T = 256, E = 8, K = 2; not yet timed on a GPU).
+  (Token Drop by score over (T, E) slots) run on the same Triton kernel in expert scope, and the
+  statistics of this path are computed on read too: 149 → 100 torch ops plus one launch for one
+  reroute round, 100 → 55 plus one for expanded (counted on the CPU, T = 256, E = 8, K = 2, views
+  excluded; not yet timed on a GPU).
 
 Legend: T tokens, E routed experts, K native experts per token, W output slots, G capacity
 groups, NB buckets per group, P pairs.
@@ -371,33 +372,33 @@ def _fused_drop(cfg, scores_TE, topk_ids_TK, topk_weights_TK, batch, seq, valid_
 
 def _route_torch(cfg, scores_TE, topk_ids_TK, topk_weights_TK, factor_T, batch, seq, valid_BS, layer,
                  source_rank) -> RoutingResult:
-    """Every strategy with small torch kernels (the general path; see the module docstring)."""
+    """Every strategy with small torch kernels (the general path; see the module docstring).
+
+    The statistics (loads, pair counts) are computed when first read, as on the fused path.
+    """
     T, E = scores_TE.shape
     K = topk_ids_TK.shape[1]
     device = scores_TE.device
     active_T, group_T, G = _active_groups(cfg, T, batch, seq, valid_BS, source_rank, device)
-    if source_rank is None:
-        token_dev_T = token_devices(T, cfg.ep_size, device)
-    else:
-        token_dev_T = torch.full((T,), source_rank, dtype=torch.long, device=device)
-    tokens_G = _count(group_T, G, active_T)
-    load_before_E = _count(topk_ids_TK, E, active_T[:, None])
-    routed = active_T.sum() * K
-    zero = torch.zeros((), dtype=torch.long, device=device)
 
-    dev_E = _expert_devices(E, cfg.ep_size, device)
+    def token_dev():
+        if source_rank is None:
+            return token_devices(T, cfg.ep_size, device)
+        return torch.full((T,), source_rank, dtype=torch.long, device=device)
+
+    tokens_G = _count(group_T, G, active_T)
     if cfg.capacity_scope == "expert":
         bucket_E = torch.arange(E, device=device)
         bucket_size_B = torch.ones(E, dtype=torch.long, device=device)
     else:
-        bucket_E = dev_E
-        bucket_size_B = _count(dev_E, cfg.ep_size)
+        bucket_E = _expert_devices(E, cfg.ep_size, device)
+        bucket_size_B = _count(bucket_E, cfg.ep_size)
     capacity_G = None
     if cfg.strategy != "expert_drop":
         capacity_G = capacities(tokens_G, K, E, cfg.capacity_factor, cfg.min_capacity)
     sentinel = torch.full_like(topk_ids_TK, E)
     w_zero = torch.zeros_like(topk_weights_TK)
-    rerouted = added = zero
+    moved_TK = extra_TE = None
 
     def random_order():
         return _random_order(cfg, T, K, layer, source_rank, device) if cfg.policy == "random" else None
@@ -409,35 +410,32 @@ def _route_torch(cfg, scores_TE, topk_ids_TK, topk_weights_TK, factor_T, batch, 
         else:
             # Each source device skips the experts least loaded by its own tokens (the reference's rule).
             if source_rank is None:
-                keep_TK = expert_drop(topk_ids_TK, active_T, E, cfg.expert_drop_fraction, token_dev_T, cfg.ep_size)
+                keep_TK = expert_drop(topk_ids_TK, active_T, E, cfg.expert_drop_fraction, token_dev(), cfg.ep_size)
             else:
                 keep_TK = expert_drop(topk_ids_TK, active_T, E, cfg.expert_drop_fraction,
-                                      torch.zeros_like(token_dev_T), 1)
+                                      torch.zeros(T, dtype=torch.long, device=device), 1)
         ids_TW = torch.where(keep_TK, topk_ids_TK, sentinel)
         w_TW = torch.where(keep_TK, topk_weights_TK, w_zero)
-        dropped = routed - keep_TK.sum()
     elif cfg.strategy == "reroute":
         if cfg.policy in _POLICY_CODES and _fused_kernel_usable(cfg, scores_TE, topk_ids_TK):
-            # The first step is Token Drop: one launch of the fused kernel instead of ~50 torch ops.
+            # The first step is Token Drop: one launch of the fused kernel instead of ~25 torch ops.
             keep_TK = _drop_launch(cfg, scores_TE, topk_ids_TK, topk_weights_TK, batch, seq, valid_BS, source_rank,
                                    K, cfg.policy)[0] < E
         else:
             keep_TK = token_drop(scores_TE, topk_ids_TK, active_T, group_T, capacity_G, bucket_E,
                                  bucket_size_B, cfg.policy, random_order())
-        ids_TK, placed_TK, moved_TK = token_reroute(scores_TE, topk_ids_TK, keep_TK, active_T, group_T,
-                                                    capacity_G, bucket_E, bucket_size_B,
-                                                    cfg.reroute_target, cfg.reroute_rounds)
+        ids_TK, keep_TK, moved_TK = token_reroute(scores_TE, topk_ids_TK, keep_TK, active_T, group_T,
+                                                  capacity_G, bucket_E, bucket_size_B,
+                                                  cfg.reroute_target, cfg.reroute_rounds)
         moved_w_TK = (scores_TE.gather(1, ids_TK) * factor_T[:, None]).to(topk_weights_TK.dtype)
-        ids_TW = torch.where(placed_TK, ids_TK, sentinel)
-        w_TW = torch.where(moved_TK, moved_w_TK, torch.where(placed_TK, topk_weights_TK, w_zero))
-        dropped = routed - placed_TK.sum()
-        rerouted = moved_TK.sum()
+        ids_TW = torch.where(keep_TK, ids_TK, sentinel)
+        w_TW = torch.where(moved_TK, moved_w_TK, torch.where(keep_TK, topk_weights_TK, w_zero))
     else:  # expanded
         if cfg.local_experts == "all" or cfg.ep_size == 1:
             local_TE = torch.ones(T, E, dtype=torch.bool, device=device)
             m = E
         else:
-            local_TE = dev_E[None, :] == token_dev_T[:, None]
+            local_TE = _expert_devices(E, cfg.ep_size, device)[None, :] == token_dev()[:, None]
             m = -(-E // cfg.ep_size)
         select = None
         if _fused_kernel_usable(cfg, scores_TE, topk_ids_TK):
@@ -453,12 +451,17 @@ def _route_torch(cfg, scores_TE, topk_ids_TK, topk_weights_TK, factor_T, batch, 
         keep_TK = keep_TE.gather(1, topk_ids_TK)
         ids_TW, w_TW, extra_TE = expanded_layout(keep_TE, topk_ids_TK, topk_weights_TK, scores_TE, factor_T,
                                                  keep_TK, min(E, K + m))
-        dropped = routed - keep_TK.sum()
-        added = extra_TE.sum()
 
     if cfg.renormalize == "kept":
         w_TW = renormalize_kept(w_TW, topk_weights_TK, active_T)
 
-    load_after_E = _count(ids_TW, E + 1)[:E]
-    return RoutingResult(ids_TW, w_TW, load_before_E, load_after_E, tokens_G, capacity_G,
-                         routed, dropped, rerouted, added)
+    def stats_fn():
+        routed = active_T.sum() * K
+        zero = torch.zeros((), dtype=torch.long, device=device)
+        return dict(load_before_E=_count(topk_ids_TK, E, active_T[:, None]),
+                    load_after_E=_count(ids_TW, E + 1)[:E], tokens_G=tokens_G, capacity_G=capacity_G,
+                    routed_pairs=routed, dropped_pairs=routed - keep_TK.sum(),
+                    rerouted_pairs=moved_TK.sum() if moved_TK is not None else zero,
+                    added_pairs=extra_TE.sum() if extra_TE is not None else zero)
+
+    return LazyRoutingResult(ids_TW, w_TW, stats_fn)
