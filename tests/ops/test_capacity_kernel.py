@@ -121,10 +121,14 @@ def test_unlimited_launches_nothing():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("strategy", ["drop", "reroute", "expanded"])
 @pytest.mark.parametrize("T,E,K,opts", [(4096, 8, 2, {}), (16384, 128, 8, {}), (3000, 64, 6, {"group": "sequence"}),
                                         (2048, 8, 2, {"ep_size": 4, "policy": "reverse"})])
-def test_fused_drop_real_sizes_on_gpu(T, E, K, opts):
-    """Groups of thousands of pairs (many tiles, every radix pass) on the GPU: the reference's pairs exactly."""
+def test_fused_drop_real_sizes_on_gpu(T, E, K, opts, strategy):
+    """Groups of thousands of pairs (many tiles, every radix pass; Token Reroute's and Expanded Drop's drop
+    steps run on the same kernel) on the GPU: the reference's pairs exactly."""
+    if strategy == "expanded":
+        opts = {k: v for k, v in opts.items() if k != "policy"}  # Expanded Drop ranks by score only
     g = torch.Generator(device="cuda").manual_seed(T)
     # Skewed softmax routing (a few hot experts) with ties from rounding the logits.
     logits = (torch.randn(T, E, device="cuda", generator=g) * 2 + torch.linspace(0, 3, E, device="cuda")).round(
@@ -136,10 +140,11 @@ def test_fused_drop_real_sizes_on_gpu(T, E, K, opts):
     batch = 4 if opts.get("group") == "sequence" else 1
     valid = torch.rand(batch, T // batch, device="cuda", generator=g) > 0.05
     for gamma in (1.0, 1.5):
-        cfg = make_config(gamma, "drop", num_experts=E, **opts)
+        cfg = make_config(gamma, strategy, num_experts=E, **opts)
         for v in (None, valid):
             kw = dict(batch=batch, seq=T // batch, valid_BS=v)
             got = route_sync_free(cfg, scores, ids, w, factor, **kw)
             ref = route(cfg, scores, ids, w, factor, **kw)
-            assert int(ref.dropped_pairs) > 0
+            if strategy == "drop":
+                assert int(ref.dropped_pairs) > 0
             assert_same_routing(got, ref)
