@@ -165,14 +165,15 @@ class Timer:
     def __init__(self, device: str, reps: int, warmup: int):
         self.device, self.reps, self.warmup = device, reps, warmup
 
-    def __call__(self, fn, n_inputs: int = 1) -> float:
-        """Median milliseconds of fn(i), i cycling over the input sets."""
+    def __call__(self, fn, n_inputs: int = 1, reps: int | None = None) -> float:
+        """Median milliseconds of fn(i), i cycling over the input sets (``reps`` timings, default self.reps)."""
+        reps = self.reps if reps is None else reps
         for i in range(self.warmup):
             fn(i % n_inputs)
         times = []
         if self.device == "cuda":
             torch.cuda.synchronize()
-            for i in range(self.reps):
+            for i in range(reps):
                 a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 a.record()
                 fn(i % n_inputs)
@@ -180,7 +181,7 @@ class Timer:
                 b.synchronize()
                 times.append(a.elapsed_time(b))
         else:
-            for i in range(self.reps):
+            for i in range(reps):
                 t0 = time.perf_counter()
                 fn(i % n_inputs)
                 times.append((time.perf_counter() - t0) * 1e3)
@@ -196,14 +197,9 @@ class Timer:
         run (±5 % on a multi-millisecond layer) then moves both alike, so their ratio is steadier."""
         per = max(1, self.reps // rounds)
         a, b = [], []
-        saved = self.reps
-        self.reps = per
-        try:
-            for _ in range(rounds):
-                a.append(self(lambda i: fn_a()))
-                b.append(self(lambda i: fn_b()))
-        finally:
-            self.reps = saved
+        for _ in range(rounds):
+            a.append(self(lambda i: fn_a(), reps=per))
+            b.append(self(lambda i: fn_b(), reps=per))
         return statistics.median(a), statistics.median(b)
 
     def host(self, fn, n_inputs: int = 1) -> float | None:

@@ -42,11 +42,11 @@ SCAN_BLOCK_C = 256  # chunks per step of _dispatch_scan_kernel (tests lower it)
 
 @triton.jit
 def _onehot(ids_ptr, p0, P, E, BLOCK_P: tl.constexpr, E_PAD: tl.constexpr):
-    """(pair numbers, (BLOCK_P, E_PAD) int32 one-hot of their experts) of the sub-block at p0."""
+    """(pair numbers, their ids, (BLOCK_P, E_PAD) int32 one-hot of their experts) of the sub-block at p0."""
     offs_p = p0 + tl.arange(0, BLOCK_P)
     e_x = tl.arange(0, E_PAD)
     ids = tl.load(ids_ptr + offs_p, mask=offs_p < P, other=-1).to(tl.int32)
-    return offs_p, ((ids[:, None] == e_x[None, :]) & (e_x[None, :] < E)).to(tl.int32)
+    return offs_p, ids, ((ids[:, None] == e_x[None, :]) & (e_x[None, :] < E)).to(tl.int32)
 
 
 @triton.jit
@@ -56,7 +56,7 @@ def _dispatch_count_kernel(ids_ptr, counts_ptr, P, E, BLOCK_P: tl.constexpr, E_P
     e_x = tl.arange(0, E_PAD)
     total = tl.zeros([E_PAD], dtype=tl.int32)
     for sub in range(SUBS):
-        _, onehot = _onehot(ids_ptr, (pid * SUBS + sub) * BLOCK_P, P, E, BLOCK_P, E_PAD)
+        _, _, onehot = _onehot(ids_ptr, (pid * SUBS + sub) * BLOCK_P, P, E, BLOCK_P, E_PAD)
         total += tl.sum(onehot, axis=0)
     tl.store(counts_ptr + pid * E + e_x, total, mask=e_x < E)
 
@@ -89,7 +89,7 @@ def _dispatch_scatter_kernel(ids_ptr, offs_ptr, sorted_ptr, start_ptr, P, E, R, 
     if SINGLE:
         total_e = tl.zeros([E_PAD], dtype=tl.int32)
         for sub in range(SUBS):
-            _, onehot = _onehot(ids_ptr, sub * BLOCK_P, P, E, BLOCK_P, E_PAD)
+            _, _, onehot = _onehot(ids_ptr, sub * BLOCK_P, P, E, BLOCK_P, E_PAD)
             total_e += tl.sum(onehot, axis=0)
         before_e = tl.zeros([E_PAD], dtype=tl.int32)
     else:
@@ -121,11 +121,10 @@ def _dispatch_scatter_kernel(ids_ptr, offs_ptr, sorted_ptr, start_ptr, P, E, R, 
     # sub-blocks + rank inside the sub-block.
     base_e = start_e + before_e
     for sub in range(SUBS):
-        offs_p, onehot = _onehot(ids_ptr, (pid * SUBS + sub) * BLOCK_P, P, E, BLOCK_P, E_PAD)
+        offs_p, ids, onehot = _onehot(ids_ptr, (pid * SUBS + sub) * BLOCK_P, P, E, BLOCK_P, E_PAD)
         if BLOCK_P <= 128:
             # Rank = earlier pairs of the sub-block on the same expert, from a BLOCK_P x BLOCK_P comparison:
             # on the H200 a scan down the (BLOCK_P, E_PAD) one-hot cost more than the rest of the kernel.
-            ids = tl.load(ids_ptr + offs_p, mask=offs_p < P, other=-1).to(tl.int32)
             same = (ids[:, None] == ids[None, :]) & (tl.arange(0, BLOCK_P)[None, :] < tl.arange(0, BLOCK_P)[:, None])
             rank = tl.sum(same.to(tl.int32), axis=1)
         else:

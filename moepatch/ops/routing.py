@@ -31,7 +31,7 @@ Launch count.  A patched layer calls this once per forward, so its cost is paid 
   Reroute's first drop (score / order / reverse) and Expanded Drop's drop over its candidates
   (Token Drop by score over (T, E) slots) run on the same Triton kernel in expert scope, and the
   statistics of this path are computed on read too: 149 → 100 torch ops plus one launch for one
-  reroute round, 100 → 55 plus one for expanded (counted on the CPU, T = 256, E = 8, K = 2, views
+  reroute round, 100 → 53 plus one for expanded (counted on the CPU, T = 256, E = 8, K = 2, views
   excluded; not yet timed on a GPU).
 
 Legend: T tokens, E routed experts, K native experts per token, W output slots, G capacity
@@ -396,8 +396,6 @@ def _route_torch(cfg, scores_TE, topk_ids_TK, topk_weights_TK, factor_T, batch, 
     capacity_G = None
     if cfg.strategy != "expert_drop":
         capacity_G = capacities(tokens_G, K, E, cfg.capacity_factor, cfg.min_capacity)
-    sentinel = torch.full_like(topk_ids_TK, E)
-    w_zero = torch.zeros_like(topk_weights_TK)
     moved_TK = extra_TE = None
 
     def random_order():
@@ -414,8 +412,8 @@ def _route_torch(cfg, scores_TE, topk_ids_TK, topk_weights_TK, factor_T, batch, 
             else:
                 keep_TK = expert_drop(topk_ids_TK, active_T, E, cfg.expert_drop_fraction,
                                       torch.zeros(T, dtype=torch.long, device=device), 1)
-        ids_TW = torch.where(keep_TK, topk_ids_TK, sentinel)
-        w_TW = torch.where(keep_TK, topk_weights_TK, w_zero)
+        ids_TW = torch.where(keep_TK, topk_ids_TK, E)
+        w_TW = torch.where(keep_TK, topk_weights_TK, 0.0)
     elif cfg.strategy == "reroute":
         if cfg.policy in _POLICY_CODES and _fused_kernel_usable(cfg, scores_TE, topk_ids_TK):
             # The first step is Token Drop: one launch of the fused kernel instead of ~25 torch ops.
@@ -428,8 +426,8 @@ def _route_torch(cfg, scores_TE, topk_ids_TK, topk_weights_TK, factor_T, batch, 
                                                   capacity_G, bucket_E, bucket_size_B,
                                                   cfg.reroute_target, cfg.reroute_rounds)
         moved_w_TK = (scores_TE.gather(1, ids_TK) * factor_T[:, None]).to(topk_weights_TK.dtype)
-        ids_TW = torch.where(keep_TK, ids_TK, sentinel)
-        w_TW = torch.where(moved_TK, moved_w_TK, torch.where(keep_TK, topk_weights_TK, w_zero))
+        ids_TW = torch.where(keep_TK, ids_TK, E)
+        w_TW = torch.where(moved_TK, moved_w_TK, torch.where(keep_TK, topk_weights_TK, 0.0))
     else:  # expanded
         if cfg.local_experts == "all" or cfg.ep_size == 1:
             local_TE = torch.ones(T, E, dtype=torch.bool, device=device)

@@ -32,9 +32,9 @@ class RankResult:
     result: dict | None
 
 
-def run_ranks(scenario: str, tmp_path: Path, world: int = 2, limit_s: float = 60.0, timeout_s: float = 20.0,
-              args: tuple = ()) -> tuple[list[RankResult], float]:
-    """Start ``world`` ranks of ``worker.py scenario``; return their results and the wall time.
+def run_script(script: Path, lead: list[str], args: list[str], tmp_path: Path, stem: str, world: int = 2,
+               limit_s: float = 60.0, timeout_s: float = 20.0) -> tuple[list[RankResult], float]:
+    """Start ``world`` ranks of ``python script *lead OUT_JSON *args``; their results and the wall time.
 
     ``timeout_s`` is the process-group timeout the ranks use; ``limit_s`` the wall-clock limit
     after which every rank still running is killed (and reported with returncode None).
@@ -47,9 +47,9 @@ def run_ranks(scenario: str, tmp_path: Path, world: int = 2, limit_s: float = 60
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), MOEPATCH_EP_TIMEOUT_S=str(timeout_s),
                    OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error",
                    PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-        out = tmp_path / f"{scenario}.rank{rank}.json"
-        log = open(tmp_path / f"{scenario}.rank{rank}.log", "w+")
-        p = subprocess.Popen([sys.executable, str(WORKER), scenario, str(out), *args], env=env,
+        out = tmp_path / f"{stem}.rank{rank}.json"
+        log = open(tmp_path / f"{stem}.rank{rank}.log", "w+")
+        p = subprocess.Popen([sys.executable, str(script), *lead, str(out), *args], env=env,
                              stdout=log, stderr=subprocess.STDOUT, cwd=str(REPO))
         procs.append((p, out, log))
     results = []
@@ -66,6 +66,12 @@ def run_ranks(scenario: str, tmp_path: Path, world: int = 2, limit_s: float = 60
         log.close()
         results.append(RankResult(code, text, json.loads(out.read_text()) if out.exists() else None))
     return results, time.monotonic() - start
+
+
+def run_ranks(scenario: str, tmp_path: Path, world: int = 2, limit_s: float = 60.0, timeout_s: float = 20.0,
+              args: tuple = ()) -> tuple[list[RankResult], float]:
+    """Start ``world`` ranks of ``worker.py scenario``; return their results and the wall time (see run_script)."""
+    return run_script(WORKER, [scenario], list(args), tmp_path, scenario, world, limit_s, timeout_s)
 
 
 def check_ok(results: list[RankResult]) -> list[dict]:

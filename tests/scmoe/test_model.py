@@ -28,6 +28,18 @@ def _model(arch, position, combine, every, **kw):
     return build_scmoe(arch=arch, position=position, combine=combine, moe_every_layer=every, **dict(DIMS, **kw))
 
 
+def _router_and_source(model, router, source):
+    """(router input, source module output) of one forward, captured with hooks."""
+    seen = {}
+    h1 = source.register_forward_hook(lambda m, a, o: seen.setdefault("source", o))
+    h2 = router.register_forward_pre_hook(lambda m, a: seen.setdefault("router", a[0]))
+    with torch.no_grad():
+        model(_ids())
+    h1.remove()
+    h2.remove()
+    return seen["router"], seen["source"]
+
+
 @pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: f"{v[0]}-pos{v[1]}-{v[2]}{'-every' if v[3] else ''}")
 def test_shapes_and_active_parameters(variant):
     arch, position, combine, every = variant
@@ -57,28 +69,16 @@ def test_routed_experts_read_the_shortcut_source(position):
     model = _model(arch, max(position, 1), "cg1", False)
     dense, moe = model.blocks[0], model.blocks[1]
     source = {0: moe.post_norm, 1: moe.input_norm, 2: dense.post_norm, 3: dense.input_norm}[position]
-    seen = {}
-    h1 = source.register_forward_hook(lambda m, a, o: seen.setdefault("source", o))
-    h2 = moe.moe.router.register_forward_pre_hook(lambda m, a: seen.setdefault("router", a[0]))
-    with torch.no_grad():
-        model(_ids())
-    h1.remove()
-    h2.remove()
-    assert torch.equal(seen["router"], seen["source"].reshape(-1, DIMS["hidden_size"]))
+    router_in, source_out = _router_and_source(model, moe.moe.router, source)
+    assert torch.equal(router_in, source_out.reshape(-1, DIMS["hidden_size"]))
 
 
 def test_every_layer_mode_reads_the_block_input():
     model = _model("scmoe", 1, "cg1", True)
     for b in model.blocks:
         assert b.kind == "scmoe"
-    seen = {}
-    h1 = model.blocks[2].input_norm.register_forward_hook(lambda m, a, o: seen.setdefault("source", o))
-    h2 = model.blocks[2].moe.router.register_forward_pre_hook(lambda m, a: seen.setdefault("router", a[0]))
-    with torch.no_grad():
-        model(_ids())
-    h1.remove()
-    h2.remove()
-    assert torch.equal(seen["router"], seen["source"].reshape(-1, DIMS["hidden_size"]))
+    router_in, source_out = _router_and_source(model, model.blocks[2].moe.router, model.blocks[2].input_norm)
+    assert torch.equal(router_in, source_out.reshape(-1, DIMS["hidden_size"]))
 
 
 def test_invalid_configs_raise():
