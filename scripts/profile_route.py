@@ -4,7 +4,7 @@ For each (shape, M): the Token Drop routing (γ = 1.5, score) timed under CUDA-g
 pairs sorted by expert first (routing_kernels.SORTED_MIN_PAIRS, the default) and with every program
 scanning the whole group (the path before), the dispatch alone, and then one eager call of the
 patched block with and without capacity under torch.profiler: the kernels that take the time.
-``--dispatch-sweep``: the dispatch alone for several tile sizes and warp counts; prints BEST.
+``--dispatch-sweep``: the dispatch alone for several chunk sizes and warp counts; prints BEST.
 
     PYTHONPATH=$PWD python3 scripts/profile_route.py --out $OUT/route
 """
@@ -41,31 +41,31 @@ def _log_kernels(prof, log, limit=12):
         log(f"    {e.self_device_time_total:9.1f} {e.count:4d}  {e.key[:90]}")
 
 
-DISPATCH_VARIANTS = [(8192, 4), (8192, 8), (8192, 16), (4096, 4), (4096, 8), (2048, 4), (2048, 8)]
+DISPATCH_VARIANTS = [(128, 4), (64, 4), (128, 8), (256, 8), (32, 4)]  # (pairs per chunk, warps)
 
 
 def dispatch_sweep(cases: str, log) -> None:
-    """The dispatch alone (block_m 1 and 128) per (tile elements, warps): layout checked, graph µs."""
+    """The dispatch alone (block_m 1 and 128) per (pairs per chunk, warps): layout checked, graph µs."""
     from moepatch.ops import dispatch_kernels as dk
 
-    saved = dk.TILE_ELEMS, dk.NUM_WARPS
+    saved = dk.CHUNK, dk.NUM_WARPS
     totals = {}
     for case in cases.split(","):
         name, M = case.split(":")
         E, K = SHAPES[name]["E"], SHAPES[name]["K"]
         ids = torch.rand(int(M), E, device="cuda").topk(K, dim=1).indices
-        dk.TILE_ELEMS, dk.NUM_WARPS = saved
+        dk.CHUNK, dk.NUM_WARPS = saved
         want = ex.dispatch(ids, E, 128, fuse=False)
-        for tile, warps in DISPATCH_VARIANTS:
-            dk.TILE_ELEMS, dk.NUM_WARPS = tile, warps
+        for chunk, warps in DISPATCH_VARIANTS:
+            dk.CHUNK, dk.NUM_WARPS = chunk, warps
             got = ex.dispatch(ids, E, 128, fuse=False)
             same = torch.equal(got.sorted_pairs_R, want.sorted_pairs_R) and torch.equal(got.start_E1, want.start_E1)
             t1 = graph_ms(lambda: ex.dispatch(ids, E, 1, fuse=False).sorted_pairs_R)
             t128 = graph_ms(lambda: ex.dispatch(ids, E, 128, fuse=False).sorted_pairs_R)
-            totals[(tile, warps)] = totals.get((tile, warps), 0.0) + (t128 if same else float("inf"))
-            log(f"[dispatch {name} M={M}] tile {tile} warps {warps}: block 1 {t1 * 1e3:.1f} us, block 128 "
+            totals[(chunk, warps)] = totals.get((chunk, warps), 0.0) + (t128 if same else float("inf"))
+            log(f"[dispatch {name} M={M}] chunk {chunk} warps {warps}: block 1 {t1 * 1e3:.1f} us, block 128 "
                 f"{t128 * 1e3:.1f} us, same layout {same}")
-    dk.TILE_ELEMS, dk.NUM_WARPS = saved
+    dk.CHUNK, dk.NUM_WARPS = saved
     best = min(totals, key=totals.get)
     log(f"BEST {best[0]} {best[1]}")
 
@@ -74,7 +74,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--cases", default="qwen3_30b_a3b:1024,qwen3_30b_a3b:16384,olmoe:16384,mixtral:16384")
     p.add_argument("--out", default="profile_route_out")
-    p.add_argument("--dispatch-sweep", action="store_true", help="only time dispatch tile/warp variants")
+    p.add_argument("--dispatch-sweep", action="store_true", help="only time dispatch chunk/warp variants")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,7 @@
 """Dispatch: sort the (token, slot) pairs into per-expert blocks of BLOCK_M rows, without a host sync.
 
 Legend: T tokens, W slots per token, P = T * W pairs (pair p = t * W + w), E experts, R rows of
-the padded sorted layout, NB = R / BLOCK_M blocks, C chunks of pairs.
+the padded sorted layout, NB = R / BLOCK_M blocks, C chunks of BLOCK_P pairs.
 
 Layout produced (every size is a function of P, E and BLOCK_M only, so it is static):
     sorted_pairs_R (int32): the pair each row computes; P on padding rows.  Expert e owns rows
@@ -14,15 +14,16 @@ Three kernels, all deterministic (no atomics, pairs keep their order inside an e
     _dispatch_count_kernel: pairs per (chunk, expert).
     _dispatch_scan_kernel: per expert, the pairs of the chunks before each chunk (an exclusive
         running sum over chunks, one program per block of experts) and, in row C, the totals.
-    _dispatch_scatter_kernel: every program reads its chunk's offsets and the totals (2·E integers),
-        writes the padding sentinels of its slice of rows and the rows of its own chunk.  With one
-        chunk (decode, small prefill) it counts by itself: one launch.
-A chunk is SUBS sub-blocks of BLOCK_P pairs (BLOCK_P x E_PAD one-hot tiles in registers), walked in
-order with a running count per expert, so there are at most MAX_CHUNKS chunks whatever P.
-History (H200, 131072 pairs over 128 experts, 64-pair chunks): every scatter program summing the
-count rows of all earlier chunks read 2 GB from L2; a torch.cumsum over the (2048, 128) counts ran
-one thread per column and took ~0.4 ms; 128 chunks of 16 sub-blocks left 128 programs doing 16
-serial steps each (0.1 ms).
+    _dispatch_scatter_kernel: one program per chunk.  It turns the totals into padded expert starts,
+        writes start + pairs of earlier chunks over its own row of the scan's output, and puts each
+        pair at row base[its expert] (a gather from that row) + its rank among the chunk's pairs of
+        the same expert (a BLOCK_P x BLOCK_P comparison).  Padding rows are written by the program
+        whose number is the expert's modulo C, the rows past the last expert's by slices.  With one
+        chunk (decode, small prefill) it counts by itself and uses start_E1 as its row: one launch.
+History (H200, 131072 pairs over 128 experts): every scatter program summing the count rows of all
+earlier chunks read 2 GB from L2; a torch.cumsum over the (2048, 128) counts ran one thread per
+column (~0.4 ms); chunks walked in sub-blocks with a running count per expert took 75 µs in the
+scatter, whose programs chained ~50 cross-warp reductions over (pairs, E) tiles each.
 """
 
 from __future__ import annotations
@@ -32,32 +33,33 @@ import os
 import triton
 import triton.language as tl
 
-MAX_CHUNKS = 1024
-# Elements of the (BLOCK_P, E_PAD) one-hot and (BLOCK_R, E_PAD) row tiles, and warps per program of the
-# count and scatter kernels (environment overrides for measuring, see scripts/profile_route.py).
+# Pairs per chunk (the rank comparison is CHUNK x CHUNK), elements of the count kernel's
+# (BLOCK_P, E_PAD) one-hot sub-blocks, and warps per program of the count and scatter kernels
+# (environment overrides for measuring, see scripts/profile_route.py).
+CHUNK = int(os.environ.get("MOEPATCH_DISPATCH_CHUNK", "128"))
 TILE_ELEMS = int(os.environ.get("MOEPATCH_DISPATCH_TILE", "2048"))
 NUM_WARPS = int(os.environ.get("MOEPATCH_DISPATCH_WARPS", "4"))
 SCAN_BLOCK_C = 256  # chunks per step of _dispatch_scan_kernel (tests lower it)
 
 
 @triton.jit
-def _onehot(ids_ptr, p0, P, E, BLOCK_P: tl.constexpr, E_PAD: tl.constexpr):
-    """(pair numbers, their ids, (BLOCK_P, E_PAD) int32 one-hot of their experts) of the sub-block at p0."""
-    offs_p = p0 + tl.arange(0, BLOCK_P)
-    e_x = tl.arange(0, E_PAD)
-    ids = tl.load(ids_ptr + offs_p, mask=offs_p < P, other=-1).to(tl.int32)
-    return offs_p, ids, ((ids[:, None] == e_x[None, :]) & (e_x[None, :] < E)).to(tl.int32)
-
-
-@triton.jit
-def _dispatch_count_kernel(ids_ptr, counts_ptr, P, E, BLOCK_P: tl.constexpr, E_PAD: tl.constexpr,
-                           SUBS: tl.constexpr):
-    pid = tl.program_id(0)
+def _count(ids_ptr, p0, P, E, SUB_P: tl.constexpr, SUBS: tl.constexpr, E_PAD: tl.constexpr):
+    """(E_PAD,) pairs per expert among the SUB_P * SUBS pairs from p0, in (SUB_P, E_PAD) one-hot sub-blocks."""
     e_x = tl.arange(0, E_PAD)
     total = tl.zeros([E_PAD], dtype=tl.int32)
     for sub in range(SUBS):
-        _, _, onehot = _onehot(ids_ptr, (pid * SUBS + sub) * BLOCK_P, P, E, BLOCK_P, E_PAD)
-        total += tl.sum(onehot, axis=0)
+        offs_p = p0 + sub * SUB_P + tl.arange(0, SUB_P)
+        ids = tl.load(ids_ptr + offs_p, mask=offs_p < P, other=-1).to(tl.int32)
+        total += tl.sum(((ids[:, None] == e_x[None, :]) & (e_x[None, :] < E)).to(tl.int32), axis=0)
+    return total
+
+
+@triton.jit
+def _dispatch_count_kernel(ids_ptr, counts_ptr, P, E, BLOCK_P: tl.constexpr, SUB_P: tl.constexpr,
+                           E_PAD: tl.constexpr):
+    pid = tl.program_id(0)
+    e_x = tl.arange(0, E_PAD)
+    total = _count(ids_ptr, pid * BLOCK_P, P, E, SUB_P, BLOCK_P // SUB_P, E_PAD)
     tl.store(counts_ptr + pid * E + e_x, total, mask=e_x < E)
 
 
@@ -78,23 +80,22 @@ def _dispatch_scan_kernel(counts_ptr, offs_ptr, C, E, BLOCK_C: tl.constexpr, BLO
 
 @triton.jit
 def _dispatch_scatter_kernel(ids_ptr, offs_ptr, sorted_ptr, start_ptr, P, E, R, num_chunks, rows_per_program,
-                             BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, E_PAD: tl.constexpr,
-                             BLOCK_R: tl.constexpr, SINGLE: tl.constexpr, SUBS: tl.constexpr):
-    """offs_ptr: (C + 1, E) from _dispatch_scan_kernel (unused when SINGLE)."""
+                             BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, SUB_P: tl.constexpr,
+                             E_PAD: tl.constexpr, BLOCK_R: tl.constexpr, SINGLE: tl.constexpr):
+    """offs_ptr: (C + 1, E) from _dispatch_scan_kernel; row pid is overwritten (unused when SINGLE)."""
     pid = tl.program_id(0)
     e_x = tl.arange(0, E_PAD)
     e_ok = e_x < E
 
     # Pairs per expert over all chunks, and over the chunks before this one.
     if SINGLE:
-        total_e = tl.zeros([E_PAD], dtype=tl.int32)
-        for sub in range(SUBS):
-            _, _, onehot = _onehot(ids_ptr, sub * BLOCK_P, P, E, BLOCK_P, E_PAD)
-            total_e += tl.sum(onehot, axis=0)
+        total_e = _count(ids_ptr, 0, P, E, SUB_P, BLOCK_P // SUB_P, E_PAD)
         before_e = tl.zeros([E_PAD], dtype=tl.int32)
+        base_ptr = start_ptr
     else:
         total_e = tl.load(offs_ptr + num_chunks * E + e_x, mask=e_ok, other=0)
         before_e = tl.load(offs_ptr + pid * E + e_x, mask=e_ok, other=0)
+        base_ptr = offs_ptr + pid * E
 
     padded_e = (total_e + BLOCK_M - 1) // BLOCK_M * BLOCK_M
     end_e = tl.cumsum(padded_e, axis=0)
@@ -103,33 +104,32 @@ def _dispatch_scatter_kernel(ids_ptr, offs_ptr, sorted_ptr, start_ptr, P, E, R, 
     if pid == 0:
         tl.store(start_ptr + e_x, start_e, mask=e_ok)
         tl.store(start_ptr + E, used)
+    # This chunk's first row per expert, where the pairs below can gather it (with one chunk that row
+    # is start_E1 itself, stored just above).  The barrier makes the program's own stores visible to it.
+    if not SINGLE:
+        tl.store(base_ptr + e_x, start_e + before_e, mask=e_ok)
+    tl.debug_barrier()
 
-    # Padding rows of this program's slice: rows past the expert's pairs, and rows past `used`.
-    # Real rows are written below by the program owning their chunk, so no address is written twice.
-    for r0 in range(pid * rows_per_program, tl.minimum((pid + 1) * rows_per_program, R), BLOCK_R):
+    # Rows of this chunk's pairs: the chunk's base row of the expert + rank among the chunk's earlier
+    # pairs of that expert.
+    offs_p = pid * BLOCK_P + tl.arange(0, BLOCK_P)
+    ids = tl.load(ids_ptr + offs_p, mask=offs_p < P, other=-1).to(tl.int32)
+    valid = (ids >= 0) & (ids < E)
+    earlier = tl.arange(0, BLOCK_P)[None, :] < tl.arange(0, BLOCK_P)[:, None]
+    rank = tl.sum(((ids[:, None] == ids[None, :]) & earlier).to(tl.int32), axis=1)
+    base = tl.load(base_ptr + ids, mask=valid, other=0)
+    tl.store(sorted_ptr + base + rank, offs_p.to(tl.int32), mask=valid)
+
+    # Padding rows after each expert's pairs: expert e's by program e mod C.  Then the rows past `used`,
+    # by slices.  Real rows are written only above, so no address is written twice.
+    if BLOCK_M > 1:
+        j = tl.arange(0, BLOCK_M)
+        for e in range(pid, E, num_chunks):
+            mine = e_x == e
+            first = tl.sum(tl.where(mine, start_e + total_e, 0), axis=0)
+            count = tl.sum(tl.where(mine, padded_e - total_e, 0), axis=0)
+            tl.store(sorted_ptr + first + j, tl.full([BLOCK_M], 0, tl.int32) + P, mask=j < count)
+    row_end = tl.minimum((pid + 1) * rows_per_program, R)
+    for r0 in range(pid * rows_per_program, row_end, BLOCK_R):
         r_x = r0 + tl.arange(0, BLOCK_R)
-        owner = (end_e[None, :] <= r_x[:, None]) & e_ok[None, :]
-        e_r = tl.sum(owner.to(tl.int32), axis=1)  # expert of the row (E past the last one)
-        mine = (e_x[None, :] == e_r[:, None])
-        row_start = tl.sum(tl.where(mine, start_e[None, :], 0), axis=1)
-        row_count = tl.sum(tl.where(mine, total_e[None, :], 0), axis=1)
-        pad = (e_r >= E) | (r_x - row_start >= row_count)
-        row_end = tl.minimum((pid + 1) * rows_per_program, R)
-        tl.store(sorted_ptr + r_x, tl.full([BLOCK_R], 0, tl.int32) + P, mask=pad & (r_x < row_end))
-
-    # Rows of this chunk's pairs, sub-block by sub-block: expert start + pairs of earlier chunks and
-    # sub-blocks + rank inside the sub-block.
-    base_e = start_e + before_e
-    for sub in range(SUBS):
-        offs_p, ids, onehot = _onehot(ids_ptr, (pid * SUBS + sub) * BLOCK_P, P, E, BLOCK_P, E_PAD)
-        if BLOCK_P <= 128:
-            # Rank = earlier pairs of the sub-block on the same expert, from a BLOCK_P x BLOCK_P comparison:
-            # on the H200 a scan down the (BLOCK_P, E_PAD) one-hot cost more than the rest of the kernel.
-            same = (ids[:, None] == ids[None, :]) & (tl.arange(0, BLOCK_P)[None, :] < tl.arange(0, BLOCK_P)[:, None])
-            rank = tl.sum(same.to(tl.int32), axis=1)
-        else:
-            rank = tl.sum((tl.cumsum(onehot, axis=0) - onehot) * onehot, axis=1)
-        base = tl.sum(onehot * base_e[None, :], axis=1)
-        valid = tl.sum(onehot, axis=1) > 0
-        tl.store(sorted_ptr + base + rank, offs_p.to(tl.int32), mask=valid)
-        base_e += tl.sum(onehot, axis=0)
+        tl.store(sorted_ptr + r_x, tl.full([BLOCK_R], 0, tl.int32) + P, mask=(r_x >= used) & (r_x < row_end))

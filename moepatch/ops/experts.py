@@ -189,27 +189,25 @@ def dispatch(ids_TW: torch.Tensor, num_experts: int, block_m: int, fuse: bool | 
         start_E1.zero_()
         return DispatchLayout(sorted_R, start_E1, P, W, E, block_m, R)
     e_pad = _pow2(E)
-    tile = dispatch_kernels.TILE_ELEMS
-    block_p = max(16, min(1024, tile // e_pad))
-    subs = 1  # sub-blocks per chunk: at most MAX_CHUNKS chunks (see dispatch_kernels.py)
-    while block_p * subs * dispatch_kernels.MAX_CHUNKS < P:
-        subs *= 2
-    chunks = _cdiv(P, block_p * subs)
+    block_p = _pow2(max(16, dispatch_kernels.CHUNK))  # pairs per chunk (see dispatch_kernels.py)
+    sub_p = max(16, min(block_p, dispatch_kernels.TILE_ELEMS // e_pad))
+    chunks = _cdiv(P, block_p)
     single = chunks == 1
     # One chunk: the scatter kernel counts by itself and never reads `offs` (any int32 buffer will do).
     offs = sorted_R
     if not single:
         counts = torch.empty(chunks, E, dtype=torch.int32, device=ids_TW.device)
         offs = torch.empty(chunks + 1, E, dtype=torch.int32, device=ids_TW.device)
-        _dispatch_count_kernel[(chunks,)](ids_P, counts, P, E, BLOCK_P=block_p, E_PAD=e_pad, SUBS=subs,
+        _dispatch_count_kernel[(chunks,)](ids_P, counts, P, E, BLOCK_P=block_p, SUB_P=sub_p, E_PAD=e_pad,
                                           num_warps=dispatch_kernels.NUM_WARPS)
         block_e = min(e_pad, 8)
         _dispatch_scan_kernel[(_cdiv(E, block_e),)](counts, offs, chunks, E,
                                                      BLOCK_C=dispatch_kernels.SCAN_BLOCK_C, BLOCK_E=block_e)
+    rows_per_program = _cdiv(R, chunks)
     _dispatch_scatter_kernel[(chunks,)](
-        ids_P, offs, sorted_R, start_E1, P, E, R, chunks, _cdiv(R, chunks),
-        BLOCK_M=block_m, BLOCK_P=block_p, E_PAD=e_pad, BLOCK_R=max(16, min(1024, tile // e_pad)), SINGLE=single,
-        SUBS=subs, num_warps=dispatch_kernels.NUM_WARPS)
+        ids_P, offs, sorted_R, start_E1, P, E, R, chunks, rows_per_program,
+        BLOCK_M=block_m, BLOCK_P=block_p, SUB_P=sub_p, E_PAD=e_pad,
+        BLOCK_R=max(16, min(1024, _pow2(rows_per_program))), SINGLE=single, num_warps=dispatch_kernels.NUM_WARPS)
     return DispatchLayout(sorted_R, start_E1, P, W, E, block_m, R)
 
 

@@ -46,7 +46,8 @@ KINDS = ["random", "distinct", "one_expert", "all_sentinel", "empty_expert"]
 # (kind, T, W, E, block_m); the large case (a scan of the chunk counts in several steps) runs two kinds,
 # being slow under the interpreter.
 _DISPATCH_CASES = [(kind, *shape) for shape in [(1, 2, 8, 16), (13, 2, 8, 16), (7, 3, 3, 16), (37, 4, 5, 32),
-                                                (150, 2, 128, 16), (611, 2, 8, 16)]
+                                                (150, 2, 128, 16), (611, 2, 8, 16),
+                                                (97, 3, 8, 1), (300, 2, 64, 128)]
                    for kind in KINDS if not (kind == "distinct" and shape[1] > shape[2])]
 _DISPATCH_CASES += [(kind, 2100, 2, 128, 16) for kind in ("random", "one_expert")]
 
@@ -56,15 +57,15 @@ def test_dispatch_layout(kind, T, W, E, block_m, device, monkeypatch):
     gen = torch.Generator().manual_seed(T * 31 + E)
     ids = _ids(kind, T, W, E, gen)
     want_rows, want_starts = _dispatch_reference(ids, E, block_m)
-    # Default chunking; at most 3 chunks (several sub-blocks per chunk where P is large); a scan of the
-    # chunk counts in several steps.
-    for max_chunks, scan_block in ((X.dispatch_kernels.MAX_CHUNKS, X.dispatch_kernels.SCAN_BLOCK_C), (3, 16),
-                                   (X.dispatch_kernels.MAX_CHUNKS, 16)):
-        monkeypatch.setattr(X.dispatch_kernels, "MAX_CHUNKS", max_chunks)
+    # Default chunks; 16-pair chunks (many of them, one-hot sub-blocks of fewer pairs than a chunk at
+    # 128 experts); a scan of the chunk counts in several steps.
+    for chunk, scan_block in ((X.dispatch_kernels.CHUNK, X.dispatch_kernels.SCAN_BLOCK_C), (16, 16),
+                              (X.dispatch_kernels.CHUNK, 4)):
+        monkeypatch.setattr(X.dispatch_kernels, "CHUNK", chunk)
         monkeypatch.setattr(X.dispatch_kernels, "SCAN_BLOCK_C", scan_block)
         layout = X.dispatch(ids.to(device), E, block_m, fuse=False)
-        assert torch.equal(layout.start_E1.cpu(), want_starts), (max_chunks, scan_block)
-        assert torch.equal(layout.sorted_pairs_R.cpu(), want_rows), (max_chunks, scan_block)
+        assert torch.equal(layout.start_E1.cpu(), want_starts), (chunk, scan_block)
+        assert torch.equal(layout.sorted_pairs_R.cpu(), want_rows), (chunk, scan_block)
 
 
 def _reference(x, ids, w, w1, w2):
