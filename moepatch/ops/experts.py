@@ -381,8 +381,8 @@ def combine(y_SPH: torch.Tensor, ids_TW: torch.Tensor, num_experts: int, out_dty
     block_n = min(512, _pow2(H))
     pdl = pdl and use_pdl(y_SPH.device)
     _launch(_combine_kernel, (T, _cdiv(H, block_n)),
-            (y_SPH, ids_TW.reshape(-1), out_TH, W, num_experts, H, S, y_SPH.stride(0), y_SPH.stride(1),
-             out_TH.stride(0)), dict(BLOCK_N=block_n, PDL=pdl), 4, 1, pdl=pdl)
+            (y_SPH, ids_TW.reshape(-1), out_TH, num_experts, H, y_SPH.stride(0), y_SPH.stride(1),
+             out_TH.stride(0)), dict(W=W, S=S, BLOCK_N=block_n, PDL=pdl), 4, 1, pdl=pdl)
     return out_TH
 
 

@@ -232,23 +232,26 @@ def _down_kernel(h_ptr, w2_ptr, y_ptr, ids_ptr, sorted_ptr, start_ptr, weights_p
 
 
 @triton.jit
-def _combine_kernel(y_ptr, ids_ptr, out_ptr, W, E, N, S, stride_ys, stride_yp, stride_ot,
-                    BLOCK_N: tl.constexpr, PDL: tl.constexpr = False):
+def _combine_kernel(y_ptr, ids_ptr, out_ptr, E, N, stride_ys, stride_yp, stride_ot,
+                    W: tl.constexpr, S: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr = False):
+    """out[t] = sum over slots w, then split-K parts s, of y[s, t * W + w] (fp32, in that order).
+
+    W and S are compile-time so the loops unroll and every load is in flight at once (a loop over
+    them issued the W * S loads one latency apart: 4.6 µs for one Mixtral token against ~1.5).
+    """
     if PDL:
         gdc_wait()
     t = tl.program_id(0).to(tl.int64)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for w in range(W):
+    for w in tl.static_range(W):
         p = t * W + w
         # Sentinel slots were never computed: their rows hold garbage and must not be read.
         eid_n = tl.load(ids_ptr + p + offs_n * 0)
         mask = n_ok & (eid_n >= 0) & (eid_n < E)
-        y_ptrs = y_ptr + p * stride_yp + offs_n
-        for _ in range(S):
-            acc += tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32)
-            y_ptrs += stride_ys
+        for s in tl.static_range(S):
+            acc += tl.load(y_ptr + s * stride_ys + p * stride_yp + offs_n, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + t * stride_ot + offs_n, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
 
 
