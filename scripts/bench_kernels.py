@@ -14,7 +14,10 @@ on random inputs) and each token count M it
    block: transformers' ("hf_block", grouped_mm), patched without capacity ("tri_block") and with
    capacity γ=--gamma score drop ("tri_cap"); the capacity routing alone ("route_cap"); the host
    time of one call of ours (CPU µs per call, no sync: what eager decode pays in launches); for
-   M <= --graph-max-m also CUDA-graph replays ("*_graph");
+   M <= --graph-max-m also CUDA-graph replays ("*_graph": the device's time, each replay queued
+   behind a short spin kernel so the host's ~5-15 µs launch of the graph is not counted; a model
+   captured whole pays it once per forward) and ours once more with that launch counted
+   ("triton_graph_launch", the replay timed after an idle GPU);
 3. checks that CUDA-graph replays are bit for bit the eager result: the experts (M <= --graph-max-m)
    and the capped block (router + capacity + experts, M <= 4096);
 4. reports ratios to the floor (performance.md: max(bytes / BW, FLOPs / PEAK)) and to the best
@@ -50,7 +53,7 @@ if "--smoke" in sys.argv and "TRITON_INTERPRET" not in os.environ:
 
 import torch  # noqa: E402
 
-from moepatch.ops.tuning import PRESET_SHAPES  # noqa: E402  (no triton import)
+from moepatch.ops.tuning import PRESET_SHAPES, busy_gpu  # noqa: E402  (no triton import)
 
 _MODEL_TYPES = {"mixtral": "mixtral", "olmoe": "olmoe", "deepseek_v2_lite": "deepseek_v2",
                 "qwen3_30b_a3b": "qwen3_moe"}
@@ -165,8 +168,12 @@ class Timer:
     def __init__(self, device: str, reps: int, warmup: int):
         self.device, self.reps, self.warmup = device, reps, warmup
 
-    def __call__(self, fn, n_inputs: int = 1, reps: int | None = None) -> float:
-        """Median milliseconds of fn(i), i cycling over the input sets (``reps`` timings, default self.reps)."""
+    def __call__(self, fn, n_inputs: int = 1, reps: int | None = None, hide_launch: bool = False) -> float:
+        """Median milliseconds of fn(i), i cycling over the input sets (``reps`` timings, default self.reps).
+
+        hide_launch: each timing starts behind tuning.busy_gpu, so a graph replay's host launch is not
+        counted (graph timings); eager timings keep the host's launch time, as a model pays it.
+        """
         reps = self.reps if reps is None else reps
         for i in range(self.warmup):
             fn(i % n_inputs)
@@ -175,6 +182,8 @@ class Timer:
             torch.cuda.synchronize()
             for i in range(reps):
                 a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                if hide_launch:
+                    busy_gpu()
                 a.record()
                 fn(i % n_inputs)
                 b.record()
@@ -187,19 +196,20 @@ class Timer:
                 times.append((time.perf_counter() - t0) * 1e3)
         return statistics.median(times)
 
-    def graph(self, fn) -> float:
-        """Median milliseconds of CUDA-graph replays of fn() (static inputs)."""
+    def graph(self, fn, hide_launch: bool = True) -> float:
+        """Median milliseconds of CUDA-graph replays of fn() (static inputs); the device's time unless
+        ``hide_launch`` is False (then the host's launch of the graph after an idle GPU is counted too)."""
         g, _ = capture(fn)
-        return self(lambda i: g.replay())
+        return self(lambda i: g.replay(), hide_launch=hide_launch)
 
     def interleaved(self, fn_a, fn_b, rounds: int = 5) -> tuple[float, float]:
-        """Medians of fn_a and fn_b timed in alternating rounds: clock and temperature drift during a
+        """Medians of graph replays fn_a and fn_b timed in alternating rounds: clock and temperature drift during a
         run (±5 % on a multi-millisecond layer) then moves both alike, so their ratio is steadier."""
         per = max(1, self.reps // rounds)
         a, b = [], []
         for _ in range(rounds):
-            a.append(self(lambda i: fn_a(), reps=per))
-            b.append(self(lambda i: fn_b(), reps=per))
+            a.append(self(lambda i: fn_a(), reps=per, hide_launch=True))
+            b.append(self(lambda i: fn_b(), reps=per, hide_launch=True))
         return statistics.median(a), statistics.median(b)
 
     def host(self, fn, n_inputs: int = 1) -> float | None:
@@ -359,6 +369,7 @@ def bench_m(name, shape, M, block, holder, scoring, timer, args, device, dtype) 
         row["mem_triton_mb"] = _mem_or_none(device, lambda: ours(0))
         if graphs:
             _attempt(row, "t_triton_graph", lambda: timer.graph(lambda: ours(0)))
+            _attempt(row, "t_triton_graph_launch", lambda: timer.graph(lambda: ours(0), hide_launch=False))
             _attempt(row, "graph_ok", lambda: graph_replays_exactly(lambda: ours(0)))
         for impl in HF_BACKENDS:
             if impl == "batched_mm" and not _batched_fits(M, K, H, I, device):
@@ -453,7 +464,8 @@ def _fmt(v, nd=3):
 
 
 COLUMNS = [("shape", "shape"), ("M", "M"), ("floor_ms", "floor"), ("t_triton", "triton"),
-           ("t_triton_graph", "triton graph"), ("t_eager", "eager"), ("t_batched_mm", "batched_mm"),
+           ("t_triton_graph", "triton graph"), ("t_triton_graph_launch", "graph + launch"),
+           ("t_eager", "eager"), ("t_batched_mm", "batched_mm"),
            ("t_grouped_mm", "grouped_mm"), ("x_floor", "x floor"), ("x_floor_graph", "x floor (graph)"),
            ("speedup_vs_hf", "x best HF"), ("t_hf_block", "HF block"), ("t_tri_block", "our block"),
            ("t_tri_cap", "our block γ"), ("cap_overhead", "cap cost"), ("cap_overhead_graph", "cap cost (graph)"),

@@ -28,8 +28,8 @@ PEAK = 790e12
 BW = 4.3e12
 
 
-def med_ms(fn, reps=15):
-    return _time(fn, reps, torch.device("cuda"))
+def med_ms(fn, reps=15, hide_launch=False):
+    return _time(fn, reps, torch.device("cuda"), hide_launch)
 
 
 # gate_up candidates: (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages, PERSISTENT, JOINT)
@@ -41,7 +41,7 @@ GU = [(128, 128, 64, 16, 8, 4, 0, 1), (128, 128, 64, 8, 8, 4, 0, 1), (128, 128, 
 
 def graph_ms(fn, reps=15):
     g, _ = capture(fn)
-    return med_ms(g.replay, reps=reps)
+    return med_ms(g.replay, reps=reps, hide_launch=True)
 
 
 def stream_ms(fn, n=10):

@@ -36,7 +36,7 @@ BW = 4.3e12
 
 def graph_ms(fn, reps):
     g, _ = capture(fn)
-    return _time(g.replay, reps, torch.device("cuda"))
+    return _time(g.replay, reps, torch.device("cuda"), hide_launch=True)
 
 
 # (BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages) and (BLOCK_N, BLOCK_K, GROUP_M, SPLIT_K, warps, stages)
@@ -91,7 +91,7 @@ def sweep(name: str, reps: int, dev: torch.device) -> list[dict]:
     graphs = [capture(lambda cfg=cfg: ex.fused_experts_impl(x, ids, wts, w1, w2, cfg))[0] for _, cfg in layers]
     for _ in range(5):
         for g, row in zip(graphs, rows[-len(layers):]):
-            row["graph_ms"].append(_time(g.replay, reps, dev))
+            row["graph_ms"].append(_time(g.replay, reps, dev, hide_launch=True))
     for row in rows[-len(layers):]:
         row["graph_ms"] = sorted(row["graph_ms"])[2]
         row["x_floor_graph"] = row["graph_ms"] / floor

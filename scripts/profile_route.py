@@ -32,7 +32,7 @@ from bench_kernels import SHAPES, _Holder, build_block, capture  # noqa: E402  (
 
 def graph_ms(fn, reps=30):
     g, _ = capture(fn)
-    return _time(g.replay, reps, torch.device("cuda"))
+    return _time(g.replay, reps, torch.device("cuda"), hide_launch=True)
 
 
 def _log_kernels(prof, log, limit=12):
@@ -132,8 +132,17 @@ def main(argv=None) -> int:
                     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
                         block(xb)
                         torch.cuda.synchronize()
-                log(f"  block γ={gamma}: top kernels (self device µs, calls)")
-                _log_kernels(prof, log)
+                    log(f"  block γ={gamma}: top kernels (self device µs, calls)")
+                    _log_kernels(prof, log)
+                    # The same block as a CUDA graph: its device time, and every kernel node of one replay.
+                    g, _ = capture(lambda: block(xb))
+                    t_graph = _time(g.replay, 30, torch.device("cuda"), hide_launch=True)
+                    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                        g.replay()
+                        torch.cuda.synchronize()
+                    nodes = sum(e.count for e in prof.key_averages() if e.self_device_time_total > 0)
+                    log(f"  block γ={gamma} as a graph: {t_graph * 1e3:.1f} us, {nodes} kernels per replay")
+                    _log_kernels(prof, log, limit=40)
             for bm in (1, 128):
                 for _ in range(2):
                     ex.dispatch(ids, E, bm, fuse=False)

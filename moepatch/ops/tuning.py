@@ -147,10 +147,14 @@ def _dn(bn, bk, g, split, w, st):
 # streaming (few rows per expert): thin tiles, deep pipelines, split-K for down; compute-bound:
 # 128-row tiles with 8 warps, as vLLM's tuned H200 tables for the same layer shapes.  gate_up's
 # BLOCK_N is per half (two accumulators), so vLLM's BLOCK_N 256 on the fused [gate; up] is 128 here.
-_STREAM_GATE_UP = [_gu(32, 128, 8, 4, 4), _gu(64, 128, 8, 4, 4), _gu(64, 128, 16, 4, 5), _gu(32, 256, 8, 4, 3),
-                   _gu(64, 256, 8, 4, 3), _gu(16, 256, 8, 4, 4), _gu(128, 128, 8, 8, 3), _gu(64, 64, 8, 4, 5)]
-_STREAM_DOWN = [_dn(64, 128, 8, 4, 4, 4), _dn(64, 128, 8, 2, 4, 4), _dn(128, 128, 8, 2, 4, 4), _dn(64, 256, 8, 4, 4, 3),
-                _dn(32, 128, 8, 8, 4, 4), _dn(128, 128, 8, 4, 4, 4), _dn(64, 128, 8, 1, 4, 5), _dn(128, 64, 8, 1, 4, 5)]
+_STREAM_GATE_UP = [_gu(32, 128, 8, 4, 4), _gu(32, 128, 8, 4, 3), _gu(64, 128, 8, 4, 4), _gu(64, 128, 16, 4, 5),
+                   _gu(32, 256, 8, 4, 3), _gu(64, 256, 8, 4, 3), _gu(16, 256, 8, 4, 4), _gu(128, 128, 8, 8, 3),
+                   _gu(64, 64, 8, 4, 5)]
+# SPLIT_K 3: Mixtral's 2 slots x 64 column blocks x 3 parts = 384 programs, one wave at 3 per SM on an
+# H200 (132 SMs), where 4 parts made 1.3 waves (explore_token.py --sweep, docs/benchmarks.md run 8).
+_STREAM_DOWN = [_dn(64, 128, 8, 4, 4, 4), _dn(64, 128, 8, 3, 4, 4), _dn(64, 128, 8, 2, 4, 4), _dn(128, 128, 8, 2, 4, 4),
+                _dn(64, 256, 8, 4, 4, 3), _dn(32, 128, 8, 8, 4, 4), _dn(128, 128, 8, 4, 4, 4), _dn(64, 128, 8, 1, 4, 5),
+                _dn(128, 64, 8, 1, 4, 5)]
 _MID_GATE_UP = [_gu(64, 128, 8, 4, 3), _gu(64, 128, 16, 4, 4), _gu(128, 128, 16, 8, 3), _gu(64, 64, 8, 4, 4),
                 _gu(32, 128, 8, 4, 4), _gu(128, 64, 16, 8, 4)]
 _MID_DOWN = [_dn(128, 128, 8, 1, 4, 3), _dn(64, 128, 8, 1, 4, 4), _dn(128, 128, 16, 2, 8, 3), _dn(256, 64, 16, 1, 8, 4),
@@ -364,8 +368,27 @@ def _tune_m(x, ids, wts, w1, w2, base, plan, reps, max_candidates, deadline, log
     return cfg_best
 
 
-def _time(fn, reps: int, device: torch.device) -> float:
-    """Median milliseconds of ``fn`` over ``reps`` CUDA-event timings after two warm-up calls."""
+# Cycles of the spin kernel queued ahead of a timed call when the launch is to be hidden (~0.2 ms).
+BUSY_CYCLES = 400_000
+
+
+def busy_gpu() -> None:
+    """Queue ~0.2 ms of spinning on the current stream.
+
+    Events recorded right after it, around a CUDA-graph replay, then time the device's work alone:
+    the host enqueues the start event, the graph and the end event while the GPU still spins, so the
+    ~5-15 µs the host takes to launch the graph is not counted (it is, after an idle GPU, because the
+    start event fires at once and the GPU then waits for the graph).  A model captured as one graph
+    pays that launch once per forward, not once per layer.
+    """
+    torch.cuda._sleep(BUSY_CYCLES)
+
+
+def _time(fn, reps: int, device: torch.device, hide_launch: bool = False) -> float:
+    """Median milliseconds of ``fn`` over ``reps`` CUDA-event timings after two warm-up calls.
+
+    hide_launch: start each timing behind :func:`busy_gpu` (device time of a graph replay).
+    """
     for _ in range(2):
         fn()
     times = []
@@ -377,6 +400,8 @@ def _time(fn, reps: int, device: torch.device) -> float:
         return sorted(times)[len(times) // 2]
     for _ in range(reps):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        if hide_launch:
+            busy_gpu()
         a.record()
         fn()
         b.record()
