@@ -93,13 +93,13 @@ def main(argv=None) -> int:
         name, M = case.split(":")
         M = int(M)
         shape = SHAPES[name]
-        block, cfg = build_block(shape, torch.bfloat16, "cuda")
-        holder = _Holder(block, cfg)
-        scoring = family_for(holder).scoring(block.gate)
+        blk, cfg = build_block(shape, torch.bfloat16, "cuda")
+        holder = _Holder(blk, cfg)
+        scoring = family_for(holder).scoring(blk.gate)
         E = shape["E"]
         x = torch.randn(M, shape["H"], device="cuda", dtype=torch.bfloat16)
         with torch.no_grad():
-            logits, w, ids = block.gate(x)
+            logits, w, ids = blk.gate(x)
             scores = scoring.scores(logits)
             factor = scoring.factor(scores, ids)
             rcfg = make_config(1.5, "drop", num_experts=E, collect_stats=False)
@@ -127,15 +127,15 @@ def main(argv=None) -> int:
             for gamma in (None, 1.5):
                 with moepatch.patched(holder, gamma, kernel="triton", collect_stats=False):
                     for _ in range(2):
-                        block(xb)
+                        blk(xb)
                     torch.cuda.synchronize()
                     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-                        block(xb)
+                        blk(xb)
                         torch.cuda.synchronize()
                     log(f"  block γ={gamma}: top kernels (self device µs, calls)")
                     _log_kernels(prof, log)
                     # The same block as a CUDA graph: its device time, and every kernel node of one replay.
-                    g, _ = capture(lambda: block(xb))
+                    g, _ = capture(lambda: blk(xb))
                     t_graph = _time(g.replay, 30, torch.device("cuda"), hide_launch=True)
                     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
                         g.replay()
