@@ -135,7 +135,7 @@ def main(argv=None) -> int:
                     log(f"  block γ={gamma}: top kernels (self device µs, calls)")
                     _log_kernels(prof, log)
                     # The same block as a CUDA graph: its device time, and every kernel node of one replay.
-                    g, _ = capture(lambda: blk(xb))
+                    g, _ = capture(lambda b=blk: b(xb))
                     t_graph = _time(g.replay, 30, torch.device("cuda"), hide_launch=True)
                     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
                         g.replay()
@@ -153,7 +153,7 @@ def main(argv=None) -> int:
                     torch.cuda.synchronize()
                 log(f"  dispatch block_m={bm}, 5 calls: kernels (self device µs, calls)")
                 _log_kernels(prof, log)
-        del block, holder
+        del blk, holder
         torch.cuda.empty_cache()
     (out / "profile.txt").write_text("\n".join(lines) + "\n")
     return 0
