@@ -36,7 +36,7 @@ import triton.language as tl
 # Pairs per chunk (the rank comparison is CHUNK x CHUNK), elements of the count kernel's
 # (BLOCK_P, E_PAD) one-hot sub-blocks, and warps per program of the count and scatter kernels
 # (environment overrides for measuring, see scripts/profile_route.py).
-CHUNK = int(os.environ.get("MOEPATCH_DISPATCH_CHUNK", "128"))
+CHUNK = int(os.environ.get("MOEPATCH_DISPATCH_CHUNK", "64"))
 TILE_ELEMS = int(os.environ.get("MOEPATCH_DISPATCH_TILE", "2048"))
 NUM_WARPS = int(os.environ.get("MOEPATCH_DISPATCH_WARPS", "4"))
 SCAN_BLOCK_C = 256  # chunks per step of _dispatch_scan_kernel (tests lower it)

@@ -244,10 +244,12 @@ def _capacity_drop_kernel(ids_ptr, w_ptr, scores_ptr, valid_ptr, sorted_ptr, sta
 # Pairs per tile.  A group that fits one tile keeps its keys in registers across the radix passes;
 # larger groups stream their tiles from L2 once per pass.  (Tests lower it to reach the tiled path.)
 MAX_BLOCK = 512
-# Groups of more pairs than this are first sorted by expert (two dispatch launches), so that each
+# Groups of more pairs than this are first sorted by expert (the dispatch kernels), so that each
 # program walks its expert's pairs only: E programs scanning every pair of a group is E times the work,
-# which at 131072 pairs and 128 experts took a third of a millisecond.  (Tests lower it.)
-SORTED_MIN_PAIRS = 2048
+# which at 131072 pairs and 128 experts took a third of a millisecond.  Above one tile (MAX_BLOCK) an
+# expert over capacity also re-reads the whole group in each of the 8 radix passes: at 2048 pairs
+# over 128 experts (Qwen3 M = 256) that cost ~50 µs against ~10 µs for the sort.  (Tests lower it.)
+SORTED_MIN_PAIRS = 512
 MAX_SORTED_BLOCK = 1024
 
 
