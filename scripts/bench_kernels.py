@@ -8,7 +8,10 @@ on random inputs) and each token count M it
    unwritten output row cannot pass), the patched block against transformers' block, the capped
    block against moepatch's pure-torch reference path, and that the sync-free routing picks the
    reference's pairs;
-2. times (CUDA events, median of --reps after --warmup, inputs rotated over --rotate routing sets):
+2. times (CUDA events after --warmup, inputs rotated over --rotate routing sets; eager calls in
+   steady state: --reps calls back to back between two events, the median of 3 such rounds, as a
+   model issues its layers; ours also one call at a time after a sync, "triton_single", which adds
+   the host's launch time wherever the GPU waits for it; graph replays one at a time, median):
    experts only: ours ("triton", the eager entry patched models call), transformers' "eager",
    "batched_mm" (skipped where its per-pair weight copies would not fit) and "grouped_mm"; whole
    block: transformers' ("hf_block", grouped_mm), patched without capacity ("tri_block") and with
@@ -168,11 +171,36 @@ class Timer:
     def __init__(self, device: str, reps: int, warmup: int):
         self.device, self.reps, self.warmup = device, reps, warmup
 
-    def __call__(self, fn, n_inputs: int = 1, reps: int | None = None, hide_launch: bool = False) -> float:
-        """Median milliseconds of fn(i), i cycling over the input sets (``reps`` timings, default self.reps).
+    def __call__(self, fn, n_inputs: int = 1, reps: int | None = None, rounds: int = 3) -> float:
+        """Eager milliseconds per call of fn(i), i cycling over the input sets, in steady state.
+
+        Each of ``rounds`` rounds times ``reps`` calls issued back to back between two events (as a
+        model issues its layers: the host queues the next call while the GPU runs this one, so a
+        call costs max(host time, device time) once the queue fills); the median round's mean.
+        """
+        reps = self.reps if reps is None else reps
+        for i in range(self.warmup):
+            fn(i % n_inputs)
+        if self.device != "cuda":
+            return self.single(fn, n_inputs, reps)
+        per_call = []
+        for _ in range(rounds):
+            torch.cuda.synchronize()
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            for i in range(reps):
+                fn(i % n_inputs)
+            b.record()
+            b.synchronize()
+            per_call.append(a.elapsed_time(b) / reps)
+        return statistics.median(per_call)
+
+    def single(self, fn, n_inputs: int = 1, reps: int | None = None, hide_launch: bool = False) -> float:
+        """Median milliseconds of single calls fn(i), each between its own events after a sync.
 
         hide_launch: each timing starts behind tuning.busy_gpu, so a graph replay's host launch is not
-        counted (graph timings); eager timings keep the host's launch time, as a model pays it.
+        counted (graph timings); without it a call's host launch time is counted whenever the GPU
+        would otherwise wait for it.
         """
         reps = self.reps if reps is None else reps
         for i in range(self.warmup):
@@ -200,7 +228,7 @@ class Timer:
         """Median milliseconds of CUDA-graph replays of fn() (static inputs); the device's time unless
         ``hide_launch`` is False (then the host's launch of the graph after an idle GPU is counted too)."""
         g, _ = capture(fn)
-        return self(lambda i: g.replay(), hide_launch=hide_launch)
+        return self.single(lambda i: g.replay(), hide_launch=hide_launch)
 
     def interleaved(self, fn_a, fn_b, rounds: int = 5) -> tuple[float, float]:
         """Medians of graph replays fn_a and fn_b timed in alternating rounds: clock and temperature drift during a
@@ -208,8 +236,8 @@ class Timer:
         per = max(1, self.reps // rounds)
         a, b = [], []
         for _ in range(rounds):
-            a.append(self(lambda i: fn_a(), reps=per, hide_launch=True))
-            b.append(self(lambda i: fn_b(), reps=per, hide_launch=True))
+            a.append(self.single(lambda i: fn_a(), reps=per, hide_launch=True))
+            b.append(self.single(lambda i: fn_b(), reps=per, hide_launch=True))
         return statistics.median(a), statistics.median(b)
 
     def host(self, fn, n_inputs: int = 1) -> float | None:
@@ -360,6 +388,7 @@ def bench_m(name, shape, M, block, holder, scoring, timer, args, device, dtype) 
 
         # --- timing ---
         _attempt(row, "t_triton", lambda: timer(ours, len(routed)))
+        _attempt(row, "t_triton_single", lambda: timer.single(ours, len(routed)))
         _attempt(row, "host_us_triton", lambda: timer.host(ours, len(routed)))
         set_impl(experts, "grouped_mm")
         _attempt(row, "host_us_grouped_mm", lambda: timer.host(hf, len(routed)))
@@ -464,7 +493,8 @@ def _fmt(v, nd=3):
 
 
 COLUMNS = [("shape", "shape"), ("M", "M"), ("floor_ms", "floor"), ("t_triton", "triton"),
-           ("t_triton_graph", "triton graph"), ("t_triton_graph_launch", "graph + launch"),
+           ("t_triton_single", "triton 1 call"), ("t_triton_graph", "triton graph"),
+           ("t_triton_graph_launch", "graph + launch"),
            ("t_eager", "eager"), ("t_batched_mm", "batched_mm"),
            ("t_grouped_mm", "grouped_mm"), ("x_floor", "x floor"), ("x_floor_graph", "x floor (graph)"),
            ("speedup_vs_hf", "x best HF"), ("t_hf_block", "HF block"), ("t_tri_block", "our block"),
