@@ -48,8 +48,8 @@ SWEEP_DOWN = [_dn(64, 128, 8, 4, 4, 4), _dn(64, 128, 8, 3, 4, 4), _dn(32, 128, 8
               _dn(32, 256, 8, 4, 4, 3), _dn(16, 256, 8, 4, 4, 4), _dn(64, 64, 8, 3, 4, 6), _dn(32, 128, 8, 4, 4, 4)]
 
 
-def sweep(name: str, reps: int, dev: torch.device) -> list[dict]:
-    """Split-K configurations at M = 1 for one shape: halves timed alone, then the best pair as a layer."""
+def one_token_problem(name: str, dev: torch.device):
+    """(E, H, I, K, w1, w2, x, ids, wts, shipped M = 1 config, its output in fp32) for one shape."""
     E, H, I, K = PRESET_SHAPES[name]  # noqa: E741
     gen = torch.Generator(device=dev).manual_seed(0)
     w1 = torch.randn(E, 2 * I, H, device=dev, dtype=torch.bfloat16, generator=gen) * H**-0.5
@@ -58,7 +58,12 @@ def sweep(name: str, reps: int, dev: torch.device) -> list[dict]:
     ids = torch.randperm(E, device=dev, generator=gen)[:K].view(1, K)
     wts = torch.rand(1, K, device=dev, generator=gen)
     base = get_config(1, E, H, I, K, device_key(dev))
-    ref = ex.fused_experts_impl(x, ids, wts, w1, w2, base).float()
+    return E, H, I, K, w1, w2, x, ids, wts, base, ex.fused_experts_impl(x, ids, wts, w1, w2, base).float()
+
+
+def sweep(name: str, reps: int, dev: torch.device) -> list[dict]:
+    """Split-K configurations at M = 1 for one shape: halves timed alone, then the best pair as a layer."""
+    E, H, I, K, w1, w2, x, ids, wts, base, ref = one_token_problem(name, dev)  # noqa: E741
     layout = ex.dispatch(ids, E, base["BLOCK_M"])
     h = ex.gate_up(x, w1, layout, base)
     half_bytes = K * H * I * 2  # one of the three matrices of K experts
@@ -123,16 +128,8 @@ def main(argv=None) -> int:
         print("\n".join(lines))
         return 0
     for name in args.shapes.split(","):
-        E, H, I, K = PRESET_SHAPES[name]  # noqa: E741
-        gen = torch.Generator(device=dev).manual_seed(0)
-        w1 = torch.randn(E, 2 * I, H, device=dev, dtype=torch.bfloat16, generator=gen) * H**-0.5
-        w2 = torch.randn(E, H, I, device=dev, dtype=torch.bfloat16, generator=gen) * I**-0.5
-        x = torch.randn(1, H, device=dev, dtype=torch.bfloat16, generator=gen)
-        ids = torch.randperm(E, device=dev, generator=gen)[:K].view(1, K)
-        wts = torch.rand(1, K, device=dev, generator=gen)
+        E, H, I, K, w1, w2, x, ids, wts, base, ref = one_token_problem(name, dev)  # noqa: E741
         floor = (K * 3 * H * I * 2 + 2 * H * 2) / BW * 1e3
-        base = get_config(1, E, H, I, K, device_key(dev))
-        ref = ex.fused_experts_impl(x, ids, wts, w1, w2, base).float()
         # (label, config, PDL): the shipped configuration without and with programmatic dependent
         # launch, then the one-token downs, each without and with it.
         variants = [("shipped", base, False), ("shipped pdl", base, True)]
