@@ -357,6 +357,23 @@ def test_bf16_real_shapes(shape, M):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("kind,T,W,E,block_m", [("random", 16384, 8, 128, 1), ("random", 16384, 8, 128, 128),
+                                                ("one_expert", 16384, 8, 128, 64), ("empty_expert", 4096, 8, 64, 64),
+                                                ("random", 16384, 2, 8, 128), ("all_sentinel", 1024, 8, 128, 16)])
+def test_dispatch_layout_real_sizes_on_gpu(kind, T, W, E, block_m, monkeypatch):
+    """The compiled dispatch (its scatter reads back rows it wrote itself, after a barrier) at the
+    benchmarks' pair counts, with the default chunks and with 16-pair chunks (8192 programs)."""
+    gen = torch.Generator().manual_seed(T + E + block_m)
+    ids = _ids(kind, T, W, E, gen)
+    want_rows, want_starts = _dispatch_reference(ids, E, block_m)
+    for chunk in (X.dispatch_kernels.CHUNK, 16):
+        monkeypatch.setattr(X.dispatch_kernels, "CHUNK", chunk)
+        layout = X.dispatch(ids.cuda(), E, block_m, fuse=False)
+        assert torch.equal(layout.start_E1.cpu(), want_starts), chunk
+        assert torch.equal(layout.sorted_pairs_R.cpu(), want_rows), chunk
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("M", [1, 3, 16, 64])
 def test_bf16_fused_dispatch_is_the_dispatch_layout(M):
     """On the GPU small M fuses the dispatch into the GEMMs: same bits as the dispatch kernel's layout."""
