@@ -179,10 +179,10 @@ class Timer:
         call costs max(host time, device time) once the queue fills); the median round's mean.
         """
         reps = self.reps if reps is None else reps
-        for i in range(self.warmup):
-            fn(i % n_inputs)
         if self.device != "cuda":
             return self.single(fn, n_inputs, reps)
+        for i in range(self.warmup):
+            fn(i % n_inputs)
         per_call = []
         for _ in range(rounds):
             torch.cuda.synchronize()
