@@ -15,9 +15,10 @@ each is also registered as a ``torch.library.custom_op`` (``moepatch::moe_dispat
 Those ops pick their configuration from the tables in moepatch/ops/configs (see tuning.py).
 
 Peak extra memory: the dispatch index (R int32), h_PI (one row per pair; R rows on the descriptor
-path) in the activation dtype, y_SPH (the
-activation dtype, fp32 with split-K, only used at small M), and the output: below transformers'
-grouped_mm, which holds the gathered inputs, the (P, 2I) projection and its activation at once.
+path) in the activation dtype, y_SPH (the activation dtype, fp32 with split-K, only used at small M;
+on the descriptor path written over the gathered rows x_RH, which only gate_up reads), and the
+output: below transformers' grouped_mm, which holds the gathered inputs, the (P, 2I) projection and
+its activation at once.
 """
 
 from __future__ import annotations
@@ -340,21 +341,36 @@ def gate_up_desc(x_RH: torch.Tensor, gate_up_EIH: torch.Tensor, layout: Dispatch
         w_desc = TensorDescriptor.from_tensor(gate_up_EIH.view(E * 2, I, H), [2, bn, bk])
     else:
         w_desc = TensorDescriptor.from_tensor(gate_up_EIH.view(E * two_i, H), [bn, bk])
+    split = int(c.get("H_STORE_SPLIT", 0))  # 0: pointer stores of h; 1, 2: descriptor stores in that many parts
+    if split not in (0, 1, 2):
+        raise ValueError(f"H_STORE_SPLIT must be 0, 1 or 2, got {split}")
+    h_desc = TensorDescriptor.from_tensor(h_RI, [bm, bn // split]) if split else None
     _launch(_gate_up_desc_kernel, grid,
-            (a_desc, w_desc, h_RI, layout.start_E1, E, I, H, h_RI.stride(0)),
+            (a_desc, w_desc, h_RI, h_desc, layout.start_E1, E, I, H, h_RI.stride(0)),
             dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=c["GROUP_M"], E_PAD=_pow2(E), JOINT=joint,
-                 **_loop_flags(c, nprog)),
+                 H_STORE_SPLIT=split, **_loop_flags(c, nprog)),
             c["num_warps"], c["num_stages"])
     return h_RI
 
 
 def down_desc(h_RI: torch.Tensor, down_EHI: torch.Tensor, layout: DispatchLayout, weights_TW: torch.Tensor,
-              config: dict) -> torch.Tensor:
-    """:func:`down` (without split-K) through tensor descriptors; returns (1, P, H)."""
+              config: dict, out: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`down` (without split-K) through tensor descriptors; returns (1, P, H).
+
+    out: a contiguous buffer of at least P rows of H to write into (the layer passes x_RH, dead once
+    gate_up has run), else a new one.
+    """
     E, H, I = down_EHI.shape  # noqa: E741
     c = config["down"]
     bm, bn, bk = layout.block_m, c["BLOCK_N"], c["BLOCK_K"]
-    y_SPH = torch.empty(1, layout.num_pairs, H, device=h_RI.device, dtype=h_RI.dtype)
+    P = layout.num_pairs
+    if out is None:
+        y_SPH = torch.empty(1, P, H, device=h_RI.device, dtype=h_RI.dtype)
+    else:
+        if not out.is_contiguous() or out.shape[-1] != H or out.numel() < P * H or out.dtype != h_RI.dtype:
+            raise ValueError(f"down_desc out must be a contiguous {h_RI.dtype} buffer of >= {P} rows of {H}, "
+                             f"got {tuple(out.shape)} {out.dtype}")
+        y_SPH = out.reshape(-1)[:P * H].view(1, P, H)
     num_m = layout.rows // bm
     grid, nprog = _programs(c, num_m * _cdiv(H, bn), h_RI.device)
     a_desc = TensorDescriptor.from_tensor(h_RI, [bm, bk])
@@ -458,8 +474,10 @@ def fused_experts_impl(x_TH: torch.Tensor, ids_TW: torch.Tensor, weights_TW: tor
     layout = dispatch(ids_c, E, cfg["BLOCK_M"], fuse_dispatch)
     w_c = weights_TW.contiguous()
     if cfg.get("DESC") and descriptors_fit(layout, x_c, gate_up_EIH, down_EHI):
-        h_RI = gate_up_desc(gather_rows(x_c, layout), gate_up_EIH, layout, cfg)
-        return combine(down_desc(h_RI, down_EHI, layout, w_c, cfg), ids_c, E, x_TH.dtype)
+        x_RH = gather_rows(x_c, layout)
+        h_RI = gate_up_desc(x_RH, gate_up_EIH, layout, cfg)
+        # down writes its pair rows over x_RH (R >= P rows, read by gate_up only): P·H less peak memory
+        return combine(down_desc(h_RI, down_EHI, layout, w_c, cfg, out=x_RH), ids_c, E, x_TH.dtype)
     h_RI = gate_up(x_c, gate_up_EIH, layout, cfg)
     return down_and_combine(h_RI, down_EHI, layout, ids_c, w_c, cfg, x_TH.dtype)
 

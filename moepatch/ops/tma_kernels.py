@@ -69,12 +69,16 @@ def _tile_origin(tile, num_m, num_n, start_ptr, E, BLOCK_M: tl.constexpr, BLOCK_
 
 
 @triton.jit
-def _gate_up_desc_kernel(a_desc, w_desc, h_ptr, start_ptr, E, N, K, stride_hr,
+def _gate_up_desc_kernel(a_desc, w_desc, h_ptr, h_desc, start_ptr, E, N, K, stride_hr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                          GROUP_M: tl.constexpr, E_PAD: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
-                         FLATTEN: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, JOINT: tl.constexpr):
+                         FLATTEN: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, JOINT: tl.constexpr,
+                         H_STORE_SPLIT: tl.constexpr):
     """N = I, K = H.  a_desc: x_RH blocks [BLOCK_M, BLOCK_K]; w_desc: (E·2I, H) blocks [BLOCK_N, BLOCK_K],
     or with JOINT the 3-D view (E·2, I, H) in blocks [2, BLOCK_N, BLOCK_K].
+
+    H_STORE_SPLIT 0 stores h through h_ptr; 1 or 2 through h_desc (blocks [BLOCK_M, BLOCK_N // H_STORE_SPLIT],
+    a bulk copy out of shared memory; the descriptor clips the columns past I).
 
     Tiles cover only the rows in use (a multiple of BLOCK_M); program p takes tiles p, p + step, ...
     where step is NUM_PROGRAMS (persistent) or the grid size (one tile each).
@@ -102,11 +106,18 @@ def _gate_up_desc_kernel(a_desc, w_desc, h_ptr, start_ptr, E, N, K, stride_hr,
                 bu = w_desc.load([u_row, k0])
                 acc_g = tl.dot(a, bg.T, acc_g)
                 acc_u = tl.dot(a, bu.T, acc_u)
-        h = acc_g * tl.sigmoid(acc_g) * acc_u
-        offs_m = row0 + tl.arange(0, BLOCK_M)
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        h_ptrs = h_ptr + offs_m[:, None].to(tl.int64) * stride_hr + offs_n[None, :]
-        tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=(offs_n < N)[None, :])
+        h = (acc_g * tl.sigmoid(acc_g) * acc_u).to(h_ptr.dtype.element_ty)
+        if H_STORE_SPLIT == 0:
+            offs_m = row0 + tl.arange(0, BLOCK_M)
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            h_ptrs = h_ptr + offs_m[:, None].to(tl.int64) * stride_hr + offs_n[None, :]
+            tl.store(h_ptrs, h, mask=(offs_n < N)[None, :])
+        elif H_STORE_SPLIT == 1:
+            h_desc.store([row0, n0], h)
+        else:  # two column halves: half the staging buffer in shared memory
+            h_lo, h_hi = tl.split(h.reshape(BLOCK_M, 2, BLOCK_N // 2).permute(0, 2, 1))
+            h_desc.store([row0, n0], h_lo)
+            h_desc.store([row0, n0 + BLOCK_N // 2], h_hi)
 
 
 @triton.jit

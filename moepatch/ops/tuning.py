@@ -174,11 +174,21 @@ _TOKEN_DOWN = [dict(_dn(16, 256, 1, 1, 4, 4), TOKEN=1), dict(_dn(16, 128, 1, 1, 
 
 
 # The descriptor GEMMs of tma_kernels.py (DESC), for the compute-bound regime: joint gate/up boxes,
-# and the persistent variants that won some buckets on the H200 (docs/kernels.md, run 3).
-_DESC_GATE_UP = [dict(_gu(128, 64, 16, 8, 4), JOINT=1), dict(_gu(128, 64, 16, 8, 3), JOINT=1),
-                 _gu(128, 64, 16, 8, 4), dict(_gu(128, 64, 8, 8, 4), JOINT=1)]
-_DESC_DOWN = [_dn(256, 64, 16, 1, 8, 4), dict(_dn(256, 64, 16, 1, 8, 4), PERSISTENT=1),
-              _dn(256, 64, 8, 1, 8, 4), dict(_dn(256, 64, 16, 1, 8, 4), PERSISTENT=1, FLATTEN=1)]
+# persistent programs whose tile loop Triton flattens (the next tile's loads overlap this tile's
+# epilogue) and h stored through a descriptor in two halves: the winners on the H200 for every shape
+# at M >= 1024 (docs/kernels.md, "Large M: per-tile overhead"), then the earlier ones (run 3).
+_PF = dict(PERSISTENT=1, FLATTEN=1)
+_DESC_GATE_UP = [dict(_gu(128, 64, 16, 8, 4), JOINT=1, H_STORE_SPLIT=2, **_PF),
+                 dict(_gu(128, 64, 16, 8, 3), JOINT=1, H_STORE_SPLIT=1, **_PF),
+                 dict(_gu(128, 64, 16, 8, 4), JOINT=1, **_PF), dict(_gu(128, 64, 16, 8, 4), JOINT=1),
+                 dict(_gu(128, 64, 16, 8, 3), JOINT=1), _gu(128, 64, 16, 8, 4)]
+_DESC_DOWN = [dict(_dn(256, 64, 16, 1, 8, 4), **_PF), _dn(256, 64, 16, 1, 8, 4),
+              dict(_dn(256, 64, 16, 1, 8, 4), PERSISTENT=1), dict(_dn(256, 64, 16, 1, 8, 3), **_PF),
+              _dn(256, 64, 8, 1, 8, 4)]
+# 64-row descriptor tiles (one warp group): the many-expert layers at 32-96 rows per expert.
+_DESC64_GATE_UP = [dict(_gu(128, 64, 16, 4, 4), JOINT=1, H_STORE_SPLIT=2, **_PF),
+                   dict(_gu(128, 64, 16, 4, 3), JOINT=1, **_PF)]
+_DESC64_DOWN = [_dn(128, 64, 16, 1, 4, 4), dict(_dn(128, 64, 16, 1, 4, 4), **_PF), _dn(256, 64, 16, 1, 4, 3)]
 
 
 def candidate_configs(M: int, E: int, H: int, I: int, K: int) -> list[tuple]:  # noqa: E741
@@ -197,9 +207,11 @@ def candidate_configs(M: int, E: int, H: int, I: int, K: int) -> list[tuple]:  #
     elif rows <= 24:
         plan = [(16, _STREAM_GATE_UP, _STREAM_DOWN), (32, _MID_GATE_UP, _MID_DOWN)]
     elif rows <= 96:
-        plan = [(64, _MID_GATE_UP, _MID_DOWN), (128, _BIG_GATE_UP, _BIG_DOWN), (32, _MID_GATE_UP, _MID_DOWN)]
+        plan = [(64, _MID_GATE_UP, _MID_DOWN), (64, _DESC64_GATE_UP, _DESC64_DOWN, "desc"),
+                (128, _BIG_GATE_UP, _BIG_DOWN), (32, _MID_GATE_UP, _MID_DOWN)]
     elif rows <= 192:
-        plan = [(128, _BIG_GATE_UP, _BIG_DOWN), (64, _MID_GATE_UP, _MID_DOWN)]
+        plan = [(128, _BIG_GATE_UP, _BIG_DOWN), (128, _DESC_GATE_UP, _DESC_DOWN, "desc"),
+                (64, _DESC64_GATE_UP, _DESC64_DOWN, "desc"), (64, _MID_GATE_UP, _MID_DOWN)]
     else:
         plan = [(128, _BIG_GATE_UP, _BIG_DOWN), (128, _DESC_GATE_UP, _DESC_DOWN, "desc"),
                 (64, _BIG_GATE_UP, _BIG_DOWN)]
