@@ -15,10 +15,9 @@ each is also registered as a ``torch.library.custom_op`` (``moepatch::moe_dispat
 Those ops pick their configuration from the tables in moepatch/ops/configs (see tuning.py).
 
 Peak extra memory: the dispatch index (R int32), h_PI (one row per pair; R rows on the descriptor
-path) in the activation dtype, y_SPH (the activation dtype, fp32 with split-K, only used at small M;
-on the descriptor path written over the gathered rows x_RH, which only gate_up reads), and the
-output: below transformers' grouped_mm, which holds the gathered inputs, the (P, 2I) projection and
-its activation at once.
+path, with the gathered rows x_RH while gate_up runs: the peak there) in the activation dtype, y_SPH
+(the activation dtype, fp32 with split-K, only used at small M), and the output: below transformers'
+grouped_mm, which holds the gathered inputs, the (P, 2I) projection and its activation at once.
 """
 
 from __future__ import annotations
@@ -354,23 +353,12 @@ def gate_up_desc(x_RH: torch.Tensor, gate_up_EIH: torch.Tensor, layout: Dispatch
 
 
 def down_desc(h_RI: torch.Tensor, down_EHI: torch.Tensor, layout: DispatchLayout, weights_TW: torch.Tensor,
-              config: dict, out: torch.Tensor | None = None) -> torch.Tensor:
-    """:func:`down` (without split-K) through tensor descriptors; returns (1, P, H).
-
-    out: a contiguous buffer of at least P rows of H to write into (the layer passes x_RH, dead once
-    gate_up has run), else a new one.
-    """
+              config: dict) -> torch.Tensor:
+    """:func:`down` (without split-K) through tensor descriptors; returns (1, P, H)."""
     E, H, I = down_EHI.shape  # noqa: E741
     c = config["down"]
     bm, bn, bk = layout.block_m, c["BLOCK_N"], c["BLOCK_K"]
-    P = layout.num_pairs
-    if out is None:
-        y_SPH = torch.empty(1, P, H, device=h_RI.device, dtype=h_RI.dtype)
-    else:
-        if not out.is_contiguous() or out.shape[-1] != H or out.numel() < P * H or out.dtype != h_RI.dtype:
-            raise ValueError(f"down_desc out must be a contiguous {h_RI.dtype} buffer of >= {P} rows of {H}, "
-                             f"got {tuple(out.shape)} {out.dtype}")
-        y_SPH = out.reshape(-1)[:P * H].view(1, P, H)
+    y_SPH = torch.empty(1, layout.num_pairs, H, device=h_RI.device, dtype=h_RI.dtype)
     num_m = layout.rows // bm
     grid, nprog = _programs(c, num_m * _cdiv(H, bn), h_RI.device)
     a_desc = TensorDescriptor.from_tensor(h_RI, [bm, bk])
@@ -474,10 +462,8 @@ def fused_experts_impl(x_TH: torch.Tensor, ids_TW: torch.Tensor, weights_TW: tor
     layout = dispatch(ids_c, E, cfg["BLOCK_M"], fuse_dispatch)
     w_c = weights_TW.contiguous()
     if cfg.get("DESC") and descriptors_fit(layout, x_c, gate_up_EIH, down_EHI):
-        x_RH = gather_rows(x_c, layout)
-        h_RI = gate_up_desc(x_RH, gate_up_EIH, layout, cfg)
-        # down writes its pair rows over x_RH (R >= P rows, read by gate_up only): P·H less peak memory
-        return combine(down_desc(h_RI, down_EHI, layout, w_c, cfg, out=x_RH), ids_c, E, x_TH.dtype)
+        h_RI = gate_up_desc(gather_rows(x_c, layout), gate_up_EIH, layout, cfg)
+        return combine(down_desc(h_RI, down_EHI, layout, w_c, cfg), ids_c, E, x_TH.dtype)
     h_RI = gate_up(x_c, gate_up_EIH, layout, cfg)
     return down_and_combine(h_RI, down_EHI, layout, ids_c, w_c, cfg, x_TH.dtype)
 

@@ -293,29 +293,13 @@ def test_descriptor_path_is_taken_and_falls_back(device, monkeypatch):
 
 
 
-def test_descriptor_down_writes_over_the_gathered_rows(device, monkeypatch):
-    """The layer's descriptor down stores its pair rows into x_RH's storage (no P x H buffer of its own),
-    with the same result as into a fresh buffer; a buffer too small or of another dtype is refused."""
-    T, W, E, H, I = 21, 2, 4, 32, 24  # noqa: E741
-    x, ids, wts, w1, w2 = _problem(T, W, E, H, I, torch.float32, "random", device, seed=3)
-    cfg = _desc_config(T, W, E, H, I)
-    seen = {}
-    real_gather, real_down = X.gather_rows, X.down_desc
-    monkeypatch.setattr(X, "gather_rows", lambda *a: seen.setdefault("x_RH", real_gather(*a)))
-    monkeypatch.setattr(X, "down_desc", lambda *a, **k: seen.setdefault("y", real_down(*a, **k)))
-    out = X.fused_experts_impl(x, ids, wts, w1, w2, cfg)
-    assert seen["y"].data_ptr() == seen["x_RH"].data_ptr()
-    assert _rel(out, _reference(x, ids, wts, w1, w2)) < TOL[torch.float32]
-    layout = X.dispatch(ids, E, cfg["BLOCK_M"], fuse=False)
-    h = X.gate_up_desc(X.gather_rows(x, layout), w1, layout, cfg)
-    fresh = real_down(h, w2, layout, wts, cfg)
-    buf = torch.full((layout.rows, H), float("nan"), device=x.device)
-    kept = (ids.reshape(-1) >= 0) & (ids.reshape(-1) < E)  # rows of dropped pairs are never written
-    assert 0 < int(kept.sum()) < T * W
-    assert torch.equal(real_down(h, w2, layout, wts, cfg, out=buf)[0, kept], fresh[0, kept])
-    for bad in (torch.empty(T * W - 1, H, device=x.device), buf.to(torch.float16), buf[:, :H - 1]):
-        with pytest.raises(ValueError, match="down_desc out"):
-            real_down(h, w2, layout, wts, cfg, out=bad)
+def test_descriptor_h_store_split_is_checked(device):
+    x, ids, wts, w1, w2 = _problem(9, 2, 4, 32, 24, torch.float32, "random", device, seed=1)
+    cfg = _desc_config(9, 2, 4, 32, 24, h_store=3)
+    with pytest.raises(ValueError, match="H_STORE_SPLIT must be 0, 1 or 2, got 3"):
+        X.fused_experts_impl(x, ids, wts, w1, w2, cfg)
+
+
 def test_gathered_rows_are_the_dispatch_rows(device):
     x, ids, wts, w1, w2 = _problem(29, 3, 5, 32, 16, torch.float32, "random", device)
     layout = X.dispatch(ids, 5, 16, fuse=False)
