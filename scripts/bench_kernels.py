@@ -240,14 +240,15 @@ class Timer:
             b.append(self.single(lambda i: fn_b(), reps=per, hide_launch=True))
         return statistics.median(a), statistics.median(b)
 
-    def interleaved_eager(self, fn_a, fn_b, n_inputs: int = 1, rounds: int = 5) -> tuple[float, float]:
-        """Steady-state eager ms per call of fn_a(i) and fn_b(i) (see __call__) in alternating rounds: the
-        ratio of a compute-bound layer to a baseline then sees one clock state, not two moments of a run."""
-        per = max(2, self.reps // rounds)
+    def interleaved_eager(self, fn_a, fn_b, n_inputs: int = 1, rounds: int = 3) -> tuple[float, float]:
+        """Steady-state eager ms per call of fn_a(i) and fn_b(i) (see __call__: ``reps`` calls back to back
+        per round) in alternating rounds: the ratio of a compute-bound layer to a baseline then sees one
+        power and clock state, not two moments of a run.  (Run 10b used rounds of reps // 5 calls, which
+        exposed each round's first host prologue; full rounds keep the steady state of __call__.)"""
         a, b = [], []
         for _ in range(rounds):
-            a.append(self(fn_a, n_inputs, reps=per, rounds=1))
-            b.append(self(fn_b, n_inputs, reps=per, rounds=1))
+            a.append(self(fn_a, n_inputs, rounds=1))
+            b.append(self(fn_b, n_inputs, rounds=1))
         return statistics.median(a), statistics.median(b)
 
     def host(self, fn, n_inputs: int = 1) -> float | None:
