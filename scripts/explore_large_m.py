@@ -24,7 +24,6 @@ import argparse
 import json
 import re
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -105,25 +104,39 @@ LAYER = {
 }
 
 
+def _weights(E: int, H: int, I: int, dev):  # noqa: E741
+    """(w1, w2, gate) in bf16, seeded: every variant and every run sees the same layer."""
+    torch.manual_seed(0)
+    w1 = torch.randn(E, 2 * I, H, device=dev, dtype=torch.bfloat16) * 0.02
+    w2 = torch.randn(E, H, I, device=dev, dtype=torch.bfloat16) * 0.02
+    gate = torch.randn(E, H, device=dev, dtype=torch.bfloat16) * H**-0.5
+    return w1, w2, gate
+
+
+def _routed(M: int, H: int, K: int, gate: torch.Tensor):
+    """(x, ids, wts) of M random tokens routed top-K by the softmax gate."""
+    x = torch.randn(M, H, device=gate.device, dtype=torch.bfloat16)
+    wts, ids = (x @ gate.T).float().softmax(-1).topk(K, dim=-1)
+    return x, ids.contiguous(), (wts / wts.sum(-1, keepdim=True)).to(torch.bfloat16)
+
+
+def _floor_ms(M: int, E: int, H: int, I: int, K: int) -> float:  # noqa: E741
+    return max(2 * M * K * 3 * H * I / PEAK, (E * 3 * H * I * 2 + 2 * M * H * 2) / 4.3e12) * 1e3
+
+
 def layers(args, log) -> list:
     """--shape other than mixtral: the table's layer against descriptor layers, alternating rounds."""
     from moepatch.ops.tuning import PRESET_SHAPES
 
     dev = torch.device("cuda")
     E, H, I, K = PRESET_SHAPES[args.shape]  # noqa: E741
-    torch.manual_seed(0)
-    w1 = torch.randn(E, 2 * I, H, device=dev, dtype=torch.bfloat16) * 0.02
-    w2 = torch.randn(E, H, I, device=dev, dtype=torch.bfloat16) * 0.02
-    gate = torch.randn(E, H, device=dev, dtype=torch.bfloat16) * H**-0.5
+    w1, w2, gate = _weights(E, H, I, dev)
     summary = []
     for M in [int(m) for m in args.ms.split(",")]:
-        x = torch.randn(M, H, device=dev, dtype=torch.bfloat16)
-        wts, ids = (x @ gate.T).float().softmax(-1).topk(K, dim=-1)
-        wts = (wts / wts.sum(-1, keepdim=True)).to(torch.bfloat16)
-        ids = ids.contiguous()
+        x, ids, wts = _routed(M, H, K, gate)
         table = get_config(M, E, H, I, K, device_key(dev))
         ref = ex.fused_experts_impl(x, ids, wts, w1, w2, config=table)
-        floor = max(2 * M * K * 3 * H * I / PEAK, (E * 3 * H * I * 2 + 2 * M * H * 2) / 4.3e12) * 1e3
+        floor = _floor_ms(M, E, H, I, K)
         fns = {}
         for name, c in [("table", table)] + list(LAYER.items()):
             try:
@@ -181,18 +194,12 @@ def main(argv=None):
         return 0
     dev = torch.device("cuda")
     E, H, I, K = 8, 4096, 14336, 2  # noqa: E741
-    torch.manual_seed(0)
-    w1 = torch.randn(E, 2 * I, H, device=dev, dtype=torch.bfloat16) * 0.02
-    w2 = torch.randn(E, H, I, device=dev, dtype=torch.bfloat16) * 0.02
-    gate = torch.randn(E, H, device=dev, dtype=torch.bfloat16) * H**-0.5
+    w1, w2, gate = _weights(E, H, I, dev)
     log(f"{torch.cuda.get_device_name()} torch {torch.__version__}; 8192^3 bf16 GEMM at start: "
         f"{peak_tflops(dev):.0f} TFLOP/s")
     summary = []
     for M in [int(m) for m in args.ms.split(",")]:
-        x = torch.randn(M, H, device=dev, dtype=torch.bfloat16)
-        wts, ids = (x @ gate.T).float().softmax(-1).topk(K, dim=-1)
-        wts = (wts / wts.sum(-1, keepdim=True)).to(torch.bfloat16)
-        ids = ids.contiguous()
+        x, ids, wts = _routed(M, H, K, gate)
         table = get_config(M, E, H, I, K, device_key(dev))
         bm = table["BLOCK_M"]
         layout = ex.dispatch(ids, E, bm, fuse=False)
@@ -261,7 +268,7 @@ def main(argv=None):
         same_layer = torch.equal(ex.fused_experts_impl(x, ids, wts, w1, w2, config=table),
                                  ex.fused_experts_impl(x, ids, wts, w1, w2, config=cand))
         lm = alternating(layer, args.rounds, args.reps)
-        floor = max(2 * M * K * 3 * H * I / PEAK, (E * 3 * H * I * 2 + 2 * M * H * 2) / 4.3e12) * 1e3
+        floor = _floor_ms(M, E, H, I, K)
         log(f"layer M={M}: table {lm['table']:.3f} ms ({lm['table'] / floor:.3f}x floor), best "
             f"{lm['best']:.3f} ({lm['best'] / floor:.3f}x) with gate_up '{best['gate_up'][1]}', down "
             f"'{best['down'][1]}'; same bits {same_layer}")
@@ -281,7 +288,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    t0 = time.time()
-    rc = main()
-    print(f"total {time.time() - t0:.0f} s", file=sys.stderr)
-    sys.exit(rc)
+    sys.exit(main())
