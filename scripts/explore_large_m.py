@@ -126,10 +126,11 @@ def _floor_ms(M: int, E: int, H: int, I: int, K: int) -> float:  # noqa: E741
 
 def layers(args, log) -> list:
     """--shape other than mixtral: the table's layer against descriptor layers, alternating rounds."""
-    from moepatch.ops.tuning import PRESET_SHAPES
+    from moepatch.ops.tuning import PRESET_SHAPES, default_config
 
     dev = torch.device("cuda")
-    E, H, I, K = PRESET_SHAPES[args.shape]  # noqa: E741
+    E, H, I, K = (PRESET_SHAPES[args.shape] if not args.dims  # noqa: E741
+                  else tuple(int(v) for v in args.dims.split(",")))
     w1, w2, gate = _weights(E, H, I, dev)
     summary = []
     for M in [int(m) for m in args.ms.split(",")]:
@@ -138,7 +139,11 @@ def layers(args, log) -> list:
         ref = ex.fused_experts_impl(x, ids, wts, w1, w2, config=table)
         floor = _floor_ms(M, E, H, I, K)
         fns = {}
-        for name, c in [("table", table)] + list(LAYER.items()):
+        defaults = [("pointer default", default_config(M, E, H, I, K, "cuda")),
+                    ("desc default", default_config(M, E, H, I, K, "cuda", descriptors=True))]
+        for name, c in [("table", table)] + defaults + list(LAYER.items()):
+            if name != "table" and args.candidates and not re.search(args.candidates, name):
+                continue
             try:
                 err = rel(ex.fused_experts_impl(x, ids, wts, w1, w2, config=c), ref)
                 fns[name] = graph_of(lambda c=c: ex.fused_experts_impl(x, ids, wts, w1, w2, config=c))
@@ -154,7 +159,8 @@ def layers(args, log) -> list:
             log(f"| {args.shape} | {M} | {name} | {t:.3f} | {t / floor:.3f} | {t / ms['table']:.3f} |")
         best = min(ms, key=ms.get)
         summary.append(dict(M=M, floor=floor, table=ms["table"], best=ms[best], name=best,
-                            config=table if best == "table" else LAYER[best]))
+                            ms={k: v for k, v in ms.items()}, config=dict([("table", table)] + defaults,
+                                                                          **LAYER).get(best)))
         del fns
         torch.cuda.empty_cache()
     log("| M | floor | table | best | table/floor | best/floor | best |")
@@ -176,6 +182,8 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--skip", default="", help="regex of 'part variant' names to leave out")
     ap.add_argument("--shape", default="mixtral", help="mixtral (per-GEMM variants) or another preset (layers)")
+    ap.add_argument("--candidates", default="", help="regex of the layer candidates to time (the table always)")
+    ap.add_argument("--dims", default="", help="E,H,I,K of a shape no table has (whole layers, with --shape NAME)")
     ap.add_argument("--out", default="out/large_m")
     args = ap.parse_args(argv)
     out = Path(args.out)

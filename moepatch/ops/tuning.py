@@ -43,10 +43,17 @@ def device_key(device: torch.device | str | None = None) -> str:
     return _cuda_device_key(dev.index if dev.index is not None else torch.cuda.current_device())
 
 
+# Compute capability of each GPU key seen in this process (filled by _cuda_device_key): the defaults
+# use the descriptor GEMMs only where TMA exists (Hopper and later).
+_CAPABILITY: dict[str, tuple[int, int]] = {}
+
+
 @functools.cache
 def _cuda_device_key(index: int) -> str:
     # Cached: the experts function asks on every call and the name never changes.
-    return torch.cuda.get_device_name(index).replace(" ", "_").replace("/", "_")
+    key = torch.cuda.get_device_name(index).replace(" ", "_").replace("/", "_")
+    _CAPABILITY[key] = tuple(torch.cuda.get_device_capability(index))
+    return key
 
 
 def _dirs() -> list[Path]:
@@ -67,13 +74,16 @@ def _load_table(directory: Path, dev_key: str) -> dict:
     return _table(str(path), path.stat().st_mtime)
 
 
-def default_config(M: int, E: int, H: int, I: int, K: int, device_type: str = "cuda") -> dict:  # noqa: E741
+def default_config(M: int, E: int, H: int, I: int, K: int, device_type: str = "cuda",  # noqa: E741
+                   descriptors: bool = False) -> dict:
     """A sensible configuration for any shape, from how many rows an expert gets on average.
 
     Few rows per expert: the layer is bound by reading weights, so tiles are thin (BLOCK_M 16),
     the down GEMM is split along K to put enough programs in flight, and BLOCK_N shrinks when the
     experts are narrow so the grid still covers every SM several times.  Many rows: compute-bound,
-    so the large tiles and deep pipelines that reach tensor-core peak on Hopper.
+    so the large tiles and deep pipelines that reach tensor-core peak on Hopper; with
+    ``descriptors`` (a GPU with TMA, compute capability >= 9) the descriptor GEMMs of tma_kernels.py
+    there, as the shipped H200 table chose for every shape it covers (docs/kernels.md).
     """
     if device_type != "cuda":
         # The interpreter runs one program at a time: the fewest, largest tiles are fastest.
@@ -107,6 +117,14 @@ def default_config(M: int, E: int, H: int, I: int, K: int, device_type: str = "c
                 "gate_up": {"BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 4},
                 "down": {"BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "SPLIT_K": 1, "num_warps": 4,
                          "num_stages": 4}}
+    if descriptors:
+        # Persistent programs with a flattened tile loop, joint gate/up boxes, h stored in two halves.
+        pf = {"PERSISTENT": 1, "FLATTEN": 1}
+        return {"BLOCK_M": 128, "DESC": True,
+                "gate_up": {"BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 16, "num_warps": 8, "num_stages": 4,
+                            "JOINT": 1, "H_STORE_SPLIT": 2, **pf},
+                "down": {"BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 16, "SPLIT_K": 1, "num_warps": 8,
+                         "num_stages": 4, **pf}}
     # Two (128 x 128) fp32 accumulators for gate and up hold as many registers as vLLM's single
     # 128 x 256 tile; three stages of (128 + 2 * 128) x 64 bf16 tiles fit Hopper's shared memory.
     return {"BLOCK_M": 128,
@@ -132,7 +150,9 @@ def get_config(M: int, E: int, H: int, I: int, K: int, dev_key: str) -> dict:  #
         table = _load_table(d, dev_key)
         if key in table and table[key]:
             return _nearest_bucket(table[key], M)
-    return default_config(M, E, H, I, K, "cpu" if dev_key == "cpu" else "cuda")
+    if dev_key == "cpu":
+        return default_config(M, E, H, I, K, "cpu")
+    return default_config(M, E, H, I, K, "cuda", descriptors=_CAPABILITY.get(dev_key, (0, 0)) >= (9, 0))
 
 
 def _gu(bn, bk, g, w, st):

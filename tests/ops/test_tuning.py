@@ -59,6 +59,39 @@ def test_default_configs_fit_and_scale(M):
             assert cfg["BLOCK_M"] == 16  # weight streaming: thinnest tensor-core tile
 
 
+def test_defaults_use_descriptor_gemms_only_with_tma_and_many_rows(monkeypatch):
+    """Shapes without a table: Hopper (capability >= 9) gets the descriptor layer above 192 rows per
+    expert, like the shipped H200 table; older GPUs and fewer rows keep the pointer GEMMs."""
+    monkeypatch.setitem(tuning._CAPABILITY, "hopper_gpu", (9, 0))
+    monkeypatch.setitem(tuning._CAPABILITY, "ampere_gpu", (8, 0))
+    tuning.get_config.cache_clear()
+    E, H, I, K = 60, 2048, 1408, 4  # noqa: E741  (a shape no table has)
+    big, small = 60 * 400 // 4, 60 * 100 // 4  # 400 and 100 rows per expert
+    cfg = tuning.get_config(big, E, H, I, K, "hopper_gpu")
+    assert cfg["DESC"] and cfg["BLOCK_M"] == 128 and cfg["gate_up"]["PERSISTENT"] and cfg["gate_up"]["JOINT"]
+    staging = cfg["BLOCK_M"] * cfg["gate_up"]["BLOCK_N"] // cfg["gate_up"]["H_STORE_SPLIT"] * 2
+    assert _smem(cfg, "gate_up") + staging <= SMEM_H200 and _smem(cfg, "down") <= SMEM_H200
+    for dev_key, m in (("ampere_gpu", big), ("hopper_gpu", small), ("unknown_gpu", big)):
+        assert not tuning.get_config(m, E, H, I, K, dev_key).get("DESC"), (dev_key, m)
+    tuning.get_config.cache_clear()
+
+
+def test_descriptor_default_computes_the_layer():
+    """The descriptor default runs (interpreter, fp32) and matches the pointer default."""
+    if torch.cuda.is_available():
+        pytest.skip("the CPU variant; the GPU tests run the descriptor path at real sizes")
+    from moepatch.ops import experts as X
+
+    M, E, H, I, K = 500, 2, 32, 48, 1  # noqa: E741  (250 rows per expert)
+    cfg = tuning.default_config(M, E, H, I, K, "cuda", descriptors=True)
+    assert cfg["DESC"]
+    gen = torch.Generator().manual_seed(1)
+    x, w1, w2 = (torch.randn(*s, generator=gen) for s in ((M, H), (E, 2 * I, H), (E, H, I)))
+    ids, wts = torch.randint(0, E, (M, K), generator=gen), torch.rand(M, K, generator=gen)
+    want = X.fused_experts_impl(x, ids, wts, w1, w2, tuning.default_config(M, E, H, I, K, "cpu"))
+    assert torch.allclose(X.fused_experts_impl(x, ids, wts, w1, w2, cfg), want, rtol=1e-4, atol=1e-4)
+
+
 def test_tune_writes_a_table_used_by_lookup(tmp_path, monkeypatch):
     if torch.cuda.is_available():
         pytest.skip("the CPU variant of this test; the GPU run tunes for real")
