@@ -81,9 +81,10 @@ def default_config(M: int, E: int, H: int, I: int, K: int, device_type: str = "c
     Few rows per expert: the layer is bound by reading weights, so tiles are thin (BLOCK_M 16),
     the down GEMM is split along K to put enough programs in flight, and BLOCK_N shrinks when the
     experts are narrow so the grid still covers every SM several times.  Many rows: compute-bound,
-    so the large tiles and deep pipelines that reach tensor-core peak on Hopper; with
-    ``descriptors`` (a GPU with TMA, compute capability >= 9) the descriptor GEMMs of tma_kernels.py
-    there, as the shipped H200 table chose for every shape it covers (docs/kernels.md).
+    so the large tiles and deep pipelines that reach tensor-core peak on Hopper.  With ``descriptors``
+    (a GPU with TMA, compute capability >= 9) and at least 24 rows per expert, the descriptor layer of
+    tma_kernels.py (64-row tiles up to 192 rows per expert, 128 above) wherever its peak memory stays
+    under grouped_mm's: measured faster than the pointer GEMMs on seven shapes (docs/kernels.md).
     """
     if device_type != "cuda":
         # The interpreter runs one program at a time: the fewest, largest tiles are fastest.
@@ -92,6 +93,10 @@ def default_config(M: int, E: int, H: int, I: int, K: int, device_type: str = "c
                 "down": {"BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 1, "SPLIT_K": 1, "num_warps": 4,
                          "num_stages": 1}}
     rows = M * K / E  # mean rows per expert
+    if descriptors and rows >= 24:
+        bm = 128 if rows > 192 else 64
+        if _desc_memory_ok(M * K, E, H, I, bm):
+            return _desc_default(bm)
     if rows <= 32:
         # Weight streaming: programs per (expert hit, N tile); keep >= ~4 waves of 132 SMs.
         experts_hit = min(E, M * K)
@@ -117,20 +122,33 @@ def default_config(M: int, E: int, H: int, I: int, K: int, device_type: str = "c
                 "gate_up": {"BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 4},
                 "down": {"BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "SPLIT_K": 1, "num_warps": 4,
                          "num_stages": 4}}
-    if descriptors:
-        # Persistent programs with a flattened tile loop, joint gate/up boxes, h stored in two halves.
-        pf = {"PERSISTENT": 1, "FLATTEN": 1}
-        return {"BLOCK_M": 128, "DESC": True,
-                "gate_up": {"BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 16, "num_warps": 8, "num_stages": 4,
-                            "JOINT": 1, "H_STORE_SPLIT": 2, **pf},
-                "down": {"BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 16, "SPLIT_K": 1, "num_warps": 8,
-                         "num_stages": 4, **pf}}
     # Two (128 x 128) fp32 accumulators for gate and up hold as many registers as vLLM's single
     # 128 x 256 tile; three stages of (128 + 2 * 128) x 64 bf16 tiles fit Hopper's shared memory.
     return {"BLOCK_M": 128,
             "gate_up": {"BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 16, "num_warps": 8, "num_stages": 3},
             "down": {"BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 16, "SPLIT_K": 1, "num_warps": 8,
                      "num_stages": 3}}
+
+
+def _desc_memory_ok(P: int, E: int, H: int, I: int, block_m: int) -> bool:  # noqa: E741
+    """Whether the descriptor layer's peak (gathered rows and h: R_max x (H + I), padding included) stays
+    under a lower bound of transformers' grouped_mm (inputs, gate/up, activation, output: P x (2H + 3I))."""
+    rows = -(-(P + min(E, P) * (block_m - 1)) // block_m) * block_m
+    return rows * (H + I) <= P * (2 * H + 3 * I)
+
+
+def _desc_default(block_m: int) -> dict:
+    """The descriptor layer the shipped H200 table chose for every shape it covers: persistent programs with
+    a flattened tile loop, joint gate/up boxes, h stored in two halves; one warp group for 64-row tiles."""
+    warps = 8 if block_m == 128 else 4
+    pf = {"PERSISTENT": 1, "FLATTEN": 1}
+    down = ({"BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 16, "SPLIT_K": 1, "num_warps": 8, "num_stages": 4, **pf}
+            if block_m == 128 else
+            {"BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 16, "SPLIT_K": 1, "num_warps": 4, "num_stages": 4})
+    return {"BLOCK_M": block_m, "DESC": True,
+            "gate_up": {"BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 16, "num_warps": warps, "num_stages": 4,
+                        "JOINT": 1, "H_STORE_SPLIT": 2, **pf},
+            "down": down}
 
 
 def _nearest_bucket(table_for_shape: dict, M: int) -> dict:

@@ -60,19 +60,27 @@ def test_default_configs_fit_and_scale(M):
 
 
 def test_defaults_use_descriptor_gemms_only_with_tma_and_many_rows(monkeypatch):
-    """Shapes without a table: Hopper (capability >= 9) gets the descriptor layer above 192 rows per
-    expert, like the shipped H200 table; older GPUs and fewer rows keep the pointer GEMMs."""
+    """Shapes without a table: Hopper (capability >= 9) gets the descriptor layer from 24 rows per expert
+    (64-row tiles up to 192, 128 above) unless its peak memory would pass grouped_mm's; older GPUs, fewer
+    rows and that memory case keep the pointer GEMMs."""
     monkeypatch.setitem(tuning._CAPABILITY, "hopper_gpu", (9, 0))
     monkeypatch.setitem(tuning._CAPABILITY, "ampere_gpu", (8, 0))
     tuning.get_config.cache_clear()
-    E, H, I, K = 60, 2048, 1408, 4  # noqa: E741  (a shape no table has)
-    big, small = 60 * 400 // 4, 60 * 100 // 4  # 400 and 100 rows per expert
-    cfg = tuning.get_config(big, E, H, I, K, "hopper_gpu")
-    assert cfg["DESC"] and cfg["BLOCK_M"] == 128 and cfg["gate_up"]["PERSISTENT"] and cfg["gate_up"]["JOINT"]
-    staging = cfg["BLOCK_M"] * cfg["gate_up"]["BLOCK_N"] // cfg["gate_up"]["H_STORE_SPLIT"] * 2
-    assert _smem(cfg, "gate_up") + staging <= SMEM_H200 and _smem(cfg, "down") <= SMEM_H200
-    for dev_key, m in (("ampere_gpu", big), ("hopper_gpu", small), ("unknown_gpu", big)):
-        assert not tuning.get_config(m, E, H, I, K, dev_key).get("DESC"), (dev_key, m)
+    E, H, I, K = 60, 2048, 1408, 4  # noqa: E741  (Qwen1.5-MoE: a shape no table has)
+    for rows, bm in ((400, 128), (100, 64)):
+        cfg = tuning.get_config(E * rows // K, E, H, I, K, "hopper_gpu")
+        assert cfg["DESC"] and cfg["BLOCK_M"] == bm and cfg["gate_up"]["PERSISTENT"] and cfg["gate_up"]["JOINT"]
+        staging = cfg["BLOCK_M"] * cfg["gate_up"]["BLOCK_N"] // cfg["gate_up"]["H_STORE_SPLIT"] * 2
+        assert _smem(cfg, "gate_up") + staging <= SMEM_H200 and _smem(cfg, "down") <= SMEM_H200
+        # the memory rule: gathered rows and h, padding included, under grouped_mm's P x (2H + 3I)
+        P = E * rows
+        assert -(-(P + E * (bm - 1)) // bm) * bm * (H + I) <= P * (2 * H + 3 * I)
+    for dev_key, rows in (("ampere_gpu", 400), ("hopper_gpu", 10), ("unknown_gpu", 400)):
+        assert not tuning.get_config(E * rows // K, E, H, I, K, dev_key).get("DESC"), (dev_key, rows)
+    # OLMoE's shape at M = 256 (32 rows per expert): 64-row tiles would hold 6080 padded rows of H + I,
+    # more than grouped_mm's peak, so the default stays on the pointer GEMMs.
+    assert not tuning.default_config(256, 64, 2048, 1024, 8, "cuda", descriptors=True).get("DESC")
+    assert tuning.default_config(512, 64, 2048, 1024, 8, "cuda", descriptors=True)["BLOCK_M"] == 64
     tuning.get_config.cache_clear()
 
 
@@ -82,14 +90,15 @@ def test_descriptor_default_computes_the_layer():
         pytest.skip("the CPU variant; the GPU tests run the descriptor path at real sizes")
     from moepatch.ops import experts as X
 
-    M, E, H, I, K = 500, 2, 32, 48, 1  # noqa: E741  (250 rows per expert)
-    cfg = tuning.default_config(M, E, H, I, K, "cuda", descriptors=True)
-    assert cfg["DESC"]
-    gen = torch.Generator().manual_seed(1)
-    x, w1, w2 = (torch.randn(*s, generator=gen) for s in ((M, H), (E, 2 * I, H), (E, H, I)))
-    ids, wts = torch.randint(0, E, (M, K), generator=gen), torch.rand(M, K, generator=gen)
-    want = X.fused_experts_impl(x, ids, wts, w1, w2, tuning.default_config(M, E, H, I, K, "cpu"))
-    assert torch.allclose(X.fused_experts_impl(x, ids, wts, w1, w2, cfg), want, rtol=1e-4, atol=1e-4)
+    E, H, I, K = 2, 32, 48, 1  # noqa: E741
+    for M, bm in ((500, 128), (200, 64)):  # 250 and 100 rows per expert
+        cfg = tuning.default_config(M, E, H, I, K, "cuda", descriptors=True)
+        assert cfg["DESC"] and cfg["BLOCK_M"] == bm
+        gen = torch.Generator().manual_seed(M)
+        x, w1, w2 = (torch.randn(*s, generator=gen) for s in ((M, H), (E, 2 * I, H), (E, H, I)))
+        ids, wts = torch.randint(0, E, (M, K), generator=gen), torch.rand(M, K, generator=gen)
+        want = X.fused_experts_impl(x, ids, wts, w1, w2, tuning.default_config(M, E, H, I, K, "cpu"))
+        assert torch.allclose(X.fused_experts_impl(x, ids, wts, w1, w2, cfg), want, rtol=1e-4, atol=1e-4)
 
 
 def test_tune_writes_a_table_used_by_lookup(tmp_path, monkeypatch):
