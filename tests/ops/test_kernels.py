@@ -404,7 +404,7 @@ def test_bf16_descriptor_path_graph_and_no_host_sync(persistent):
     x, w1, w2, ids, wts, gen = _gpu_problem(M, E, H, I, K, seed=persistent, drop_every=5)
     cfg = {"BLOCK_M": 128, "DESC": True,
            "gate_up": dict(BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4, PERSISTENT=persistent,
-                           JOINT=persistent),
+                           JOINT=persistent, FLATTEN=persistent, H_STORE_SPLIT=2 * persistent),
            "down": dict(BLOCK_N=256, BLOCK_K=64, GROUP_M=16, num_warps=8, num_stages=4, PERSISTENT=persistent,
                         FLATTEN=persistent, SPLIT_K=1)}
     pointer = {k: v for k, v in cfg.items() if k != "DESC"}
@@ -413,6 +413,23 @@ def test_bf16_descriptor_path_graph_and_no_host_sync(persistent):
     assert ((out.float() - want.float()).norm() / want.float().norm()).item() < 1e-2
     _assert_sync_free_and_replayable(lambda: X.fused_experts_impl(x, ids, wts, w1, w2, cfg), ids, gen, E)
     assert torch.equal(X.fused_experts_impl(x, ids, wts, w1, w2, cfg), X.fused_experts_impl(x, ids, wts, w1, w2, cfg))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M,block_m", [(1024, 128), (192, 64)])  # 512 and 96 rows per expert
+def test_default_for_a_shape_without_table_on_hopper(M, block_m):
+    """A shape no table has: on Hopper the default is the descriptor layer, equal to the pointer GEMMs' result."""
+    from moepatch.ops import tuning
+
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("descriptor defaults are for GPUs with TMA")
+    E, H, I, K = 4, 1024, 1536, 2  # noqa: E741
+    x, w1, w2, ids, wts, gen = _gpu_problem(M, E, H, I, K, seed=M, drop_every=7)
+    cfg = X.config_for(x, ids, w1)
+    assert cfg.get("DESC") and cfg["BLOCK_M"] == block_m
+    want = X.fused_experts_impl(x, ids, wts, w1, w2, tuning.default_config(M, E, H, I, K, "cuda"))
+    out = X.fused_experts_impl(x, ids, wts, w1, w2)
+    assert torch.isfinite(out).all() and ((out.float() - want.float()).norm() / want.float().norm()).item() < 1e-2
 
 
 @pytest.mark.gpu
