@@ -133,22 +133,16 @@ def default_config(M: int, E: int, H: int, I: int, K: int, device_type: str = "c
 def _desc_memory_ok(P: int, E: int, H: int, I: int, block_m: int) -> bool:  # noqa: E741
     """Whether the descriptor layer's peak (gathered rows and h: R_max x (H + I), padding included) stays
     under a lower bound of transformers' grouped_mm (inputs, gate/up, activation, output: P x (2H + 3I))."""
-    rows = -(-(P + min(E, P) * (block_m - 1)) // block_m) * block_m
-    return rows * (H + I) <= P * (2 * H + 3 * I)
+    from .experts import max_rows  # experts imports this module
+
+    return max_rows(P, E, block_m) * (H + I) <= P * (2 * H + 3 * I)
 
 
 def _desc_default(block_m: int) -> dict:
-    """The descriptor layer the shipped H200 table chose for every shape it covers: persistent programs with
-    a flattened tile loop, joint gate/up boxes, h stored in two halves; one warp group for 64-row tiles."""
-    warps = 8 if block_m == 128 else 4
-    pf = {"PERSISTENT": 1, "FLATTEN": 1}
-    down = ({"BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 16, "SPLIT_K": 1, "num_warps": 8, "num_stages": 4, **pf}
-            if block_m == 128 else
-            {"BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 16, "SPLIT_K": 1, "num_warps": 4, "num_stages": 4})
-    return {"BLOCK_M": block_m, "DESC": True,
-            "gate_up": {"BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 16, "num_warps": warps, "num_stages": 4,
-                        "JOINT": 1, "H_STORE_SPLIT": 2, **pf},
-            "down": down}
+    """The descriptor layer the shipped H200 table chose for every shape it covers: the first of the tuner's
+    descriptor candidates for that BLOCK_M (128-row tiles with 8 warps, 64-row tiles with one warp group)."""
+    gate_ups, downs = (_DESC_GATE_UP, _DESC_DOWN) if block_m == 128 else (_DESC64_GATE_UP, _DESC64_DOWN)
+    return {"BLOCK_M": block_m, "DESC": True, "gate_up": dict(gate_ups[0]), "down": dict(downs[0])}
 
 
 def _nearest_bucket(table_for_shape: dict, M: int) -> dict:
@@ -214,7 +208,8 @@ _TOKEN_DOWN = [dict(_dn(16, 256, 1, 1, 4, 4), TOKEN=1), dict(_dn(16, 128, 1, 1, 
 # The descriptor GEMMs of tma_kernels.py (DESC), for the compute-bound regime: joint gate/up boxes,
 # persistent programs whose tile loop Triton flattens (the next tile's loads overlap this tile's
 # epilogue) and h stored through a descriptor in two halves: the winners on the H200 for every shape
-# at M >= 1024 (docs/kernels.md, "Large M: per-tile overhead"), then the earlier ones (run 3).
+# at M >= 1024 (docs/kernels.md, "Large M: per-tile overhead"), then the earlier ones (run 3).  The first
+# of each list is also default_config's choice on Hopper for shapes no table has.
 _PF = dict(PERSISTENT=1, FLATTEN=1)
 _DESC_GATE_UP = [dict(_gu(128, 64, 16, 8, 4), JOINT=1, H_STORE_SPLIT=2, **_PF),
                  dict(_gu(128, 64, 16, 8, 3), JOINT=1, H_STORE_SPLIT=1, **_PF),
