@@ -9,9 +9,13 @@ each shape, on every rank (data parallel backbone, experts split over the ranks)
   one expert's width plus top-1),
 * ``scmoe`` with the *overlapped* schedule (moepatch.scmoe.schedule): the overlap's gain on top.
 
-Reported per variant: the unit time (max over ranks of each iteration, median over iterations),
-the all-to-all time measured in the sequential schedule (dispatch + combine), the fraction of it
-the overlap hides ((T_sequential − T_overlap) / T_all-to-all, clipped to [0, 1]), the slot K
+Reported per variant: the unit time of both schedules, timed in alternating rounds (each run
+after a barrier, the slowest rank's time, medians over rounds; "saved" is the median of the
+paired differences sequential − overlap), the all-to-all time (the unit's exchanges alone, with
+their real split sizes, after a barrier: header + rows out, rows back; ``ShortcutEP.time_exchanges``),
+the fraction of it the overlap hides (saved / all-to-all, clipped to [0, 1]; saved can exceed it
+when the overlap also takes the dispatch's sorting, gathering and host sync off the critical
+path; the phase times of the sequential schedule are in the JSON as dispatch_ms / combine_ms), the slot K
 chosen by the paper's rule, and speedups.  Before timing, each variant's expert-parallel unit
 output must equal the single-device unit on the same tokens (and overlap must equal sequential
 bit for bit), or the benchmark stops.
@@ -52,7 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--shapes", default="mixtral,narrow", help=f"comma-separated, from {', '.join(SHAPES)}")
-    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--iters", type=int, default=30, help="rounds of the paired sequential/overlap timing")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--calibrate-iters", type=int, default=5)
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"),
@@ -110,6 +114,7 @@ def run(args) -> int:
     if str(REPO) not in sys.path:
         sys.path.insert(0, str(REPO))
     from moepatch.parallel import init_distributed
+    from moepatch.parallel.bench import profile_calls
     from moepatch.scmoe import ScMoEConfig, ScMoEForCausalLM
     from moepatch.scmoe.schedule import ShortcutEP
 
@@ -128,18 +133,23 @@ def run(args) -> int:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return t.tolist()
 
-    def time_unit(fn, iters: int, warmup: int) -> float:
-        """Median over iterations of the slowest rank's time of one unit (seconds)."""
-        per_iter = []
+    def time_pair(fn_a, fn_b, iters: int, warmup: int) -> tuple[float, float, float]:
+        """Both schedules in alternating rounds (order swapped every round), each run after a barrier:
+        medians of the slowest rank's times of a and b, and the median of the paired differences a - b
+        (seconds).  Pairing cancels the drift (clocks, power) that separate runs would put between them."""
+        a, b = [], []
         for i in range(warmup + iters):
-            dist.barrier()
-            sync()
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            if i >= warmup:
-                per_iter.append(time.perf_counter() - t0)
-        return statistics.median(max_over_ranks(per_iter))
+            runs = ((fn_a, a), (fn_b, b)) if i % 2 == 0 else ((fn_b, b), (fn_a, a))
+            for fn, acc in runs:
+                dist.barrier()
+                sync()
+                t0 = time.perf_counter()
+                fn()
+                sync()
+                if i >= warmup:
+                    acc.append(time.perf_counter() - t0)
+        a, b = max_over_ranks(a), max_over_ranks(b)
+        return statistics.median(a), statistics.median(b), statistics.median(x - y for x, y in zip(a, b))
 
     def bench_variant(shape_name, dims, variant, kw) -> dict:
         """Check, calibrate and time one variant's unit; the row of the report."""
@@ -166,21 +176,27 @@ def run(args) -> int:
             if err > tol:
                 raise SystemExit(f"{shape_name}/{variant}: the expert-parallel unit differs from the single-device "
                                  f"unit (relative {err:.2e} > {tol}); nothing timed")
-            if ov_diff and rank == 0:
-                # Expected 0 (same kernels, same data); reported, not fatal, so one GPU run still measures.
-                print(f"WARNING {shape_name}/{variant}: overlap differs from sequential by {ov_diff:.3e}", flush=True)
+            if ov_diff:
+                # Same kernels on the same data (only the stream differs): any difference is a race.
+                raise SystemExit(f"{shape_name}/{variant}: the overlapped schedule differs from the sequential one "
+                                 f"by {ov_diff:.3e}; nothing timed")
             timing = ep.calibrate(ids_BS, iters=args.calibrate_iters, warmup=1)[0]
             ctx, h0 = ep.prepare(ids_BS)
-            t_seq = time_unit(lambda: ep.run_unit(0, h0, ctx, "sequential"), args.iters, args.warmup)
-            t_ov = time_unit(lambda: ep.run_unit(0, h0, ctx, "overlap"), args.iters, args.warmup)
-        comm = timing.dispatch + timing.combine
+            t_seq, t_ov, saved = time_pair(lambda: ep.run_unit(0, h0, ctx, "sequential"),
+                                           lambda: ep.run_unit(0, h0, ctx, "overlap"), args.iters, args.warmup)
+            t_out, t_back = ep.time_exchanges(0, h0, ctx, iters=args.calibrate_iters * 2)
+            for schedule in ("sequential", "overlap"):  # only with $MOEPATCH_PROFILE_DIR
+                profile_calls(lambda s=schedule: ep.run_unit(0, h0, ctx, s), f"scmoe_{shape_name}_{variant}_{schedule}")
+        comm = t_out + t_back
         return {
             "shape": shape_name, "variant": variant, "hidden": D, "expert_width": inter, "experts": E,
             "tokens_per_rank": batch * seq, "unit_sequential_ms": t_seq * 1e3, "unit_overlap_ms": t_ov * 1e3,
             "dispatch_ms": timing.dispatch * 1e3, "combine_ms": timing.combine * 1e3,
             "experts_ms": timing.experts * 1e3, "gate_ms": timing.gate * 1e3,
-            "ops_ms": {k: v * 1e3 for k, v in timing.ops.items()}, "slot": timing.slot, "a2a_ms": comm * 1e3,
-            "hidden_fraction": max(0.0, min(1.0, (t_seq - t_ov) / comm)) if comm > 0 and timing.ops else 0.0,
+            "ops_ms": {k: v * 1e3 for k, v in timing.ops.items()}, "slot": timing.slot,
+            "a2a_ms": comm * 1e3, "a2a_dispatch_ms": t_out * 1e3, "a2a_combine_ms": t_back * 1e3,
+            "saved_ms": saved * 1e3,
+            "hidden_fraction": max(0.0, min(1.0, saved / comm)) if comm > 0 and timing.ops else 0.0,
             "check_relative_error": err, "overlap_minus_sequential_max_abs": ov_diff,
         }
 
@@ -203,20 +219,22 @@ def run(args) -> int:
                         "architecture_speedup": b / sc["unit_sequential_ms"],
                         "overlap_speedup": sc["unit_sequential_ms"] / sc["unit_overlap_ms"],
                         "total_speedup": b / sc["unit_overlap_ms"], "top2_a2a_ms": base["a2a_ms"],
-                        "scmoe_a2a_ms": sc["a2a_ms"], "scmoe_a2a_hidden": sc["hidden_fraction"], "slot": sc["slot"]})
+                        "scmoe_a2a_ms": sc["a2a_ms"], "scmoe_saved_ms": sc["saved_ms"],
+                        "scmoe_a2a_hidden": sc["hidden_fraction"], "slot": sc["slot"]})
     if rank == 0:
         args.out.mkdir(parents=True, exist_ok=True)
         report = {"environment": env, "args": {k: str(v) for k, v in vars(args).items()}, "rows": rows,
                   "summary": summary}
         (args.out / "bench_scmoe.json").write_text(json.dumps(report, indent=1) + "\n")
         md = [f"# ScMoE expert-parallel unit benchmark ({world} ranks, {env['device']}, {env['dtype']})", "",
-              "| shape | variant | schedule | unit ms | a2a ms (seq) | hidden | slot K |",
-              "|---|---|---|---|---|---|---|"]
+              "| shape | variant | sequential ms | overlap ms | saved ms | a2a ms (out + back) | "
+              "dispatch + combine phases ms | hidden | slot K |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
         for r in rows:
-            md.append(f"| {r['shape']} | {r['variant']} | sequential | {r['unit_sequential_ms']:.3f} | "
-                      f"{r['a2a_ms']:.3f} | - | - |")
-            md.append(f"| {r['shape']} | {r['variant']} | overlap | {r['unit_overlap_ms']:.3f} | "
-                      f"{r['a2a_ms']:.3f} | {100 * r['hidden_fraction']:.0f}% | {r['slot']} |")
+            md.append(f"| {r['shape']} | {r['variant']} | {r['unit_sequential_ms']:.3f} | {r['unit_overlap_ms']:.3f} | "
+                      f"{r['saved_ms']:.3f} | {r['a2a_ms']:.3f} ({r['a2a_dispatch_ms']:.3f} + "
+                      f"{r['a2a_combine_ms']:.3f}) | {r['dispatch_ms'] + r['combine_ms']:.3f} | "
+                      f"{100 * r['hidden_fraction']:.0f}% | {r['slot']} |")
         md += ["", "| shape | top-2 ms | ScMoE seq ms | ScMoE overlap ms | architecture | overlap | total |",
                "|---|---|---|---|---|---|---|"]
         for s in summary:
@@ -224,11 +242,11 @@ def run(args) -> int:
                       f"{s['scmoe_overlap_ms']:.3f} | {s['architecture_speedup']:.2f}x | {s['overlap_speedup']:.2f}x | "
                       f"{s['total_speedup']:.2f}x |")
         (args.out / "bench_scmoe.md").write_text("\n".join(md) + "\n")
-        lines = [f"{'shape':>8} {'top2 ms':>9} {'ScMoE seq':>10} {'ScMoE ovl':>10} {'a2a ms':>8} {'hidden':>7} "
-                 f"{'arch':>6} {'ovl':>6} {'total':>6}"]
+        lines = [f"{'shape':>8} {'top2 ms':>9} {'ScMoE seq':>10} {'ScMoE ovl':>10} {'a2a ms':>8} {'saved':>7} "
+                 f"{'hidden':>7} {'arch':>6} {'ovl':>6} {'total':>6}"]
         for s in summary:
             lines.append(f"{s['shape']:>8} {s['top2_ms']:>9.3f} {s['scmoe_sequential_ms']:>10.3f} "
-                         f"{s['scmoe_overlap_ms']:>10.3f} {s['scmoe_a2a_ms']:>8.3f} "
+                         f"{s['scmoe_overlap_ms']:>10.3f} {s['scmoe_a2a_ms']:>8.3f} {s['scmoe_saved_ms']:>7.3f} "
                          f"{100 * s['scmoe_a2a_hidden']:>6.0f}% {s['architecture_speedup']:>5.2f}x "
                          f"{s['overlap_speedup']:>5.2f}x {s['total_speedup']:>5.2f}x")
         print(f"wrote {args.out / 'bench_scmoe.json'} and {args.out / 'bench_scmoe.md'}")

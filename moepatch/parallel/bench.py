@@ -235,7 +235,38 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def time_block(block, x_1TH, timer: PhaseTimer, iters: int, warmup: int, device) -> list[list[float]]:
+def profile_calls(fn, tag: str, calls: int = 3) -> None:
+    """Diagnostics: with ``$MOEPATCH_PROFILE_DIR`` set, run ``fn`` ``calls`` times (after a barrier each)
+    under torch.profiler and write this rank's kernel table and Chrome trace there; else nothing.
+
+    Not a timing (the profiler adds overhead): it shows what the GPU runs, where it idles and which
+    streams overlap (docs/expert-parallel.md, "Reading a profile")."""
+    out = os.environ.get("MOEPATCH_PROFILE_DIR")
+    if not out:
+        return
+    import torch.distributed as dist
+    from torch.profiler import ProfilerActivity, profile
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    Path(out).mkdir(parents=True, exist_ok=True)
+    with torch.no_grad(), profile(activities=acts) as prof:
+        for _ in range(calls):
+            if dist.is_initialized():
+                dist.barrier()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    name = "".join(c if c.isalnum() or c in "-_.@" else "_" for c in tag)
+    sort = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+    table = prof.key_averages().table(sort_by=sort, row_limit=40)
+    Path(out, f"{name}.rank{rank}.txt").write_text(table + "\n")
+    prof.export_chrome_trace(str(Path(out, f"{name}.rank{rank}.json")))
+
+
+def time_block(block, x_1TH, timer: PhaseTimer, iters: int, warmup: int, device, tag: str = "") -> list[list[float]]:
     """Per-iteration phase times of this rank (iters, len(PHASES)), each iteration after a barrier."""
     import torch.distributed as dist
 
@@ -251,6 +282,8 @@ def time_block(block, x_1TH, timer: PhaseTimer, iters: int, warmup: int, device)
             phases = timer.phases_ms()
             if i >= warmup:
                 rows.append(phases)
+        timer.reset()
+        profile_calls(lambda: block(x_1TH), tag or "block")
     return rows
 
 
@@ -510,7 +543,8 @@ def run(args) -> dict:
                 for name, gamma, strategy in variants:
                     moepatch.apply(model, gamma, strategy, expert_parallel=True)
                     set_phase_timer(model, timer)
-                    rows = time_block(block, x_1TH, timer, args.iters, args.warmup, device)
+                    rows = time_block(block, x_1TH, timer, args.iters, args.warmup, device,
+                                      tag=f"ep_{label}_T{tokens}_{name}")
                     timing = max_over_ranks(rows, device)
                     loads = device_loads(model, num_experts, world, device)
                     moepatch.remove(model)

@@ -74,6 +74,38 @@ class Dispatched:
     invalid_pairs: int
 
 
+class _HostValues:
+    """int64 values on their way to the host: a non-blocking copy into pinned memory on CUDA."""
+
+    def __init__(self, values: torch.Tensor):
+        if values.is_cuda:
+            self._host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+            self._host.copy_(values, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host, self._event = values, None
+
+    def result(self) -> list:
+        if self._event is not None:
+            self._event.synchronize()  # NOTE: host sync (the header), waits for this copy only
+        return self._host.tolist()
+
+
+@dataclass
+class HeaderInFlight:
+    """A round between :meth:`Dispatcher.begin` and :meth:`Dispatcher.complete`: the exchanged
+    header on its way to the host, and every slot's token, column and row in send order."""
+
+    values: _HostValues
+    order_P: torch.Tensor
+    tok_P: torch.Tensor
+    col_P: torch.Tensor
+    rows_PH: torch.Tensor | None
+    num_tokens: int
+    device: torch.device
+
+
 class Dispatcher:
     """dispatch/combine over D ranks; subclasses provide the two exchanges.
 
@@ -118,7 +150,7 @@ class Dispatcher:
 
     def dispatch(self, x_TH: torch.Tensor, ids_TW: torch.Tensor, *, num_experts: int, tag: int,
                  status: int = ACTIVE) -> Dispatched | None:
-        """Send every kept (token, slot) row to the rank of its expert.
+        """Send every kept (token, slot) row to the rank of its expert: :meth:`begin` then :meth:`complete`.
 
         Args:
             x_TH: (T, H) hidden states (float32/float16/bfloat16), T may be 0.
@@ -131,6 +163,17 @@ class Dispatcher:
         Raises:
             PeerFailedError: a rank sent ABORT.  ProtocolError: the active ranks disagree.
             CollectiveError: the transport failed or timed out.
+        """
+        return self.complete(self.begin(x_TH, ids_TW, num_experts=num_experts, tag=tag, status=status))
+
+    def begin(self, x_TH: torch.Tensor, ids_TW: torch.Tensor, *, num_experts: int, tag: int,
+              status: int = ACTIVE) -> HeaderInFlight:
+        """The first half of :meth:`dispatch`: everything that needs no host value, then the header.
+
+        Sorts the slots by expert, gathers the rows of every slot in that order (the dropped ones
+        sort last and are never sent), exchanges the header and starts copying its values to the
+        host; on CUDA nothing here blocks the host, so a caller can enqueue other work (ScMoE's
+        backbone) before :meth:`complete` waits for the header.  Arguments as :meth:`dispatch`.
         """
         T, W = ids_TW.shape
         device = x_TH.device
@@ -151,10 +194,21 @@ class Dispatcher:
         width = kept_TW.sum(1).max() if T else torch.zeros((), dtype=torch.long, device=device)
         fixed = torch.tensor([status, tag, dtype_code(x_TH.dtype), x_TH.shape[1]], dtype=torch.long, device=device)
         header_DX = torch.cat([fixed.expand(D, _HEADER_FIXED), send_DM], dim=1).contiguous()
+        # Token, compact combine column and row of every slot in send order, before the header's
+        # host sync, so that after it only the row exchange is left to launch.
+        tok_P = torch.div(order_P, W, rounding_mode="floor")
+        col_P = (torch.cumsum(kept_TW.long(), dim=1) - 1).reshape(-1)[order_P]
+        rows_PH = x_TH[tok_P] if status == ACTIVE else None
         self.round_open = True
         recv_DX = self._exchange_header(header_DX)
+        values = torch.cat([send_DM.sum(1), recv_DX.reshape(-1), torch.stack([width, invalid])])
+        return HeaderInFlight(_HostValues(values), order_P, tok_P, col_P, rows_PH, T, device)
+
+    def complete(self, h: HeaderInFlight) -> Dispatched | None:
+        """The second half of :meth:`dispatch`: read the header (the one host sync), check it, send the rows."""
+        D, M = self.world, self.header_slots
         # NOTE: host sync: split sizes must be known on the host; one transfer for everything.
-        host = torch.cat([send_DM.sum(1), recv_DX.reshape(-1), torch.stack([width, invalid])]).tolist()
+        host = h.values.result()
         send_splits = host[:D]
         recv = [host[D + s * (_HEADER_FIXED + M): D + (s + 1) * (_HEADER_FIXED + M)] for s in range(D)]
         width, invalid = host[-2], host[-1]
@@ -183,17 +237,13 @@ class Dispatcher:
         recv_splits = [sum(c) for c in counts_SM]
 
         P = sum(send_splits)
-        sel_P = order_P[:P]
-        tok_P = torch.div(sel_P, W, rounding_mode="floor")
-        # Compact column of each kept slot among its token's kept slots (the core's lowering layout).
-        col_P = (torch.cumsum(kept_TW.long(), dim=1) - 1).reshape(-1)[sel_P]
-        if status == ACTIVE:
-            send_NH = x_TH[tok_P]
+        if h.rows_PH is not None:
+            send_NH = h.rows_PH[:P]
         else:
-            send_NH = x_TH.new_empty(0, hidden, dtype=_DTYPES[code])
-        x_RH = self._exchange_rows(send_NH.contiguous(), send_splits, recv_splits)
-        return Dispatched(agreed_tag, x_RH, counts_SM, send_splits, recv_splits, tok_P, col_P, sel_P, T,
-                          int(width), int(invalid))
+            send_NH = torch.empty(0, hidden, dtype=_DTYPES[code], device=h.device)
+        x_RH = self._exchange_rows(send_NH, send_splits, recv_splits)
+        return Dispatched(agreed_tag, x_RH, counts_SM, send_splits, recv_splits, h.tok_P[:P], h.col_P[:P],
+                          h.order_P[:P], h.num_tokens, int(width), int(invalid))
 
     def return_rows(self, y_RH: torch.Tensor, d: Dispatched) -> torch.Tensor:
         """The reverse exchange: every computed row goes back to its source, in send order (P, H)."""

@@ -19,13 +19,16 @@ fixed-order float32 sum).  The backbone ops after the source are those of
 :meth:`moepatch.scmoe.model.ScMoEForCausalLM.unit_program` (Pos-1: Attn_{l+1}, SE_{l+1}; Pos-2:
 MLP_l too; Pos-3: Attn_l too).
 
-Communication is asynchronous, compute stays on the current stream: with NCCL,
-``all_to_all_single(..., async_op=True)`` runs on the process group's internal NCCL stream (the
-side stream), ordered after the producer by the event NCCL records on the current stream, and
-``work.wait()`` makes the current stream wait for it without blocking the host.  With gloo the
-same call runs on gloo's worker thread, so the same code path overlaps as far as gloo allows.
-The header exchange stays synchronous: the split sizes must be on the host before the rows can be
-sent (``Dispatcher.dispatch``, one host sync per layer).
+Communication is asynchronous, compute stays on the current stream.  On CUDA the dispatch's own
+work (sorting the slots, gathering the rows, the header exchange and the copy of its values to
+the host) runs on a high-priority side stream that waits for the source (an event), beside
+backbone ops 0..K-1; the host reads the header only after queueing those ops, so the one host
+sync per layer (the split sizes must be on the host before the rows can be sent) never leaves the
+GPU idle.  The rows then go with ``all_to_all_single(..., async_op=True)`` issued from the side
+stream (NCCL's internal stream waits for it), and ``work.wait()`` makes the compute stream wait
+for the rows without blocking the host; the return exchange is issued from the compute stream
+after the expert GEMMs.  With gloo the same calls run on gloo's worker thread (no streams), so
+the same code path overlaps as far as gloo allows.
 
 The slot K of the expert GEMMs among the N backbone ops is the paper's rule on measured times
 (:func:`choose_slot`): minimise |Σ_{i<K} COMP_i − T_dispatch| + |Σ_{i≥K} COMP_i − T_combine|
@@ -53,7 +56,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import ModelStateError
-from ..parallel.dispatch import AllToAllDispatcher, Dispatched, LocalDispatcher, weigh_and_sum
+from ..parallel.dispatch import _HEADER_FIXED, AllToAllDispatcher, Dispatched, LocalDispatcher, weigh_and_sum
 from ..parallel.ep import _EPBlock, compute_local_experts
 from .model import ForwardContext, ScMoEForCausalLM, UnitProgram
 
@@ -217,6 +220,7 @@ class ShortcutEP:
         # Default slots before calibration: unit op costs, each exchange half an op.
         self.slots: dict[int, int] = {}
         self.timings: dict[int, UnitTiming] = {}
+        self._side = None  # CUDA stream of the overlapped dispatch, made on first use
 
     # -- one unit ---------------------------------------------------------------------------------
     def _in_flight(self):
@@ -228,17 +232,39 @@ class ShortcutEP:
         take = getattr(self.dispatcher, "take_pending", None)
         return take() if take is not None else None
 
-    def _dispatch(self, prog: UnitProgram, ids_TW: torch.Tensor, asynchronous: bool):
-        ordinal = self._ordinal[id(prog.moe)]
+    def _side_stream(self, x: torch.Tensor):
+        """The high-priority CUDA stream the overlapped dispatch runs on (None on the CPU)."""
+        if not x.is_cuda:
+            return None
+        if self._side is None or self._side.device != x.device:
+            self._side = torch.cuda.Stream(device=x.device, priority=-1)
+        return self._side
+
+    def _on_side(self, side):
+        return torch.cuda.stream(side) if side is not None else contextlib.nullcontext()
+
+    def _begin(self, prog: UnitProgram, ids_TW: torch.Tensor, side=None):
+        """Sort, gather and exchange the header (on ``side`` after the source, if given); host not blocked."""
         computing = getattr(prog.moe, "computing_ids", None)
         if computing is not None:  # zero-computation experts stay at the source
             ids_TW = computing(ids_TW)
-        with self._in_flight() if asynchronous else contextlib.nullcontext():
-            d = self.dispatcher.dispatch(prog.x_s_TD, ids_TW, num_experts=prog.moe.num_experts, tag=ordinal)
+        if side is not None:
+            side.wait_stream(torch.cuda.current_stream(side.device))  # the source and the gate are ready
+        with self._on_side(side):
+            return self.dispatcher.begin(prog.x_s_TD, ids_TW, num_experts=prog.moe.num_experts,
+                                         tag=self._ordinal[id(prog.moe)])
+
+    def _complete(self, hdr, asynchronous: bool, side=None):
+        """Wait for the header on the host and send the rows (left in flight when ``asynchronous``)."""
+        with self._on_side(side), self._in_flight() if asynchronous else contextlib.nullcontext():
+            d = self.dispatcher.complete(hdr)
         if d is None:
             raise ModelStateError("every rank reported idle in a ShortcutEP forward; all ranks must run the same "
                                   "number of forwards")
         return d, self._take_pending() if asynchronous else None
+
+    def _dispatch(self, prog: UnitProgram, ids_TW: torch.Tensor, asynchronous: bool):
+        return self._complete(self._begin(prog, ids_TW), asynchronous)
 
     def _experts(self, d: Dispatched) -> torch.Tensor:
         return compute_local_experts(self.blocks[d.tag], d.x_RH, d.counts_SM)
@@ -289,11 +315,15 @@ class ShortcutEP:
             return prog.merge(routed_TD)
 
         k = self.slots.get(u, self.default_slot(len(prog.ops)))
-        d, pending = self._dispatch(prog, ids_TW, asynchronous=True)
+        # The dispatch's own work (sort, gather, header) runs on the side stream beside the backbone;
+        # the host waits for the header only once ops 0..K-1 are queued, so the GPU never idles on it.
+        side = self._side_stream(prog.x_s_TD)
+        hdr = self._begin(prog, ids_TW, side)
         for _, op in prog.ops[:k]:
             op()
+        d, pending = self._complete(hdr, asynchronous=True, side=side)
         if pending is not None:
-            pending.wait()
+            pending.wait()  # the compute stream waits for the rows; the host does not
         y_RD = self._experts(d)
         back_PD, pending = self._combine(y_RD, d, asynchronous=True)
         for _, op in prog.ops[k:]:
@@ -323,6 +353,43 @@ class ShortcutEP:
         ctx = self.model.context(input_ids, attention_mask, None)
         ctx.source_rank = self.rank if self.world > 1 else None
         return ctx, self.model.embed_tokens(input_ids)
+
+    @torch.no_grad()
+    def time_exchanges(self, u: int, h_BSD: torch.Tensor, ctx: ForwardContext, iters: int = 10,
+                       warmup: int = 2) -> tuple[float, float]:
+        """Seconds of unit ``u``'s communication alone: (header + rows out, rows back).
+
+        The exchanges of one real round (its split sizes and rows) repeated with nothing else
+        around them, each after a barrier: the all-to-all time an overlap can hide.  Medians over
+        ``iters``, maxima over the ranks; a collective (every rank calls it).  0 with one rank.
+        """
+        if not isinstance(self.dispatcher, AsyncAllToAllDispatcher):
+            return 0.0, 0.0
+        disp = self.dispatcher
+        prog = self.model.unit_program(u, h_BSD, ctx)
+        ids_TW, _ = prog.moe.gate(prog.x_s_TD, ctx)
+        d, _ = self._dispatch(prog, ids_TW, asynchronous=False)
+        y_RD = self._experts(d)
+        disp.return_rows(y_RD, d)
+        send_PD = prog.x_s_TD[d.tok_P].contiguous()
+        header = torch.zeros(self.world, _HEADER_FIXED + disp.header_slots, dtype=torch.long,
+                             device=send_PD.device)
+        out, back = [], []
+        for it in range(warmup + iters):
+            disp._dist.barrier(group=disp.group)
+            clock = _Clock(send_PD.device)
+            disp._exchange_header(header)
+            disp._exchange_rows(send_PD, d.send_splits, d.recv_splits)
+            t_out = clock.lap()
+            disp._dist.barrier(group=disp.group)
+            clock = _Clock(send_PD.device)
+            disp._exchange_rows(y_RD, d.recv_splits, d.send_splits)
+            t_back = clock.lap()
+            if it >= warmup:
+                out.append(t_out)
+                back.append(t_back)
+        t_out, t_back = disp.reduce_max([statistics.median(out), statistics.median(back)])
+        return t_out, t_back
 
     @torch.no_grad()
     def calibrate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,

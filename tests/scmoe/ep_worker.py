@@ -1,6 +1,7 @@
 """One rank of the 2-process ScMoE expert-parallel test; writes its measurements as JSON.
 
-Usage: ep_worker.py OUT_JSON, with RANK, WORLD_SIZE, MASTER_ADDR/PORT set (scmoe_launch.run_ranks).
+Usage: ep_worker.py OUT_JSON [--cuda], with RANK, WORLD_SIZE, MASTER_ADDR/PORT set (scmoe_launch.run_ranks).
+gloo on the CPU, or with --cuda NCCL with one GPU per rank (the overlapped schedule's side stream).
 Every rank builds the same model from the same seed and the same full batch; it runs its own
 contiguous chunk under expert parallelism and compares with the single-process forward of the
 full batch, computed in this process (ranks exchange nothing but the traffic under test).
@@ -30,18 +31,18 @@ def _diff(a, b) -> float:
     return float((a - b).abs().max())
 
 
-def main(out_path: str) -> None:
-    rank, world, _ = init_distributed()
+def main(out_path: str, cuda: bool = False) -> None:
+    rank, world, device = init_distributed("nccl" if cuda else "gloo")
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(1)
-    ids_BS = torch.randint(0, 64, (2 * world, 9), generator=g)
+    ids_BS = torch.randint(0, 64, (2 * world, 9), generator=g).to(device)
     mask_BS = torch.ones_like(ids_BS)
     mask_BS[1, -3:] = 0  # right padding in rank 0's chunk: neither attended nor routed under capacity
     mine = slice(2 * rank, 2 * rank + 2)
     res = {}
     for name, kw in VARIANTS.items():
         torch.manual_seed(0)
-        model = build_scmoe(**kw, **DIMS).eval()
+        model = build_scmoe(**kw, **DIMS).eval().to(device)
         ep = ShortcutEP(model)
         with torch.no_grad():
             ref = model(ids_BS, attention_mask=mask_BS).logits[mine]
@@ -72,4 +73,4 @@ def main(out_path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], cuda="--cuda" in sys.argv[2:])

@@ -35,14 +35,14 @@ def main(out_path: str) -> None:
     with torch.no_grad():
         ep = ShortcutEP(model)
         sent, identity = [], []
-        dispatch = ep.dispatcher.dispatch
+        complete = ep.dispatcher.complete  # both schedules: begin, then complete
 
-        def counting_dispatch(x, ids_TW, **kw):
-            d = dispatch(x, ids_TW, **kw)
+        def counting_complete(hdr):
+            d = complete(hdr)
             sent.append(sum(d.send_splits))
             return d
 
-        ep.dispatcher.dispatch = counting_dispatch
+        ep.dispatcher.complete = counting_complete
         for routed in ep.model.moe_layers():  # record each routed branch's decision (ids < 8: computing)
             def gate(x, ctx, orig=routed.gate):
                 ids_TW, w_TW = orig(x, ctx)

@@ -32,8 +32,8 @@ def test_one_rank_schedules_equal_transformers(model):
     ids, mask = _batch()
     ep = ShortcutEP(model)  # no process group: the local dispatcher
     sent = []
-    dispatch = ep.dispatcher.dispatch
-    ep.dispatcher.dispatch = lambda x, ids_TW, **kw: sent.append(ids_TW.clone()) or dispatch(x, ids_TW, **kw)
+    begin = ep.dispatcher.begin  # both schedules send through the dispatcher's first half
+    ep.dispatcher.begin = lambda x, ids_TW, **kw: sent.append(ids_TW.clone()) or begin(x, ids_TW, **kw)
     for am in (None, mask):
         ref = model(ids, attention_mask=am, use_cache=False).logits
         seq = ep(ids, am, schedule="sequential")
