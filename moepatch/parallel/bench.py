@@ -196,13 +196,24 @@ def set_selector_gate(block, hidden: int) -> None:
 # -- timing ------------------------------------------------------------------------------------
 
 class PhaseTimer:
-    """Marks of one block call: CUDA events on the current stream, or wall-clock on the CPU."""
+    """Marks of one block call: CUDA events on the current stream, or wall-clock on the CPU.
 
-    def __init__(self, device: torch.device):
+    With ``align`` every rank waits for the others (a barrier, then a device sync) before the
+    "dispatch" mark: the dispatch, experts and combine phases then start together on every rank,
+    so a rank whose route finished later does not show up as the others' dispatch time (the
+    route is timed on its own, and the layer's speedup with the route is reported beside)."""
+
+    def __init__(self, device: torch.device, align: bool = False):
         self.cuda = device.type == "cuda"
+        self.align = align
         self.marks: dict = {}
 
     def mark(self, phase: str) -> None:
+        if self.align and phase == "dispatch":
+            import torch.distributed as dist
+
+            dist.barrier()
+            _sync(torch.device("cuda" if self.cuda else "cpu"))
         if self.cuda:
             ev = torch.cuda.Event(enable_timing=True)
             ev.record()
@@ -534,7 +545,7 @@ def run(args) -> dict:
                 report["failed"] = f"correctness check failed for {label}"
                 break
 
-            timer = PhaseTimer(device)
+            timer = PhaseTimer(device, align=True)
             for tokens in args.token_list:
                 gen = torch.Generator().manual_seed(args.seed * 104729 + 7 * rank + tokens + num_experts)
                 x_1TH = hidden_states(routing_logits(log_p, tokens, gen), args.hidden, gen)[None]
@@ -557,6 +568,8 @@ def run(args) -> dict:
                 base = size["variants"][0]
                 for v in size["variants"]:
                     v["speedup"] = base["ms"]["moe"] / v["ms"]["moe"]
+                    v["speedup_with_route"] = ((base["ms"]["route"] + base["ms"]["moe"])
+                                               / (v["ms"]["route"] + v["ms"]["moe"]))
                     v["predicted"] = base["max_device_after"] / max(v["max_device_after"], 1.0)
                 entry["sizes"].append(size)
                 if rank == 0:
@@ -582,8 +595,10 @@ def markdown(report: dict) -> str:
     lines = ["# Expert-parallel MoE layer benchmark", "",
              f"`{report['command']}`  ", f"{report['world']} ranks ({report['backend']}), {v['device']}, "
              f"torch {v['torch']}, transformers {v['transformers']}", "",
-             "Latency: median over iterations of the max over ranks (ms). Speedup: baseline / variant latency "
-             "(dispatch + experts + combine). Predicted: baseline / variant max device load.", ""]
+             "Latency: median over iterations of the max over ranks (ms), from a common start after the route "
+             "(every rank waits for the others before dispatching). Speedup: baseline / variant latency "
+             "(dispatch + experts + combine). Predicted: baseline / variant max device load. With route: "
+             "baseline / variant of route + latency.", ""]
     for entry in report["results"]:
         lines.append(f"## {entry['config']} (experts x top-k), profile {entry['profile']['kind']}")
         if entry.get("checks"):
@@ -595,14 +610,15 @@ def markdown(report: dict) -> str:
             lines.append(f"transformers EP not timed: {entry['transformers_ep_error']}")
         lines.append("")
         lines.append("| T/rank | variant | route | dispatch | experts | combine | latency | speedup | predicted "
-                     "| max dev load | dropped | expert max/mean after |")
-        lines.append("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+                     "| measured / predicted | with route | max dev load | dropped | expert max/mean after |")
+        lines.append("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for size in entry["sizes"]:
             for r in size["variants"]:
                 ms = r["ms"]
                 lines.append(f"| {size['tokens_per_rank']} | {r['variant']} | {_fmt(ms['route'])} | "
                              f"{_fmt(ms['dispatch'])} | {_fmt(ms['experts'])} | {_fmt(ms['combine'])} | "
                              f"{_fmt(ms['moe'])} | {r['speedup']:.2f} | {r['predicted']:.2f} | "
+                             f"{r['speedup'] / r['predicted']:.2f} | {r.get('speedup_with_route', math.nan):.2f} | "
                              f"{r['max_device_after']:.0f} | {100 * r['dropped_fraction']:.1f}% | "
                              f"{r['expert_max_mean_after']:.2f} |")
             if "transformers_ep" in size:
@@ -610,7 +626,7 @@ def markdown(report: dict) -> str:
                 t = size["transformers_ep"]["ms"]["block"]
                 ours = size["variants"][0]["ms"]["block"]
                 lines.append(f"| {size['tokens_per_rank']} | transformers EP, whole block (ours: {ours:.2f}) | | | "
-                             f"| | {_fmt(t)} | {ours / t:.2f} | | | | |")
+                             f"| | {_fmt(t)} | {t / ours:.2f} (ours faster if > 1) | | | | | | |")
         lines.append("")
     if "failed" in report:
         lines.append(f"**FAILED: {report['failed']}**")

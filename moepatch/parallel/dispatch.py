@@ -74,6 +74,15 @@ class Dispatched:
     invalid_pairs: int
 
 
+def device_ints(values: list, device: torch.device) -> torch.Tensor:
+    """int64 tensor of host ints on ``device``; on CUDA through pinned memory, so the copy does not
+    block the host (a pageable host-to-device copy waits for the stream: a hidden host sync)."""
+    t = torch.tensor(values, dtype=torch.long)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t
+
+
 class _HostValues:
     """int64 values on their way to the host: a non-blocking copy into pinned memory on CUDA."""
 
@@ -192,7 +201,7 @@ class Dispatcher:
         send_DM[dev_E, local_E] = count_E
         kept_TW = kept_P.view(T, W)
         width = kept_TW.sum(1).max() if T else torch.zeros((), dtype=torch.long, device=device)
-        fixed = torch.tensor([status, tag, dtype_code(x_TH.dtype), x_TH.shape[1]], dtype=torch.long, device=device)
+        fixed = device_ints([status, tag, dtype_code(x_TH.dtype), x_TH.shape[1]], device)
         header_DX = torch.cat([fixed.expand(D, _HEADER_FIXED), send_DM], dim=1).contiguous()
         # Token, compact combine column and row of every slot in send order, before the header's
         # host sync, so that after it only the row exchange is left to launch.

@@ -28,7 +28,16 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import ModelStateError, UnsupportedModelError
-from .dispatch import ACTIVE, IDLE, AllToAllDispatcher, Dispatched, Dispatcher, LocalDispatcher, weigh_and_sum
+from .dispatch import (
+    ACTIVE,
+    IDLE,
+    AllToAllDispatcher,
+    Dispatched,
+    Dispatcher,
+    LocalDispatcher,
+    device_ints,
+    weigh_and_sum,
+)
 from .errors import ExpertParallelError, ProtocolError
 
 EXPERTS_IMPLEMENTATION = "moepatch_ep"
@@ -177,7 +186,7 @@ def compute_local_experts(blk: _EPBlock, x_RH: torch.Tensor, counts_SM: list) ->
     if len(counts_SM) > 1:
         # Rows arrive source-major; a stable sort by local expert makes each expert's rows contiguous.
         M = len(counts_SM[0])
-        flat = torch.tensor([c for src in counts_SM for c in src], device=x_RH.device)
+        flat = device_ints([c for src in counts_SM for c in src], x_RH.device)
         slot_R = torch.arange(M, device=x_RH.device).repeat(len(counts_SM)).repeat_interleave(flat, output_size=R)
         perm_R = torch.sort(slot_R, stable=True).indices
         x_RH = x_RH[perm_R]

@@ -243,14 +243,14 @@ class ShortcutEP:
     def _on_side(self, side):
         return torch.cuda.stream(side) if side is not None else contextlib.nullcontext()
 
-    def _begin(self, prog: UnitProgram, ids_TW: torch.Tensor, side=None):
-        """Sort, gather and exchange the header (on ``side`` after the source, if given); host not blocked."""
-        computing = getattr(prog.moe, "computing_ids", None)
-        if computing is not None:  # zero-computation experts stay at the source
-            ids_TW = computing(ids_TW)
+    def _begin(self, prog: UnitProgram, ids_TW: torch.Tensor, side=None, after=None):
+        """Sort, gather and exchange the header; on ``side`` once the event ``after`` (the source) is reached."""
         if side is not None:
-            side.wait_stream(torch.cuda.current_stream(side.device))  # the source and the gate are ready
+            side.wait_event(after)  # the source and the gate are ready
         with self._on_side(side):
+            computing = getattr(prog.moe, "computing_ids", None)
+            if computing is not None:  # zero-computation experts stay at the source
+                ids_TW = computing(ids_TW)
             return self.dispatcher.begin(prog.x_s_TD, ids_TW, num_experts=prog.moe.num_experts,
                                          tag=self._ordinal[id(prog.moe)])
 
@@ -315,13 +315,23 @@ class ShortcutEP:
             return prog.merge(routed_TD)
 
         k = self.slots.get(u, self.default_slot(len(prog.ops)))
-        # The dispatch's own work (sort, gather, header) runs on the side stream beside the backbone;
-        # the host waits for the header only once ops 0..K-1 are queued, so the GPU never idles on it.
         side = self._side_stream(prog.x_s_TD)
-        hdr = self._begin(prog, ids_TW, side)
-        for _, op in prog.ops[:k]:
-            op()
-        d, pending = self._complete(hdr, asynchronous=True, side=side)
+        if side is None:
+            # gloo: the rows travel on gloo's worker thread while ops 0..K-1 run.
+            d, pending = self._complete(self._begin(prog, ids_TW), asynchronous=True)
+            for _, op in prog.ops[:k]:
+                op()
+        else:
+            # CUDA: ops 0..K-1 are queued first (milliseconds of GPU work ahead of the host); the
+            # dispatch's dozens of small kernels (sort, gather, header) follow on the side stream,
+            # waiting only for the source, so they run beside the backbone and never leave the GPU
+            # idle; the host then waits for the header alone and sends the rows from the side stream.
+            source_ready = torch.cuda.Event()
+            source_ready.record()
+            for _, op in prog.ops[:k]:
+                op()
+            d, pending = self._complete(self._begin(prog, ids_TW, side, after=source_ready), asynchronous=True,
+                                        side=side)
         if pending is not None:
             pending.wait()  # the compute stream waits for the rows; the host does not
         y_RD = self._experts(d)
