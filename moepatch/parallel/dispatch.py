@@ -306,7 +306,7 @@ def weigh_and_sum(y_PH: torch.Tensor, d: Dispatched, weights_TW: torch.Tensor,
         rows_NH = y_PH.new_empty(T * W, H)
         rows_NH[d.sel_P] = (y_PH * w_P[:, None]).to(y_PH.dtype)
         empty_N = torch.ones(T * W, dtype=torch.int32, device=y_PH.device)
-        empty_N[d.sel_P] = 0  # slot "expert" 0 of 1: kept; 1: empty, never read
+        empty_N.index_fill_(0, d.sel_P, 0)  # expert 0 of 1: kept; 1: empty, never read (fill: no host copy)
         return combine(rows_NH.view(1, T * W, H), empty_N.view(T, W), 1, y_PH.dtype)
     buf_TCH = y_PH.new_zeros(T, max(d.width, 1), H)
     if y_PH.shape[0]:
