@@ -56,8 +56,10 @@ class Dispatched:
         x_RH: rows received, grouped by source rank, inside a source by local expert.
         counts_SM: rows per (source rank, local expert), host ints.
         send_splits / recv_splits: rows sent to / received from each rank, host ints.
-        tok_P, col_P, sel_P: token, compact combine column and flat (T*W) slot of each sent row.
-        num_tokens, width: T and the compact combine width C (most kept slots of one token).
+        tok_P, col_P, sel_P: token, compact combine column and flat (T*W) slot of each sent row
+            (col_P None after the kernel sort: the torch combine derives it from sel_P).
+        num_tokens, width: T and the compact combine width C (most kept slots of one token; W,
+            an upper bound, after the kernel sort).
         invalid_pairs: slots whose id was outside [0, E]; the caller raises once the round is done.
     """
 
@@ -67,7 +69,7 @@ class Dispatched:
     send_splits: list
     recv_splits: list
     tok_P: torch.Tensor
-    col_P: torch.Tensor
+    col_P: torch.Tensor | None
     sel_P: torch.Tensor
     num_tokens: int
     width: int
@@ -81,6 +83,21 @@ def device_ints(values: list, device: torch.device) -> torch.Tensor:
     if device.type == "cuda":
         return t.pin_memory().to(device, non_blocking=True)
     return t
+
+
+# The counting-sort kernels of moepatch.ops sort the slots on CUDA (and, for tests, in the Triton
+# interpreter on the CPU when USE_KERNEL_SORT is set to True there); off, the torch stable sort.
+USE_KERNEL_SORT: bool | None = None  # None: on CUDA when triton imports
+
+
+def _kernel_sort_usable(x_TH: torch.Tensor, num_tokens: int) -> bool:
+    if num_tokens == 0 or USE_KERNEL_SORT is False or (USE_KERNEL_SORT is None and not x_TH.is_cuda):
+        return False
+    try:
+        from ..ops import experts  # noqa: F401  (needs triton)
+    except ImportError:
+        return False
+    return True
 
 
 class _HostValues:
@@ -109,7 +126,7 @@ class HeaderInFlight:
     values: _HostValues
     order_P: torch.Tensor
     tok_P: torch.Tensor
-    col_P: torch.Tensor
+    col_P: torch.Tensor | None
     rows_PH: torch.Tensor | None
     num_tokens: int
     device: torch.device
@@ -189,25 +206,46 @@ class Dispatcher:
         E, D, M = num_experts, self.world, self.header_slots
         dev_E, local_E = self.placement(E, device)
         flat_P = ids_TW.reshape(-1)
-        kept_P = (flat_P >= 0) & (flat_P < E)
         invalid = ((flat_P < 0) | (flat_P > E)).sum()
-        # Sorting by expert groups the rows by destination rank (contiguous blocks) and, stably,
-        # keeps token order inside an expert; empty and invalid slots sort last and are cut off.
-        key_P = torch.where(kept_P, flat_P, torch.full_like(flat_P, E))
-        order_P = torch.sort(key_P, stable=True).indices
-        # (a fixed-size scatter: bincount sizes its output from the data, a second host sync)
-        count_E = torch.zeros(E + 1, dtype=torch.long, device=device).scatter_add_(0, key_P, torch.ones_like(key_P))[:E]
-        send_DM = torch.zeros(D, M, dtype=torch.long, device=device)
-        send_DM[dev_E, local_E] = count_E
-        kept_TW = kept_P.view(T, W)
-        width = kept_TW.sum(1).max() if T else torch.zeros((), dtype=torch.long, device=device)
+        fast = _kernel_sort_usable(x_TH, T)
+        if fast:
+            # moepatch.ops' counting sort (3 deterministic kernels, pairs in ascending order inside an
+            # expert, sentinels left out) and row gather: the same order as the stable sort below in
+            # a handful of launches instead of ~35 (the sort alone is a dozen radix passes).
+            from ..ops.experts import dispatch as sort_pairs
+            from ..ops.experts import gather_rows
+
+            layout = sort_pairs(ids_TW, E, block_m=1, fuse=False)
+            order_P = layout.sorted_pairs_R.long()  # rows past the kept pairs hold P; never sent
+            count_E = (layout.start_E1[1:] - layout.start_E1[:-1]).long()
+            width = torch.full((), W, dtype=torch.long, device=device)  # a bound: the torch combine only
+            col_P = None  # derived from sel_P by the torch combine when it runs (CPU / kernel=False)
+            rows_PH = gather_rows(x_TH, layout) if status == ACTIVE else None
+        else:
+            kept_P = (flat_P >= 0) & (flat_P < E)
+            # Sorting by expert groups the rows by destination rank (contiguous blocks) and, stably,
+            # keeps token order inside an expert; empty and invalid slots sort last and are cut off.
+            key_P = torch.where(kept_P, flat_P, torch.full_like(flat_P, E))
+            order_P = torch.sort(key_P, stable=True).indices
+            # (a fixed-size scatter: bincount sizes its output from the data, a second host sync)
+            count_E = torch.zeros(E + 1, dtype=torch.long, device=device).scatter_add_(
+                0, key_P, torch.ones_like(key_P))[:E]
+            kept_TW = kept_P.view(T, W)
+            width = kept_TW.sum(1).max() if T else torch.zeros((), dtype=torch.long, device=device)
+            col_P = (torch.cumsum(kept_TW.long(), dim=1) - 1).reshape(-1)[order_P]
+            rows_PH = None
+        if E == D * M:  # every rank hosts M experts: the counts are the header's layout already
+            send_DM = count_E.view(D, M)
+        else:
+            send_DM = torch.zeros(D, M, dtype=torch.long, device=device)
+            send_DM[dev_E, local_E] = count_E
         fixed = device_ints([status, tag, dtype_code(x_TH.dtype), x_TH.shape[1]], device)
         header_DX = torch.cat([fixed.expand(D, _HEADER_FIXED), send_DM], dim=1).contiguous()
-        # Token, compact combine column and row of every slot in send order, before the header's
-        # host sync, so that after it only the row exchange is left to launch.
+        # Token and row of every slot in send order, before the header's host sync, so that after
+        # it only the row exchange is left to launch.
         tok_P = torch.div(order_P, W, rounding_mode="floor")
-        col_P = (torch.cumsum(kept_TW.long(), dim=1) - 1).reshape(-1)[order_P]
-        rows_PH = x_TH[tok_P] if status == ACTIVE else None
+        if rows_PH is None and status == ACTIVE:
+            rows_PH = x_TH[tok_P]
         self.round_open = True
         recv_DX = self._exchange_header(header_DX)
         values = torch.cat([send_DM.sum(1), recv_DX.reshape(-1), torch.stack([width, invalid])])
@@ -251,8 +289,9 @@ class Dispatcher:
         else:
             send_NH = torch.empty(0, hidden, dtype=_DTYPES[code], device=h.device)
         x_RH = self._exchange_rows(send_NH, send_splits, recv_splits)
-        return Dispatched(agreed_tag, x_RH, counts_SM, send_splits, recv_splits, h.tok_P[:P], h.col_P[:P],
-                          h.order_P[:P], h.num_tokens, int(width), int(invalid))
+        return Dispatched(agreed_tag, x_RH, counts_SM, send_splits, recv_splits, h.tok_P[:P],
+                          None if h.col_P is None else h.col_P[:P], h.order_P[:P], h.num_tokens, int(width),
+                          int(invalid))
 
     def return_rows(self, y_RH: torch.Tensor, d: Dispatched) -> torch.Tensor:
         """The reverse exchange: every computed row goes back to its source, in send order (P, H)."""
@@ -310,7 +349,12 @@ def weigh_and_sum(y_PH: torch.Tensor, d: Dispatched, weights_TW: torch.Tensor,
         return combine(rows_NH.view(1, T * W, H), empty_N.view(T, W), 1, y_PH.dtype)
     buf_TCH = y_PH.new_zeros(T, max(d.width, 1), H)
     if y_PH.shape[0]:
-        buf_TCH[d.tok_P, d.col_P] = (y_PH * w_P[:, None]).to(y_PH.dtype)
+        col_P = d.col_P
+        if col_P is None:  # the kernel sort leaves it out: each kept slot's rank among its token's kept slots
+            W = weights_TW.shape[1]
+            kept_TW = torch.zeros(T * W, dtype=torch.long, device=y_PH.device).index_fill_(0, d.sel_P, 1).view(T, W)
+            col_P = (torch.cumsum(kept_TW, dim=1) - 1).reshape(-1)[d.sel_P]
+        buf_TCH[d.tok_P, col_P] = (y_PH * w_P[:, None]).to(y_PH.dtype)
     return buf_TCH.float().sum(dim=1).to(y_PH.dtype)
 
 

@@ -35,7 +35,6 @@ from .dispatch import (
     Dispatched,
     Dispatcher,
     LocalDispatcher,
-    device_ints,
     weigh_and_sum,
 )
 from .errors import ExpertParallelError, ProtocolError
@@ -174,22 +173,25 @@ def compute_local_experts(blk: _EPBlock, x_RH: torch.Tensor, counts_SM: list) ->
     per_expert = [sum(c[j] for c in counts_SM) for j in range(len(counts_SM[0]))]
     if any(per_expert[L:]):
         raise ProtocolError(f"a peer sent rows for local expert slots >= {L}; the ranks split the experts differently")
-    R = x_RH.shape[0]
-    y_RH = torch.empty_like(x_RH)
-    if R == 0:
-        return y_RH
+    if x_RH.shape[0] == 0:
+        return torch.empty_like(x_RH)
     experts = blk.experts()
     if experts is None:
         raise ModelStateError("the experts module of an expert-parallel block no longer exists")
     apply_gate = type(experts)._apply_gate
-    perm_R = None
-    if len(counts_SM) > 1:
-        # Rows arrive source-major; a stable sort by local expert makes each expert's rows contiguous.
-        M = len(counts_SM[0])
-        flat = device_ints([c for src in counts_SM for c in src], x_RH.device)
-        slot_R = torch.arange(M, device=x_RH.device).repeat(len(counts_SM)).repeat_interleave(flat, output_size=R)
-        perm_R = torch.sort(slot_R, stable=True).indices
-        x_RH = x_RH[perm_R]
+    S = len(counts_SM)
+    if S > 1:
+        # Rows arrive source-major (inside a source by local expert); each expert's rows are made
+        # contiguous by concatenating the (source, expert) blocks, whose bounds are host ints: one
+        # copy kernel each way instead of a sort, a gather and a scatter.
+        starts = [[0] * L for _ in range(S)]
+        at = 0
+        for s in range(S):
+            for j in range(L):
+                starts[s][j] = at
+                at += counts_SM[s][j]
+        blocks = [(starts[s][j], counts_SM[s][j]) for j in range(L) for s in range(S) if counts_SM[s][j]]
+        x_RH = torch.cat([x_RH[a:a + n] for a, n in blocks])
     start = 0
     out_RH = torch.empty_like(x_RH)
     for j in range(L):
@@ -199,10 +201,15 @@ def compute_local_experts(blk: _EPBlock, x_RH: torch.Tensor, counts_SM: list) ->
         h = torch.nn.functional.linear(x_RH[start:start + n], blk.gate_up_LIH[j])
         out_RH[start:start + n] = torch.nn.functional.linear(apply_gate(experts, h), blk.down_LHI[j])
         start += n
-    if perm_R is None:
+    if S == 1:
         return out_RH
-    y_RH[perm_R] = out_RH
-    return y_RH
+    # Back to receive order: the expert-major position of each (source, expert) block.
+    pos = {}
+    at = 0
+    for a, n in blocks:
+        pos[a] = at
+        at += n
+    return torch.cat([out_RH[pos[a]:pos[a] + n] for a, n in sorted(blocks)])
 
 
 def _ep_experts_forward(self, hidden_states, top_k_index, top_k_weights, *extra):
