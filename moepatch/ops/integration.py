@@ -80,10 +80,11 @@ def unavailable_reason(model: torch.nn.Module) -> str | None:
 
 
 def route_fn():
-    """The routing function for patched layers: :func:`moepatch.ops.routing.route_sync_free`."""
-    from .routing import route_sync_free
+    """The routing function for patched layers: :func:`moepatch.ops.routing.route_sync_free`, replayed
+    from CUDA graphs for the strategies that route with many small kernels (:mod:`moepatch.ops.route_graphs`)."""
+    from .route_graphs import route_graphed
 
-    return route_sync_free
+    return route_graphed
 
 
 def triton_experts_forward(self: torch.nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,

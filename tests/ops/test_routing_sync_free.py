@@ -154,3 +154,34 @@ def test_reroute_and_expanded_drop_step_on_the_sorted_kernel_path(strategy, opts
         kw = dict(batch=B, seq=S, valid_BS=v, layer=0)
         assert_same_routing(route_sync_free(cfg, scores, ids, w, factor, **kw),
                             route(cfg, scores, ids, w, factor, **kw))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", [c for c in CASES if c["strategy"] != "drop" or c.get("policy") == "random"],
+                         ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def test_graph_replay_equals_eager(case):
+    """moepatch.ops.route_graphs: after its warm-up calls a signature is captured once and replayed;
+    every call (new scores each time, with and without padding, several layers) gives the eager
+    sync-free route's result, statistics included, also when they are read after later replays."""
+    from moepatch.ops import route_graphs
+
+    route_graphs.clear()
+    opts = dict(case)
+    strategy = opts.pop("strategy")
+    cfg = make_config(1.0, strategy, num_experts=8, **opts)
+    B, S, K = 4, 16, 2
+    valid = torch.ones(B, S, dtype=torch.bool, device="cuda")
+    valid[1, :5] = False
+    results = []
+    for call in range(6):
+        scores, ids, w, factor = (t.cuda() for t in _inputs(B * S, 8, K, 100 + call, ties=call % 2 == 0))
+        for layer in (0, 1):
+            for v in (None, valid):
+                kw = dict(batch=B, seq=S, valid_BS=v, layer=layer)
+                got = route_graphs.route_graphed(cfg, scores, ids, w, factor, **kw)
+                results.append((got, route_sync_free(cfg, scores, ids, w, factor, **kw)))
+    graphs = [g for g in route_graphs._CACHE.values() if isinstance(g, route_graphs._RouteGraph)]
+    assert graphs, "no signature was captured"
+    for got, want in results:  # statistics read only now, after every replay
+        assert_same_routing(got, want)
+    route_graphs.clear()
