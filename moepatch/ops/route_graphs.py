@@ -13,7 +13,8 @@ Same result as the eager call, bit for bit (the same kernels run; tests/ops, GPU
 only on CUDA, never while the caller is itself capturing a graph (then the eager sync-free
 route, which is capture-safe, is inlined into the caller's graph), and only after a signature
 was seen ``WARMUP_CALLS`` times (one-off shapes, e.g. each decode step of a growing batch, stay
-eager).  A signature whose capture fails is remembered and runs eagerly.  All graphs share one
+eager).  At capture the replay and the eager call are timed once (three calls each, host time
+included) and the faster is kept for the signature; a signature whose capture fails runs eagerly.  All graphs share one
 memory pool (they run one at a time, on the routing stream).  ``MOEPATCH_ROUTE_GRAPHS=0`` (or
 ``ENABLED = False``) switches it off; :func:`clear` drops every graph.
 
@@ -23,6 +24,7 @@ Legend: T tokens, E experts, K slots per token.
 from __future__ import annotations
 
 import os
+import time
 
 import torch
 
@@ -121,5 +123,21 @@ def route_graphed(cfg, scores_TE: torch.Tensor, topk_ids_TK: torch.Tensor, topk_
     except RuntimeError:
         _CACHE[key] = False  # e.g. an op that syncs with the host: this signature stays eager
         return eager()
+    # Keep the graph only where it is faster, host time included: where the eager kernels are few
+    # and long (Expanded Drop over 64 experts at 16384 tokens) the replay can lose (H200: 1.1 vs 0.95 ms).
+    if _wall(lambda: graph.replay(inputs)) >= _wall(eager):
+        _CACHE[key] = False
+        return eager()
     _CACHE[key] = graph
     return graph.replay(inputs)
+
+
+def _wall(fn, reps: int = 3) -> float:
+    """Seconds per call of ``fn`` called back to back (one-off, at capture time; syncs the device)."""
+    fn()
+    torch.cuda.synchronize()  # NOTE: host sync, once per signature
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / reps
