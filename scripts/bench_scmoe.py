@@ -114,7 +114,7 @@ def run(args) -> int:
     if str(REPO) not in sys.path:
         sys.path.insert(0, str(REPO))
     from moepatch.parallel import init_distributed
-    from moepatch.parallel.bench import profile_calls
+    from moepatch.parallel.bench import exposed_communication, profile_calls
     from moepatch.scmoe import ScMoEConfig, ScMoEForCausalLM
     from moepatch.scmoe.schedule import ShortcutEP
 
@@ -185,8 +185,13 @@ def run(args) -> int:
             t_seq, t_ov, saved = time_pair(lambda: ep.run_unit(0, h0, ctx, "sequential"),
                                            lambda: ep.run_unit(0, h0, ctx, "overlap"), args.iters, args.warmup)
             t_out, t_back = ep.time_exchanges(0, h0, ctx, iters=args.calibrate_iters * 2)
+            traced = {}
             for schedule in ("sequential", "overlap"):  # only with $MOEPATCH_PROFILE_DIR
-                profile_calls(lambda s=schedule: ep.run_unit(0, h0, ctx, s), f"scmoe_{shape_name}_{variant}_{schedule}")
+                trace = profile_calls(lambda s=schedule: ep.run_unit(0, h0, ctx, s),
+                                      f"scmoe_{shape_name}_{variant}_{schedule}")
+                if trace is not None and cuda:
+                    c = exposed_communication(trace)
+                    traced[schedule] = max_over_ranks([c["nccl_ms"] / 1e3, c["exposed_ms"] / 1e3])
         comm = t_out + t_back
         return {
             "shape": shape_name, "variant": variant, "hidden": D, "expert_width": inter, "experts": E,
@@ -198,6 +203,9 @@ def run(args) -> int:
             "saved_ms": saved * 1e3,
             "hidden_fraction": max(0.0, min(1.0, saved / comm)) if comm > 0 and timing.ops else 0.0,
             "check_relative_error": err, "overlap_minus_sequential_max_abs": ov_diff,
+            # From the profiled calls (MOEPATCH_PROFILE_DIR): NCCL kernel time and the part of it with
+            # no compute kernel beside it, per schedule (ms, max over ranks).
+            "trace_ms": {k: {"nccl": v[0] * 1e3, "exposed": v[1] * 1e3} for k, v in traced.items()},
         }
 
     rows = []
@@ -235,6 +243,16 @@ def run(args) -> int:
                       f"{r['saved_ms']:.3f} | {r['a2a_ms']:.3f} ({r['a2a_dispatch_ms']:.3f} + "
                       f"{r['a2a_combine_ms']:.3f}) | {r['dispatch_ms'] + r['combine_ms']:.3f} | "
                       f"{100 * r['hidden_fraction']:.0f}% | {r['slot']} |")
+        traced = [r for r in rows if r["trace_ms"]]
+        if traced:
+            md += ["", "From the profiled calls (MOEPATCH_PROFILE_DIR; max over ranks): NCCL kernel time per unit "
+                   "and the part of it with no compute kernel beside it (the compute stream idle or waiting).", "",
+                   "| shape | variant | sequential: NCCL / exposed ms | overlap: NCCL / exposed ms |",
+                   "|---|---|---|---|"]
+            for r in traced:
+                t_s, t_o = r["trace_ms"]["sequential"], r["trace_ms"]["overlap"]
+                md.append(f"| {r['shape']} | {r['variant']} | {t_s['nccl']:.3f} / {t_s['exposed']:.3f} | "
+                          f"{t_o['nccl']:.3f} / {t_o['exposed']:.3f} |")
         md += ["", "| shape | top-2 ms | ScMoE seq ms | ScMoE overlap ms | architecture | overlap | total |",
                "|---|---|---|---|---|---|---|"]
         for s in summary:

@@ -246,15 +246,16 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def profile_calls(fn, tag: str, calls: int = 3) -> None:
+def profile_calls(fn, tag: str, calls: int = 3) -> Path | None:
     """Diagnostics: with ``$MOEPATCH_PROFILE_DIR`` set, run ``fn`` ``calls`` times (after a barrier each)
-    under torch.profiler and write this rank's kernel table and Chrome trace there; else nothing.
+    under torch.profiler and write this rank's kernel table and Chrome trace there (returns the
+    trace's path); else nothing (None).
 
     Not a timing (the profiler adds overhead): it shows what the GPU runs, where it idles and which
     streams overlap (docs/expert-parallel.md, "Reading a profile")."""
     out = os.environ.get("MOEPATCH_PROFILE_DIR")
     if not out:
-        return
+        return None
     import torch.distributed as dist
     from torch.profiler import ProfilerActivity, profile
 
@@ -274,7 +275,67 @@ def profile_calls(fn, tag: str, calls: int = 3) -> None:
     sort = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
     table = prof.key_averages().table(sort_by=sort, row_limit=40)
     Path(out, f"{name}.rank{rank}.txt").write_text(table + "\n")
-    prof.export_chrome_trace(str(Path(out, f"{name}.rank{rank}.json")))
+    trace = Path(out, f"{name}.rank{rank}.json")
+    prof.export_chrome_trace(str(trace))
+    return trace
+
+
+def _union(intervals: list) -> list:
+    out = []
+    for a, b in sorted(intervals):
+        if out and a <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return out
+
+
+def _length(intervals: list) -> float:
+    return sum(b - a for a, b in intervals)
+
+
+def _minus(xs: list, ys: list) -> list:
+    """Union intervals xs minus union intervals ys."""
+    out, j = [], 0
+    for a, b in xs:
+        while j < len(ys) and ys[j][1] <= a:
+            j += 1
+        k, cur = j, a
+        while k < len(ys) and ys[k][0] < b:
+            if ys[k][0] > cur:
+                out.append([cur, ys[k][0]])
+            cur = max(cur, ys[k][1])
+            k += 1
+        if cur < b:
+            out.append([cur, b])
+    return out
+
+
+def exposed_communication(trace_path) -> dict:
+    """From a Chrome trace of profile_calls: how long NCCL kernels ran with no compute kernel beside them.
+
+    The compute stream is the stream with the most non-NCCL kernel time; "exposed" is the time some
+    NCCL kernel was running while that stream had no kernel running (it waited for the exchange,
+    or nothing else was queued); "nccl" the time any NCCL kernel ran.  Milliseconds per call."""
+    import json
+
+    events = json.loads(Path(trace_path).read_text())["traceEvents"]
+    kernels = [e for e in events if e.get("ph") == "X" and e.get("cat") == "kernel"]
+    nccl = [e for e in kernels if "nccl" in e["name"].lower() and "AllReduce" not in e["name"]]
+    busy: dict = {}
+    for e in kernels:
+        if "nccl" not in e["name"].lower():
+            busy[e["args"].get("stream")] = busy.get(e["args"].get("stream"), 0.0) + e["dur"]
+    if not nccl or not busy:
+        return dict(nccl_ms=0.0, exposed_ms=0.0, calls=0)
+    compute = max(busy, key=busy.get)
+    comm = _union([[e["ts"], e["ts"] + e["dur"]] for e in nccl])
+    nccl_ids = {id(e) for e in nccl}
+    comp = _union([[e["ts"], e["ts"] + e["dur"]] for e in kernels
+                   if e["args"].get("stream") == compute and id(e) not in nccl_ids and "AllReduce" not in e["name"]])
+    calls = max(1, sum("AllReduce" in e["name"] for e in kernels))  # one barrier before each call
+    return dict(nccl_ms=_length(comm) / 1e3 / calls, exposed_ms=_length(_minus(comm, comp)) / 1e3 / calls,
+                calls=calls)
 
 
 def time_block(block, x_1TH, timer: PhaseTimer, iters: int, warmup: int, device, tag: str = "") -> list[list[float]]:
