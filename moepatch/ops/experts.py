@@ -32,7 +32,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from . import dispatch_kernels
 from .dispatch_kernels import _dispatch_count_kernel, _dispatch_scan_kernel, _dispatch_scatter_kernel
-from .gemm_kernels import _combine_kernel, _down_kernel, _down_token_kernel, _gate_up_kernel
+from .gemm_kernels import _combine_kernel, _down_kernel, _down_token_kernel, _gate_up_kernel, _weighted_combine_kernel
 from .tma_kernels import _down_desc_kernel, _gate_up_desc_kernel, _gather_rows_kernel
 from .tuning import device_key, get_config
 
@@ -387,6 +387,25 @@ def combine(y_SPH: torch.Tensor, ids_TW: torch.Tensor, num_experts: int, out_dty
     _launch(_combine_kernel, (T, _cdiv(H, block_n)),
             (y_SPH, ids_TW.reshape(-1), out_TH, num_experts, H, y_SPH.stride(0), y_SPH.stride(1),
              out_TH.stride(0)), dict(W=W, S=S, BLOCK_N=block_n, PDL=pdl), 4, 1, pdl=pdl)
+    return out_TH
+
+
+def weighted_combine(y_PH: torch.Tensor, pos_TW: torch.Tensor, weights_TW: torch.Tensor,
+                     out_dtype: torch.dtype) -> torch.Tensor:
+    """out_TH[t] = fp32 sum over t's slots of (y_PH[pos[t, w]] * w[t, w]).to(y's dtype); pos -1: no row.
+
+    The expert-parallel combine (moepatch.parallel.dispatch.weigh_and_sum): one pass over the
+    returned rows, no (T*W, H) scatter buffer and no float32 copy of the weighted rows.
+    """
+    T, W = pos_TW.shape
+    H = y_PH.shape[1]
+    out_TH = torch.empty(T, H, device=y_PH.device, dtype=out_dtype)
+    if T == 0:
+        return out_TH
+    block_n = min(512, _pow2(H))
+    _weighted_combine_kernel[(T, _cdiv(H, block_n))](
+        y_PH, pos_TW.reshape(-1), weights_TW.reshape(-1), out_TH, H, y_PH.stride(0), out_TH.stride(0),
+        W=W, BLOCK_N=block_n, num_warps=4)
     return out_TH
 
 

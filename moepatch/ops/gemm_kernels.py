@@ -256,6 +256,29 @@ def _combine_kernel(y_ptr, ids_ptr, out_ptr, E, N, stride_ys, stride_yp, stride_
 
 
 @triton.jit
+def _weighted_combine_kernel(y_ptr, pos_ptr, w_ptr, out_ptr, N, stride_yp, stride_ot,
+                             W: tl.constexpr, BLOCK_N: tl.constexpr):
+    """out[t] = fp32 sum over slots w, in slot order, of (y[pos[t, w]] * weight[t, w]) rounded to y's dtype.
+
+    The source side of the expert-parallel combine: y holds the returned rows in send order and
+    pos the row of each (token, slot), -1 where the slot sent nothing (never read).  The product
+    is taken in fp32 and rounded to y's dtype before the sum, as torch's ``(y * w).to(y.dtype)``.
+    """
+    t = tl.program_id(0).to(tl.int64)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for w in tl.static_range(W):
+        p = t * W + w
+        row_n = tl.load(pos_ptr + p + offs_n * 0)
+        wt = tl.load(w_ptr + p).to(tl.float32)
+        mask = n_ok & (row_n >= 0)
+        y = tl.load(y_ptr + row_n * stride_yp + offs_n, mask=mask, other=0.0)
+        acc += (y.to(tl.float32) * wt).to(y_ptr.dtype.element_ty).to(tl.float32)
+    tl.store(out_ptr + t * stride_ot + offs_n, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
+
+
+@triton.jit
 def _down_token_kernel(h_ptr, w2_ptr, out_ptr, ids_ptr, weights_ptr, W, E, N, K,
                        stride_hr, stride_we, stride_wn, stride_wk,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, W_PAD: tl.constexpr, EVEN_K: tl.constexpr,

@@ -329,25 +329,25 @@ def weigh_and_sum(y_PH: torch.Tensor, d: Dispatched, weights_TW: torch.Tensor,
     against bf16 rows multiplies in float32) and is cast back, then the kept slots are summed in
     float32 in slot order, exactly as the core's lowering does.
 
-    ``kernel`` (default: on CUDA) sums with the Triton combine of moepatch.ops (the weighted rows
-    scattered to their (T·W) slots, then one fixed-order pass per token): about a third of the
-    memory traffic of the torch path's compact (T, C, H) buffer and its float32 copy.  Same
-    values: for C ≤ 2 bit for bit, above that up to float32 rounding of the sum order.
+    ``kernel`` (default: on CUDA) uses moepatch.ops' weighted combine: one pass per token over the
+    returned rows through a (token, slot) -> row map, the product rounded as above and summed in
+    fp32 in slot order (one read of the rows and one write of the output, against the torch
+    path's float32 products, compact (T, C, H) buffer and its float32 copy).  Same values: for
+    C <= 2 bit for bit, above that up to float32 rounding of the sum order.
     """
     T, H = d.num_tokens, y_PH.shape[-1]
-    w_P = weights_TW.reshape(-1)[d.sel_P]
     if kernel is None:
         kernel = y_PH.is_cuda
     if kernel and T and y_PH.shape[0]:
-        from ..ops.experts import combine
+        from ..ops.experts import weighted_combine
 
         W = weights_TW.shape[1]
-        rows_NH = y_PH.new_empty(T * W, H)
-        rows_NH[d.sel_P] = (y_PH * w_P[:, None]).to(y_PH.dtype)
-        empty_N = torch.ones(T * W, dtype=torch.int32, device=y_PH.device)
-        empty_N.index_fill_(0, d.sel_P, 0)  # expert 0 of 1: kept; 1: empty, never read (fill: no host copy)
-        return combine(rows_NH.view(1, T * W, H), empty_N.view(T, W), 1, y_PH.dtype)
+        # Row of each (token, slot) among the returned rows, -1 where the slot sent nothing.
+        pos_N = torch.full((T * W,), -1, dtype=torch.long, device=y_PH.device)
+        pos_N.index_copy_(0, d.sel_P, torch.arange(d.sel_P.shape[0], device=y_PH.device))
+        return weighted_combine(y_PH.contiguous(), pos_N.view(T, W), weights_TW.contiguous(), y_PH.dtype)
     buf_TCH = y_PH.new_zeros(T, max(d.width, 1), H)
+    w_P = weights_TW.reshape(-1)[d.sel_P]
     if y_PH.shape[0]:
         col_P = d.col_P
         if col_P is None:  # the kernel sort leaves it out: each kept slot's rank among its token's kept slots
