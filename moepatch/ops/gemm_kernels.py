@@ -232,6 +232,13 @@ def _down_kernel(h_ptr, w2_ptr, y_ptr, ids_ptr, sorted_ptr, start_ptr, weights_p
 
 
 @triton.jit
+def _token_tile(N, BLOCK_N: tl.constexpr):
+    """Grid (T, N / BLOCK_N) of the combine kernels: this program's token and columns."""
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return tl.program_id(0).to(tl.int64), offs_n, offs_n < N
+
+
+@triton.jit
 def _combine_kernel(y_ptr, ids_ptr, out_ptr, E, N, stride_ys, stride_yp, stride_ot,
                     W: tl.constexpr, S: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr = False):
     """out[t] = sum over slots w, then split-K parts s, of y[s, t * W + w] (fp32, in that order).
@@ -241,9 +248,7 @@ def _combine_kernel(y_ptr, ids_ptr, out_ptr, E, N, stride_ys, stride_yp, stride_
     """
     if PDL:
         gdc_wait()
-    t = tl.program_id(0).to(tl.int64)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < N
+    t, offs_n, n_ok = _token_tile(N, BLOCK_N)
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     for w in tl.static_range(W):
         p = t * W + w
@@ -264,9 +269,7 @@ def _weighted_combine_kernel(y_ptr, pos_ptr, w_ptr, out_ptr, N, stride_yp, strid
     pos the row of each (token, slot), -1 where the slot sent nothing (never read).  The product
     is taken in fp32 and rounded to y's dtype before the sum, as torch's ``(y * w).to(y.dtype)``.
     """
-    t = tl.program_id(0).to(tl.int64)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < N
+    t, offs_n, n_ok = _token_tile(N, BLOCK_N)
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     for w in tl.static_range(W):
         p = t * W + w
