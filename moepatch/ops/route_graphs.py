@@ -10,7 +10,8 @@ random policy uses it) and replays it: the inputs are copied into the graph's st
 the decision and the statistics are copied out, a handful of launches in all.
 
 Same result as the eager call, bit for bit (the same kernels run; tests/ops, GPU).  It is used
-only on CUDA, never while the caller is itself capturing a graph (then the eager sync-free
+only on CUDA, never when an input requires grad (training: the weights carry the router's
+gradient, which a replay would cut), never while the caller is itself capturing a graph (then the eager sync-free
 route, which is capture-safe, is inlined into the caller's graph), and only after a signature
 was seen ``WARMUP_CALLS`` times (one-off shapes, e.g. each decode step of a growing batch, stay
 eager).  At capture the replay and the eager call are timed once (three calls each, host time
@@ -106,10 +107,12 @@ def route_graphed(cfg, scores_TE: torch.Tensor, topk_ids_TK: torch.Tensor, topk_
         return route_sync_free(cfg, scores_TE, topk_ids_TK, topk_weights_TK, factor_T, batch=batch, seq=seq,
                                valid_BS=valid_BS, layer=layer, source_rank=source_rank, **extra)
 
-    if (not ENABLED or not scores_TE.is_cuda or cfg.unlimited or scores_TE.shape[0] == 0
-            or _fused_drop_applies(cfg, scores_TE, topk_ids_TK) or torch.cuda.is_current_stream_capturing()):
-        return eager()
     inputs = [scores_TE, topk_ids_TK, topk_weights_TK, factor_T, valid_BS]
+    if (not ENABLED or not scores_TE.is_cuda or cfg.unlimited or scores_TE.shape[0] == 0
+            or _fused_drop_applies(cfg, scores_TE, topk_ids_TK) or torch.cuda.is_current_stream_capturing()
+            # Training: the kept weights carry the router's gradient, which a replay would cut.
+            or (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs))):
+        return eager()
     key = _signature(cfg, inputs, batch, seq, layer, source_rank, extra)
     entry = _CACHE.get(key, 0)
     if isinstance(entry, _RouteGraph):

@@ -184,4 +184,9 @@ def test_graph_replay_equals_eager(case):
     assert graphs, "no signature was captured"
     for got, want in results:  # statistics read only now, after every replay
         assert_same_routing(got, want)
+    # Training: weights that need the router's gradient are never replayed from a graph.
+    scores, ids, w, factor = (t.cuda() for t in _inputs(B * S, 8, K, 7, ties=False))
+    w.requires_grad_(True)
+    got = route_graphs.route_graphed(cfg, scores, ids, w, factor, batch=B, seq=S, valid_BS=valid, layer=0)
+    assert got.topk_weights_TW.requires_grad
     route_graphs.clear()
