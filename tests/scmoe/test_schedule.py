@@ -56,6 +56,23 @@ def test_one_rank_schedules_equal_the_model(kw):
     assert torch.equal(ep(ids), ref)
 
 
+@torch.no_grad()
+@pytest.mark.gpu
+def test_one_gpu_side_stream_schedule_equals_sequential():
+    """On one GPU (local dispatcher) the overlapped schedule runs its dispatch on the side stream,
+    with the counting-sort dispatch and the weighted combine kernel: same logits bit for bit, for
+    several forwards in a row (buffers of one unit must not be reused under the next)."""
+    torch.manual_seed(0)
+    model = build_scmoe(arch="scmoe", position=2, **DIMS).eval().cuda()
+    ep = ShortcutEP(model)
+    for seed in range(3):
+        ids = torch.randint(0, 64, (4, 33), generator=torch.Generator().manual_seed(seed)).cuda()
+        seq = ep(ids, schedule="sequential")
+        assert torch.equal(ep(ids, schedule="overlap"), seq)
+        torch.testing.assert_close(seq, model(ids).logits, rtol=0, atol=1e-4)
+    assert ep._side is not None  # the side stream was used
+
+
 def test_one_rank_refusals():
     torch.manual_seed(0)
     model = build_scmoe(**DIMS)
