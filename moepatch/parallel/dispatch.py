@@ -26,6 +26,7 @@ ABORT so the others raise instead of waiting.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -86,8 +87,8 @@ def device_ints(values: list, device: torch.device) -> torch.Tensor:
 
 
 # The counting-sort kernels of moepatch.ops sort the slots on CUDA (and, for tests, in the Triton
-# interpreter on the CPU when USE_KERNEL_SORT is set to True there); off, the torch stable sort.
-USE_KERNEL_SORT: bool | None = None  # None: on CUDA when triton imports
+# interpreter on the CPU when USE_KERNEL_SORT is True: MOEPATCH_KERNEL_SORT=1); off, the torch stable sort.
+USE_KERNEL_SORT: bool | None = {"1": True, "0": False}.get(os.environ.get("MOEPATCH_KERNEL_SORT", ""))
 
 
 def _kernel_sort_usable(x_TH: torch.Tensor, num_tokens: int) -> bool:
