@@ -47,3 +47,30 @@ def test_logits_are_exact_in_bf16_distinct_and_reach_the_router_unchanged():
     with torch.no_grad():
         router_logits = block.gate(x)[0]
     assert torch.equal(router_logits.float(), logits)
+
+
+def _kernel(name, ts, dur, stream):
+    return {"ph": "X", "cat": "kernel", "name": name, "ts": ts, "dur": dur, "args": {"stream": stream}}
+
+
+def test_exposed_communication_counts_nccl_time_without_compute_beside_it(tmp_path):
+    """Two profiled calls (a barrier all-reduce before each): NCCL kernels on a side stream are
+    exposed only where the compute stream (most non-NCCL time) runs nothing; NCCL kernels on the
+    compute stream itself are never their own cover."""
+    import json
+
+    from moepatch.parallel.bench import exposed_communication
+
+    events = []
+    for base in (0, 1000):
+        events += [_kernel("ncclDevKernel_AllReduce_Sum", base, 5, 7),
+                   _kernel("gemm", base + 10, 100, 7), _kernel("gemm", base + 150, 100, 7),
+                   _kernel("ncclDevKernel_SendRecv", base + 50, 40, 20),  # beside the first GEMM: hidden
+                   _kernel("ncclDevKernel_SendRecv", base + 100, 80, 20),  # 110-150 exposed (40 of 80)
+                   _kernel("ncclDevKernel_SendRecv", base + 300, 30, 7)]  # on the compute stream: exposed
+    path = tmp_path / "trace.json"
+    path.write_text(json.dumps({"traceEvents": events}))
+    got = exposed_communication(path)
+    assert got["calls"] == 2
+    assert got["nccl_ms"] == pytest.approx((40 + 80 + 30) / 1e3)  # 50-90, 100-180 and 300-330, per call
+    assert got["exposed_ms"] == pytest.approx((40 + 30) / 1e3)
