@@ -28,15 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import ModelStateError, UnsupportedModelError
-from .dispatch import (
-    ACTIVE,
-    IDLE,
-    AllToAllDispatcher,
-    Dispatched,
-    Dispatcher,
-    LocalDispatcher,
-    weigh_and_sum,
-)
+from .dispatch import ACTIVE, IDLE, AllToAllDispatcher, Dispatched, Dispatcher, LocalDispatcher, weigh_and_sum
 from .errors import ExpertParallelError, ProtocolError
 
 EXPERTS_IMPLEMENTATION = "moepatch_ep"
@@ -180,18 +172,12 @@ def compute_local_experts(blk: _EPBlock, x_RH: torch.Tensor, counts_SM: list) ->
         raise ModelStateError("the experts module of an expert-parallel block no longer exists")
     apply_gate = type(experts)._apply_gate
     S = len(counts_SM)
+    # Rows arrive source-major (inside a source by local expert); each expert's rows are made
+    # contiguous by concatenating the (source, expert) blocks, whose sizes are host ints: one copy
+    # kernel each way instead of a sort, a gather and a scatter.
     if S > 1:
-        # Rows arrive source-major (inside a source by local expert); each expert's rows are made
-        # contiguous by concatenating the (source, expert) blocks, whose bounds are host ints: one
-        # copy kernel each way instead of a sort, a gather and a scatter.
-        starts = [[0] * L for _ in range(S)]
-        at = 0
-        for s in range(S):
-            for j in range(L):
-                starts[s][j] = at
-                at += counts_SM[s][j]
-        blocks = [(starts[s][j], counts_SM[s][j]) for j in range(L) for s in range(S) if counts_SM[s][j]]
-        x_RH = torch.cat([x_RH[a:a + n] for a, n in blocks])
+        blocks = x_RH.split([counts_SM[s][j] for s in range(S) for j in range(L)])  # as received
+        x_RH = torch.cat([blocks[s * L + j] for j in range(L) for s in range(S)])
     start = 0
     out_RH = torch.empty_like(x_RH)
     for j in range(L):
@@ -203,13 +189,9 @@ def compute_local_experts(blk: _EPBlock, x_RH: torch.Tensor, counts_SM: list) ->
         start += n
     if S == 1:
         return out_RH
-    # Back to receive order: the expert-major position of each (source, expert) block.
-    pos = {}
-    at = 0
-    for a, n in blocks:
-        pos[a] = at
-        at += n
-    return torch.cat([out_RH[pos[a]:pos[a] + n] for a, n in sorted(blocks)])
+    # Back to receive order.
+    blocks = out_RH.split([counts_SM[s][j] for j in range(L) for s in range(S)])  # expert-major
+    return torch.cat([blocks[j * S + s] for s in range(S) for j in range(L)])
 
 
 def _ep_experts_forward(self, hidden_states, top_k_index, top_k_weights, *extra):
