@@ -61,6 +61,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--calibrate-iters", type=int, default=5)
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"),
                    help="on GPUs; the CPU smoke run uses float32")
+    p.add_argument("--priorities", default="high,default",
+                   help="NCCL stream priorities to time the ScMoE variant under (comma-separated: high, default); "
+                        "the first is the headline and runs top-2 too; ignored under gloo")
     p.add_argument("--smoke", action="store_true", help="tiny shape, a few iterations, gloo on the CPU")
     p.add_argument("--limit-s", type=float, default=None,
                    help="wall-clock limit of a self-started torchrun (default: 600, smoke 180)")
@@ -71,6 +74,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     if not args.smoke and (not names or any(s not in SHAPES for s in names)):
         p.error(f"--shapes {args.shapes!r}: accepted {', '.join(SHAPES)}")
     args.shape_list = [SMOKE_SHAPE] if args.smoke else [(s, SHAPES[s]) for s in names]
+    args.priority_list = [s for s in args.priorities.split(",") if s]
+    if not args.priority_list or any(s not in ("high", "default") for s in args.priority_list):
+        p.error(f"--priorities {args.priorities!r}: accepted high, default (comma-separated)")
     return args
 
 
@@ -115,11 +121,15 @@ def run(args) -> int:
         sys.path.insert(0, str(REPO))
     from moepatch.parallel import init_distributed
     from moepatch.parallel.bench import exposed_communication, profile_calls
+    from moepatch.parallel.distributed import new_group_with_priority
     from moepatch.scmoe import ScMoEConfig, ScMoEForCausalLM
     from moepatch.scmoe.schedule import ShortcutEP
 
     rank, world, device = init_distributed()
     cuda = device.type == "cuda"
+    nccl = dist.get_backend() == "nccl"
+    # One group per NCCL stream priority (same ranks), made up front: every rank makes them in order.
+    groups = {p: new_group_with_priority(p == "high") for p in args.priority_list} if nccl else {"n/a": None}
     dtype = getattr(torch, args.dtype) if cuda else torch.float32
     if not cuda:
         torch.set_num_threads(1)
@@ -151,8 +161,9 @@ def run(args) -> int:
         a, b = max_over_ranks(a), max_over_ranks(b)
         return statistics.median(a), statistics.median(b), statistics.median(x - y for x, y in zip(a, b))
 
-    def bench_variant(shape_name, dims, variant, kw) -> dict:
-        """Check, calibrate and time one variant's unit; the row of the report."""
+    def bench_variant(shape_name, dims, variant, kw, priority) -> dict:
+        """Check, calibrate and time one variant's unit (its exchanges on the group of NCCL stream
+        ``priority``); the row of the report."""
         D, inter, hq, hk, E, batch, seq = dims
         cfg = ScMoEConfig(vocab_size=256, hidden_size=D, num_layers=2, num_heads=hq, num_kv_heads=hk,
                           intermediate_size=inter, num_experts=E, max_position_embeddings=seq, **kw)
@@ -160,7 +171,7 @@ def run(args) -> int:
         with torch.device(device):
             model = ScMoEForCausalLM(cfg)
         model = model.to(dtype).eval()
-        ep = ShortcutEP(model)
+        ep = ShortcutEP(model, group=groups[priority])
         g = torch.Generator(device="cpu").manual_seed(100 + rank)  # each rank its own tokens
         ids_BS = torch.randint(0, cfg.vocab_size, (batch, seq), generator=g).to(device)
         with torch.no_grad():
@@ -188,13 +199,14 @@ def run(args) -> int:
             traced = {}
             for schedule in ("sequential", "overlap"):  # only with $MOEPATCH_PROFILE_DIR
                 trace = profile_calls(lambda s=schedule: ep.run_unit(0, h0, ctx, s),
-                                      f"scmoe_{shape_name}_{variant}_{schedule}")
+                                      f"scmoe_{shape_name}_{variant}_{priority}_{schedule}")
                 if trace is not None and cuda:
                     c = exposed_communication(trace)
                     traced[schedule] = max_over_ranks([c["nccl_ms"] / 1e3, c["exposed_ms"] / 1e3])
         comm = t_out + t_back
         return {
-            "shape": shape_name, "variant": variant, "hidden": D, "expert_width": inter, "experts": E,
+            "shape": shape_name, "variant": variant, "nccl_priority": priority, "hidden": D, "expert_width": inter,
+            "experts": E,
             "tokens_per_rank": batch * seq, "unit_sequential_ms": t_seq * 1e3, "unit_overlap_ms": t_ov * 1e3,
             "dispatch_ms": timing.dispatch * 1e3, "combine_ms": timing.combine * 1e3,
             "experts_ms": timing.experts * 1e3, "gate_ms": timing.gate * 1e3,
@@ -211,16 +223,21 @@ def run(args) -> int:
     rows = []
     env = {"world": world, "device": torch.cuda.get_device_name(device) if cuda else "cpu", "dtype": str(dtype),
            "torch": torch.__version__, "backend": dist.get_backend()}
+    scmoe_kw = dict(arch="scmoe", position=2, combine="cg1")
+    prios = list(groups)
     for shape_name, dims in args.shape_list:
-        for variant, kw in (("top2", dict(arch="top2")), ("scmoe", dict(arch="scmoe", position=2, combine="cg1"))):
-            rows.append(bench_variant(shape_name, dims, variant, kw))
+        runs = [("top2", dict(arch="top2"), prios[0])] + [("scmoe", scmoe_kw, p) for p in prios]
+        for variant, kw, priority in runs:
+            rows.append(bench_variant(shape_name, dims, variant, kw, priority))
             if cuda:
                 torch.cuda.empty_cache()
 
     summary = []
     for shape_name, _ in args.shape_list:
+        # The headline: both variants on the first priority's group (by default high, moepatch's default).
         base = next(r for r in rows if r["shape"] == shape_name and r["variant"] == "top2")
-        sc = next(r for r in rows if r["shape"] == shape_name and r["variant"] == "scmoe")
+        sc = next(r for r in rows if r["shape"] == shape_name and r["variant"] == "scmoe"
+                  and r["nccl_priority"] == prios[0])
         b = base["unit_sequential_ms"]
         summary.append({"shape": shape_name, "top2_ms": b, "scmoe_sequential_ms": sc["unit_sequential_ms"],
                         "scmoe_overlap_ms": sc["unit_overlap_ms"],
@@ -228,18 +245,19 @@ def run(args) -> int:
                         "overlap_speedup": sc["unit_sequential_ms"] / sc["unit_overlap_ms"],
                         "total_speedup": b / sc["unit_overlap_ms"], "top2_a2a_ms": base["a2a_ms"],
                         "scmoe_a2a_ms": sc["a2a_ms"], "scmoe_saved_ms": sc["saved_ms"],
-                        "scmoe_a2a_hidden": sc["hidden_fraction"], "slot": sc["slot"]})
+                        "scmoe_a2a_hidden": sc["hidden_fraction"], "slot": sc["slot"],
+                        "nccl_priority": prios[0]})
     if rank == 0:
         args.out.mkdir(parents=True, exist_ok=True)
         report = {"environment": env, "args": {k: str(v) for k, v in vars(args).items()}, "rows": rows,
                   "summary": summary}
-        (args.out / "bench_scmoe.json").write_text(json.dumps(report, indent=1) + "\n")
         md = [f"# ScMoE expert-parallel unit benchmark ({world} ranks, {env['device']}, {env['dtype']})", "",
-              "| shape | variant | sequential ms | overlap ms | saved ms | a2a ms (out + back) | "
+              "| shape | variant | NCCL streams | sequential ms | overlap ms | saved ms | a2a ms (out + back) | "
               "dispatch + combine phases ms | hidden | slot K |",
-              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
         for r in rows:
-            md.append(f"| {r['shape']} | {r['variant']} | {r['unit_sequential_ms']:.3f} | {r['unit_overlap_ms']:.3f} | "
+            md.append(f"| {r['shape']} | {r['variant']} | {r['nccl_priority']} | {r['unit_sequential_ms']:.3f} | "
+                      f"{r['unit_overlap_ms']:.3f} | "
                       f"{r['saved_ms']:.3f} | {r['a2a_ms']:.3f} ({r['a2a_dispatch_ms']:.3f} + "
                       f"{r['a2a_combine_ms']:.3f}) | {r['dispatch_ms'] + r['combine_ms']:.3f} | "
                       f"{100 * r['hidden_fraction']:.0f}% | {r['slot']} |")
@@ -247,12 +265,18 @@ def run(args) -> int:
         if traced:
             md += ["", "From the profiled calls (MOEPATCH_PROFILE_DIR; max over ranks): NCCL kernel time per unit "
                    "and the part of it with no compute kernel beside it (the compute stream idle or waiting).", "",
-                   "| shape | variant | sequential: NCCL / exposed ms | overlap: NCCL / exposed ms |",
-                   "|---|---|---|---|"]
+                   "\"Hidden (trace)\" = 1 − overlap's exposed NCCL time / the all-to-all time alone: "
+                   "the stricter reading (NCCL time spent waiting for the other rank counts as exposed).", "",
+                   "| shape | variant | NCCL streams | sequential: NCCL / exposed ms | overlap: NCCL / exposed ms | "
+                   "hidden (trace) |",
+                   "|---|---|---|---|---|---:|"]
             for r in traced:
                 t_s, t_o = r["trace_ms"]["sequential"], r["trace_ms"]["overlap"]
-                md.append(f"| {r['shape']} | {r['variant']} | {t_s['nccl']:.3f} / {t_s['exposed']:.3f} | "
-                          f"{t_o['nccl']:.3f} / {t_o['exposed']:.3f} |")
+                hid = max(0.0, 1.0 - t_o["exposed"] / r["a2a_ms"]) if r["a2a_ms"] > 0 else 0.0
+                r["hidden_fraction_trace"] = hid
+                md.append(f"| {r['shape']} | {r['variant']} | {r['nccl_priority']} | "
+                          f"{t_s['nccl']:.3f} / {t_s['exposed']:.3f} | "
+                          f"{t_o['nccl']:.3f} / {t_o['exposed']:.3f} | {100 * hid:.0f}% |")
         md += ["", "| shape | top-2 ms | ScMoE seq ms | ScMoE overlap ms | architecture | overlap | total |",
                "|---|---|---|---|---|---|---|"]
         for s in summary:
@@ -260,6 +284,7 @@ def run(args) -> int:
                       f"{s['scmoe_overlap_ms']:.3f} | {s['architecture_speedup']:.2f}x | {s['overlap_speedup']:.2f}x | "
                       f"{s['total_speedup']:.2f}x |")
         (args.out / "bench_scmoe.md").write_text("\n".join(md) + "\n")
+        (args.out / "bench_scmoe.json").write_text(json.dumps(report, indent=1) + "\n")  # rows now traced too
         lines = [f"{'shape':>8} {'top2 ms':>9} {'ScMoE seq':>10} {'ScMoE ovl':>10} {'a2a ms':>8} {'saved':>7} "
                  f"{'hidden':>7} {'arch':>6} {'ovl':>6} {'total':>6}"]
         for s in summary:
@@ -267,7 +292,13 @@ def run(args) -> int:
                          f"{s['scmoe_overlap_ms']:>10.3f} {s['scmoe_a2a_ms']:>8.3f} {s['scmoe_saved_ms']:>7.3f} "
                          f"{100 * s['scmoe_a2a_hidden']:>6.0f}% {s['architecture_speedup']:>5.2f}x "
                          f"{s['overlap_speedup']:>5.2f}x {s['total_speedup']:>5.2f}x")
+        for r in rows:  # the ScMoE variant under the other NCCL stream priorities
+            if r["variant"] == "scmoe" and r["nccl_priority"] != prios[0]:
+                lines.append(f"{r['shape']:>8} ScMoE with {r['nccl_priority']}-priority NCCL streams: sequential "
+                             f"{r['unit_sequential_ms']:.3f}, overlap {r['unit_overlap_ms']:.3f} ms, saved "
+                             f"{r['saved_ms']:.3f} of {r['a2a_ms']:.3f} ms a2a ({100 * r['hidden_fraction']:.0f}%)")
         print(f"wrote {args.out / 'bench_scmoe.json'} and {args.out / 'bench_scmoe.md'}")
+        print(f"(headline rows: {prios[0]}-priority NCCL streams)" if nccl else "(gloo)")
         print("\n".join(lines), flush=True)
     dist.destroy_process_group()
     return 0

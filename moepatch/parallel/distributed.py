@@ -16,6 +16,7 @@ import torch
 
 DEFAULT_TIMEOUT_S = 300.0
 TIMEOUT_ENV = "MOEPATCH_EP_TIMEOUT_S"
+PRIORITY_ENV = "MOEPATCH_NCCL_HIGH_PRIORITY"
 
 
 def default_timeout_s() -> float:
@@ -24,12 +25,48 @@ def default_timeout_s() -> float:
     return float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S))
 
 
-def init_distributed(backend: str | None = None, timeout_s: float | None = None) -> tuple[int, int, torch.device]:
+def default_high_priority() -> bool:
+    """``$MOEPATCH_NCCL_HIGH_PRIORITY`` (``0`` turns it off) or True."""
+    value = os.environ.get(PRIORITY_ENV, "1").strip().lower()
+    if value not in ("0", "1", "true", "false", "yes", "no", "on", "off"):
+        raise ValueError(f"${PRIORITY_ENV}={value!r}; accepted: 1/0, true/false, yes/no, on/off")
+    return value in ("1", "true", "yes", "on")
+
+
+def nccl_options(high_priority: bool):
+    """``ProcessGroupNCCL.Options`` whose communication streams have high (or default) CUDA priority.
+
+    NCCL's kernels run on streams of NCCL's own; with the default priority a kernel queued beside a
+    long GEMM gets SMs only when that GEMM's blocks drain, so an all-to-all meant to overlap compute
+    (ScMoE's schedule) waits behind it.  High priority lets its blocks go first as SMs free up."""
+    import torch.distributed as dist
+
+    opts = dist.ProcessGroupNCCL.Options()
+    opts.is_high_priority_stream = bool(high_priority)
+    return opts
+
+
+def new_group_with_priority(high_priority: bool, timeout_s: float | None = None):
+    """A process group over every rank of the default group with the given NCCL stream priority
+    (the default group itself under gloo, where streams do not apply).  A collective."""
+    import torch.distributed as dist
+
+    if dist.get_backend() != "nccl":
+        return dist.group.WORLD
+    timeout = datetime.timedelta(seconds=timeout_s if timeout_s is not None else default_timeout_s())
+    return dist.new_group(timeout=timeout, pg_options=nccl_options(high_priority))
+
+
+def init_distributed(backend: str | None = None, timeout_s: float | None = None,
+                     high_priority: bool | None = None) -> tuple[int, int, torch.device]:
     """Initialise the default process group from the launcher's environment (torchrun / accelerate).
 
     Args:
         backend: ``"nccl"`` or ``"gloo"``; default NCCL when CUDA is available, else gloo.
         timeout_s: per-collective timeout; default :func:`default_timeout_s`.
+        high_priority: NCCL only: run NCCL's kernels on high-priority CUDA streams (default
+            :func:`default_high_priority`, on), so an exchange meant to overlap compute is not
+            queued behind it.  A group initialised elsewhere (accelerate) keeps its own setting.
     Returns:
         (rank, world size, this rank's device: ``cuda:LOCAL_RANK`` under NCCL, else ``cpu``).
     """
@@ -45,6 +82,9 @@ def init_distributed(backend: str | None = None, timeout_s: float | None = None)
         device = torch.device("cpu")
     if not dist.is_initialized():
         timeout = datetime.timedelta(seconds=timeout_s if timeout_s is not None else default_timeout_s())
-        kwargs = {"device_id": device} if backend == "nccl" else {}
+        kwargs = {}
+        if backend == "nccl":
+            hp = default_high_priority() if high_priority is None else high_priority
+            kwargs = {"device_id": device, "pg_options": nccl_options(hp)}
         dist.init_process_group(backend=backend, timeout=timeout, **kwargs)
     return dist.get_rank(), dist.get_world_size(), device
