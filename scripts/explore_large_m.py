@@ -141,8 +141,6 @@ def layers(args, log) -> list:
         fns = {}
         defaults = [("pointer default", default_config(M, E, H, I, K, "cuda")),
                     ("desc default", default_config(M, E, H, I, K, "cuda", descriptors=True))]
-        if table.get("DESC") and table["BLOCK_M"] == 128:  # the table's tiles with 64-row tails
-            defaults.append(("table tail", dict(table, TAIL=64)))
         for name, c in [("table", table)] + defaults + list(LAYER.items()):
             if name != "table" and args.candidates and not re.search(args.candidates, name):
                 continue

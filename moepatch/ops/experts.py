@@ -324,30 +324,6 @@ def gather_rows(x_TH: torch.Tensor, layout: DispatchLayout) -> torch.Tensor:
     return x_RH
 
 
-def _desc_tiles(layout: DispatchLayout, config: dict) -> tuple[int, int]:
-    """(BLOCK_M, TAIL) of the descriptor GEMMs: tiles of the layout's block, or with a configuration
-    whose BLOCK_M is twice the layout's (``"TAIL"``, see :func:`layout_block`) full BLOCK_M tiles plus
-    one tail tile of the layout's block where an expert's padded rows need it."""
-    tile = int(config.get("BLOCK_M", layout.block_m))
-    if tile == layout.block_m:
-        return tile, 0
-    if tile == 2 * layout.block_m:
-        return tile, layout.block_m
-    raise ValueError(f"descriptor tiles of {tile} rows on a layout padded to {layout.block_m}; accepted: the "
-                     f"layout's block or twice it (TAIL = BLOCK_M // 2)")
-
-
-def layout_block(config: dict) -> int:
-    """Rows each expert is padded to: ``TAIL`` for mixed descriptor tiles, else ``BLOCK_M``."""
-    tail = int(config.get("TAIL", 0) or 0)
-    if not tail:
-        return int(config["BLOCK_M"])
-    if 2 * tail != config["BLOCK_M"] or not config.get("DESC"):
-        raise ValueError(f"TAIL={tail} with BLOCK_M={config['BLOCK_M']}: tail tiles are half a BLOCK_M tile and "
-                         f"need the descriptor GEMMs (DESC)")
-    return tail
-
-
 def gate_up_desc(x_RH: torch.Tensor, gate_up_EIH: torch.Tensor, layout: DispatchLayout, config: dict,
                  out: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`gate_up` on gathered rows (see :func:`gather_rows`) through tensor descriptors."""
@@ -355,10 +331,10 @@ def gate_up_desc(x_RH: torch.Tensor, gate_up_EIH: torch.Tensor, layout: Dispatch
     I = two_i // 2  # noqa: E741
     h_RI = out if out is not None else torch.empty(layout.rows, I, device=x_RH.device, dtype=x_RH.dtype)
     c = config["gate_up"]
-    (bm, tail), bn, bk = _desc_tiles(layout, config), c["BLOCK_N"], c["BLOCK_K"]
-    grid, nprog = _programs(c, layout.rows // layout.block_m * _cdiv(I, bn), x_RH.device)
+    bm, bn, bk = layout.block_m, c["BLOCK_N"], c["BLOCK_K"]
+    num_m = layout.rows // bm
+    grid, nprog = _programs(c, num_m * _cdiv(I, bn), x_RH.device)
     a_desc = TensorDescriptor.from_tensor(x_RH, [bm, bk])
-    a_tail = TensorDescriptor.from_tensor(x_RH, [tail, bk]) if tail else a_desc
     joint = bool(c.get("JOINT", 0))
     if joint:  # gate and up blocks of the same columns in one [2, BLOCK_N, BLOCK_K] box
         w_desc = TensorDescriptor.from_tensor(gate_up_EIH.view(E * 2, I, H), [2, bn, bk])
@@ -368,11 +344,10 @@ def gate_up_desc(x_RH: torch.Tensor, gate_up_EIH: torch.Tensor, layout: Dispatch
     if split not in (0, 1, 2):
         raise ValueError(f"H_STORE_SPLIT must be 0, 1 or 2, got {split}")
     h_desc = TensorDescriptor.from_tensor(h_RI, [bm, bn // split]) if split else None
-    h_tail = TensorDescriptor.from_tensor(h_RI, [tail, bn // split]) if split and tail else h_desc
     _launch(_gate_up_desc_kernel, grid,
-            (a_desc, w_desc, h_RI, h_desc, a_tail, h_tail, layout.start_E1, E, I, H, h_RI.stride(0)),
+            (a_desc, w_desc, h_RI, h_desc, layout.start_E1, E, I, H, h_RI.stride(0)),
             dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=c["GROUP_M"], E_PAD=_pow2(E), JOINT=joint,
-                 H_STORE_SPLIT=split, TAIL=tail, **_loop_flags(c, nprog)),
+                 H_STORE_SPLIT=split, **_loop_flags(c, nprog)),
             c["num_warps"], c["num_stages"])
     return h_RI
 
@@ -382,17 +357,16 @@ def down_desc(h_RI: torch.Tensor, down_EHI: torch.Tensor, layout: DispatchLayout
     """:func:`down` (without split-K) through tensor descriptors; returns (1, P, H)."""
     E, H, I = down_EHI.shape  # noqa: E741
     c = config["down"]
-    (bm, tail), bn, bk = _desc_tiles(layout, config), c["BLOCK_N"], c["BLOCK_K"]
+    bm, bn, bk = layout.block_m, c["BLOCK_N"], c["BLOCK_K"]
     y_SPH = torch.empty(1, layout.num_pairs, H, device=h_RI.device, dtype=h_RI.dtype)
-    grid, nprog = _programs(c, layout.rows // layout.block_m * _cdiv(H, bn), h_RI.device)
+    num_m = layout.rows // bm
+    grid, nprog = _programs(c, num_m * _cdiv(H, bn), h_RI.device)
     a_desc = TensorDescriptor.from_tensor(h_RI, [bm, bk])
-    a_tail = TensorDescriptor.from_tensor(h_RI, [tail, bk]) if tail else a_desc
     w_desc = TensorDescriptor.from_tensor(down_EHI.view(E * H, I), [bn, bk])
     _launch(_down_desc_kernel, grid,
-            (a_desc, w_desc, a_tail, y_SPH, layout.sorted_pairs_R, layout.start_E1, weights_TW.reshape(-1),
+            (a_desc, w_desc, y_SPH, layout.sorted_pairs_R, layout.start_E1, weights_TW.reshape(-1),
              layout.num_pairs, E, H, I, y_SPH.stride(1)),
-            dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=c["GROUP_M"], E_PAD=_pow2(E), TAIL=tail,
-                 **_loop_flags(c, nprog)),
+            dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=c["GROUP_M"], E_PAD=_pow2(E), **_loop_flags(c, nprog)),
             c["num_warps"], c["num_stages"])
     return y_SPH
 
@@ -504,7 +478,7 @@ def fused_experts_impl(x_TH: torch.Tensor, ids_TW: torch.Tensor, weights_TW: tor
     cfg = config if config is not None else config_for(x_TH, ids_TW, gate_up_EIH)
     x_c = x_TH.to(gate_up_EIH.dtype)
     ids_c = ids_TW.contiguous()
-    layout = dispatch(ids_c, E, layout_block(cfg), fuse_dispatch)
+    layout = dispatch(ids_c, E, cfg["BLOCK_M"], fuse_dispatch)
     w_c = weights_TW.contiguous()
     if cfg.get("DESC") and descriptors_fit(layout, x_c, gate_up_EIH, down_EHI):
         h_RI = gate_up_desc(gather_rows(x_c, layout), gate_up_EIH, layout, cfg)

@@ -109,14 +109,11 @@ def _config(T, W, E, H, I, block_m=16, split=1, bn=32, bk=32):  # noqa: E741
     return cfg
 
 
-def _desc_config(T, W, E, H, I, persistent=0, joint=0, h_store=0, tail=False):  # noqa: E741
+def _desc_config(T, W, E, H, I, persistent=0, joint=0, h_store=0):  # noqa: E741
     """The large-M path: gathered rows and descriptor GEMMs (BLOCK_N 16 so tiles run past I and H);
-    h_store: H_STORE_SPLIT, gate_up's h stored by pointers (0) or through a descriptor in 1 or 2 parts;
-    tail: 32-row tiles on a layout padded to 16 (a 16-row tail tile where an expert needs one)."""
+    h_store: H_STORE_SPLIT, gate_up's h stored by pointers (0) or through a descriptor in 1 or 2 parts."""
     cfg = _config(T, W, E, H, I, bn=16, bk=16)
     cfg["DESC"] = True
-    if tail:
-        cfg["BLOCK_M"], cfg["TAIL"] = 32, 16
     for part in ("gate_up", "down"):
         cfg[part] = dict(cfg[part], PERSISTENT=persistent, FLATTEN=persistent, SPLIT_K=1, JOINT=joint)
     cfg["gate_up"]["H_STORE_SPLIT"] = h_store
@@ -141,9 +138,7 @@ def test_fused_experts_matches_reference(T, W, E, H, I, kind, dtype, device):  #
     ref = _reference(x, ids, wts, w1, w2)
     for cfg in (_config(T, W, E, H, I), _config(T, W, E, H, I, block_m=32, split=3, bn=16, bk=16),
                 _desc_config(T, W, E, H, I, h_store=2), _desc_config(T, W, E, H, I, persistent=1, joint=1, h_store=1),
-                _desc_config(T, W, E, H, I, persistent=1), _token_config(T, W, E, H, I),
-                _desc_config(T, W, E, H, I, persistent=1, joint=1, h_store=2, tail=True),
-                _desc_config(T, W, E, H, I, tail=True)):
+                _desc_config(T, W, E, H, I, persistent=1), _token_config(T, W, E, H, I)):
         out = X.fused_experts_impl(x, ids, wts, w1, w2, cfg)
         assert out.dtype == dtype and out.shape == x.shape
         assert torch.isfinite(out).all()
@@ -298,41 +293,6 @@ def test_descriptor_path_is_taken_and_falls_back(device, monkeypatch):
 
 
 
-@pytest.mark.parametrize("persistent,joint,h_store", [(0, 0, 0), (1, 1, 2), (1, 0, 1)])
-def test_tail_tiles_write_every_row_in_use(persistent, joint, h_store, device):
-    """Mixed tiles: experts of 0, 9 (one tail), 16 (one tail, full), 32 (one full tile), 41 (full + tail) and
-    70 (two full + tail) pairs; gate_up writes exactly the rows in use (poisoned buffer) and both GEMMs
-    match the plain 16-row-tile layer row for row."""
-    E, H, I, W = 6, 32, 40, 1  # noqa: E741
-    counts = [0, 9, 16, 32, 41, 70]
-    ids = torch.cat([torch.full((c,), e) for e, c in enumerate(counts)])[torch.randperm(sum(counts))][:, None]
-    x, _, wts, w1, w2 = _problem(ids.shape[0], W, E, H, I, torch.float32, "random", device, seed=3)
-    ids = ids.to(device)
-    cfg = _desc_config(ids.shape[0], W, E, H, I, persistent=persistent, joint=joint, h_store=h_store, tail=True)
-    plain = _desc_config(ids.shape[0], W, E, H, I, persistent=persistent, joint=joint, h_store=h_store)
-    layout = X.dispatch(ids, E, X.layout_block(cfg), fuse=False)
-    assert layout.block_m == 16 and layout.start_E1.tolist() == [0, 0, 16, 32, 64, 112, 192]
-    xr = X.gather_rows(x, layout)
-    h = X.gate_up_desc(xr, w1, layout, cfg, out=torch.full((layout.rows, I), float("nan"), device=device))
-    used = int(layout.start_E1[-1])
-    assert torch.isfinite(h[:used]).all() and torch.isnan(h[used:]).all()
-    h_plain = X.gate_up_desc(xr, w1, layout, plain)  # 16-row tiles on the same layout
-    # (the interpreter's matmul may block 32 and 16 rows differently: equal to float32 rounding)
-    torch.testing.assert_close(h[:used], h_plain[:used], rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(X.down_desc(h, w2, layout, wts, cfg), X.down_desc(h_plain, w2, layout, wts, plain),
-                               rtol=1e-5, atol=1e-6)
-    out = X.fused_experts_impl(x, ids, wts, w1, w2, cfg)
-    assert _rel(out, _reference(x, ids, wts, w1, w2)) < TOL[torch.float32]
-
-
-def test_tail_configuration_is_checked(device):
-    x, ids, wts, w1, w2 = _problem(9, 2, 4, 32, 24, torch.float32, "random", device, seed=1)
-    cfg = _desc_config(9, 2, 4, 32, 24)
-    cfg["BLOCK_M"], cfg["TAIL"] = 32, 8
-    with pytest.raises(ValueError, match="TAIL=8 with BLOCK_M=32: tail tiles are half a BLOCK_M tile"):
-        X.fused_experts_impl(x, ids, wts, w1, w2, cfg)
-
-
 def test_descriptor_h_store_split_is_checked(device):
     x, ids, wts, w1, w2 = _problem(9, 2, 4, 32, 24, torch.float32, "random", device, seed=1)
     cfg = _desc_config(9, 2, 4, 32, 24, h_store=3)
@@ -437,18 +397,17 @@ def test_bf16_fused_dispatch_is_the_dispatch_layout(M):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("persistent,tail", [(0, 0), (1, 0), (0, 64), (1, 64)])
-def test_bf16_descriptor_path_graph_and_no_host_sync(persistent, tail):
-    """The large-M descriptor GEMMs (with and without 64-row tail tiles): bf16 accuracy, no host sync,
-    replayable in a CUDA graph."""
+@pytest.mark.parametrize("persistent", [0, 1])
+def test_bf16_descriptor_path_graph_and_no_host_sync(persistent):
+    """The large-M descriptor GEMMs: bf16 accuracy, no host sync, replayable in a CUDA graph."""
     E, H, I, K, M = 8, 1024, 2048, 2, 1024  # noqa: E741
     x, w1, w2, ids, wts, gen = _gpu_problem(M, E, H, I, K, seed=persistent, drop_every=5)
-    cfg = {"BLOCK_M": 128, "DESC": True, "TAIL": tail,
+    cfg = {"BLOCK_M": 128, "DESC": True,
            "gate_up": dict(BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4, PERSISTENT=persistent,
                            JOINT=persistent, FLATTEN=persistent, H_STORE_SPLIT=2 * persistent),
            "down": dict(BLOCK_N=256, BLOCK_K=64, GROUP_M=16, num_warps=8, num_stages=4, PERSISTENT=persistent,
                         FLATTEN=persistent, SPLIT_K=1)}
-    pointer = {k: v for k, v in cfg.items() if k not in ("DESC", "TAIL")}
+    pointer = {k: v for k, v in cfg.items() if k != "DESC"}
     want = X.fused_experts_impl(x, ids, wts, w1, w2, pointer)
     out = X.fused_experts_impl(x, ids, wts, w1, w2, cfg)
     assert ((out.float() - want.float()).norm() / want.float().norm()).item() < 1e-2
