@@ -33,7 +33,7 @@ def default_high_priority() -> bool:
     return value in ("1", "true", "yes", "on")
 
 
-def nccl_options(high_priority: bool):
+def nccl_options(high_priority: bool, timeout: datetime.timedelta | None = None):
     """``ProcessGroupNCCL.Options`` whose communication streams have high (or default) CUDA priority.
 
     NCCL's kernels run on streams of NCCL's own; with the default priority a kernel queued beside a
@@ -43,6 +43,8 @@ def nccl_options(high_priority: bool):
 
     opts = dist.ProcessGroupNCCL.Options()
     opts.is_high_priority_stream = bool(high_priority)
+    if timeout is not None:  # the same as the group's (torch warns when they differ)
+        opts._timeout = timeout
     return opts
 
 
@@ -54,7 +56,7 @@ def new_group_with_priority(high_priority: bool, timeout_s: float | None = None)
     if dist.get_backend() != "nccl":
         return dist.group.WORLD
     timeout = datetime.timedelta(seconds=timeout_s if timeout_s is not None else default_timeout_s())
-    return dist.new_group(timeout=timeout, pg_options=nccl_options(high_priority))
+    return dist.new_group(timeout=timeout, pg_options=nccl_options(high_priority, timeout))
 
 
 def init_distributed(backend: str | None = None, timeout_s: float | None = None,
@@ -85,6 +87,6 @@ def init_distributed(backend: str | None = None, timeout_s: float | None = None,
         kwargs = {}
         if backend == "nccl":
             hp = default_high_priority() if high_priority is None else high_priority
-            kwargs = {"device_id": device, "pg_options": nccl_options(hp)}
+            kwargs = {"device_id": device, "pg_options": nccl_options(hp, timeout)}
         dist.init_process_group(backend=backend, timeout=timeout, **kwargs)
     return dist.get_rank(), dist.get_world_size(), device
