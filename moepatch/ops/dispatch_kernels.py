@@ -133,3 +133,52 @@ def _dispatch_scatter_kernel(ids_ptr, offs_ptr, sorted_ptr, start_ptr, P, E, R, 
     for r0 in range(pid * rows_per_program, row_end, BLOCK_R):
         r_x = r0 + tl.arange(0, BLOCK_R)
         tl.store(sorted_ptr + r_x, tl.full([BLOCK_R], 0, tl.int32) + P, mask=(r_x >= used) & (r_x < row_end))
+
+
+@triton.jit
+def _ep_prepare_kernel(ids_ptr, sorted_ptr, start_ptr, dev_ptr, local_ptr, fixed_ptr, header_ptr, meta_ptr,
+                       order_ptr, tok_ptr, pos_ptr, P, E, D, M, W, BLOCK: tl.constexpr, E_PAD: tl.constexpr,
+                       FIXED: tl.constexpr):
+    """Expert parallelism's dispatch bookkeeping after the sort (block_m 1), in one launch.
+
+    Every program, over rows / pairs [pid·BLOCK, (pid+1)·BLOCK):
+        order[r] = pair of row r (int64; P past the kept pairs), tok[r] = order[r] // W,
+        pos[pair of row r] = r for the kept rows, pos[p] = -1 for a slot outside [0, E) (never sent).
+    Program 0 also writes the header (D, FIXED + M): the FIXED fixed values in front of every row,
+    then row d, column FIXED + m = pairs for the m-th expert of rank d (expert e sits on rank dev[e]
+    at local index local[e]); and meta (D + 1): pairs per destination rank, then the number of
+    slots whose id is outside [0, E] (invalid input).
+    """
+    pid = tl.program_id(0)
+    r_x = pid * BLOCK + tl.arange(0, BLOCK)
+    used = tl.load(start_ptr + E)
+    in_p = r_x < P
+    pair = tl.load(sorted_ptr + r_x, mask=in_p, other=0)
+    pair = tl.where(r_x < used, pair, P).to(tl.int64)
+    tl.store(order_ptr + r_x, pair, mask=in_p)
+    tl.store(tok_ptr + r_x, pair // W, mask=in_p)
+    tl.store(pos_ptr + pair, r_x.to(tl.int64), mask=r_x < used)
+    ids = tl.load(ids_ptr + r_x, mask=in_p, other=0)
+    tl.store(pos_ptr + r_x, tl.full([BLOCK], -1, tl.int64), mask=in_p & ((ids < 0) | (ids >= E)))
+    if pid == 0:
+        X = FIXED + M
+        for d in range(D):  # zeros, then the fixed values, in every row (the counts go on top below)
+            for c0 in range(0, X, BLOCK):
+                c_x = c0 + tl.arange(0, BLOCK)
+                fixed = tl.load(fixed_ptr + c_x, mask=c_x < FIXED, other=0)
+                tl.store(header_ptr + d * X + c_x, fixed, mask=c_x < X)
+        e_x = tl.arange(0, E_PAD)
+        e_ok = e_x < E
+        count = (tl.load(start_ptr + 1 + e_x, mask=e_ok, other=0) - tl.load(start_ptr + e_x, mask=e_ok, other=0))
+        dev = tl.load(dev_ptr + e_x, mask=e_ok, other=0)
+        loc = tl.load(local_ptr + e_x, mask=e_ok, other=0)
+        tl.debug_barrier()
+        tl.store(header_ptr + dev * X + FIXED + loc, count.to(tl.int64), mask=e_ok)
+        for d in range(D):
+            tl.store(meta_ptr + d, tl.sum(tl.where(e_ok & (dev == d), count, 0), axis=0).to(tl.int64))
+        bad = tl.zeros([BLOCK], dtype=tl.int32)
+        for p0 in range(0, P, BLOCK):
+            p_x = p0 + tl.arange(0, BLOCK)
+            v = tl.load(ids_ptr + p_x, mask=p_x < P, other=0)
+            bad += ((p_x < P) & ((v < 0) | (v > E))).to(tl.int32)
+        tl.store(meta_ptr + D, tl.sum(bad, axis=0).to(tl.int64))

@@ -31,7 +31,12 @@ from triton.runtime.errors import OutOfResources
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from . import dispatch_kernels
-from .dispatch_kernels import _dispatch_count_kernel, _dispatch_scan_kernel, _dispatch_scatter_kernel
+from .dispatch_kernels import (
+    _dispatch_count_kernel,
+    _dispatch_scan_kernel,
+    _dispatch_scatter_kernel,
+    _ep_prepare_kernel,
+)
 from .gemm_kernels import _combine_kernel, _down_kernel, _down_token_kernel, _gate_up_kernel, _weighted_combine_kernel
 from .tma_kernels import _down_desc_kernel, _gate_up_desc_kernel, _gather_rows_kernel
 from .tuning import device_key, get_config
@@ -209,6 +214,36 @@ def dispatch(ids_TW: torch.Tensor, num_experts: int, block_m: int, fuse: bool | 
         BLOCK_M=block_m, BLOCK_P=block_p, SUB_P=sub_p, E_PAD=e_pad,
         BLOCK_R=max(16, min(1024, _pow2(rows_per_program))), SINGLE=single, num_warps=dispatch_kernels.NUM_WARPS)
     return DispatchLayout(sorted_R, start_E1, P, W, E, block_m, R)
+
+
+def ep_prepare(ids_TW: torch.Tensor, layout: DispatchLayout, dev_E: torch.Tensor, local_E: torch.Tensor,
+               fixed: torch.Tensor, world: int, header_slots: int) -> tuple[torch.Tensor, ...]:
+    """Expert parallelism's bookkeeping after :func:`dispatch` with ``block_m`` 1, in one launch.
+
+    Args:
+        ids_TW: (T, W) the slot ids the layout sorted; layout: its dispatch (block_m 1, not fused).
+        dev_E, local_E: (E,) int64 rank of each expert and its index there.
+        fixed: (F,) int64 values in front of every header row.
+        world, header_slots: D and M.
+    Returns:
+        header_DX (D, F + M) int64: the fixed values, then pairs per (destination rank, its local expert);
+        meta (D + 1,) int64: pairs per destination rank, then slots with an id outside [0, E];
+        order_P, tok_P (P,) int64: pair and token of every row (P past the kept pairs);
+        pos_P (P,) int64: row of every pair, -1 where the slot is not sent.
+    """
+    if layout.fused or layout.block_m != 1:
+        raise ValueError("ep_prepare needs an unfused dispatch layout with block_m 1")
+    P, E, W = layout.num_pairs, layout.num_experts, layout.width
+    dev = ids_TW.device
+    header = torch.empty(world, fixed.numel() + header_slots, dtype=torch.long, device=dev)
+    meta = torch.empty(world + 1, dtype=torch.long, device=dev)
+    order_P, tok_P, pos_P = (torch.empty(P, dtype=torch.long, device=dev) for _ in range(3))
+    block = 1024
+    _ep_prepare_kernel[(max(1, _cdiv(P, block)),)](
+        ids_TW.reshape(-1), layout.sorted_pairs_R, layout.start_E1, dev_E, local_E, fixed, header, meta,
+        order_P, tok_P, pos_P, P, E, world, header_slots, W, BLOCK=block, E_PAD=_pow2(E), FIXED=fixed.numel(),
+        num_warps=4)
+    return header, meta, order_P, tok_P, pos_P
 
 
 def _precision(dtype: torch.dtype) -> str:

@@ -59,6 +59,8 @@ class Dispatched:
         send_splits / recv_splits: rows sent to / received from each rank, host ints.
         tok_P, col_P, sel_P: token, compact combine column and flat (T*W) slot of each sent row
             (col_P None after the kernel sort: the torch combine derives it from sel_P).
+        pos_P: (T*W,) row of every slot among the sent rows, -1 where nothing was sent (from the
+            kernel sort; None otherwise: the kernel combine derives it from sel_P).
         num_tokens, width: T and the compact combine width C (most kept slots of one token; W,
             an upper bound, after the kernel sort).
         invalid_pairs: slots whose id was outside [0, E]; the caller raises once the round is done.
@@ -75,6 +77,7 @@ class Dispatched:
     num_tokens: int
     width: int
     invalid_pairs: int
+    pos_P: torch.Tensor | None = None
 
 
 def device_ints(values: list, device: torch.device) -> torch.Tensor:
@@ -102,16 +105,20 @@ def _kernel_sort_usable(x_TH: torch.Tensor, num_tokens: int) -> bool:
 
 
 class _HostValues:
-    """int64 values on their way to the host: a non-blocking copy into pinned memory on CUDA."""
+    """int64 values (1-D tensors, concatenated) on their way to the host: non-blocking copies into
+    one pinned buffer on CUDA."""
 
-    def __init__(self, values: torch.Tensor):
-        if values.is_cuda:
-            self._host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
-            self._host.copy_(values, non_blocking=True)
+    def __init__(self, parts: list[torch.Tensor]):
+        if parts[0].is_cuda:
+            self._host = torch.empty(sum(t.numel() for t in parts), dtype=torch.long, pin_memory=True)
+            start = 0
+            for t in parts:
+                self._host[start:start + t.numel()].copy_(t, non_blocking=True)
+                start += t.numel()
             self._event = torch.cuda.Event()
             self._event.record()
         else:
-            self._host, self._event = values, None
+            self._host, self._event = torch.cat(parts), None
 
     def result(self) -> list:
         if self._event is not None:
@@ -131,6 +138,8 @@ class HeaderInFlight:
     rows_PH: torch.Tensor | None
     num_tokens: int
     device: torch.device
+    width: int | None = None  # known on the host (the kernel sort's bound W); else among the values
+    pos_P: torch.Tensor | None = None
 
 
 class Dispatcher:
@@ -144,6 +153,7 @@ class Dispatcher:
     def __init__(self, rank: int, world: int, header_slots: int):
         self.rank, self.world, self.header_slots = rank, world, header_slots
         self._placement: dict = {}
+        self._fixed: dict = {}  # header values in front of the counts, on the device, per layer call kind
         # True from this rank's header until its rows came back: peers are inside the same round,
         # so no other message (an abort) may be sent now.
         self.round_open = False
@@ -206,60 +216,64 @@ class Dispatcher:
         device = x_TH.device
         E, D, M = num_experts, self.world, self.header_slots
         dev_E, local_E = self.placement(E, device)
-        flat_P = ids_TW.reshape(-1)
-        invalid = ((flat_P < 0) | (flat_P > E)).sum()
-        fast = _kernel_sort_usable(x_TH, T)
-        if fast:
+        key = (status, tag, dtype_code(x_TH.dtype), x_TH.shape[1], str(device))
+        if key not in self._fixed:
+            self._fixed[key] = device_ints(list(key[:4]), device)
+        fixed = self._fixed[key]
+        if _kernel_sort_usable(x_TH, T):
             # moepatch.ops' counting sort (3 deterministic kernels, pairs in ascending order inside an
-            # expert, sentinels left out) and row gather: the same order as the stable sort below in
-            # a handful of launches instead of ~35 (the sort alone is a dozen radix passes).
+            # expert, sentinels left out), one kernel for the header, each row's pair and token and
+            # each slot's row, and the row gather: five launches instead of ~35 (the sort alone is a
+            # dozen radix passes) and a dozen small torch ops (host-bound: ~0.3 ms per layer).
             from ..ops.experts import dispatch as sort_pairs
-            from ..ops.experts import gather_rows
+            from ..ops.experts import ep_prepare, gather_rows
 
             layout = sort_pairs(ids_TW, E, block_m=1, fuse=False)
-            order_P = layout.sorted_pairs_R.long()  # rows past the kept pairs hold P; never sent
-            count_E = (layout.start_E1[1:] - layout.start_E1[:-1]).long()
-            width = torch.full((), W, dtype=torch.long, device=device)  # a bound: the torch combine only
-            col_P = None  # derived from sel_P by the torch combine when it runs (CPU / kernel=False)
+            header_DX, meta, order_P, tok_P, pos_P = ep_prepare(ids_TW, layout, dev_E, local_E, fixed, D, M)
             rows_PH = gather_rows(x_TH, layout) if status == ACTIVE else None
-        else:
-            kept_P = (flat_P >= 0) & (flat_P < E)
-            # Sorting by expert groups the rows by destination rank (contiguous blocks) and, stably,
-            # keeps token order inside an expert; empty and invalid slots sort last and are cut off.
-            key_P = torch.where(kept_P, flat_P, torch.full_like(flat_P, E))
-            order_P = torch.sort(key_P, stable=True).indices
-            # (a fixed-size scatter: bincount sizes its output from the data, a second host sync)
-            count_E = torch.zeros(E + 1, dtype=torch.long, device=device).scatter_add_(
-                0, key_P, torch.ones_like(key_P))[:E]
-            kept_TW = kept_P.view(T, W)
-            width = kept_TW.sum(1).max() if T else torch.zeros((), dtype=torch.long, device=device)
-            col_P = (torch.cumsum(kept_TW.long(), dim=1) - 1).reshape(-1)[order_P]
-            rows_PH = None
+            self.round_open = True
+            recv_DX = self._exchange_header(header_DX)
+            # col_P: derived from sel_P by the torch combine when it runs (CPU / kernel=False); the
+            # width W is a bound, for the torch combine only.
+            return HeaderInFlight(_HostValues([meta, recv_DX.reshape(-1)]), order_P, tok_P, None, rows_PH, T,
+                                  device, width=W, pos_P=pos_P)
+        flat_P = ids_TW.reshape(-1)
+        invalid = ((flat_P < 0) | (flat_P > E)).sum()
+        kept_P = (flat_P >= 0) & (flat_P < E)
+        # Sorting by expert groups the rows by destination rank (contiguous blocks) and, stably,
+        # keeps token order inside an expert; empty and invalid slots sort last and are cut off.
+        key_P = torch.where(kept_P, flat_P, torch.full_like(flat_P, E))
+        order_P = torch.sort(key_P, stable=True).indices
+        # (a fixed-size scatter: bincount sizes its output from the data, a second host sync)
+        count_E = torch.zeros(E + 1, dtype=torch.long, device=device).scatter_add_(
+            0, key_P, torch.ones_like(key_P))[:E]
+        kept_TW = kept_P.view(T, W)
+        width = kept_TW.sum(1).max() if T else torch.zeros((), dtype=torch.long, device=device)
+        col_P = (torch.cumsum(kept_TW.long(), dim=1) - 1).reshape(-1)[order_P]
         if E == D * M:  # every rank hosts M experts: the counts are the header's layout already
             send_DM = count_E.view(D, M)
         else:
             send_DM = torch.zeros(D, M, dtype=torch.long, device=device)
             send_DM[dev_E, local_E] = count_E
-        fixed = device_ints([status, tag, dtype_code(x_TH.dtype), x_TH.shape[1]], device)
         header_DX = torch.cat([fixed.expand(D, _HEADER_FIXED), send_DM], dim=1).contiguous()
         # Token and row of every slot in send order, before the header's host sync, so that after
         # it only the row exchange is left to launch.
         tok_P = torch.div(order_P, W, rounding_mode="floor")
-        if rows_PH is None and status == ACTIVE:
-            rows_PH = x_TH[tok_P]
+        rows_PH = x_TH[tok_P] if status == ACTIVE else None
         self.round_open = True
         recv_DX = self._exchange_header(header_DX)
-        values = torch.cat([send_DM.sum(1), recv_DX.reshape(-1), torch.stack([width, invalid])])
-        return HeaderInFlight(_HostValues(values), order_P, tok_P, col_P, rows_PH, T, device)
+        meta = torch.cat([send_DM.sum(1), torch.stack([invalid, width])])
+        return HeaderInFlight(_HostValues([meta, recv_DX.reshape(-1)]), order_P, tok_P, col_P, rows_PH, T, device)
 
     def complete(self, h: HeaderInFlight) -> Dispatched | None:
         """The second half of :meth:`dispatch`: read the header (the one host sync), check it, send the rows."""
         D, M = self.world, self.header_slots
         # NOTE: host sync: split sizes must be known on the host; one transfer for everything.
         host = h.values.result()
-        send_splits = host[:D]
-        recv = [host[D + s * (_HEADER_FIXED + M): D + (s + 1) * (_HEADER_FIXED + M)] for s in range(D)]
-        width, invalid = host[-2], host[-1]
+        # [pairs per destination rank (D), invalid slots, (width when not known here), the received headers]
+        send_splits, invalid = host[:D], host[D]
+        width, off = (h.width, D + 1) if h.width is not None else (host[D + 1], D + 2)
+        recv = [host[off + s * (_HEADER_FIXED + M): off + (s + 1) * (_HEADER_FIXED + M)] for s in range(D)]
 
         statuses = [r[0] for r in recv]
         aborted = [s for s, st in enumerate(statuses) if st == ABORT and s != self.rank]
@@ -292,7 +306,7 @@ class Dispatcher:
         x_RH = self._exchange_rows(send_NH, send_splits, recv_splits)
         return Dispatched(agreed_tag, x_RH, counts_SM, send_splits, recv_splits, h.tok_P[:P],
                           None if h.col_P is None else h.col_P[:P], h.order_P[:P], h.num_tokens, int(width),
-                          int(invalid))
+                          int(invalid), h.pos_P)
 
     def return_rows(self, y_RH: torch.Tensor, d: Dispatched) -> torch.Tensor:
         """The reverse exchange: every computed row goes back to its source, in send order (P, H)."""
@@ -344,8 +358,10 @@ def weigh_and_sum(y_PH: torch.Tensor, d: Dispatched, weights_TW: torch.Tensor,
 
         W = weights_TW.shape[1]
         # Row of each (token, slot) among the returned rows, -1 where the slot sent nothing.
-        pos_N = torch.full((T * W,), -1, dtype=torch.long, device=y_PH.device)
-        pos_N.index_copy_(0, d.sel_P, torch.arange(d.sel_P.shape[0], device=y_PH.device))
+        pos_N = d.pos_P
+        if pos_N is None:
+            pos_N = torch.full((T * W,), -1, dtype=torch.long, device=y_PH.device)
+            pos_N.index_copy_(0, d.sel_P, torch.arange(d.sel_P.shape[0], device=y_PH.device))
         return weighted_combine(y_PH.contiguous(), pos_N.view(T, W), weights_TW.contiguous(), y_PH.dtype)
     buf_TCH = y_PH.new_zeros(T, max(d.width, 1), H)
     w_P = weights_TW.reshape(-1)[d.sel_P]

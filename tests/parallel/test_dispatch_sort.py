@@ -39,6 +39,45 @@ def test_kernel_sort_equals_torch_sort(T, W, E, extra_slots):
     want = weigh_and_sum(y_PH, ref, w_TW, kernel=False)
     assert torch.equal(weigh_and_sum(y_PH, got, w_TW, kernel=False), want)
     assert torch.equal(want[0], torch.zeros(16))
+    # Every slot's row among the sent rows (-1: not sent), and the kernel combine reading it.
+    want_pos = torch.full((T * W,), -1, dtype=torch.long)
+    want_pos[got.sel_P] = torch.arange(got.sel_P.numel())
+    assert torch.equal(got.pos_P, want_pos) and ref.pos_P is None
+    torch.testing.assert_close(weigh_and_sum(y_PH, got, w_TW, kernel=True), want, rtol=1e-6, atol=1e-6)
     # The ids of a kept slot, in send order, are sorted (grouped by expert) with token order inside.
     kept_ids = ids_TW.reshape(-1)[got.sel_P]
     assert (kept_ids[1:] >= kept_ids[:-1]).all()
+
+
+@pytest.mark.parametrize("E,D", [(7, 3), (8, 2), (5, 1)])
+def test_ep_prepare_builds_the_header_of_every_destination(E, D):
+    """One kernel: header rows (fixed values, then pairs per destination's local expert, zeros where
+    a rank hosts fewer experts), pairs per destination, invalid slots, each row's pair and token."""
+    from moepatch.ops.experts import dispatch, ep_prepare
+    from moepatch.routing.capacity import expert_devices
+
+    T, W = 300, 3
+    g = torch.Generator().manual_seed(E * 10 + D)
+    ids_TW = torch.randint(0, E, (T, W), generator=g)
+    ids_TW[torch.rand(T, W, generator=g) < 0.2] = E
+    ids_TW[torch.rand(T, W, generator=g) < 0.05] = -1  # invalid: never sent, counted
+    dev_E = expert_devices(E, D)
+    first_D = torch.searchsorted(dev_E, torch.arange(D))
+    local_E = torch.arange(E) - first_D[dev_E]
+    M = int(local_E.max()) + 2  # one header slot more than any rank needs
+    fixed = torch.tensor([1, 4, 2, 64])
+    layout = dispatch(ids_TW, E, 1, fuse=False)
+    header, meta, order_P, tok_P, pos_P = ep_prepare(ids_TW, layout, dev_E, local_E, fixed, D, M)
+    count_E = torch.bincount(ids_TW[(ids_TW >= 0) & (ids_TW < E)], minlength=E)
+    want = torch.zeros(D, 4 + M, dtype=torch.long)
+    want[:, :4] = fixed
+    want[dev_E, 4 + local_E] = count_E
+    assert torch.equal(header, want)
+    per_rank = torch.zeros(D, dtype=torch.long).index_add_(0, dev_E, count_E)
+    assert meta.tolist() == per_rank.tolist() + [int((ids_TW < 0).sum())]
+    kept = int(count_E.sum())
+    assert torch.equal(order_P[:kept], layout.sorted_pairs_R[:kept].long()) and (order_P[kept:] == T * W).all()
+    assert torch.equal(tok_P, order_P // W)
+    want_pos = torch.full((T * W,), -1, dtype=torch.long)
+    want_pos[order_P[:kept]] = torch.arange(kept)
+    assert torch.equal(pos_P, want_pos)
