@@ -213,6 +213,17 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(B, S, -1))
 
 
+def scale_as(coef: torch.Tensor, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``(coef * x).to(dtype)`` (default x's dtype): the product in the promoted dtype (float32 for a
+    float32 coefficient), rounded once.  Without autograd it is one kernel writing ``dtype`` directly
+    (no float32 copy of x: ~0.1 ms per unit at 16k tokens of width 2048); same values."""
+    dtype = x.dtype if dtype is None else dtype
+    if torch.is_grad_enabled() and (coef.requires_grad or x.requires_grad):
+        return (coef * x).to(dtype)
+    return torch.mul(coef, x, out=torch.empty(torch.broadcast_shapes(coef.shape, x.shape), dtype=dtype,
+                                              device=x.device))
+
+
 class SwiGLU(nn.Module):
     """The dense MLP and the shared expert: down(silu(gate(x)) * up(x))."""
 
@@ -378,9 +389,9 @@ class Block(nn.Module):
             return se_BSD, None
         logits = self.coef_gate(y_BSD).float()
         if self.combine == "cg1":
-            return (torch.sigmoid(logits) * se_BSD).to(se_BSD.dtype), None
+            return scale_as(torch.sigmoid(logits), se_BSD), None
         coef_BS2 = torch.softmax(logits, dim=-1)
-        return (coef_BS2[..., :1] * se_BSD).to(se_BSD.dtype), coef_BS2[..., 1:]
+        return scale_as(coef_BS2[..., :1], se_BSD), coef_BS2[..., 1:]
 
 
 @dataclass
@@ -523,7 +534,7 @@ class ScMoEForCausalLM(nn.Module):
                 return st["h"] + routed_BSD
             se, coef = st.pop("se"), st.pop("coef")
             if coef is not None:
-                routed_BSD = (coef * routed_BSD).to(se.dtype)
+                routed_BSD = scale_as(coef, routed_BSD, se.dtype)
             return st["h"] + se + routed_BSD
 
         ops = [(name, fn) for name, fn, _ in sequence[n_before:]]

@@ -160,3 +160,23 @@ def test_router_and_gates_receive_gradients():
     assert moe_block.moe.router.weight.grad.abs().sum() > 0  # top-1 weight = softmax prob, not 1
     assert moe_block.coef_gate.weight.grad.abs().sum() > 0
     assert moe_block.moe.experts.gate_up_proj.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_scale_as_rounds_once_like_the_two_step_product(dtype):
+    """The combine's coefficient product: one kernel without autograd, the same values as (c * x).to(dtype)."""
+    from moepatch.scmoe.model import scale_as
+
+    g = torch.Generator().manual_seed(0)
+    coef = torch.rand(3, 5, 1, generator=g)
+    x = torch.randn(3, 5, 16, generator=g).to(dtype)
+    want = (coef * x).to(dtype)
+    with torch.no_grad():
+        got = scale_as(coef, x)
+    assert got.dtype == dtype and torch.equal(got, want)
+    assert torch.equal(scale_as(coef, x.float(), dtype), (coef * x.float()).to(dtype))
+    coef.requires_grad_(True)  # training: the autograd path, same values, gradients flow
+    out = scale_as(coef, x)
+    assert torch.equal(out.detach(), want)
+    out.float().sum().backward()
+    assert coef.grad is not None and torch.isfinite(coef.grad).all()
