@@ -4,7 +4,9 @@ Token Reroute and Expanded Drop (and the Token Drop policies the fused kernel do
 route with one to two hundred small torch kernels per layer (:func:`moepatch.ops.routing._route_torch`).
 Their GPU time is a few hundred microseconds but launching them costs the host milliseconds,
 during which the GPU idles (H200, Mixtral layer, 4096 tokens: reroute's route 2.4-3.5 ms, the
-fused Token Drop 0.5 ms).  :func:`route_graphed` captures :func:`route_sync_free` once per
+fused Token Drop 0.5 ms).  The fused Token Drop is a handful of launches (the pair sort, the
+kernel, the statistics buffer), which the replay also replaces where it is faster.
+:func:`route_graphed` captures :func:`route_sync_free` once per
 routing signature (config, shapes, dtypes, batch x seq, source rank, and the layer only where the
 random policy uses it) and replays it: the inputs are copied into the graph's static buffers, and
 the decision and the statistics are copied out, a handful of launches in all.
@@ -29,7 +31,7 @@ import time
 
 import torch
 
-from .routing import _STAT_FIELDS, LazyRoutingResult, _fused_drop_applies, route_sync_free
+from .routing import _STAT_FIELDS, LazyRoutingResult, route_sync_free
 
 ENABLED = os.environ.get("MOEPATCH_ROUTE_GRAPHS", "1") != "0"
 WARMUP_CALLS = 2
@@ -109,7 +111,7 @@ def route_graphed(cfg, scores_TE: torch.Tensor, topk_ids_TK: torch.Tensor, topk_
 
     inputs = [scores_TE, topk_ids_TK, topk_weights_TK, factor_T, valid_BS]
     if (not ENABLED or not scores_TE.is_cuda or cfg.unlimited or scores_TE.shape[0] == 0
-            or _fused_drop_applies(cfg, scores_TE, topk_ids_TK) or torch.cuda.is_current_stream_capturing()
+            or torch.cuda.is_current_stream_capturing()
             # Training: the kept weights carry the router's gradient, which a replay would cut.
             or (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs))):
         return eager()

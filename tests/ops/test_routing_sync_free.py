@@ -157,14 +157,18 @@ def test_reroute_and_expanded_drop_step_on_the_sorted_kernel_path(strategy, opts
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("case", [c for c in CASES if c["strategy"] != "drop" or c.get("policy") == "random"],
-                         ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
-def test_graph_replay_equals_eager(case):
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def test_graph_replay_equals_eager(case, monkeypatch):
     """moepatch.ops.route_graphs: after its warm-up calls a signature is captured once and replayed;
     every call (new scores each time, with and without padding, several layers) gives the eager
-    sync-free route's result, statistics included, also when they are read after later replays."""
+    sync-free route's result, statistics included, also when they are read after later replays.
+    (The capture-time speed check is told the replay won: at these tiny sizes eager can be faster.)"""
+    import itertools
+
     from moepatch.ops import route_graphs
 
+    walls = itertools.cycle([0.0, 1.0])  # replay first, then eager: see route_graphed
+    monkeypatch.setattr(route_graphs, "_wall", lambda fn, reps=3: next(walls))
     route_graphs.clear()
     opts = dict(case)
     strategy = opts.pop("strategy")
