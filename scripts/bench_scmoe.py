@@ -143,6 +143,12 @@ def run(args) -> int:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return t.tolist()
 
+    def every_rank(values: list[float]) -> list[list[float]]:
+        t = torch.tensor(values, dtype=torch.float64, device=device)
+        out = [torch.empty_like(t) for _ in range(world)]
+        dist.all_gather(out, t)
+        return [o.tolist() for o in out]
+
     def time_pair(fn_a, fn_b, iters: int, warmup: int) -> tuple[float, float, float]:
         """Both schedules in alternating rounds (order swapped every round), each run after a barrier:
         medians of the slowest rank's times of a and b, and the median of the paired differences a - b
@@ -202,7 +208,11 @@ def run(args) -> int:
                                       f"scmoe_{shape_name}_{variant}_{priority}_{schedule}")
                 if trace is not None and cuda:
                     c = exposed_communication(trace)
-                    traced[schedule] = max_over_ranks([c["nccl_ms"] / 1e3, c["exposed_ms"] / 1e3])
+                    ranks = every_rank([c["nccl_ms"], c["exposed_ms"], c["compute_ms"]])
+                    crit = max(range(world), key=lambda r: ranks[r][2])  # the most compute: the critical path
+                    traced[schedule] = dict(nccl=max(r[0] for r in ranks), exposed=max(r[1] for r in ranks),
+                                            critical_rank=crit, critical_exposed=ranks[crit][1],
+                                            compute=[r[2] for r in ranks])
         comm = t_out + t_back
         return {
             "shape": shape_name, "variant": variant, "nccl_priority": priority, "hidden": D, "expert_width": inter,
@@ -217,10 +227,14 @@ def run(args) -> int:
             "check_relative_error": err, "overlap_minus_sequential_max_abs": ov_diff,
             # From the profiled calls (MOEPATCH_PROFILE_DIR): NCCL kernel time and the part of it with
             # no compute kernel beside it, per schedule (ms, max over ranks).
-            "trace_ms": {k: {"nccl": v[0] * 1e3, "exposed": v[1] * 1e3} for k, v in traced.items()},
-            # The stricter reading: 1 - the overlap's exposed NCCL time / the all-to-all alone (None unprofiled).
-            "hidden_fraction_trace": (max(0.0, 1.0 - traced["overlap"][1] / comm)
+            "trace_ms": traced,
+            # The trace readings (None unprofiled): 1 - the overlap's exposed NCCL time / the all-to-all
+            # alone, with the exposure of the rank that exposes most (it counts a lighter rank's wait for
+            # the straggler at the combine), and of the rank with the most compute (the unit's critical path).
+            "hidden_fraction_trace": (max(0.0, 1.0 - traced["overlap"]["exposed"] / 1e3 / comm)
                                       if "overlap" in traced and comm > 0 else None),
+            "hidden_fraction_trace_critical": (max(0.0, 1.0 - traced["overlap"]["critical_exposed"] / 1e3 / comm)
+                                               if "overlap" in traced and comm > 0 else None),
         }
 
     rows = []
@@ -250,6 +264,7 @@ def run(args) -> int:
                         "scmoe_a2a_ms": sc["a2a_ms"], "scmoe_saved_ms": sc["saved_ms"],
                         "scmoe_a2a_hidden": sc["hidden_fraction"],
                         "scmoe_a2a_hidden_trace": sc["hidden_fraction_trace"],
+                        "scmoe_a2a_hidden_trace_critical": sc["hidden_fraction_trace_critical"],
                         "slot": sc["slot"],
                         "nccl_priority": prios[0]})
     if rank == 0:
@@ -270,17 +285,19 @@ def run(args) -> int:
         if traced:
             md += ["", "From the profiled calls (MOEPATCH_PROFILE_DIR; max over ranks): NCCL kernel time per unit "
                    "and the part of it with no compute kernel beside it (the compute stream idle or waiting).", "",
-                   "\"Hidden (trace)\" = 1 − overlap's exposed NCCL time / the all-to-all time alone: "
-                   "the stricter reading (NCCL time spent waiting for the other rank counts as exposed).", "",
+                   "\"Hidden (trace)\" = 1 − overlap's exposed NCCL time / the all-to-all time alone, with the "
+                   "exposure of the rank that exposes most (a lighter rank's wait for the straggler at the combine "
+                   "counts) and of the rank with the most compute (the unit's critical path).", "",
                    "| shape | variant | NCCL streams | sequential: NCCL / exposed ms | overlap: NCCL / exposed ms | "
-                   "hidden (trace) |",
-                   "|---|---|---|---|---|---:|"]
+                   "hidden (trace, max) | critical rank: exposed ms | hidden (trace, critical) |",
+                   "|---|---|---|---|---|---:|---|---:|"]
             for r in traced:
                 t_s, t_o = r["trace_ms"]["sequential"], r["trace_ms"]["overlap"]
-                hid = r["hidden_fraction_trace"] or 0.0
+                hid, hid_c = r["hidden_fraction_trace"] or 0.0, r["hidden_fraction_trace_critical"] or 0.0
                 md.append(f"| {r['shape']} | {r['variant']} | {r['nccl_priority']} | "
                           f"{t_s['nccl']:.3f} / {t_s['exposed']:.3f} | "
-                          f"{t_o['nccl']:.3f} / {t_o['exposed']:.3f} | {100 * hid:.0f}% |")
+                          f"{t_o['nccl']:.3f} / {t_o['exposed']:.3f} | {100 * hid:.1f}% | "
+                          f"{t_o['critical_rank']}: {t_o['critical_exposed']:.3f} | {100 * hid_c:.1f}% |")
         md += ["", "| shape | top-2 ms | ScMoE seq ms | ScMoE overlap ms | architecture | overlap | total |",
                "|---|---|---|---|---|---|---|"]
         for s in summary:
@@ -290,13 +307,13 @@ def run(args) -> int:
         (args.out / "bench_scmoe.md").write_text("\n".join(md) + "\n")
         (args.out / "bench_scmoe.json").write_text(json.dumps(report, indent=1) + "\n")
         lines = [f"{'shape':>8} {'top2 ms':>9} {'ScMoE seq':>10} {'ScMoE ovl':>10} {'a2a ms':>8} {'saved':>7} "
-                 f"{'hidden':>7} {'(trace)':>7} {'arch':>6} {'ovl':>6} {'total':>6}"]
+                 f"{'hidden':>7} {'(trace)':>7} {'(crit)':>7} {'arch':>6} {'ovl':>6} {'total':>6}"]
         for s in summary:
-            ht = s["scmoe_a2a_hidden_trace"]
-            ht = "-" if ht is None else f"{100 * ht:.0f}%"
+            ht, hc = (("-" if v is None else f"{100 * v:.1f}%")
+                      for v in (s["scmoe_a2a_hidden_trace"], s["scmoe_a2a_hidden_trace_critical"]))
             lines.append(f"{s['shape']:>8} {s['top2_ms']:>9.3f} {s['scmoe_sequential_ms']:>10.3f} "
                          f"{s['scmoe_overlap_ms']:>10.3f} {s['scmoe_a2a_ms']:>8.3f} {s['scmoe_saved_ms']:>7.3f} "
-                         f"{100 * s['scmoe_a2a_hidden']:>6.0f}% {ht:>7} {s['architecture_speedup']:>5.2f}x "
+                         f"{100 * s['scmoe_a2a_hidden']:>6.0f}% {ht:>7} {hc:>7} {s['architecture_speedup']:>5.2f}x "
                          f"{s['overlap_speedup']:>5.2f}x {s['total_speedup']:>5.2f}x")
         for r in rows:  # the ScMoE variant under the other NCCL stream priorities
             if r["variant"] == "scmoe" and r["nccl_priority"] != prios[0]:

@@ -316,7 +316,8 @@ def exposed_communication(trace_path) -> dict:
 
     The compute stream is the stream with the most non-NCCL kernel time; "exposed" is the time some
     NCCL kernel was running while that stream had no kernel running (it waited for the exchange,
-    or nothing else was queued); "nccl" the time any NCCL kernel ran.  Milliseconds per call."""
+    or nothing else was queued); "nccl" the time any NCCL kernel ran; "compute" the time the compute
+    stream ran a kernel (which rank is the critical path).  Milliseconds per call."""
     import json
 
     events = json.loads(Path(trace_path).read_text())["traceEvents"]
@@ -327,7 +328,7 @@ def exposed_communication(trace_path) -> dict:
         if "nccl" not in e["name"].lower():
             busy[e["args"].get("stream")] = busy.get(e["args"].get("stream"), 0.0) + e["dur"]
     if not nccl or not busy:
-        return dict(nccl_ms=0.0, exposed_ms=0.0, calls=0)
+        return dict(nccl_ms=0.0, exposed_ms=0.0, compute_ms=0.0, calls=0)
     compute = max(busy, key=busy.get)
     comm = _union([[e["ts"], e["ts"] + e["dur"]] for e in nccl])
     nccl_ids = {id(e) for e in nccl}
@@ -335,7 +336,7 @@ def exposed_communication(trace_path) -> dict:
                    if e["args"].get("stream") == compute and id(e) not in nccl_ids and "AllReduce" not in e["name"]])
     calls = max(1, sum("AllReduce" in e["name"] for e in kernels))  # one barrier before each call
     return dict(nccl_ms=_length(comm) / 1e3 / calls, exposed_ms=_length(_minus(comm, comp)) / 1e3 / calls,
-                calls=calls)
+                compute_ms=_length(comp) / 1e3 / calls, calls=calls)
 
 
 def time_block(block, x_1TH, timer: PhaseTimer, iters: int, warmup: int, device, tag: str = "") -> list[list[float]]:

@@ -74,3 +74,4 @@ def test_exposed_communication_counts_nccl_time_without_compute_beside_it(tmp_pa
     assert got["calls"] == 2
     assert got["nccl_ms"] == pytest.approx((40 + 80 + 30) / 1e3)  # 50-90, 100-180 and 300-330, per call
     assert got["exposed_ms"] == pytest.approx((40 + 30) / 1e3)
+    assert got["compute_ms"] == pytest.approx(200 / 1e3)  # the two GEMMs per call
