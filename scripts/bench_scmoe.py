@@ -120,7 +120,7 @@ def run(args) -> int:
     if str(REPO) not in sys.path:
         sys.path.insert(0, str(REPO))
     from moepatch.parallel import init_distributed
-    from moepatch.parallel.bench import exposed_communication, profile_calls
+    from moepatch.parallel.bench import exposed_communication, profile_calls, rank_exposures
     from moepatch.parallel.distributed import new_group_with_priority
     from moepatch.scmoe import ScMoEConfig, ScMoEForCausalLM
     from moepatch.scmoe.schedule import ShortcutEP
@@ -208,11 +208,7 @@ def run(args) -> int:
                                       f"scmoe_{shape_name}_{variant}_{priority}_{schedule}")
                 if trace is not None and cuda:
                     c = exposed_communication(trace)
-                    ranks = every_rank([c["nccl_ms"], c["exposed_ms"], c["compute_ms"]])
-                    crit = max(range(world), key=lambda r: ranks[r][2])  # the most compute: the critical path
-                    traced[schedule] = dict(nccl=max(r[0] for r in ranks), exposed=max(r[1] for r in ranks),
-                                            critical_rank=crit, critical_exposed=ranks[crit][1],
-                                            compute=[r[2] for r in ranks])
+                    traced[schedule] = rank_exposures(every_rank([c["nccl_ms"], c["exposed_ms"], c["compute_ms"]]))
         comm = t_out + t_back
         return {
             "shape": shape_name, "variant": variant, "nccl_priority": priority, "hidden": D, "expert_width": inter,

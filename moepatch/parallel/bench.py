@@ -339,6 +339,17 @@ def exposed_communication(trace_path) -> dict:
                 compute_ms=_length(comp) / 1e3 / calls, calls=calls)
 
 
+def rank_exposures(per_rank: list[list[float]]) -> dict:
+    """Combine every rank's ``[nccl_ms, exposed_ms, compute_ms]`` (from :func:`exposed_communication`).
+
+    "exposed" is the largest exposure of any rank; "critical_exposed" the exposure of the rank with
+    the most compute, whose end is the unit's end: a lighter rank that waits at an exchange for the
+    slower one shows exposure that costs the unit nothing."""
+    crit = max(range(len(per_rank)), key=lambda r: per_rank[r][2])
+    return dict(nccl=max(r[0] for r in per_rank), exposed=max(r[1] for r in per_rank), critical_rank=crit,
+                critical_exposed=per_rank[crit][1], compute=[r[2] for r in per_rank])
+
+
 def time_block(block, x_1TH, timer: PhaseTimer, iters: int, warmup: int, device, tag: str = "") -> list[list[float]]:
     """Per-iteration phase times of this rank (iters, len(PHASES)), each iteration after a barrier."""
     import torch.distributed as dist

@@ -75,3 +75,13 @@ def test_exposed_communication_counts_nccl_time_without_compute_beside_it(tmp_pa
     assert got["nccl_ms"] == pytest.approx((40 + 80 + 30) / 1e3)  # 50-90, 100-180 and 300-330, per call
     assert got["exposed_ms"] == pytest.approx((40 + 30) / 1e3)
     assert got["compute_ms"] == pytest.approx(200 / 1e3)  # the two GEMMs per call
+
+
+def test_rank_exposures_judge_by_the_rank_with_the_most_compute():
+    """The lighter rank (less compute) waits at the combine: the largest exposure, but not the unit's end."""
+    from moepatch.parallel.bench import rank_exposures
+
+    got = rank_exposures([[0.5, 0.02, 17.7], [2.1, 0.25, 16.4]])
+    assert got["critical_rank"] == 0 and got["critical_exposed"] == 0.02
+    assert got["exposed"] == 0.25 and got["nccl"] == 2.1 and got["compute"] == [17.7, 16.4]
+    assert rank_exposures([[1.0, 0.3, 5.0]])["critical_exposed"] == 0.3
