@@ -210,9 +210,13 @@ def run(args) -> int:
                     c = exposed_communication(trace)
                     traced[schedule] = rank_exposures(every_rank([c["nccl_ms"], c["exposed_ms"], c["compute_ms"]]))
         comm = t_out + t_back
+
+        def hidden_by_trace(key):  # 1 - the overlap's exposed NCCL time / the all-to-all alone (None unprofiled)
+            return max(0.0, 1.0 - traced["overlap"][key] / 1e3 / comm) if "overlap" in traced and comm > 0 else None
+
         return {
-            "shape": shape_name, "variant": variant, "nccl_priority": priority, "hidden": D, "expert_width": inter,
-            "experts": E,
+            "shape": shape_name, "variant": variant, "nccl_priority": priority, "hidden": D,
+            "expert_width": inter, "experts": E,
             "tokens_per_rank": batch * seq, "unit_sequential_ms": t_seq * 1e3, "unit_overlap_ms": t_ov * 1e3,
             "dispatch_ms": timing.dispatch * 1e3, "combine_ms": timing.combine * 1e3,
             "experts_ms": timing.experts * 1e3, "gate_ms": timing.gate * 1e3,
@@ -221,16 +225,14 @@ def run(args) -> int:
             "saved_ms": saved * 1e3,
             "hidden_fraction": max(0.0, min(1.0, saved / comm)) if comm > 0 and timing.ops else 0.0,
             "check_relative_error": err, "overlap_minus_sequential_max_abs": ov_diff,
-            # From the profiled calls (MOEPATCH_PROFILE_DIR): NCCL kernel time and the part of it with
-            # no compute kernel beside it, per schedule (ms, max over ranks).
+            # From the profiled calls (MOEPATCH_PROFILE_DIR): per schedule, NCCL kernel time and the part
+            # of it with no compute kernel beside it (ms; max over ranks, and of the rank with the most
+            # compute: moepatch.parallel.bench.rank_exposures).
             "trace_ms": traced,
-            # The trace readings (None unprofiled): 1 - the overlap's exposed NCCL time / the all-to-all
-            # alone, with the exposure of the rank that exposes most (it counts a lighter rank's wait for
-            # the straggler at the combine), and of the rank with the most compute (the unit's critical path).
-            "hidden_fraction_trace": (max(0.0, 1.0 - traced["overlap"]["exposed"] / 1e3 / comm)
-                                      if "overlap" in traced and comm > 0 else None),
-            "hidden_fraction_trace_critical": (max(0.0, 1.0 - traced["overlap"]["critical_exposed"] / 1e3 / comm)
-                                               if "overlap" in traced and comm > 0 else None),
+            # The trace readings: with the exposure of the rank that exposes most (it counts a lighter
+            # rank's wait for the straggler at the combine), and of the critical-path rank.
+            "hidden_fraction_trace": hidden_by_trace("exposed"),
+            "hidden_fraction_trace_critical": hidden_by_trace("critical_exposed"),
         }
 
     rows = []

@@ -25,6 +25,10 @@ def default_timeout_s() -> float:
     return float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S))
 
 
+def _timeout(timeout_s: float | None) -> datetime.timedelta:
+    return datetime.timedelta(seconds=timeout_s if timeout_s is not None else default_timeout_s())
+
+
 def default_high_priority() -> bool:
     """``$MOEPATCH_NCCL_HIGH_PRIORITY`` (``0`` turns it off) or True."""
     value = os.environ.get(PRIORITY_ENV, "1").strip().lower()
@@ -55,7 +59,7 @@ def new_group_with_priority(high_priority: bool, timeout_s: float | None = None)
 
     if dist.get_backend() != "nccl":
         return dist.group.WORLD
-    timeout = datetime.timedelta(seconds=timeout_s if timeout_s is not None else default_timeout_s())
+    timeout = _timeout(timeout_s)
     return dist.new_group(timeout=timeout, pg_options=nccl_options(high_priority, timeout))
 
 
@@ -83,7 +87,7 @@ def init_distributed(backend: str | None = None, timeout_s: float | None = None,
     else:
         device = torch.device("cpu")
     if not dist.is_initialized():
-        timeout = datetime.timedelta(seconds=timeout_s if timeout_s is not None else default_timeout_s())
+        timeout = _timeout(timeout_s)
         kwargs = {}
         if backend == "nccl":
             hp = default_high_priority() if high_priority is None else high_priority
