@@ -93,6 +93,65 @@ def time_prefill(model, ids, reps, device) -> float:
     return statistics.median(times)
 
 
+class _Clock:
+    """Stamps on the device's timeline: CUDA events on a GPU, perf_counter on the CPU."""
+
+    def __init__(self, device):
+        self.cuda = device == "cuda"
+
+    def stamp(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def ms(self, a, b) -> float:
+        return a.elapsed_time(b) if self.cuda else (b - a) * 1e3
+
+
+def _moe_blocks(model):
+    return [m for m in model.modules() if type(m).__name__.endswith("SparseMoeBlock")]
+
+
+def prefill_breakdown(model, ids, device) -> dict:
+    """One prefill forward split on the device's timeline: the MoE blocks (router included) and the rest.
+
+    The blocks' spans are stamped by hooks placed outside any moepatch hook.  On a GPU a second forward
+    runs under torch.profiler: the kernels' busy time, which tells a host-bound forward (busy well
+    below the forward's span) from a GPU-bound one.
+    """
+    clock = _Clock(device)
+    opened, spans, handles = {}, {}, []
+
+    def start(module, args):
+        opened[id(module)] = clock.stamp()
+
+    def stop(module, args, output):
+        spans.setdefault(module is model, []).append((opened.pop(id(module)), clock.stamp()))
+
+    try:
+        for m in [model] + _moe_blocks(model):
+            handles += [m.register_forward_pre_hook(start, prepend=True), m.register_forward_hook(stop)]
+        with torch.no_grad():
+            model(ids, logits_to_keep=1, use_cache=False)
+        _sync(device)
+    finally:
+        for h in handles:
+            h.remove()
+    forward_ms = clock.ms(*spans[True][0])
+    moe_ms = sum(clock.ms(a, b) for a, b in spans.get(False, []))
+    out = dict(forward_ms=forward_ms, moe_ms=moe_ms, rest_ms=forward_ms - moe_ms, blocks=len(spans.get(False, [])))
+    if device == "cuda":
+        from torch.profiler import ProfilerActivity, profile
+
+        with torch.no_grad(), profile(activities=[ProfilerActivity.CUDA]) as prof:
+            model(ids, logits_to_keep=1, use_cache=False)
+            _sync(device)
+        out["gpu_busy_ms"] = sum(e.self_device_time_total for e in prof.key_averages()) / 1e3
+    return out
+
+
 def _cache_kwarg(model) -> str:
     # transformers 5.24 renamed past_key_values to cache (the old name warns); 5.17 only has the old one.
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
@@ -299,6 +358,7 @@ def main(argv: list[str] | None = None) -> int:
                 t = time_prefill(model, ids, args.reps, device)
                 row[f"prefill_{b}x{s}_tok_s"] = b * s / t
                 row[f"prefill_{b}x{s}_ms"] = t * 1e3
+                row[f"prefill_{b}x{s}_split"] = prefill_breakdown(model, ids, device)
             if name != "triton_cap":
                 for b in decode_batches:
                     prompt = torch.randint(3, args.vocab, (b, args.prompt_len), device=device, generator=gen)
@@ -331,6 +391,7 @@ def _table(results, args, check) -> str:
             v = r.get(c)
             cells += [f"{v:.1f}" if v else "-", f"{v / base[c]:.2f}" if v and base.get(c) else "-"]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", _split_table(results, args)]
     flips = ", ".join(f"{f:.4f}" for f in check.get("triton_flips", []))
     lines += ["", "| check | value |", "|---|---:|",
               f"| triton vs hf, same routing (rel err) | {check['triton_forced_rel_err']:.2e} |",
@@ -343,6 +404,34 @@ def _table(results, args, check) -> str:
                   f"| triton_cap kept pairs equal to the reference | {check['triton_cap_pairs_equal']} |",
                   f"| triton_cap dropped fraction (γ={args.gamma}) | {check['cap_dropped_frac']:.4f} |"]
     return "\n".join(lines)
+
+
+def _split_table(results, args) -> str:
+    """Each prefill forward split into MoE blocks and the rest, and what transformers' rest allows."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_kernels import floor_ms  # noqa: E402  (scripts/ is not a package)
+
+    lines = ["| variant | prefill | forward ms | MoE blocks ms | per block / floor | rest ms | GPU busy ms |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    bounds = []
+    for b, s in args.prefill_shapes:
+        M = b * s
+        floor = floor_ms(M, args.top_k, args.hidden, args.intermediate, min(args.experts, M * args.top_k))[0]
+        for r in results:
+            sp = r.get(f"prefill_{b}x{s}_split")
+            if not sp:
+                continue
+            per_block = sp["moe_ms"] / max(1, sp["blocks"]) / floor
+            busy = f"{sp['gpu_busy_ms']:.2f}" if "gpu_busy_ms" in sp else "-"
+            lines.append(f"| {r['variant']} | {b}x{s} | {sp['forward_ms']:.2f} | {sp['moe_ms']:.2f} | "
+                         f"{per_block:.2f} | {sp['rest_ms']:.2f} | {busy} |")
+        hf = results[0].get(f"prefill_{b}x{s}_split")
+        if hf:
+            at_floor = hf["rest_ms"] + hf["blocks"] * floor
+            bounds.append(f"prefill {b}x{s}: with every MoE block at its floor ({floor:.3f} ms) and the rest as "
+                          f"transformers' ({hf['rest_ms']:.2f} ms), at most {hf['forward_ms'] / at_floor:.2f}x "
+                          "transformers' forward")
+    return "\n".join(lines + [""] + bounds)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The benchmark scripts' CPU smoke runs (tiny shapes, interpreter) finish and pass their own checks."""
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -28,4 +29,9 @@ def test_bench_kernels_smoke(tmp_path):
 def test_bench_e2e_smoke(tmp_path):
     bench = _load("bench_e2e")
     assert bench.main(["--smoke", "--out", str(tmp_path)]) == 0
-    assert (tmp_path / "e2e.json").is_file()
+    rows = json.loads((tmp_path / "e2e.json").read_text())["rows"]
+    for row in rows:  # each prefill split into the MoE blocks of both layers and the rest
+        split = row["prefill_1x8_split"]
+        assert split["blocks"] == 2 and 0 < split["moe_ms"] < split["forward_ms"]
+        assert split["rest_ms"] == pytest.approx(split["forward_ms"] - split["moe_ms"])
+    assert "at most" in (tmp_path / "e2e.md").read_text()
