@@ -35,3 +35,19 @@ def test_bench_e2e_smoke(tmp_path):
         assert split["blocks"] == 2 and 0 < split["moe_ms"] < split["forward_ms"]
         assert split["rest_ms"] == pytest.approx(split["forward_ms"] - split["moe_ms"])
     assert "at most" in (tmp_path / "e2e.md").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU smoke path; GPUs run the real profile")
+@pytest.mark.parametrize("mode", [["--prefill", "1x8"], ["--decode", "1"]])
+def test_profile_host_smoke(tmp_path, mode):
+    import pstats
+
+    profile = _load("profile_host")
+    assert profile.main(["--smoke", "--layers", "2", "--reps", "1", "--calls", "2", *mode, "--out", str(tmp_path)]) == 0
+    assert len((tmp_path / "summary.txt").read_text().splitlines()) == 2
+    # The triton run's profile holds moepatch's experts call (twice per forward: two layers); transformers' does not.
+    calls = {name: {f[2]: s[1] for f, s in pstats.Stats(str(tmp_path / f"cprofile_{name}.prof")).stats.items()}
+             for name in ("hf", "triton")}
+    assert calls["triton"].get("fused_experts_impl") == 4
+    assert "fused_experts_impl" not in calls["hf"]
