@@ -37,6 +37,7 @@ from .dispatch_kernels import (
     _dispatch_scatter_kernel,
     _ep_prepare_kernel,
 )
+from .expert_graphs import experts_graphed
 from .gemm_kernels import _combine_kernel, _down_kernel, _down_token_kernel, _gate_up_kernel, _weighted_combine_kernel
 from .tma_kernels import _down_desc_kernel, _gate_up_desc_kernel, _gather_rows_kernel
 from .tuning import device_key, get_config
@@ -527,12 +528,13 @@ def moe_experts(x_TH: torch.Tensor, ids_TW: torch.Tensor, weights_TW: torch.Tens
     """What patched models call: the launchers directly in eager mode, the custom op under torch.compile.
 
     A custom-op call goes through the dispatcher (10-20 µs of CPU per layer), which only a traced
-    graph needs; eager decode at small M is bound by exactly that kind of host time.  The result is
-    the same (the op runs :func:`fused_experts_impl`); neither path records autograd.
+    graph needs; eager decode at small M is bound by exactly that kind of host time, and there the
+    layer is replayed from a CUDA graph per signature (:mod:`moepatch.ops.expert_graphs`).  The
+    result is the same (every path runs :func:`fused_experts_impl`); none records autograd.
     """
     if torch.compiler.is_compiling():
         return fused_experts(x_TH, ids_TW, weights_TW, gate_up_EIH, down_EHI)
-    return fused_experts_impl(x_TH, ids_TW, weights_TW, gate_up_EIH, down_EHI)
+    return experts_graphed(fused_experts_impl, x_TH, ids_TW, weights_TW, gate_up_EIH, down_EHI)
 
 
 # --- torch.library registration: opaque to torch.compile, static shapes for the fake tensors. ---
