@@ -26,7 +26,8 @@ reported beside them (hf_eager, transformers' eager backend, shows the noise flo
 
 Measured: prefill tokens/s for each --prefill shape (BxS tokens, logits of the last position only)
 and greedy decode tokens/s (each of --decode-batches, --new-tokens steps after a --prompt-len
-prompt, DynamicCache).  With few layers a decode step is short, so decode numbers include Python
+prompt, DynamicCache; the variants alternate over --decode-rounds passes after one warm pass each,
+median reported).  With few layers a decode step is short, so decode numbers include Python
 launch overhead that a full model amortises; the per-layer CUDA-graph numbers of bench_kernels.py
 are the kernel-level measure.
 
@@ -157,20 +158,20 @@ def _cache_kwarg(model) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-def time_decode(model, prompt, new_tokens, device) -> float:
+def time_decode(model, prompt, new_tokens, device, warm: bool = True) -> float:
     """Seconds for ``new_tokens`` greedy steps after the prompt (prompt prefill not timed).
 
-    The steps run twice, each time on a fresh cache, and the second pass is timed.  The first pays
-    the one-off costs of each new sequence length: torch's cuDNN attention (SDPA's choice on an H200)
-    builds an execution plan per key length, about 10 ms of host time per layer and step the first
-    time a length is seen.  Without this pass whichever variant runs first pays them all and the
-    later ones find the plans cached (run 12 timed transformers at 65 ms per step that way).
+    warm: run the steps once untimed first, on a fresh cache, to pay the one-off costs of each new
+    sequence length: torch's cuDNN attention (SDPA's choice on an H200) builds an execution plan per
+    key length, about 10 ms of host time per layer and step the first time a length is seen.
+    Without that pass whichever variant runs first pays them all and the later ones find the plans
+    cached (run 12 timed transformers at 65 ms per step that way).
     """
     from transformers import DynamicCache
 
     kw = _cache_kwarg(model)
     with torch.no_grad():
-        for _pass in ("warm", "timed"):
+        for _pass in (("warm", "timed") if warm else ("timed",)):
             cache = DynamicCache(config=model.config)
             out = model(prompt, use_cache=True, logits_to_keep=1, **{kw: cache})
             nxt = out.logits[:, -1:].argmax(-1)
@@ -182,6 +183,27 @@ def time_decode(model, prompt, new_tokens, device) -> float:
             _sync(device)
             elapsed = time.perf_counter() - t0
     return elapsed
+
+
+def decode_rounds(model, variants, prompt, new_tokens, device, rounds: int) -> dict:
+    """Median seconds per variant, the variants' decodes alternating round by round.
+
+    A decode step is host-bound (a few ms of Python for well under 1 ms of kernels at these sizes),
+    so its time moves with the host by ±15 % between runs; alternating the variants in one run
+    compares them in the same state.  Each variant is applied for its pass and removed after it.
+    """
+    import moepatch
+
+    times = {name: [] for name, _ in variants}
+    for r in range(rounds):
+        for name, opts in variants:
+            handle = moepatch.apply(model, **opts) if opts else None
+            try:
+                times[name].append(time_decode(model, prompt, new_tokens, device, warm=r == 0))
+            finally:
+                if handle is not None:
+                    handle.remove()
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def parse_args(argv):
@@ -199,6 +221,7 @@ def parse_args(argv):
     p.add_argument("--prefill", default="8x2048,4x256", help="prefill shapes BxS, comma-separated")
     p.add_argument("--check-shape", default="2x256", help="BxS of the correctness check")
     p.add_argument("--decode-batches", default="1,32")
+    p.add_argument("--decode-rounds", type=int, default=3, help="alternating decode passes per variant")
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--gamma", type=float, default=1.5, help="capacity factor of triton_cap (0: skip it)")
@@ -211,6 +234,7 @@ def parse_args(argv):
         args.layers, args.hidden, args.intermediate, args.heads, args.kv_heads, args.vocab = 2, 32, 48, 4, 2, 128
         args.prefill, args.check_shape, args.prompt_len, args.new_tokens = "1x8", "2x6", 4, 2
         args.decode_batches, args.reps, args.dtype, args.router_scale = "1", 1, "fp32", 8.0
+        args.decode_rounds = 1
     args.prefill_shapes = [_shape(v) for v in args.prefill.split(",") if v]
     args.check_bs = _shape(args.check_shape)
     return args
@@ -368,16 +392,19 @@ def main(argv: list[str] | None = None) -> int:
                 row[f"prefill_{b}x{s}_tok_s"] = b * s / t
                 row[f"prefill_{b}x{s}_ms"] = t * 1e3
                 row[f"prefill_{b}x{s}_split"] = prefill_breakdown(model, ids, device)
-            if name != "triton_cap":
-                for b in decode_batches:
-                    prompt = torch.randint(3, args.vocab, (b, args.prompt_len), device=device, generator=gen)
-                    td = time_decode(model, prompt, args.new_tokens, device)
-                    row[f"decode_b{b}_tok_s"] = b * args.new_tokens / td
         finally:
             if handle is not None:
                 handle.remove()
         results.append(row)
         log(json.dumps(row))
+    decoding = [(n, o) for n, o in variants if n != "triton_cap"]
+    for b in decode_batches:
+        prompt = torch.randint(3, args.vocab, (b, args.prompt_len), device=device, generator=gen)
+        secs = decode_rounds(model, decoding, prompt, args.new_tokens, device, args.decode_rounds)
+        for row in results:
+            if row["variant"] in secs:
+                row[f"decode_b{b}_tok_s"] = b * args.new_tokens / secs[row["variant"]]
+        log(f"decode b{b}: " + json.dumps({n: round(b * args.new_tokens / t, 1) for n, t in secs.items()}))
     md = _table(results, args, check)
     (out_dir / "e2e.json").write_text(json.dumps(dict(env=env, check=check, rows=results), indent=1))
     (out_dir / "e2e.md").write_text(f"Environment: `{json.dumps(env)}`\n\n{md}\n")

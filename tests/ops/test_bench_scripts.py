@@ -35,6 +35,8 @@ def test_bench_e2e_smoke(tmp_path):
         assert split["blocks"] == 2 and 0 < split["moe_ms"] < split["forward_ms"]
         assert split["rest_ms"] == pytest.approx(split["forward_ms"] - split["moe_ms"])
     assert "at most" in (tmp_path / "e2e.md").read_text()
+    # decode, timed in alternating rounds, for transformers and the fused path (capacity leaves decode alone)
+    assert [r["variant"] for r in rows if r.get("decode_b1_tok_s", 0) > 0] == ["hf", "triton"]
 
 
 @pytest.mark.slow
