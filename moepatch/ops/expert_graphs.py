@@ -32,27 +32,26 @@ import os
 
 import torch
 
-from .route_graphs import _wall
+from .graph_cache import GraphCache
+from .graph_cache import wall as _wall
 
 ENABLED = os.environ.get("MOEPATCH_EXPERT_GRAPHS", "1") != "0"
 MAX_TOKENS = 64  # the decode path's range; above it the GPU time dominates the launches
 WARMUP_CALLS = 2
 MAX_GRAPHS = 1024  # signatures kept (layers x token counts); beyond that new ones run eagerly
 
-_CACHE: dict = {}  # signature -> calls seen (int), an _ExpertsGraph, or False (eager kept)
-_POOL = None
+_GRAPHS = GraphCache(MAX_GRAPHS)
+_CACHE = _GRAPHS.entries  # signature -> calls seen (int), an _ExpertsGraph, or False (eager kept)
 
 
 def clear() -> None:
     """Forget every captured graph (frees their static buffers; the pool goes with the last one)."""
-    global _POOL
-    _CACHE.clear()
-    _POOL = None
+    _GRAPHS.clear()
 
 
 def graphs() -> int:
     """How many signatures are replayed from a graph now."""
-    return sum(isinstance(v, _ExpertsGraph) for v in _CACHE.values())
+    return _GRAPHS.captured(_ExpertsGraph)
 
 
 def _signature(tensors) -> tuple:
@@ -63,12 +62,9 @@ def _signature(tensors) -> tuple:
 
 class _ExpertsGraph:
     def __init__(self, fn, x_TH, ids_TW, weights_TW, gate_up_EIH, down_EHI):
-        global _POOL
-        if _POOL is None:
-            _POOL = torch.cuda.graph_pool_handle()
         self.static = [x_TH.clone(), ids_TW.clone(), weights_TW.clone()]
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=_POOL):
+        with torch.cuda.graph(self.graph, pool=_GRAPHS.pool()):
             self.out_TH = fn(*self.static, gate_up_EIH, down_EHI)
 
     def replay(self, inputs) -> torch.Tensor:
@@ -87,26 +83,11 @@ def experts_graphed(fn, x_TH: torch.Tensor, ids_TW: torch.Tensor, weights_TW: to
         return fn(x_TH, ids_TW, weights_TW, gate_up_EIH, down_EHI)
     inputs = (x_TH, ids_TW, weights_TW)
     key = _signature(inputs + (gate_up_EIH, down_EHI))
-    entry = _CACHE.get(key, 0)
-    if isinstance(entry, _ExpertsGraph):
-        with torch.no_grad():
-            return entry.replay(inputs)
-    if entry is False or entry < WARMUP_CALLS or len(_CACHE) >= MAX_GRAPHS:
-        if entry is not False and len(_CACHE) < MAX_GRAPHS:
-            _CACHE[key] = entry + 1
+
+    def eager():
         return fn(x_TH, ids_TW, weights_TW, gate_up_EIH, down_EHI)
+
     with torch.no_grad():
-        try:
-            graph = _ExpertsGraph(fn, x_TH, ids_TW, weights_TW, gate_up_EIH, down_EHI)
-        except RuntimeError:
-            _CACHE[key] = False  # this signature stays eager
-            return fn(x_TH, ids_TW, weights_TW, gate_up_EIH, down_EHI)
-
-        def eager():
-            return fn(x_TH, ids_TW, weights_TW, gate_up_EIH, down_EHI)
-
-        if _wall(lambda: graph.replay(inputs)) >= _wall(eager):
-            _CACHE[key] = False
-            return eager()
-        _CACHE[key] = graph
-        return graph.replay(inputs)
+        return _GRAPHS.call(key, inputs, eager,
+                            lambda: _ExpertsGraph(fn, x_TH, ids_TW, weights_TW, gate_up_EIH, down_EHI),
+                            warmup_calls=WARMUP_CALLS, wall=_wall)

@@ -27,25 +27,24 @@ Legend: T tokens, E experts, K slots per token.
 from __future__ import annotations
 
 import os
-import time
 
 import torch
 
+from .graph_cache import GraphCache
+from .graph_cache import wall as _wall
 from .routing import _STAT_FIELDS, LazyRoutingResult, route_sync_free
 
 ENABLED = os.environ.get("MOEPATCH_ROUTE_GRAPHS", "1") != "0"
 WARMUP_CALLS = 2
 MAX_GRAPHS = 256  # signatures kept; beyond that new ones run eagerly
 
-_CACHE: dict = {}  # signature -> calls seen (int), a _RouteGraph, or False (capture failed)
-_POOL = None
+_GRAPHS = GraphCache(MAX_GRAPHS)
+_CACHE = _GRAPHS.entries  # signature -> calls seen (int), a _RouteGraph, or False (eager kept)
 
 
 def clear() -> None:
     """Forget every captured graph (frees their static buffers; the pool goes with the last one)."""
-    global _POOL
-    _CACHE.clear()
-    _POOL = None
+    _GRAPHS.clear()
 
 
 def _signature(cfg, tensors, batch, seq, layer, source_rank, extra) -> tuple:
@@ -57,12 +56,9 @@ def _signature(cfg, tensors, batch, seq, layer, source_rank, extra) -> tuple:
 
 class _RouteGraph:
     def __init__(self, cfg, inputs, batch, seq, layer, source_rank, extra):
-        global _POOL
-        if _POOL is None:
-            _POOL = torch.cuda.graph_pool_handle()
         self.static = [None if t is None else t.clone() for t in inputs]
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=_POOL):
+        with torch.cuda.graph(self.graph, pool=_GRAPHS.pool()):
             scores, ids, weights, factor, valid = self.static
             res = route_sync_free(cfg, scores, ids, weights, factor, batch=batch, seq=seq, valid_BS=valid,
                                   layer=layer, source_rank=source_rank, **extra)
@@ -116,33 +112,8 @@ def route_graphed(cfg, scores_TE: torch.Tensor, topk_ids_TK: torch.Tensor, topk_
             or (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs))):
         return eager()
     key = _signature(cfg, inputs, batch, seq, layer, source_rank, extra)
-    entry = _CACHE.get(key, 0)
-    if isinstance(entry, _RouteGraph):
-        return entry.replay(inputs)
-    if entry is False or entry < WARMUP_CALLS or len(_CACHE) >= MAX_GRAPHS:
-        if entry is not False and len(_CACHE) < MAX_GRAPHS:
-            _CACHE[key] = entry + 1
-        return eager()
-    try:
-        graph = _RouteGraph(cfg, inputs, batch, seq, layer, source_rank, extra)
-    except RuntimeError:
-        _CACHE[key] = False  # e.g. an op that syncs with the host: this signature stays eager
-        return eager()
-    # Keep the graph only where it is faster, host time included: where the eager kernels are few
-    # and long (Expanded Drop over 64 experts at 16384 tokens) the replay can lose (H200: 1.1 vs 0.95 ms).
-    if _wall(lambda: graph.replay(inputs)) >= _wall(eager):
-        _CACHE[key] = False
-        return eager()
-    _CACHE[key] = graph
-    return graph.replay(inputs)
-
-
-def _wall(fn, reps: int = 3) -> float:
-    """Seconds per call of ``fn`` called back to back (one-off, at capture time; syncs the device)."""
-    fn()
-    torch.cuda.synchronize()  # NOTE: host sync, once per signature
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / reps
+    # Where the eager kernels are few and long (Expanded Drop over 64 experts at 16384 tokens) the
+    # replay can lose (H200: 1.1 vs 0.95 ms): the cache keeps the faster, host time included.
+    return _GRAPHS.call(key, inputs, eager,
+                        lambda: _RouteGraph(cfg, inputs, batch, seq, layer, source_rank, extra),
+                        warmup_calls=WARMUP_CALLS, wall=_wall)

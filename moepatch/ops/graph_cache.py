@@ -1,0 +1,72 @@
+"""CUDA graphs kept per call signature: what route_graphs.py and expert_graphs.py share.
+
+A :class:`GraphCache` maps a signature to the calls seen so far (an int), a captured graph (any
+object with ``replay(inputs)``), or False (the eager call is kept for good).  :meth:`GraphCache.call`
+runs the eager function until a signature has been seen ``warmup_calls`` times (every kernel is
+compiled by then, and one-off shapes never pay a capture), then captures it once, times the replay
+against the eager call (``wall``: three calls each, host time included; one device sync per
+signature) and keeps the faster.  A capture that raises RuntimeError (an op that syncs with the
+host, say) leaves the signature eager.  All graphs of one cache share one memory pool: they run
+one at a time, on the caller's stream, and their outputs stay allocated.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+
+def wall(fn, reps: int = 3) -> float:
+    """Seconds per call of ``fn`` called back to back (one-off, at capture time; syncs the device)."""
+    fn()
+    torch.cuda.synchronize()  # NOTE: host sync, once per signature
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / reps
+
+
+class GraphCache:
+    def __init__(self, max_graphs: int):
+        self.entries: dict = {}
+        self.max_graphs = max_graphs
+        self._pool = None
+
+    def clear(self) -> None:
+        """Forget every graph (frees their static buffers; the pool goes with the last one)."""
+        self.entries.clear()
+        self._pool = None
+
+    def pool(self):
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        return self._pool
+
+    def captured(self, cls) -> int:
+        return sum(isinstance(v, cls) for v in self.entries.values())
+
+    def call(self, key, inputs, eager, capture, *, warmup_calls: int, wall):
+        """``eager()``, or the replay of ``capture()``'s graph for ``key`` with ``inputs`` (see above)."""
+        entry = self.entries.get(key, 0)
+        if entry is not False and not isinstance(entry, int):
+            return entry.replay(inputs)
+        if entry is False:
+            return eager()
+        # A new signature takes a slot only while the cache has room; one already counted keeps its own.
+        if key not in self.entries and len(self.entries) >= self.max_graphs:
+            return eager()
+        if entry < warmup_calls:
+            self.entries[key] = entry + 1
+            return eager()
+        try:
+            graph = capture()
+        except RuntimeError:
+            self.entries[key] = False
+            return eager()
+        if wall(lambda: graph.replay(inputs)) >= wall(eager):
+            self.entries[key] = False
+            return eager()
+        self.entries[key] = graph
+        return graph.replay(inputs)
