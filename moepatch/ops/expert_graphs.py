@@ -32,7 +32,7 @@ import os
 
 import torch
 
-from .graph_cache import GraphCache
+from .graph_cache import GraphCache, on_device
 from .graph_cache import wall as _wall
 
 ENABLED = os.environ.get("MOEPATCH_EXPERT_GRAPHS", "1") != "0"
@@ -77,6 +77,11 @@ class _ExpertsGraph:
 def experts_graphed(fn, x_TH: torch.Tensor, ids_TW: torch.Tensor, weights_TW: torch.Tensor,
                     gate_up_EIH: torch.Tensor, down_EHI: torch.Tensor) -> torch.Tensor:
     """``fn(x_TH, ids_TW, weights_TW, gate_up_EIH, down_EHI)``, replayed from a CUDA graph where that pays."""
+    with on_device(x_TH):
+        return _experts_graphed(fn, x_TH, ids_TW, weights_TW, gate_up_EIH, down_EHI)
+
+
+def _experts_graphed(fn, x_TH, ids_TW, weights_TW, gate_up_EIH, down_EHI):
     T = x_TH.shape[0]
     if (not ENABLED or not x_TH.is_cuda or not 0 < T <= MAX_TOKENS
             or torch.cuda.is_current_stream_capturing()):

@@ -6,15 +6,28 @@ runs the eager function until a signature has been seen ``warmup_calls`` times (
 compiled by then, and one-off shapes never pay a capture), then captures it once, times the replay
 against the eager call (``wall``: three calls each, host time included; one device sync per
 signature) and keeps the faster.  A capture that raises RuntimeError (an op that syncs with the
-host, say) leaves the signature eager.  All graphs of one cache share one memory pool: they run
+host, say) leaves the signature eager.  :func:`on_device` makes the inputs' device current around
+both users' calls.  All graphs of one cache share one memory pool: they run
 one at a time, on the caller's stream, and their outputs stay allocated.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
+
+
+def on_device(t: torch.Tensor):
+    """A context making ``t``'s CUDA device current where it is not.
+
+    Triton launches on the current device, and CUDA graphs capture and replay there; a model spread
+    over several GPUs (``device_map``) calls layers whose tensors live on another one.
+    """
+    if t.is_cuda and t.device.index != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
 
 
 def wall(fn, reps: int = 3) -> float:

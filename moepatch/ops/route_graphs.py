@@ -30,7 +30,7 @@ import os
 
 import torch
 
-from .graph_cache import GraphCache
+from .graph_cache import GraphCache, on_device
 from .graph_cache import wall as _wall
 from .routing import _STAT_FIELDS, LazyRoutingResult, route_sync_free
 
@@ -101,6 +101,13 @@ def route_graphed(cfg, scores_TE: torch.Tensor, topk_ids_TK: torch.Tensor, topk_
                   factor_T: torch.Tensor | None, *, batch: int, seq: int, valid_BS: torch.Tensor | None = None,
                   layer: int = 0, source_rank: int | None = None, **extra):
     """:func:`moepatch.ops.routing.route_sync_free`, replayed from a CUDA graph where that pays (see above)."""
+    with on_device(scores_TE):
+        return _route_graphed(cfg, scores_TE, topk_ids_TK, topk_weights_TK, factor_T, batch=batch, seq=seq,
+                              valid_BS=valid_BS, layer=layer, source_rank=source_rank, **extra)
+
+
+def _route_graphed(cfg, scores_TE, topk_ids_TK, topk_weights_TK, factor_T, *, batch, seq, valid_BS, layer,
+                   source_rank, **extra):
     def eager():
         return route_sync_free(cfg, scores_TE, topk_ids_TK, topk_weights_TK, factor_T, batch=batch, seq=seq,
                                valid_BS=valid_BS, layer=layer, source_rank=source_rank, **extra)

@@ -116,3 +116,32 @@ def test_slower_replay_is_not_kept(monkeypatch):
         assert torch.equal(X.moe_experts(x, ids, wts, w1, w2), X.fused_experts_impl(x, ids, wts, w1, w2))
     assert G.graphs() == 0 and list(G._CACHE.values()) == [False]
     G.clear()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.parametrize("T", [4, 200])  # replayed from a graph, and launched eagerly
+def test_layer_on_another_gpu_than_the_current_one(T, graphs_kept):
+    """A model spread over GPUs (device_map): the layer's tensors on cuda:1 while cuda:0 is current
+    give what the launchers give with cuda:1 current, call after call."""
+    from moepatch.ops.route_graphs import route_graphed
+    from moepatch.ops.routing import route_sync_free
+    from moepatch.routing import make_config
+
+    dev = "cuda:1"
+    gen = torch.Generator(device=dev).manual_seed(T)
+    E, H, I, K = 8, 256, 512, 2  # noqa: E741
+    w1, w2 = _weights(E, H, I, gen, dev)
+    calls = [_inputs(T, E, H, K, gen, dev) for _ in range(G.WARMUP_CALLS + 2)]
+    cfg = make_config(1.0, "reroute", num_experts=E, collect_stats=False)
+    scores = [torch.rand(T, E, device=dev, generator=gen) for _ in calls]
+    routes = [(s, s.topk(K, dim=1).indices, torch.rand(T, K, device=dev, generator=gen)) for s in scores]
+    with torch.cuda.device(1):
+        want = [X.fused_experts_impl(*c, w1, w2) for c in calls]
+        want_ids = [route_sync_free(cfg, s, i, w, None, batch=1, seq=T).topk_ids_TW for s, i, w in routes]
+    torch.cuda.set_device(0)
+    for c, r, expected, expected_ids in zip(calls, routes, want, want_ids):
+        assert torch.equal(X.moe_experts(*c, w1, w2), expected)
+        scores, ids, wts = r
+        assert torch.equal(route_graphed(cfg, scores, ids, wts, None, batch=1, seq=T).topk_ids_TW, expected_ids)
+    assert G.graphs() == (1 if T <= G.MAX_TOKENS else 0)
