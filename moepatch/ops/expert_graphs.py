@@ -9,7 +9,7 @@ captures :func:`moepatch.ops.experts.fused_experts_impl` once per signature and 
 activations, ids and weights are copied into the graph's static buffers and the output is copied
 out, four small launches whatever the path inside.
 
-A signature is the device, the token count, the inputs' shapes, dtypes and strides, and the expert
+A signature is the function, the device, the token count, the inputs' shapes, dtypes and strides, and the expert
 weights' addresses, shapes and strides (each layer has its own graphs; a graph reads the weights in
 place, so weights changed in place are seen, while weights replaced by new tensors make a new
 signature).  Graphs are used only on CUDA, for 1..``MAX_TOKENS`` tokens, never while the caller is
@@ -54,9 +54,8 @@ def graphs() -> int:
     return _GRAPHS.captured(_ExpertsGraph)
 
 
-def _signature(tensors) -> tuple:
-    head = tensors[0]
-    return (head.device.index,) + tuple(
+def _signature(fn, tensors) -> tuple:
+    return (fn, tensors[0].device.index) + tuple(
         (tuple(t.shape), t.dtype, t.stride(), t.data_ptr() if i >= 3 else None) for i, t in enumerate(tensors))
 
 
@@ -87,7 +86,7 @@ def _experts_graphed(fn, x_TH, ids_TW, weights_TW, gate_up_EIH, down_EHI):
             or torch.cuda.is_current_stream_capturing()):
         return fn(x_TH, ids_TW, weights_TW, gate_up_EIH, down_EHI)
     inputs = (x_TH, ids_TW, weights_TW)
-    key = _signature(inputs + (gate_up_EIH, down_EHI))
+    key = _signature(fn, inputs + (gate_up_EIH, down_EHI))
 
     def eager():
         return fn(x_TH, ids_TW, weights_TW, gate_up_EIH, down_EHI)
