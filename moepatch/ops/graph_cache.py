@@ -30,6 +30,17 @@ def on_device(t: torch.Tensor):
     return contextlib.nullcontext()
 
 
+_CAPTURE_STREAMS: dict = {}
+
+
+def capture_stream(device: torch.device):
+    """A side stream on ``device`` to capture on (torch.cuda.graph's default one lives on the first device used)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _CAPTURE_STREAMS:
+        _CAPTURE_STREAMS[index] = torch.cuda.Stream(device=index)
+    return _CAPTURE_STREAMS[index]
+
+
 def wall(fn, reps: int = 3) -> float:
     """Seconds per call of ``fn`` called back to back (one-off, at capture time; syncs the device)."""
     fn()

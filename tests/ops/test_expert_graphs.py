@@ -135,13 +135,17 @@ def test_layer_on_another_gpu_than_the_current_one(T, graphs_kept):
     calls = [_inputs(T, E, H, K, gen, dev) for _ in range(G.WARMUP_CALLS + 2)]
     cfg = make_config(1.0, "reroute", num_experts=E, collect_stats=False)
     scores = [torch.rand(T, E, device=dev, generator=gen) for _ in calls]
-    routes = [(s, s.topk(K, dim=1).indices, torch.rand(T, K, device=dev, generator=gen)) for s in scores]
+    routes = []
+    for s in scores:  # softmax scores, their top-K, weights renormalised (factor 1 / the kept mass)
+        s = s.softmax(dim=1)
+        top = s.topk(K, dim=1)
+        factor = 1.0 / top.values.sum(dim=1)
+        routes.append((s, top.indices, top.values * factor[:, None], factor))
     with torch.cuda.device(1):
         want = [X.fused_experts_impl(*c, w1, w2) for c in calls]
-        want_ids = [route_sync_free(cfg, s, i, w, None, batch=1, seq=T).topk_ids_TW for s, i, w in routes]
+        want_ids = [route_sync_free(cfg, *r, batch=1, seq=T).topk_ids_TW for r in routes]
     torch.cuda.set_device(0)
     for c, r, expected, expected_ids in zip(calls, routes, want, want_ids):
         assert torch.equal(X.moe_experts(*c, w1, w2), expected)
-        scores, ids, wts = r
-        assert torch.equal(route_graphed(cfg, scores, ids, wts, None, batch=1, seq=T).topk_ids_TW, expected_ids)
+        assert torch.equal(route_graphed(cfg, *r, batch=1, seq=T).topk_ids_TW, expected_ids)
     assert G.graphs() == (1 if T <= G.MAX_TOKENS else 0)
