@@ -32,7 +32,7 @@ import os
 
 import torch
 
-from .graph_cache import GraphCache, capture_stream, on_device
+from .graph_cache import GraphCache, on_device
 from .graph_cache import wall as _wall
 
 ENABLED = os.environ.get("MOEPATCH_EXPERT_GRAPHS", "1") != "0"
@@ -63,7 +63,7 @@ class _ExpertsGraph:
     def __init__(self, fn, x_TH, ids_TW, weights_TW, gate_up_EIH, down_EHI):
         self.static = [x_TH.clone(), ids_TW.clone(), weights_TW.clone()]
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=_GRAPHS.pool(), stream=capture_stream(x_TH.device)):
+        with _GRAPHS.recording(self.graph, x_TH.device):
             self.out_TH = fn(*self.static, gate_up_EIH, down_EHI)
 
     def replay(self, inputs) -> torch.Tensor:

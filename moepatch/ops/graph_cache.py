@@ -33,7 +33,7 @@ def on_device(t: torch.Tensor):
 _CAPTURE_STREAMS: dict = {}
 
 
-def capture_stream(device: torch.device):
+def _capture_stream(device: torch.device):
     """A side stream on ``device`` to capture on (torch.cuda.graph's default one lives on the first device used)."""
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _CAPTURE_STREAMS:
@@ -63,10 +63,11 @@ class GraphCache:
         self.entries.clear()
         self._pool = None
 
-    def pool(self):
+    def recording(self, graph: torch.cuda.CUDAGraph, device: torch.device):
+        """The context that captures ``graph`` for tensors on ``device``: this cache's pool, a stream there."""
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
-        return self._pool
+        return torch.cuda.graph(graph, pool=self._pool, stream=_capture_stream(device))
 
     def captured(self, cls) -> int:
         return sum(isinstance(v, cls) for v in self.entries.values())

@@ -30,7 +30,7 @@ import os
 
 import torch
 
-from .graph_cache import GraphCache, capture_stream, on_device
+from .graph_cache import GraphCache, on_device
 from .graph_cache import wall as _wall
 from .routing import _STAT_FIELDS, LazyRoutingResult, route_sync_free
 
@@ -58,7 +58,7 @@ class _RouteGraph:
     def __init__(self, cfg, inputs, batch, seq, layer, source_rank, extra):
         self.static = [None if t is None else t.clone() for t in inputs]
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=_GRAPHS.pool(), stream=capture_stream(inputs[0].device)):
+        with _GRAPHS.recording(self.graph, inputs[0].device):
             scores, ids, weights, factor, valid = self.static
             res = route_sync_free(cfg, scores, ids, weights, factor, batch=batch, seq=seq, valid_BS=valid,
                                   layer=layer, source_rank=source_rank, **extra)
