@@ -64,6 +64,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--priorities", default="high,default",
                    help="NCCL stream priorities to time the ScMoE variant under (comma-separated: high, default); "
                         "the first is the headline and runs top-2 too; ignored under gloo")
+    p.add_argument("--dispatch-after-ops", default="1",
+                   help="backbone ops the host queues before launching the overlapped dispatch "
+                        "(ShortcutEP.dispatch_after_ops; comma-separated to compare, the first is the headline; "
+                        "a value >= the slot K is the older order: the whole window, then a blocking header wait)")
     p.add_argument("--smoke", action="store_true", help="tiny shape, a few iterations, gloo on the CPU")
     p.add_argument("--limit-s", type=float, default=None,
                    help="wall-clock limit of a self-started torchrun (default: 600, smoke 180)")
@@ -75,6 +79,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--shapes {args.shapes!r}: accepted {', '.join(SHAPES)}")
     args.shape_list = [SMOKE_SHAPE] if args.smoke else [(s, SHAPES[s]) for s in names]
     args.priority_list = [s for s in args.priorities.split(",") if s]
+    try:
+        args.after_list = [int(v) for v in args.dispatch_after_ops.split(",") if v]
+    except ValueError:
+        args.after_list = []
+    if not args.after_list or min(args.after_list) < 0:
+        p.error(f"--dispatch-after-ops {args.dispatch_after_ops!r}: accepted non-negative integers, comma-separated")
     if not args.priority_list or any(s not in ("high", "default") for s in args.priority_list):
         p.error(f"--priorities {args.priorities!r}: accepted high, default (comma-separated)")
     return args
@@ -120,7 +130,7 @@ def run(args) -> int:
     if str(REPO) not in sys.path:
         sys.path.insert(0, str(REPO))
     from moepatch.parallel import init_distributed
-    from moepatch.parallel.bench import exposed_communication, profile_calls, rank_exposures
+    from moepatch.parallel.bench import call_exposures, exposed_communication, profile_calls, rank_exposures
     from moepatch.parallel.distributed import new_group_with_priority
     from moepatch.scmoe import ScMoEConfig, ScMoEForCausalLM
     from moepatch.scmoe.schedule import ShortcutEP
@@ -167,7 +177,7 @@ def run(args) -> int:
         a, b = max_over_ranks(a), max_over_ranks(b)
         return statistics.median(a), statistics.median(b), statistics.median(x - y for x, y in zip(a, b))
 
-    def bench_variant(shape_name, dims, variant, kw, priority) -> dict:
+    def bench_variant(shape_name, dims, variant, kw, priority, after_ops) -> dict:
         """Check, calibrate and time one variant's unit (its exchanges on the group of NCCL stream
         ``priority``); the row of the report."""
         D, inter, hq, hk, E, batch, seq = dims
@@ -177,7 +187,7 @@ def run(args) -> int:
         with torch.device(device):
             model = ScMoEForCausalLM(cfg)
         model = model.to(dtype).eval()
-        ep = ShortcutEP(model, group=groups[priority])
+        ep = ShortcutEP(model, group=groups[priority], dispatch_after_ops=after_ops)
         g = torch.Generator(device="cpu").manual_seed(100 + rank)  # each rank its own tokens
         ids_BS = torch.randint(0, cfg.vocab_size, (batch, seq), generator=g).to(device)
         with torch.no_grad():
@@ -205,17 +215,21 @@ def run(args) -> int:
             traced = {}
             for schedule in ("sequential", "overlap"):  # only with $MOEPATCH_PROFILE_DIR
                 trace = profile_calls(lambda s=schedule: ep.run_unit(0, h0, ctx, s),
-                                      f"scmoe_{shape_name}_{variant}_{priority}_{schedule}")
+                                      f"scmoe_{shape_name}_{variant}_{priority}_after{after_ops}_{schedule}")
                 if trace is not None and cuda:
                     c = exposed_communication(trace)
                     traced[schedule] = rank_exposures(every_rank([c["nccl_ms"], c["exposed_ms"], c["compute_ms"]]))
+                    flat = every_rank([v for call in c["per_call"] for v in call])
+                    traced[schedule]["per_call"] = call_exposures(
+                        [[r[i:i + 3] for i in range(0, len(r), 3)] for r in flat])
         comm = t_out + t_back
 
         def hidden_by_trace(key):  # 1 - the overlap's exposed NCCL time / the all-to-all alone (None unprofiled)
             return max(0.0, 1.0 - traced["overlap"][key] / 1e3 / comm) if "overlap" in traced and comm > 0 else None
 
         return {
-            "shape": shape_name, "variant": variant, "nccl_priority": priority, "hidden": D,
+            "shape": shape_name, "variant": variant, "nccl_priority": priority, "dispatch_after_ops": after_ops,
+            "hidden": D,
             "expert_width": inter, "experts": E,
             "tokens_per_rank": batch * seq, "unit_sequential_ms": t_seq * 1e3, "unit_overlap_ms": t_ov * 1e3,
             "dispatch_ms": timing.dispatch * 1e3, "combine_ms": timing.combine * 1e3,
@@ -233,6 +247,11 @@ def run(args) -> int:
             # rank's wait for the straggler at the combine), and of the critical-path rank.
             "hidden_fraction_trace": hidden_by_trace("exposed"),
             "hidden_fraction_trace_critical": hidden_by_trace("critical_exposed"),
+            # The same from the median call's critical exposure (the mean above, which one slow call
+            # can move: the per-call values are in trace_ms.overlap.per_call).
+            "hidden_fraction_trace_critical_median": (
+                max(0.0, 1.0 - traced["overlap"]["per_call"]["critical_exposed_median"] / 1e3 / comm)
+                if "overlap" in traced and comm > 0 and traced["overlap"]["per_call"]["calls"] else None),
         }
 
     rows = []
@@ -241,9 +260,11 @@ def run(args) -> int:
     scmoe_kw = dict(arch="scmoe", position=2, combine="cg1")
     prios = list(groups)
     for shape_name, dims in args.shape_list:
-        runs = [("top2", dict(arch="top2"), prios[0])] + [("scmoe", scmoe_kw, p) for p in prios]
-        for variant, kw, priority in runs:
-            rows.append(bench_variant(shape_name, dims, variant, kw, priority))
+        after0 = args.after_list[0]
+        runs = ([("top2", dict(arch="top2"), prios[0], after0)] + [("scmoe", scmoe_kw, p, after0) for p in prios]
+                + [("scmoe", scmoe_kw, prios[0], a) for a in args.after_list[1:]])
+        for variant, kw, priority, after_ops in runs:
+            rows.append(bench_variant(shape_name, dims, variant, kw, priority, after_ops))
             if cuda:
                 torch.cuda.empty_cache()
 
@@ -252,7 +273,7 @@ def run(args) -> int:
         # The headline: both variants on the first priority's group (by default high, moepatch's default).
         base = next(r for r in rows if r["shape"] == shape_name and r["variant"] == "top2")
         sc = next(r for r in rows if r["shape"] == shape_name and r["variant"] == "scmoe"
-                  and r["nccl_priority"] == prios[0])
+                  and r["nccl_priority"] == prios[0] and r["dispatch_after_ops"] == args.after_list[0])
         b = base["unit_sequential_ms"]
         summary.append({"shape": shape_name, "top2_ms": b, "scmoe_sequential_ms": sc["unit_sequential_ms"],
                         "scmoe_overlap_ms": sc["unit_overlap_ms"],
@@ -263,6 +284,7 @@ def run(args) -> int:
                         "scmoe_a2a_hidden": sc["hidden_fraction"],
                         "scmoe_a2a_hidden_trace": sc["hidden_fraction_trace"],
                         "scmoe_a2a_hidden_trace_critical": sc["hidden_fraction_trace_critical"],
+                        "scmoe_a2a_hidden_trace_critical_median": sc["hidden_fraction_trace_critical_median"],
                         "slot": sc["slot"],
                         "nccl_priority": prios[0]})
     if rank == 0:
@@ -270,11 +292,12 @@ def run(args) -> int:
         report = {"environment": env, "args": {k: str(v) for k, v in vars(args).items()}, "rows": rows,
                   "summary": summary}
         md = [f"# ScMoE expert-parallel unit benchmark ({world} ranks, {env['device']}, {env['dtype']})", "",
-              "| shape | variant | NCCL streams | sequential ms | overlap ms | saved ms | a2a ms (out + back) | "
-              "dispatch + combine phases ms | hidden | slot K |",
-              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+              "| shape | variant | NCCL streams | dispatch after ops | sequential ms | overlap ms | saved ms | "
+              "a2a ms (out + back) | dispatch + combine phases ms | hidden | slot K |",
+              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in rows:
-            md.append(f"| {r['shape']} | {r['variant']} | {r['nccl_priority']} | {r['unit_sequential_ms']:.3f} | "
+            md.append(f"| {r['shape']} | {r['variant']} | {r['nccl_priority']} | {r['dispatch_after_ops']} | "
+                      f"{r['unit_sequential_ms']:.3f} | "
                       f"{r['unit_overlap_ms']:.3f} | "
                       f"{r['saved_ms']:.3f} | {r['a2a_ms']:.3f} ({r['a2a_dispatch_ms']:.3f} + "
                       f"{r['a2a_combine_ms']:.3f}) | {r['dispatch_ms'] + r['combine_ms']:.3f} | "
@@ -285,17 +308,23 @@ def run(args) -> int:
                    "and the part of it with no compute kernel beside it (the compute stream idle or waiting).", "",
                    "\"Hidden (trace)\" = 1 − overlap's exposed NCCL time / the all-to-all time alone, with the "
                    "exposure of the rank that exposes most (a lighter rank's wait for the straggler at the combine "
-                   "counts) and of the rank with the most compute (the unit's critical path).", "",
-                   "| shape | variant | NCCL streams | sequential: NCCL / exposed ms | overlap: NCCL / exposed ms | "
-                   "hidden (trace, max) | critical rank: exposed ms | hidden (trace, critical) |",
-                   "|---|---|---|---|---|---:|---|---:|"]
+                   "counts) and of the rank with the most compute (the unit's critical path); means over the "
+                   "profiled calls, and the critical reading from the median call.  Per call: the critical "
+                   "rank's exposure in each profiled call of the overlapped unit (ms).", "",
+                   "| shape | variant | NCCL streams | dispatch after ops | sequential: NCCL / exposed ms | "
+                   "overlap: NCCL / exposed ms | hidden (trace, max) | critical rank: exposed ms | "
+                   "hidden (trace, critical) | (median call) | per call |",
+                   "|---|---|---|---:|---|---|---:|---|---:|---:|---|"]
             for r in traced:
                 t_s, t_o = r["trace_ms"]["sequential"], r["trace_ms"]["overlap"]
                 hid, hid_c = r["hidden_fraction_trace"] or 0.0, r["hidden_fraction_trace_critical"] or 0.0
-                md.append(f"| {r['shape']} | {r['variant']} | {r['nccl_priority']} | "
+                hid_m = r["hidden_fraction_trace_critical_median"] or 0.0
+                calls = " ".join(f"{v:.2f}" for v in t_o["per_call"]["critical_exposed"])
+                md.append(f"| {r['shape']} | {r['variant']} | {r['nccl_priority']} | {r['dispatch_after_ops']} | "
                           f"{t_s['nccl']:.3f} / {t_s['exposed']:.3f} | "
                           f"{t_o['nccl']:.3f} / {t_o['exposed']:.3f} | {100 * hid:.1f}% | "
-                          f"{t_o['critical_rank']}: {t_o['critical_exposed']:.3f} | {100 * hid_c:.1f}% |")
+                          f"{t_o['critical_rank']}: {t_o['critical_exposed']:.3f} | {100 * hid_c:.1f}% | "
+                          f"{100 * hid_m:.1f}% | {calls} |")
         md += ["", "| shape | top-2 ms | ScMoE seq ms | ScMoE overlap ms | architecture | overlap | total |",
                "|---|---|---|---|---|---|---|"]
         for s in summary:
@@ -305,19 +334,25 @@ def run(args) -> int:
         (args.out / "bench_scmoe.md").write_text("\n".join(md) + "\n")
         (args.out / "bench_scmoe.json").write_text(json.dumps(report, indent=1) + "\n")
         lines = [f"{'shape':>8} {'top2 ms':>9} {'ScMoE seq':>10} {'ScMoE ovl':>10} {'a2a ms':>8} {'saved':>7} "
-                 f"{'hidden':>7} {'(trace)':>7} {'(crit)':>7} {'arch':>6} {'ovl':>6} {'total':>6}"]
+                 f"{'hidden':>7} {'(trace)':>7} {'(crit)':>7} {'(med)':>7} {'arch':>6} {'ovl':>6} {'total':>6}"]
         for s in summary:
-            ht, hc = (("-" if v is None else f"{100 * v:.1f}%")
-                      for v in (s["scmoe_a2a_hidden_trace"], s["scmoe_a2a_hidden_trace_critical"]))
+            ht, hc, hm = (("-" if v is None else f"{100 * v:.1f}%")
+                          for v in (s["scmoe_a2a_hidden_trace"], s["scmoe_a2a_hidden_trace_critical"],
+                                    s["scmoe_a2a_hidden_trace_critical_median"]))
             lines.append(f"{s['shape']:>8} {s['top2_ms']:>9.3f} {s['scmoe_sequential_ms']:>10.3f} "
                          f"{s['scmoe_overlap_ms']:>10.3f} {s['scmoe_a2a_ms']:>8.3f} {s['scmoe_saved_ms']:>7.3f} "
-                         f"{100 * s['scmoe_a2a_hidden']:>6.0f}% {ht:>7} {hc:>7} {s['architecture_speedup']:>5.2f}x "
+                         f"{100 * s['scmoe_a2a_hidden']:>6.0f}% {ht:>7} {hc:>7} {hm:>7} "
+                         f"{s['architecture_speedup']:>5.2f}x "
                          f"{s['overlap_speedup']:>5.2f}x {s['total_speedup']:>5.2f}x")
-        for r in rows:  # the ScMoE variant under the other NCCL stream priorities
-            if r["variant"] == "scmoe" and r["nccl_priority"] != prios[0]:
-                lines.append(f"{r['shape']:>8} ScMoE with {r['nccl_priority']}-priority NCCL streams: sequential "
-                             f"{r['unit_sequential_ms']:.3f}, overlap {r['unit_overlap_ms']:.3f} ms, saved "
-                             f"{r['saved_ms']:.3f} of {r['a2a_ms']:.3f} ms a2a ({100 * r['hidden_fraction']:.0f}%)")
+        for r in rows:  # the ScMoE variant under the other NCCL stream priorities and dispatch launch points
+            if r["variant"] == "scmoe" and (r["nccl_priority"] != prios[0]
+                                            or r["dispatch_after_ops"] != args.after_list[0]):
+                crit = r["hidden_fraction_trace_critical"]
+                lines.append(f"{r['shape']:>8} ScMoE, {r['nccl_priority']}-priority NCCL, dispatch after "
+                             f"{r['dispatch_after_ops']} ops: sequential {r['unit_sequential_ms']:.3f}, overlap "
+                             f"{r['unit_overlap_ms']:.3f} ms, saved {r['saved_ms']:.3f} of {r['a2a_ms']:.3f} ms a2a "
+                             f"({100 * r['hidden_fraction']:.0f}%)"
+                             + ("" if crit is None else f", trace critical {100 * crit:.1f}%"))
         print(f"wrote {args.out / 'bench_scmoe.json'} and {args.out / 'bench_scmoe.md'}")
         print(f"(headline rows: {prios[0]}-priority NCCL streams)" if nccl else "(gloo)")
         print("\n".join(lines), flush=True)

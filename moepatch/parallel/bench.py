@@ -246,10 +246,15 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def profile_calls(fn, tag: str, calls: int = 3) -> Path | None:
-    """Diagnostics: with ``$MOEPATCH_PROFILE_DIR`` set, run ``fn`` ``calls`` times (after a barrier each)
-    under torch.profiler and write this rank's kernel table and Chrome trace there (returns the
-    trace's path); else nothing (None).
+def profile_calls(fn, tag: str, calls: int | None = None) -> Path | None:
+    """Diagnostics: with ``$MOEPATCH_PROFILE_DIR`` set, run ``fn`` under torch.profiler and write this
+    rank's kernel table and Chrome trace there (returns the trace's path); else nothing (None).
+
+    One call warms the profiler up (recorded, then discarded: the first profiled call pays for
+    the profiler's own start), then ``calls`` calls (default ``$MOEPATCH_PROFILE_CALLS`` or 8) are
+    kept, each after a barrier and with the GPU idle.  On CUDA only the GPU's activity is recorded
+    (the CPU-op recording adds tens of microseconds of host time per launch, which distorts
+    host-bound schedules); ``$MOEPATCH_PROFILE_CPU=1`` records the CPU ops and launches too.
 
     Not a timing (the profiler adds overhead): it shows what the GPU runs, where it idles and which
     streams overlap (docs/expert-parallel.md, "Reading a profile")."""
@@ -257,22 +262,30 @@ def profile_calls(fn, tag: str, calls: int = 3) -> Path | None:
     if not out:
         return None
     import torch.distributed as dist
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import ProfilerActivity, profile, schedule
 
+    calls = int(os.environ.get("MOEPATCH_PROFILE_CALLS", "8")) if calls is None else calls
+    if calls < 1:
+        raise ValueError(f"profile_calls: calls={calls}; accepted: a positive number of calls")
     rank = dist.get_rank() if dist.is_initialized() else 0
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    cuda = torch.cuda.is_available()
+    acts = [ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
+    if cuda and os.environ.get("MOEPATCH_PROFILE_CPU") == "1":
+        acts.insert(0, ProfilerActivity.CPU)
     Path(out).mkdir(parents=True, exist_ok=True)
-    with torch.no_grad(), profile(activities=acts) as prof:
-        for _ in range(calls):
+    with torch.no_grad(), profile(activities=acts, schedule=schedule(wait=0, warmup=1, active=calls,
+                                                                     repeat=1)) as prof:
+        for _ in range(1 + calls):
             if dist.is_initialized():
                 dist.barrier()
-            if torch.cuda.is_available():
+            if cuda:
                 torch.cuda.synchronize()
             fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+            if cuda:
+                torch.cuda.synchronize()
+            prof.step()
     name = "".join(c if c.isalnum() or c in "-_.@" else "_" for c in tag)
-    sort = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+    sort = "cuda_time_total" if cuda else "cpu_time_total"
     table = prof.key_averages().table(sort_by=sort, row_limit=40)
     Path(out, f"{name}.rank{rank}.txt").write_text(table + "\n")
     trace = Path(out, f"{name}.rank{rank}.json")
@@ -317,26 +330,34 @@ def exposed_communication(trace_path) -> dict:
     The compute stream is the stream with the most non-NCCL kernel time; "exposed" is the time some
     NCCL kernel was running while that stream had no kernel running (it waited for the exchange,
     or nothing else was queued); "nccl" the time any NCCL kernel ran; "compute" the time the compute
-    stream ran a kernel (which rank is the critical path).  Milliseconds per call."""
+    stream ran a kernel (which rank is the critical path).  Milliseconds per call (the mean), and
+    ``per_call``: ``[nccl, exposed, compute]`` of every call, the calls told apart by the barrier's
+    all-reduce kernel in front of each (a kernel belongs to the call it starts in)."""
     import json
 
     events = json.loads(Path(trace_path).read_text())["traceEvents"]
     kernels = [e for e in events if e.get("ph") == "X" and e.get("cat") == "kernel"]
-    nccl = [e for e in kernels if "nccl" in e["name"].lower() and "AllReduce" not in e["name"]]
     busy: dict = {}
     for e in kernels:
         if "nccl" not in e["name"].lower():
             busy[e["args"].get("stream")] = busy.get(e["args"].get("stream"), 0.0) + e["dur"]
+    nccl = [e for e in kernels if "nccl" in e["name"].lower() and "AllReduce" not in e["name"]]
     if not nccl or not busy:
-        return dict(nccl_ms=0.0, exposed_ms=0.0, compute_ms=0.0, calls=0)
+        return dict(nccl_ms=0.0, exposed_ms=0.0, compute_ms=0.0, calls=0, per_call=[])
     compute = max(busy, key=busy.get)
-    comm = _union([[e["ts"], e["ts"] + e["dur"]] for e in nccl])
-    nccl_ids = {id(e) for e in nccl}
-    comp = _union([[e["ts"], e["ts"] + e["dur"]] for e in kernels
-                   if e["args"].get("stream") == compute and id(e) not in nccl_ids and "AllReduce" not in e["name"]])
-    calls = max(1, sum("AllReduce" in e["name"] for e in kernels))  # one barrier before each call
-    return dict(nccl_ms=_length(comm) / 1e3 / calls, exposed_ms=_length(_minus(comm, comp)) / 1e3 / calls,
-                compute_ms=_length(comp) / 1e3 / calls, calls=calls)
+    starts = sorted(e["ts"] for e in kernels if "AllReduce" in e["name"]) or [min(e["ts"] for e in kernels)]
+    starts[0] = min(starts[0], min(e["ts"] for e in kernels))
+    per_call = []
+    for lo, hi in zip(starts, starts[1:] + [float("inf")]):
+        mine = [e for e in kernels if lo <= e["ts"] < hi]
+        comm = _union([[e["ts"], e["ts"] + e["dur"]] for e in mine
+                       if "nccl" in e["name"].lower() and "AllReduce" not in e["name"]])
+        comp = _union([[e["ts"], e["ts"] + e["dur"]] for e in mine
+                       if e["args"].get("stream") == compute and "nccl" not in e["name"].lower()])
+        per_call.append([_length(comm) / 1e3, _length(_minus(comm, comp)) / 1e3, _length(comp) / 1e3])
+    n = len(per_call)
+    return dict(nccl_ms=sum(c[0] for c in per_call) / n, exposed_ms=sum(c[1] for c in per_call) / n,
+                compute_ms=sum(c[2] for c in per_call) / n, calls=n, per_call=per_call)
 
 
 def rank_exposures(per_rank: list[list[float]]) -> dict:
@@ -348,6 +369,22 @@ def rank_exposures(per_rank: list[list[float]]) -> dict:
     crit = max(range(len(per_rank)), key=lambda r: per_rank[r][2])
     return dict(nccl=max(r[0] for r in per_rank), exposed=max(r[1] for r in per_rank), critical_rank=crit,
                 critical_exposed=per_rank[crit][1], compute=[r[2] for r in per_rank])
+
+
+def call_exposures(per_rank_calls: list[list[list[float]]]) -> dict:
+    """Every rank's ``per_call`` list (from :func:`exposed_communication`, the same calls on every
+    rank) combined call by call with :func:`rank_exposures`: per call the largest exposure and
+    the critical (most compute) rank's exposure, in ms, with their means and medians."""
+    calls = min(len(r) for r in per_rank_calls)
+    if calls == 0:
+        return dict(calls=0, exposed=[], critical_exposed=[], critical_rank=[])
+    rows = [rank_exposures([r[i] for r in per_rank_calls]) for i in range(calls)]
+    out = dict(calls=calls, exposed=[r["exposed"] for r in rows],
+               critical_exposed=[r["critical_exposed"] for r in rows], critical_rank=[r["critical_rank"] for r in rows])
+    for key in ("exposed", "critical_exposed"):
+        out[f"{key}_mean"] = statistics.fmean(out[key])
+        out[f"{key}_median"] = statistics.median(out[key])
+    return out
 
 
 def time_block(block, x_1TH, timer: PhaseTimer, iters: int, warmup: int, device, tag: str = "") -> list[list[float]]:

@@ -120,6 +120,10 @@ class _HostValues:
         else:
             self._host, self._event = torch.cat(parts), None
 
+    def ready(self) -> bool:
+        """Whether :meth:`result` would return without waiting (never blocks)."""
+        return self._event is None or self._event.query()
+
     def result(self) -> list:
         if self._event is not None:
             self._event.synchronize()  # NOTE: host sync (the header), waits for this copy only

@@ -22,12 +22,14 @@ MLP_l too; Pos-3: Attn_l too).
 Communication is asynchronous, compute stays on the current stream.  On CUDA the dispatch's own
 work (sorting the slots, gathering the rows, the header exchange and the copy of its values to
 the host) runs on a high-priority side stream that waits for the source (an event), beside
-backbone ops 0..K-1; the host reads the header only after queueing those ops, so the one host
-sync per layer (the split sizes must be on the host before the rows can be sent) never leaves the
-GPU idle.  The rows then go with ``all_to_all_single(..., async_op=True)`` issued from the side
-stream (NCCL's internal stream waits for it), and ``work.wait()`` makes the compute stream wait
-for the rows without blocking the host; the return exchange is issued from the compute stream
-after the expert GEMMs.  With gloo the same calls run on gloo's worker thread (no streams), so
+backbone ops 0..K-1.  The host launches it after queueing the first of those ops
+(``ShortcutEP.dispatch_after_ops``) and then, between the remaining ones, polls the header (the
+split sizes must be on the host before the rows can be sent) without blocking: the rows go out as
+soon as it is there, and the GPU is never left idle for the one host sync per layer.  The rows
+then go with ``all_to_all_single(..., async_op=True)`` issued from the side stream (NCCL's
+internal stream waits for it), and ``work.wait()`` makes the compute stream wait for the rows
+without blocking the host; the return exchange is issued from the compute stream after the
+expert GEMMs.  With gloo the same calls run on gloo's worker thread (no streams), so
 the same code path overlaps as far as gloo allows.
 
 The slot K of the expert GEMMs among the N backbone ops is the paper's rule on measured times
@@ -183,11 +185,19 @@ class ShortcutEP:
             contiguous block.
         group: the process group (default: the default group); without an initialised process
             group, one rank with the local dispatcher (identity exchanges).
+        dispatch_after_ops: overlapped schedule on CUDA: how many backbone ops the host queues
+            before it launches the dispatch (default 1: GPU work to cover the launches, then the
+            header exchange starts as early as possible; 0: the dispatch first; a value >= the
+            slot K: the whole window first, then a blocking wait for the header).  Outputs do not
+            depend on it.
     Capacity-aware routing applies per source rank when :func:`moepatch.scmoe.apply_capacity`
     (LongCat-Flash: ``moepatch.apply``) was called with ``ep_size`` equal to the world size.
     """
 
-    def __init__(self, model, group=None):
+    def __init__(self, model, group=None, dispatch_after_ops: int = 1):
+        if isinstance(dispatch_after_ops, bool) or not isinstance(dispatch_after_ops, int) or dispatch_after_ops < 0:
+            raise ValueError(f"dispatch_after_ops={dispatch_after_ops!r}; accepted: an integer >= 0 (backbone ops "
+                             "queued before the overlapped dispatch is launched)")
         if type(model).__name__ == "LongcatFlashForCausalLM":
             from .longcat import LongcatShortcut
 
@@ -221,6 +231,9 @@ class ShortcutEP:
         self.slots: dict[int, int] = {}
         self.timings: dict[int, UnitTiming] = {}
         self._side = None  # CUDA stream of the overlapped dispatch, made on first use
+        # Overlap on CUDA: how many backbone ops the host queues before it launches the dispatch
+        # (0: the dispatch first; >= K: the whole window first, then a blocking wait for the header).
+        self.dispatch_after_ops = dispatch_after_ops
 
     # -- one unit ---------------------------------------------------------------------------------
     def _in_flight(self):
@@ -322,16 +335,29 @@ class ShortcutEP:
             for _, op in prog.ops[:k]:
                 op()
         else:
-            # CUDA: ops 0..K-1 are queued first (milliseconds of GPU work ahead of the host); the
-            # dispatch's dozens of small kernels (sort, gather, header) follow on the side stream,
-            # waiting only for the source, so they run beside the backbone and never leave the GPU
-            # idle; the host then waits for the header alone and sends the rows from the side stream.
+            # CUDA.  The host queues the first ``dispatch_after_ops`` backbone ops (GPU work while it
+            # launches the dispatch), then the dispatch's few kernels (sort, gather, header exchange,
+            # copy of the header to pinned memory) on the side stream, which waits only for the
+            # source; then the rest of ops 0..K-1, and after each one it looks (without blocking)
+            # whether the header has reached the host: as soon as it has, the rows go out, so the
+            # exchange starts while the compute stream still has most of the window queued.  Only
+            # if the header is not there once all K ops are queued does the host wait for it (the
+            # GPU still has those ops to run).  The backbone ops issue no collective, so the
+            # rank-dependent point at which the rows are sent cannot reorder collectives between ranks.
             source_ready = torch.cuda.Event()
             source_ready.record()
-            for _, op in prog.ops[:k]:
+            first = min(self.dispatch_after_ops, k)
+            for _, op in prog.ops[:first]:
                 op()
-            d, pending = self._complete(self._begin(prog, ids_TW, side, after=source_ready), asynchronous=True,
-                                        side=side)
+            window = prog.ops[first:k]
+            hdr = self._begin(prog, ids_TW, side, after=source_ready)
+            d = pending = None
+            for _, op in window:
+                op()
+                if d is None and hdr.values.ready():
+                    d, pending = self._complete(hdr, asynchronous=True, side=side)
+            if d is None:
+                d, pending = self._complete(hdr, asynchronous=True, side=side)
         if pending is not None:
             pending.wait()  # the compute stream waits for the rows; the host does not
         y_RD = self._experts(d)

@@ -75,6 +75,71 @@ def test_exposed_communication_counts_nccl_time_without_compute_beside_it(tmp_pa
     assert got["nccl_ms"] == pytest.approx((40 + 80 + 30) / 1e3)  # 50-90, 100-180 and 300-330, per call
     assert got["exposed_ms"] == pytest.approx((40 + 30) / 1e3)
     assert got["compute_ms"] == pytest.approx(200 / 1e3)  # the two GEMMs per call
+    assert got["per_call"] == [pytest.approx([0.15, 0.07, 0.2])] * 2
+
+
+def test_exposed_communication_tells_the_calls_apart(tmp_path):
+    """Per call (split at each barrier's all-reduce): a slow first call shows as such, and the
+    means are the means of the calls."""
+    import json
+
+    from moepatch.parallel.bench import exposed_communication
+
+    events = [_kernel("ncclDevKernel_AllReduce_Sum", 0, 5, 7), _kernel("gemm", 10, 100, 7),
+              _kernel("ncclDevKernel_SendRecv", 110, 300, 20),  # nothing beside it: 300 exposed
+              _kernel("gemm", 410, 100, 7)]
+    for base in (1000, 2000, 3000):
+        events += [_kernel("ncclDevKernel_AllReduce_Sum", base, 5, 7), _kernel("gemm", base + 10, 400, 7),
+                   _kernel("ncclDevKernel_SendRecv", base + 50, 100, 20)]  # hidden
+    events[-1]["dur"] = 400  # the last call's exchange outlives the GEMM (to base + 410) by 40
+    path = tmp_path / "trace.json"
+    path.write_text(json.dumps({"traceEvents": events}))
+    got = exposed_communication(path)
+    assert got["calls"] == 4
+    assert [c[1] for c in got["per_call"]] == pytest.approx([0.3, 0.0, 0.0, 0.04])
+    assert [c[2] for c in got["per_call"]] == pytest.approx([0.2, 0.4, 0.4, 0.4])
+    assert got["exposed_ms"] == pytest.approx(0.34 / 4)
+
+
+def test_call_exposures_pick_the_critical_rank_call_by_call():
+    from moepatch.parallel.bench import call_exposures
+
+    rank0 = [[0.5, 0.30, 5.0], [0.5, 0.01, 5.0], [0.5, 0.02, 4.0]]
+    rank1 = [[0.5, 0.10, 4.0], [0.5, 0.20, 4.5], [0.5, 0.40, 4.5]]
+    got = call_exposures([rank0, rank1])
+    assert got["calls"] == 3
+    assert got["critical_rank"] == [0, 0, 1]
+    assert got["critical_exposed"] == [0.30, 0.01, 0.40]
+    assert got["exposed"] == [0.30, 0.20, 0.40]
+    assert got["critical_exposed_median"] == 0.30
+    assert got["critical_exposed_mean"] == pytest.approx(0.71 / 3)
+    assert call_exposures([[], []])["calls"] == 0
+
+
+def test_profile_calls_discards_the_warm_up_call(tmp_path, monkeypatch):
+    """With $MOEPATCH_PROFILE_DIR, one call more than asked runs (the profiler's warm-up) and only
+    the asked calls are in the trace; without it nothing runs."""
+    import json
+
+    from moepatch.parallel.bench import profile_calls
+
+    ran = []
+
+    def fn():
+        ran.append(1)
+        with torch.profiler.record_function("moepatch_probe_call"):
+            torch.ones(8).sum()
+
+    monkeypatch.delenv("MOEPATCH_PROFILE_DIR", raising=False)
+    assert profile_calls(fn, "x", calls=2) is None and not ran
+    monkeypatch.setenv("MOEPATCH_PROFILE_DIR", str(tmp_path))
+    trace = profile_calls(fn, "probe/a", calls=3)
+    assert len(ran) == 4 and trace == tmp_path / "probe_a.rank0.json"
+    events = json.loads(trace.read_text())["traceEvents"]
+    assert sum(e.get("name") == "moepatch_probe_call" for e in events) == 3
+    assert (tmp_path / "probe_a.rank0.txt").read_text().strip()
+    with pytest.raises(ValueError, match="positive number of calls"):
+        profile_calls(fn, "x", calls=0)
 
 
 def test_rank_exposures_judge_by_the_rank_with_the_most_compute():
