@@ -48,6 +48,8 @@ SHAPES = {
     "mixtral": (4096, 14336, 32, 8, 8, 4, 2048),
     # Narrower experts (as in fine-grained MoEs): the all-to-all is a larger share of the unit.
     "narrow": (2048, 1024, 16, 4, 8, 8, 2048),
+    # The narrow layer on one sequence per rank: a short unit, where the host's launches matter.
+    "small": (2048, 1024, 16, 4, 8, 1, 2048),
 }
 SMOKE_SHAPE = ("smoke", (32, 48, 4, 2, 4, 2, 16))
 
