@@ -70,6 +70,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="backbone ops the host queues before launching the overlapped dispatch "
                         "(ShortcutEP.dispatch_after_ops; comma-separated to compare, the first is the headline; "
                         "a value >= the slot K is the older order: the whole window, then a blocking header wait)")
+    p.add_argument("--capacity", default=None, metavar="STRATEGY@GAMMA",
+                   help="capacity-aware routing on both variants' MoE layers, per source rank (e.g. reroute@1.0: "
+                        "every expert gets at most its even share, so top-2 and ScMoE compare at balanced loads; "
+                        "changes the outputs); default none")
     p.add_argument("--smoke", action="store_true", help="tiny shape, a few iterations, gloo on the CPU")
     p.add_argument("--limit-s", type=float, default=None,
                    help="wall-clock limit of a self-started torchrun (default: 600, smoke 180)")
@@ -79,6 +83,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     names = [s for s in args.shapes.split(",") if s]
     if not args.smoke and (not names or any(s not in SHAPES for s in names)):
         p.error(f"--shapes {args.shapes!r}: accepted {', '.join(SHAPES)}")
+    args.capacity_spec = None
+    if args.capacity:
+        if str(REPO) not in sys.path:
+            sys.path.insert(0, str(REPO))
+        from moepatch.routing import STRATEGIES
+
+        strategy, _, gamma = args.capacity.partition("@")
+        try:
+            args.capacity_spec = (strategy, float(gamma))
+        except ValueError:
+            args.capacity_spec = None
+        if strategy not in STRATEGIES or args.capacity_spec is None or not args.capacity_spec[1] > 0:
+            p.error(f"--capacity {args.capacity!r}: accepted STRATEGY@GAMMA with STRATEGY one of "
+                    f"{', '.join(STRATEGIES)} and GAMMA > 0 (e.g. reroute@1.0)")
     args.shape_list = [SMOKE_SHAPE] if args.smoke else [(s, SHAPES[s]) for s in names]
     args.priority_list = [s for s in args.priorities.split(",") if s]
     try:
@@ -134,7 +152,7 @@ def run(args) -> int:
     from moepatch.parallel import init_distributed
     from moepatch.parallel.bench import call_exposures, exposed_communication, profile_calls, rank_exposures
     from moepatch.parallel.distributed import new_group_with_priority
-    from moepatch.scmoe import ScMoEConfig, ScMoEForCausalLM
+    from moepatch.scmoe import ScMoEConfig, ScMoEForCausalLM, apply_capacity
     from moepatch.scmoe.schedule import ShortcutEP
 
     rank, world, device = init_distributed()
@@ -189,6 +207,8 @@ def run(args) -> int:
         with torch.device(device):
             model = ScMoEForCausalLM(cfg)
         model = model.to(dtype).eval()
+        if args.capacity_spec is not None:
+            apply_capacity(model, args.capacity_spec[1], strategy=args.capacity_spec[0], ep_size=world)
         ep = ShortcutEP(model, group=groups[priority], dispatch_after_ops=after_ops)
         g = torch.Generator(device="cpu").manual_seed(100 + rank)  # each rank its own tokens
         ids_BS = torch.randint(0, cfg.vocab_size, (batch, seq), generator=g).to(device)
@@ -211,6 +231,15 @@ def run(args) -> int:
                                  f"by {ov_diff:.3e}; nothing timed")
             timing = ep.calibrate(ids_BS, iters=args.calibrate_iters, warmup=1)[0]
             ctx, h0 = ep.prepare(ids_BS)
+            # The routed rows each rank's experts compute (all ranks' tokens; contiguous expert blocks):
+            # the straggler the combine waits for.
+            probe = model.unit_program(0, h0, ctx)
+            ids_TW, _ = probe.moe.gate(probe.x_s_TD, ctx)
+            per_rank_experts = -(-E // world)
+            per_expert = torch.zeros(world * per_rank_experts, dtype=torch.float64, device=device)
+            per_expert[:E] = torch.bincount(ids_TW[(ids_TW >= 0) & (ids_TW < E)], minlength=E).double()
+            dist.all_reduce(per_expert)
+            rows_per_rank = per_expert.view(world, per_rank_experts).sum(1).tolist()
             t_seq, t_ov, saved = time_pair(lambda: ep.run_unit(0, h0, ctx, "sequential"),
                                            lambda: ep.run_unit(0, h0, ctx, "overlap"), args.iters, args.warmup)
             t_out, t_back = ep.time_exchanges(0, h0, ctx, iters=args.calibrate_iters * 2)
@@ -237,6 +266,9 @@ def run(args) -> int:
             "dispatch_ms": timing.dispatch * 1e3, "combine_ms": timing.combine * 1e3,
             "experts_ms": timing.experts * 1e3, "gate_ms": timing.gate * 1e3,
             "ops_ms": {k: v * 1e3 for k, v in timing.ops.items()}, "slot": timing.slot,
+            "routed_rows_per_rank": rows_per_rank,
+            "load_max_over_mean": max(rows_per_rank) / max(statistics.fmean(rows_per_rank), 1e-9),
+            "capacity": args.capacity,
             "a2a_ms": comm * 1e3, "a2a_dispatch_ms": t_out * 1e3, "a2a_combine_ms": t_back * 1e3,
             "saved_ms": saved * 1e3,
             "hidden_fraction": max(0.0, min(1.0, saved / comm)) if comm > 0 and timing.ops else 0.0,
@@ -277,7 +309,8 @@ def run(args) -> int:
         sc = next(r for r in rows if r["shape"] == shape_name and r["variant"] == "scmoe"
                   and r["nccl_priority"] == prios[0] and r["dispatch_after_ops"] == args.after_list[0])
         b = base["unit_sequential_ms"]
-        summary.append({"shape": shape_name, "top2_ms": b, "scmoe_sequential_ms": sc["unit_sequential_ms"],
+        summary.append({"shape": shape_name, "top2_ms": b, "top2_load": base["load_max_over_mean"],
+                        "scmoe_load": sc["load_max_over_mean"], "scmoe_sequential_ms": sc["unit_sequential_ms"],
                         "scmoe_overlap_ms": sc["unit_overlap_ms"],
                         "architecture_speedup": b / sc["unit_sequential_ms"],
                         "overlap_speedup": sc["unit_sequential_ms"] / sc["unit_overlap_ms"],
@@ -293,13 +326,18 @@ def run(args) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
         report = {"environment": env, "args": {k: str(v) for k, v in vars(args).items()}, "rows": rows,
                   "summary": summary}
-        md = [f"# ScMoE expert-parallel unit benchmark ({world} ranks, {env['device']}, {env['dtype']})", "",
-              "| shape | variant | NCCL streams | dispatch after ops | sequential ms | overlap ms | saved ms | "
+        cap = f"capacity {args.capacity} on both variants" if args.capacity else "no capacity"
+        md = [f"# ScMoE expert-parallel unit benchmark ({world} ranks, {env['device']}, {env['dtype']}, {cap})", "",
+              "Routed rows per rank: the rows each rank's experts compute (all ranks' tokens); max / mean is "
+              "the straggler's excess.", "",
+              "| shape | variant | NCCL streams | dispatch after ops | routed rows per rank (max/mean) | "
+              "sequential ms | overlap ms | saved ms | "
               "a2a ms (out + back) | dispatch + combine phases ms | hidden | slot K |",
-              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
         for r in rows:
+            loads = " / ".join(f"{v:.0f}" for v in r["routed_rows_per_rank"])
             md.append(f"| {r['shape']} | {r['variant']} | {r['nccl_priority']} | {r['dispatch_after_ops']} | "
-                      f"{r['unit_sequential_ms']:.3f} | "
+                      f"{loads} ({r['load_max_over_mean']:.3f}) | {r['unit_sequential_ms']:.3f} | "
                       f"{r['unit_overlap_ms']:.3f} | "
                       f"{r['saved_ms']:.3f} | {r['a2a_ms']:.3f} ({r['a2a_dispatch_ms']:.3f} + "
                       f"{r['a2a_combine_ms']:.3f}) | {r['dispatch_ms'] + r['combine_ms']:.3f} | "
@@ -336,7 +374,8 @@ def run(args) -> int:
         (args.out / "bench_scmoe.md").write_text("\n".join(md) + "\n")
         (args.out / "bench_scmoe.json").write_text(json.dumps(report, indent=1) + "\n")
         lines = [f"{'shape':>8} {'top2 ms':>9} {'ScMoE seq':>10} {'ScMoE ovl':>10} {'a2a ms':>8} {'saved':>7} "
-                 f"{'hidden':>7} {'(trace)':>7} {'(crit)':>7} {'(med)':>7} {'arch':>6} {'ovl':>6} {'total':>6}"]
+                 f"{'hidden':>7} {'(trace)':>7} {'(crit)':>7} {'(med)':>7} {'arch':>6} {'ovl':>6} {'total':>6} "
+                 f"{'load top2/ScMoE':>16}"]
         for s in summary:
             ht, hc, hm = (("-" if v is None else f"{100 * v:.1f}%")
                           for v in (s["scmoe_a2a_hidden_trace"], s["scmoe_a2a_hidden_trace_critical"],
@@ -345,7 +384,8 @@ def run(args) -> int:
                          f"{s['scmoe_overlap_ms']:>10.3f} {s['scmoe_a2a_ms']:>8.3f} {s['scmoe_saved_ms']:>7.3f} "
                          f"{100 * s['scmoe_a2a_hidden']:>6.0f}% {ht:>7} {hc:>7} {hm:>7} "
                          f"{s['architecture_speedup']:>5.2f}x "
-                         f"{s['overlap_speedup']:>5.2f}x {s['total_speedup']:>5.2f}x")
+                         f"{s['overlap_speedup']:>5.2f}x {s['total_speedup']:>5.2f}x "
+                         f"{s['top2_load']:>8.3f}/{s['scmoe_load']:.3f}")
         for r in rows:  # the ScMoE variant under the other NCCL stream priorities and dispatch launch points
             if r["variant"] == "scmoe" and (r["nccl_priority"] != prios[0]
                                             or r["dispatch_after_ops"] != args.after_list[0]):
@@ -356,7 +396,7 @@ def run(args) -> int:
                              f"({100 * r['hidden_fraction']:.0f}%)"
                              + ("" if crit is None else f", trace critical {100 * crit:.1f}%"))
         print(f"wrote {args.out / 'bench_scmoe.json'} and {args.out / 'bench_scmoe.md'}")
-        print(f"(headline rows: {prios[0]}-priority NCCL streams)" if nccl else "(gloo)")
+        print((f"(headline rows: {prios[0]}-priority NCCL streams" if nccl else "(gloo") + f"; {cap})")
         print("\n".join(lines), flush=True)
     dist.destroy_process_group()
     return 0

@@ -54,3 +54,24 @@ def test_bench_smoke(tmp_path):
     assert all(r["overlap_minus_sequential_max_abs"] == 0.0 and r["check_relative_error"] < 1e-4
                for r in report["rows"])
     assert (tmp_path / "bench_scmoe.md").read_text().startswith("# ScMoE")
+    # Every routed slot of both ranks' tokens (2 x 2 x 16) is counted once: top-2 two, ScMoE one.
+    rows = {r["variant"]: r["routed_rows_per_rank"] for r in report["rows"]}
+    assert sum(rows["top2"]) == 2 * 64 and sum(rows["scmoe"]) == 64
+
+
+@pytest.mark.distributed
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU smoke path; GPUs run the real benchmark")
+def test_bench_smoke_capacity_and_launch_points(tmp_path):
+    """--capacity applies to both variants (Token Reroute at 1.0 evens the ranks' loads out) and
+    --dispatch-after-ops adds a ScMoE row per extra launch point; bad values are refused."""
+    bench = _load(REPO / "scripts" / "bench_scmoe.py", "bench_scmoe")
+    assert bench.main(["--smoke", "--out", str(tmp_path), "--limit-s", "120", "--capacity", "reroute@1.0",
+                       "--dispatch-after-ops", "1,0"]) == 0
+    report = json.loads((tmp_path / "bench_scmoe.json").read_text())
+    assert [(r["variant"], r["dispatch_after_ops"]) for r in report["rows"]] == [("top2", 1), ("scmoe", 1),
+                                                                                 ("scmoe", 0)]
+    assert all(r["capacity"] == "reroute@1.0" and r["load_max_over_mean"] <= 1.05 for r in report["rows"])
+    assert all(r["overlap_minus_sequential_max_abs"] == 0.0 for r in report["rows"])
+    for bad in (["--capacity", "reroute"], ["--capacity", "sort@1.0"], ["--dispatch-after-ops", "-1"]):
+        with pytest.raises(SystemExit):
+            bench.parse_args(["--out", str(tmp_path), *bad])
