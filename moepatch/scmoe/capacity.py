@@ -5,7 +5,9 @@ does not see ScMoE layers.  They call :func:`moepatch.routing.route` themselves 
 :class:`CapacityState` is attached to them by :func:`apply_capacity`: every strategy, policy and
 option of ``moepatch.apply`` applies unchanged (the same ``make_config`` validates them), with the
 same semantics (``shared/spec/capacity-aware.md``): γ=None leaves the routing untouched, so the
-model is bit-identical to the unpatched one.
+model is bit-identical to the unpatched one.  On CUDA they take the same decision through
+``moepatch.ops``' sync-free route (the one ``moepatch.apply`` uses on GPUs), not the reference's
+host-synchronising torch code.
 
 The ScMoE layers that consult it: :class:`moepatch.scmoe.model.RoutedMoE` (native ScMoE models,
 shortcut or baseline) and :class:`moepatch.scmoe.convert.ShortcutMoeBlock` (converted transformers
@@ -17,6 +19,7 @@ Legend: B sequences, S positions, T = B*S tokens, E routed experts, K picks per 
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import weakref
 from dataclasses import dataclass, field
@@ -73,11 +76,23 @@ class CapacityState:
             valid_BS = self.valid_BS if self.valid_BS is not None and self.valid_BS.shape == (batch, seq) else None
         scores_TE = scoring.scores(logits_TE)
         factor_T = scoring.factor(scores_TE, ids_TK if native_ids_TK is None else native_ids_TK)
-        result = route(cfg, scores_TE, ids_TK, weights_TK, factor_T, batch=batch, seq=seq, valid_BS=valid_BS,
-                       layer=layer, source_rank=source_rank)
+        result = _route_for(scores_TE)(cfg, scores_TE, ids_TK, weights_TK, factor_T, batch=batch, seq=seq,
+                                       valid_BS=valid_BS, layer=layer, source_rank=source_rank)
         if cfg.collect_stats:
             self.records.append(PendingRecord(layer, ids_TK.shape[1], logits_TE.shape[1], cfg.ep_size, result))
         return result.topk_ids_TW, result.topk_weights_TW
+
+
+def _route_for(scores_TE: torch.Tensor):
+    """The routing function for a layer call: on CUDA moepatch.patch's (``route_sync_free``: no host
+    sync, Triton kernels where they apply, replayed from CUDA graphs; the same decision as the
+    reference, tests/ops and tests/scmoe), else the reference :func:`moepatch.routing.route`
+    (its many host syncs cost milliseconds per layer at 16k tokens on a GPU)."""
+    if scores_TE.is_cuda and importlib.util.find_spec("triton") is not None:
+        from ..ops.integration import route_fn
+
+        return route_fn()
+    return route
 
 
 def capacity_layers(model: torch.nn.Module) -> list[torch.nn.Module]:

@@ -46,13 +46,31 @@ def test_no_capacity_is_bit_identical(model):
     assert torch.equal(model(ids).logits, base)
 
 
+CASE_IDS = lambda c: f"{c[1]}-{'-'.join(f'{k}={v}' for k, v in c[2].items())}"  # noqa: E731
+
+
 @torch.no_grad()
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[1]}-{'-'.join(f'{k}={v}' for k, v in c[2].items())}")
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_layer_routes_as_route_says(model, case):
     """The shortcut layer's decision and output are route()'s decision on the router's own picks."""
+    _check_layer_routes_as_route_says(model, case, calls=1)
+
+
+@torch.no_grad()
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_layer_routes_as_route_says_on_the_gpu(model, case):
+    """On CUDA the layers route with moepatch.patch's sync-free route (Triton kernels, CUDA-graph
+    replays after a few calls): every call, replays included, is the reference route()'s decision."""
+    _check_layer_routes_as_route_says(model.cuda(), case, calls=5)
+
+
+def _check_layer_routes_as_route_says(model, case, calls):
     gamma, strategy, opts = case
     layer = model.moe_layers()[0]
-    x_TD = torch.randn(3 * 11, DIMS["hidden_size"], generator=torch.Generator().manual_seed(1))
+    device = layer.router.weight.device
+    x_TD = torch.randn(3 * 11, DIMS["hidden_size"], generator=torch.Generator().manual_seed(1)).to(device)
     ctx = ForwardContext(3, 11, None, None, None, None, True, None)
     logits, w_TK, ids_TK = layer.router(x_TD)
     scoring = layer.router.scoring
@@ -60,13 +78,14 @@ def test_layer_routes_as_route_says(model, case):
     expected = route(make_config(gamma, strategy, **opts), scores, ids_TK, w_TK, scoring.factor(scores, ids_TK),
                      batch=3, seq=11, layer=layer.capacity_layer)
     with apply_capacity(model, gamma, strategy, **opts) as h:
-        ids_TW, w_TW = layer.gate(x_TD, ctx)
-        assert torch.equal(ids_TW, expected.topk_ids_TW) and torch.equal(w_TW, expected.topk_weights_TW)
+        for _ in range(calls):
+            ids_TW, w_TW = layer.gate(x_TD, ctx)
+            assert torch.equal(ids_TW, expected.topk_ids_TW) and torch.equal(w_TW, expected.topk_weights_TW)
         assert torch.equal(layer(x_TD, ctx), layer.experts(x_TD, expected.topk_ids_TW, expected.topk_weights_TW))
-        logits_full = model(_ids()).logits
+        logits_full = model(_ids().to(device)).logits
         assert torch.isfinite(logits_full).all()
         records = h.stats().records
-        assert len(records) == 2 + len(model.moe_layers())  # the two direct calls, then one per layer
+        assert len(records) == calls + 1 + len(model.moe_layers())  # the direct calls, then one per layer
         one_group = opts.get("capacity_scope", "expert") == "expert" and opts.get("group", "batch") == "batch"
         if strategy in ("drop", "reroute") and one_group:
             for r in records:
