@@ -70,6 +70,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="backbone ops the host queues before launching the overlapped dispatch "
                         "(ShortcutEP.dispatch_after_ops; comma-separated to compare, the first is the headline; "
                         "a value >= the slot K is the older order: the whole window, then a blocking header wait)")
+    p.add_argument("--rows-sender", default="thread",
+                   help="who sends the overlapped dispatch's rows once the header is on the host "
+                        "(ShortcutEP.rows_sender: thread, poll; comma-separated to compare, the first is the headline)")
     p.add_argument("--capacity", default=None, metavar="STRATEGY@GAMMA",
                    help="capacity-aware routing on both variants' MoE layers, per source rank (e.g. reroute@1.0: "
                         "every expert gets at most its even share, so top-2 and ScMoE compare at balanced loads; "
@@ -103,6 +106,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.after_list = [int(v) for v in args.dispatch_after_ops.split(",") if v]
     except ValueError:
         args.after_list = []
+    args.sender_list = [v for v in args.rows_sender.split(",") if v]
+    if not args.sender_list or any(v not in ("thread", "poll") for v in args.sender_list):
+        p.error(f"--rows-sender {args.rows_sender!r}: accepted thread, poll (comma-separated)")
     if not args.after_list or min(args.after_list) < 0:
         p.error(f"--dispatch-after-ops {args.dispatch_after_ops!r}: accepted non-negative integers, comma-separated")
     if not args.priority_list or any(s not in ("high", "default") for s in args.priority_list):
@@ -197,7 +203,7 @@ def run(args) -> int:
         a, b = max_over_ranks(a), max_over_ranks(b)
         return statistics.median(a), statistics.median(b), statistics.median(x - y for x, y in zip(a, b))
 
-    def bench_variant(shape_name, dims, variant, kw, priority, after_ops) -> dict:
+    def bench_variant(shape_name, dims, variant, kw, priority, after_ops, sender) -> dict:
         """Check, calibrate and time one variant's unit (its exchanges on the group of NCCL stream
         ``priority``); the row of the report."""
         D, inter, hq, hk, E, batch, seq = dims
@@ -209,7 +215,7 @@ def run(args) -> int:
         model = model.to(dtype).eval()
         if args.capacity_spec is not None:
             apply_capacity(model, args.capacity_spec[1], strategy=args.capacity_spec[0], ep_size=world)
-        ep = ShortcutEP(model, group=groups[priority], dispatch_after_ops=after_ops)
+        ep = ShortcutEP(model, group=groups[priority], dispatch_after_ops=after_ops, rows_sender=sender)
         g = torch.Generator(device="cpu").manual_seed(100 + rank)  # each rank its own tokens
         ids_BS = torch.randint(0, cfg.vocab_size, (batch, seq), generator=g).to(device)
         with torch.no_grad():
@@ -246,7 +252,7 @@ def run(args) -> int:
             traced = {}
             for schedule in ("sequential", "overlap"):  # only with $MOEPATCH_PROFILE_DIR
                 trace = profile_calls(lambda s=schedule: ep.run_unit(0, h0, ctx, s),
-                                      f"scmoe_{shape_name}_{variant}_{priority}_after{after_ops}_{schedule}")
+                                      f"scmoe_{shape_name}_{variant}_{priority}_after{after_ops}_{sender}_{schedule}")
                 if trace is not None and cuda:
                     c = exposed_communication(trace)
                     traced[schedule] = rank_exposures(every_rank([c["nccl_ms"], c["exposed_ms"], c["compute_ms"]]))
@@ -260,6 +266,7 @@ def run(args) -> int:
 
         return {
             "shape": shape_name, "variant": variant, "nccl_priority": priority, "dispatch_after_ops": after_ops,
+            "rows_sender": sender,
             "hidden": D,
             "expert_width": inter, "experts": E,
             "tokens_per_rank": batch * seq, "unit_sequential_ms": t_seq * 1e3, "unit_overlap_ms": t_ov * 1e3,
@@ -294,11 +301,12 @@ def run(args) -> int:
     scmoe_kw = dict(arch="scmoe", position=2, combine="cg1")
     prios = list(groups)
     for shape_name, dims in args.shape_list:
-        after0 = args.after_list[0]
-        runs = ([("top2", dict(arch="top2"), prios[0], after0)] + [("scmoe", scmoe_kw, p, after0) for p in prios]
-                + [("scmoe", scmoe_kw, prios[0], a) for a in args.after_list[1:]])
-        for variant, kw, priority, after_ops in runs:
-            rows.append(bench_variant(shape_name, dims, variant, kw, priority, after_ops))
+        a0, s0 = args.after_list[0], args.sender_list[0]
+        runs = ([("top2", dict(arch="top2"), prios[0], a0, s0)] + [("scmoe", scmoe_kw, p, a0, s0) for p in prios]
+                + [("scmoe", scmoe_kw, prios[0], a, s0) for a in args.after_list[1:]]
+                + [("scmoe", scmoe_kw, prios[0], a0, v) for v in args.sender_list[1:]])
+        for run_args in runs:
+            rows.append(bench_variant(shape_name, dims, *run_args))
             if cuda:
                 torch.cuda.empty_cache()
 
@@ -307,7 +315,8 @@ def run(args) -> int:
         # The headline: both variants on the first priority's group (by default high, moepatch's default).
         base = next(r for r in rows if r["shape"] == shape_name and r["variant"] == "top2")
         sc = next(r for r in rows if r["shape"] == shape_name and r["variant"] == "scmoe"
-                  and r["nccl_priority"] == prios[0] and r["dispatch_after_ops"] == args.after_list[0])
+                  and r["nccl_priority"] == prios[0] and r["dispatch_after_ops"] == args.after_list[0]
+                  and r["rows_sender"] == args.sender_list[0])
         b = base["unit_sequential_ms"]
         summary.append({"shape": shape_name, "top2_ms": b, "top2_load": base["load_max_over_mean"],
                         "scmoe_load": sc["load_max_over_mean"], "scmoe_sequential_ms": sc["unit_sequential_ms"],
@@ -330,13 +339,14 @@ def run(args) -> int:
         md = [f"# ScMoE expert-parallel unit benchmark ({world} ranks, {env['device']}, {env['dtype']}, {cap})", "",
               "Routed rows per rank: the rows each rank's experts compute (all ranks' tokens); max / mean is "
               "the straggler's excess.", "",
-              "| shape | variant | NCCL streams | dispatch after ops | routed rows per rank (max/mean) | "
+              "| shape | variant | NCCL streams | dispatch after ops, rows sender | routed rows per rank (max/mean) | "
               "sequential ms | overlap ms | saved ms | "
               "a2a ms (out + back) | dispatch + combine phases ms | hidden | slot K |",
               "|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
         for r in rows:
             loads = " / ".join(f"{v:.0f}" for v in r["routed_rows_per_rank"])
-            md.append(f"| {r['shape']} | {r['variant']} | {r['nccl_priority']} | {r['dispatch_after_ops']} | "
+            md.append(f"| {r['shape']} | {r['variant']} | {r['nccl_priority']} | "
+                      f"{r['dispatch_after_ops']}, {r['rows_sender']} | "
                       f"{loads} ({r['load_max_over_mean']:.3f}) | {r['unit_sequential_ms']:.3f} | "
                       f"{r['unit_overlap_ms']:.3f} | "
                       f"{r['saved_ms']:.3f} | {r['a2a_ms']:.3f} ({r['a2a_dispatch_ms']:.3f} + "
@@ -351,7 +361,8 @@ def run(args) -> int:
                    "counts) and of the rank with the most compute (the unit's critical path); means over the "
                    "profiled calls, and the critical reading from the median call.  Per call: the critical "
                    "rank's exposure in each profiled call of the overlapped unit (ms).", "",
-                   "| shape | variant | NCCL streams | dispatch after ops | sequential: NCCL / exposed ms | "
+                   "| shape | variant | NCCL streams | dispatch after ops, rows sender | "
+                   "sequential: NCCL / exposed ms | "
                    "overlap: NCCL / exposed ms | hidden (trace, max) | critical rank: exposed ms | "
                    "hidden (trace, critical) | (median call) | per call |",
                    "|---|---|---|---:|---|---|---:|---|---:|---:|---|"]
@@ -360,7 +371,8 @@ def run(args) -> int:
                 hid, hid_c = r["hidden_fraction_trace"] or 0.0, r["hidden_fraction_trace_critical"] or 0.0
                 hid_m = r["hidden_fraction_trace_critical_median"] or 0.0
                 calls = " ".join(f"{v:.2f}" for v in t_o["per_call"]["critical_exposed"])
-                md.append(f"| {r['shape']} | {r['variant']} | {r['nccl_priority']} | {r['dispatch_after_ops']} | "
+                md.append(f"| {r['shape']} | {r['variant']} | {r['nccl_priority']} | "
+                      f"{r['dispatch_after_ops']}, {r['rows_sender']} | "
                           f"{t_s['nccl']:.3f} / {t_s['exposed']:.3f} | "
                           f"{t_o['nccl']:.3f} / {t_o['exposed']:.3f} | {100 * hid:.1f}% | "
                           f"{t_o['critical_rank']}: {t_o['critical_exposed']:.3f} | {100 * hid_c:.1f}% | "
@@ -388,10 +400,12 @@ def run(args) -> int:
                          f"{s['top2_load']:>8.3f}/{s['scmoe_load']:.3f}")
         for r in rows:  # the ScMoE variant under the other NCCL stream priorities and dispatch launch points
             if r["variant"] == "scmoe" and (r["nccl_priority"] != prios[0]
-                                            or r["dispatch_after_ops"] != args.after_list[0]):
+                                            or r["dispatch_after_ops"] != args.after_list[0]
+                                            or r["rows_sender"] != args.sender_list[0]):
                 crit = r["hidden_fraction_trace_critical"]
                 lines.append(f"{r['shape']:>8} ScMoE, {r['nccl_priority']}-priority NCCL, dispatch after "
-                             f"{r['dispatch_after_ops']} ops: sequential {r['unit_sequential_ms']:.3f}, overlap "
+                             f"{r['dispatch_after_ops']} ops, rows sent by {r['rows_sender']}: sequential "
+                             f"{r['unit_sequential_ms']:.3f}, overlap "
                              f"{r['unit_overlap_ms']:.3f} ms, saved {r['saved_ms']:.3f} of {r['a2a_ms']:.3f} ms a2a "
                              f"({100 * r['hidden_fraction']:.0f}%)"
                              + ("" if crit is None else f", trace critical {100 * crit:.1f}%"))

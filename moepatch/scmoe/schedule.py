@@ -23,14 +23,16 @@ Communication is asynchronous, compute stays on the current stream.  On CUDA the
 work (sorting the slots, gathering the rows, the header exchange and the copy of its values to
 the host) runs on a high-priority side stream that waits for the source (an event), beside
 backbone ops 0..K-1.  The host launches it after queueing the first of those ops
-(``ShortcutEP.dispatch_after_ops``) and then, between the remaining ones, polls the header (the
-split sizes must be on the host before the rows can be sent) without blocking: the rows go out as
-soon as it is there, and the GPU is never left idle for the one host sync per layer.  The rows
-then go with ``all_to_all_single(..., async_op=True)`` issued from the side stream (NCCL's
-internal stream waits for it), and ``work.wait()`` makes the compute stream wait for the rows
-without blocking the host; the return exchange is issued from the compute stream after the
-expert GEMMs.  With gloo the same calls run on gloo's worker thread (no streams), so
-the same code path overlaps as far as gloo allows.
+(``ShortcutEP.dispatch_after_ops``); the split sizes must then be on the host before the rows can
+be sent (the one host sync per layer), so a helper thread waits for the header, with the GIL
+released, and sends the rows the moment it lands, while the main thread goes on queueing the
+backbone (``rows_sender="poll"``: the main thread looks between backbone ops instead, which
+sends late when a rank's host is slow to queue a long op).  The rows then go with
+``all_to_all_single(..., async_op=True)`` issued from the side stream (NCCL's internal stream
+waits for it), and ``work.wait()`` makes the compute stream wait for the rows without blocking
+the host; the return exchange is issued from the compute stream after the expert GEMMs.  With
+gloo the same calls run on gloo's worker thread (no streams), so the same code path overlaps as
+far as gloo allows.
 
 The slot K of the expert GEMMs among the N backbone ops is the paper's rule on measured times
 (:func:`choose_slot`): minimise |Σ_{i<K} COMP_i − T_dispatch| + |Σ_{i≥K} COMP_i − T_combine|
@@ -49,6 +51,7 @@ W routing slots per token, R rows this rank receives, P rows it sends, L local e
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import statistics
 import time
@@ -63,6 +66,15 @@ from ..parallel.ep import _EPBlock, compute_local_experts
 from .model import ForwardContext, ScMoEForCausalLM, UnitProgram
 
 SCHEDULES = ("sequential", "overlap")
+SENDERS = ("thread", "poll")
+_SENDER: concurrent.futures.ThreadPoolExecutor | None = None  # one worker, shared: units run one at a time
+
+
+def _sender() -> concurrent.futures.ThreadPoolExecutor:
+    global _SENDER
+    if _SENDER is None:
+        _SENDER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="moepatch-rows")
+    return _SENDER
 
 
 class AsyncAllToAllDispatcher(AllToAllDispatcher):
@@ -190,14 +202,22 @@ class ShortcutEP:
             header exchange starts as early as possible; 0: the dispatch first; a value >= the
             slot K: the whole window first, then a blocking wait for the header).  Outputs do not
             depend on it.
+        rows_sender: overlapped schedule on CUDA: who sends the rows once the header is on the
+            host.  ``"thread"`` (default): a helper thread waits for the header (the GIL released)
+            and launches the rows' all-to-all from the side stream at once, while this thread goes
+            on queueing the backbone; ``"poll"``: this thread looks between backbone ops (a rank
+            whose host is slow to queue a long op sends late, and the other rank waits).  Outputs
+            do not depend on it.
     Capacity-aware routing applies per source rank when :func:`moepatch.scmoe.apply_capacity`
     (LongCat-Flash: ``moepatch.apply``) was called with ``ep_size`` equal to the world size.
     """
 
-    def __init__(self, model, group=None, dispatch_after_ops: int = 1):
+    def __init__(self, model, group=None, dispatch_after_ops: int = 1, rows_sender: str = "thread"):
         if isinstance(dispatch_after_ops, bool) or not isinstance(dispatch_after_ops, int) or dispatch_after_ops < 0:
             raise ValueError(f"dispatch_after_ops={dispatch_after_ops!r}; accepted: an integer >= 0 (backbone ops "
                              "queued before the overlapped dispatch is launched)")
+        if rows_sender not in SENDERS:
+            raise ValueError(f"rows_sender={rows_sender!r}; accepted: {', '.join(map(repr, SENDERS))}")
         if type(model).__name__ == "LongcatFlashForCausalLM":
             from .longcat import LongcatShortcut
 
@@ -234,6 +254,7 @@ class ShortcutEP:
         # Overlap on CUDA: how many backbone ops the host queues before it launches the dispatch
         # (0: the dispatch first; >= K: the whole window first, then a blocking wait for the header).
         self.dispatch_after_ops = dispatch_after_ops
+        self.rows_sender = rows_sender
 
     # -- one unit ---------------------------------------------------------------------------------
     def _in_flight(self):
@@ -275,6 +296,27 @@ class ShortcutEP:
             raise ModelStateError("every rank reported idle in a ShortcutEP forward; all ranks must run the same "
                                   "number of forwards")
         return d, self._take_pending() if asynchronous else None
+
+    def _window_with_sender(self, hdr, side, window):
+        """Queue the window's backbone ops while the helper thread waits for the header and sends the rows.
+
+        Only the helper issues a collective until it is done (the backbone ops issue none), so the
+        ranks' collectives keep one order.  An exception in either thread surfaces here, after the
+        helper has finished (no collective is left half-issued behind the caller's back)."""
+
+        def send():
+            with torch.cuda.device(side.device):  # the helper's current device and (in _complete) stream
+                return self._complete(hdr, asynchronous=True, side=side)
+
+        future = _sender().submit(send)
+        try:
+            for _, op in window:
+                op()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                future.result()
+            raise
+        return future.result()
 
     def _dispatch(self, prog: UnitProgram, ids_TW: torch.Tensor, asynchronous: bool):
         return self._complete(self._begin(prog, ids_TW), asynchronous)
@@ -338,12 +380,11 @@ class ShortcutEP:
             # CUDA.  The host queues the first ``dispatch_after_ops`` backbone ops (GPU work while it
             # launches the dispatch), then the dispatch's few kernels (sort, gather, header exchange,
             # copy of the header to pinned memory) on the side stream, which waits only for the
-            # source; then the rest of ops 0..K-1, and after each one it looks (without blocking)
-            # whether the header has reached the host: as soon as it has, the rows go out, so the
-            # exchange starts while the compute stream still has most of the window queued.  Only
-            # if the header is not there once all K ops are queued does the host wait for it (the
-            # GPU still has those ops to run).  The backbone ops issue no collective, so the
-            # rank-dependent point at which the rows are sent cannot reorder collectives between ranks.
+            # source; then the rest of ops 0..K-1 while the rows go out as soon as the header is on
+            # the host (sent by the helper thread, or by this one between ops: ``rows_sender``), so
+            # the exchange runs while the compute stream still has the window queued.  The backbone
+            # ops issue no collective, so the rank-dependent moment the rows are sent cannot reorder
+            # collectives between ranks.
             source_ready = torch.cuda.Event()
             source_ready.record()
             first = min(self.dispatch_after_ops, k)
@@ -351,13 +392,16 @@ class ShortcutEP:
                 op()
             window = prog.ops[first:k]
             hdr = self._begin(prog, ids_TW, side, after=source_ready)
-            d = pending = None
-            for _, op in window:
-                op()
-                if d is None and hdr.values.ready():
+            if self.rows_sender == "thread":
+                d, pending = self._window_with_sender(hdr, side, window)
+            else:
+                d = pending = None
+                for _, op in window:
+                    op()
+                    if d is None and hdr.values.ready():
+                        d, pending = self._complete(hdr, asynchronous=True, side=side)
+                if d is None:
                     d, pending = self._complete(hdr, asynchronous=True, side=side)
-            if d is None:
-                d, pending = self._complete(hdr, asynchronous=True, side=side)
         if pending is not None:
             pending.wait()  # the compute stream waits for the rows; the host does not
         y_RD = self._experts(d)

@@ -51,12 +51,13 @@ def main(out_path: str, cuda: bool = False) -> None:
             timings = ep.calibrate(ids_BS[mine], mask_BS[mine], iters=2)
             ov_cal = ep(ids_BS[mine], mask_BS[mine], schedule="overlap")
             # Where the host launches the dispatch among the window's ops (0: first; 99: after all of
-            # them, then a blocking header wait) must not change the output.
+            # them) and who sends the rows (a helper thread, the main thread between ops) must not
+            # change the output (on NCCL; gloo has one path).
             orders = []
-            for after in (0, 99):
-                ep.dispatch_after_ops = after
+            for after, sender in ((0, "thread"), (99, "thread"), (1, "poll")):
+                ep.dispatch_after_ops, ep.rows_sender = after, sender
                 orders.append(bool(torch.equal(seq, ep(ids_BS[mine], mask_BS[mine], schedule="overlap"))))
-            ep.dispatch_after_ops = 1
+            ep.dispatch_after_ops, ep.rows_sender = 1, "thread"
             r = dict(ref_vs_seq=_diff(ref, seq), seq_equals_overlap=bool(torch.equal(seq, ov)), launch_orders=orders,
                      seq_equals_calibrated=bool(torch.equal(seq, ov_cal)), ref_max=float(ref.abs().max()),
                      slots={str(u): t.slot for u, t in timings.items()},

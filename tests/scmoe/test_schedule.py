@@ -59,14 +59,16 @@ def test_one_rank_schedules_equal_the_model(kw):
 @torch.no_grad()
 @pytest.mark.gpu
 @pytest.mark.parametrize("after", [0, 1, 2, 99])
-def test_one_gpu_side_stream_schedule_equals_sequential(after):
+@pytest.mark.parametrize("sender", ["thread", "poll"])
+def test_one_gpu_side_stream_schedule_equals_sequential(after, sender):
     """On one GPU (local dispatcher) the overlapped schedule runs its dispatch on the side stream,
     with the counting-sort dispatch and the weighted combine kernel: same logits bit for bit, for
     several forwards in a row (buffers of one unit must not be reused under the next), wherever the
-    host launches the dispatch among the window's backbone ops (``after``; 99: after all of them)."""
+    host launches the dispatch among the window's backbone ops (``after``; 99: after all of them)
+    and whoever sends the rows (a helper thread, or the main thread between ops)."""
     torch.manual_seed(0)
     model = build_scmoe(arch="scmoe", position=2, **DIMS).eval().cuda()
-    ep = ShortcutEP(model, dispatch_after_ops=after)
+    ep = ShortcutEP(model, dispatch_after_ops=after, rows_sender=sender)
     ep.slots = {u: 3 for u in range(len(model.units))}  # the whole window before the experts: 3 ops to launch among
     for seed in range(3):
         ids = torch.randint(0, 64, (4, 33), generator=torch.Generator().manual_seed(seed)).cuda()
@@ -90,6 +92,8 @@ def test_one_rank_refusals():
     for bad in (-1, 1.5, True, "1"):
         with pytest.raises(ValueError, match="dispatch_after_ops.*integer >= 0"):
             ShortcutEP(build_scmoe(**DIMS), dispatch_after_ops=bad)
+    with pytest.raises(ValueError, match="rows_sender='main'; accepted: 'thread', 'poll'"):
+        ShortcutEP(build_scmoe(**DIMS), rows_sender="main")
 
 
 def _check_two_ranks(per_rank, tol):
@@ -98,7 +102,7 @@ def _check_two_ranks(per_rank, tol):
             assert r["ref_vs_seq"] <= tol, (rank, name, r)
             assert r["ref_max"] > 0.1
             assert r["seq_equals_overlap"] and r["seq_equals_calibrated"], (rank, name)
-            assert r["launch_orders"] == [True, True], (rank, name)
+            assert r["launch_orders"] == [True, True, True], (rank, name)
         cap = res["scmoe-pos2-cg1"]
         assert cap["cap_sim_vs_seq"] <= tol and cap["cap_seq_equals_overlap"]
         assert cap["cap_dropped"] > 0 and cap["cap_changes_output"] > 1e-4
