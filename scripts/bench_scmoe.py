@@ -73,6 +73,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rows-sender", default="thread",
                    help="who sends the overlapped dispatch's rows once the header is on the host "
                         "(ShortcutEP.rows_sender: thread, poll; comma-separated to compare, the first is the headline)")
+    p.add_argument("--router", default="init", choices=("init", "unbiased"),
+                   help="routers as initialised (the mean of the routed states then adds a fixed bias per expert "
+                        "and ScMoE's top-1 is the more imbalanced), or unbiased (the router's rows made orthogonal "
+                        "to that mean over all ranks' tokens: no expert favoured, loads even in expectation, as a "
+                        "balance loss keeps trained routers)")
     p.add_argument("--capacity", default=None, metavar="STRATEGY@GAMMA",
                    help="capacity-aware routing on both variants' MoE layers, per source rank (e.g. reroute@1.0: "
                         "every expert gets at most its even share, so top-2 and ScMoE compare at balanced loads; "
@@ -219,6 +224,14 @@ def run(args) -> int:
         g = torch.Generator(device="cpu").manual_seed(100 + rank)  # each rank its own tokens
         ids_BS = torch.randint(0, cfg.vocab_size, (batch, seq), generator=g).to(device)
         with torch.no_grad():
+            if args.router == "unbiased":  # the same rows on every rank: the mean is over all ranks' tokens
+                uctx, uh0 = ep.prepare(ids_BS)
+                prog = model.unit_program(0, uh0, uctx)
+                mean_D = prog.x_s_TD.float().mean(0)
+                dist.all_reduce(mean_D)
+                unit_D = mean_D / mean_D.norm().clamp_min(1e-12)
+                w_ED = prog.moe.router.weight
+                w_ED.sub_(((w_ED.float() @ unit_D)[:, None] * unit_D).to(w_ED.dtype))
             # Correctness first, on this rank's first sequence.
             cctx, ch0 = ep.prepare(ids_BS[:1])
             ref = _unit_single_device(model, 0, ch0, cctx).float()
@@ -275,7 +288,7 @@ def run(args) -> int:
             "ops_ms": {k: v * 1e3 for k, v in timing.ops.items()}, "slot": timing.slot,
             "routed_rows_per_rank": rows_per_rank,
             "load_max_over_mean": max(rows_per_rank) / max(statistics.fmean(rows_per_rank), 1e-9),
-            "capacity": args.capacity,
+            "capacity": args.capacity, "router": args.router,
             "a2a_ms": comm * 1e3, "a2a_dispatch_ms": t_out * 1e3, "a2a_combine_ms": t_back * 1e3,
             "saved_ms": saved * 1e3,
             "hidden_fraction": max(0.0, min(1.0, saved / comm)) if comm > 0 and timing.ops else 0.0,
@@ -336,6 +349,7 @@ def run(args) -> int:
         report = {"environment": env, "args": {k: str(v) for k, v in vars(args).items()}, "rows": rows,
                   "summary": summary}
         cap = f"capacity {args.capacity} on both variants" if args.capacity else "no capacity"
+        cap += f", {args.router} routers"
         md = [f"# ScMoE expert-parallel unit benchmark ({world} ranks, {env['device']}, {env['dtype']}, {cap})", "",
               "Routed rows per rank: the rows each rank's experts compute (all ranks' tokens); max / mean is "
               "the straggler's excess.", "",

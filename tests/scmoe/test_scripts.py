@@ -66,12 +66,30 @@ def test_bench_smoke_capacity_and_launch_points(tmp_path):
     --dispatch-after-ops adds a ScMoE row per extra launch point; bad values are refused."""
     bench = _load(REPO / "scripts" / "bench_scmoe.py", "bench_scmoe")
     assert bench.main(["--smoke", "--out", str(tmp_path), "--limit-s", "120", "--capacity", "reroute@1.0",
-                       "--dispatch-after-ops", "1,0"]) == 0
+                       "--dispatch-after-ops", "1,0", "--rows-sender", "thread,poll"]) == 0
     report = json.loads((tmp_path / "bench_scmoe.json").read_text())
-    assert [(r["variant"], r["dispatch_after_ops"]) for r in report["rows"]] == [("top2", 1), ("scmoe", 1),
-                                                                                 ("scmoe", 0)]
+    assert [(r["variant"], r["dispatch_after_ops"], r["rows_sender"]) for r in report["rows"]] == [
+        ("top2", 1, "thread"), ("scmoe", 1, "thread"), ("scmoe", 0, "thread"), ("scmoe", 1, "poll")]
     assert all(r["capacity"] == "reroute@1.0" and r["load_max_over_mean"] <= 1.05 for r in report["rows"])
     assert all(r["overlap_minus_sequential_max_abs"] == 0.0 for r in report["rows"])
-    for bad in (["--capacity", "reroute"], ["--capacity", "sort@1.0"], ["--dispatch-after-ops", "-1"]):
+    for bad in (["--capacity", "reroute"], ["--capacity", "sort@1.0"], ["--dispatch-after-ops", "-1"],
+                ["--rows-sender", "thread,main"], ["--router", "trained"]):
         with pytest.raises(SystemExit):
             bench.parse_args(["--out", str(tmp_path), *bad])
+
+
+@pytest.mark.distributed
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU smoke path; GPUs run the real benchmark")
+def test_bench_smoke_unbiased_routers_even_the_loads(tmp_path):
+    """--router unbiased takes the routed states' common direction out of the routers: both variants'
+    loads over the ranks come closer to even than with the routers as initialised."""
+    bench = _load(REPO / "scripts" / "bench_scmoe.py", "bench_scmoe")
+    loads = {}
+    for router in ("init", "unbiased"):
+        out = tmp_path / router
+        assert bench.main(["--smoke", "--out", str(out), "--limit-s", "120", "--router", router]) == 0
+        report = json.loads((out / "bench_scmoe.json").read_text())
+        assert all(r["router"] == router and r["check_relative_error"] < 1e-4 for r in report["rows"])
+        loads[router] = {r["variant"]: r["load_max_over_mean"] for r in report["rows"]}
+    for variant in ("top2", "scmoe"):
+        assert loads["unbiased"][variant] < loads["init"][variant], loads
