@@ -305,7 +305,8 @@ class ShortcutEP:
         helper has finished (no collective is left half-issued behind the caller's back)."""
 
         def send():
-            with torch.cuda.device(side.device):  # the helper's current device and (in _complete) stream
+            # The helper's current device (and, in _complete, stream); None: the CPU (tests).
+            with torch.cuda.device(side.device) if side is not None else contextlib.nullcontext():
                 return self._complete(hdr, asynchronous=True, side=side)
 
         future = _sender().submit(send)

@@ -96,6 +96,45 @@ def test_one_rank_refusals():
         ShortcutEP(build_scmoe(**DIMS), rows_sender="main")
 
 
+@torch.no_grad()
+def test_rows_sender_thread_runs_the_window_and_surfaces_errors():
+    """The helper-thread sender (CPU, local dispatcher): the window's ops run on the calling thread
+    while the helper completes the dispatch on another; an exception from an op or from the helper
+    reaches the caller, and only once the helper is done."""
+    import threading
+
+    torch.manual_seed(0)
+    model = build_scmoe(arch="scmoe", position=2, **DIMS).eval()
+    ep = ShortcutEP(model)
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))
+    ctx, h = ep.prepare(ids)
+    prog = model.unit_program(0, h, ctx)
+    ids_TW, _ = prog.moe.gate(prog.x_s_TD, ctx)
+    seen = []
+    d, pending = ep._window_with_sender(ep._begin(prog, ids_TW), None,
+                                        [("a", lambda: seen.append(threading.current_thread()))])
+    assert seen == [threading.main_thread()] and pending is None
+    assert d.x_RH.shape[0] == int((ids_TW < model.config.num_experts).sum())  # every kept slot, received here
+
+    def boom():
+        raise KeyError("op failed")
+
+    with pytest.raises(KeyError, match="op failed"):
+        ep._window_with_sender(ep._begin(prog, ids_TW), None, [("boom", boom)])
+    real_complete = ep._complete
+    done = []
+
+    def failing_complete(*args, **kwargs):
+        done.append(threading.current_thread())
+        raise ModelStateError("helper failed")
+
+    ep._complete = failing_complete
+    with pytest.raises(ModelStateError, match="helper failed"):
+        ep._window_with_sender(ep._begin(prog, ids_TW), None, [("a", lambda: None)])
+    assert done and done[0] is not threading.main_thread()
+    ep._complete = real_complete
+
+
 def _check_two_ranks(per_rank, tol):
     for rank, res in enumerate(per_rank):
         for name, r in res.items():
