@@ -70,7 +70,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="backbone ops the host queues before launching the overlapped dispatch "
                         "(ShortcutEP.dispatch_after_ops; comma-separated to compare, the first is the headline; "
                         "a value >= the slot K is the older order: the whole window, then a blocking header wait)")
-    p.add_argument("--rows-sender", default="thread",
+    p.add_argument("--rows-sender", default="poll",
                    help="who sends the overlapped dispatch's rows once the header is on the host "
                         "(ShortcutEP.rows_sender: thread, poll; comma-separated to compare, the first is the headline)")
     p.add_argument("--router", default="init", choices=("init", "unbiased"),

@@ -24,10 +24,9 @@ work (sorting the slots, gathering the rows, the header exchange and the copy of
 the host) runs on a high-priority side stream that waits for the source (an event), beside
 backbone ops 0..K-1.  The host launches it after queueing the first of those ops
 (``ShortcutEP.dispatch_after_ops``); the split sizes must then be on the host before the rows can
-be sent (the one host sync per layer), so a helper thread waits for the header, with the GIL
-released, and sends the rows the moment it lands, while the main thread goes on queueing the
-backbone (``rows_sender="poll"``: the main thread looks between backbone ops instead, which
-sends late when a rank's host is slow to queue a long op).  The rows then go with
+be sent (the one host sync per layer): the host looks for the header between the remaining
+backbone ops, without blocking, and sends the rows as soon as it is there (``rows_sender="thread"``:
+a helper thread waits for it with the GIL released and sends at once; measured no better).  The rows then go with
 ``all_to_all_single(..., async_op=True)`` issued from the side stream (NCCL's internal stream
 waits for it), and ``work.wait()`` makes the compute stream wait for the rows without blocking
 the host; the return exchange is issued from the compute stream after the expert GEMMs.  With
@@ -203,16 +202,17 @@ class ShortcutEP:
             slot K: the whole window first, then a blocking wait for the header).  Outputs do not
             depend on it.
         rows_sender: overlapped schedule on CUDA: who sends the rows once the header is on the
-            host.  ``"thread"`` (default): a helper thread waits for the header (the GIL released)
-            and launches the rows' all-to-all from the side stream at once, while this thread goes
-            on queueing the backbone; ``"poll"``: this thread looks between backbone ops (a rank
-            whose host is slow to queue a long op sends late, and the other rank waits).  Outputs
-            do not depend on it.
+            host.  ``"poll"`` (default): this thread looks between backbone ops (a rank whose host
+            is slow to queue a long op sends late, and the other rank waits); ``"thread"``: a
+            helper thread waits for the header (the GIL released) and launches the rows'
+            all-to-all from the side stream at once, while this thread goes on queueing the
+            backbone (measured no better on two H200, docs/benchmarks.md run 9).  Outputs do not
+            depend on it.
     Capacity-aware routing applies per source rank when :func:`moepatch.scmoe.apply_capacity`
     (LongCat-Flash: ``moepatch.apply``) was called with ``ep_size`` equal to the world size.
     """
 
-    def __init__(self, model, group=None, dispatch_after_ops: int = 1, rows_sender: str = "thread"):
+    def __init__(self, model, group=None, dispatch_after_ops: int = 1, rows_sender: str = "poll"):
         if isinstance(dispatch_after_ops, bool) or not isinstance(dispatch_after_ops, int) or dispatch_after_ops < 0:
             raise ValueError(f"dispatch_after_ops={dispatch_after_ops!r}; accepted: an integer >= 0 (backbone ops "
                              "queued before the overlapped dispatch is launched)")

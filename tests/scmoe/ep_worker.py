@@ -57,7 +57,7 @@ def main(out_path: str, cuda: bool = False) -> None:
             for after, sender in ((0, "thread"), (99, "thread"), (1, "poll")):
                 ep.dispatch_after_ops, ep.rows_sender = after, sender
                 orders.append(bool(torch.equal(seq, ep(ids_BS[mine], mask_BS[mine], schedule="overlap"))))
-            ep.dispatch_after_ops, ep.rows_sender = 1, "thread"
+            ep.dispatch_after_ops, ep.rows_sender = 1, "poll"
             r = dict(ref_vs_seq=_diff(ref, seq), seq_equals_overlap=bool(torch.equal(seq, ov)), launch_orders=orders,
                      seq_equals_calibrated=bool(torch.equal(seq, ov_cal)), ref_max=float(ref.abs().max()),
                      slots={str(u): t.slot for u, t in timings.items()},

@@ -66,10 +66,10 @@ def test_bench_smoke_capacity_and_launch_points(tmp_path):
     --dispatch-after-ops adds a ScMoE row per extra launch point; bad values are refused."""
     bench = _load(REPO / "scripts" / "bench_scmoe.py", "bench_scmoe")
     assert bench.main(["--smoke", "--out", str(tmp_path), "--limit-s", "120", "--capacity", "reroute@1.0",
-                       "--dispatch-after-ops", "1,0", "--rows-sender", "thread,poll"]) == 0
+                       "--dispatch-after-ops", "1,0", "--rows-sender", "poll,thread"]) == 0
     report = json.loads((tmp_path / "bench_scmoe.json").read_text())
     assert [(r["variant"], r["dispatch_after_ops"], r["rows_sender"]) for r in report["rows"]] == [
-        ("top2", 1, "thread"), ("scmoe", 1, "thread"), ("scmoe", 0, "thread"), ("scmoe", 1, "poll")]
+        ("top2", 1, "poll"), ("scmoe", 1, "poll"), ("scmoe", 0, "poll"), ("scmoe", 1, "thread")]
     assert all(r["capacity"] == "reroute@1.0" and r["load_max_over_mean"] <= 1.05 for r in report["rows"])
     assert all(r["overlap_minus_sequential_max_abs"] == 0.0 for r in report["rows"])
     for bad in (["--capacity", "reroute"], ["--capacity", "sort@1.0"], ["--dispatch-after-ops", "-1"],
