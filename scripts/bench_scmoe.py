@@ -274,8 +274,10 @@ def run(args) -> int:
                         [[r[i:i + 3] for i in range(0, len(r), 3)] for r in flat])
         comm = t_out + t_back
 
-        def hidden_by_trace(key):  # 1 - the overlap's exposed NCCL time / the all-to-all alone (None unprofiled)
-            return max(0.0, 1.0 - traced["overlap"][key] / 1e3 / comm) if "overlap" in traced and comm > 0 else None
+        def hidden_by_trace(exposed_ms):  # 1 - the overlap's exposed NCCL time / the all-to-all alone
+            return max(0.0, 1.0 - exposed_ms / 1e3 / comm) if comm > 0 else None
+
+        ov = traced.get("overlap")  # None unprofiled
 
         return {
             "shape": shape_name, "variant": variant, "nccl_priority": priority, "dispatch_after_ops": after_ops,
@@ -299,13 +301,12 @@ def run(args) -> int:
             "trace_ms": traced,
             # The trace readings: with the exposure of the rank that exposes most (it counts a lighter
             # rank's wait for the straggler at the combine), and of the critical-path rank.
-            "hidden_fraction_trace": hidden_by_trace("exposed"),
-            "hidden_fraction_trace_critical": hidden_by_trace("critical_exposed"),
+            "hidden_fraction_trace": hidden_by_trace(ov["exposed"]) if ov else None,
+            "hidden_fraction_trace_critical": hidden_by_trace(ov["critical_exposed"]) if ov else None,
             # The same from the median call's critical exposure (the mean above, which one slow call
             # can move: the per-call values are in trace_ms.overlap.per_call).
-            "hidden_fraction_trace_critical_median": (
-                max(0.0, 1.0 - traced["overlap"]["per_call"]["critical_exposed_median"] / 1e3 / comm)
-                if "overlap" in traced and comm > 0 and traced["overlap"]["per_call"]["calls"] else None),
+            "hidden_fraction_trace_critical_median": (hidden_by_trace(ov["per_call"]["critical_exposed_median"])
+                                                      if ov and ov["per_call"]["calls"] else None),
         }
 
     rows = []
@@ -386,7 +387,7 @@ def run(args) -> int:
                 hid_m = r["hidden_fraction_trace_critical_median"] or 0.0
                 calls = " ".join(f"{v:.2f}" for v in t_o["per_call"]["critical_exposed"])
                 md.append(f"| {r['shape']} | {r['variant']} | {r['nccl_priority']} | "
-                      f"{r['dispatch_after_ops']}, {r['rows_sender']} | "
+                          f"{r['dispatch_after_ops']}, {r['rows_sender']} | "
                           f"{t_s['nccl']:.3f} / {t_s['exposed']:.3f} | "
                           f"{t_o['nccl']:.3f} / {t_o['exposed']:.3f} | {100 * hid:.1f}% | "
                           f"{t_o['critical_rank']}: {t_o['critical_exposed']:.3f} | {100 * hid_c:.1f}% | "

@@ -19,6 +19,7 @@ Legend: B sequences, S positions, T = B*S tokens, E routed experts, K picks per 
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import inspect
 import weakref
@@ -88,11 +89,17 @@ def _route_for(scores_TE: torch.Tensor):
     sync, Triton kernels where they apply, replayed from CUDA graphs; the same decision as the
     reference, tests/ops and tests/scmoe), else the reference :func:`moepatch.routing.route`
     (its many host syncs cost milliseconds per layer at 16k tokens on a GPU)."""
-    if scores_TE.is_cuda and importlib.util.find_spec("triton") is not None:
-        from ..ops.integration import route_fn
+    return (_cuda_route() or route) if scores_TE.is_cuda else route
 
-        return route_fn()
-    return route
+
+@functools.cache
+def _cuda_route():
+    """moepatch.patch's GPU route (None without triton), looked up once, not on every layer call."""
+    if importlib.util.find_spec("triton") is None:
+        return None
+    from ..ops.integration import route_fn
+
+    return route_fn()
 
 
 def capacity_layers(model: torch.nn.Module) -> list[torch.nn.Module]:

@@ -25,13 +25,13 @@ the host) runs on a high-priority side stream that waits for the source (an even
 backbone ops 0..K-1.  The host launches it after queueing the first of those ops
 (``ShortcutEP.dispatch_after_ops``); the split sizes must then be on the host before the rows can
 be sent (the one host sync per layer): the host looks for the header between the remaining
-backbone ops, without blocking, and sends the rows as soon as it is there (``rows_sender="thread"``:
-a helper thread waits for it with the GIL released and sends at once; measured no better).  The rows then go with
-``all_to_all_single(..., async_op=True)`` issued from the side stream (NCCL's internal stream
-waits for it), and ``work.wait()`` makes the compute stream wait for the rows without blocking
-the host; the return exchange is issued from the compute stream after the expert GEMMs.  With
-gloo the same calls run on gloo's worker thread (no streams), so the same code path overlaps as
-far as gloo allows.
+backbone ops, without blocking, and sends the rows as soon as it is there
+(``rows_sender="thread"``: a helper thread waits for it with the GIL released and sends at once;
+measured no better).  The rows then go with ``all_to_all_single(..., async_op=True)`` issued from
+the side stream (NCCL's internal stream waits for it), and ``work.wait()`` makes the compute
+stream wait for the rows without blocking the host; the return exchange is issued from the
+compute stream after the expert GEMMs.  With gloo the same calls run on gloo's worker thread (no
+streams), so the same code path overlaps as far as gloo allows.
 
 The slot K of the expert GEMMs among the N backbone ops is the paper's rule on measured times
 (:func:`choose_slot`): minimise |Σ_{i<K} COMP_i − T_dispatch| + |Σ_{i≥K} COMP_i − T_combine|
@@ -251,9 +251,7 @@ class ShortcutEP:
         self.slots: dict[int, int] = {}
         self.timings: dict[int, UnitTiming] = {}
         self._side = None  # CUDA stream of the overlapped dispatch, made on first use
-        # Overlap on CUDA: how many backbone ops the host queues before it launches the dispatch
-        # (0: the dispatch first; >= K: the whole window first, then a blocking wait for the header).
-        self.dispatch_after_ops = dispatch_after_ops
+        self.dispatch_after_ops = dispatch_after_ops  # the overlapped schedule's launch point and sender (above)
         self.rows_sender = rows_sender
 
     # -- one unit ---------------------------------------------------------------------------------
