@@ -330,6 +330,59 @@ class Dispatcher:
         y_PH = self.return_rows(y_RH, d)
         return weigh_and_sum(y_PH, d, weights_TW)
 
+    # -- the fixed-size exchange: no header, no host value ---------------------------------------
+    def begin_padded(self, x_TH: torch.Tensor, ids_TW: torch.Tensor, *, num_experts: int, tag: int,
+                     slots_per_peer: int) -> PaddedRound:
+        """Send every kept (token, slot) row to the rank of its expert in fixed-size blocks.
+
+        Every rank sends ``slots_per_peer`` (Q) rows to every rank, the rows of its kept slots first
+        (sorted by expert, token order inside an expert) and unspecified rows after them, with the
+        local expert index of each row (``header_slots``, an index no rank hosts, on the rest).  The
+        sizes are host ints known before any kernel runs, so nothing here reads a value back: the
+        exchange can be queued ahead of its inputs (the price: Q rows per rank pair whatever the
+        routing).  No status, tag or format is exchanged: every rank must run the same layers with
+        the same Q (``ShortcutEP`` agrees on Q once per forward).
+
+        Args:
+            x_TH: (T, H) hidden states; ids_TW: (T, W) global expert ids, ids outside [0, E) send nothing.
+            num_experts: E; tag: the layer ordinal (kept for the caller).
+            slots_per_peer: Q >= T * W on every rank.
+        """
+        T, W = ids_TW.shape
+        D, Q, E, H = self.world, slots_per_peer, num_experts, x_TH.shape[1]
+        if T * W > Q:
+            raise ValueError(f"{T * W} routing slots do not fit the {Q} rows per rank pair of the fixed-size exchange")
+        dtype_code(x_TH.dtype)
+        device = x_TH.device
+        dev_E, local_E = self.placement(E, device)
+        flat_P = ids_TW.reshape(-1)
+        kept_P = (flat_P >= 0) & (flat_P < E)
+        key_P = torch.where(kept_P, flat_P, torch.full_like(flat_P, E))
+        peer_P = torch.cat([dev_E, dev_E.new_full((1,), D)])[key_P]  # rank D: nowhere
+        local_P = torch.cat([local_E, local_E.new_full((1,), self.header_slots)])[key_P]
+        # Experts sit on ranks in contiguous blocks, so sorting by expert sorts by rank too; a slot's
+        # row in the send buffer is its rank's block start plus its place among that rank's slots.
+        order_P = torch.sort(key_P, stable=True).indices
+        count_D1 = torch.zeros(D + 1, dtype=torch.long, device=device).scatter_add_(0, peer_P, torch.ones_like(peer_P))
+        start_D1 = torch.cumsum(count_D1, 0) - count_D1
+        peer_sorted = peer_P[order_P]
+        dest_sorted = peer_sorted * Q + torch.arange(T * W, device=device) - start_D1[peer_sorted]
+        dest_P = torch.empty_like(order_P).scatter_(0, order_P, torch.where(peer_sorted < D, dest_sorted, D * Q))
+        # One spare row (index D*Q) takes the slots that send nothing; it is never sent.
+        send_NH = x_TH.new_empty(D * Q + 1, H)
+        send_NH.index_copy_(0, dest_P, x_TH if W == 1 else x_TH.repeat_interleave(W, dim=0))
+        send_N1 = torch.full((D * Q + 1, 1), self.header_slots, dtype=torch.long, device=device)
+        send_N1.index_copy_(0, dest_P, local_P[:, None])
+        splits = [Q] * D
+        local_N = self._exchange_rows(send_N1[:D * Q], splits, splits).view(-1)
+        x_NH = self._exchange_rows(send_NH[:D * Q], splits, splits)
+        return PaddedRound(tag, x_NH, local_N, dest_P, kept_P, Q, T)
+
+    def return_padded(self, y_NH: torch.Tensor, r: PaddedRound) -> torch.Tensor:
+        """The reverse fixed-size exchange: (D*Q, H) rows back in the source's send layout."""
+        splits = [r.slots_per_peer] * self.world
+        return self._exchange_rows(y_NH.contiguous(), splits, splits)
+
     def abort(self, device: torch.device | str = "cpu") -> None:
         """Tell every rank that this one failed; they raise PeerFailedError at their next round.
 
@@ -377,6 +430,60 @@ def weigh_and_sum(y_PH: torch.Tensor, d: Dispatched, weights_TW: torch.Tensor,
             col_P = (torch.cumsum(kept_TW, dim=1) - 1).reshape(-1)[d.sel_P]
         buf_TCH[d.tok_P, col_P] = (y_PH * w_P[:, None]).to(y_PH.dtype)
     return buf_TCH.float().sum(dim=1).to(y_PH.dtype)
+
+
+@dataclass
+class PaddedRound:
+    """One round of the fixed-size exchange (:meth:`Dispatcher.begin_padded`).
+
+    Attributes:
+        tag: the layer ordinal.
+        x_NH: (D*Q, H) rows received, Q from each source in rank order; only rows whose ``local_N``
+            names a local expert hold data.
+        local_N: (D*Q,) int64 local expert index of every received row, ``header_slots`` on the rest.
+        dest_P: (T*W,) row of every (token, slot) in the send (and returned) layout, D*Q where the
+            slot sends nothing.
+        kept_P: (T*W,) bool, the slots sent.
+        slots_per_peer, num_tokens: Q and T.
+    """
+
+    tag: int
+    x_NH: torch.Tensor
+    local_N: torch.Tensor
+    dest_P: torch.Tensor
+    kept_P: torch.Tensor
+    slots_per_peer: int
+    num_tokens: int
+
+
+def weigh_padded(back_NH: torch.Tensor, r: PaddedRound, weights_TW: torch.Tensor,
+                 extra_PH: torch.Tensor | None = None, extra_P: torch.Tensor | None = None) -> torch.Tensor:
+    """Source side of the fixed-size combine: out[t] = sum over t's kept slots, in slot order, of w * y.
+
+    As :func:`weigh_and_sum`: each product is taken in the weights' precision and cast to the
+    rows' dtype, the sum is float32.  ``extra_PH`` / ``extra_P``: rows computed at the source
+    (LongCat's identity experts) for the slots where ``extra_P`` is True.  Rows of slots that sent
+    nothing are never read (they are selected away, not multiplied by zero).
+    """
+    T, W = weights_TW.shape
+    H = back_NH.shape[1]
+    if T == 0:
+        return back_NH.new_zeros(0, H)
+    w_P = weights_TW.reshape(-1)
+    kept_P = r.kept_P
+    if back_NH.is_cuda and extra_PH is None:
+        from ..ops.experts import weighted_combine
+
+        pos_TW = torch.where(kept_P, r.dest_P, -1).view(T, W)
+        return weighted_combine(back_NH.contiguous(), pos_TW, weights_TW.contiguous(), back_NH.dtype)
+    rows_PH = back_NH[r.dest_P.clamp(max=max(back_NH.shape[0] - 1, 0))] if back_NH.shape[0] else \
+        back_NH.new_zeros(T * W, H)
+    prod_PH = (rows_PH * w_P[:, None]).to(back_NH.dtype)
+    zero = prod_PH.new_zeros(())
+    prod_PH = torch.where(kept_P[:, None], prod_PH, zero)
+    if extra_PH is not None:
+        prod_PH = torch.where(extra_P[:, None], (extra_PH * w_P[:, None]).to(back_NH.dtype), prod_PH)
+    return prod_PH.view(T, W, H).float().sum(dim=1).to(back_NH.dtype)
 
 
 class LocalDispatcher(Dispatcher):

@@ -60,12 +60,21 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import ModelStateError
-from ..parallel.dispatch import _HEADER_FIXED, AllToAllDispatcher, Dispatched, LocalDispatcher, weigh_and_sum
+from ..parallel.dispatch import (
+    _HEADER_FIXED,
+    AllToAllDispatcher,
+    Dispatched,
+    LocalDispatcher,
+    PaddedRound,
+    weigh_and_sum,
+    weigh_padded,
+)
 from ..parallel.ep import _EPBlock, compute_local_experts
 from .model import ForwardContext, ScMoEForCausalLM, UnitProgram
 
 SCHEDULES = ("sequential", "overlap")
 SENDERS = ("thread", "poll")
+EXCHANGES = ("counts", "padded")
 _SENDER: concurrent.futures.ThreadPoolExecutor | None = None  # one worker, shared: units run one at a time
 
 
@@ -105,8 +114,13 @@ class AsyncAllToAllDispatcher(AllToAllDispatcher):
         work = self._call("rows", lambda: self._dist.all_to_all_single(
             recv_NH, send_NH, output_split_sizes=recv_splits, input_split_sizes=send_splits, group=self.group,
             async_op=True))
-        # The send buffer must outlive the exchange: the pending handle keeps it.
-        self._pending = PendingRows(self, work, send_NH)
+        # The send buffer must outlive the exchange: the pending handle keeps it.  Exchanges issued
+        # before the handle is taken join it (the fixed-size dispatch sends ids, then rows).
+        if self._pending is None:
+            self._pending = PendingRows(self, [work], [send_NH])
+        else:
+            self._pending.works.append(work)
+            self._pending.keep.append(send_NH)
         return recv_NH
 
     def take_pending(self) -> PendingRows | None:
@@ -123,18 +137,65 @@ class AsyncAllToAllDispatcher(AllToAllDispatcher):
 
 @dataclass
 class PendingRows:
-    """An all-to-all of rows in flight."""
+    """All-to-alls of rows in flight (issued in this order) and the send buffers they read."""
 
     dispatcher: AsyncAllToAllDispatcher
-    work: object
-    send_NH: torch.Tensor
+    works: list
+    keep: list
 
     def wait(self) -> None:
         """Host-blocking on gloo; on NCCL the current stream waits, the host does not."""
-        work, self.work = self.work, None
-        if work is not None:
+        works, self.works = self.works, []
+        for work in works:
             self.dispatcher._call("rows", work.wait)
-        self.send_NH = None
+        self.keep = []
+
+
+def _fused_layout_ok(experts) -> bool:
+    """Whether moepatch.ops' fused SwiGLU kernel computes these experts (gated SiLU, [gate; up])."""
+    from .model import FusedExperts
+
+    if isinstance(experts, FusedExperts):
+        return True
+    try:
+        from ..ops.integration import _layout_problem
+    except ImportError:  # transformers without the fused layout
+        return False
+    return _layout_problem(type(experts).__name__, experts) is None
+
+
+def compute_padded_experts(blk: _EPBlock, x_NH: torch.Tensor, local_N: torch.Tensor) -> torch.Tensor:
+    """The local experts on the rows of a fixed-size exchange; rows naming no local expert give 0.
+
+    On CUDA (experts in the fused layout): moepatch.ops' fused experts with each row its own token
+    routed to its one expert (weight 1, sentinels skipped), which sorts, computes and reads nothing
+    back to the host.  Elsewhere a torch loop over the experts, whose bounds are read back (one
+    host sync; the CPU's path).  (N, H) in x's dtype.
+    """
+    if x_NH.shape[0] == 0:
+        return torch.empty_like(x_NH)
+    experts = blk.experts()
+    if experts is None:
+        raise ModelStateError("the experts module of an expert-parallel block no longer exists")
+    L = blk.gate_up_LIH.shape[0]
+    if x_NH.is_cuda and _fused_layout_ok(experts):
+        from ..ops.experts import fused_experts_impl
+
+        ones_N1 = torch.ones(x_NH.shape[0], 1, dtype=torch.float32, device=x_NH.device)
+        return fused_experts_impl(x_NH, local_N.view(-1, 1), ones_N1, blk.gate_up_LIH, blk.down_LHI)
+    apply_gate = type(experts)._apply_gate
+    key_N = local_N.clamp(0, L)  # everything else sorts last
+    order_N = torch.sort(key_N, stable=True).indices
+    counts = torch.bincount(key_N, minlength=L + 1)[:L].tolist()  # NOTE: host sync (loop bounds)
+    out_NH = torch.zeros_like(x_NH)
+    start = 0
+    for j, n in enumerate(counts):
+        if n:
+            rows = order_N[start:start + n]
+            h = torch.nn.functional.linear(x_NH[rows], blk.gate_up_LIH[j])
+            out_NH[rows] = torch.nn.functional.linear(apply_gate(experts, h), blk.down_LHI[j])
+            start += n
+    return out_NH
 
 
 def choose_slot(comp_s: list[float], t_dispatch: float, t_combine: float) -> int:
@@ -212,12 +273,15 @@ class ShortcutEP:
     (LongCat-Flash: ``moepatch.apply``) was called with ``ep_size`` equal to the world size.
     """
 
-    def __init__(self, model, group=None, dispatch_after_ops: int = 1, rows_sender: str = "poll"):
+    def __init__(self, model, group=None, dispatch_after_ops: int = 1, rows_sender: str = "poll",
+                 exchange: str = "counts"):
         if isinstance(dispatch_after_ops, bool) or not isinstance(dispatch_after_ops, int) or dispatch_after_ops < 0:
             raise ValueError(f"dispatch_after_ops={dispatch_after_ops!r}; accepted: an integer >= 0 (backbone ops "
                              "queued before the overlapped dispatch is launched)")
         if rows_sender not in SENDERS:
             raise ValueError(f"rows_sender={rows_sender!r}; accepted: {', '.join(map(repr, SENDERS))}")
+        if exchange not in EXCHANGES:
+            raise ValueError(f"exchange={exchange!r}; accepted: {', '.join(map(repr, EXCHANGES))}")
         if type(model).__name__ == "LongcatFlashForCausalLM":
             from .longcat import LongcatShortcut
 
@@ -253,6 +317,7 @@ class ShortcutEP:
         self._side = None  # CUDA stream of the overlapped dispatch, made on first use
         self.dispatch_after_ops = dispatch_after_ops  # the overlapped schedule's launch point and sender (above)
         self.rows_sender = rows_sender
+        self.exchange = exchange  # "counts" or "padded" (class docstring)
 
     # -- one unit ---------------------------------------------------------------------------------
     def _in_flight(self):
@@ -317,20 +382,48 @@ class ShortcutEP:
             raise
         return future.result()
 
-    def _dispatch(self, prog: UnitProgram, ids_TW: torch.Tensor, asynchronous: bool):
-        return self._complete(self._begin(prog, ids_TW), asynchronous)
+    def _dispatch(self, prog: UnitProgram, ids_TW: torch.Tensor, asynchronous: bool, ctx: ForwardContext):
+        if self.exchange == "counts":
+            return self._complete(self._begin(prog, ids_TW), asynchronous)
+        computing = getattr(prog.moe, "computing_ids", None)
+        if computing is not None:  # zero-computation experts stay at the source
+            ids_TW = computing(ids_TW)
+        peer_tokens = getattr(ctx, "peer_tokens", None)
+        if peer_tokens is None:
+            raise ModelStateError("the padded exchange needs the forward context of ShortcutEP.prepare (it agrees on "
+                                  "the rows per rank pair over the ranks)")
+        with self._in_flight() if asynchronous else contextlib.nullcontext():
+            r = self.dispatcher.begin_padded(prog.x_s_TD, ids_TW, num_experts=prog.moe.num_experts,
+                                             tag=self._ordinal[id(prog.moe)],
+                                             slots_per_peer=peer_tokens * ids_TW.shape[1])
+        return r, self._take_pending() if asynchronous else None
 
-    def _experts(self, d: Dispatched) -> torch.Tensor:
+    def _experts(self, d: Dispatched | PaddedRound) -> torch.Tensor:
+        if isinstance(d, PaddedRound):
+            return compute_padded_experts(self.blocks[d.tag], d.x_NH, d.local_N)
         return compute_local_experts(self.blocks[d.tag], d.x_RH, d.counts_SM)
 
-    def _combine(self, y_RD: torch.Tensor, d: Dispatched, asynchronous: bool):
+    def _combine(self, y_RD: torch.Tensor, d: Dispatched | PaddedRound, asynchronous: bool):
         with self._in_flight() if asynchronous else contextlib.nullcontext():
-            back_PD = self.dispatcher.return_rows(y_RD, d)
+            if isinstance(d, PaddedRound):
+                back_PD = self.dispatcher.return_padded(y_RD, d)
+            else:
+                back_PD = self.dispatcher.return_rows(y_RD, d)
         return back_PD, self._take_pending() if asynchronous else None
 
     @staticmethod
-    def _weigh(prog: UnitProgram, back_PD: torch.Tensor, d: Dispatched, w_TW: torch.Tensor,
+    def _weigh(prog: UnitProgram, back_PD: torch.Tensor, d: Dispatched | PaddedRound, w_TW: torch.Tensor,
                ids_TW: torch.Tensor) -> torch.Tensor:
+        if isinstance(d, PaddedRound):
+            zero = getattr(prog.moe, "zero_experts", 0)
+            if not zero:
+                return weigh_padded(back_PD, d, w_TW)
+            # LongCat: identity experts add w * x_s, computed here.
+            E = prog.moe.num_experts
+            flat_P = ids_TW.reshape(-1)
+            W = ids_TW.shape[1]
+            x_PD = prog.x_s_TD if W == 1 else prog.x_s_TD.repeat_interleave(W, dim=0)
+            return weigh_padded(back_PD, d, w_TW, x_PD, (flat_P >= E) & (flat_P < E + zero))
         combine = getattr(prog.moe, "combine", None)
         if combine is not None:  # the routed branch adds its identity experts here
             return combine(back_PD, d, w_TW, ids_TW, prog.x_s_TD)
@@ -352,7 +445,7 @@ class ShortcutEP:
         if schedule == "sequential":
             if clock is not None:
                 phases["gate"] = clock.lap()
-            d, _ = self._dispatch(prog, ids_TW, asynchronous=False)
+            d, _ = self._dispatch(prog, ids_TW, asynchronous=False, ctx=ctx)
             if clock is not None:
                 phases["dispatch"] = clock.lap()
             y_RD = self._experts(d)
@@ -372,8 +465,23 @@ class ShortcutEP:
         side = self._side_stream(prog.x_s_TD)
         if side is None:
             # gloo: the rows travel on gloo's worker thread while ops 0..K-1 run.
-            d, pending = self._complete(self._begin(prog, ids_TW), asynchronous=True)
+            d, pending = self._dispatch(prog, ids_TW, asynchronous=True, ctx=ctx)
             for _, op in prog.ops[:k]:
+                op()
+        elif self.exchange == "padded":
+            # CUDA, fixed-size exchange: the whole dispatch (layout, gather, both all-to-alls) is
+            # queued on the side stream behind the source's event; nothing waits for a value, so the
+            # host goes on queueing the window at once and the rows leave when the GPU gets there,
+            # however late the host is.
+            source_ready = torch.cuda.Event()
+            source_ready.record()
+            first = min(self.dispatch_after_ops, k)
+            for _, op in prog.ops[:first]:
+                op()
+            side.wait_event(source_ready)
+            with self._on_side(side):
+                d, pending = self._dispatch(prog, ids_TW, asynchronous=True, ctx=ctx)
+            for _, op in prog.ops[first:k]:
                 op()
         else:
             # CUDA.  The host queues the first ``dispatch_after_ops`` backbone ops (GPU work while it
@@ -431,6 +539,11 @@ class ShortcutEP:
                                   "run it under torch.no_grad() or torch.inference_mode()")
         ctx = self.model.context(input_ids, attention_mask, None)
         ctx.source_rank = self.rank if self.world > 1 else None
+        if self.exchange == "padded":  # the most tokens any rank has: the rows per rank pair (a collective)
+            tokens = ctx.batch * ctx.seq
+            if isinstance(self.dispatcher, AsyncAllToAllDispatcher):
+                tokens = int(self.dispatcher.reduce_max([float(tokens)])[0])
+            ctx.peer_tokens = tokens
         return ctx, self.model.embed_tokens(input_ids)
 
     @torch.no_grad()
@@ -447,22 +560,33 @@ class ShortcutEP:
         disp = self.dispatcher
         prog = self.model.unit_program(u, h_BSD, ctx)
         ids_TW, _ = prog.moe.gate(prog.x_s_TD, ctx)
-        d, _ = self._dispatch(prog, ids_TW, asynchronous=False)
+        d, _ = self._dispatch(prog, ids_TW, asynchronous=False, ctx=ctx)
         y_RD = self._experts(d)
-        disp.return_rows(y_RD, d)
-        send_PD = prog.x_s_TD[d.tok_P].contiguous()
-        header = torch.zeros(self.world, _HEADER_FIXED + disp.header_slots, dtype=torch.long,
-                             device=send_PD.device)
+        if isinstance(d, PaddedRound):  # ids, then rows, each way Q per rank pair
+            splits = [d.slots_per_peer] * self.world
+            send_out = [(d.local_N[:, None], splits, splits), (y_RD, splits, splits)]
+            send_back = [(y_RD, splits, splits)]
+            device = y_RD.device
+        else:
+            disp.return_rows(y_RD, d)
+            send_PD = prog.x_s_TD[d.tok_P].contiguous()
+            device = send_PD.device
+            header = torch.zeros(self.world, _HEADER_FIXED + disp.header_slots, dtype=torch.long, device=device)
+            send_out = [(send_PD, d.send_splits, d.recv_splits)]
+            send_back = [(y_RD, d.recv_splits, d.send_splits)]
         out, back = [], []
         for it in range(warmup + iters):
             disp._dist.barrier(group=disp.group)
-            clock = _Clock(send_PD.device)
-            disp._exchange_header(header)
-            disp._exchange_rows(send_PD, d.send_splits, d.recv_splits)
+            clock = _Clock(device)
+            if not isinstance(d, PaddedRound):
+                disp._exchange_header(header)
+            for args in send_out:
+                disp._exchange_rows(*args)
             t_out = clock.lap()
             disp._dist.barrier(group=disp.group)
-            clock = _Clock(send_PD.device)
-            disp._exchange_rows(y_RD, d.recv_splits, d.send_splits)
+            clock = _Clock(device)
+            for args in send_back:
+                disp._exchange_rows(*args)
             t_back = clock.lap()
             if it >= warmup:
                 out.append(t_out)

@@ -31,6 +31,44 @@ def _diff(a, b) -> float:
     return float((a - b).abs().max())
 
 
+def _variant(model, exchange, ids_BS, mask_BS, mine, rank, world, with_capacity) -> dict:
+    ep = ShortcutEP(model, exchange=exchange)
+    with torch.no_grad():
+        ref = model(ids_BS, attention_mask=mask_BS).logits[mine]
+        seq = ep(ids_BS[mine], mask_BS[mine], schedule="sequential")
+        ov = ep(ids_BS[mine], mask_BS[mine], schedule="overlap")
+        timings = ep.calibrate(ids_BS[mine], mask_BS[mine], iters=2)
+        ov_cal = ep(ids_BS[mine], mask_BS[mine], schedule="overlap")
+        # Where the host launches the dispatch among the window's ops (0: first; 99: after all of
+        # them) and who sends the rows (a helper thread, the main thread between ops) must not
+        # change the output (on NCCL; gloo has one path).
+        orders = []
+        for after, sender in ((0, "thread"), (99, "thread"), (1, "poll")):
+            ep.dispatch_after_ops, ep.rows_sender = after, sender
+            orders.append(bool(torch.equal(seq, ep(ids_BS[mine], mask_BS[mine], schedule="overlap"))))
+        ep.dispatch_after_ops, ep.rows_sender = 1, "poll"
+        # Ranks with different batches (rank 0 runs both of its sequences, the others one): the
+        # exchanges still agree on their sizes.
+        n = max(1, 2 - rank)
+        uneven = ep(ids_BS[mine][:n], mask_BS[mine][:n], schedule="overlap")
+        r = dict(ref_vs_seq=_diff(ref, seq), seq_equals_overlap=bool(torch.equal(seq, ov)), launch_orders=orders,
+                 seq_equals_calibrated=bool(torch.equal(seq, ov_cal)), ref_max=float(ref.abs().max()),
+                 uneven_vs_ref=_diff(uneven, ref[:n]), finite=bool(torch.isfinite(seq).all()),
+                 slots={str(u): t.slot for u, t in timings.items()},
+                 ops={str(u): list(t.ops) for u, t in timings.items()})
+        if with_capacity:
+            handle = apply_capacity(model, 1.0, ep_size=world)
+            sim = model(ids_BS, attention_mask=mask_BS).logits[mine]  # ep_size=world simulation
+            handle.reset_stats()
+            cseq = ep(ids_BS[mine], mask_BS[mine], schedule="sequential")
+            cov = ep(ids_BS[mine], mask_BS[mine], schedule="overlap")
+            st = handle.stats().totals()
+            r.update(cap_sim_vs_seq=_diff(sim, cseq), cap_seq_equals_overlap=bool(torch.equal(cseq, cov)),
+                     cap_dropped=st["dropped_fraction"], cap_changes_output=_diff(cseq, seq))
+            handle.remove()
+    return r
+
+
 def main(out_path: str, cuda: bool = False) -> None:
     rank, world, device = init_distributed("nccl" if cuda else "gloo")
     torch.set_num_threads(1)
@@ -41,38 +79,11 @@ def main(out_path: str, cuda: bool = False) -> None:
     mine = slice(2 * rank, 2 * rank + 2)
     res = {}
     for name, kw in VARIANTS.items():
-        torch.manual_seed(0)
-        model = build_scmoe(**kw, **DIMS).eval().to(device)
-        ep = ShortcutEP(model)
-        with torch.no_grad():
-            ref = model(ids_BS, attention_mask=mask_BS).logits[mine]
-            seq = ep(ids_BS[mine], mask_BS[mine], schedule="sequential")
-            ov = ep(ids_BS[mine], mask_BS[mine], schedule="overlap")
-            timings = ep.calibrate(ids_BS[mine], mask_BS[mine], iters=2)
-            ov_cal = ep(ids_BS[mine], mask_BS[mine], schedule="overlap")
-            # Where the host launches the dispatch among the window's ops (0: first; 99: after all of
-            # them) and who sends the rows (a helper thread, the main thread between ops) must not
-            # change the output (on NCCL; gloo has one path).
-            orders = []
-            for after, sender in ((0, "thread"), (99, "thread"), (1, "poll")):
-                ep.dispatch_after_ops, ep.rows_sender = after, sender
-                orders.append(bool(torch.equal(seq, ep(ids_BS[mine], mask_BS[mine], schedule="overlap"))))
-            ep.dispatch_after_ops, ep.rows_sender = 1, "poll"
-            r = dict(ref_vs_seq=_diff(ref, seq), seq_equals_overlap=bool(torch.equal(seq, ov)), launch_orders=orders,
-                     seq_equals_calibrated=bool(torch.equal(seq, ov_cal)), ref_max=float(ref.abs().max()),
-                     slots={str(u): t.slot for u, t in timings.items()},
-                     ops={str(u): list(t.ops) for u, t in timings.items()})
-            if name == "scmoe-pos2-cg1":
-                handle = apply_capacity(model, 1.0, ep_size=world)
-                sim = model(ids_BS, attention_mask=mask_BS).logits[mine]  # ep_size=world simulation
-                handle.reset_stats()
-                cseq = ep(ids_BS[mine], mask_BS[mine], schedule="sequential")
-                cov = ep(ids_BS[mine], mask_BS[mine], schedule="overlap")
-                st = handle.stats().totals()
-                r.update(cap_sim_vs_seq=_diff(sim, cseq), cap_seq_equals_overlap=bool(torch.equal(cseq, cov)),
-                         cap_dropped=st["dropped_fraction"], cap_changes_output=_diff(cseq, seq))
-                handle.remove()
-        res[name] = r
+        for exchange in ("counts", "padded"):
+            torch.manual_seed(0)
+            model = build_scmoe(**kw, **DIMS).eval().to(device)
+            res[f"{name}/{exchange}"] = _variant(model, exchange, ids_BS, mask_BS, mine, rank, world,
+                                                 name == "scmoe-pos2-cg1")
     with open(out_path, "w") as f:
         json.dump(res, f)
     import torch.distributed as dist

@@ -69,7 +69,15 @@ def main(out_path: str) -> None:
         ep_records = [r.to_dict() for r in handle.stats().records]
         res.update(cap_sim_vs_seq=_diff(sim, cseq), cap_seq_equals_overlap=bool(torch.equal(cseq, cov)),
                    cap_changes_output=_diff(cseq, seq), sim_records=sim_records, ep_records=ep_records)
+        # The fixed-size exchange: identity experts computed at the source there too.
+        pep = ShortcutEP(model, exchange="padded")
+        pseq = pep(ids_BS[mine], mask_BS[mine], schedule="sequential")
+        res.update(padded_cap_vs_sim=_diff(sim, pseq),
+                   padded_cap_seq_equals_overlap=bool(torch.equal(pseq, pep(ids_BS[mine], mask_BS[mine]))))
         handle.remove()
+        pseq = pep(ids_BS[mine], mask_BS[mine], schedule="sequential")
+        res.update(padded_ref_vs_seq=_diff(ref, pseq),
+                   padded_seq_equals_overlap=bool(torch.equal(pseq, pep(ids_BS[mine], mask_BS[mine]))))
     with open(out_path, "w") as f:
         json.dump(res, f)
     import torch.distributed as dist

@@ -67,7 +67,8 @@ def test_one_rank_capacity_equals_the_patched_model(model):
 def test_two_gloo_ranks_overlap_equals_sequential_and_transformers(tmp_path):
     """2 ranks: each rank's chunk under EP equals transformers' forward of the full batch, overlap
     equals sequential bit for bit, identity pairs are never sent, and capacity per source rank
-    (moepatch.apply with ep_size=2) equals the one-process ep_size=2 simulation."""
+    (moepatch.apply with ep_size=2) equals the one-process ep_size=2 simulation; the same with the
+    fixed-size exchange."""
     per_rank = run_ranks(Path(__file__).with_name("longcat_ep_worker.py"), [], tmp_path, limit_s=90)
     for rank, r in enumerate(per_rank):
         assert r["ref_vs_seq"] <= 1e-5 and r["ref_max"] > 0.1, (rank, r["ref_vs_seq"])
@@ -78,6 +79,9 @@ def test_two_gloo_ranks_overlap_equals_sequential_and_transformers(tmp_path):
         assert all(identity > 0 for _, identity in r["native_pairs"])
         assert r["cap_sim_vs_seq"] <= 1e-5 and r["cap_seq_equals_overlap"], rank
         assert r["cap_changes_output"] > 1e-4
+        # The fixed-size exchange gives the same outputs, with and without capacity.
+        assert r["padded_ref_vs_seq"] <= 1e-5 and r["padded_seq_equals_overlap"], rank
+        assert r["padded_cap_vs_sim"] <= 1e-5 and r["padded_cap_seq_equals_overlap"], rank
         # The simulation's record covers both ranks' chunks: its per-group capacity is this rank's.
         for sim, ep in zip(r["sim_records"], r["ep_records"]):
             assert ep["capacity"] == [sim["capacity"][rank]]

@@ -78,6 +78,44 @@ def test_one_gpu_side_stream_schedule_equals_sequential(after, sender):
     assert ep._side is not None  # the side stream was used
 
 
+@torch.no_grad()
+@pytest.mark.gpu
+@pytest.mark.parametrize("after", [0, 1, 99])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_gpu_padded_exchange_reads_nothing_back(after, dtype):
+    """The fixed-size exchange on one GPU: the overlapped unit equals the sequential one bit for
+    bit and the model (float32: 1e-4; bfloat16: its rounding), over several forwards, and queues
+    the whole unit with no host sync (torch's sync debug mode raises on one); the counts exchange
+    does read its header back, which the same mode reports."""
+    torch.manual_seed(0)
+    model = build_scmoe(arch="scmoe", position=2, **DIMS).eval().cuda().to(dtype)
+    ep = ShortcutEP(model, dispatch_after_ops=after, exchange="padded")
+    ep.slots = {u: 3 for u in range(len(model.units))}
+    for seed in range(3):
+        ids = torch.randint(0, 64, (4, 33), generator=torch.Generator().manual_seed(seed)).cuda()
+        seq = ep(ids, schedule="sequential")
+        assert torch.equal(ep(ids, schedule="overlap"), seq)
+        ref = model(ids).logits
+        tol = 1e-4 if dtype == torch.float32 else 5e-2 * float(ref.abs().max())
+        torch.testing.assert_close(seq, ref, rtol=0, atol=tol)
+    ctx, h = ep.prepare(ids)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = ep.run_unit(0, h, ctx, "overlap")
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.testing.assert_close(out, ep.run_unit(0, h, ctx, "sequential"), rtol=0, atol=0)
+    counts = ShortcutEP(model, dispatch_after_ops=after)
+    cctx, ch = counts.prepare(ids)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with pytest.raises(RuntimeError, match="synchroniz"):
+            counts.run_unit(0, ch, cctx, "overlap")
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
 def test_one_rank_refusals():
     torch.manual_seed(0)
     model = build_scmoe(**DIMS)
@@ -94,6 +132,13 @@ def test_one_rank_refusals():
             ShortcutEP(build_scmoe(**DIMS), dispatch_after_ops=bad)
     with pytest.raises(ValueError, match="rows_sender='main'; accepted: 'thread', 'poll'"):
         ShortcutEP(build_scmoe(**DIMS), rows_sender="main")
+    with pytest.raises(ValueError, match="exchange='fixed'; accepted: 'counts', 'padded'"):
+        ShortcutEP(build_scmoe(**DIMS), exchange="fixed")
+    ep = ShortcutEP(build_scmoe(**DIMS), exchange="padded")
+    ids = torch.randint(0, 64, (1, 5))
+    ctx = ep.model.context(ids, None, None)  # not through ep.prepare: no agreed rows per rank pair
+    with pytest.raises(ModelStateError, match="padded exchange needs the forward context of ShortcutEP.prepare"):
+        ep.run_unit(0, ep.model.embed_tokens(ids), ctx)
 
 
 @torch.no_grad()
@@ -137,23 +182,28 @@ def test_rows_sender_thread_runs_the_window_and_surfaces_errors():
 
 def _check_two_ranks(per_rank, tol):
     for rank, res in enumerate(per_rank):
+        assert sorted(res) == sorted(f"{n}/{x}" for n in ("scmoe-pos2-cg1", "scmoe-pos3-cg2", "scmoe2-every-pos1",
+                                                          "top2") for x in ("counts", "padded"))
         for name, r in res.items():
             assert r["ref_vs_seq"] <= tol, (rank, name, r)
-            assert r["ref_max"] > 0.1
+            assert r["uneven_vs_ref"] <= tol, (rank, name, r)
+            assert r["ref_max"] > 0.1 and r["finite"]
             assert r["seq_equals_overlap"] and r["seq_equals_calibrated"], (rank, name)
             assert r["launch_orders"] == [True, True, True], (rank, name)
-        cap = res["scmoe-pos2-cg1"]
-        assert cap["cap_sim_vs_seq"] <= tol and cap["cap_seq_equals_overlap"]
-        assert cap["cap_dropped"] > 0 and cap["cap_changes_output"] > 1e-4
-        assert res["scmoe-pos2-cg1"]["ops"]["0"] == ["mlp_l", "attn_l+1", "se_l+1"]
-        assert res["top2"]["ops"]["0"] == []
+        for exchange in ("counts", "padded"):
+            cap = res[f"scmoe-pos2-cg1/{exchange}"]
+            assert cap["cap_sim_vs_seq"] <= tol and cap["cap_seq_equals_overlap"], (rank, exchange, cap)
+            assert cap["cap_dropped"] > 0 and cap["cap_changes_output"] > 1e-4
+            assert res[f"scmoe-pos2-cg1/{exchange}"]["ops"]["0"] == ["mlp_l", "attn_l+1", "se_l+1"]
+            assert res[f"top2/{exchange}"]["ops"]["0"] == []
 
 
 @pytest.mark.distributed
 def test_two_gloo_ranks_overlap_equals_sequential(tmp_path):
-    """2 ranks: each rank's chunk under EP equals the single-device forward of the full batch, the
-    overlapped schedule (default and calibrated slots) equals the sequential one bit for bit, and
-    capacity per source rank equals the ep_size=2 simulation."""
+    """2 ranks, both exchanges (counts, padded): each rank's chunk under EP equals the single-device
+    forward of the full batch (also with a different batch per rank), the overlapped schedule
+    (default and calibrated slots) equals the sequential one bit for bit, and capacity per source
+    rank equals the ep_size=2 simulation."""
     _check_two_ranks(run_ranks(Path(__file__).with_name("ep_worker.py"), [], tmp_path, limit_s=90), 1e-5)
 
 
@@ -165,3 +215,22 @@ def test_two_nccl_ranks_overlap_equals_sequential(tmp_path):
     computed with other shapes, hence 1e-4)."""
     _check_two_ranks(run_ranks(Path(__file__).with_name("ep_worker.py"), ["--cuda"], tmp_path, limit_s=180,
                                timeout_s=60), 1e-4)
+
+
+@pytest.mark.distributed
+def test_two_gloo_ranks_padded_exchange_equals_the_reference(tmp_path):
+    """The fixed-size exchange on 2 gloo ranks (left in flight, then waited for), on random routing
+    with a different token count per rank, all slots on one expert (ties; the other experts
+    empty), every slot dropped, dropped and negative ids among kept ones, and no tokens on one
+    rank: each rank's combined output equals its float64 reference sum (up to the float32 sum), as
+    the counts path's does."""
+    per_rank = run_ranks(Path(__file__).with_name("padded_worker.py"), [], tmp_path, limit_s=60)
+    for rank, res in enumerate(per_rank):
+        assert len(res) == 5
+        for name, r in res.items():
+            assert r["shape_ok"] and r["finite"], (rank, name)
+            # (both paths sum the weighted rows in float32, as transformers' experts do)
+            assert r["padded"] <= 1e-5 and r["counts"] <= 1e-5, (rank, name, r)
+            assert r["rows"][0] == 2 * r["q"]  # Q rows from each of the 2 ranks
+        assert res["random"]["ref_max"] > 1 and res["all dropped"]["ref_max"] == 0.0
+        assert res["random"]["q"] == 2 * 10  # the most tokens on any rank (10, rank 1) times 2 slots
