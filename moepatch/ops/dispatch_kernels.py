@@ -182,3 +182,38 @@ def _ep_prepare_kernel(ids_ptr, sorted_ptr, start_ptr, dev_ptr, local_ptr, fixed
             v = tl.load(ids_ptr + p_x, mask=p_x < P, other=0)
             bad += ((p_x < P) & ((v < 0) | (v > E))).to(tl.int32)
         tl.store(meta_ptr + D, tl.sum(bad, axis=0).to(tl.int64))
+
+
+@triton.jit
+def _padded_send_kernel(x_ptr, ids_ptr, sorted_ptr, start_ptr, dev_ptr, local_ptr, first_ptr, send_ptr, send_local_ptr,
+                        dest_ptr, P, W, E, H, Q, stride_xt, stride_xk, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr):
+    """The fixed-size expert-parallel send buffers after the sort (block_m 1), in one launch.
+
+    Rank d's block is rows [d·Q, (d+1)·Q) of the send buffer; the kept pairs bound for it take its
+    first rows in sorted order (by expert, pairs ascending inside one).  Every program, over rows /
+    pairs [pid·BLOCK_R, (pid+1)·BLOCK_R):
+        row r in use, pair p = sorted[r], expert e = ids[p] on rank dev[e] (whose first expert is
+        first[dev[e]]): dest = dev[e]·Q + r − start[first[dev[e]]]; dest_P[p] = dest,
+        send_local[dest] = local[e], send[dest, :] = x[p // W, :];
+        pair p with an id outside [0, E): dest_P[p] = −1 (sends nothing).
+    Rows of the send buffers that no pair takes are left as they are.
+    """
+    r_x = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    in_p = r_x < P
+    ids_r = tl.load(ids_ptr + r_x, mask=in_p, other=0)
+    tl.store(dest_ptr + r_x, tl.full([BLOCK_R], -1, tl.int64), mask=in_p & ((ids_r < 0) | (ids_r >= E)))
+    used = tl.load(start_ptr + E)
+    ok = r_x < used
+    pair = tl.load(sorted_ptr + r_x, mask=ok, other=0).to(tl.int64)
+    e = tl.load(ids_ptr + pair, mask=ok, other=0)
+    peer = tl.load(dev_ptr + e, mask=ok, other=0)
+    row0 = tl.load(start_ptr + tl.load(first_ptr + peer, mask=ok, other=0), mask=ok, other=0)
+    dest = peer * Q + (r_x - row0).to(tl.int64)
+    tl.store(dest_ptr + pair, dest, mask=ok)
+    tl.store(send_local_ptr + dest, tl.load(local_ptr + e, mask=ok, other=0), mask=ok)
+    tok = pair // W
+    for h0 in range(0, H, BLOCK_H):
+        h_x = h0 + tl.arange(0, BLOCK_H)
+        m = ok[:, None] & (h_x < H)[None, :]
+        v = tl.load(x_ptr + tok[:, None] * stride_xt + h_x[None, :] * stride_xk, mask=m, other=0.0)
+        tl.store(send_ptr + dest[:, None] * H + h_x[None, :], v, mask=m)

@@ -36,6 +36,7 @@ from .dispatch_kernels import (
     _dispatch_scan_kernel,
     _dispatch_scatter_kernel,
     _ep_prepare_kernel,
+    _padded_send_kernel,
 )
 from .expert_graphs import experts_graphed
 from .gemm_kernels import _combine_kernel, _down_kernel, _down_token_kernel, _gate_up_kernel, _weighted_combine_kernel
@@ -245,6 +246,32 @@ def ep_prepare(ids_TW: torch.Tensor, layout: DispatchLayout, dev_E: torch.Tensor
         order_P, tok_P, pos_P, P, E, world, header_slots, W, BLOCK=block, E_PAD=_pow2(E), FIXED=fixed.numel(),
         num_warps=4)
     return header, meta, order_P, tok_P, pos_P
+
+
+def padded_send(x_TH: torch.Tensor, ids_TW: torch.Tensor, layout: DispatchLayout, dev_E: torch.Tensor,
+                local_E: torch.Tensor, first_D: torch.Tensor, send_NH: torch.Tensor, send_local_N: torch.Tensor,
+                dest_P: torch.Tensor, slots_per_peer: int) -> None:
+    """Fill the fixed-size expert-parallel send buffers in one launch (see ``_padded_send_kernel``).
+
+    Args:
+        x_TH: (T, H) rows; ids_TW: (T, W) the slot ids ``layout`` sorted (unfused, block_m 1).
+        dev_E, local_E: (E,) int64 rank of each expert and its index there; first_D: (D,) int64 the
+            first expert of each rank.
+        send_NH: (D·Q, H) contiguous, x's dtype; send_local_N: (D·Q,) int64 (rows no pair takes keep
+            their values); dest_P: (T·W,) int64, written: each slot's row, −1 where it sends nothing.
+        slots_per_peer: Q, at least the kept slots bound for any one rank.
+    """
+    if layout.fused or layout.block_m != 1:
+        raise ValueError("padded_send needs an unfused dispatch layout with block_m 1")
+    P, W, E = layout.num_pairs, layout.width, layout.num_experts
+    if P == 0:
+        return
+    H = x_TH.shape[1]
+    block_r = 32
+    _padded_send_kernel[(_cdiv(P, block_r),)](
+        x_TH, ids_TW.reshape(-1), layout.sorted_pairs_R, layout.start_E1, dev_E, local_E, first_D, send_NH,
+        send_local_N, dest_P, P, W, E, H, slots_per_peer, x_TH.stride(0), x_TH.stride(1), BLOCK_R=block_r,
+        BLOCK_H=min(512, _pow2(H)), num_warps=4)
 
 
 def _precision(dtype: torch.dtype) -> str:

@@ -349,17 +349,43 @@ class Dispatcher:
             slots_per_peer: Q >= T * W on every rank.
         """
         T, W = ids_TW.shape
-        D, Q, E, H = self.world, slots_per_peer, num_experts, x_TH.shape[1]
+        D, Q = self.world, slots_per_peer
         if T * W > Q:
             raise ValueError(f"{T * W} routing slots do not fit the {Q} rows per rank pair of the fixed-size exchange")
         dtype_code(x_TH.dtype)
+        send_NH, send_N1, dest_P = self._padded_send(x_TH, ids_TW, num_experts, Q)
+        splits = [Q] * D
+        local_N = self._exchange_rows(send_N1, splits, splits).view(-1)
+        x_NH = self._exchange_rows(send_NH, splits, splits)
+        return PaddedRound(tag, x_NH, local_N, dest_P, Q, T)
+
+    def _padded_send(self, x_TH: torch.Tensor, ids_TW: torch.Tensor, E: int, Q: int):
+        """The send buffers of :meth:`begin_padded`: rows (D·Q, H), local expert ids (D·Q, 1) and each
+        slot's row (T·W,), −1 where it sends nothing.  On CUDA moepatch.ops' counting sort and one
+        kernel that fills all three (five launches); else the torch stable sort (the same rows)."""
+        T, W = ids_TW.shape
+        D, M, H = self.world, self.header_slots, x_TH.shape[1]
         device = x_TH.device
         dev_E, local_E = self.placement(E, device)
+        if _kernel_sort_usable(x_TH, T):
+            from ..ops.experts import dispatch as sort_pairs
+            from ..ops.experts import padded_send
+
+            key = ("first", E, str(device))
+            if key not in self._placement:
+                dev_cpu = expert_devices(E, D)
+                self._placement[key] = torch.searchsorted(dev_cpu, torch.arange(D)).to(device)
+            ids_c = ids_TW.contiguous()
+            layout = sort_pairs(ids_c, E, block_m=1, fuse=False)
+            send_NH = x_TH.new_empty(D * Q, H)
+            send_N1 = torch.full((D * Q, 1), M, dtype=torch.long, device=device)
+            dest_P = torch.empty(T * W, dtype=torch.long, device=device)
+            padded_send(x_TH, ids_c, layout, dev_E, local_E, self._placement[key], send_NH, send_N1, dest_P, Q)
+            return send_NH, send_N1, dest_P
         flat_P = ids_TW.reshape(-1)
-        kept_P = (flat_P >= 0) & (flat_P < E)
-        key_P = torch.where(kept_P, flat_P, torch.full_like(flat_P, E))
+        key_P = torch.where((flat_P >= 0) & (flat_P < E), flat_P, torch.full_like(flat_P, E))
         peer_P = torch.cat([dev_E, dev_E.new_full((1,), D)])[key_P]  # rank D: nowhere
-        local_P = torch.cat([local_E, local_E.new_full((1,), self.header_slots)])[key_P]
+        local_P = torch.cat([local_E, local_E.new_full((1,), M)])[key_P]
         # Experts sit on ranks in contiguous blocks, so sorting by expert sorts by rank too; a slot's
         # row in the send buffer is its rank's block start plus its place among that rank's slots.
         order_P = torch.sort(key_P, stable=True).indices
@@ -367,16 +393,14 @@ class Dispatcher:
         start_D1 = torch.cumsum(count_D1, 0) - count_D1
         peer_sorted = peer_P[order_P]
         dest_sorted = peer_sorted * Q + torch.arange(T * W, device=device) - start_D1[peer_sorted]
-        dest_P = torch.empty_like(order_P).scatter_(0, order_P, torch.where(peer_sorted < D, dest_sorted, D * Q))
-        # One spare row (index D*Q) takes the slots that send nothing; it is never sent.
+        dest_P = torch.empty_like(order_P).scatter_(0, order_P, torch.where(peer_sorted < D, dest_sorted, -1))
+        # One spare row (index D·Q) takes the slots that send nothing; it is never sent.
+        spare_P = torch.where(dest_P >= 0, dest_P, D * Q)
         send_NH = x_TH.new_empty(D * Q + 1, H)
-        send_NH.index_copy_(0, dest_P, x_TH if W == 1 else x_TH.repeat_interleave(W, dim=0))
-        send_N1 = torch.full((D * Q + 1, 1), self.header_slots, dtype=torch.long, device=device)
-        send_N1.index_copy_(0, dest_P, local_P[:, None])
-        splits = [Q] * D
-        local_N = self._exchange_rows(send_N1[:D * Q], splits, splits).view(-1)
-        x_NH = self._exchange_rows(send_NH[:D * Q], splits, splits)
-        return PaddedRound(tag, x_NH, local_N, dest_P, kept_P, Q, T)
+        send_NH.index_copy_(0, spare_P, x_TH if W == 1 else x_TH.repeat_interleave(W, dim=0))
+        send_N1 = torch.full((D * Q + 1, 1), M, dtype=torch.long, device=device)
+        send_N1.index_copy_(0, spare_P, local_P[:, None])
+        return send_NH[:D * Q], send_N1[:D * Q], dest_P
 
     def return_padded(self, y_NH: torch.Tensor, r: PaddedRound) -> torch.Tensor:
         """The reverse fixed-size exchange: (D*Q, H) rows back in the source's send layout."""
@@ -441,9 +465,8 @@ class PaddedRound:
         x_NH: (D*Q, H) rows received, Q from each source in rank order; only rows whose ``local_N``
             names a local expert hold data.
         local_N: (D*Q,) int64 local expert index of every received row, ``header_slots`` on the rest.
-        dest_P: (T*W,) row of every (token, slot) in the send (and returned) layout, D*Q where the
+        dest_P: (T*W,) row of every (token, slot) in the send (and returned) layout, -1 where the
             slot sends nothing.
-        kept_P: (T*W,) bool, the slots sent.
         slots_per_peer, num_tokens: Q and T.
     """
 
@@ -451,7 +474,6 @@ class PaddedRound:
     x_NH: torch.Tensor
     local_N: torch.Tensor
     dest_P: torch.Tensor
-    kept_P: torch.Tensor
     slots_per_peer: int
     num_tokens: int
 
@@ -469,18 +491,14 @@ def weigh_padded(back_NH: torch.Tensor, r: PaddedRound, weights_TW: torch.Tensor
     H = back_NH.shape[1]
     if T == 0:
         return back_NH.new_zeros(0, H)
-    w_P = weights_TW.reshape(-1)
-    kept_P = r.kept_P
     if back_NH.is_cuda and extra_PH is None:
         from ..ops.experts import weighted_combine
 
-        pos_TW = torch.where(kept_P, r.dest_P, -1).view(T, W)
-        return weighted_combine(back_NH.contiguous(), pos_TW, weights_TW.contiguous(), back_NH.dtype)
-    rows_PH = back_NH[r.dest_P.clamp(max=max(back_NH.shape[0] - 1, 0))] if back_NH.shape[0] else \
-        back_NH.new_zeros(T * W, H)
-    prod_PH = (rows_PH * w_P[:, None]).to(back_NH.dtype)
-    zero = prod_PH.new_zeros(())
-    prod_PH = torch.where(kept_P[:, None], prod_PH, zero)
+        return weighted_combine(back_NH.contiguous(), r.dest_P.view(T, W), weights_TW.contiguous(), back_NH.dtype)
+    w_P = weights_TW.reshape(-1)
+    kept_P = r.dest_P >= 0
+    rows_PH = back_NH[r.dest_P.clamp(min=0)] if back_NH.shape[0] else back_NH.new_zeros(T * W, H)
+    prod_PH = torch.where(kept_P[:, None], (rows_PH * w_P[:, None]).to(back_NH.dtype), back_NH.new_zeros(()))
     if extra_PH is not None:
         prod_PH = torch.where(extra_P[:, None], (extra_PH * w_P[:, None]).to(back_NH.dtype), prod_PH)
     return prod_PH.view(T, W, H).float().sum(dim=1).to(back_NH.dtype)

@@ -81,3 +81,52 @@ def test_ep_prepare_builds_the_header_of_every_destination(E, D):
     want_pos = torch.full((T * W,), -1, dtype=torch.long)
     want_pos[order_P[:kept]] = torch.arange(kept)
     assert torch.equal(pos_P, want_pos)
+
+
+@pytest.mark.parametrize("T,W,E,D", [(1, 1, 2, 2), (37, 2, 5, 2), (100, 3, 8, 3), (64, 1, 4, 4), (50, 2, 3, 4)])
+def test_padded_send_kernel_equals_torch(T, W, E, D):
+    """The fixed-size exchange's send buffers: the one-kernel fill (Triton interpreter here) equals
+    the torch stable-sort path, and both put every kept slot's token row and local expert id in
+    its expert's rank block, packed at the block's start in (expert, pair) order; dropped, invalid
+    and negative ids send nothing (-1).  Includes ties, a token with every slot dropped, and more
+    ranks than experts (a rank with none)."""
+    from moepatch.parallel.dispatch import Dispatcher
+
+    g = torch.Generator().manual_seed(T * 7 + D)
+    x_TH = torch.randn(T, 24, generator=g)
+    ids_TW = torch.randint(0, E, (T, W), generator=g)
+    ids_TW[torch.rand(T, W, generator=g) < 0.3] = E
+    ids_TW[torch.rand(T, W, generator=g) < 0.05] = -1
+    ids_TW[torch.rand(T, W, generator=g) < 0.05] = E + 2
+    ids_TW[0] = E
+    if T > 2:
+        ids_TW[1:T // 2, 0] = 1  # ties
+    M = -(-E // D)
+    Q = T * W
+    disp = Dispatcher(0, D, M)  # the send side only: no exchange
+    out = {}
+    for kernel in (False, True):
+        old = dispatch_mod.USE_KERNEL_SORT
+        dispatch_mod.USE_KERNEL_SORT = kernel
+        try:
+            out[kernel] = disp._padded_send(x_TH, ids_TW, E, Q)
+        finally:
+            dispatch_mod.USE_KERNEL_SORT = old
+    (send_t, local_t, dest_t), (send_k, local_k, dest_k) = out[False], out[True]
+    assert send_t.shape == send_k.shape == (D * Q, 24) and local_t.shape == local_k.shape == (D * Q, 1)
+    assert torch.equal(dest_k, dest_t) and torch.equal(local_k, local_t)
+    used = local_t[:, 0] < M
+    assert torch.equal(send_k[used], send_t[used])
+    flat = ids_TW.reshape(-1)
+    kept = (flat >= 0) & (flat < E)
+    assert torch.equal(dest_t >= 0, kept)
+    dev_E, local_E = disp.placement(E, torch.device("cpu"))
+    p = kept.nonzero()[:, 0]
+    assert torch.equal(dest_t[p] // Q, dev_E[flat[p]])
+    assert torch.equal(send_t[dest_t[p]], x_TH[p // W]) and torch.equal(local_t[dest_t[p], 0], local_E[flat[p]])
+    assert int(used.sum()) == p.numel()
+    for d in range(D):  # packed at the block's start, sorted by expert, pair order inside
+        mine = p[dev_E[flat[p]] == d]
+        assert sorted((dest_t[mine] - d * Q).tolist()) == list(range(mine.numel()))
+        by_row = mine[torch.argsort(dest_t[mine])]
+        assert by_row.tolist() == sorted(by_row.tolist(), key=lambda q: (int(flat[q]), q))

@@ -218,13 +218,18 @@ def test_two_nccl_ranks_overlap_equals_sequential(tmp_path):
 
 
 @pytest.mark.distributed
-def test_two_gloo_ranks_padded_exchange_equals_the_reference(tmp_path):
+@pytest.mark.parametrize("kernel", [False, True], ids=["torch-sort", "kernel-fill"])
+def test_two_gloo_ranks_padded_exchange_equals_the_reference(tmp_path, monkeypatch, kernel):
     """The fixed-size exchange on 2 gloo ranks (left in flight, then waited for), on random routing
     with a different token count per rank, all slots on one expert (ties; the other experts
     empty), every slot dropped, dropped and negative ids among kept ones, and no tokens on one
     rank: each rank's combined output equals its float64 reference sum (up to the float32 sum), as
-    the counts path's does."""
-    per_rank = run_ranks(Path(__file__).with_name("padded_worker.py"), [], tmp_path, limit_s=60)
+    the counts path's does.  ``kernel-fill``: the send buffers from moepatch.ops' sort and fill
+    kernels (CUDA's path; here the Triton interpreter)."""
+    if kernel:
+        monkeypatch.setenv("MOEPATCH_KERNEL_SORT", "1")
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    per_rank = run_ranks(Path(__file__).with_name("padded_worker.py"), [], tmp_path, limit_s=90)
     for rank, res in enumerate(per_rank):
         assert len(res) == 5
         for name, r in res.items():
