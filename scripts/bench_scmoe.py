@@ -75,7 +75,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(ShortcutEP.rows_sender: thread, poll; comma-separated to compare, the first is the headline)")
     p.add_argument("--exchange", default="counts",
                    help="how the ScMoE dispatch sends its rows (ShortcutEP.exchange: counts = a header of counts, "
-                        "read on the host, then exact split sizes; padded = fixed-size blocks, nothing read back); "
+                        "read on the host, then exact split sizes; padded = fixed-size blocks, nothing read back; "
+                        "graphs = padded, each unit replayed from a CUDA graph, ShortcutEP(graphs=True)); "
                         "comma-separated to compare, the first is the headline; top-2 runs with each, and the "
                         "faster is the baseline")
     p.add_argument("--router", default="init", choices=("init", "unbiased"),
@@ -118,8 +119,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.after_list = []
     args.sender_list = [v for v in args.rows_sender.split(",") if v]
     args.exchange_list = [v for v in args.exchange.split(",") if v]
-    if not args.exchange_list or any(v not in ("counts", "padded") for v in args.exchange_list):
-        p.error(f"--exchange {args.exchange!r}: accepted counts, padded (comma-separated)")
+    if not args.exchange_list or any(v not in ("counts", "padded", "graphs") for v in args.exchange_list):
+        p.error(f"--exchange {args.exchange!r}: accepted counts, padded, graphs (comma-separated)")
     if not args.sender_list or any(v not in ("thread", "poll") for v in args.sender_list):
         p.error(f"--rows-sender {args.rows_sender!r}: accepted thread, poll (comma-separated)")
     if not args.after_list or min(args.after_list) < 0:
@@ -229,7 +230,7 @@ def run(args) -> int:
         if args.capacity_spec is not None:
             apply_capacity(model, args.capacity_spec[1], strategy=args.capacity_spec[0], ep_size=world)
         ep = ShortcutEP(model, group=groups[priority], dispatch_after_ops=after_ops, rows_sender=sender,
-                        exchange=exchange)
+                        exchange="padded" if exchange == "graphs" else exchange, graphs=exchange == "graphs")
         g = torch.Generator(device="cpu").manual_seed(100 + rank)  # each rank its own tokens
         ids_BS = torch.randint(0, cfg.vocab_size, (batch, seq), generator=g).to(device)
         with torch.no_grad():
@@ -270,6 +271,12 @@ def run(args) -> int:
             rows_per_rank = per_expert.view(world, per_rank_experts).sum(1).tolist()
             t_seq, t_ov, saved = time_pair(lambda: ep.run_unit(0, h0, ctx, "sequential"),
                                            lambda: ep.run_unit(0, h0, ctx, "overlap"), args.iters, args.warmup)
+            if exchange == "graphs":  # the replays (captured during the warm-up rounds) agree too
+                replay_diff = (ep.run_unit(0, h0, ctx, "sequential").float()
+                               - ep.run_unit(0, h0, ctx, "overlap").float()).abs().max().item()
+                if max_over_ranks([replay_diff])[0]:
+                    raise SystemExit(f"{shape_name}/{variant}: the replayed overlapped unit differs from the replayed "
+                                     f"sequential one by {replay_diff:.3e}")
             t_out, t_back = ep.time_exchanges(0, h0, ctx, iters=args.calibrate_iters * 2)
             traced = {}
             for schedule in ("sequential", "overlap"):  # only with $MOEPATCH_PROFILE_DIR

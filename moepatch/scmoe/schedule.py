@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import copy
 import statistics
 import time
 import weakref
@@ -60,6 +61,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import ModelStateError
+from ..ops.graph_cache import GraphCache
 from ..parallel.dispatch import (
     _HEADER_FIXED,
     AllToAllDispatcher,
@@ -247,6 +249,55 @@ class UnitTiming:
         return self.dispatch + self.combine
 
 
+def _signature(v):
+    """What a unit graph's inputs must match: tensors by shape, dtype and strides, containers
+    element-wise, other values as they are (a new value captures a new graph)."""
+    if isinstance(v, torch.Tensor):
+        return ("tensor", tuple(v.shape), v.dtype, v.stride(), v.device)
+    if isinstance(v, (tuple, list)):
+        return tuple(_signature(x) for x in v)
+    if isinstance(v, dict):
+        return tuple((k, _signature(x)) for k, x in v.items())
+    return v if isinstance(v, (int, float, bool, str, type(None), torch.dtype)) else ("object", id(v))
+
+
+def _static(v):
+    if isinstance(v, torch.Tensor):
+        return v.clone()
+    if isinstance(v, (tuple, list)):
+        return type(v)(_static(x) for x in v)
+    return v
+
+
+def _copy_into(dst, src) -> None:
+    if isinstance(dst, torch.Tensor):
+        dst.copy_(src)
+    elif isinstance(dst, (tuple, list)):
+        for a, b in zip(dst, src):
+            _copy_into(a, b)
+
+
+class _UnitGraph:
+    """One unit and schedule captured in a CUDA graph, on static copies of its input and context."""
+
+    def __init__(self, ep: ShortcutEP, cache: GraphCache, u: int, h_BSD: torch.Tensor, ctx, schedule: str):
+        self.h_BSD = h_BSD.clone()
+        self.ctx = copy.copy(ctx)
+        for name, value in vars(ctx).items():
+            setattr(self.ctx, name, _static(value))
+        self.graph = torch.cuda.CUDAGraph()
+        torch.cuda.synchronize(h_BSD.device)  # NOTE: host sync, once per captured signature
+        with cache.recording(self.graph, h_BSD.device):
+            self.out_BSD = ep._run_unit(u, self.h_BSD, self.ctx, schedule)
+
+    def replay(self, h_BSD: torch.Tensor, ctx) -> torch.Tensor:
+        self.h_BSD.copy_(h_BSD)
+        for name, value in vars(ctx).items():
+            _copy_into(getattr(self.ctx, name), value)
+        self.graph.replay()
+        return self.out_BSD
+
+
 class ShortcutEP:
     """Run a native ScMoE (or baseline) model with its routed experts over the ranks of a process group.
 
@@ -274,7 +325,7 @@ class ShortcutEP:
     """
 
     def __init__(self, model, group=None, dispatch_after_ops: int = 1, rows_sender: str = "poll",
-                 exchange: str = "counts"):
+                 exchange: str = "counts", graphs: bool = False):
         if isinstance(dispatch_after_ops, bool) or not isinstance(dispatch_after_ops, int) or dispatch_after_ops < 0:
             raise ValueError(f"dispatch_after_ops={dispatch_after_ops!r}; accepted: an integer >= 0 (backbone ops "
                              "queued before the overlapped dispatch is launched)")
@@ -282,7 +333,12 @@ class ShortcutEP:
             raise ValueError(f"rows_sender={rows_sender!r}; accepted: {', '.join(map(repr, SENDERS))}")
         if exchange not in EXCHANGES:
             raise ValueError(f"exchange={exchange!r}; accepted: {', '.join(map(repr, EXCHANGES))}")
+        if graphs and exchange != "padded":
+            raise ValueError("graphs=True needs exchange='padded' (the counts exchange reads its header back to the "
+                             "host, which a CUDA graph cannot)")
         if type(model).__name__ == "LongcatFlashForCausalLM":
+            if graphs:
+                raise ModelStateError("graphs=True runs native ScMoE models; LongCat-Flash runs eagerly")
             from .longcat import LongcatShortcut
 
             model = LongcatShortcut(model)
@@ -318,6 +374,8 @@ class ShortcutEP:
         self.dispatch_after_ops = dispatch_after_ops  # the overlapped schedule's launch point and sender (above)
         self.rows_sender = rows_sender
         self.exchange = exchange  # "counts" or "padded" (class docstring)
+        self.graphs = bool(graphs)
+        self._unit_graphs = GraphCache(max_graphs=256)  # (unit, schedule, input signature) -> _UnitGraph | calls
 
     # -- one unit ---------------------------------------------------------------------------------
     def _in_flight(self):
@@ -434,9 +492,39 @@ class ShortcutEP:
 
     def run_unit(self, u: int, h_BSD: torch.Tensor, ctx: ForwardContext, schedule: str = "overlap",
                  clock: _Clock | None = None, phases: dict | None = None) -> torch.Tensor:
-        """Unit ``u`` on this rank's tokens; (B, S, D).  ``clock``/``phases`` record the sequential phases."""
+        """Unit ``u`` on this rank's tokens; (B, S, D).  ``clock``/``phases`` record the sequential phases.
+
+        With ``graphs`` (CUDA), the first call of a signature runs eagerly and the next captures the
+        unit; later calls copy the inputs in and replay.  The result is then the graph's static
+        output, rewritten by the next replay of the same unit and schedule (``forward`` consumes it
+        before that; clone it to keep it)."""
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule={schedule!r}; accepted: {', '.join(map(repr, SCHEDULES))}")
+        if self.graphs and clock is None:
+            return self._replay(u, h_BSD, ctx, schedule)
+        return self._run_unit(u, h_BSD, ctx, schedule, clock, phases)
+
+    def _replay(self, u: int, h_BSD: torch.Tensor, ctx, schedule: str) -> torch.Tensor:
+        if not h_BSD.is_cuda:
+            raise ModelStateError("graphs=True replays CUDA graphs; this unit's input is on the "
+                                  f"{h_BSD.device.type}")
+        key = (u, schedule, _signature(h_BSD), _signature(vars(ctx)))
+        cache = self._unit_graphs
+        entry = cache.entries.get(key, 0)
+        if isinstance(entry, _UnitGraph):
+            return entry.replay(h_BSD, ctx)
+        if entry == 0 or len(cache.entries) > cache.max_graphs:  # the first call: eager (compiles, warms up)
+            cache.entries.setdefault(key, 1)
+            return self._run_unit(u, h_BSD, ctx, schedule)
+        try:
+            graph = _UnitGraph(self, cache, u, h_BSD, ctx, schedule)
+        except RuntimeError as exc:
+            raise ModelStateError(f"capturing unit {u} ({schedule}) in a CUDA graph failed: {exc}") from exc
+        cache.entries[key] = graph
+        return graph.replay(h_BSD, ctx)
+
+    def _run_unit(self, u: int, h_BSD: torch.Tensor, ctx, schedule: str, clock: _Clock | None = None,
+                  phases: dict | None = None) -> torch.Tensor:
         prog = self.model.unit_program(u, h_BSD, ctx)
         if clock is not None:
             clock.lap()
@@ -483,6 +571,9 @@ class ShortcutEP:
                 d, pending = self._dispatch(prog, ids_TW, asynchronous=True, ctx=ctx)
             for _, op in prog.ops[first:k]:
                 op()
+            # The side stream joins the compute stream (its work is done by the time the rows
+            # are: a no-op in time; a CUDA graph capture needs every forked stream joined).
+            torch.cuda.current_stream().wait_stream(side)
         else:
             # CUDA.  The host queues the first ``dispatch_after_ops`` backbone ops (GPU work while it
             # launches the dispatch), then the dispatch's few kernels (sort, gather, header exchange,

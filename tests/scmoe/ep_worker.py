@@ -56,6 +56,10 @@ def _variant(model, exchange, ids_BS, mask_BS, mine, rank, world, with_capacity)
                  uneven_vs_ref=_diff(uneven, ref[:n]), finite=bool(torch.isfinite(seq).all()),
                  slots={str(u): t.slot for u, t in timings.items()},
                  ops={str(u): list(t.ops) for u, t in timings.items()})
+        if exchange == "padded" and ids_BS.is_cuda:  # CUDA graphs: eager, capture, replays = the eager unit
+            gep = ShortcutEP(model, exchange="padded", graphs=True)
+            r["graphs_equal"] = [bool(torch.equal(gep(ids_BS[mine], mask_BS[mine], schedule=sch), want))
+                                 for sch, want in (("sequential", seq), ("overlap", ov)) for _ in range(3)]
         if with_capacity:
             handle = apply_capacity(model, 1.0, ep_size=world)
             sim = model(ids_BS, attention_mask=mask_BS).logits[mine]  # ep_size=world simulation

@@ -116,6 +116,29 @@ def test_one_gpu_padded_exchange_reads_nothing_back(after, dtype):
         torch.cuda.set_sync_debug_mode(0)
 
 
+@torch.no_grad()
+@pytest.mark.gpu
+@pytest.mark.parametrize("capacity", [None, "drop", "reroute"])
+def test_one_gpu_unit_graphs_replay_the_eager_unit(capacity):
+    """graphs=True: a signature's first call runs eagerly, the second captures, later ones replay;
+    every replay equals the eager unit bit for bit (both schedules, new inputs of the same shape
+    copied in), a new shape captures its own graph, and capacity-aware routing replays too."""
+    torch.manual_seed(0)
+    model = build_scmoe(arch="scmoe", position=2, **DIMS).eval().cuda()
+    if capacity:
+        apply_capacity(model, 1.0, strategy=capacity, ep_size=1)
+    eager = ShortcutEP(model, exchange="padded")
+    graphed = ShortcutEP(model, exchange="padded", graphs=True)
+    for shape in ((4, 33), (2, 17)):
+        for seed in range(4):
+            ids = torch.randint(0, 64, shape, generator=torch.Generator().manual_seed(seed)).cuda()
+            for schedule in ("sequential", "overlap"):
+                want = eager(ids, schedule=schedule)
+                assert torch.equal(graphed(ids, schedule=schedule), want), (shape, seed, schedule)
+    captured = [v for v in graphed._unit_graphs.entries.values() if not isinstance(v, int)]
+    assert len(captured) == 2 * 2 * len(model.units)  # shapes x schedules x units
+
+
 def test_one_rank_refusals():
     torch.manual_seed(0)
     model = build_scmoe(**DIMS)
@@ -134,6 +157,11 @@ def test_one_rank_refusals():
         ShortcutEP(build_scmoe(**DIMS), rows_sender="main")
     with pytest.raises(ValueError, match="exchange='fixed'; accepted: 'counts', 'padded'"):
         ShortcutEP(build_scmoe(**DIMS), exchange="fixed")
+    with pytest.raises(ValueError, match="graphs=True needs exchange='padded'"):
+        ShortcutEP(build_scmoe(**DIMS), graphs=True)
+    cpu_graphs = ShortcutEP(build_scmoe(**DIMS), exchange="padded", graphs=True)
+    with torch.no_grad(), pytest.raises(ModelStateError, match="graphs=True replays CUDA graphs.*cpu"):
+        cpu_graphs(torch.randint(0, 64, (1, 5)))
     ep = ShortcutEP(build_scmoe(**DIMS), exchange="padded")
     ids = torch.randint(0, 64, (1, 5))
     ctx = ep.model.context(ids, None, None)  # not through ep.prepare: no agreed rows per rank pair
@@ -180,7 +208,7 @@ def test_rows_sender_thread_runs_the_window_and_surfaces_errors():
     ep._complete = real_complete
 
 
-def _check_two_ranks(per_rank, tol):
+def _check_two_ranks(per_rank, tol, graphs=False):
     for rank, res in enumerate(per_rank):
         assert sorted(res) == sorted(f"{n}/{x}" for n in ("scmoe-pos2-cg1", "scmoe-pos3-cg2", "scmoe2-every-pos1",
                                                           "top2") for x in ("counts", "padded"))
@@ -190,6 +218,8 @@ def _check_two_ranks(per_rank, tol):
             assert r["ref_max"] > 0.1 and r["finite"]
             assert r["seq_equals_overlap"] and r["seq_equals_calibrated"], (rank, name)
             assert r["launch_orders"] == [True, True, True], (rank, name)
+            if graphs and name.endswith("/padded"):
+                assert r["graphs_equal"] == [True] * 6, (rank, name)
         for exchange in ("counts", "padded"):
             cap = res[f"scmoe-pos2-cg1/{exchange}"]
             assert cap["cap_sim_vs_seq"] <= tol and cap["cap_seq_equals_overlap"], (rank, exchange, cap)
@@ -212,9 +242,10 @@ def test_two_gloo_ranks_overlap_equals_sequential(tmp_path):
 def test_two_nccl_ranks_overlap_equals_sequential(tmp_path):
     """The same on 2 GPUs with NCCL: the overlapped schedule's side stream, async all-to-all and
     events give the sequential schedule's output bit for bit (float32; the reference batch is
-    computed with other shapes, hence 1e-4)."""
+    computed with other shapes, hence 1e-4); with the padded exchange, units replayed from CUDA
+    graphs (the all-to-alls captured too) give the eager output bit for bit."""
     _check_two_ranks(run_ranks(Path(__file__).with_name("ep_worker.py"), ["--cuda"], tmp_path, limit_s=180,
-                               timeout_s=60), 1e-4)
+                               timeout_s=60), 1e-4, graphs=True)
 
 
 @pytest.mark.distributed
