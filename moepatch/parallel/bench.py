@@ -324,17 +324,22 @@ def _minus(xs: list, ys: list) -> list:
     return out
 
 
-def exposed_communication(trace_path) -> dict:
+def exposed_communication(trace_path, compute: str = "any") -> dict:
     """From a Chrome trace of profile_calls: how long NCCL kernels ran with no compute kernel beside them.
 
-    The compute stream is the stream with the most non-NCCL kernel time; "exposed" is the time some
-    NCCL kernel was running while that stream had no kernel running (it waited for the exchange,
-    or nothing else was queued); "nccl" the time any NCCL kernel ran; "compute" the time the compute
-    stream ran a kernel (which rank is the critical path).  Milliseconds per call (the mean), and
+    ``compute="any"`` (default): a compute kernel is any non-NCCL kernel, on any stream of this
+    GPU; "exposed" is the time some NCCL kernel was running while no other kernel was (the GPU
+    waited for the exchange, or nothing else was queued).  ``compute="stream"``: only the kernels
+    of the compute stream count, the stream with the most non-NCCL kernel time (the reading of
+    runs up to 11; under a CUDA graph replay one logical stream's kernels run on several hardware
+    streams, so there it misreads).  "nccl" is the time any NCCL kernel ran; "compute" the time
+    compute kernels ran (which rank is the critical path).  Milliseconds per call (the mean), and
     ``per_call``: ``[nccl, exposed, compute]`` of every call, the calls told apart by the barrier's
     all-reduce kernel in front of each (a kernel belongs to the call it starts in)."""
     import json
 
+    if compute not in ("any", "stream"):
+        raise ValueError(f"compute={compute!r}; accepted: 'any', 'stream'")
     events = json.loads(Path(trace_path).read_text())["traceEvents"]
     kernels = [e for e in events if e.get("ph") == "X" and e.get("cat") == "kernel"]
     busy: dict = {}
@@ -344,7 +349,7 @@ def exposed_communication(trace_path) -> dict:
     nccl = [e for e in kernels if "nccl" in e["name"].lower() and "AllReduce" not in e["name"]]
     if not nccl or not busy:
         return dict(nccl_ms=0.0, exposed_ms=0.0, compute_ms=0.0, calls=0, per_call=[])
-    compute = max(busy, key=busy.get)
+    streams = set(busy) if compute == "any" else {max(busy, key=busy.get)}
     starts = sorted(e["ts"] for e in kernels if "AllReduce" in e["name"]) or [min(e["ts"] for e in kernels)]
     starts[0] = min(starts[0], min(e["ts"] for e in kernels))
     per_call = []
@@ -353,7 +358,7 @@ def exposed_communication(trace_path) -> dict:
         comm = _union([[e["ts"], e["ts"] + e["dur"]] for e in mine
                        if "nccl" in e["name"].lower() and "AllReduce" not in e["name"]])
         comp = _union([[e["ts"], e["ts"] + e["dur"]] for e in mine
-                       if e["args"].get("stream") == compute and "nccl" not in e["name"].lower()])
+                       if e["args"].get("stream") in streams and "nccl" not in e["name"].lower()])
         per_call.append([_length(comm) / 1e3, _length(_minus(comm, comp)) / 1e3, _length(comp) / 1e3])
     n = len(per_call)
     return dict(nccl_ms=sum(c[0] for c in per_call) / n, exposed_ms=sum(c[1] for c in per_call) / n,

@@ -78,6 +78,26 @@ def test_exposed_communication_counts_nccl_time_without_compute_beside_it(tmp_pa
     assert got["per_call"] == [pytest.approx([0.15, 0.07, 0.2])] * 2
 
 
+def test_exposed_communication_counts_compute_on_any_stream(tmp_path):
+    """A CUDA graph replay runs one logical stream's kernels on several hardware streams: an
+    exchange beside a GEMM on the second of them is hidden (the default), while the older reading
+    (``compute="stream"``: the busiest stream only) calls it exposed; unknown readings are refused."""
+    import json
+
+    from moepatch.parallel.bench import exposed_communication
+
+    events = [_kernel("ncclDevKernel_AllReduce_Sum", 0, 5, 7), _kernel("gemm", 10, 300, 7),
+              _kernel("gemm", 320, 100, 216),  # the window, moved to another stream by the graph
+              _kernel("ncclDevKernel_SendRecv", 330, 80, 218),  # beside it
+              _kernel("ncclDevKernel_SendRecv", 430, 20, 219)]  # beside nothing
+    path = tmp_path / "trace.json"
+    path.write_text(json.dumps({"traceEvents": events}))
+    assert exposed_communication(path)["per_call"] == [pytest.approx([0.1, 0.02, 0.4])]
+    assert exposed_communication(path, compute="stream")["per_call"] == [pytest.approx([0.1, 0.1, 0.3])]
+    with pytest.raises(ValueError, match="compute='all'; accepted: 'any', 'stream'"):
+        exposed_communication(path, compute="all")
+
+
 def test_exposed_communication_tells_the_calls_apart(tmp_path):
     """Per call (split at each barrier's all-reduce): a slow first call shows as such, and the
     means are the means of the calls."""
