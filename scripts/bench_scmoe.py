@@ -9,10 +9,14 @@ each shape, on every rank (data parallel backbone, experts split over the ranks)
   one expert's width plus top-1),
 * ``scmoe`` with the *overlapped* schedule (moepatch.scmoe.schedule): the overlap's gain on top.
 
+each with the exchanges of ``--exchange`` (default on GPUs ``graphs,counts``: the fixed-size
+exchange with every unit replayed from a CUDA graph, the headline, and the header-and-counts
+exchange run eagerly; top-2 runs with each and the fastest top-2 is the baseline).
+
 Reported per variant: the unit time of both schedules, timed in alternating rounds (each run
 after a barrier, the slowest rank's time, medians over rounds; "saved" is the median of the
 paired differences sequential − overlap), the all-to-all time (the unit's exchanges alone, with
-their real split sizes, after a barrier: header + rows out, rows back; ``ShortcutEP.time_exchanges``),
+the sizes the variant sends, after a barrier: header or ids + rows out, rows back; ``ShortcutEP.time_exchanges``),
 the fraction of it the overlap hides (saved / all-to-all, clipped to [0, 1]; saved can exceed it
 when the overlap also takes the dispatch's sorting, gathering and host sync off the critical
 path; the phase times of the sequential schedule are in the JSON as dispatch_ms / combine_ms), the slot K
@@ -73,12 +77,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rows-sender", default="poll",
                    help="who sends the overlapped dispatch's rows once the header is on the host "
                         "(ShortcutEP.rows_sender: thread, poll; comma-separated to compare, the first is the headline)")
-    p.add_argument("--exchange", default="counts",
+    p.add_argument("--exchange", default=None,
                    help="how the ScMoE dispatch sends its rows (ShortcutEP.exchange: counts = a header of counts, "
                         "read on the host, then exact split sizes; padded = fixed-size blocks, nothing read back; "
                         "graphs = padded, each unit replayed from a CUDA graph, ShortcutEP(graphs=True)); "
                         "comma-separated to compare, the first is the headline; top-2 runs with each, and the "
-                        "faster is the baseline")
+                        "fastest is the baseline; default graphs,counts on GPUs, counts under gloo)")
     p.add_argument("--router", default="init", choices=("init", "unbiased"),
                    help="routers as initialised (the mean of the routed states then adds a fixed bias per expert "
                         "and ScMoE's top-1 is the more imbalanced), or unbiased (the router's rows made orthogonal "
@@ -118,8 +122,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     except ValueError:
         args.after_list = []
     args.sender_list = [v for v in args.rows_sender.split(",") if v]
-    args.exchange_list = [v for v in args.exchange.split(",") if v]
-    if not args.exchange_list or any(v not in ("counts", "padded", "graphs") for v in args.exchange_list):
+    args.exchange_list = [v for v in args.exchange.split(",") if v] if args.exchange is not None else None
+    if args.exchange_list is not None and (
+            not args.exchange_list or any(v not in ("counts", "padded", "graphs") for v in args.exchange_list)):
         p.error(f"--exchange {args.exchange!r}: accepted counts, padded, graphs (comma-separated)")
     if not args.sender_list or any(v not in ("thread", "poll") for v in args.sender_list):
         p.error(f"--rows-sender {args.rows_sender!r}: accepted thread, poll (comma-separated)")
@@ -177,6 +182,10 @@ def run(args) -> int:
 
     rank, world, device = init_distributed()
     cuda = device.type == "cuda"
+    if args.exchange_list is None:
+        args.exchange_list = ["graphs", "counts"] if cuda else ["counts"]
+    elif "graphs" in args.exchange_list and not cuda:
+        raise SystemExit("--exchange graphs replays CUDA graphs: it needs GPUs (under gloo: counts, padded)")
     nccl = dist.get_backend() == "nccl"
     # One group per NCCL stream priority (same ranks), made up front: every rank makes them in order.
     groups = {p: new_group_with_priority(p == "high") for p in args.priority_list} if nccl else {"n/a": None}
@@ -393,7 +402,8 @@ def run(args) -> int:
         traced = [r for r in rows if r["trace_ms"]]
         if traced:
             md += ["", "From the profiled calls (MOEPATCH_PROFILE_DIR; max over ranks): NCCL kernel time per unit "
-                   "and the part of it with no compute kernel beside it (the compute stream idle or waiting).", "",
+                   "and the part of it with no compute kernel beside it on that GPU (any stream: a graph replay "
+                   "spreads one stream's kernels over several).", "",
                    "\"Hidden (trace)\" = 1 − overlap's exposed NCCL time / the all-to-all time alone, with the "
                    "exposure of the rank that exposes most (a lighter rank's wait for the straggler at the combine "
                    "counts) and of the rank with the most compute (the unit's critical path); means over the "
