@@ -170,3 +170,29 @@ def test_rank_exposures_judge_by_the_rank_with_the_most_compute():
     assert got["critical_rank"] == 0 and got["critical_exposed"] == 0.02
     assert got["exposed"] == 0.25 and got["nccl"] == 2.1 and got["compute"] == [17.7, 16.4]
     assert rank_exposures([[1.0, 0.3, 5.0]])["critical_exposed"] == 0.3
+
+
+def test_trace_exposure_script_reads_both_readings(tmp_path, capsys):
+    """scripts/trace_exposure.py: per rank trace of one prefix, the critical (most compute) rank's
+    exposure per call under both readings, and the fraction hidden of a given all-to-all time."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "scripts" / "trace_exposure.py"
+    spec = importlib.util.spec_from_file_location("trace_exposure", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    heavy = [_kernel("ncclDevKernel_AllReduce_Sum", 0, 5, 7), _kernel("gemm", 10, 300, 7),
+             _kernel("gemm", 320, 100, 216), _kernel("ncclDevKernel_SendRecv", 330, 80, 218),
+             _kernel("ncclDevKernel_SendRecv", 430, 20, 219)]
+    light = [_kernel("ncclDevKernel_AllReduce_Sum", 0, 5, 7), _kernel("gemm", 10, 50, 7),
+             _kernel("ncclDevKernel_SendRecv", 100, 300, 218)]
+    for rank, events in enumerate((light, heavy)):
+        (tmp_path / f"unit.rank{rank}.json").write_text(json.dumps({"traceEvents": events}))
+    assert mod.main([str(tmp_path / "unit"), "--a2a-ms", "0.1"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("   any: critical exposure per call (ms) 0.020;") and "hidden 80.0%" in out[0]
+    assert out[1].startswith("stream: critical exposure per call (ms) 0.100;") and "hidden 0.0%" in out[1]
+    with pytest.raises(SystemExit):
+        mod.main([str(tmp_path / "missing")])
