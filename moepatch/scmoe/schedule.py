@@ -33,6 +33,15 @@ stream wait for the rows without blocking the host; the return exchange is issue
 compute stream after the expert GEMMs.  With gloo the same calls run on gloo's worker thread (no
 streams), so the same code path overlaps as far as gloo allows.
 
+``exchange="padded"`` drops the header: every rank sends Q = T·W rows (T the most tokens on any
+rank) to every rank, the routed ones first with each row's local expert id
+(:meth:`moepatch.parallel.dispatch.Dispatcher.begin_padded`), so no value is read back and the whole
+dispatch is queued on the side stream at once; the receiver computes its experts with moepatch.ops'
+fused kernel (which sorts on the GPU and skips the unused rows).  A unit then has no host sync at
+all, and ``graphs=True`` captures each (unit, schedule, input shapes) in a CUDA graph and replays
+it: the unit no longer depends on how fast the host launches (docs/scmoe.md, "Exchanges and CUDA
+graphs").
+
 The slot K of the expert GEMMs among the N backbone ops is the paper's rule on measured times
 (:func:`choose_slot`): minimise |Σ_{i<K} COMP_i − T_dispatch| + |Σ_{i≥K} COMP_i − T_combine|
 (ops 0..K-1 hide the dispatch, ops K..N-1 the combine); :meth:`ShortcutEP.calibrate` measures.
@@ -320,6 +329,11 @@ class ShortcutEP:
             all-to-all from the side stream at once, while this thread goes on queueing the
             backbone (measured no better on two H200, docs/benchmarks.md run 9).  Outputs do not
             depend on it.
+        exchange: ``"counts"`` (default: a header of counts read on the host, then exactly the
+            routed rows) or ``"padded"`` (fixed-size blocks of Q rows per rank pair, no host
+            sync; more bytes).  The padded exchange agrees on Q in :meth:`prepare` (a collective).
+        graphs: with ``exchange="padded"`` on CUDA, replay every unit from a CUDA graph (captured
+            on a signature's second call; native ScMoE models only).  Same outputs bit for bit.
     Capacity-aware routing applies per source rank when :func:`moepatch.scmoe.apply_capacity`
     (LongCat-Flash: ``moepatch.apply``) was called with ``ep_size`` equal to the world size.
     """
