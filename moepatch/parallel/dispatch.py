@@ -172,6 +172,10 @@ class Dispatcher:
     # -- the protocol -------------------------------------------------------------------------
     def placement(self, num_experts: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(rank of each expert, index of the expert on its rank), both (E,) int64 on ``device``."""
+        return self._placements(num_experts, device)[:2]
+
+    def _placements(self, num_experts: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """:meth:`placement` and the first expert of each rank, (D,) int64, all on ``device``."""
         key = (num_experts, str(device))
         if key not in self._placement:
             dev_E = expert_devices(num_experts, self.world)
@@ -180,7 +184,7 @@ class Dispatcher:
             if int(local_E.max()) >= self.header_slots:
                 raise ValueError(f"{num_experts} experts over {self.world} ranks need more than the "
                                  f"{self.header_slots} header slots this dispatcher was built with")
-            self._placement[key] = (dev_E.to(device), local_E.to(device))
+            self._placement[key] = (dev_E.to(device), local_E.to(device), first_D.to(device))
         return self._placement[key]
 
     def local_experts(self, num_experts: int) -> range:
@@ -357,7 +361,7 @@ class Dispatcher:
         splits = [Q] * D
         local_N = self._exchange_rows(send_N1, splits, splits).view(-1)
         x_NH = self._exchange_rows(send_NH, splits, splits)
-        return PaddedRound(tag, x_NH, local_N, dest_P, Q, T)
+        return PaddedRound(tag, x_NH, local_N, dest_P, Q)
 
     def _padded_send(self, x_TH: torch.Tensor, ids_TW: torch.Tensor, E: int, Q: int):
         """The send buffers of :meth:`begin_padded`: rows (D·Q, H), local expert ids (D·Q, 1) and each
@@ -366,21 +370,17 @@ class Dispatcher:
         T, W = ids_TW.shape
         D, M, H = self.world, self.header_slots, x_TH.shape[1]
         device = x_TH.device
-        dev_E, local_E = self.placement(E, device)
+        dev_E, local_E, first_D = self._placements(E, device)
         if _kernel_sort_usable(x_TH, T):
             from ..ops.experts import dispatch as sort_pairs
             from ..ops.experts import padded_send
 
-            key = ("first", E, str(device))
-            if key not in self._placement:
-                dev_cpu = expert_devices(E, D)
-                self._placement[key] = torch.searchsorted(dev_cpu, torch.arange(D)).to(device)
             ids_c = ids_TW.contiguous()
             layout = sort_pairs(ids_c, E, block_m=1, fuse=False)
             send_NH = x_TH.new_empty(D * Q, H)
             send_N1 = torch.full((D * Q, 1), M, dtype=torch.long, device=device)
             dest_P = torch.empty(T * W, dtype=torch.long, device=device)
-            padded_send(x_TH, ids_c, layout, dev_E, local_E, self._placement[key], send_NH, send_N1, dest_P, Q)
+            padded_send(x_TH, ids_c, layout, dev_E, local_E, first_D, send_NH, send_N1, dest_P, Q)
             return send_NH, send_N1, dest_P
         flat_P = ids_TW.reshape(-1)
         key_P = torch.where((flat_P >= 0) & (flat_P < E), flat_P, torch.full_like(flat_P, E))
@@ -467,7 +467,7 @@ class PaddedRound:
         local_N: (D*Q,) int64 local expert index of every received row, ``header_slots`` on the rest.
         dest_P: (T*W,) row of every (token, slot) in the send (and returned) layout, -1 where the
             slot sends nothing.
-        slots_per_peer, num_tokens: Q and T.
+        slots_per_peer: Q.
     """
 
     tag: int
@@ -475,7 +475,6 @@ class PaddedRound:
     local_N: torch.Tensor
     dest_P: torch.Tensor
     slots_per_peer: int
-    num_tokens: int
 
 
 def weigh_padded(back_NH: torch.Tensor, r: PaddedRound, weights_TW: torch.Tensor,
@@ -497,7 +496,7 @@ def weigh_padded(back_NH: torch.Tensor, r: PaddedRound, weights_TW: torch.Tensor
         return weighted_combine(back_NH.contiguous(), r.dest_P.view(T, W), weights_TW.contiguous(), back_NH.dtype)
     w_P = weights_TW.reshape(-1)
     kept_P = r.dest_P >= 0
-    rows_PH = back_NH[r.dest_P.clamp(min=0)] if back_NH.shape[0] else back_NH.new_zeros(T * W, H)
+    rows_PH = back_NH[r.dest_P.clamp(min=0)]  # T > 0: Q >= T * W rows came back
     prod_PH = torch.where(kept_P[:, None], (rows_PH * w_P[:, None]).to(back_NH.dtype), back_NH.new_zeros(()))
     if extra_PH is not None:
         prod_PH = torch.where(extra_P[:, None], (extra_PH * w_P[:, None]).to(back_NH.dtype), prod_PH)

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import ModelStateError
+from ..parallel.dispatch import weigh_padded
 from .model import UnitProgram
 
 
@@ -99,6 +100,17 @@ class LongcatRouted:
     def combine(self, y_PD: torch.Tensor, d, weights_TW: torch.Tensor, ids_TW: torch.Tensor,
                 x_s_TD: torch.Tensor) -> torch.Tensor:
         return weigh_with_identity(y_PD, d, weights_TW, ids_TW, x_s_TD, self.num_experts, self.zero_experts)
+
+    def combine_padded(self, back_NH: torch.Tensor, r, weights_TW: torch.Tensor, ids_TW: torch.Tensor,
+                       x_s_TD: torch.Tensor) -> torch.Tensor:
+        """:meth:`combine` for the fixed-size exchange (``moepatch.parallel.dispatch.weigh_padded``)."""
+        if not self.zero_experts:
+            return weigh_padded(back_NH, r, weights_TW)
+        W = ids_TW.shape[1]
+        flat_P = ids_TW.reshape(-1)
+        x_PD = x_s_TD if W == 1 else x_s_TD.repeat_interleave(W, dim=0)
+        E = self.num_experts
+        return weigh_padded(back_NH, r, weights_TW, x_PD, (flat_P >= E) & (flat_P < E + self.zero_experts))
 
 
 def weigh_with_identity(y_PD: torch.Tensor, d, weights_TW: torch.Tensor, ids_TW: torch.Tensor,

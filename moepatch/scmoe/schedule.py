@@ -295,8 +295,7 @@ class _UnitGraph:
         for name, value in vars(ctx).items():
             setattr(self.ctx, name, _static(value))
         self.graph = torch.cuda.CUDAGraph()
-        torch.cuda.synchronize(h_BSD.device)  # NOTE: host sync, once per captured signature
-        with cache.recording(self.graph, h_BSD.device):
+        with cache.recording(self.graph, h_BSD.device):  # (torch.cuda.graph syncs the device first)
             self.out_BSD = ep._run_unit(u, self.h_BSD, self.ctx, schedule)
 
     def replay(self, h_BSD: torch.Tensor, ctx) -> torch.Tensor:
@@ -412,14 +411,18 @@ class ShortcutEP:
     def _on_side(self, side):
         return torch.cuda.stream(side) if side is not None else contextlib.nullcontext()
 
+    @staticmethod
+    def _computing_ids(prog: UnitProgram, ids_TW: torch.Tensor) -> torch.Tensor:
+        """The slots to dispatch: zero-computation experts (LongCat-Flash) stay at the source."""
+        computing = getattr(prog.moe, "computing_ids", None)
+        return computing(ids_TW) if computing is not None else ids_TW
+
     def _begin(self, prog: UnitProgram, ids_TW: torch.Tensor, side=None, after=None):
         """Sort, gather and exchange the header; on ``side`` once the event ``after`` (the source) is reached."""
         if side is not None:
             side.wait_event(after)  # the source and the gate are ready
         with self._on_side(side):
-            computing = getattr(prog.moe, "computing_ids", None)
-            if computing is not None:  # zero-computation experts stay at the source
-                ids_TW = computing(ids_TW)
+            ids_TW = self._computing_ids(prog, ids_TW)
             return self.dispatcher.begin(prog.x_s_TD, ids_TW, num_experts=prog.moe.num_experts,
                                          tag=self._ordinal[id(prog.moe)])
 
@@ -457,9 +460,7 @@ class ShortcutEP:
     def _dispatch(self, prog: UnitProgram, ids_TW: torch.Tensor, asynchronous: bool, ctx: ForwardContext):
         if self.exchange == "counts":
             return self._complete(self._begin(prog, ids_TW), asynchronous)
-        computing = getattr(prog.moe, "computing_ids", None)
-        if computing is not None:  # zero-computation experts stay at the source
-            ids_TW = computing(ids_TW)
+        ids_TW = self._computing_ids(prog, ids_TW)
         peer_tokens = getattr(ctx, "peer_tokens", None)
         if peer_tokens is None:
             raise ModelStateError("the padded exchange needs the forward context of ShortcutEP.prepare (it agrees on "
@@ -486,19 +487,12 @@ class ShortcutEP:
     @staticmethod
     def _weigh(prog: UnitProgram, back_PD: torch.Tensor, d: Dispatched | PaddedRound, w_TW: torch.Tensor,
                ids_TW: torch.Tensor) -> torch.Tensor:
-        if isinstance(d, PaddedRound):
-            zero = getattr(prog.moe, "zero_experts", 0)
-            if not zero:
-                return weigh_padded(back_PD, d, w_TW)
-            # LongCat: identity experts add w * x_s, computed here.
-            E = prog.moe.num_experts
-            flat_P = ids_TW.reshape(-1)
-            W = ids_TW.shape[1]
-            x_PD = prog.x_s_TD if W == 1 else prog.x_s_TD.repeat_interleave(W, dim=0)
-            return weigh_padded(back_PD, d, w_TW, x_PD, (flat_P >= E) & (flat_P < E + zero))
-        combine = getattr(prog.moe, "combine", None)
+        padded = isinstance(d, PaddedRound)
+        combine = getattr(prog.moe, "combine_padded" if padded else "combine", None)
         if combine is not None:  # the routed branch adds its identity experts here
             return combine(back_PD, d, w_TW, ids_TW, prog.x_s_TD)
+        if padded:
+            return weigh_padded(back_PD, d, w_TW)
         return weigh_and_sum(back_PD, d, w_TW)
 
     def default_slot(self, n_ops: int) -> int:
@@ -527,8 +521,9 @@ class ShortcutEP:
         entry = cache.entries.get(key, 0)
         if isinstance(entry, _UnitGraph):
             return entry.replay(h_BSD, ctx)
-        if entry == 0 or len(cache.entries) > cache.max_graphs:  # the first call: eager (compiles, warms up)
-            cache.entries.setdefault(key, 1)
+        if entry == 0:  # the first call: eager (compiles, warms up); a full cache keeps new signatures eager
+            if len(cache.entries) < cache.max_graphs:
+                cache.entries[key] = 1
             return self._run_unit(u, h_BSD, ctx, schedule)
         try:
             graph = _UnitGraph(self, cache, u, h_BSD, ctx, schedule)
