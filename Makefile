@@ -1,39 +1,68 @@
 # moepatch: `make demo` installs and runs the demo; `make test` installs and runs the tests.
+# Every target uses the interpreter it is started with ($(PYTHON)): a venv, a conda env or the system one.
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
-TF517 := .venv-tf517
+SHELL := /bin/bash
 # Offline by construction: a stray hub call fails at once instead of hanging.
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+export PIP_ROOT_USER_ACTION := ignore
+# TRITON_INTERPRET must be set before triton is first imported: the kernels run on the CPU.
+PYTEST := TRITON_INTERPRET=1 $(PYTHON) -m pytest -q
+# The version-sensitive suites (patching, the experts registry, expert parallelism, ScMoE) that
+# also run on transformers 5.17, the GPU image's release and the oldest in the declared range.
+TF517_TESTS := tests/patch tests/ops/test_integration.py tests/parallel tests/scmoe tests/test_versions.py
+LOGS := out/tests
 
-.PHONY: install demo test test-main test-tf517 lint
+.PHONY: install demo test test-main test-tf517 test-latest constraints lint
 
 # torch first, and only when missing: `torch==2.13.0` is the CPU build on this machine's disk, while a
-# bare `torch` requirement would resolve to a multi-GB CUDA build.  An existing torch is kept.
+# bare `torch` requirement would resolve to a multi-GB CUDA build.  An existing torch is kept, with
+# what it requires (.ci/testenv.py pins drops those pins); everything else is pinned by constraints.txt.
 install:
-	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[dev]"
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q -c constraints.txt torch==2.13.0
+	@$(PYTHON) .ci/testenv.py pins constraints.txt .cache/constraints.txt
+	$(PIP) install -q -c .cache/constraints.txt -e ".[dev]"
 	$(PYTHON) -m moepatch.cli install-lm-eval-plugin
 
 demo: install
 	$(PYTHON) -m moepatch.cli eval --limit 100 --capacity-factor 1.0,1.5 --output out/demo
 
-test: install test-main test-tf517
+# Both runs always execute; the summary shows both, and the target fails if either failed.
+test: install
+	@mkdir -p $(LOGS); rc=0; \
+	$(MAKE) --no-print-directory test-main 2>&1 | tee $(LOGS)/main.log; (( PIPESTATUS[0] == 0 )) || rc=1; \
+	$(MAKE) --no-print-directory test-tf517 2>&1 | tee $(LOGS)/tf517.log; (( PIPESTATUS[0] == 0 )) || rc=1; \
+	echo "== make test summary"; \
+	echo "transformers $$($(PYTHON) -c 'import transformers as t; print(t.__version__)'), whole suite: $$(grep -E '(passed|failed|error)' $(LOGS)/main.log | tail -n 1)"; \
+	echo "transformers 5.17.0, $(TF517_TESTS): $$(grep -E '(passed|failed|error)' $(LOGS)/tf517.log | tail -n 1)"; \
+	exit $$rc
 
-# TRITON_INTERPRET must be set before triton is first imported: the kernels run on the CPU.
 test-main:
-	TRITON_INTERPRET=1 $(PYTHON) -m pytest -q
+	$(PYTEST)
 
-# The GPU image has transformers 5.17 while PyPI is newer: the version-sensitive tests (patching,
-# the experts registry, expert parallelism, ScMoE conversion) run against both.  The venv
-# sees the main site-packages and adds only transformers 5.17 and the huggingface-hub 1.x it needs.
+# transformers 5.17 and the huggingface-hub it needs go to a side path (.tf517) that shadows the
+# interpreter's own releases, so this works wherever `make test` runs; pinned by constraints-tf517.txt.
 test-tf517:
-	@test -x $(TF517)/bin/python || $(PYTHON) -m venv --system-site-packages $(TF517)
-	@$(TF517)/bin/python -c "import transformers as t; assert t.__version__ == '5.17.0'" 2>/dev/null || \
-		$(TF517)/bin/pip install -q "transformers==5.17.0" "huggingface-hub>=1.5,<2"
-	TRITON_INTERPRET=1 PYTHONPATH=$(CURDIR) $(TF517)/bin/python -m pytest -q tests/patch tests/ops/test_integration.py \
-		tests/parallel tests/scmoe
+	@$(PYTHON) .ci/testenv.py side .tf517 -c constraints-tf517.txt transformers==5.17.0
+	PYTHONPATH=$(CURDIR)/.tf517$${PYTHONPATH:+:$$PYTHONPATH} $(PYTEST) $(TF517_TESTS)
+
+# The whole suite against the newest release of every dependency (no constraints, no upper bounds;
+# torch stays the installed one).  Run it before widening pyproject.toml's ranges; then `make constraints`.
+test-latest: install
+	@$(PYTHON) .ci/testenv.py side .latest --eager $$($(PYTHON) .ci/testenv.py latest-requirements)
+	@PYTHONPATH=$(CURDIR)/.latest $(PYTHON) -c "import importlib.metadata as m; \
+		print('newest releases:', ', '.join(f'{n} {m.version(n)}' for n in ('transformers', 'torch', 'lm_eval', 'accelerate', 'datasets', 'triton')))"
+	PYTHONPATH=$(CURDIR)/.latest$${PYTHONPATH:+:$$PYTHONPATH} $(PYTEST)
+
+# Rewrite constraints.txt from a fresh venv's resolution of `.[dev]` (run after test-latest passed).
+constraints:
+	rm -rf .cache/venv-constraints && $(PYTHON) -m venv .cache/venv-constraints
+	.cache/venv-constraints/bin/pip install -q torch==2.13.0 && .cache/venv-constraints/bin/pip install -q -e ".[dev]"
+	{ sed -n '1,2p' constraints.txt; .cache/venv-constraints/bin/pip freeze --exclude-editable | \
+		sed 's/^torch==\([0-9.]*\)+cpu$$/torch==\1/'; } > .cache/constraints.new && mv .cache/constraints.new constraints.txt
 
 lint:
 	$(PYTHON) -m ruff check moepatch tests scripts recipes

@@ -37,6 +37,8 @@ from ..routing.config import RoutingConfig, make_config
 from ..routing.route import route
 from ..routing.scores import FamilyScoring
 from ..routing.stats import LoadStats, PendingRecord
+from ..versions import tested_range
+from .probe import check_router, check_structure
 from .registry import family_for, moe_blocks
 
 _STATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -62,8 +64,10 @@ class _Block:
     top_k: int
     scoring: FamilyScoring
     zero_experts: int = 0
+    expert_ids: int = 0  # ids the experts module computes; the experts hooks lower the others
     router_logits: object = None  # (router, hidden_states) -> logits, for routers that return none
     pair_experts: object = None  # (experts, x_PD, ids_P, w_P) -> (P, D), see FamilySpec.pair_experts
+    shape: tuple[int, int] | None = None  # (B, S) of the block's input in the forward in flight
     lower: bool = False  # the router produced sentinels that the experts hook must lower
     compact: tuple | None = None
 
@@ -151,7 +155,8 @@ def _check_model(model: torch.nn.Module):
     blocks = moe_blocks(model, spec)
     if not blocks:
         raise UnsupportedModelError(
-            f"no MoE block ({', '.join(spec.block_classes)}) found in this {spec.model_type} model")
+            f"no MoE block ({', '.join(spec.block_classes)}) found in this {spec.model_type} model; "
+            f"{tested_range()}")
     return spec, blocks
 
 
@@ -175,12 +180,15 @@ def apply(model: torch.nn.Module, capacity_factor: float | None = 1.5, strategy:
         UnsupportedModelError, ModelStateError, InvalidOptionError: the model is left untouched.
     """
     spec, blocks = _check_model(model)
+    check_structure(spec, blocks)
     routers = [spec.router(b) for _, b in blocks]
     cfg = make_config(capacity_factor, strategy, policy, num_experts=min(r.num_experts for r in routers), **options)
     backend, source_rank = _choose_backend(model, cfg, spec)
     if backend == "ep":
         cfg = dataclasses.replace(cfg, ep_size=_world_size())
     state = _STATES.get(model)
+    if state is None:
+        check_router(spec, model, blocks[0][1])  # the hooks are not installed yet: the router's own output
     if state is not None and backend != state.backend:
         # A different experts backend means different hooks: undo the old patch, then install afresh.
         remove(model)
@@ -279,9 +287,11 @@ def _install(model, state, blocks, spec):
         router = spec.router(block)
         b = _Block(name=name, layer=int(match.group(1)) if match else i, num_experts=int(router.num_experts),
                    top_k=int(router.top_k), scoring=spec.scoring(router), zero_experts=spec.num_zero_experts(block),
-                   router_logits=spec.router_logits, pair_experts=spec.pair_experts)
+                   expert_ids=spec.num_expert_ids(block), router_logits=spec.router_logits,
+                   pair_experts=spec.pair_fn(block))
         state.blocks.append(b)
         state.by_router[id(router)] = b
+        state.handles.append(block.register_forward_pre_hook(_block_pre_hook(b)))
         state.handles.append(router.register_forward_hook(_router_hook(state, b)))
         state.handles.append(block.experts.register_forward_pre_hook(_experts_pre_hook(b), with_kwargs=True))
         state.handles.append(block.experts.register_forward_hook(_experts_post_hook(b), always_call=True))
@@ -356,15 +366,28 @@ def _decide(state: PatchState, block: _Block, router, x, output, batch: int, seq
     return (logits, result.topk_weights_TW, result.topk_ids_TW)
 
 
+def _block_pre_hook(block: _Block):
+    def hook(module, args):
+        x = args[0] if args else None
+        # Some blocks flatten (B, S, D) before calling the router (LongCat-Flash in transformers 5.25).
+        block.shape = (int(x.shape[0]), int(x.shape[1])) if isinstance(x, torch.Tensor) and x.dim() == 3 else None
+        return None
+
+    return hook
+
+
 def _router_hook(state: PatchState, block: _Block):
     def hook(module, args, output):
         block.lower = False
+        shape, block.shape = block.shape, None  # consumed: a later direct router call gets no stale shape
         T = output[-1].shape[0]
         if T == 0:
             return None
         ctx = state.context
         if ctx is not None and ctx.batch * ctx.seq == T:
             batch, seq, valid = ctx.batch, ctx.seq, ctx.valid_BS
+        elif shape is not None and shape[0] * shape[1] == T:
+            (batch, seq), valid = shape, None
         elif args and args[0].dim() == 3 and args[0].shape[0] * args[0].shape[1] == T:
             batch, seq, valid = int(args[0].shape[0]), int(args[0].shape[1]), None
         else:
@@ -414,8 +437,8 @@ def _experts_pre_hook(block: _Block):
         vals.update({k: v for k, v in kwargs.items() if k in names})
         x_TD, ids_TW, w_TW = vals["hidden_states"], vals["top_k_index"], vals["top_k_weights"]
         T, W = ids_TW.shape
-        # Zero-computation experts (ids E .. E+Z-1) are kept pairs like any other; E + Z is the sentinel.
-        kept_TW = ids_TW < block.num_experts + block.zero_experts
+        # Ids the module computes (zero-computation experts too, where the module handles them) are kept.
+        kept_TW = ids_TW < block.expert_ids
         if bool(kept_TW.all()):  # NOTE: host sync
             # Nothing dropped: the module runs the routing as is, exactly as the unpatched model would.
             return None

@@ -3,15 +3,20 @@
 The router (``block.router``, ``LongcatFlashTopkRouter``) scores ``n_routed_experts`` computing
 experts plus ``zero_expert_num`` identity experts with one softmax; selection adds
 ``e_score_correction_bias``, the weights are the plain scores times ``routed_scaling_factor`` and
-are never renormalised.  ``router.num_experts`` is the number of computing experts (ids below it);
-``router.n_routed_experts`` is the total.  transformers 5.24's router returns
-``(logits, weights, ids)``, 5.17's only ``(weights, ids)``: there the logits are recomputed from
-the router's input exactly as the router computes them.
+are never renormalised.  ``router.num_experts`` is the number of computing experts E (ids below
+it); ``router.n_routed_experts`` is E + Z.  transformers 5.17 returns ``(weights, ids)`` only:
+there the logits are recomputed from the router's input exactly as the router computes them.
 
-``LongcatFlashExperts`` is not behind the ExpertsInterface (only transformers' own experts run it:
-kernel="torch"/"auto"), and its forward needs at least two slots per row (it squeezes the slot
-dimension of its one-hot mask), so the capacity patch cannot hand it one kept pair per row as it
-does for the other families: :func:`pair_rows` computes the kept pairs from the module's weights.
+Two layouts of the block, told apart by the experts module's own attributes:
+
+- transformers 5.17 to 5.24: ``LongcatFlashExperts`` computes the identity experts itself (ids
+  E .. E+Z-1, ``identity_expert``), is not behind the ExpertsInterface, and needs at least two
+  slots per row (it squeezes the slot dimension of its one-hot mask), so the capacity patch
+  computes the kept pairs from the module's weights (:func:`pair_rows`).
+- transformers 5.25 and later: the block adds the identity part itself and hands the experts
+  module (behind the ExpertsInterface) computing ids only; an identity pick becomes a weight-0
+  pair on a computing expert and an empty slot becomes id E, which transformers' grouped_mm does
+  not skip: the experts hooks lower every id >= E before the module runs.
 
 Legend: P kept (token, expert) pairs, D hidden, I expert width.
 """
@@ -30,13 +35,18 @@ def _router_logits(router: torch.nn.Module, hidden_states: torch.Tensor) -> torc
     return F.linear(x_TD.type(torch.float32), router.classifier.weight.type(torch.float32))
 
 
+def _identity_in_experts(experts: torch.nn.Module) -> bool:
+    """True for the 5.17-5.24 layout, where the experts module computes the identity experts."""
+    return hasattr(experts, "identity_expert")
+
+
 def pair_rows(experts: torch.nn.Module, x_PD: torch.Tensor, ids_P: torch.Tensor, w_P: torch.Tensor) -> torch.Tensor:
-    """Weighted output of each kept pair, as ``LongcatFlashExperts.forward`` computes one slot.
+    """Weighted output of each kept pair, as the 5.17-5.24 ``LongcatFlashExperts.forward`` computes one slot.
 
     Args:
-        experts: a ``LongcatFlashExperts`` module.
-        x_PD: (P, D) the pair's token state; ids_P: (P,) int64 expert ids (>= num_routed_experts:
-            identity expert); w_P: (P,) combine weights (the router's dtype, float32).
+        experts: a ``LongcatFlashExperts`` module; its ``down_proj`` has one row per computing expert.
+        x_PD: (P, D) the pair's token state; ids_P: (P,) int64 expert ids (>= E: identity expert);
+            w_P: (P,) combine weights (the router's dtype, float32).
     Returns:
         (P, D) in x_PD's dtype: w · SwiGLU_e(x), or w · x for an identity expert.
     """
@@ -44,12 +54,13 @@ def pair_rows(experts: torch.nn.Module, x_PD: torch.Tensor, ids_P: torch.Tensor,
         raise ModelStateError(
             "LongCat-Flash experts offloaded by accelerate (weights on the meta device outside their forward) "
             "cannot be capped: moepatch computes the kept pairs from the weights; load the experts on a device")
+    E = 0 if experts.down_proj is None else experts.down_proj.shape[0]
     out_PD = torch.zeros_like(x_PD)
     for e in torch.unique(ids_P).tolist():  # NOTE: host sync (which experts are hit)
         sel_P = (ids_P == e).nonzero().squeeze(1)
         x_ND = x_PD[sel_P]
-        if e >= experts.num_routed_experts or experts.gate_up_proj is None:
-            y_ND = experts.identity_expert(x_ND)
+        if e >= E:
+            y_ND = x_ND  # an identity expert
         else:
             gate_NI, up_NI = F.linear(x_ND, experts.gate_up_proj[e]).chunk(2, dim=-1)
             y_ND = F.linear(experts.act_fn(gate_NI) * up_NI, experts.down_proj[e])
@@ -65,5 +76,7 @@ SPEC = FamilySpec(
     router_logits=_router_logits,
     zero_experts=lambda router: int(router.n_routed_experts) - int(router.num_experts),
     experts_interface=False,
-    pair_experts=pair_rows,
+    experts_ids=lambda experts: int(experts.total_experts if _identity_in_experts(experts) else experts.num_experts),
+    pair_experts=lambda experts: pair_rows if _identity_in_experts(experts) else None,
+    structure=("router.hidden_dim", "router.classifier", "experts.gate_up_proj", "experts.down_proj", "experts.act_fn"),
 )

@@ -34,9 +34,14 @@ class FamilySpec:
             follow the router's ``num_experts`` computing experts; None: the family has none.
         experts_interface: the experts module is dispatched through transformers'
             ``ExpertsInterface``, so the Triton and expert-parallel backends can run it.
-        pair_experts: ``(experts, x_PD, ids_P, w_P) -> (P, D)``, each kept (token, expert) pair's
-            weighted output as one row, for experts modules that cannot be called with one slot per
-            row (how capacity leaves dropped pairs out); None: the module itself is called so.
+        experts_ids: ``experts -> n``, the expert ids the experts module computes (identity experts
+            it handles itself included); the experts hooks lower every id >= n.  None: E + Z.
+        pair_experts: ``experts -> fn or None``, for experts modules that cannot be called with one
+            slot per row (how capacity leaves dropped pairs out): ``fn(experts, x_PD, ids_P, w_P) ->
+            (P, D)`` computes each kept (token, expert) pair's weighted output as one row.  None, or
+            a None result: the module itself is called so.
+        structure: dotted attribute paths of a block that the patch reads besides the router's
+            ``num_experts`` and ``top_k`` and ``experts`` (checked at ``apply``).
     """
 
     model_type: str
@@ -46,13 +51,28 @@ class FamilySpec:
     router_logits: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor] | None = None
     zero_experts: Callable[[torch.nn.Module], int] | None = None
     experts_interface: bool = True
-    pair_experts: Callable[..., torch.Tensor] | None = None
+    experts_ids: Callable[[torch.nn.Module], int] | None = None
+    pair_experts: Callable[[torch.nn.Module], Callable[..., torch.Tensor] | None] | None = None
+    structure: tuple[str, ...] = ()
 
     def router(self, block: torch.nn.Module) -> torch.nn.Module:
         return getattr(block, self.router_attr)
 
     def num_zero_experts(self, block: torch.nn.Module) -> int:
         return 0 if self.zero_experts is None else int(self.zero_experts(self.router(block)))
+
+    def num_expert_ids(self, block: torch.nn.Module) -> int:
+        if self.experts_ids is not None:
+            return int(self.experts_ids(block.experts))
+        return int(self.router(block).num_experts) + self.num_zero_experts(block)
+
+    def pair_fn(self, block: torch.nn.Module):
+        return None if self.pair_experts is None else self.pair_experts(block.experts)
+
+    def required(self) -> tuple[str, ...]:
+        """Every attribute path of a block the patch reads (see ``structure``)."""
+        r = self.router_attr
+        return (r, f"{r}.num_experts", f"{r}.top_k", "experts", *self.structure)
 
 
 def _families() -> dict[str, FamilySpec]:

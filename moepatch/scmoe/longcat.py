@@ -51,9 +51,9 @@ class _ComputingExperts:
     """The E computing experts of a ``LongcatFlashExperts`` in the layout ``compute_local_experts`` reads
     (``gate_up_proj`` (E, 2I, D) gate rows first, ``down_proj`` (E, D, I), ``_apply_gate``)."""
 
-    def __init__(self, experts: torch.nn.Module):
-        E = experts.num_routed_experts
-        self.gate_up_proj = experts.gate_up_proj.detach()[:E]  # a view; rows E.. belong to no computation
+    def __init__(self, experts: torch.nn.Module, num_experts: int):
+        # A view: transformers 5.17-5.24 keep E + Z rows in gate_up_proj, and rows E.. compute nothing.
+        self.gate_up_proj = experts.gate_up_proj.detach()[:num_experts]
         self.down_proj = experts.down_proj.detach()
         self.act_fn = experts.act_fn
 
@@ -72,7 +72,7 @@ class LongcatRouted:
         self.num_experts = int(moe.router.num_experts)
         self.zero_experts = int(moe.router.n_routed_experts) - self.num_experts
         self.top_k = int(moe.router.top_k)
-        self.experts = _ComputingExperts(moe.experts)
+        self.experts = _ComputingExperts(moe.experts, self.num_experts)
 
     @property
     def capacity(self):
