@@ -10,7 +10,9 @@ export TOKENIZERS_PARALLELISM := false
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export PIP_ROOT_USER_ACTION := ignore
 # TRITON_INTERPRET must be set before triton is first imported: the kernels run on the CPU.
-PYTEST := TRITON_INTERPRET=1 $(PYTHON) -m pytest -q
+# One pytest worker per core, at most 4 (each imports torch and transformers): 2 on CI's 2 cores.
+JOBS ?= $(shell $(PYTHON) -c "import os; print(min(4, len(os.sched_getaffinity(0))))" 2>/dev/null || echo 2)
+PYTEST := TRITON_INTERPRET=1 $(PYTHON) -m pytest -q -n $(JOBS)
 # The version-sensitive suites (patching, the experts registry, expert parallelism, ScMoE) that
 # also run on transformers 5.17, the GPU image's release and the oldest in the declared range.
 TF517_TESTS := tests/patch tests/ops/test_integration.py tests/parallel tests/scmoe tests/test_versions.py
