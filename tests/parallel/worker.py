@@ -300,10 +300,15 @@ def main(argv):
         raise
     with open(out_path, "w") as f:
         json.dump(result, f)
-    if scenario != "failure":  # a failed session leaves the group unusable; exiting is enough
-        import torch.distributed as dist
+    if scenario == "failure":
+        # A failed session leaves the group unusable: skip the interpreter's teardown, where gloo's
+        # thread still blocked in the timed-out collective can abort the process (SIGABRT, seen
+        # under a loaded machine) after the result is written.
+        sys.stdout.flush()
+        os._exit(0)
+    import torch.distributed as dist
 
-        dist.destroy_process_group()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
