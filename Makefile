@@ -30,7 +30,8 @@ install:
 	$(PYTHON) -m moepatch.cli install-lm-eval-plugin
 
 demo: install
-	$(PYTHON) -m moepatch.cli eval --limit 100 --capacity-factor 1.0,1.5 --output out/demo
+	$(PYTHON) -m moepatch.cli eval --limit 100 --capacity-factor 1.0,1.5 --strategy drop,reroute,expanded,expert_drop \
+		--policy score --output out/demo
 
 # Both runs always execute; the summary shows both, and the target fails if either failed.
 test: install

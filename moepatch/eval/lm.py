@@ -3,13 +3,16 @@
     import moepatch.eval.lm                      # registers "moepatch" with lm-eval
     lm_eval.simple_evaluate(model="moepatch", model_args="pretrained=DIR,capacity_factor=1.5,strategy=drop", ...)
 
-or on the command line through ``moepatch lm-eval --model moepatch --model_args ...`` (lm-eval's
-own CLI with the model registered; lm-eval 0.4 has no plugin entry point for external models).
+or ``lm_eval --model moepatch --model_args ...`` once the plugin is installed (``make install``
+runs ``moepatch install-lm-eval-plugin``), or ``moepatch lm-eval ...``.
+
+Legend: B requests in a batch, L padded length, N scored positions, D hidden, V vocabulary.
 """
 
 from __future__ import annotations
 
-import inspect
+import contextlib
+import logging
 
 import torch
 from lm_eval.api.registry import register_model
@@ -24,45 +27,141 @@ def _none(value):
     return None if isinstance(value, str) and value.lower() in ("none", "null", "inf") else value
 
 
+@contextlib.contextmanager
+def _quiet_prebuilt(pretrained):
+    """HFLM warns that a built model passed as ``pretrained`` may ignore model arguments and must not run
+    under accelerate; moepatch passes one on purpose (its sweeps), so the warning is held back there."""
+    logger = logging.getLogger("lm_eval.models.huggingface")
+    level = logger.level
+    if not isinstance(pretrained, str):
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 @register_model("moepatch")
 class MoePatchLM(HFLM):
     """HFLM whose model is patched with ``moepatch.apply`` after loading.
 
-    Every ``moepatch.apply`` argument can be given in ``model_args``; the rest go to HFLM.  Padding
-    is passed to the model as an attention mask, so capacity counts only the real tokens of a
-    batch (lm-eval itself feeds causal models right-padded batches without a mask).
+    Every ``moepatch.apply`` argument can be given in ``model_args``; the rest go to HFLM.  Batches
+    are built as HFLM builds them (longest first, right padding, ``batch_size`` requests), with
+    two differences: the padding is passed to the model as an attention mask, so capacity counts
+    only the real tokens of a batch, and logits are computed only where a continuation is scored
+    (the output head applied to those rows, a block at a time), with no greedy check for rolling
+    windows, whose callers discard it.
+    Tokenisations are cached, so a sweep that evaluates the same requests again encodes them once.
     """
 
     def __init__(self, pretrained, capacity_factor=None, strategy="drop", policy=None, **kwargs):
         names = set(config_fields()) - {"capacity_factor", "strategy", "policy"}
         options = {k: kwargs.pop(k) for k in list(kwargs) if k in names}
-        super().__init__(pretrained=pretrained, **kwargs)
+        with _quiet_prebuilt(pretrained):
+            super().__init__(pretrained=pretrained, **kwargs)
+        # Checked before apply, which resets the statistics: the probe's forward is not counted.
+        self._split = _head_splits(self.model)  # the output head runs apart from the decoder
         self.handle = moepatch.apply(self.model, capacity_factor=_none(capacity_factor), strategy=strategy,
                                      policy=_none(policy), **options)
+        self._encodings: dict = {}
+        self._rolling = False
 
-    def _model_call(self, inps, attn_mask=None, labels=None):
-        if self.backend != "causal" or attn_mask is not None:
-            return super()._model_call(inps, attn_mask=attn_mask, labels=labels)
-        mask = _right_padding_mask(inps)
-        with torch.no_grad(), torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
-                                             enabled=self.mixed_precision_dtype is not None):
-            return self.model(inps, attention_mask=mask).logits
+    def tok_encode(self, string, left_truncate_len=None, add_special_tokens=None):
+        key = (string, left_truncate_len, add_special_tokens)
+        enc = self._encodings.get(key)
+        if enc is None:
+            enc = self._encodings[key] = tuple(super().tok_encode(string, left_truncate_len, add_special_tokens))
+        return list(enc)
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+        self._rolling = True
+        try:
+            return super().loglikelihood_rolling(requests, disable_tqdm=True)
+        finally:
+            self._rolling = False
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False):
+        return super().loglikelihood(requests, disable_tqdm=True)
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
+        if self.backend != "causal":
+            return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
+        bs = override_bs or (self.batch_size if isinstance(self.batch_size, int) else self._detect_batch_size())
+        # HFLM's order: longest first, ties by the tokens themselves.
+        order = sorted(range(len(requests)), key=lambda i: (-len(requests[i][1] + requests[i][2]),
+                                                            tuple(requests[i][1] + requests[i][2])))
+        out: list = [None] * len(requests)
+        for start in range(0, len(order), bs):
+            chunk = order[start:start + bs]
+            for i, answer in zip(chunk, self._score_batch([requests[i] for i in chunk])):
+                out[i] = answer
+                if requests[i][0] is not None:
+                    self.cache_hook.add_partial("loglikelihood", requests[i][0], answer)
+        return out
+
+    @torch.no_grad()
+    def _score_batch(self, chunk) -> list[tuple[float, bool]]:
+        """(sum of log p(continuation), greedy) for one right-padded batch of (key, context, continuation)."""
+        inps = [(ctx + cont)[-(self.max_length + 1):][:-1] for _, ctx, cont in chunk]
+        B, L = len(inps), max(len(t) for t in inps)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        ids_BL = torch.full((B, L), pad, dtype=torch.long)
+        mask_BL = torch.zeros((B, L), dtype=torch.long)
+        rows, cols, targets = [], [], []
+        for b, (toks, (_, _, cont)) in enumerate(zip(inps, chunk)):
+            n, c = len(toks), len(cont)
+            ids_BL[b, :n] = torch.tensor(toks)
+            mask_BL[b, :n] = 1
+            rows += [b] * c  # the logits at position p score token p + 1: positions n - c .. n - 1
+            cols += range(n - c, n)
+            targets += cont
+        # No padding in the batch: no mask, so attention takes its causal fast path (the same tokens count).
+        mask = None if bool(mask_BL.all()) else mask_BL.to(self.device)
+        row_N, col_N = torch.tensor(rows), torch.tensor(cols)
+        with torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
+                            enabled=self.mixed_precision_dtype is not None):
+            hidden_ND = self._head_input(ids_BL.to(self.device), mask)[row_N, col_N]
+            logp_N, greedy_N = _score_rows(self._head, hidden_ND, torch.tensor(targets, device=hidden_ND.device),
+                                           greedy=not self._rolling)
+        total_B = torch.zeros(B, dtype=torch.float64).index_add_(0, row_N, logp_N.double().cpu()).tolist()
+        if self._rolling:  # loglikelihood_rolling sums the log-probabilities and discards the greedy check
+            return [(t, False) for t in total_B]
+        missed_B = torch.zeros(B).index_add_(0, row_N, (~greedy_N).float().cpu())
+        return list(zip(total_B, (missed_B == 0).tolist()))
+
+    def _head_input(self, ids_BL, mask_BL):
+        """(B, L, D) what the output head reads, or (B, L, V) logits when the head cannot be split off."""
+        if self._split:
+            return self.model.get_decoder()(input_ids=ids_BL, attention_mask=mask_BL).last_hidden_state
+        return self.model(input_ids=ids_BL, attention_mask=mask_BL).logits
+
+    def _head(self, rows_ND):
+        return self.model.get_output_embeddings()(rows_ND) if self._split else rows_ND
 
 
-def _right_padding_mask(inps: torch.Tensor) -> torch.Tensor | None:
-    """The attention mask of lm-eval's right-padded loglikelihood batch.
+_ROWS = 256  # rows of logits per step: a (256, V) float32 block stays in cache while it is reduced
 
-    lm-eval 0.4 builds the batch in ``HFLM._loglikelihood_tokens`` and keeps the real lengths in
-    its local ``inplens``; they are read from the caller's frame.  When they are not there (another
-    lm-eval version or caller), no mask is given and padding counts toward capacity.
-    """
-    frame = inspect.currentframe()
-    try:
-        caller = frame.f_back.f_back if frame and frame.f_back else None
-        lens = caller.f_locals.get("inplens") if caller is not None else None
-    finally:
-        del frame
-    if not isinstance(lens, list) or len(lens) != inps.shape[0]:
-        return None
-    lens_B = torch.tensor(lens, device=inps.device)
-    return (torch.arange(inps.shape[1], device=inps.device)[None, :] < lens_B[:, None]).long()
+
+def _score_rows(head, rows_ND, target_N, greedy: bool):
+    """log p(target) of each row (float32) and whether it is the argmax, ``_ROWS`` rows at a time."""
+    logp_N = torch.empty(rows_ND.shape[0], dtype=torch.float32, device=rows_ND.device)
+    greedy_N = torch.ones(rows_ND.shape[0], dtype=torch.bool, device=rows_ND.device)
+    for s in range(0, rows_ND.shape[0], _ROWS):
+        logits_RV = head(rows_ND[s:s + _ROWS]).float()
+        t_R = target_N[s:s + _ROWS]
+        logp_N[s:s + _ROWS] = logits_RV.gather(1, t_R[:, None]).squeeze(1) - logits_RV.logsumexp(-1)
+        if greedy:
+            greedy_N[s:s + _ROWS] = logits_RV.argmax(-1) == t_R
+    return logp_N, greedy_N
+
+
+@torch.no_grad()
+def _head_splits(model) -> bool:
+    """Whether the model's logits are exactly its output embedding applied to its decoder's output
+    (no logit scaling or soft-capping after the head), checked on a few tokens."""
+    decoder, head = model.get_decoder(), model.get_output_embeddings()
+    if decoder is None or decoder is model or head is None:
+        return False
+    device = next(model.parameters()).device
+    ids = torch.arange(1, 9, device=device)[None] % int(model.config.vocab_size)
+    return torch.equal(model(input_ids=ids).logits, head(decoder(input_ids=ids).last_hidden_state))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -81,38 +81,51 @@ class SweepResult:
         vals = [r.scores[t.task] for t in self.tasks if t.higher_is_better and t.task in r.scores]
         return sum(vals) / len(vals) if vals else None
 
-    def table(self) -> str:
-        """Tasks × variants with the delta to the baseline, then average, dropped %, straggler ratios."""
-        cols = [r.variant.name for r in self.results]
-        width = max(12, *(len(c) + 2 for c in cols))
-        head = f"{'':<22}" + "".join(f"{c:>{width}}" for c in cols)
-        lines = [head, "-" * len(head)]
+    def table(self, wide: bool = False, width: int = 120) -> str:
+        """A row per variant: each task's score and its delta to the baseline, the average of the
+        accuracy tasks, the dropped share of routed pairs and the straggler ratio max/mean load
+        before -> after.  Accuracies in percent.  When the per-task columns would make a line wider
+        than ``width``, they are left out (results.csv has them) unless ``wide``."""
         base = self.baseline
+        avg_base = self.average(base)
+        cols = []  # (header, cell(r)) pairs
         for t in self.tasks:
-            row = f"{t.task + ' ' + t.metric.split(',')[0]:<22}"
-            for r in self.results:
+            head = f"{t.task} {_METRIC_SHORT.get(t.metric.split(',')[0], t.metric.split(',')[0])}"
+
+            def cell(r, t=t):
                 v = r.scores.get(t.task)
                 if v is None:
-                    row += f"{'-':>{width}}"
-                elif r is base:
-                    row += f"{_fmt(v, t):>{width}}"
-                else:
-                    row += f"{_fmt(v, t) + ' (' + _delta(v - base.scores[t.task], t) + ')':>{width}}"
-            lines.append(row)
-        avg_base = self.average(base)
-        if avg_base is not None:
-            row = f"{'average (acc tasks)':<22}"
-            for r in self.results:
+                    return "-"
+                return _fmt(v, t) if r is base else f"{_fmt(v, t)} ({_delta(v - base.scores[t.task], t)})"
+
+            cols.append((head, cell, True))
+        if avg_base is not None and sum(t.higher_is_better for t in self.tasks) > 1:
+            def avg(r):
                 a = self.average(r)
-                cell = f"{100 * a:.2f}" + ("" if r is base else f" ({100 * (a - avg_base):+.2f})")
-                row += f"{cell:>{width}}"
-            lines.append(row)
-        lines.append(f"{'dropped pairs':<22}" + "".join(
-            f"{100 * r.totals['dropped_fraction']:>{width - 1}.1f}%" for r in self.results))
-        lines.append(f"{'max/mean load before':<22}" + "".join(
-            f"{r.totals['straggler_before']:>{width}.2f}" for r in self.results))
-        lines.append(f"{'max/mean load after':<22}" + "".join(
-            f"{r.totals['straggler_after']:>{width}.2f}" for r in self.results))
+                return f"{100 * a:.2f}" + ("" if r is base else f" ({100 * (a - avg_base):+.2f})")
+
+            cols.append(("avg acc", avg, False))
+        cols.append(("dropped", lambda r: f"{100 * r.totals['dropped_fraction']:.1f}%", False))
+        cols.append(("max/mean load", lambda r: f"{r.totals['straggler_before']:.2f} -> "
+                                                f"{r.totals['straggler_after']:.2f}", False))
+
+        def render(chosen):
+            name_w = max(len("variant"), *(len(r.variant.name) for r in self.results))
+            cells = [[c[1](r) for c in chosen] for r in self.results]
+            widths = [max(len(c[0]), *(len(row[i]) for row in cells)) for i, c in enumerate(chosen)]
+            lines = ["  ".join([f"{'variant':<{name_w}}", *(f"{c[0]:>{w}}" for c, w in zip(chosen, widths))])]
+            lines.append("-" * len(lines[0]))
+            for r, row in zip(self.results, cells):
+                lines.append("  ".join([f"{r.variant.name:<{name_w}}", *(f"{v:>{w}}" for v, w in zip(row, widths))]))
+            return lines
+
+        lines = render(cols)
+        if not wide and max(map(len, lines)) > width:
+            lines = render([c for c in cols if not c[2]])
+            lines.append(f"(per-task scores left out to fit {width} columns: --wide prints them; results.csv has them)")
+        units = "; ".join(f"{t.task}: {t.metric.split(',')[0]}" + (" in %" if t.higher_is_better else
+                                                                   ", lower is better") for t in self.tasks)
+        lines.append(f"({units}; (delta) to the baseline; dropped = routed pairs left without an expert)")
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
@@ -146,6 +159,9 @@ class SweepResult:
         return paths
 
 
+_METRIC_SHORT = {"bits_per_byte": "bpb", "word_perplexity": "word ppl", "byte_perplexity": "byte ppl"}
+
+
 def _fmt(v: float, t: TaskSpec) -> str:
     return f"{100 * v:.2f}" if t.higher_is_better else f"{v:.4f}"
 
@@ -155,56 +171,67 @@ def _delta(d: float, t: TaskSpec) -> str:
 
 
 def load_tasks(tasks: Sequence[TaskSpec], task_manager) -> dict:
-    """Build lm-eval task objects once, so every variant reuses the loaded datasets.
+    """lm-eval task objects built once (datasets loaded, shots set), reused by every variant.
 
-    Groups (e.g. mmlu) stay names: lm-eval expands them on each run.
+    Returns lm-eval's ``TaskManager.load`` layout: ``{"tasks": {...}, "groups": {...}, "group_map": {...}}``.
     """
-    from lm_eval.api.task import Task
-    from lm_eval.tasks import get_task_dict
+    merged: dict = {"tasks": {}, "groups": {}, "group_map": {}}
+    for spec in tasks:
+        loaded = task_manager.load(spec.task)
+        for obj in loaded["tasks"].values():
+            # As lm-eval's simple_evaluate does: explicit shots win unless the task pins 0; default 0.
+            default = obj.get_config("num_fewshot")
+            if spec.shots is not None and default != 0:
+                obj.set_config(key="num_fewshot", value=spec.shots)
+            elif default is None:
+                obj.set_config(key="num_fewshot", value=0)
+        for key in merged:
+            merged[key].update(loaded.get(key) or {})
+    return merged
 
-    built = get_task_dict([t.task for t in tasks], task_manager)
-    return {t.task: built[t.task] if isinstance(built.get(t.task), Task) else t.task for t in tasks}
 
+def evaluate_tasks(lm, tasks: Sequence[TaskSpec], loaded: dict, limit=None) -> dict[str, float]:
+    """One lm-eval run over every task (lm-eval's ``evaluate``, without simple_evaluate's environment
+    report); returns {task: metric value}."""
+    from lm_eval.evaluator import evaluate
 
-def evaluate_tasks(lm, tasks: Sequence[TaskSpec], task_manager, limit=None, prebuilt: dict | None = None
-                   ) -> dict[str, float]:
-    """One lm-eval run per distinct shot count; returns {task: metric value}."""
-    from lm_eval.evaluator import simple_evaluate
-
+    res = evaluate(lm=lm, task_dict=loaded, limit=limit, bootstrap_iters=0, log_samples=False)
     scores: dict[str, float] = {}
-    by_shots: dict = {}
     for t in tasks:
-        by_shots.setdefault(t.shots, []).append(t)
-    for shots, group in by_shots.items():
-        todo = [prebuilt[t.task] if prebuilt else t.task for t in group]
-        res = simple_evaluate(model=lm, tasks=todo, num_fewshot=shots, limit=limit, task_manager=task_manager,
-                              bootstrap_iters=0, log_samples=False, verbosity="ERROR")
-        for t in group:
-            metrics = res["results"][t.task]
-            if t.metric_key not in metrics:
-                raise KeyError(f"task {t.task!r} reported no metric {t.metric_key!r}; it has: "
-                               f"{', '.join(k for k in metrics if ',' in k)}")
-            scores[t.task] = float(metrics[t.metric_key])
+        metrics = res["results"][t.task]
+        if t.metric_key not in metrics:
+            raise KeyError(f"task {t.task!r} reported no metric {t.metric_key!r}; it has: "
+                           f"{', '.join(k for k in metrics if ',' in k)}")
+        scores[t.task] = float(metrics[t.metric_key])
     return scores
 
 
 def run_sweep(lm, tasks: Sequence[TaskSpec], variants: Sequence[Variant], task_manager, limit=None,
-              progress: Callable[[str], None] = print) -> SweepResult:
-    """Evaluate the baseline and every variant with one lm-eval model object (same requests)."""
+              progress: bool | None = None) -> SweepResult:
+    """Evaluate the baseline and every variant with one lm-eval model object (same requests).
+
+    ``progress``: one bar over the variants (default: when stderr is a terminal).
+    """
+    import sys
+
+    from tqdm import tqdm
+
     model = lm.model
     results = []
     todo = [BASELINE, *variants]
-    prebuilt = load_tasks(tasks, task_manager)
-    for i, v in enumerate(todo, 1):
-        progress(f"[{i}/{len(todo)}] {v.name} ...")
-        t0 = time.perf_counter()
-        handle = v.apply(model)
-        scores = evaluate_tasks(lm, tasks, task_manager, limit, prebuilt)
-        st = handle.stats()
-        results.append(VariantResult(v, scores, st.totals(), {str(k): s for k, s in st.layers().items()},
-                                     time.perf_counter() - t0))
-        summary = ", ".join(f"{t.task}={_fmt(scores[t.task], t)}" for t in tasks)
-        progress(f"[{i}/{len(todo)}] {v.name}: {summary} (dropped {100 * st.totals()['dropped_fraction']:.1f}%, "
-                 f"{time.perf_counter() - t0:.0f}s)")
-    moepatch.apply(model, None)
+    loaded = load_tasks(tasks, task_manager)
+    bar = tqdm(todo, desc="evaluating", unit="variant", leave=False,
+               disable=not sys.stderr.isatty() if progress is None else not progress)
+    try:
+        for v in bar:
+            bar.set_postfix_str(v.name)
+            t0 = time.perf_counter()
+            handle = v.apply(model)
+            scores = evaluate_tasks(lm, tasks, loaded, limit)
+            st = handle.stats()
+            results.append(VariantResult(v, scores, st.totals(), {str(k): s for k, s in st.layers().items()},
+                                         time.perf_counter() - t0))
+    finally:
+        bar.close()
+        moepatch.apply(model, None)
     return SweepResult(list(tasks), results)

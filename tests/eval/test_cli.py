@@ -13,7 +13,8 @@ def test_eval_sweep_writes_table_json_csv_png(tmp_path, capsys):
                "--policy", "score,random", "--batch-size", "4", "--output", str(out)])
     assert rc == 0
     text = capsys.readouterr().out
-    assert "baseline" in text and "γ=1 drop/score" in text and "expert_drop" in text and "dropped pairs" in text
+    assert "baseline" in text and "γ=1 drop/score" in text and "expert_drop" in text and "dropped" in text
+    assert max(len(line) for line in text.splitlines()) <= 120
     data = json.loads((out / "results.json").read_text())
     names = [r["name"] for r in data["results"]]
     assert names == ["baseline", "γ=1 drop/score", "γ=1 drop/random", "expert_drop"]
