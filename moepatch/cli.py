@@ -1,11 +1,14 @@
 """The ``moepatch`` command line.
 
     moepatch eval [--model M] [--tasks T]   quality sweep: baseline and capacity variants (lm-eval)
-    moepatch stats --model M --text F       load statistics of a model on a text file (no lm-eval)
-    moepatch lm-eval ARGS...                lm-eval's own CLI with ``--model moepatch`` registered
+    moepatch stats [--model M] --text F     load statistics of a model on a text file (no lm-eval)
+    moepatch lm-eval ARGS...                lm-eval's own CLI with ``--model moepatch`` and the shipped tasks
     moepatch demo                           tiny random model of every family, load before/after capacity
     moepatch bench kernels|e2e|ep|scmoe ... the benchmark scripts under scripts/ (GPU)
     moepatch tune ...                       autotune the Triton tile table for this GPU
+
+Every command checks its arguments, the model (its config only) and the tasks' datasets before
+loading any weight; a failure is one line on stderr and exit status 2 (``--debug``: the traceback).
 """
 
 from __future__ import annotations
@@ -14,13 +17,27 @@ import argparse
 import os
 import sys
 
+from moepatch.errors import ArgumentParser, HelpFormatter, UsageError
+
 DEMO_GAMMAS = (1.0, 1.5, 2.0)
 
 
 def _offline():
-    # Nothing here may reach the hub: fail at once instead of hanging on a missing network.
+    # Nothing here reaches the hub unless the user allows it: fail at once instead of hanging.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+def _quiet_libraries():
+    """No log lines from libraries that do not concern the user's own call (lm-eval's INFO lines,
+    transformers' weight-loading bars and tokenizer length notes)."""
+    import logging
+
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+# ---------------------------------------------------------------------------------------- demo
 
 
 def demo_tables(families=None, gammas=DEMO_GAMMAS, batch=8, seq=64, seed=0) -> str:
@@ -59,10 +76,20 @@ def demo_tables(families=None, gammas=DEMO_GAMMAS, batch=8, seq=64, seed=0) -> s
 
 
 def _cmd_demo(args) -> int:
+    import moepatch
+
+    supported = moepatch.supported_model_types()
+    unknown = [f for f in args.families or () if f not in supported]
+    if unknown:
+        raise UsageError(f"--families: unknown model type(s) {', '.join(unknown)}; accepted: {', '.join(supported)}")
+    _check_routing(args.capacity_factor, ["drop"], ["score"])
     print("moepatch demo: capacity-aware token drop on tiny random models of every supported family", flush=True)
     print("(max/mean = straggler ratio max_e N_e / N̄; C = capacity; drop = dropped pairs / routed pairs)\n")
     print(demo_tables(args.families or None, tuple(args.capacity_factor)), flush=True)
     return 0
+
+
+# ---------------------------------------------------------------------------------- validation
 
 
 def _csv(kind):
@@ -75,6 +102,15 @@ def _csv(kind):
     return parse
 
 
+def _gamma(text):
+    if text.lower() in ("none", "inf"):
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"capacity factor {text!r} is not a number (or 'none')") from None
+
+
 def _gammas(text):
     out = []
     for x in _csv("numbers")(text):
@@ -85,77 +121,204 @@ def _gammas(text):
     return out
 
 
-def _cmd_eval(args) -> int:
-    from moepatch.errors import MoePatchError
+def _positive(kind=int):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {'whole ' if kind is int else ''}number") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"{text!r} must be > 0")
+        return value
 
-    try:
-        return _run_eval(args)
-    except MoePatchError as exc:
-        print(f"moepatch eval: error: {exc}", file=sys.stderr)
-        return 2
+    return parse
 
 
-def _run_eval(args) -> int:
-    import tempfile
-
-    from moepatch.errors import MoePatchError
-    from moepatch.eval.loading import load_model
-    from moepatch.eval.presets import parse_tasks
-    from moepatch.eval.sweep import build_variants, run_sweep
-    from moepatch.eval.tasks import write_task_configs
+def _check_routing(gammas, strategies, policies) -> None:
+    """Every (γ, strategy, policy) combination a command will apply, validated before anything loads."""
     from moepatch.routing.config import make_config
 
-    specs = parse_tasks(args.tasks)
-    for g in args.capacity_factor:  # fail on a bad γ, strategy or policy before loading anything
-        for s in args.strategy:
-            make_config(g, s, args.policy[0] if s in ("drop", "reroute") else None)
-    for p in args.policy:
+    for s in strategies:
+        for g in gammas:
+            make_config(g, s, policies[0] if s in ("drop", "reroute") else None)
+    for p in policies:
         make_config(1.0, "drop", p)
+
+
+def _check_output(path) -> None:
+    from pathlib import Path
+
+    if path and Path(path).exists() and not Path(path).is_dir():
+        raise UsageError(f"--output {path}: exists and is not a directory; give a directory for the results")
+
+
+def _check_file(path, what="--text") -> None:
+    from pathlib import Path
+
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"{what} {path}: no such file" if not p.exists() else f"{what} {path}: not a file")
+    if not os.access(p, os.R_OK):
+        raise UsageError(f"{what} {path}: not readable")
+
+
+def _task_manager(specs_or_names, include_path=None):
+    """lm-eval's TaskManager with the shipped tasks, and lm-eval's own only when they are asked for
+    (indexing its thousands of task files takes seconds); unknown names raise one clear error."""
+    import difflib
+
+    from lm_eval.tasks import TaskManager
+
+    from moepatch.eval.tasks import EMBEDDED_TASKS, task_config_dir
+
+    names = [getattr(t, "task", t) for t in specs_or_names]
+    paths = [str(task_config_dir()), *([include_path] if include_path else [])]
+    only_ours = all(n in EMBEDDED_TASKS for n in names) and not include_path
+    tm = TaskManager(include_path=paths, include_defaults=not only_ours)
+    unknown = [n for n in names if n not in tm.all_tasks and not os.path.isfile(n)]
+    if unknown:
+        hints = {u: difflib.get_close_matches(u, tm.all_tasks, n=3) for u in unknown}
+        msg = "; ".join(f"{u!r}" + (f" (did you mean {', '.join(h)}?)" if h else "") for u, h in hints.items())
+        raise UsageError(f"unknown lm-eval task(s): {msg}. Use lm-eval task names (`lm_eval ls tasks`), 'paper', "
+                         f"or the embedded offline tasks ({', '.join(EMBEDDED_TASKS)})")
+    return tm
+
+
+# ---------------------------------------------------------------------------------------- eval
+
+
+def _cmd_eval(args) -> int:
+    from moepatch.eval.loading import check_device, check_model, load_model
+    from moepatch.eval.presets import parse_tasks
+    from moepatch.eval.sweep import build_variants, load_tasks, run_sweep
+
+    _check_routing(args.capacity_factor, args.strategy, args.policy)
+    _check_output(args.output)
+    check_device(args.device)
+    specs = parse_tasks(args.tasks)
+    target, _ = check_model(args.model)
     variants = build_variants(args.capacity_factor, args.strategy, args.policy)
+    _quiet_libraries()
+    _phase(f"checking {len(specs)} task(s) and their datasets ...")
+    loaded = load_tasks(specs, _task_manager(specs))
+    _phase(f"loading {target} ...")
+    model, tok, target = load_model(args.model, args.dtype, args.device)
+    import moepatch.eval.lm as mlm
 
-    with tempfile.TemporaryDirectory() as task_dir:
-        write_task_configs(task_dir)
-        from lm_eval.tasks import TaskManager
-
-        from moepatch.eval.tasks import EMBEDDED_TASKS
-
-        # Indexing lm-eval's thousands of bundled task files takes seconds: skip it when only ours are asked.
-        tm = TaskManager(include_path=task_dir,
-                         include_defaults=not all(t.task in EMBEDDED_TASKS for t in specs))
-        unknown = [t.task for t in specs if t.task not in tm.all_tasks]
-        if unknown:
-            import difflib
-
-            hints = {u: difflib.get_close_matches(u, tm.all_tasks, n=3) for u in unknown}
-            msg = "; ".join(f"{u!r}" + (f" (did you mean {', '.join(h)}?)" if h else "") for u, h in hints.items())
-            raise MoePatchError(f"unknown lm-eval task(s): {msg}. Use lm-eval task names, 'paper', or omit --tasks for "
-                              "the embedded offline tasks (stdlib_ppl, stdlib_cloze)")
-        print(f"loading model {args.model or '(embedded default)'} ...", flush=True)
-        model, tok, target = load_model(args.model, args.dtype, args.device)
-        import moepatch.eval.lm as mlm
-
-        lm = mlm.MoePatchLM(pretrained=model, tokenizer=tok, batch_size=args.batch_size,
-                            max_length=args.max_length, capacity_factor=None)
-        print(f"{len(variants)} variant(s) + baseline on {', '.join(t.task for t in specs)}"
-              + (f" (limit {args.limit})" if args.limit else ""), flush=True)
-        sweep = run_sweep(lm, specs, variants, tm, limit=args.limit)
-    print()
-    print(f"model: {target}")
-    print(sweep.table())
+    lm = mlm.MoePatchLM(pretrained=model, tokenizer=tok, batch_size=args.batch_size, max_length=args.max_length,
+                        capacity_factor=None)
+    limit = f", limit {args.limit:g}" if args.limit else ""
+    _phase(f"evaluating the baseline and {len(variants)} variant(s) on {', '.join(t.task for t in specs)}{limit} ...")
+    sweep = run_sweep(lm, specs, variants, loaded, limit=args.limit)
+    print(f"\nmodel: {target}")
+    print(sweep.table(wide=args.wide))
     if args.output:
-        paths = sweep.write(args.output)
-        print("\nwrote " + ", ".join(str(p) for p in paths))
+        paths = sweep.write(args.output, model_name=os.path.basename(target.rstrip("/")) or target)
+        print(f"\nwrote {args.output}: {', '.join(p.name for p in paths)}")
     return 0
 
 
+def _phase(text: str) -> None:
+    """What the command is doing, on a terminal only (a log keeps the table and nothing else)."""
+    if sys.stderr.isatty():
+        print(text, file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------------- lm-eval
+
+
 def _cmd_lm_eval(args) -> int:
+    """lm-eval's CLI, after checking what it would find out only after loading the model."""
+    rest = list(args.rest)
+    if not rest or rest[0] in ("ls", "validate") or any(a in ("-h", "--help") for a in rest):
+        return _run_lm_eval(rest)
+    p = ArgumentParser(prog="moepatch lm-eval", add_help=False)
+    p.add_argument("--model", default="hf")
+    p.add_argument("--model_args", "--model-args", default="")
+    p.add_argument("--tasks", "-t", default=None)
+    p.add_argument("--include_path", "--include-path", default=None)
+    known, _ = p.parse_known_args(rest[1:] if rest[0] == "run" else rest)
+    model_args = dict(kv.split("=", 1) for kv in known.model_args.split(",") if "=" in kv)
+    if known.model in ("moepatch", "hf") and "pretrained" in model_args:
+        from moepatch.eval.loading import check_model
+
+        check_model(model_args["pretrained"], need_moe=known.model == "moepatch", aliases=False)
+    if known.model == "moepatch":
+        _check_lm_eval_options(model_args)
+    if known.tasks:
+        from moepatch.eval.loading import build_tasks
+
+        names = [t for t in known.tasks.split(",") if t]
+        _quiet_libraries()
+        build_tasks(_task_manager(names, known.include_path), names)
+    return _run_lm_eval(rest)
+
+
+def _check_lm_eval_options(model_args: dict) -> None:
+    """moepatch.apply's options among lm-eval's --model_args, as the moepatch model will parse them."""
+    import json
+
+    from moepatch.eval.lm import _none
+    from moepatch.routing.config import config_fields, make_config
+
+    names = set(config_fields())
+    opts = {}
+    for k, v in model_args.items():
+        if k in names:
+            try:
+                opts[k] = json.loads(v)
+            except json.JSONDecodeError:
+                opts[k] = v
+    gamma = _none(opts.pop("capacity_factor", None))
+    make_config(float(gamma) if isinstance(gamma, (int, float)) else gamma, opts.pop("strategy", "drop"),
+                _none(opts.pop("policy", None)), **opts)
+
+
+def _run_lm_eval(rest) -> int:
     from lm_eval.__main__ import cli_evaluate
 
     import moepatch.eval.lm  # noqa: F401  (registers --model moepatch)
 
-    sys.argv = ["lm_eval", *args.rest]
+    sys.argv = ["lm_eval", *rest]
     cli_evaluate()
     return 0
+
+
+# ------------------------------------------------------------------------------ stats, bench
+
+
+def _cmd_stats(args) -> int:
+    import torch
+
+    import moepatch
+    from moepatch.eval.loading import check_device, check_model, load_model
+
+    _check_routing([args.capacity_factor], [args.strategy], ["score"])
+    _check_file(args.text)
+    check_device(args.device)
+    check_model(args.model)
+    _quiet_libraries()
+    with open(args.text, encoding="utf-8", errors="replace") as f:
+        text = f.read()
+    if not text.strip():
+        raise UsageError(f"--text {args.text}: the file is empty")
+    model, tok, _ = load_model(args.model, args.dtype, args.device)
+    # The text runs in --seq-len windows: the tokenizer's "longer than the maximum length" note does not apply.
+    ids = tok(text, return_tensors="pt", verbose=False).input_ids[:, : args.max_tokens]
+    ids = ids.to(next(model.parameters()).device)
+    handle = moepatch.apply(model, capacity_factor=args.capacity_factor, strategy=args.strategy)
+    with torch.no_grad():
+        for start in range(0, ids.shape[1], args.seq_len):
+            model(ids[:, start:start + args.seq_len])
+    stats = handle.stats()
+    print(stats.table())
+    if args.output:
+        stats.to_json(args.output)
+        print(f"wrote {args.output}")
+    return 0
+
+
+BENCHES = ("kernels", "e2e", "ep", "scmoe")
 
 
 def _script_main(name: str):
@@ -165,7 +328,7 @@ def _script_main(name: str):
 
     path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
     if not path.is_file():
-        raise SystemExit(f"moepatch: {path} not found; the benchmarks ship with the source tree (git clone)")
+        raise UsageError(f"{path} not found; the benchmarks ship with the source tree (git clone the repository)")
     spec = importlib.util.spec_from_file_location(f"moepatch_scripts_{name}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -173,7 +336,17 @@ def _script_main(name: str):
 
 
 def _cmd_bench(args) -> int:
-    return int(_script_main(f"bench_{args.which}")(args.rest) or 0)
+    if not args.rest or args.rest[0] not in BENCHES:
+        got = f" {args.rest[0]!r}" if args.rest else ""
+        raise UsageError(f"bench: unknown benchmark{got}; accepted: {', '.join(BENCHES)} "
+                         "(`moepatch bench NAME --help` for its options)")
+    which, rest = args.rest[0], args.rest[1:]
+    main = _script_main(f"bench_{which}")
+    prog, sys.argv[0] = sys.argv[0], f"moepatch bench {which}"  # the script's usage line names the command
+    try:
+        return int(main(rest) or 0)
+    finally:
+        sys.argv[0] = prog
 
 
 def _cmd_tune(args) -> int:
@@ -199,95 +372,125 @@ def _cmd_install_plugin(args) -> int:
         print(f"removed {path}")
         return 0
     path.write_text(PTH_LINE)
-    print(f"wrote {path}: `lm_eval --model moepatch --model_args pretrained=...,capacity_factor=1.5` now works")
+    print(f"wrote {path}: `lm_eval --model moepatch --tasks stdlib_cloze ...` now works")
     return 0
 
 
-def _cmd_stats(args) -> int:
-    import torch
-
-    import moepatch
-    from moepatch.eval.loading import load_model
-
-    with open(args.text, encoding="utf-8", errors="replace") as f:
-        text = f.read()
-    model, tok, _ = load_model(args.model, args.dtype, args.device)
-    ids = tok(text, return_tensors="pt").input_ids[:, : args.max_tokens].to(next(model.parameters()).device)
-    handle = moepatch.apply(model, capacity_factor=args.capacity_factor, strategy=args.strategy)
-    with torch.no_grad():
-        for start in range(0, ids.shape[1], args.seq_len):
-            model(ids[:, start:start + args.seq_len])
-    stats = handle.stats()
-    print(stats.table())
-    if args.output:
-        stats.to_json(args.output)
-        print(f"wrote {args.output}")
-    return 0
+# --------------------------------------------------------------------------------------- parser
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="moepatch", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("demo", help="load statistics of tiny random models before/after capacity")
+    p = ArgumentParser(prog="moepatch", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--debug", action="store_true", help="show the traceback of a failure")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
+
+    def command(name, help_text, **kw):
+        c = sub.add_parser(name, help=help_text, description=help_text, formatter_class=HelpFormatter, **kw)
+        c.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show the traceback of a failure")
+        return c
+
+    d = command("demo", "load statistics of tiny random models before/after capacity")
     d.add_argument("--families", nargs="*", help="model types (default: all supported)")
-    d.add_argument("--capacity-factor", type=float, nargs="+", default=list(DEMO_GAMMAS))
+    d.add_argument("--capacity-factor", type=_positive(float), nargs="+", default=list(DEMO_GAMMAS),
+                   help="capacity factors γ")
     d.set_defaults(fn=_cmd_demo)
-    e = sub.add_parser("eval", help="quality sweep: baseline and capacity variants with lm-eval")
+    e = command("eval", "quality sweep: the baseline and each capacity variant, with lm-eval")
     e.add_argument("--model", help="alias (mixtral, olmoe, deepseek-v2-lite, qwen-moe, qwen3-moe), hub id or local "
                                    "directory; default: the embedded model shipped with moepatch")
     e.add_argument("--tasks", help="comma-separated lm-eval tasks, or 'paper' (the paper's 9 tasks, "
-                                   "recipes/eval/paper.yaml); default: the embedded offline tasks")
-    e.add_argument("--capacity-factor", type=_gammas, default=[1.0, 1.5, 2.0], help="e.g. 1.0,1.5,2.0")
+                                   "recipes/eval/paper.yaml); default: the embedded offline tasks "
+                                   "(stdlib_cloze, stdlib_ppl)")
+    e.add_argument("--capacity-factor", type=_gammas, default=[1.0, 1.5, 2.0], metavar="G1,G2,...",
+                   help="capacity factors γ")
     e.add_argument("--strategy", type=_csv("strategies"), default=["drop", "reroute", "expanded"],
-                   help="comma-separated: drop, reroute, expanded, expert_drop")
-    e.add_argument("--policy", type=_csv("policies"), default=["score", "order", "random"],
-                   help="drop policies, comma-separated: score, order, reverse, random")
-    e.add_argument("--limit", type=float, help="lm-eval --limit: examples per task (or a fraction)")
-    e.add_argument("--batch-size", type=int, default=16)
-    e.add_argument("--max-length", type=int, default=None)
-    e.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
+                   metavar="S1,S2,...", help="of drop, reroute, expanded, expert_drop")
+    e.add_argument("--policy", type=_csv("policies"), default=["score", "order", "random"], metavar="P1,P2,...",
+                   help="drop policies, of score, order, reverse, random")
+    e.add_argument("--limit", type=_positive(float), help="lm-eval --limit: examples per task (or a fraction)")
+    e.add_argument("--batch-size", type=_positive(int), default=16, help="requests per forward (lm-eval's)")
+    e.add_argument("--max-length", type=_positive(int), default=None, help="default: the model's")
+    e.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                   help="auto: the checkpoint's on GPUs, float32 on the CPU")
     e.add_argument("--device", default="auto", help="auto (device_map='auto' on GPUs), cpu, cuda, cuda:1, ...")
     e.add_argument("--output", help="directory for results.json, results.csv and PNG plots")
+    e.add_argument("--wide", action="store_true", help="print every task's column, however wide the table")
     e.set_defaults(fn=_cmd_eval)
-    b = sub.add_parser("bench", help="run a benchmark script (kernels, e2e, ep, scmoe); --help after the name")
-    b.add_argument("which", choices=["kernels", "e2e", "ep", "scmoe"])
-    b.add_argument("rest", nargs=argparse.REMAINDER)
+    b = command("bench", "run a benchmark script (kernels, e2e, ep, scmoe); --help after the name", add_help=False)
+    b.add_argument("rest", nargs=argparse.REMAINDER, help="NAME [ARGS...]")
     b.set_defaults(fn=_cmd_bench)
-    t = sub.add_parser("tune", help="autotune the Triton tile configs for this GPU", add_help=False)
+    t = command("tune", "autotune the Triton tile configs for this GPU", add_help=False)
     t.add_argument("rest", nargs=argparse.REMAINDER)
     t.set_defaults(fn=_cmd_tune)
-    ip = sub.add_parser("install-lm-eval-plugin", help="let `lm_eval --model moepatch` work (writes a .pth)")
+    ip = command("install-lm-eval-plugin", "let `lm_eval --model moepatch --tasks stdlib_cloze` work (writes a .pth)")
     ip.add_argument("--site-dir", help="site-packages directory (default: this interpreter's purelib)")
     ip.add_argument("--uninstall", action="store_true")
     ip.set_defaults(fn=_cmd_install_plugin)
-    le = sub.add_parser("lm-eval", help="lm-eval's CLI with the 'moepatch' model registered", add_help=False)
+    le = command("lm-eval", "lm-eval's CLI with the 'moepatch' model and the shipped tasks registered",
+                 add_help=False)
     le.add_argument("rest", nargs=argparse.REMAINDER)
     le.set_defaults(fn=_cmd_lm_eval)
-    s = sub.add_parser("stats", help="load statistics of a model on a text file")
+    s = command("stats", "load statistics of a model on a text file")
     s.add_argument("--model", help="alias, hub id or local directory (default: the embedded model)")
-    s.add_argument("--dtype", default="auto")
-    s.add_argument("--device", default="auto")
-    s.add_argument("--text", required=True, help="UTF-8 text file")
-    s.add_argument("--capacity-factor", type=float, default=None, help="default: none (native load only)")
-    s.add_argument("--strategy", default="drop")
-    s.add_argument("--seq-len", type=int, default=512)
-    s.add_argument("--max-tokens", type=int, default=8192)
+    s.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                   help="auto: the checkpoint's on GPUs, float32 on the CPU")
+    s.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    s.add_argument("--text", required=True, help="UTF-8 text file (required)")
+    s.add_argument("--capacity-factor", type=_gamma, default=None, help="γ; none: native load only")
+    s.add_argument("--strategy", default="drop", choices=("drop", "reroute", "expanded", "expert_drop"),
+                   help="what an expert's overflow gets")
+    s.add_argument("--seq-len", type=_positive(int), default=512, help="tokens per forward window")
+    s.add_argument("--max-tokens", type=_positive(int), default=8192, help="tokens read from the text")
     s.add_argument("--output", help="write the statistics as JSON here")
     s.set_defaults(fn=_cmd_stats)
     return p
 
 
 # Commands whose arguments belong to another parser (lm-eval's, a script's) pass them through untouched.
-_PASSTHROUGH = {"tune": _cmd_tune, "lm-eval": _cmd_lm_eval}
+_PASSTHROUGH = {"tune": _cmd_tune, "lm-eval": _cmd_lm_eval, "bench": _cmd_bench}
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns its exit status (2: the user's input, 1: an internal error)."""
+    from moepatch.errors import MoePatchError
+
     _offline()
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] in _PASSTHROUGH:
-        return _PASSTHROUGH[argv[0]](argparse.Namespace(rest=argv[1:]))
-    args = build_parser().parse_args(argv)
-    return args.fn(args)
+    command = next((a for a in argv if not a.startswith("-")), "")
+    debug = "--debug" in argv[: argv.index(command)] if command in _PASSTHROUGH else "--debug" in argv
+    if command in _PASSTHROUGH:
+        argv = [a for a in argv[: argv.index(command)] if a != "--debug"] + argv[argv.index(command):]
+    prog = f"moepatch {command}".strip()
+    rest = argv[argv.index(command) + 1:] if command else []
+    if command == "bench" and rest and not rest[0].startswith("-"):
+        prog += f" {rest[0]}"
+    try:
+        if command in _PASSTHROUGH:
+            return _PASSTHROUGH[command](argparse.Namespace(rest=rest))
+        args, extra = build_parser().parse_known_args(argv)
+        if extra:  # named by the subcommand, whose --help lists what it accepts
+            raise UsageError(f"unrecognized arguments: {' '.join(extra)} (see `moepatch {args.command} --help`)")
+        return args.fn(args)
+    except (MoePatchError, FileNotFoundError) as exc:
+        if debug:
+            raise
+        print(f"{prog}: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except SystemExit:
+        raise
+    except Exception as exc:  # an unexpected failure is still one line; --debug shows where
+        if debug:
+            raise
+        print(f"{prog}: internal error: {type(exc).__name__}: {_one_line(exc)} (run again with --debug for the "
+              "traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

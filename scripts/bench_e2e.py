@@ -38,7 +38,6 @@ are the kernel-level measure.
 
 from __future__ import annotations
 
-import argparse
 import inspect
 import json
 import os
@@ -51,6 +50,8 @@ if "--smoke" in sys.argv and "TRITON_INTERPRET" not in os.environ:
     os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels are defined
 
 import torch  # noqa: E402
+
+from moepatch.errors import ArgumentParser, HelpFormatter  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -207,8 +208,8 @@ def decode_rounds(model, variants, prompt, new_tokens, device, rounds: int) -> d
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=HelpFormatter)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--hidden", type=int, default=4096)
     p.add_argument("--intermediate", type=int, default=14336)
@@ -471,4 +472,7 @@ def _split_table(results, args) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Through the command line, for its one-line errors: the same as `moepatch bench e2e ARGS`.
+    from moepatch.cli import main as cli_main
+
+    sys.exit(cli_main(["bench", "e2e", *sys.argv[1:]]))

@@ -18,7 +18,6 @@ The implementation lives in moepatch/parallel/bench.py so that the installed pac
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -33,5 +32,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    raise SystemExit(main())
+    # Through the command line, for its one-line errors: the same as `moepatch bench ep ARGS`.
+    from moepatch.cli import main as cli_main
+
+    sys.exit(cli_main(["bench", "ep", *sys.argv[1:]]))

@@ -23,7 +23,7 @@ on random inputs) and each token count M it
    ("triton_graph_launch", the replay timed after an idle GPU);
 3. checks that CUDA-graph replays are bit for bit the eager result: the experts (M <= --graph-max-m)
    and the capped block (router + capacity + experts, M <= 4096);
-4. reports ratios to the floor (performance.md: max(bytes / BW, FLOPs / PEAK)) and to the best
+4. reports ratios to the floor (docs/benchmarks.md: max(bytes / BW, FLOPs / PEAK)) and to the best
    transformers backend, the capacity overhead tri_cap / tri_block, and peak extra memory.
 
 --tune N first autotunes the chosen shapes at --tune-ms (default: the benchmarked Ms) with N
@@ -41,7 +41,6 @@ Legend: M tokens, E experts, H hidden, I intermediate, K experts per token.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -56,6 +55,7 @@ if "--smoke" in sys.argv and "TRITON_INTERPRET" not in os.environ:
 
 import torch  # noqa: E402
 
+from moepatch.errors import ArgumentParser, HelpFormatter  # noqa: E402
 from moepatch.ops.tuning import PRESET_SHAPES, busy_gpu  # noqa: E402  (no triton import)
 
 _MODEL_TYPES = {"mixtral": "mixtral", "olmoe": "olmoe", "deepseek_v2_lite": "deepseek_v2",
@@ -69,8 +69,8 @@ SMOKE_SHAPES = {
 }
 DEFAULT_MS = "1,4,16,64,256,1024,4096,16384"
 HF_BACKENDS = ("eager", "batched_mm", "grouped_mm")
-BW = 4.3e12  # bytes/s, H200 device-to-device copy (performance.md)
-PEAK = 790e12  # FLOP/s, H200 bf16 GEMM (performance.md)
+BW = 4.3e12  # bytes/s, H200 device-to-device copy (docs/benchmarks.md, method)
+PEAK = 790e12  # FLOP/s, H200 bf16 GEMM (docs/benchmarks.md, method)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -554,7 +554,7 @@ def short_table(rows: list[dict]) -> str:
 
 
 def failures(rows: list[dict], smoke: bool) -> list[str]:
-    """Correctness failures: bf16 lands between 1e-3 and 1e-2 (performance.md); fp32 far below."""
+    """Correctness failures: bf16 lands between 1e-3 and 1e-2 (docs/benchmarks.md); fp32 far below."""
     tol = 1e-4 if smoke else 2e-2
     bad = []
     for r in rows:
@@ -575,8 +575,8 @@ def failures(rows: list[dict], smoke: bool) -> list[str]:
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=HelpFormatter)
     p.add_argument("--shapes", default=",".join(SHAPES), help=f"comma list of {', '.join(SHAPES)}")
     p.add_argument("--ms", default=None, help=f"tokens per forward (default {DEFAULT_MS}; smoke 1,7,40)")
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
@@ -660,4 +660,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Through the command line, for its one-line errors: the same as `moepatch bench kernels ARGS`.
+    from moepatch.cli import main as cli_main
+
+    sys.exit(cli_main(["bench", "kernels", *sys.argv[1:]]))

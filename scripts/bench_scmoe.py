@@ -44,6 +44,8 @@ import sys
 import time
 from pathlib import Path
 
+from moepatch.errors import ArgumentParser, HelpFormatter
+
 REPO = Path(__file__).resolve().parents[1]
 
 # name: (hidden, expert/dense width, query heads, kv heads, experts, batch per rank, sequence)
@@ -59,7 +61,7 @@ SMOKE_SHAPE = ("smoke", (32, 48, 4, 2, 4, 2, 16))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--shapes", default="mixtral,narrow", help=f"comma-separated, from {', '.join(SHAPES)}")
     p.add_argument("--iters", type=int, default=30, help="rounds of the paired sequential/overlap timing")
@@ -477,5 +479,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    raise SystemExit(main())
+    # Through the command line, for its one-line errors: the same as `moepatch bench scmoe ARGS`.
+    from moepatch.cli import main as cli_main
+
+    sys.exit(cli_main(["bench", "scmoe", *sys.argv[1:]]))

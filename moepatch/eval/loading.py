@@ -1,11 +1,16 @@
-"""Loading a model for evaluation: aliases, local paths, hub ids, and clear errors when offline."""
+"""Loading a model and its evaluation data: aliases, local paths, hub ids, and clear errors offline.
+
+Everything that can fail for a reason the user can fix is checked before any weight is loaded:
+:func:`check_model` reads only the config (local, from the hub cache, or from the hub when
+online), :func:`build_tasks` loads the tasks' datasets and reports every one that is missing.
+"""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-from ..errors import MoePatchError
+from ..errors import MoePatchError, UnsupportedModelError
 from .presets import MODEL_ALIASES
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -13,6 +18,14 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 class ModelLoadError(MoePatchError, OSError):
     """A model that could not be found locally nor fetched."""
+
+
+class DatasetUnavailableError(MoePatchError, OSError):
+    """Datasets of the requested tasks that are neither in the local cache nor reachable."""
+
+
+def offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "", "false", "no")
 
 
 def resolve_model(name: str | None) -> str:
@@ -28,8 +41,57 @@ def resolve_model(name: str | None) -> str:
     return MODEL_ALIASES.get(name, name)
 
 
+def _download_hint(target: str) -> str:
+    return (f"download it where there is network (`hf download {target} --local-dir DIR`, huggingface_hub's CLI) "
+            "and pass --model DIR, or allow downloads with HF_HUB_OFFLINE=0")
+
+
+def check_model(name: str | None, need_moe: bool = True, aliases: bool = True):
+    """The resolved model location and its config, without loading any weight (``aliases``: the
+    names of :data:`MODEL_ALIASES` stand for their hub ids, as in ``moepatch eval``).
+
+    Raises:
+        ModelLoadError: no such directory, or a hub id that is neither cached nor reachable (says
+            what was tried and how to get a local copy).
+        UnsupportedModelError: ``need_moe`` and the config's model_type is not a family moepatch patches.
+    """
+    import transformers
+
+    target = resolve_model(name) if aliases or name is None else name
+    alias = f" (alias {name!r})" if aliases and name in MODEL_ALIASES else ""
+    local = Path(target)
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise ModelLoadError(f"{target!r} is a directory without config.json; give a model directory "
+                                 "(save_pretrained layout), a hub id or one of the aliases: "
+                                 f"{', '.join(MODEL_ALIASES)}")
+    elif target.startswith((".", "/", "~")) or target.count("/") > 1:
+        raise ModelLoadError(f"model path {target!r} does not exist; give a local model directory, a hub id "
+                             f"or one of the aliases: {', '.join(MODEL_ALIASES)}")
+    elif offline():
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(target, "config.json"), str):
+            raise ModelLoadError(f"{target!r}{alias} is not a local directory and not in the Hugging Face cache, "
+                                 f"and the hub is offline (HF_HUB_OFFLINE=1): {_download_hint(target)}")
+    try:
+        config = transformers.AutoConfig.from_pretrained(target)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"could not read the config of {target!r}{alias}"
+                             f"{' (hub offline)' if offline() else ''}: {str(exc).splitlines()[0]}; "
+                             f"{_download_hint(target)}") from exc
+    if need_moe:
+        from ..patch.registry import supported_model_types
+
+        supported = supported_model_types()
+        if config.model_type not in supported:
+            raise UnsupportedModelError(f"{target!r} is a {config.model_type!r} model, not a Mixture-of-Experts "
+                                        f"family moepatch patches; supported model types: {', '.join(supported)}")
+    return target, config
+
+
 def load_model(name: str | None, dtype: str = "auto", device: str = "auto"):
-    """(model, tokenizer, resolved name) for ``moepatch eval`` / ``stats``.
+    """(model, tokenizer, resolved name) for ``moepatch eval`` / ``stats`` (after :func:`check_model`).
 
     Raises:
         ModelLoadError: says what was tried and how to point at a local copy.
@@ -40,10 +102,6 @@ def load_model(name: str | None, dtype: str = "auto", device: str = "auto"):
     if dtype not in DTYPES:
         raise MoePatchError(f"--dtype {dtype!r} is not supported; accepted: {', '.join(DTYPES)}")
     target = resolve_model(name)
-    is_local = Path(target).is_dir()
-    if not is_local and (target.startswith((".", "/")) or os.sep in target and target.count("/") > 1):
-        raise ModelLoadError(f"model path {target!r} does not exist; give a local model directory, a hub id "
-                             f"or one of the aliases: {', '.join(MODEL_ALIASES)}")
     on_gpu = torch.cuda.is_available() and (device == "auto" or device.startswith("cuda"))
     # "auto": the checkpoint's dtype on GPUs; float32 on the CPU, where bf16 matmuls are many times slower.
     if dtype == "auto":
@@ -52,17 +110,63 @@ def load_model(name: str | None, dtype: str = "auto", device: str = "auto"):
         kwargs = {"dtype": getattr(torch, dtype)}
     if device == "auto" and on_gpu:
         kwargs["device_map"] = "auto"
+    transformers.utils.logging.disable_progress_bar()  # a bar per checkpoint shard is noise here
     try:
         tok = transformers.AutoTokenizer.from_pretrained(target)
         model = transformers.AutoModelForCausalLM.from_pretrained(target, **kwargs)
     except OSError as exc:
-        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
         alias = f" (alias {name!r})" if name in MODEL_ALIASES else ""
         raise ModelLoadError(
-            f"could not load {target!r}{alias}: tried a local directory (none at that path) and the Hugging Face "
-            f"hub cache{' in offline mode (HF_HUB_OFFLINE=1)' if offline else ''}, which has no copy. "
-            f"Download it on a machine with network access (huggingface-cli download {target} --local-dir DIR) "
-            f"and pass --model DIR.  ({type(exc).__name__}: {str(exc).splitlines()[0]})") from exc
+            f"could not load {target!r}{alias}: tried a local directory and the Hugging Face hub cache"
+            f"{' in offline mode (HF_HUB_OFFLINE=1)' if offline() else ''}; {_download_hint(target)} "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0]})") from exc
     if device not in ("auto",) and "device_map" not in kwargs:
         model = model.to(device)
     return model.eval(), tok, target
+
+
+def check_device(device: str) -> None:
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` of a present GPU."""
+    import torch
+
+    if device in ("auto", "cpu"):
+        return
+    if device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit()):
+        n = torch.cuda.device_count()
+        index = int(device[5:]) if ":" in device else 0
+        if index >= n:
+            raise MoePatchError(f"--device {device!r}: this machine has {n} CUDA GPU(s); accepted: auto, cpu"
+                                + (f", cuda, cuda:0 .. cuda:{n - 1}" if n else ""))
+        return
+    raise MoePatchError(f"--device {device!r} is not valid; accepted: auto, cpu, cuda, cuda:N")
+
+
+def build_tasks(task_manager, names: list[str]) -> dict:
+    """{name: lm-eval's ``TaskManager.load(name)``}, each task's dataset loaded (from the local cache
+    when offline).
+
+    Raises:
+        DatasetUnavailableError: one line naming every dataset that could not be loaded and what to do.
+    """
+    loaded, missing = {}, []
+    for name in names:
+        try:
+            loaded[name] = task_manager.load(name)
+        except (OSError, ValueError) as exc:  # ConnectionError, FileNotFoundError, DatasetNotFoundError, ...
+            cfg = getattr(task_manager.task_index.get(name), "cfg", None) or {}
+            dataset = cfg.get("dataset_path") or "?"
+            if cfg.get("dataset_name"):
+                dataset += f" ({cfg['dataset_name']})"
+            missing.append((name, dataset, str(exc).splitlines()[0] if str(exc) else type(exc).__name__))
+    if missing:
+        what = "; ".join(f"task {n}: {d}: {m}" for n, d, m in missing)
+        if offline() or os.environ.get("HF_DATASETS_OFFLINE", "0") not in ("0", ""):
+            hint = ("they are not in the local datasets cache and the hub is offline (HF_DATASETS_OFFLINE=1): "
+                    "load them once where there is network (`python -c \"import datasets; "
+                    "datasets.load_dataset('NAME')\"`) and copy ~/.cache/huggingface, or allow downloads with "
+                    "HF_HUB_OFFLINE=0 HF_DATASETS_OFFLINE=0")
+        else:
+            hint = "check the network and the dataset names"
+        raise DatasetUnavailableError(f"the data of {len(missing)} of {len(names)} task(s) cannot be loaded "
+                                      f"({what}); {hint}")
+    return loaded

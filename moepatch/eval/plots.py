@@ -1,4 +1,5 @@
-"""PNG figures of a sweep: score against γ per strategy, and per-layer expert load before/after."""
+"""PNG figures of a sweep, in the table's units: score against γ per strategy, and per-layer expert
+load before and after capacity in one forward pass of one variant."""
 
 from __future__ import annotations
 
@@ -14,11 +15,22 @@ def _plt():
     return plt
 
 
-def plot_score_vs_gamma(sweep, path: Path) -> Path:
-    """One panel per task: the metric against γ, a line per strategy/policy, the baseline dashed."""
+def _value(v: float, task) -> float:
+    """A score as the table prints it: accuracies in percent, other metrics as they are."""
+    return 100 * v if task.higher_is_better else v
+
+
+def _unit(task) -> str:
+    metric = task.metric.split(",")[0]
+    return f"{metric} (%)" if task.higher_is_better else f"{metric} (lower is better)"
+
+
+def plot_score_vs_gamma(sweep, path: Path, model_name: str = "model") -> Path:
+    """One panel per task: the metric against γ, a line per strategy/policy, the baseline dashed and
+    expert drop dotted; the legend beside the panels, outside the data."""
     plt = _plt()
     tasks = sweep.tasks
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 3.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.6 * len(tasks) + 2.2, 3.8), squeeze=False)
     base = sweep.baseline
     lines: dict[str, list] = {}
     for r in sweep.results[1:]:
@@ -26,46 +38,56 @@ def plot_score_vs_gamma(sweep, path: Path) -> Path:
             continue
         key = r.variant.strategy + (f"/{r.variant.policy}" if r.variant.policy else "")
         lines.setdefault(key, []).append(r)
+    gammas = sorted({r.variant.capacity_factor for rs in lines.values() for r in rs})
     for ax, t in zip(axes[0], tasks):
         for key, rs in sorted(lines.items()):
             rs = sorted(rs, key=lambda r: r.variant.capacity_factor)
-            ax.plot([r.variant.capacity_factor for r in rs], [r.scores[t.task] for r in rs], marker="o", label=key)
-        ax.axhline(base.scores[t.task], color="k", ls="--", lw=1, label="baseline")
+            ax.plot([r.variant.capacity_factor for r in rs], [_value(r.scores[t.task], t) for r in rs],
+                    marker="o", label=key)
+        ax.axhline(_value(base.scores[t.task], t), color="k", ls="--", lw=1, label="baseline (no capacity)")
         for r in sweep.results[1:]:
             if r.variant.strategy == "expert_drop":
-                ax.axhline(r.scores[t.task], color="gray", ls=":", lw=1, label="expert drop")
+                ax.axhline(_value(r.scores[t.task], t), color="gray", ls=":", lw=1, label="expert drop")
         ax.set_xlabel("capacity factor γ")
-        ax.set_ylabel(t.metric.split(",")[0] + ("" if t.higher_is_better else " (lower is better)"))
-        ax.set_title(t.task)
+        if gammas:
+            ax.set_xticks(gammas)
+        ax.set_ylabel(_unit(t))
+        ax.set_title(f"{model_name}: {t.task}, γ = {', '.join(f'{g:g}' for g in gammas)}", fontsize=9)
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center right", fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1 - 2.0 / fig.get_figwidth(), 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
 
-def plot_expert_load(sweep, path: Path) -> Path:
-    """Per layer, tokens per expert: the baseline (before) and the tightest score-drop variant (after)."""
-    plt = _plt()
-    base = sweep.baseline
+def load_variant(sweep):
+    """The variant the load plot shows: the tightest γ of the score-policy token drop (else of any
+    capped variant), or None when the sweep capped nothing."""
     capped = [r for r in sweep.results[1:] if r.variant.capacity_factor is not None]
-    after = min(capped, key=lambda r: (r.variant.policy not in (None, "score"), r.variant.capacity_factor),
-                default=None)
-    layers = sorted(base.layers, key=int)
-    fig, axes = plt.subplots(len(layers), 1, figsize=(8, 2.2 * len(layers)), squeeze=False)
+    return min(capped, key=lambda r: (r.variant.strategy != "drop", r.variant.policy not in (None, "score"),
+                                      r.variant.capacity_factor), default=None)
+
+
+def plot_expert_load(sweep, path: Path, model_name: str = "model") -> Path:
+    """Per layer, routed pairs per expert in one variant's run: its native routing (before capacity)
+    and what capacity kept (after), from the same forward passes, so a drop never shows as a rise."""
+    plt = _plt()
+    shown = load_variant(sweep) or sweep.baseline
+    layers = sorted(shown.layers, key=int)
+    fig, axes = plt.subplots(len(layers), 1, figsize=(8, 1.9 * len(layers) + 0.8), squeeze=False)
     for ax, layer in zip(axes[:, 0], layers):
-        load = base.layers[layer]["load_before"]
-        xs = range(len(load))
-        ax.bar([x - 0.2 for x in xs], load, width=0.4, label="before (native routing)")
-        if after is not None:
-            ax.bar([x + 0.2 for x in xs], after.layers[layer]["load_after"], width=0.4,
-                   label=f"after ({after.variant.name})")
-        ax.set_ylabel(f"layer {layer}")
+        before, after = shown.layers[layer]["load_before"], shown.layers[layer]["load_after"]
+        xs = range(len(before))
+        ax.bar([x - 0.2 for x in xs], before, width=0.4, label="before: native routing")
+        ax.bar([x + 0.2 for x in xs], after, width=0.4, label="after: kept by capacity")
+        ax.set_ylabel(f"layer {layer}\npairs")
         ax.grid(alpha=0.3, axis="y")
-    axes[0, 0].legend(fontsize=7)
+    axes[0, 0].legend(fontsize=7, loc="lower left", bbox_to_anchor=(0, 1.02), ncol=2, frameon=False)
     axes[-1, 0].set_xlabel("expert")
-    fig.suptitle("pairs per expert over the evaluation")
+    tasks = ", ".join(t.task for t in sweep.tasks)
+    fig.suptitle(f"{model_name}: routed pairs per expert on {tasks}, {shown.variant.name}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

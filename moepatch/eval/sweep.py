@@ -6,8 +6,10 @@ model (tested), and it records the native load statistics the variants are compa
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
+import textwrap
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -125,7 +127,9 @@ class SweepResult:
             lines.append(f"(per-task scores left out to fit {width} columns: --wide prints them; results.csv has them)")
         units = "; ".join(f"{t.task}: {t.metric.split(',')[0]}" + (" in %" if t.higher_is_better else
                                                                    ", lower is better") for t in self.tasks)
-        lines.append(f"({units}; (delta) to the baseline; dropped = routed pairs left without an expert)")
+        note = f"{units}; (delta): to the baseline; dropped: routed pairs left without an expert"
+        lines += textwrap.wrap(note, width, initial_indent="(", subsequent_indent=" ")
+        lines[-1] += ")"
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
@@ -134,12 +138,12 @@ class SweepResult:
                                   average=self.average(r), totals=r.totals, layers=r.layers, seconds=r.seconds)
                              for r in self.results])
 
-    def write(self, out_dir: str | Path) -> list[Path]:
+    def write(self, out_dir: str | Path, model_name: str = "model") -> list[Path]:
         """results.json, results.csv, score_vs_gamma.png and expert_load.png under ``out_dir``."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         paths = [out / "results.json", out / "results.csv"]
-        paths[0].write_text(json.dumps(self.to_dict(), indent=1))
+        paths[0].write_text(json.dumps(dict(self.to_dict(), model=model_name), indent=1))
         with open(paths[1], "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["variant", "capacity_factor", "strategy", "policy", "task", "metric", "value",
@@ -154,8 +158,8 @@ class SweepResult:
                                     r.totals["straggler_after"]])
         from .plots import plot_expert_load, plot_score_vs_gamma
 
-        paths.append(plot_score_vs_gamma(self, out / "score_vs_gamma.png"))
-        paths.append(plot_expert_load(self, out / "expert_load.png"))
+        paths.append(plot_score_vs_gamma(self, out / "score_vs_gamma.png", model_name))
+        paths.append(plot_expert_load(self, out / "expert_load.png", model_name))
         return paths
 
 
@@ -174,10 +178,14 @@ def load_tasks(tasks: Sequence[TaskSpec], task_manager) -> dict:
     """lm-eval task objects built once (datasets loaded, shots set), reused by every variant.
 
     Returns lm-eval's ``TaskManager.load`` layout: ``{"tasks": {...}, "groups": {...}, "group_map": {...}}``.
+    Raises :class:`moepatch.eval.loading.DatasetUnavailableError` naming every dataset that is missing.
     """
+    from .loading import build_tasks
+
+    built = build_tasks(task_manager, [t.task for t in tasks])
     merged: dict = {"tasks": {}, "groups": {}, "group_map": {}}
     for spec in tasks:
-        loaded = task_manager.load(spec.task)
+        loaded = built[spec.task]
         for obj in loaded["tasks"].values():
             # As lm-eval's simple_evaluate does: explicit shots win unless the task pins 0; default 0.
             default = obj.get_config("num_fewshot")
@@ -206,11 +214,12 @@ def evaluate_tasks(lm, tasks: Sequence[TaskSpec], loaded: dict, limit=None) -> d
     return scores
 
 
-def run_sweep(lm, tasks: Sequence[TaskSpec], variants: Sequence[Variant], task_manager, limit=None,
+def run_sweep(lm, tasks: Sequence[TaskSpec], variants: Sequence[Variant], loaded: dict, limit=None,
               progress: bool | None = None) -> SweepResult:
     """Evaluate the baseline and every variant with one lm-eval model object (same requests).
 
-    ``progress``: one bar over the variants (default: when stderr is a terminal).
+    ``loaded``: the tasks from :func:`load_tasks`; ``progress``: one bar over the variants
+    (default: when stderr is a terminal).
     """
     import sys
 
@@ -219,19 +228,39 @@ def run_sweep(lm, tasks: Sequence[TaskSpec], variants: Sequence[Variant], task_m
     model = lm.model
     results = []
     todo = [BASELINE, *variants]
-    loaded = load_tasks(tasks, task_manager)
     bar = tqdm(todo, desc="evaluating", unit="variant", leave=False,
                disable=not sys.stderr.isatty() if progress is None else not progress)
-    try:
-        for v in bar:
-            bar.set_postfix_str(v.name)
-            t0 = time.perf_counter()
-            handle = v.apply(model)
-            scores = evaluate_tasks(lm, tasks, loaded, limit)
-            st = handle.stats()
-            results.append(VariantResult(v, scores, st.totals(), {str(k): s for k, s in st.layers().items()},
-                                         time.perf_counter() - t0))
-    finally:
-        bar.close()
-        moepatch.apply(model, None)
+    with _quiet_lm_eval():
+        try:
+            for v in bar:
+                bar.set_postfix_str(v.name)
+                t0 = time.perf_counter()
+                handle = v.apply(model)
+                scores = evaluate_tasks(lm, tasks, loaded, limit)
+                st = handle.stats()
+                results.append(VariantResult(v, scores, st.totals(), {str(k): s for k, s in st.layers().items()},
+                                             time.perf_counter() - t0))
+        finally:
+            bar.close()
+            moepatch.apply(model, None)
     return SweepResult(list(tasks), results)
+
+
+@contextlib.contextmanager
+def _quiet_lm_eval():
+    """The sweep's own bar instead of lm-eval's: a bar per task and variant from lm-eval's request
+    building (it offers no switch), and transformers' note that a document is longer than the model's
+    window (lm-eval scores it in windows), held back for the sweep's duration."""
+    import functools
+
+    import lm_eval.api.task as task_module
+    import transformers
+
+    bar, verbosity = task_module.tqdm, transformers.logging.get_verbosity()
+    task_module.tqdm = functools.partial(bar, disable=True)
+    transformers.logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        task_module.tqdm = bar
+        transformers.logging.set_verbosity(verbosity)

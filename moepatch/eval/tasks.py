@@ -4,13 +4,15 @@ The JSONL data under ``moepatch/data/tasks/`` is produced by
 ``recipes/embedded/make_tasks.py`` from files that the embedded default model
 never trained on.  lm-eval finds tasks through YAML configs on an include path,
 and a YAML config can only point at its data by path, so the configs are
-written at run time with absolute paths into this installed package::
+written with absolute paths into this installed package, once, into a cache
+directory (:func:`task_config_dir`).  The lm-eval plugin (``moepatch
+install-lm-eval-plugin``) adds that directory to every ``TaskManager``, so
+``lm_eval --tasks stdlib_cloze`` finds them without flags::
 
     from lm_eval.tasks import TaskManager
-    from moepatch.eval.tasks import write_task_configs
+    from moepatch.eval.tasks import task_config_dir
 
-    names = write_task_configs(tmp_dir)
-    manager = TaskManager(include_path=tmp_dir)  # include_defaults=False loads faster
+    manager = TaskManager(include_path=str(task_config_dir()))  # include_defaults=False loads faster
 
 Set ``HF_DATASETS_OFFLINE=1`` (and ``HF_HUB_OFFLINE=1``) before importing
 ``datasets``/``lm_eval`` to guarantee that nothing touches the network; the
@@ -19,7 +21,10 @@ Set ``HF_DATASETS_OFFLINE=1`` (and ``HF_HUB_OFFLINE=1``) before importing
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import tempfile
 from pathlib import Path
 
 EMBEDDED_TASKS = ("stdlib_ppl", "stdlib_cloze")
@@ -117,3 +122,25 @@ def write_task_configs(dest_dir: str) -> list[str]:
             raise FileNotFoundError(f"task data {path} is missing; run recipes/embedded/make_tasks.py")
         (dest / f"{task}.yaml").write_text(_task_yaml(task), encoding="utf-8")
     return list(EMBEDDED_TASKS)
+
+
+def task_config_dir() -> Path:
+    """A directory holding the embedded tasks' lm-eval configs for this installation (written if
+    missing or stale): ``$XDG_CACHE_HOME/moepatch/lm_eval_tasks/<installation>`` (``~/.cache`` by
+    default), or a temporary directory where the cache cannot be written."""
+    for task in EMBEDDED_TASKS:
+        if not task_data_path(task).is_file():
+            raise FileNotFoundError(f"task data {task_data_path(task)} is missing; reinstall moepatch or run "
+                                    "recipes/embedded/make_tasks.py")
+    tag = hashlib.sha1(f"{data_dir()}:{TASK_VERSION}".encode()).hexdigest()[:12]
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "moepatch" / "lm_eval_tasks"
+    for root in (base, Path(tempfile.gettempdir()) / "moepatch-lm-eval-tasks"):
+        dest = root / tag
+        try:
+            if not all((dest / f"{t}.yaml").is_file() and (dest / f"{t}.yaml").read_text() == _task_yaml(t)
+                       for t in EMBEDDED_TASKS):
+                write_task_configs(str(dest))
+            return dest
+        except OSError:
+            continue
+    raise OSError(f"cannot write the embedded task configs under {base} nor the temporary directory")

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from ..errors import ArgumentParser, HelpFormatter
+
 SHIPPED_DIR = Path(__file__).with_name("configs")
 USER_DIR = Path(os.path.expanduser("~/.cache/moepatch/kernel_configs"))
 M_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
@@ -487,9 +489,9 @@ PRESET_SHAPES = {
 
 def main(argv: list[str] | None = None) -> int:
     """``moepatch tune``: autotune shapes on this GPU and write a table (see :func:`tune`)."""
-    import argparse
 
-    p = argparse.ArgumentParser(prog="moepatch tune", description="Autotune the fused experts kernels on this GPU.")
+    p = ArgumentParser(prog="moepatch tune", description="Autotune the fused experts kernels on this GPU.",
+                       formatter_class=HelpFormatter)
     p.add_argument("--shapes", default="mixtral",
                    help=f"comma list of presets ({', '.join(PRESET_SHAPES)}) or E:H:I:K tuples")
     p.add_argument("--ms", default="1,4,16,64,256,1024,4096,16384", help="token counts (M buckets)")

@@ -36,7 +36,6 @@ Legend: T tokens per rank, E experts, K experts per token, H hidden, I intermedi
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -49,12 +48,15 @@ from pathlib import Path
 
 import torch
 
+from ..errors import ArgumentParser, HelpFormatter
+
 PHASES = ("route", "dispatch", "experts", "combine", "moe", "block")
 _GRID = 32  # logits on a 1/32 grid within (-8, 8): exact in bf16 (8 significant bits)
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="moepatch bench ep", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="moepatch bench ep", description=__doc__.split("\n\n")[0],
+                       formatter_class=HelpFormatter)
     p.add_argument("--out", type=Path, required=True, help="directory for bench_ep.json / bench_ep.md")
     p.add_argument("--smoke", action="store_true", help="tiny dims and few iterations (CPU + gloo check)")
     p.add_argument("--hidden", type=int, default=4096)

@@ -24,9 +24,16 @@ from pathlib import Path
 
 import torch
 
+from ..errors import ArgumentParser, UsageError
+
 
 def _capacity(value: str):
-    return None if value.lower() in ("none", "inf") else float(value)
+    if value.lower() in ("none", "inf"):
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number (or 'none')") from None
 
 
 def _option(text: str):
@@ -51,13 +58,35 @@ def _routing(args) -> tuple:
     return args.capacity_factor, args.strategy, dict(args.option, **({"policy": args.policy} if args.policy else {}))
 
 
-def demo(argv) -> int:
-    p = argparse.ArgumentParser(prog="moepatch.parallel.run demo")
+def _check_routing(args, model_type: str | None) -> None:
+    """The patch options as ``moepatch.apply`` will validate them, and a family it patches."""
+    from ..errors import InvalidOptionError
+    from ..patch.registry import supported_model_types
+    from ..routing.config import make_config
+
+    gamma, strategy, opts = _routing(args)
+    try:
+        make_config(gamma, strategy, opts.pop("policy", None), **opts)
+    except InvalidOptionError as exc:
+        raise UsageError(str(exc)) from None
+    if model_type is not None and model_type not in supported_model_types():
+        raise UsageError(f"model type {model_type!r} is not supported; accepted: {', '.join(supported_model_types())}")
+
+
+def _demo_args(argv) -> argparse.Namespace:
+    p = ArgumentParser(prog="moepatch.parallel.run demo", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model-type", default="mixtral")
     p.add_argument("--batch-per-rank", type=int, default=2)
     p.add_argument("--seq", type=int, default=16)
     _add_routing(p)
     args = p.parse_args(argv)
+    if args.batch_per_rank < 1 or args.seq < 1:
+        raise UsageError("--batch-per-rank and --seq must be >= 1")
+    _check_routing(args, args.model_type)
+    return args
+
+
+def demo(args) -> int:
     import torch.distributed as dist
 
     import moepatch
@@ -105,8 +134,8 @@ def _sequences(args, rank: int, world: int, vocab: int) -> list[torch.Tensor]:
     return list(seqs[rank::world])
 
 
-def evaluate(argv) -> int:
-    p = argparse.ArgumentParser(prog="moepatch.parallel.run eval")
+def _eval_args(argv) -> argparse.Namespace:
+    p = ArgumentParser(prog="moepatch.parallel.run eval", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", type=Path, help="local safetensors checkpoint (loaded sharded)")
     src.add_argument("--tiny", metavar="MODEL_TYPE", help="a tiny random model of this family (smoke runs)")
@@ -121,6 +150,17 @@ def evaluate(argv) -> int:
     args = p.parse_args(argv)
     if args.text is not None and args.checkpoint is None:
         p.error("--text needs --checkpoint (its tokenizer)")
+    if args.checkpoint is not None and not (args.checkpoint / "config.json").is_file():
+        raise UsageError(f"--checkpoint {args.checkpoint}: no config.json there; give a local checkpoint directory")
+    if args.text is not None and not args.text.is_file():
+        raise UsageError(f"--text {args.text}: no such file")
+    if min(args.seq_len, args.batch_size) < 1 or (args.random_tokens is not None and args.random_tokens < 2):
+        raise UsageError("--seq-len and --batch-size must be >= 1, --random-tokens >= 2")
+    _check_routing(args, args.tiny)
+    return args
+
+
+def evaluate(args) -> int:
     import torch.distributed as dist
 
     import moepatch
@@ -182,20 +222,38 @@ def relaunch(argv: list[str]) -> int:
     return subprocess.call(cmd, env=env)
 
 
+def _bench_args(argv) -> list:
+    from .bench import parse_args
+
+    parse_args(argv)  # its errors (SystemExit 2 with argparse's message) come before any rank starts
+    return argv
+
+
+_COMMANDS = {"demo": (_demo_args, demo), "eval": (_eval_args, evaluate), "bench": (_bench_args, None)}
+
+
 def main(argv=None) -> int:
+    """Validate the command line, then start the ranks (or, inside one, run the command)."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    commands = {"demo": demo, "eval": evaluate}
-    if not argv or argv[0] not in (*commands, "bench"):
-        print(__doc__, file=sys.stderr)
+    if not argv or argv[0] not in _COMMANDS:
+        got = f"unknown command {argv[0]!r}; " if argv else ""
+        print(f"moepatch.parallel.run: error: {got}accepted: {', '.join(_COMMANDS)} (see the module's docstring: "
+              "python -m moepatch.parallel.run demo --help)", file=sys.stderr)
         return 2
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if not launched() and not any(a in ("-h", "--help") for a in argv):
+    parse, run_command = _COMMANDS[argv[0]]
+    try:
+        args = parse(argv[1:])
+    except UsageError as exc:
+        print(f"moepatch.parallel.run {argv[0]}: error: {exc}", file=sys.stderr)
+        return 2
+    if not launched():
         return relaunch(argv)
-    if argv[0] == "bench":
+    if run_command is None:
         from .bench import main as bench_main
 
-        return bench_main(argv[1:])
-    return commands[argv[0]](argv[1:])
+        return bench_main(args)
+    return run_command(args)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ from ..errors import ModelStateError, UnsupportedModelError
 from ..routing.config import RoutingConfig, make_config
 from ..routing.route import route
 from ..routing.scores import FamilyScoring
-from ..routing.stats import LoadStats, PendingRecord
+from ..routing.stats import LoadStats, PendingRecord, describe_config
 from ..versions import tested_range
 from .probe import check_router, check_structure
 from .registry import family_for, moe_blocks
@@ -121,6 +121,23 @@ class PatchHandle:
 
     def reset_stats(self) -> None:
         reset_stats(self.model)
+
+    def __repr__(self) -> str:
+        model = self._model()
+        state = _STATES.get(model) if model is not None else None
+        if state is None:
+            return "<PatchHandle: removed>" if model is not None else "<PatchHandle: the model no longer exists>"
+        names = [b.name for b in state.blocks]
+        span = names[0] if len(names) == 1 else f"{names[0]} .. {names[-1]}"
+        recorded = stats(model)
+        layers = recorded.layers()
+        tail = "nothing recorded yet"
+        if layers:
+            forwards = next(iter(layers.values()))["forwards"]
+            tail = (f"{forwards} forward(s) recorded, dropped {100 * recorded.totals()['dropped_fraction']:.1f}% "
+                    "of routed pairs")
+        return (f"<PatchHandle {state.model_type}: {len(names)} MoE layers ({span}), "
+                f"{describe_config(state.config.to_dict())}, {state.backend} experts backend; {tail}>")
 
     def __enter__(self):
         return self

@@ -113,6 +113,18 @@ class LoadStats:
     def __len__(self) -> int:
         return len(self.records)
 
+    def __repr__(self) -> str:
+        c = self.config
+        what = describe_config(c) if c else "no configuration"
+        layers = self.layers()
+        if not layers:
+            return f"LoadStats({c.get('model_type', '?')}, {what}: nothing recorded)"
+        first = next(iter(layers.values()))
+        t = self.totals()
+        return (f"LoadStats({c.get('model_type', '?')}, {what}: {len(layers)} MoE layers, {first['forwards']} "
+                f"forward(s), {first['tokens']} tokens; dropped {100 * t['dropped_fraction']:.1f}% of routed pairs, "
+                f"max/mean load {t['straggler_before']:.2f} -> {t['straggler_after']:.2f})")
+
     def layers(self) -> dict[int, dict]:
         """Per layer: summed loads, token and pair counts, and the ratios over the whole run."""
         out: dict[int, dict] = {}
@@ -175,3 +187,13 @@ class LoadStats:
                         f"{s['mean_straggler_before']:>16.2f} {s['mean_straggler_after']:>15.2f} "
                         f"{100 * s['dropped_fraction']:>7.1f}% {100 * s['rerouted_fraction']:>8.1f}%")
         return "\n".join(rows)
+
+
+def describe_config(config: dict) -> str:
+    """``drop/score γ=1.5`` for a routing configuration's dict (``RoutingConfig.to_dict``)."""
+    strategy = config.get("strategy", "drop")
+    policy = f"/{config['policy']}" if strategy in ("drop", "reroute") and config.get("policy") else ""
+    gamma = config.get("capacity_factor")
+    if strategy == "expert_drop":
+        return f"expert_drop {config.get('expert_drop_fraction', 0.1):g}"
+    return f"{strategy}{policy} " + ("no capacity" if gamma is None else f"γ={gamma:g}")

@@ -4,7 +4,7 @@ The hook-based patch (``moepatch.apply``) finds MoE blocks by their transformers
 does not see ScMoE layers.  They call :func:`moepatch.routing.route` themselves instead, whenever a
 :class:`CapacityState` is attached to them by :func:`apply_capacity`: every strategy, policy and
 option of ``moepatch.apply`` applies unchanged (the same ``make_config`` validates them), with the
-same semantics (``shared/spec/capacity-aware.md``): γ=None leaves the routing untouched, so the
+same semantics (docs/semantics.md): γ=None leaves the routing untouched, so the
 model is bit-identical to the unpatched one.  On CUDA they take the same decision through
 ``moepatch.ops``' sync-free route (the one ``moepatch.apply`` uses on GPUs), not the reference's
 host-synchronising torch code.

@@ -1,6 +1,6 @@
 """ScMoE: the shortcut-connected Mixture-of-Experts decoder (Cai et al., ICML 2025), on one device.
 
-The method is described in ``shared/spec/scmoe.md``; docs/scmoe.md has the usage.  A decoder
+The method and the usage are described in docs/scmoe.md.  A decoder
 alternates a dense block l and an MoE block l+1.  The baseline's MoE block runs top-2 routed
 experts on its own post-attention state; an ScMoE block runs a dense shared expert SE on its own
 post-attention state and top-1 routed experts on a *shortcut source* x_s from block l:

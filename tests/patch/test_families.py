@@ -235,3 +235,23 @@ def test_save_pretrained_saves_the_unpatched_model(model, tmp_path):
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     with torch.no_grad():
         assert torch.equal(loaded(x).logits, base)
+
+
+@torch.no_grad()
+def test_repr_of_the_handle_and_the_stats_say_what_is_patched():
+    model = tiny_model("olmoe")
+    handle = moepatch.apply(model, capacity_factor=0.5, strategy="reroute", policy="random")
+    text = repr(handle)
+    assert text.startswith("<PatchHandle olmoe: 2 MoE layers (model.layers.0.mlp .. model.layers.1.mlp)")
+    assert "reroute/random γ=0.5" in text and "nothing recorded yet" in text
+    model(_ids())
+    stats = moepatch.stats(model)
+    dropped = 100 * stats.totals()["dropped_fraction"]
+    assert f"1 forward(s) recorded, dropped {dropped:.1f}% of routed pairs" in repr(handle)
+    assert repr(stats) == (f"LoadStats(olmoe, reroute/random γ=0.5: 2 MoE layers, 1 forward(s), 27 tokens; "
+                           f"dropped {dropped:.1f}% of routed pairs, max/mean load "
+                           f"{stats.totals()['straggler_before']:.2f} -> {stats.totals()['straggler_after']:.2f})")
+    moepatch.apply(model, capacity_factor=None)
+    assert "reroute" not in repr(handle) and "drop/score no capacity" in repr(handle)
+    handle.remove()
+    assert repr(handle) == "<PatchHandle: removed>"
