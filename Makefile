@@ -18,23 +18,28 @@ PYTEST := TRITON_INTERPRET=1 $(PYTHON) -m pytest -q -n $(JOBS)
 TF517_TESTS := tests/patch tests/ops/test_integration.py tests/parallel tests/scmoe tests/test_versions.py
 LOGS := out/tests
 
-.PHONY: install demo test test-main test-tf517 test-latest constraints lint
+.PHONY: install install-dev demo test test-main test-tf517 test-latest constraints lint
 
 # torch first, and only when missing: `torch==2.13.0` is the CPU build on this machine's disk, while a
 # bare `torch` requirement would resolve to a multi-GB CUDA build.  An existing torch is kept, with
 # what it requires (.ci/testenv.py pins drops those pins); everything else is pinned by constraints.txt.
+# `install` takes what the package uses; the tests add the `dev` extra, `make lint` the `lint` one.
+EXTRAS ?=
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q -c constraints.txt torch==2.13.0
 	@$(PYTHON) .ci/testenv.py pins constraints.txt .cache/constraints.txt
-	$(PIP) install -q -c .cache/constraints.txt -e ".[dev]"
+	$(PIP) install -q -c .cache/constraints.txt -e ".$(EXTRAS)"
 	$(PYTHON) -m moepatch.cli install-lm-eval-plugin
+
+install-dev:
+	@$(MAKE) --no-print-directory install EXTRAS=[dev]
 
 demo: install
 	$(PYTHON) -m moepatch.cli eval --limit 100 --capacity-factor 1.0,1.5 --strategy drop,reroute,expanded,expert_drop \
 		--policy score --output out/demo
 
 # Both runs always execute; the summary shows both, and the target fails if either failed.
-test: install
+test: install-dev
 	@mkdir -p $(LOGS); rc=0; \
 	$(MAKE) --no-print-directory test-main 2>&1 | tee $(LOGS)/main.log; (( PIPESTATUS[0] == 0 )) || rc=1; \
 	$(MAKE) --no-print-directory test-tf517 2>&1 | tee $(LOGS)/tf517.log; (( PIPESTATUS[0] == 0 )) || rc=1; \
@@ -54,18 +59,19 @@ test-tf517:
 
 # The whole suite against the newest release of every dependency (no constraints, no upper bounds;
 # torch stays the installed one).  Run it before widening pyproject.toml's ranges; then `make constraints`.
-test-latest: install
+test-latest: install-dev
 	@$(PYTHON) .ci/testenv.py side .latest --eager $$($(PYTHON) .ci/testenv.py latest-requirements)
 	@PYTHONPATH=$(CURDIR)/.latest $(PYTHON) -c "import importlib.metadata as m; \
 		print('newest releases:', ', '.join(f'{n} {m.version(n)}' for n in ('transformers', 'torch', 'lm_eval', 'accelerate', 'datasets', 'triton')))"
 	PYTHONPATH=$(CURDIR)/.latest$${PYTHONPATH:+:$$PYTHONPATH} $(PYTEST)
 
-# Rewrite constraints.txt from a fresh venv's resolution of `.[dev]` (run after test-latest passed).
+# Rewrite constraints.txt from a fresh venv's resolution of `.[dev,lint]` (run after test-latest passed).
 constraints:
 	rm -rf .cache/venv-constraints && $(PYTHON) -m venv .cache/venv-constraints
-	.cache/venv-constraints/bin/pip install -q torch==2.13.0 && .cache/venv-constraints/bin/pip install -q -e ".[dev]"
+	.cache/venv-constraints/bin/pip install -q torch==2.13.0 && .cache/venv-constraints/bin/pip install -q -e ".[dev,lint]"
 	{ sed -n '1,2p' constraints.txt; .cache/venv-constraints/bin/pip freeze --exclude-editable | \
 		sed 's/^torch==\([0-9.]*\)+cpu$$/torch==\1/'; } > .cache/constraints.new && mv .cache/constraints.new constraints.txt
 
 lint:
+	@$(MAKE) --no-print-directory install EXTRAS=[lint]
 	$(PYTHON) -m ruff check moepatch tests scripts recipes

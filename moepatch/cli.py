@@ -14,6 +14,7 @@ loading any weight; a failure is one line on stderr and exit status 2 (``--debug
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 
@@ -162,19 +163,25 @@ def _check_file(path, what="--text") -> None:
         raise UsageError(f"{what} {path}: not readable")
 
 
+@functools.lru_cache(maxsize=4)
+def _indexed_task_manager(paths: tuple, include_defaults: bool):
+    """lm-eval's TaskManager, indexed once per process (indexing its own tasks takes seconds)."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=list(paths), include_defaults=include_defaults)
+
+
 def _task_manager(specs_or_names, include_path=None):
     """lm-eval's TaskManager with the shipped tasks, and lm-eval's own only when they are asked for
     (indexing its thousands of task files takes seconds); unknown names raise one clear error."""
     import difflib
 
-    from lm_eval.tasks import TaskManager
-
     from moepatch.eval.tasks import EMBEDDED_TASKS, task_config_dir
 
     names = [getattr(t, "task", t) for t in specs_or_names]
-    paths = [str(task_config_dir()), *([include_path] if include_path else [])]
+    paths = (str(task_config_dir()), *([include_path] if include_path else []))
     only_ours = all(n in EMBEDDED_TASKS for n in names) and not include_path
-    tm = TaskManager(include_path=paths, include_defaults=not only_ours)
+    tm = _indexed_task_manager(paths, not only_ours)
     unknown = [n for n in names if n not in tm.all_tasks and not os.path.isfile(n)]
     if unknown:
         hints = {u: difflib.get_close_matches(u, tm.all_tasks, n=3) for u in unknown}

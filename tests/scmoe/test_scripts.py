@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from moepatch.errors import UsageError
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -80,7 +82,7 @@ def test_bench_smoke_capacity_and_launch_points(tmp_path):
     assert all(r["overlap_minus_sequential_max_abs"] == 0.0 for r in report["rows"])
     for bad in (["--capacity", "reroute"], ["--capacity", "sort@1.0"], ["--dispatch-after-ops", "-1"],
                 ["--rows-sender", "thread,main"], ["--router", "trained"], ["--exchange", "counts,fixed"]):
-        with pytest.raises(SystemExit):
+        with pytest.raises(UsageError, match=bad[0]):
             bench.parse_args(["--out", str(tmp_path), *bad])
 
 
