@@ -18,7 +18,8 @@ import functools
 import os
 import sys
 
-from moepatch.errors import ArgumentParser, HelpFormatter, UsageError
+from moepatch.arguments import ArgumentParser, HelpFormatter, capacity_factor
+from moepatch.errors import UsageError
 
 DEMO_GAMMAS = (1.0, 1.5, 2.0)
 
@@ -30,12 +31,17 @@ def _offline():
 
 
 def _quiet_libraries():
-    """No log lines from libraries that do not concern the user's own call (lm-eval's INFO lines,
-    transformers' weight-loading bars and tokenizer length notes)."""
+    """No log lines from libraries that do not concern the user's own call: lm-eval's INFO lines,
+    datasets' cache-building bars, transformers' notes (the tokenizer's length note among them:
+    lm-eval and ``stats`` run long texts in windows)."""
     import logging
 
+    import datasets
+    import transformers
+
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    datasets.disable_progress_bars()  # "Generating test split" bars when a dataset is first cached
+    transformers.utils.logging.set_verbosity_error()
 
 
 # ---------------------------------------------------------------------------------------- demo
@@ -101,15 +107,6 @@ def _csv(kind):
         return items
 
     return parse
-
-
-def _gamma(text):
-    if text.lower() in ("none", "inf"):
-        return None
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"capacity factor {text!r} is not a number (or 'none')") from None
 
 
 def _gammas(text):
@@ -265,7 +262,7 @@ def _check_lm_eval_options(model_args: dict) -> None:
     """moepatch.apply's options among lm-eval's --model_args, as the moepatch model will parse them."""
     import json
 
-    from moepatch.eval.lm import _none
+    from moepatch.eval.lm import null_to_none
     from moepatch.routing.config import config_fields, make_config
 
     names = set(config_fields())
@@ -276,9 +273,9 @@ def _check_lm_eval_options(model_args: dict) -> None:
                 opts[k] = json.loads(v)
             except json.JSONDecodeError:
                 opts[k] = v
-    gamma = _none(opts.pop("capacity_factor", None))
+    gamma = null_to_none(opts.pop("capacity_factor", None))
     make_config(float(gamma) if isinstance(gamma, (int, float)) else gamma, opts.pop("strategy", "drop"),
-                _none(opts.pop("policy", None)), **opts)
+                null_to_none(opts.pop("policy", None)), **opts)
 
 
 def _run_lm_eval(rest) -> int:
@@ -443,7 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: the checkpoint's on GPUs, float32 on the CPU")
     s.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     s.add_argument("--text", required=True, help="UTF-8 text file (required)")
-    s.add_argument("--capacity-factor", type=_gamma, default=None, help="γ; none: native load only")
+    s.add_argument("--capacity-factor", type=capacity_factor, default=None, help="γ; none: native load only")
     s.add_argument("--strategy", default="drop", choices=("drop", "reroute", "expanded", "expert_drop"),
                    help="what an expert's overflow gets")
     s.add_argument("--seq-len", type=_positive(int), default=512, help="tokens per forward window")

@@ -51,7 +51,7 @@ if "--smoke" in sys.argv and "TRITON_INTERPRET" not in os.environ:
 
 import torch  # noqa: E402
 
-from moepatch.errors import ArgumentParser, HelpFormatter  # noqa: E402
+from moepatch.arguments import ArgumentParser, HelpFormatter  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 

@@ -55,7 +55,7 @@ if "--smoke" in sys.argv and "TRITON_INTERPRET" not in os.environ:
 
 import torch  # noqa: E402
 
-from moepatch.errors import ArgumentParser, HelpFormatter  # noqa: E402
+from moepatch.arguments import ArgumentParser, HelpFormatter  # noqa: E402
 from moepatch.ops.tuning import PRESET_SHAPES, busy_gpu  # noqa: E402  (no triton import)
 
 _MODEL_TYPES = {"mixtral": "mixtral", "olmoe": "olmoe", "deepseek_v2_lite": "deepseek_v2",

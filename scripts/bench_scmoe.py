@@ -44,7 +44,7 @@ import sys
 import time
 from pathlib import Path
 
-from moepatch.errors import ArgumentParser, HelpFormatter
+from moepatch.arguments import ArgumentParser, HelpFormatter
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -22,7 +22,7 @@ import moepatch
 from moepatch.routing.config import config_fields
 
 
-def _none(value):
+def null_to_none(value):
     # lm-eval's model_args parser leaves "None" as a string.
     return None if isinstance(value, str) and value.lower() in ("none", "null", "inf") else value
 
@@ -61,8 +61,8 @@ class MoePatchLM(HFLM):
             super().__init__(pretrained=pretrained, **kwargs)
         # Checked before apply, which resets the statistics: the probe's forward is not counted.
         self._split = _head_splits(self.model)  # the output head runs apart from the decoder
-        self.handle = moepatch.apply(self.model, capacity_factor=_none(capacity_factor), strategy=strategy,
-                                     policy=_none(policy), **options)
+        self.handle = moepatch.apply(self.model, capacity_factor=null_to_none(capacity_factor), strategy=strategy,
+                                     policy=null_to_none(policy), **options)
         self._encodings: dict = {}
         self._rolling = False
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ArgumentParser, HelpFormatter
+from ..arguments import ArgumentParser, HelpFormatter
 
 SHIPPED_DIR = Path(__file__).with_name("configs")
 USER_DIR = Path(os.path.expanduser("~/.cache/moepatch/kernel_configs"))

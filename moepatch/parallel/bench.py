@@ -48,7 +48,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ArgumentParser, HelpFormatter
+from ..arguments import ArgumentParser, HelpFormatter
 
 PHASES = ("route", "dispatch", "experts", "combine", "moe", "block")
 _GRID = 32  # logits on a 1/32 grid within (-8, 8): exact in bf16 (8 significant bits)

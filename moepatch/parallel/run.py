@@ -24,16 +24,8 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ArgumentParser, UsageError
-
-
-def _capacity(value: str):
-    if value.lower() in ("none", "inf"):
-        return None
-    try:
-        return float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a number (or 'none')") from None
+from ..arguments import ArgumentParser, capacity_factor
+from ..errors import UsageError
 
 
 def _option(text: str):
@@ -47,7 +39,7 @@ def _option(text: str):
 
 
 def _add_routing(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--capacity-factor", type=_capacity, default=1.0, help="gamma, or 'none' for no capacity")
+    p.add_argument("--capacity-factor", type=capacity_factor, default=1.0, help="gamma, or 'none' for no capacity")
     p.add_argument("--strategy", default="drop", choices=("drop", "reroute", "expanded", "expert_drop"))
     p.add_argument("--policy", default=None, choices=("score", "order", "reverse", "random"))
     p.add_argument("--option", type=_option, action="append", default=[],
