@@ -25,9 +25,13 @@ DEMO_GAMMAS = (1.0, 1.5, 2.0)
 
 
 def _offline():
-    # Nothing here reaches the hub unless the user allows it: fail at once instead of hanging.
+    """Nothing here reaches the hub unless the user allows it (HF_HUB_OFFLINE=0); allowed but without
+    a route to it, the local caches are used at once instead of after tens of seconds of retries."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    from moepatch.eval.loading import use_cache_if_hub_unreachable
+
+    use_cache_if_hub_unreachable()
 
 
 def _quiet_libraries():

@@ -24,8 +24,36 @@ class DatasetUnavailableError(MoePatchError, OSError):
     """Datasets of the requested tasks that are neither in the local cache nor reachable."""
 
 
+_UNREACHABLE: list[str] = []  # why the hub was found unreachable (see use_cache_if_hub_unreachable)
+
+
 def offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "", "false", "no")
+
+
+def _hub_state() -> str:
+    if _UNREACHABLE:
+        return f"the hub cannot be reached ({_UNREACHABLE[0]}), so only the local caches are used"
+    return "the hub is offline (HF_HUB_OFFLINE=1)"
+
+
+def use_cache_if_hub_unreachable(timeout_s: float = 3.0) -> None:
+    """With downloads allowed (HF_HUB_OFFLINE=0) but no route to the hub, switch this process to the
+    local caches at once: every hub request would otherwise be retried for tens of seconds before
+    failing.  Call before huggingface_hub is imported (it reads HF_HUB_OFFLINE once)."""
+    import socket
+    from urllib.parse import urlparse
+
+    _UNREACHABLE.clear()  # decided afresh on every call (a long-lived process may run several commands)
+    if offline():
+        return
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+    except OSError as exc:
+        _UNREACHABLE.append(f"{host}:{port}: {exc.strerror or type(exc).__name__}")
+        os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"
 
 
 def resolve_model(name: str | None) -> str:
@@ -42,8 +70,9 @@ def resolve_model(name: str | None) -> str:
 
 
 def _download_hint(target: str) -> str:
+    allow = "" if _UNREACHABLE else ", or allow downloads with HF_HUB_OFFLINE=0"
     return (f"download it where there is network (`hf download {target} --local-dir DIR`, huggingface_hub's CLI) "
-            "and pass --model DIR, or allow downloads with HF_HUB_OFFLINE=0")
+            f"and pass --model DIR{allow}")
 
 
 def check_model(name: str | None, need_moe: bool = True, aliases: bool = True):
@@ -73,12 +102,12 @@ def check_model(name: str | None, need_moe: bool = True, aliases: bool = True):
 
         if not isinstance(try_to_load_from_cache(target, "config.json"), str):
             raise ModelLoadError(f"{target!r}{alias} is not a local directory and not in the Hugging Face cache, "
-                                 f"and the hub is offline (HF_HUB_OFFLINE=1): {_download_hint(target)}")
+                                 f"and {_hub_state()}: {_download_hint(target)}")
     try:
         config = transformers.AutoConfig.from_pretrained(target)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"could not read the config of {target!r}{alias}"
-                             f"{' (hub offline)' if offline() else ''}: {str(exc).splitlines()[0]}; "
+                             f"{' (' + _hub_state() + ')' if offline() else ''}: {str(exc).splitlines()[0]}; "
                              f"{_download_hint(target)}") from exc
     if need_moe:
         from ..patch.registry import supported_model_types
@@ -118,7 +147,7 @@ def load_model(name: str | None, dtype: str = "auto", device: str = "auto"):
         alias = f" (alias {name!r})" if name in MODEL_ALIASES else ""
         raise ModelLoadError(
             f"could not load {target!r}{alias}: tried a local directory and the Hugging Face hub cache"
-            f"{' in offline mode (HF_HUB_OFFLINE=1)' if offline() else ''}; {_download_hint(target)} "
+            f"{' (' + _hub_state() + ')' if offline() else ''}; {_download_hint(target)} "
             f"({type(exc).__name__}: {str(exc).splitlines()[0]})") from exc
     if device not in ("auto",) and "device_map" not in kwargs:
         model = model.to(device)
@@ -161,10 +190,11 @@ def build_tasks(task_manager, names: list[str]) -> dict:
     if missing:
         what = "; ".join(f"task {n}: {d}: {m}" for n, d, m in missing)
         if offline() or os.environ.get("HF_DATASETS_OFFLINE", "0") not in ("0", ""):
-            hint = ("they are not in the local datasets cache and the hub is offline (HF_DATASETS_OFFLINE=1): "
-                    "load them once where there is network (`python -c \"import datasets; "
-                    "datasets.load_dataset('NAME')\"`) and copy ~/.cache/huggingface, or allow downloads with "
-                    "HF_HUB_OFFLINE=0 HF_DATASETS_OFFLINE=0")
+            state = _hub_state() if _UNREACHABLE else "the hub is offline (HF_DATASETS_OFFLINE=1)"
+            allow = "" if _UNREACHABLE else ", or allow downloads with HF_HUB_OFFLINE=0 HF_DATASETS_OFFLINE=0"
+            hint = (f"they are not in the local datasets cache and {state}: load them once where there is network "
+                    "(`python -c \"import datasets; datasets.load_dataset('NAME')\"`) and copy ~/.cache/huggingface"
+                    f"{allow}")
         else:
             hint = "check the network and the dataset names"
         raise DatasetUnavailableError(f"the data of {len(missing)} of {len(names)} task(s) cannot be loaded "

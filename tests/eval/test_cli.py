@@ -124,6 +124,31 @@ def test_bad_input_is_one_line_and_exit_2(argv, needle, files, nothing_heavy, ca
 
 
 @pytest.mark.parametrize("argv,needle", [
+    (["eval", "--model", "someorg/some-moe"], "'someorg/some-moe' is not a local directory and not in the Hugging "
+                                              "Face cache, and the hub cannot be reached (127.0.0.1:9: "),
+    (["eval", "--tasks", "piqa"], "(task piqa: baber/piqa: Couldn't reach 'baber/piqa' on the Hub (OfflineModeIsEnabled)"
+                                  "); they are not in the local datasets cache and the hub cannot be reached"),
+    (["stats", "--text", "{text}", "--model", "someorg/some-moe"], "the hub cannot be reached (127.0.0.1:9: "),
+    (["lm-eval", "--model", "moepatch", "--model_args", f"pretrained={EMBEDDED}", "--tasks", "piqa"],
+     "the hub cannot be reached (127.0.0.1:9: "),
+])
+def test_no_network_fails_at_once_from_the_local_caches(argv, needle, files, nothing_heavy, capsys, monkeypatch):
+    """Downloads allowed (HF_HUB_OFFLINE=0) but no route to the hub (here: a closed local port): one line
+    that says so, without tens of seconds of retries."""
+    import time
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "0")
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    start = time.monotonic()
+    assert main([a.format(**files) for a in argv]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], lines
+    assert "HF_HUB_OFFLINE=0" not in lines[0]  # allowing downloads would not help: no route
+    assert time.monotonic() - start < 30
+
+
+@pytest.mark.parametrize("argv,needle", [
     (["demo", "--model-type", "nope"], "model type 'nope' is not supported; accepted: deepseek_v2"),
     (["demo", "--capacity-factor", "0"], "capacity_factor=0.0 is not valid"),
     (["demo", "--strategy", "drop", "--policy", "best"], "argument --policy: invalid choice: 'best'"),
