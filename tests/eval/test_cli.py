@@ -126,8 +126,9 @@ def test_bad_input_is_one_line_and_exit_2(argv, needle, files, nothing_heavy, ca
 @pytest.mark.parametrize("argv,needle", [
     (["eval", "--model", "someorg/some-moe"], "'someorg/some-moe' is not a local directory and not in the Hugging "
                                               "Face cache, and the hub cannot be reached (127.0.0.1:9: "),
-    (["eval", "--tasks", "piqa"], "(task piqa: baber/piqa: Couldn't reach 'baber/piqa' on the Hub (OfflineModeIsEnabled)"
-                                  "); they are not in the local datasets cache and the hub cannot be reached"),
+    (["eval", "--tasks", "piqa"], "(task piqa: baber/piqa: Couldn't reach 'baber/piqa' on the Hub "
+                                  "(OfflineModeIsEnabled)); they are not in the local datasets cache and the hub "
+                                  "cannot be reached"),
     (["stats", "--text", "{text}", "--model", "someorg/some-moe"], "the hub cannot be reached (127.0.0.1:9: "),
     (["lm-eval", "--model", "moepatch", "--model_args", f"pretrained={EMBEDDED}", "--tasks", "piqa"],
      "the hub cannot be reached (127.0.0.1:9: "),
