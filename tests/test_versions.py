@@ -56,3 +56,18 @@ def test_pins_keep_an_installed_torch_and_what_it_requires(tmp_path):
     kept = out.read_text().splitlines()
     assert "# header" in kept and "not-a-torch-dependency==1.0" in kept
     assert not any(line.startswith(("torch==", "filelock==")) for line in kept)  # torch requires filelock
+
+
+def test_the_docs_name_the_pinned_versions_and_link_nothing_outside_the_repository():
+    usage = (ROOT / "docs" / "usage.md").read_text()
+    pins = _pins("constraints.txt")
+    for name in ("transformers", "lm-eval", "accelerate", "datasets", "safetensors", "numpy", "matplotlib",
+                 "triton"):
+        assert pins[name] in usage, f"docs/usage.md does not name the pinned {name} {pins[name]}"
+    assert TESTED_TRANSFORMERS[0] in usage and _pins("constraints-tf517.txt")["huggingface-hub"] in usage
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    for page in pages:
+        text = page.read_text()
+        assert "../shared" not in text and "shared/spec" not in text and "device-notes" not in text, page.name
+    index = (ROOT / "docs" / "README.md").read_text()
+    assert [p.name for p in pages[1:] if p.name != "README.md" and f"({p.name})" not in index] == []
