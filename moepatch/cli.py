@@ -35,17 +35,15 @@ def _offline():
 
 
 def _quiet_libraries():
-    """No log lines from libraries that do not concern the user's own call: lm-eval's INFO lines,
-    datasets' cache-building bars, transformers' notes (the tokenizer's length note among them:
-    lm-eval and ``stats`` run long texts in windows)."""
+    """No log lines from libraries that do not concern the user's own call: lm-eval's INFO lines and
+    datasets' cache-building bars (transformers' warnings about the model stay; the sweep holds back
+    only the tokenizer's length note, see moepatch.eval.sweep)."""
     import logging
 
     import datasets
-    import transformers
 
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
     datasets.disable_progress_bars()  # "Generating test split" bars when a dataset is first cached
-    transformers.utils.logging.set_verbosity_error()
 
 
 # ---------------------------------------------------------------------------------------- demo
@@ -315,8 +313,11 @@ def _cmd_stats(args) -> int:
     ids = tok(text, return_tensors="pt", verbose=False).input_ids[:, : args.max_tokens]
     ids = ids.to(next(model.parameters()).device)
     handle = moepatch.apply(model, capacity_factor=args.capacity_factor, strategy=args.strategy)
+    from tqdm import tqdm
+
     with torch.no_grad():
-        for start in range(0, ids.shape[1], args.seq_len):
+        for start in tqdm(range(0, ids.shape[1], args.seq_len), desc="forward windows", unit="window",
+                          leave=False, disable=not sys.stderr.isatty()):
             model(ids[:, start:start + args.seq_len])
     stats = handle.stats()
     print(stats.table())

@@ -8,6 +8,7 @@ online), :func:`build_tasks` loads the tasks' datasets and reports every one tha
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 from ..errors import MoePatchError, UnsupportedModelError
@@ -139,7 +140,8 @@ def load_model(name: str | None, dtype: str = "auto", device: str = "auto"):
         kwargs = {"dtype": getattr(torch, dtype)}
     if device == "auto" and on_gpu:
         kwargs["device_map"] = "auto"
-    transformers.utils.logging.disable_progress_bar()  # a bar per checkpoint shard is noise here
+    if not sys.stderr.isatty():  # the weight-loading bar is the phase's one bar on a terminal, noise in a log
+        transformers.utils.logging.disable_progress_bar()
     try:
         tok = transformers.AutoTokenizer.from_pretrained(target)
         model = transformers.AutoModelForCausalLM.from_pretrained(target, **kwargs)
