@@ -35,7 +35,7 @@ install-dev:
 	@$(MAKE) --no-print-directory install EXTRAS=[dev]
 
 demo: install
-	$(PYTHON) -m moepatch.cli eval --limit 100 --capacity-factor 1.0,1.5 --strategy drop,reroute,expanded,expert_drop \
+	$(PYTHON) -m moepatch.cli eval --limit 100 --capacity-factor 1.0,1.5 --strategy drop,reroute,expanded \
 		--policy score --output out/demo
 
 # Both runs always execute; the summary shows both, and the target fails if either failed.
