@@ -8,6 +8,7 @@ online), :func:`build_tasks` loads the tasks' datasets and reports every one tha
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -185,12 +186,15 @@ def build_tasks(task_manager, names: list[str]) -> dict:
             loaded[name] = task_manager.load(name)
         except (OSError, ValueError) as exc:  # ConnectionError, FileNotFoundError, DatasetNotFoundError, ...
             cfg = getattr(task_manager.task_index.get(name), "cfg", None) or {}
-            dataset = cfg.get("dataset_path") or "?"
+            text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            quoted = re.search(r"'([^' ]+/[^' ]+)'", text)  # a group's task names no dataset: the error does
+            dataset = cfg.get("dataset_path") or (quoted.group(1) if quoted else "?")
             if cfg.get("dataset_name"):
-                dataset += f" ({cfg['dataset_name']})"
-            missing.append((name, dataset, str(exc).splitlines()[0] if str(exc) else type(exc).__name__))
+                dataset += f" {cfg['dataset_name']}"
+            # Offline, the reason is the same for every dataset; otherwise each one's error is kept.
+            missing.append(f"{name} ({dataset})" if offline() else f"{name} ({dataset}: {text})")
     if missing:
-        what = "; ".join(f"task {n}: {d}: {m}" for n, d, m in missing)
+        what = ", ".join(missing)
         if offline() or os.environ.get("HF_DATASETS_OFFLINE", "0") not in ("0", ""):
             state = _hub_state() if _UNREACHABLE else "the hub is offline (HF_DATASETS_OFFLINE=1)"
             allow = "" if _UNREACHABLE else ", or allow downloads with HF_HUB_OFFLINE=0 HF_DATASETS_OFFLINE=0"

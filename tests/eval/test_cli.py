@@ -81,7 +81,10 @@ BAD = [
                                    "not in the Hugging Face cache, and the hub is offline"),
     (["eval", "--model", "{llama}"], "is a 'llama' model, not a Mixture-of-Experts family moepatch patches"),
     (["eval", "--tasks", "hellaswagg"], "unknown lm-eval task(s): 'hellaswagg' (did you mean hellaswag"),
-    (["eval", "--tasks", "stdlib_cloze,piqa"], "the data of 1 of 2 task(s) cannot be loaded (task piqa: baber/piqa"),
+    (["eval", "--tasks", "stdlib_cloze,piqa"], "the data of 1 of 2 task(s) cannot be loaded (piqa (baber/piqa)); "
+                                               "they are not in the local datasets cache and the hub is offline"),
+    (["eval", "--tasks", "paper"], "the data of 9 of 9 task(s) cannot be loaded (openbookqa (allenai/openbookqa main), "
+                                   "piqa (baber/piqa), rte (nyu-mll/glue rte)"),
     (["eval", "--nope"], "unrecognized arguments: --nope (see `moepatch eval --help`)"),
     # stats
     (["stats", "--text", "{text}", "--capacity-factor", "0"], "capacity_factor=0.0 is not valid"),
@@ -101,7 +104,7 @@ BAD = [
     (["lm-eval", "--model", "moepatch", "--model_args", f"pretrained={EMBEDDED},strategy=nope",
       "--tasks", "stdlib_cloze"], "strategy='nope' is not supported"),
     (["lm-eval", "--model", "moepatch", "--model_args", f"pretrained={EMBEDDED}", "--tasks", "piqa"],
-     "the data of 1 of 1 task(s) cannot be loaded (task piqa: baber/piqa"),
+     "the data of 1 of 1 task(s) cannot be loaded (piqa (baber/piqa))"),
     (["lm-eval", "--model", "moepatch", "--model_args", f"pretrained={EMBEDDED}", "--tasks", "stdlib_clozee"],
      "unknown lm-eval task(s): 'stdlib_clozee' (did you mean stdlib_cloze"),
     # bench, demo
@@ -131,9 +134,8 @@ def test_bad_input_is_one_line_and_exit_2(argv, needle, files, nothing_heavy, ca
 @pytest.mark.parametrize("argv,needle", [
     (["eval", "--model", "someorg/some-moe"], "'someorg/some-moe' is not a local directory and not in the Hugging "
                                               "Face cache, and the hub cannot be reached (127.0.0.1:9: "),
-    (["eval", "--tasks", "piqa"], "(task piqa: baber/piqa: Couldn't reach 'baber/piqa' on the Hub "
-                                  "(OfflineModeIsEnabled)); they are not in the local datasets cache and the hub "
-                                  "cannot be reached"),
+    (["eval", "--tasks", "piqa"], "cannot be loaded (piqa (baber/piqa)); they are not in the local datasets cache "
+                                  "and the hub cannot be reached (127.0.0.1:9: "),
     (["stats", "--text", "{text}", "--model", "someorg/some-moe"], "the hub cannot be reached (127.0.0.1:9: "),
     (["lm-eval", "--model", "moepatch", "--model_args", f"pretrained={EMBEDDED}", "--tasks", "piqa"],
      "the hub cannot be reached (127.0.0.1:9: "),
