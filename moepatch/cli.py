@@ -250,7 +250,7 @@ def _cmd_lm_eval(args) -> int:
 
         check_model(model_args["pretrained"], need_moe=known.model == "moepatch", aliases=False)
     if known.model == "moepatch":
-        _check_lm_eval_options(model_args)
+        _check_lm_eval_options(known.model_args)
     if known.tasks:
         from moepatch.eval.loading import build_tasks
 
@@ -260,24 +260,15 @@ def _cmd_lm_eval(args) -> int:
     return _run_lm_eval(rest)
 
 
-def _check_lm_eval_options(model_args: dict) -> None:
-    """moepatch.apply's options among lm-eval's --model_args, as the moepatch model will parse them."""
-    import json
+def _check_lm_eval_options(model_args: str) -> None:
+    """moepatch.apply's options among lm-eval's --model_args, parsed and split as the moepatch model will."""
+    from lm_eval.utils import simple_parse_args_string
 
-    from moepatch.eval.lm import null_to_none
-    from moepatch.routing.config import config_fields, make_config
+    from moepatch.eval.lm import patch_arguments
+    from moepatch.routing.config import make_config
 
-    names = set(config_fields())
-    opts = {}
-    for k, v in model_args.items():
-        if k in names:
-            try:
-                opts[k] = json.loads(v)
-            except json.JSONDecodeError:
-                opts[k] = v
-    gamma = null_to_none(opts.pop("capacity_factor", None))
-    make_config(float(gamma) if isinstance(gamma, (int, float)) else gamma, opts.pop("strategy", "drop"),
-                null_to_none(opts.pop("policy", None)), **opts)
+    options, _ = patch_arguments(simple_parse_args_string(model_args))
+    make_config(**options)
 
 
 def _run_lm_eval(rest) -> int:

@@ -27,6 +27,18 @@ def null_to_none(value):
     return None if isinstance(value, str) and value.lower() in ("none", "null", "inf") else value
 
 
+def patch_arguments(model_args: dict) -> tuple[dict, dict]:
+    """lm-eval's parsed ``model_args`` split into ``moepatch.apply``'s keyword arguments and the rest
+    (for HFLM); the same split serves the model and the command line's check before loading."""
+    names = set(config_fields())
+    rest = dict(model_args)
+    patch = {k: rest.pop(k) for k in list(rest) if k in names}
+    patch["capacity_factor"] = null_to_none(patch.get("capacity_factor"))
+    if "policy" in patch:
+        patch["policy"] = null_to_none(patch["policy"])
+    return patch, rest
+
+
 @contextlib.contextmanager
 def _quiet_prebuilt(pretrained):
     """HFLM warns that a built model passed as ``pretrained`` may ignore model arguments and must not run
@@ -54,15 +66,13 @@ class MoePatchLM(HFLM):
     Tokenisations are cached, so a sweep that evaluates the same requests again encodes them once.
     """
 
-    def __init__(self, pretrained, capacity_factor=None, strategy="drop", policy=None, **kwargs):
-        names = set(config_fields()) - {"capacity_factor", "strategy", "policy"}
-        options = {k: kwargs.pop(k) for k in list(kwargs) if k in names}
+    def __init__(self, pretrained, **kwargs):
+        options, kwargs = patch_arguments(kwargs)
         with _quiet_prebuilt(pretrained):
             super().__init__(pretrained=pretrained, **kwargs)
         # Checked before apply, which resets the statistics: the probe's forward is not counted.
         self._split = _head_splits(self.model)  # the output head runs apart from the decoder
-        self.handle = moepatch.apply(self.model, capacity_factor=null_to_none(capacity_factor), strategy=strategy,
-                                     policy=null_to_none(policy), **options)
+        self.handle = moepatch.apply(self.model, **options)
         self._encodings: dict = {}
         self._rolling = False
 
