@@ -23,7 +23,7 @@ STRATEGY_OPTIONS = {
     "expert_drop": ("expert_drop_fraction",),
 }
 COMMON_OPTIONS = ("min_capacity", "renormalize", "count_padding", "apply_in_decode", "group",
-                  "capacity_scope", "ep_size", "kernel", "collect_stats", "expert_parallel")
+                  "capacity_scope", "ep_size", "kernel", "cuda_graphs", "collect_stats", "expert_parallel")
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,7 @@ class RoutingConfig:
     capacity_scope: str = "expert"
     ep_size: int = 1
     kernel: str = "auto"
+    cuda_graphs: bool = True
     collect_stats: bool = True
     expert_parallel: bool = False
     _explicit: tuple = field(default=(), compare=False, repr=False)
@@ -130,6 +131,7 @@ def make_config(capacity_factor=1.5, strategy="drop", policy=None, *, num_expert
     _bool("count_padding", cfg.count_padding)
     _bool("apply_in_decode", cfg.apply_in_decode)
     _bool("collect_stats", cfg.collect_stats)
+    _bool("cuda_graphs", cfg.cuda_graphs)
     _bool("expert_parallel", cfg.expert_parallel)
     _choice("group", cfg.group, ("batch", "sequence"))
     _choice("capacity_scope", cfg.capacity_scope, ("expert", "device"))
