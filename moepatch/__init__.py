@@ -8,7 +8,18 @@
 
 from .errors import InvalidOptionError, ModelStateError, MoePatchError, UnsupportedModelError
 from .patch import PatchHandle, apply, is_patched, patched, remove, reset_stats, stats, supported_model_types
+from .patch.backend import register_backend
 from .routing import LoadStats, RoutingConfig
+
+
+def _ep_backend():
+    from .parallel.ep import BACKEND
+
+    return BACKEND
+
+
+# Expert parallelism lives above the patch core (it needs torch.distributed); the core finds it here.
+register_backend("ep", _ep_backend)
 
 __version__ = "0.1.0"
 

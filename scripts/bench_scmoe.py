@@ -44,6 +44,7 @@ import sys
 import time
 from pathlib import Path
 
+import moepatch
 from moepatch.arguments import ArgumentParser, HelpFormatter
 
 REPO = Path(__file__).resolve().parents[1]
@@ -179,7 +180,7 @@ def run(args) -> int:
     from moepatch.parallel import init_distributed
     from moepatch.parallel.bench import call_exposures, exposed_communication, profile_calls, rank_exposures
     from moepatch.parallel.distributed import new_group_with_priority
-    from moepatch.scmoe import ScMoEConfig, ScMoEForCausalLM, apply_capacity
+    from moepatch.scmoe import ScMoEConfig, ScMoEForCausalLM
     from moepatch.scmoe.schedule import ShortcutEP
 
     rank, world, device = init_distributed()
@@ -239,7 +240,7 @@ def run(args) -> int:
             model = ScMoEForCausalLM(cfg)
         model = model.to(dtype).eval()
         if args.capacity_spec is not None:
-            apply_capacity(model, args.capacity_spec[1], strategy=args.capacity_spec[0], ep_size=world)
+            moepatch.apply(model, args.capacity_spec[1], strategy=args.capacity_spec[0], ep_size=world)
         ep = ShortcutEP(model, group=groups[priority], dispatch_after_ops=after_ops, rows_sender=sender,
                         exchange="padded" if exchange == "graphs" else exchange, graphs=exchange == "graphs")
         g = torch.Generator(device="cpu").manual_seed(100 + rank)  # each rank its own tokens

@@ -1,30 +1,20 @@
-"""Patch a loaded transformers MoE model in place with forward hooks, and undo it exactly.
+"""The one way to patch: ``apply`` / ``patched`` / ``remove`` / ``stats`` for every family and ScMoE.
 
-Nothing about the model changes but three kinds of hooks, all removed by ``remove``:
+A transformers model gets forward hooks only (never changed parameters, config or forwards): the
+model's hooks record each forward's shape and padding; each router's hook rewrites (weights, ids)
+with :func:`moepatch.routing.route`; each experts module's hooks compute only the kept pairs for
+transformers' own experts (dropped slots carry the sentinel id E + Z).  Layers that route themselves
+(ScMoE) get ``layer.capacity`` instead.  ``remove`` takes all of it off, so the model is as it was.
 
-1. a pre/post hook pair on the model (and its decoder) that records the batch shape and the
-   attention mask of the current forward, so capacity can ignore padding and split groups;
-2. a forward hook on each MoE block's router (``block.gate``, or the family's ``router_attr``)
-   that rewrites its (weights, ids) output with the capacity-aware decision of
-   :func:`moepatch.routing.route`, returning as many values as the router did (LongCat-Flash's
-   router in transformers 5.17 returns no logits: the hook recomputes them from its input);
-3. a pre/post hook pair on each block's fused experts module that lowers dropped slots (sentinel
-   id E + Z) for transformers' experts implementations: the kept (token, expert) pairs are computed
-   as one row each, so no dropped pair reaches a GEMM and no implementation ever sees an
-   out-of-range id (transformers 5.17 and later releases treat those ids differently, and
-   LongCat-Flash's experts one-hot encode them with E + Z classes).
-
-Parameters, buffers, config and forward methods are never modified, so ``save_pretrained`` saves
-the original model and ``remove`` restores it bit for bit.
-
-Legend: T tokens, E routed (computing) experts, Z zero-computation experts (LongCat-Flash; 0
-elsewhere), K native experts per token, W slots per token, D hidden.
+Legend: T tokens, E routed experts, Z zero-computation experts (LongCat-Flash), K native experts
+per token, W slots per token, D hidden.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
+import functools
+import importlib.util
 import inspect
 import re
 import weakref
@@ -32,12 +22,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import ModelStateError, UnsupportedModelError
+from ..errors import InvalidOptionError, ModelStateError, UnsupportedModelError
 from ..routing.config import RoutingConfig, make_config
 from ..routing.route import route
 from ..routing.scores import FamilyScoring
 from ..routing.stats import LoadStats, PendingRecord, describe_config
 from ..versions import tested_range
+from . import backend
 from .probe import check_router, check_structure
 from .registry import family_for, moe_blocks
 
@@ -76,15 +67,15 @@ class _Block:
 class PatchState:
     """Everything one patch owns; kept outside the model (a weak map), never in its state_dict.
 
-    ``backend`` says who computes the experts: ``"hf"`` (transformers' own implementations, with
-    sentinels lowered by the experts hooks), ``"triton"`` (moepatch.ops, consumes sentinels) or
-    ``"ep"`` (moepatch.parallel, dispatches kept pairs to their ranks).  ``route_fn`` has the
-    signature of :func:`moepatch.routing.route`; ``source_rank`` is this rank under real EP.
+    ``backend``: who computes the experts (moepatch.patch.backend: "hf", "triton", "ep"; "layers"
+    for ScMoE).  ``route_fn`` has :func:`moepatch.routing.route`'s signature; ``source_rank`` is
+    this rank under real expert parallelism.
     """
 
     config: RoutingConfig
     model_type: str
-    blocks: list[_Block]
+    names: list[str]  # the patched MoE blocks' (or routing layers') module names
+    blocks: list[_Block] = field(default_factory=list)
     backend: str = "hf"
     route_fn: object = route
     source_rank: int | None = None
@@ -127,7 +118,7 @@ class PatchHandle:
         state = _STATES.get(model) if model is not None else None
         if state is None:
             return "<PatchHandle: removed>" if model is not None else "<PatchHandle: the model no longer exists>"
-        names = [b.name for b in state.blocks]
+        names = state.names
         span = names[0] if len(names) == 1 else f"{names[0]} .. {names[-1]}"
         recorded = stats(model)
         layers = recorded.layers()
@@ -182,9 +173,8 @@ def apply(model: torch.nn.Module, capacity_factor: float | None = 1.5, strategy:
     """Patch ``model`` in place with capacity-aware routing.
 
     Args:
-        model: a loaded transformers model of a supported family (Mixtral, OLMoE, Qwen2-MoE,
-            Qwen3-MoE, DeepSeek-V2, DeepSeek-V3, LongCat-Flash), on any device or spread with
-            ``device_map``.
+        model: a loaded transformers model of a supported family (``supported_model_types()``), on
+            any device or spread with ``device_map``, or an ScMoE model (moepatch.scmoe).
         capacity_factor: γ in C = max(min_capacity, ceil(γ·T·k/E)); None or inf: no capacity.
         strategy: ``"drop"``, ``"reroute"``, ``"expanded"`` or ``"expert_drop"``.
         policy: which pairs an over-capacity expert keeps (``drop``/``reroute``): ``"score"``
@@ -196,44 +186,35 @@ def apply(model: torch.nn.Module, capacity_factor: float | None = 1.5, strategy:
     Raises:
         UnsupportedModelError, ModelStateError, InvalidOptionError: the model is left untouched.
     """
+    layers = routing_layers(model) if isinstance(model, torch.nn.Module) else []
+    if layers:
+        return _apply_layers(model, layers, capacity_factor, strategy, policy, options)
     spec, blocks = _check_model(model)
     check_structure(spec, blocks)
     routers = [spec.router(b) for _, b in blocks]
     cfg = make_config(capacity_factor, strategy, policy, num_experts=min(r.num_experts for r in routers), **options)
-    backend, source_rank = _choose_backend(model, cfg, spec)
-    if backend == "ep":
-        cfg = dataclasses.replace(cfg, ep_size=_world_size())
+    key = _choose_backend(model, cfg, spec)
+    chosen = backend.get_backend(key)
+    cfg, source_rank = chosen.prepare(model, cfg)
     state = _STATES.get(model)
     if state is None:
         check_router(spec, model, blocks[0][1])  # the hooks are not installed yet: the router's own output
-    if state is not None and backend != state.backend:
+    if state is not None and key != state.backend:
         # A different experts backend means different hooks: undo the old patch, then install afresh.
         remove(model)
         state = None
     if state is not None:
-        state.config = cfg
-        state.records.clear()
-        state.skipped_decode = 0
+        _reconfigure(state, cfg)
         return PatchHandle(model)
 
-    state = PatchState(config=cfg, model_type=spec.model_type, blocks=[], backend=backend, source_rank=source_rank)
+    state = PatchState(config=cfg, model_type=spec.model_type, names=[n for n, _ in blocks], backend=key,
+                       source_rank=source_rank)
     try:
         _install(model, state, blocks, spec)
-        if backend == "triton":
-            from ..ops import integration
-
-            state.route_fn = integration.route_fn()
-            state.handles.extend(integration.install(model, [b for _, b in blocks]))
-        elif backend == "ep":
-            from ..parallel import ep
-
-            state.handles.extend(ep.install(model, [b for _, b in blocks], cfg))
-            if blocks[0][1].experts.gate_up_proj.device.type == "cuda":
-                # The reference route() syncs with the host many times per layer; this one does
-                # not and chooses the same pairs (source rank included; tests/ops).
-                from ..ops.integration import route_fn
-
-                state.route_fn = route_fn()
+        modules = [b for _, b in blocks]
+        state.handles.extend(chosen.install(model, modules, cfg))
+        if chosen.device_route and any(p.is_cuda for b in modules for p in b.experts.parameters()):
+            state.route_fn = device_route()
     except BaseException:
         for h in reversed(state.handles):
             h.remove()
@@ -242,14 +223,25 @@ def apply(model: torch.nn.Module, capacity_factor: float | None = 1.5, strategy:
     return PatchHandle(model)
 
 
-def _world_size() -> int:
-    import torch.distributed as dist
+def _reconfigure(state: PatchState, cfg: RoutingConfig) -> None:
+    state.config = cfg
+    state.records.clear()
+    state.skipped_decode = 0
 
-    return dist.get_world_size()
+
+@functools.cache
+def device_route():
+    """The routing for experts on CUDA: moepatch.ops' fused kernels and CUDA graphs over
+    :func:`moepatch.routing.route` (the same decision), or that route itself without triton."""
+    if importlib.util.find_spec("triton") is None:
+        return route
+    from ..ops.route_graphs import route_graphed
+
+    return route_graphed
 
 
-def _choose_backend(model: torch.nn.Module, cfg: RoutingConfig, spec) -> tuple[str, int | None]:
-    """Which experts backend runs the patched layers, and this process's rank under real EP."""
+def _choose_backend(model: torch.nn.Module, cfg: RoutingConfig, spec) -> str:
+    """Which experts backend runs the patched layers: "hf", "triton" or "ep"."""
     if not spec.experts_interface:
         # The Triton and expert-parallel backends plug into transformers' ExpertsInterface.
         if cfg.expert_parallel:
@@ -260,37 +252,24 @@ def _choose_backend(model: torch.nn.Module, cfg: RoutingConfig, spec) -> tuple[s
             raise ModelStateError(
                 f"kernel='triton' is not available for {spec.model_type}: its experts module is not behind "
                 "transformers' ExpertsInterface; accepted alternatives: kernel='torch' or kernel='auto'")
-        return "hf", None
+        return "hf"
     if cfg.expert_parallel:
-        import torch.distributed as dist
-
-        if not (dist.is_available() and dist.is_initialized()):
-            raise ModelStateError(
-                "expert_parallel=True needs an initialised torch.distributed process group; launch with "
-                "`accelerate launch` or `torchrun` (see docs/expert-parallel.md)")
-        return "ep", dist.get_rank()
+        return "ep"
     on_cuda = any(p.device.type == "cuda" for p in model.parameters())
     # Without capacity, "auto" keeps transformers' own experts so the model stays bit-identical to the
     # unpatched one (the Triton kernels agree only to bf16 rounding); kernel="triton" asks for speed.
     if cfg.kernel == "triton" or (cfg.kernel == "auto" and on_cuda and not cfg.unlimited):
-        try:
-            from ..ops import integration
-        except ImportError as exc:
-            if cfg.kernel == "auto":
-                return "hf", None
-            raise ModelStateError(
-                f"kernel='triton' needs Triton and a CUDA device ({exc}); install triton or use kernel='torch'"
-            ) from exc
-        problem = integration.unavailable_reason(model)
+        problem = backend.triton_problem(model)
         if problem is None:
-            return "triton", None
+            return "triton"
         if cfg.kernel == "triton":
             raise ModelStateError(f"kernel='triton' is not available for this model: {problem}; accepted "
                                   "alternatives: kernel='torch' or kernel='auto'")
-    return "hf", None
+    return "hf"
 
 
-def _install(model, state, blocks, spec):
+def _install_context(model, state):
+    """Hooks on the model (and its decoder) that record the shape and padding of each forward."""
     entry_points = [model]
     decoder = getattr(model, "model", None)
     if isinstance(decoder, torch.nn.Module) and decoder is not model:
@@ -299,6 +278,10 @@ def _install(model, state, blocks, spec):
         sig = inspect.signature(m.forward)
         state.handles.append(m.register_forward_pre_hook(_context_pre_hook(state, sig), with_kwargs=True))
         state.handles.append(m.register_forward_hook(_context_post_hook(state), always_call=True))
+
+
+def _install(model, state, blocks, spec):
+    _install_context(model, state)
     for i, (name, block) in enumerate(blocks):
         match = _LAYER_RE.search(name)
         router = spec.router(block)
@@ -312,6 +295,82 @@ def _install(model, state, blocks, spec):
         state.handles.append(router.register_forward_hook(_router_hook(state, b)))
         state.handles.append(block.experts.register_forward_pre_hook(_experts_pre_hook(b), with_kwargs=True))
         state.handles.append(block.experts.register_forward_hook(_experts_post_hook(b), always_call=True))
+
+
+def routing_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """Layers that route themselves and consult ``layer.capacity`` (ScMoE's, moepatch.scmoe): they
+    expose ``capacity``, ``capacity_layer`` (an ordinal), ``num_experts`` and ``top_k``."""
+    return [m for m in model.modules() if hasattr(m, "capacity") and hasattr(m, "capacity_layer")]
+
+
+class LayerCapacity:
+    """``layer.capacity`` of a patched routing layer: the patch's decision, taken by the layer itself."""
+
+    def __init__(self, state: PatchState):
+        self._state = state
+
+    @property
+    def config(self) -> RoutingConfig:
+        return self._state.config
+
+    def decide(self, scoring: FamilyScoring, layer: int, logits_TE: torch.Tensor, ids_TK: torch.Tensor,
+               weights_TK: torch.Tensor, *, batch: int, seq: int, valid_BS: torch.Tensor | None = None,
+               native_ids_TK: torch.Tensor | None = None, source_rank: int | None = None):
+        """Capacity-aware (ids_TW, weights_TW) of one layer call; the inputs when nothing applies.
+
+        logits_TE (T, E); ids_TK / weights_TK (T, K) the layer's picks; valid_BS (B, S) bool or None
+        (then the forward's attention mask); native_ids_TK: the router's full native top-k when the
+        layer keeps only its first picks (the rerouting factor is the native normalisation's).
+        """
+        state = self._state
+        ctx = state.context
+        if valid_BS is None and ctx is not None and ctx.valid_BS is not None and ctx.valid_BS.shape == (batch, seq):
+            valid_BS = ctx.valid_BS
+        route_fn = device_route() if logits_TE.is_cuda else route
+        if ids_TK.shape[0] == 0:
+            return ids_TK, weights_TK
+        result = _route_call(state, route_fn, scoring, layer, (ids_TK.shape[1], logits_TE.shape[1]), logits_TE,
+                             ids_TK, weights_TK, batch, seq, valid_BS, source_rank, native_ids_TK=native_ids_TK)
+        if result is None:
+            return ids_TK, weights_TK
+        return result.topk_ids_TW, result.topk_weights_TW
+
+
+class _Detach:
+    """Handle that takes a patch's LayerCapacity off its layers."""
+
+    def __init__(self, layers, capacity):
+        self._layers, self._capacity = layers, capacity
+
+    def remove(self) -> None:
+        for layer in self._layers:
+            if layer.capacity is self._capacity:
+                layer.capacity = None
+
+
+def _apply_layers(model, layers, capacity_factor, strategy, policy, options) -> PatchHandle:
+    cfg = make_config(capacity_factor, strategy, policy, num_experts=min(int(m.num_experts) for m in layers),
+                      **options)
+    if cfg.expert_parallel:
+        raise InvalidOptionError("expert_parallel=True is not available for ScMoE layers; run them with "
+                                 "moepatch.scmoe.schedule.ShortcutEP, which applies capacity per source rank")
+    if cfg.kernel == "triton":
+        raise InvalidOptionError("kernel='triton' is not available for ScMoE layers; accepted: 'auto' or 'torch'")
+    state = _STATES.get(model)
+    if state is not None:
+        _reconfigure(state, cfg)
+        return PatchHandle(model)
+    if any(layer.capacity is not None for layer in layers):
+        raise ModelStateError("the model's ScMoE layers carry a capacity decision of another patch; remove it first")
+    names = {id(m): n for n, m in model.named_modules()}
+    state = PatchState(config=cfg, model_type="scmoe", names=[names[id(m)] for m in layers], backend="layers")
+    _install_context(model, state)
+    capacity = LayerCapacity(state)
+    for layer in layers:
+        layer.capacity = capacity
+    state.handles.append(_Detach(layers, capacity))
+    _STATES[model] = state
+    return PatchHandle(model)
 
 
 def forward_batch(sig: inspect.Signature, args, kwargs) -> _ForwardContext | None:
@@ -355,30 +414,45 @@ def _context_post_hook(state: PatchState):
     return hook
 
 
+def _route_call(state: PatchState, route_fn, scoring: FamilyScoring, layer: int, dims: tuple[int, int], logits_TE,
+                ids_TK, weights_TK, batch: int, seq: int, valid_BS, source_rank, *, native_ids_TK=None,
+                zero_experts: int = 0):
+    """One layer's routing under the patch, or None for a skipped decode step; ``dims`` = (top_k,
+    num_experts) for the statistics."""
+    cfg = state.config
+    if seq == 1 and not cfg.apply_in_decode:
+        state.skipped_decode += 1
+        return None
+    scores_TE = scoring.scores(logits_TE)
+    # Only experts a token did not pick natively need the family's weight factor.
+    factor_T = None
+    if cfg.strategy in ("reroute", "expanded"):
+        factor_T = scoring.factor(scores_TE, ids_TK if native_ids_TK is None else native_ids_TK)
+    extra = {"zero_experts": zero_experts} if zero_experts else {}
+    result = route_fn(cfg, scores_TE, ids_TK, weights_TK, factor_T, batch=batch, seq=seq, valid_BS=valid_BS,
+                      layer=layer, source_rank=source_rank, **extra)
+    if cfg.collect_stats:
+        state.records.append(PendingRecord(layer, *dims, cfg.ep_size, result))
+    return result
+
+
 def _decide(state: PatchState, block: _Block, router, x, output, batch: int, seq: int, valid,
             source_rank: int | None):
     """The capacity-aware router output (same arity as ``output``), or None to leave it untouched."""
-    cfg = state.config
     if len(output) == 3:
         logits, weights_TK, ids_TK = output
     else:  # a router that returns no logits (LongCat-Flash in transformers 5.17)
         logits = None
         weights_TK, ids_TK = output
-    if seq == 1 and not cfg.apply_in_decode:
+    if seq == 1 and not state.config.apply_in_decode:
         state.skipped_decode += 1
         return None
-    scores_TE = block.scoring.scores(block.router_logits(router, x) if logits is None else logits)
-    # Only experts a token did not pick natively need the family's weight factor.
-    factor_T = block.scoring.factor(scores_TE, ids_TK) if cfg.strategy in ("reroute", "expanded") else None
-    # Only the reference route() knows zero-computation experts; such families run on the "hf" backend.
-    extra = {"zero_experts": block.zero_experts} if block.zero_experts else {}
-    result = state.route_fn(cfg, scores_TE, ids_TK, weights_TK, factor_T, batch=batch, seq=seq,
-                            valid_BS=valid, layer=block.layer, source_rank=source_rank, **extra)
-    if cfg.collect_stats:
-        state.records.append(PendingRecord(block.layer, block.top_k, block.num_experts, cfg.ep_size, result))
-    if cfg.unlimited:
+    logits = block.router_logits(router, x) if logits is None else logits
+    result = _route_call(state, state.route_fn, block.scoring, block.layer, (block.top_k, block.num_experts), logits,
+                         ids_TK, weights_TK, batch, seq, valid, source_rank, zero_experts=block.zero_experts)
+    if state.config.unlimited:
         return None
-    if logits is None:
+    if len(output) == 2:
         return (result.topk_weights_TW, result.topk_ids_TW)
     return (logits, result.topk_weights_TW, result.topk_ids_TW)
 

@@ -14,8 +14,9 @@ import sys
 
 import torch
 
+import moepatch
 from moepatch.parallel import init_distributed
-from moepatch.scmoe import apply_capacity, build_scmoe
+from moepatch.scmoe import build_scmoe
 from moepatch.scmoe.schedule import ShortcutEP
 
 VARIANTS = {
@@ -61,7 +62,7 @@ def _variant(model, exchange, ids_BS, mask_BS, mine, rank, world, with_capacity)
             r["graphs_equal"] = [bool(torch.equal(gep(ids_BS[mine], mask_BS[mine], schedule=sch), want))
                                  for sch, want in (("sequential", seq), ("overlap", ov)) for _ in range(3)]
         if with_capacity:
-            handle = apply_capacity(model, 1.0, ep_size=world)
+            handle = moepatch.apply(model, 1.0, ep_size=world)
             sim = model(ids_BS, attention_mask=mask_BS).logits[mine]  # ep_size=world simulation
             handle.reset_stats()
             cseq = ep(ids_BS[mine], mask_BS[mine], schedule="sequential")

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 import moepatch
-from moepatch.errors import InvalidOptionError, UnsupportedModelError
+from moepatch.errors import InvalidOptionError, ModelStateError, UnsupportedModelError
 from moepatch.routing import make_config, route
-from moepatch.scmoe import apply_capacity, build_scmoe
+from moepatch.scmoe import build_scmoe
 from moepatch.scmoe.model import ForwardContext
 
 DIMS = dict(vocab_size=64, hidden_size=32, num_layers=4, num_heads=4, intermediate_size=40, num_experts=4)
@@ -39,7 +39,7 @@ def test_no_capacity_is_bit_identical(model):
     ids = _ids()
     base = model(ids).logits
     for gamma in (None, float("inf")):
-        with apply_capacity(model, gamma) as h:
+        with moepatch.apply(model, gamma) as h:
             assert torch.equal(model(ids).logits, base), gamma
             assert h.stats().totals()["dropped_fraction"] == 0.0
     assert all(layer.capacity is None for layer in model.moe_layers())
@@ -77,7 +77,7 @@ def _check_layer_routes_as_route_says(model, case, calls):
     scores = scoring.scores(logits)
     expected = route(make_config(gamma, strategy, **opts), scores, ids_TK, w_TK, scoring.factor(scores, ids_TK),
                      batch=3, seq=11, layer=layer.capacity_layer)
-    with apply_capacity(model, gamma, strategy, **opts) as h:
+    with moepatch.apply(model, gamma, strategy, **opts) as h:
         for _ in range(calls):
             ids_TW, w_TW = layer.gate(x_TD, ctx)
             assert torch.equal(ids_TW, expected.topk_ids_TW) and torch.equal(w_TW, expected.topk_weights_TW)
@@ -96,7 +96,7 @@ def _check_layer_routes_as_route_says(model, case, calls):
 def test_finite_capacity_drops_and_changes_the_output(model):
     ids = _ids()
     base = model(ids).logits
-    with apply_capacity(model, 0.5) as h:
+    with moepatch.apply(model, 0.5) as h:
         capped = model(ids).logits
         totals = h.stats().totals()
     assert totals["dropped_fraction"] > 0
@@ -106,11 +106,11 @@ def test_finite_capacity_drops_and_changes_the_output(model):
 @torch.no_grad()
 def test_decode_steps_are_left_alone_unless_asked(model):
     prompt = _ids(2, 6)
-    with apply_capacity(model, 0.5) as h:
+    with moepatch.apply(model, 0.5) as h:
         model.generate(prompt, max_new_tokens=3)
         # The prefill, then 2 one-position steps (the last new token needs no forward).
         assert h.stats().config["skipped_decode_steps"] == 2 * len(model.moe_layers())
-    with apply_capacity(model, 0.5, apply_in_decode=True) as h:
+    with moepatch.apply(model, 0.5, apply_in_decode=True) as h:
         model.generate(prompt, max_new_tokens=3)
         assert h.stats().config["skipped_decode_steps"] == 0
 
@@ -118,17 +118,21 @@ def test_decode_steps_are_left_alone_unless_asked(model):
 def test_reapplying_replaces_and_errors():
     torch.manual_seed(0)
     m = build_scmoe(**DIMS)
-    h1 = apply_capacity(m, 1.0)
-    h2 = apply_capacity(m, 2.0, "reroute")
-    assert h2.config.strategy == "reroute" and h1.state is h2.state
+    h1 = moepatch.apply(m, 1.0)
+    h2 = moepatch.apply(m, 2.0, "reroute")
+    # One patch per model: the second apply reconfigured the first one's patch.
+    assert h2.config.strategy == "reroute" and h1.config is h2.config
+    assert len({id(layer.capacity) for layer in m.moe_layers()}) == 1
     h2.remove()
+    assert not moepatch.is_patched(m)
     assert all(layer.capacity is None for layer in m.moe_layers())
     with pytest.raises(InvalidOptionError):
-        apply_capacity(m, 1.0, expert_parallel=True)
+        moepatch.apply(m, 1.0, expert_parallel=True)
     with pytest.raises(InvalidOptionError):
-        apply_capacity(m, 1.0, bogus=1)
+        moepatch.apply(m, 1.0, bogus=1)
     with pytest.raises(UnsupportedModelError):
-        apply_capacity(torch.nn.Linear(2, 2), 1.0)
-    # The hook-based patch does not know native ScMoE models and says so.
-    with pytest.raises(UnsupportedModelError):
+        moepatch.apply(torch.nn.Linear(2, 2), 1.0)
+    # A layer that already carries a capacity decision not made by this model's patch is refused.
+    m.moe_layers()[0].capacity = object()
+    with pytest.raises(ModelStateError):
         moepatch.apply(m, 1.0)

@@ -3,8 +3,9 @@
 import pytest
 import torch
 
+import moepatch
 from moepatch.errors import ModelStateError, UnsupportedModelError
-from moepatch.scmoe import ShortcutMoeBlock, active_parameters, apply_capacity, convert, perplexity
+from moepatch.scmoe import ShortcutMoeBlock, active_parameters, convert, perplexity
 from moepatch.tiny import tiny_model
 
 FAMILIES = ["mixtral", "olmoe", "qwen2_moe", "qwen3_moe"]
@@ -102,11 +103,11 @@ def test_capacity_on_converted_models(family):
     convert(model, verbose=False)
     ids = _ids(3, 12)
     base = model(ids).logits
-    with apply_capacity(model, None):
+    with moepatch.apply(model, None):
         assert torch.equal(model(ids).logits, base)
     mask = torch.ones_like(ids)
     mask[0, -4:] = 0
-    with apply_capacity(model, 0.5) as h:
+    with moepatch.apply(model, 0.5) as h:
         capped = model(ids).logits
         stats = h.stats()
         assert stats.totals()["dropped_fraction"] > 0

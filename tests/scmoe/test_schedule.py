@@ -6,8 +6,9 @@ import pytest
 import torch
 from scmoe_launch import run_ranks
 
+import moepatch
 from moepatch.errors import ModelStateError
-from moepatch.scmoe import apply_capacity, build_scmoe
+from moepatch.scmoe import build_scmoe
 from moepatch.scmoe.schedule import ShortcutEP, choose_slot
 
 DIMS = dict(vocab_size=64, hidden_size=32, num_layers=4, num_heads=4, intermediate_size=48, num_experts=4)
@@ -126,7 +127,7 @@ def test_one_gpu_unit_graphs_replay_the_eager_unit(capacity):
     torch.manual_seed(0)
     model = build_scmoe(arch="scmoe", position=2, **DIMS).eval().cuda()
     if capacity:
-        apply_capacity(model, 1.0, strategy=capacity, ep_size=1)
+        moepatch.apply(model, 1.0, strategy=capacity, ep_size=1)
     eager = ShortcutEP(model, exchange="padded")
     graphed = ShortcutEP(model, exchange="padded", graphs=True)
     for shape in ((4, 33), (2, 17)):
@@ -145,7 +146,7 @@ def test_one_rank_refusals():
     ep = ShortcutEP(model)
     with pytest.raises(ModelStateError, match="inference-only"):
         ep.prepare(torch.zeros(1, 4, dtype=torch.long))
-    apply_capacity(model, 1.0, ep_size=2)
+    moepatch.apply(model, 1.0, ep_size=2)
     with pytest.raises(ModelStateError, match="ep_size"):
         ShortcutEP(model)
     with pytest.raises(ValueError, match="schedule"), torch.no_grad():

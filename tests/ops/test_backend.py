@@ -1,4 +1,5 @@
-"""kernel="triton" in moepatch.apply: tiny models of every family, on the CPU under the interpreter."""
+"""moepatch.patch.backend: kernel="triton" in moepatch.apply on tiny models of every family (the CPU
+under the interpreter, from this directory's conftest), selection and exact undo."""
 
 import os
 
@@ -6,7 +7,7 @@ import pytest
 import torch
 
 import moepatch
-from moepatch.ops import integration
+from moepatch.patch import backend
 from moepatch.tiny import tiny_model
 
 FAMILIES = ["mixtral", "olmoe", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3"]
@@ -19,7 +20,7 @@ def _interface_keys():
 
 
 def _impls(model):
-    return [(id(c), c._experts_implementation_internal) for c in integration._configs(model, [])]
+    return [(id(c), c._experts_implementation_internal) for c in backend.experts_configs(model, [])]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -33,7 +34,7 @@ def test_triton_matches_torch_and_remove_restores(family, device):
         with moepatch.patched(model, capacity_factor=1.0, kernel="torch"):
             ref = model(ids, attention_mask=mask).logits
         handle = moepatch.apply(model, capacity_factor=1.0, kernel="triton")
-        assert model.config._experts_implementation == integration.IMPL_NAME
+        assert model.config._experts_implementation == backend.TRITON
         out = model(ids, attention_mask=mask).logits
         stats_triton = moepatch.stats(model).records
         handle.remove()
@@ -58,6 +59,19 @@ def test_other_strategies(strategy, opts, device):
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
 
 
+def test_without_cuda_graphs_the_eager_entry_runs(device):
+    model = tiny_model("mixtral").to(device)
+    ids = torch.randint(3, 128, (2, 9), device=device)
+    with torch.no_grad():
+        with moepatch.patched(model, 1.0, kernel="triton"):
+            want = model(ids).logits
+        with moepatch.patched(model, 1.0, kernel="triton", cuda_graphs=False):
+            assert model.config._experts_implementation == backend.TRITON_EAGER
+            out = model(ids).logits
+    torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4)
+    assert backend.TRITON_EAGER not in _interface_keys()
+
+
 def test_unlimited_equals_unpatched(device):
     model = tiny_model("qwen3_moe").to(device)
     ids = torch.randint(3, 128, (1, 8), device=device)
@@ -75,25 +89,25 @@ def test_previous_implementation_restored_and_shared_registration():
     hb = moepatch.apply(b, kernel="triton")
     ha.remove()
     assert a.config._experts_implementation == "eager"
-    assert integration.IMPL_NAME in _interface_keys()  # still used by b
-    assert b.config._experts_implementation == integration.IMPL_NAME
+    assert backend.TRITON in _interface_keys()  # still used by b
+    assert b.config._experts_implementation == backend.TRITON
     hb.remove()
-    assert integration.IMPL_NAME not in _interface_keys()
+    assert backend.TRITON not in _interface_keys()
     assert b.config._experts_implementation == "grouped_mm"
 
 
 def test_unavailable_reasons(monkeypatch):
     model = tiny_model("mixtral")
-    assert integration.unavailable_reason(model) is None
+    assert backend.triton_problem(model) is None
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    assert "CUDA" in integration.unavailable_reason(model)
+    assert "CUDA" in backend.triton_problem(model)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     experts = model.model.layers[0].mlp.experts
     monkeypatch.setattr(experts, "has_bias", True)
-    assert "has_bias" in integration.unavailable_reason(model)
+    assert "has_bias" in backend.triton_problem(model)
     monkeypatch.setattr(experts, "has_bias", False)
     monkeypatch.setattr(experts, "act_fn", torch.nn.GELU())
-    assert "activation" in integration.unavailable_reason(model)
+    assert "activation" in backend.triton_problem(model)
     with pytest.raises(moepatch.ModelStateError, match="not available"):
         moepatch.apply(model, kernel="triton")
     assert not moepatch.is_patched(model)
