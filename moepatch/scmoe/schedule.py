@@ -169,7 +169,7 @@ def _fused_layout_ok(experts) -> bool:
     if isinstance(experts, FusedExperts):
         return True
     try:
-        from ..ops.integration import _layout_problem
+        from ..patch.backend import layout_problem as _layout_problem
     except ImportError:  # transformers without the fused layout
         return False
     return _layout_problem(type(experts).__name__, experts) is None
