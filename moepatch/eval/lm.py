@@ -18,8 +18,8 @@ import torch
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
-import moepatch
-from moepatch.routing.config import config_fields
+from ..patch import core as patch_core
+from ..routing.config import config_fields
 
 
 def null_to_none(value):
@@ -72,7 +72,7 @@ class MoePatchLM(HFLM):
             super().__init__(pretrained=pretrained, **kwargs)
         # Checked before apply, which resets the statistics: the probe's forward is not counted.
         self._split = _head_splits(self.model)  # the output head runs apart from the decoder
-        self.handle = moepatch.apply(self.model, **options)
+        self.handle = patch_core.apply(self.model, **options)
         self._encodings: dict = {}
         self._rolling = False
 

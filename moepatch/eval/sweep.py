@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import moepatch
+from ..patch import core as patch_core
 
 from .presets import TaskSpec
 
@@ -38,7 +38,7 @@ class Variant:
         return f"{g}{self.strategy}{p}"
 
     def apply(self, model):
-        return moepatch.apply(model, self.capacity_factor, self.strategy, self.policy, **self.options)
+        return patch_core.apply(model, self.capacity_factor, self.strategy, self.policy, **self.options)
 
 
 BASELINE = Variant(None)
@@ -242,7 +242,7 @@ def run_sweep(lm, tasks: Sequence[TaskSpec], variants: Sequence[Variant], loaded
                                              time.perf_counter() - t0))
         finally:
             bar.close()
-            moepatch.apply(model, None)
+            patch_core.apply(model, None)
     return SweepResult(list(tasks), results)
 
 

@@ -8,7 +8,7 @@ picks and only needs the scores to rank and weigh.  Shared experts are untouched
 """
 
 from ..routing.scores import FamilyScoring
-from .registry import FamilySpec
+from .spec import FamilySpec
 
 SPECS = (
     FamilySpec(

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from ..errors import ModelStateError
 from ..routing.scores import FamilyScoring
-from .registry import FamilySpec
+from .spec import FamilySpec
 
 
 def _router_logits(router: torch.nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """Mixtral: softmax scores, top-k weights always renormalised over the picks."""
 
 from ..routing.scores import FamilyScoring
-from .registry import FamilySpec
+from .spec import FamilySpec
 
 SPEC = FamilySpec(
     model_type="mixtral",

@@ -1,7 +1,7 @@
 """OLMoE: softmax scores, renormalised only when ``norm_topk_prob`` (False for the released models)."""
 
 from ..routing.scores import FamilyScoring
-from .registry import FamilySpec
+from .spec import FamilySpec
 
 SPEC = FamilySpec(
     model_type="olmoe",

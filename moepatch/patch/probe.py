@@ -16,7 +16,7 @@ import torch
 
 from ..errors import UnsupportedModelError
 from ..versions import tested_range
-from .registry import FamilySpec
+from .spec import FamilySpec
 
 _ROWS = 16
 # Router weights may be computed in the model's dtype; the probe compares in float32 with room for

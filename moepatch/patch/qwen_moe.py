@@ -4,7 +4,7 @@ The shared expert of Qwen2-MoE runs outside the router/experts pair and is never
 """
 
 from ..routing.scores import FamilyScoring
-from .registry import FamilySpec
+from .spec import FamilySpec
 
 
 def _scoring(router):
