@@ -29,6 +29,7 @@ from ..routing.scores import FamilyScoring
 from ..routing.stats import LoadStats, PendingRecord, describe_config
 from ..versions import tested_range
 from . import backend
+from .lowering import experts_post_hook, experts_pre_hook
 from .probe import check_router, check_structure
 from .registry import family_for, moe_blocks
 
@@ -293,8 +294,8 @@ def _install(model, state, blocks, spec):
         state.by_router[id(router)] = b
         state.handles.append(block.register_forward_pre_hook(_block_pre_hook(b)))
         state.handles.append(router.register_forward_hook(_router_hook(state, b)))
-        state.handles.append(block.experts.register_forward_pre_hook(_experts_pre_hook(b), with_kwargs=True))
-        state.handles.append(block.experts.register_forward_hook(_experts_post_hook(b), always_call=True))
+        state.handles.append(block.experts.register_forward_pre_hook(experts_pre_hook(b), with_kwargs=True))
+        state.handles.append(block.experts.register_forward_hook(experts_post_hook(b), always_call=True))
 
 
 def routing_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -515,60 +516,6 @@ def capacity_decision(model: torch.nn.Module, router: torch.nn.Module, hidden_st
         out = _decide(state, block, router, hidden_states, output, B, S, valid_BS, source_rank)
     out = output if out is None else out
     return out[-2], out[-1]
-
-
-def _experts_pre_hook(block: _Block):
-    def hook(module, args, kwargs):
-        block.compact = None
-        if not block.lower:
-            return None
-        block.lower = False
-        names = ("hidden_states", "top_k_index", "top_k_weights")
-        vals = dict(zip(names, args))
-        vals.update({k: v for k, v in kwargs.items() if k in names})
-        x_TD, ids_TW, w_TW = vals["hidden_states"], vals["top_k_index"], vals["top_k_weights"]
-        T, W = ids_TW.shape
-        # Ids the module computes (zero-computation experts too, where the module handles them) are kept.
-        kept_TW = ids_TW < block.expert_ids
-        if bool(kept_TW.all()):  # NOTE: host sync
-            # Nothing dropped: the module runs the routing as is, exactly as the unpatched model would.
-            return None
-        # Column of each kept pair among its token's kept pairs: the compact output is (T, Wk, D).
-        col_TW = torch.cumsum(kept_TW.long(), dim=1) - 1
-        tok_P, slot_P = kept_TW.nonzero(as_tuple=True)  # NOTE: host sync (data-dependent size)
-        P = tok_P.numel()
-        width = int(kept_TW.sum(1).max()) if T else 0  # NOTE: host sync
-        x_PD, ids_P, w_P = x_TD[tok_P], ids_TW[tok_P, slot_P], w_TW[tok_P, slot_P]
-        if block.pair_experts is not None:
-            # The module cannot run one slot per row: it gets an empty call (it returns at once) and
-            # the post hook computes the kept pairs with the family's pair_experts.
-            block.compact = (T, width, tok_P, col_TW[tok_P, slot_P], (x_PD, ids_P, w_P))
-            return (x_TD[:0], ids_TW[:0], w_TW[:0]), {}
-        block.compact = (T, width, tok_P, col_TW[tok_P, slot_P], None)
-        if P == 0:
-            # Every pair was dropped: run one zero-weight row so the experts module sees a valid
-            # call; the post hook discards it and returns zeros.
-            return (torch.zeros_like(x_TD[:1]), ids_TW.new_zeros(1, 1), w_TW.new_zeros(1, 1)), {}
-        return (x_PD, ids_P[:, None], w_P[:, None]), {}
-
-    return hook
-
-
-def _experts_post_hook(block: _Block):
-    def hook(module, args, output):
-        if block.compact is None:
-            return None
-        T, width, tok_P, col_P, pairs = block.compact
-        block.compact = None
-        if pairs is not None:
-            output = block.pair_experts(module, *pairs)
-        out_TWD = output.new_zeros(T, max(width, 1), output.shape[-1])
-        if tok_P.numel():
-            out_TWD[tok_P, col_P] = output
-        # A fixed-order sum over each token's kept pairs (deterministic, accumulated in float32).
-        return out_TWD.float().sum(dim=1).to(output.dtype)
-
-    return hook
 
 
 def remove(model: torch.nn.Module) -> None:
