@@ -1,22 +1,9 @@
 """Offline lm-eval tasks built from held-out Python stdlib files, and the embedded model's location.
 
-The JSONL data under ``moepatch/data/tasks/`` is produced by
-``recipes/embedded/make_tasks.py`` from files that the embedded default model
-never trained on.  lm-eval finds tasks through YAML configs on an include path,
-and a YAML config can only point at its data by path, so the configs are
-written with absolute paths into this installed package, once, into a cache
-directory (:func:`task_config_dir`).  The lm-eval plugin (``moepatch
-install-lm-eval-plugin``) adds that directory to every ``TaskManager``, so
-``lm_eval --tasks stdlib_cloze`` finds them without flags::
-
-    from lm_eval.tasks import TaskManager
-    from moepatch.eval.tasks import task_config_dir
-
-    manager = TaskManager(include_path=str(task_config_dir()))  # include_defaults=False loads faster
-
-Set ``HF_DATASETS_OFFLINE=1`` (and ``HF_HUB_OFFLINE=1``) before importing
-``datasets``/``lm_eval`` to guarantee that nothing touches the network; the
-``json`` dataset builder ships with ``datasets`` and reads the local files.
+The JSONL data under ``moepatch/data/tasks/`` comes from ``recipes/embedded/make_tasks.py``. lm-eval
+finds tasks through YAML configs, which can point at data only by path, so the configs are written
+once into a cache directory (:func:`task_config_dir`) that the lm-eval plugin adds to every
+``TaskManager``: ``lm_eval --tasks stdlib_cloze`` then works without flags, offline.
 """
 
 from __future__ import annotations

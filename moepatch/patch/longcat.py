@@ -1,22 +1,11 @@
-"""LongCat-Flash (transformers ``longcat_flash``): softmax router with zero-computation experts.
+"""LongCat-Flash (``longcat_flash``): softmax router over E computing and Z zero-computation experts.
 
-The router (``block.router``, ``LongcatFlashTopkRouter``) scores ``n_routed_experts`` computing
-experts plus ``zero_expert_num`` identity experts with one softmax; selection adds
-``e_score_correction_bias``, the weights are the plain scores times ``routed_scaling_factor`` and
-are never renormalised.  ``router.num_experts`` is the number of computing experts E (ids below
-it); ``router.n_routed_experts`` is E + Z.  transformers 5.17 returns ``(weights, ids)`` only:
-there the logits are recomputed from the router's input exactly as the router computes them.
-
-Two layouts of the block, told apart by the experts module's own attributes:
-
-- transformers 5.17 to 5.24: ``LongcatFlashExperts`` computes the identity experts itself (ids
-  E .. E+Z-1, ``identity_expert``), is not behind the ExpertsInterface, and needs at least two
-  slots per row (it squeezes the slot dimension of its one-hot mask), so the capacity patch
-  computes the kept pairs from the module's weights (:func:`pair_rows`).
-- transformers 5.25 and later: the block adds the identity part itself and hands the experts
-  module (behind the ExpertsInterface) computing ids only; an identity pick becomes a weight-0
-  pair on a computing expert and an empty slot becomes id E, which transformers' grouped_mm does
-  not skip: the experts hooks lower every id >= E before the module runs.
+Selection adds ``e_score_correction_bias``; weights are the plain scores times
+``routed_scaling_factor``, never renormalised. transformers 5.17 returns ``(weights, ids)`` only, so
+the logits are recomputed from the router's input. Up to 5.24 the experts module computes the
+identity experts itself and cannot run one slot per row: the kept pairs are computed from its
+weights (:func:`pair_rows`); from 5.25 the block adds the identity part and the experts hooks lower
+every id >= E. docs/semantics.md, "Zero-computation experts", has the rules.
 
 Legend: P kept (token, expert) pairs, D hidden, I expert width.
 """
