@@ -350,7 +350,7 @@ def _cmd_bench(args) -> int:
 
 
 def _cmd_tune(args) -> int:
-    from moepatch.ops.tuning import main as tune_main
+    from moepatch.ops.tune import main as tune_main
 
     return int(tune_main(args.rest) or 0)
 

@@ -1,11 +1,8 @@
-"""Triton kernels for patched MoE layers: fused SwiGLU experts over a sync-free dispatch.
+"""Triton kernels and their launchers (nothing is imported here, so the package loads without triton).
 
-Submodules (import what you need; nothing is imported here so the package loads without triton):
-    routing       route_sync_free: the reference routing without host syncs (CUDA-graph safe).
-    experts       fused_experts and its launchers (dispatch, gate_up, down, combine), as custom ops.
-    tuning        tile configuration tables, defaults and the autotuner ``tune``.
-    integration   the ``kernel="triton"`` backend of moepatch.apply (transformers ExpertsInterface).
-    route_graphs  the sync-free routing replayed from CUDA graphs per routing signature.
-    expert_graphs the fused experts layer replayed from CUDA graphs at 1-64 tokens.
-    graph_cache   what the two share: the per-signature cache, the capture-time timing, the device guard.
+    route         the routing's fused kernels, for the cases they cover.
+    experts       fused experts (dispatch, gate_up, down, combine) and its custom ops; reference: the loop.
+    tuning, tune  tile tables and their lookup; the autotuner behind ``moepatch tune``.
+    route_graphs, expert_graphs, graph_cache   CUDA-graph replay per call signature.
+    *_kernels     the @triton.jit kernels (dispatch, gemm, tma for the descriptor GEMMs, routing).
 """

@@ -1,45 +1,23 @@
 """Dispatch: sort the (token, slot) pairs into per-expert blocks of BLOCK_M rows, without a host sync.
 
-Legend: T tokens, W slots per token, P = T * W pairs (pair p = t * W + w), E experts, R rows of
-the padded sorted layout, NB = R / BLOCK_M blocks, C chunks of BLOCK_P pairs.
-
-Layout produced (every size is a function of P, E and BLOCK_M only, so it is static):
-    sorted_pairs_R (int32): the pair each row computes; P on padding rows.  Expert e owns rows
-        [start_E[e], start_E[e+1]); its pairs come first in ascending pair order, then padding up
-        to a multiple of BLOCK_M.  Sentinel slots (id outside [0, E)) get no row at all.
-    start_E1 (int32, E + 1): padded row offsets; start_E1[E] is the number of rows in use.
-R is bounded by P + min(E, P) * (BLOCK_M - 1): every expert with pairs wastes at most BLOCK_M - 1 rows.
-
-Three kernels, all deterministic (no atomics, pairs keep their order inside an expert):
-    _dispatch_count_kernel: pairs per (chunk, expert).
-    _dispatch_scan_kernel: per expert, the pairs of the chunks before each chunk (an exclusive
-        running sum over chunks, one program per block of experts) and, in row C, the totals.
-    _dispatch_scatter_kernel: one program per chunk.  It turns the totals into padded expert starts,
-        writes start + pairs of earlier chunks over its own row of the scan's output, and puts each
-        pair at row base[its expert] (a gather from that row) + its rank among the chunk's pairs of
-        the same expert (a BLOCK_P x BLOCK_P comparison).  Padding rows are written by the program
-        whose number is the expert's modulo C, the rows past the last expert's by slices.  With one
-        chunk (decode, small prefill) it counts by itself and uses start_E1 as its row: one launch.
-History (H200, 131072 pairs over 128 experts): every scatter program summing the count rows of all
-earlier chunks read 2 GB from L2; a torch.cumsum over the (2048, 128) counts ran one thread per
-column (~0.4 ms); chunks walked in sub-blocks with a running count per expert took 75 µs in the
-scatter, whose programs chained ~50 cross-warp reductions over (pairs, E) tiles each.
+Legend: T tokens, W slots, P = T * W pairs (p = t * W + w), E experts, R rows, C chunks of BLOCK_P pairs.
+Layout (sizes from P, E, BLOCK_M only): sorted_pairs_R, the pair of each row (P on padding rows; expert
+e owns rows [start_E1[e], start_E1[e+1]), its pairs ascending, padded to BLOCK_M), and start_E1 (E + 1).
+Deterministic, no atomics: count per (chunk, expert), an exclusive scan over chunks, then a scatter
+(rank among the chunk's pairs of the same expert); one chunk: the scatter alone counts (one launch).
 """
 
 from __future__ import annotations
 
-import os
-
 import triton
 import triton.language as tl
 
-# Pairs per chunk (the rank comparison is CHUNK x CHUNK), elements of the count kernel's
-# (BLOCK_P, E_PAD) one-hot sub-blocks, and warps per program of the count and scatter kernels
-# (environment overrides for measuring, see scripts/profile_route.py).
-CHUNK = int(os.environ.get("MOEPATCH_DISPATCH_CHUNK", "64"))
-TILE_ELEMS = int(os.environ.get("MOEPATCH_DISPATCH_TILE", "2048"))
-NUM_WARPS = int(os.environ.get("MOEPATCH_DISPATCH_WARPS", "4"))
-SCAN_BLOCK_C = 256  # chunks per step of _dispatch_scan_kernel (tests lower it)
+# Pairs per chunk (the rank comparison is CHUNK x CHUNK), elements of the count kernel's (BLOCK_P, E_PAD)
+# one-hot sub-blocks, warps of the count and scatter kernels (tuned on the H200; scripts vary them).
+CHUNK = 64
+TILE_ELEMS = 2048
+NUM_WARPS = 4
+SCAN_BLOCK_C = 256  # chunks per step of dispatch_scan_kernel (tests lower it)
 
 
 @triton.jit
@@ -55,7 +33,7 @@ def _count(ids_ptr, p0, P, E, SUB_P: tl.constexpr, SUBS: tl.constexpr, E_PAD: tl
 
 
 @triton.jit
-def _dispatch_count_kernel(ids_ptr, counts_ptr, P, E, BLOCK_P: tl.constexpr, SUB_P: tl.constexpr,
+def dispatch_count_kernel(ids_ptr, counts_ptr, P, E, BLOCK_P: tl.constexpr, SUB_P: tl.constexpr,
                            E_PAD: tl.constexpr):
     pid = tl.program_id(0)
     e_x = tl.arange(0, E_PAD)
@@ -64,7 +42,7 @@ def _dispatch_count_kernel(ids_ptr, counts_ptr, P, E, BLOCK_P: tl.constexpr, SUB
 
 
 @triton.jit
-def _dispatch_scan_kernel(counts_ptr, offs_ptr, C, E, BLOCK_C: tl.constexpr, BLOCK_E: tl.constexpr):
+def dispatch_scan_kernel(counts_ptr, offs_ptr, C, E, BLOCK_C: tl.constexpr, BLOCK_E: tl.constexpr):
     """offs[c, e] = pairs of expert e in chunks before c; offs[C, e] = all of them.  counts: (C, E)."""
     e_x = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
     e_ok = e_x < E
@@ -79,10 +57,10 @@ def _dispatch_scan_kernel(counts_ptr, offs_ptr, C, E, BLOCK_C: tl.constexpr, BLO
 
 
 @triton.jit
-def _dispatch_scatter_kernel(ids_ptr, offs_ptr, sorted_ptr, start_ptr, P, E, R, num_chunks, rows_per_program,
+def dispatch_scatter_kernel(ids_ptr, offs_ptr, sorted_ptr, start_ptr, P, E, R, num_chunks, rows_per_program,
                              BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, SUB_P: tl.constexpr,
                              E_PAD: tl.constexpr, BLOCK_R: tl.constexpr, SINGLE: tl.constexpr):
-    """offs_ptr: (C + 1, E) from _dispatch_scan_kernel; row pid is overwritten (unused when SINGLE)."""
+    """offs_ptr: (C + 1, E) from dispatch_scan_kernel; row pid is overwritten (unused when SINGLE)."""
     pid = tl.program_id(0)
     e_x = tl.arange(0, E_PAD)
     e_ok = e_x < E
@@ -136,19 +114,13 @@ def _dispatch_scatter_kernel(ids_ptr, offs_ptr, sorted_ptr, start_ptr, P, E, R, 
 
 
 @triton.jit
-def _ep_prepare_kernel(ids_ptr, sorted_ptr, start_ptr, dev_ptr, local_ptr, fixed_ptr, header_ptr, meta_ptr,
+def ep_prepare_kernel(ids_ptr, sorted_ptr, start_ptr, dev_ptr, local_ptr, fixed_ptr, header_ptr, meta_ptr,
                        order_ptr, tok_ptr, pos_ptr, P, E, D, M, W, BLOCK: tl.constexpr, E_PAD: tl.constexpr,
                        FIXED: tl.constexpr):
-    """Expert parallelism's dispatch bookkeeping after the sort (block_m 1), in one launch.
-
-    Every program, over rows / pairs [pid·BLOCK, (pid+1)·BLOCK):
-        order[r] = pair of row r (int64; P past the kept pairs), tok[r] = order[r] // W,
-        pos[pair of row r] = r for the kept rows, pos[p] = -1 for a slot outside [0, E) (never sent).
-    Program 0 also writes the header (D, FIXED + M): the FIXED fixed values in front of every row,
-    then row d, column FIXED + m = pairs for the m-th expert of rank d (expert e sits on rank dev[e]
-    at local index local[e]); and meta (D + 1): pairs per destination rank, then the number of
-    slots whose id is outside [0, E] (invalid input).
-    """
+    """Expert parallelism's bookkeeping after the sort (block_m 1): per row r, order[r] (its pair, P past the
+    kept ones), tok[r] and pos[pair] = r (-1 for ids outside [0, E)); program 0 also the header (D, FIXED + M):
+    fixed values, then pairs per (rank dev[e], local index local[e]), and meta (D + 1): pairs per rank,
+    then the count of ids outside [0, E]."""
     pid = tl.program_id(0)
     r_x = pid * BLOCK + tl.arange(0, BLOCK)
     used = tl.load(start_ptr + E)
@@ -185,19 +157,12 @@ def _ep_prepare_kernel(ids_ptr, sorted_ptr, start_ptr, dev_ptr, local_ptr, fixed
 
 
 @triton.jit
-def _padded_send_kernel(x_ptr, ids_ptr, sorted_ptr, start_ptr, dev_ptr, local_ptr, first_ptr, send_ptr, send_local_ptr,
+def padded_send_kernel(x_ptr, ids_ptr, sorted_ptr, start_ptr, dev_ptr, local_ptr, first_ptr, send_ptr, send_local_ptr,
                         dest_ptr, P, W, E, H, Q, stride_xt, stride_xk, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr):
-    """The fixed-size expert-parallel send buffers after the sort (block_m 1), in one launch.
-
-    Rank d's block is rows [d·Q, (d+1)·Q) of the send buffer; the kept pairs bound for it take its
-    first rows in sorted order (by expert, pairs ascending inside one).  Every program, over rows /
-    pairs [pid·BLOCK_R, (pid+1)·BLOCK_R):
-        row r in use, pair p = sorted[r], expert e = ids[p] on rank dev[e] (whose first expert is
-        first[dev[e]]): dest = dev[e]·Q + r − start[first[dev[e]]]; dest_P[p] = dest,
-        send_local[dest] = local[e], send[dest, :] = x[p // W, :];
-        pair p with an id outside [0, E): dest_P[p] = −1 (sends nothing).
-    Rows of the send buffers that no pair takes are left as they are.
-    """
+    """The fixed-size expert-parallel send buffers after the sort (block_m 1): rank d's block is rows
+    [d·Q, (d+1)·Q), its kept pairs first in sorted order.  Row r, pair p = sorted[r], expert e = ids[p]:
+    dest = dev[e]·Q + r − start[first[dev[e]]], dest_P[p] = dest, send_local[dest] = local[e],
+    send[dest] = x[p // W]; ids outside [0, E): dest_P[p] = −1.  Rows no pair takes are left as they are."""
     r_x = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     in_p = r_x < P
     ids_r = tl.load(ids_ptr + r_x, mask=in_p, other=0)

@@ -1,41 +1,19 @@
-"""CUDA-graph replay of the fused experts layer for small token counts (decode steps, short prompts).
+"""CUDA-graph replay of the fused experts layer at 1-64 tokens (decode steps, short prompts).
 
-At a few tokens per layer call the fused experts layer is bound by the host, not the GPU: its two
-to four Triton launches go through Triton's Python launcher (tens of microseconds each) after the
-Python that picks the configuration and the layout, and a greedy decode step of a patched model
-spends more host time in that than its kernels take on the GPU (H200, Mixtral layer, one token:
-0.13-0.23 ms of host per call for 0.17 ms of kernels; docs/benchmarks.md, runs 10d and 12).  :func:`experts_graphed`
-captures :func:`moepatch.ops.experts.fused_experts_impl` once per signature and replays it: the
-activations, ids and weights are copied into the graph's static buffers and the output is copied
-out, four small launches whatever the path inside.
-
-A signature is the function, the device, the token count, the inputs' shapes, dtypes and strides, and the expert
-weights' addresses, shapes and strides (each layer has its own graphs; a graph reads the weights in
-place, so weights changed in place are seen, while weights replaced by new tensors make a new
-signature).  Graphs are used only on CUDA, for 1..``MAX_TOKENS`` tokens, never while the caller is
-itself capturing a graph (the eager launchers are capture-safe and go into the caller's graph), and
-only after a signature was seen ``WARMUP_CALLS`` times, so every kernel is compiled before a capture
-and one-off shapes stay eager.  At capture the replay and the eager call are timed (three calls
-each, host time included) and the faster is kept.  The tile configuration is the one in force at
-capture: after changing the tables (``MOEPATCH_KERNEL_CONFIGS``, ``moepatch tune``) call
-:func:`clear`.  ``MOEPATCH_EXPERT_GRAPHS=0`` (or ``ENABLED = False``) switches replay off.
-
-Same output as the eager call, bit for bit (the same kernels run on the same inputs; GPU tests).
-Neither path records autograd (the fused kernels have no backward).
-
-Legend: T tokens, W slots per token, H hidden, E experts, I intermediate.
+There the layer is bound by the host (Triton's Python launcher, the configuration lookup), not the
+GPU: :func:`experts_graphed` captures the layer once per signature (function, device, token count,
+the inputs' shapes, dtypes and strides, the weights' addresses) and replays it, the same output bit
+for bit.  Graphs read the weights in place and keep the tile configuration of their capture
+(:func:`moepatch.ops.tuning.set_tables` clears them).  Legend: T tokens, W slots, H hidden, E experts, I intermediate.
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 
 from .graph_cache import GraphCache, on_device
 from .graph_cache import wall as _wall
 
-ENABLED = os.environ.get("MOEPATCH_EXPERT_GRAPHS", "1") != "0"
 MAX_TOKENS = 64  # the decode path's range; above it the GPU time dominates the launches
 WARMUP_CALLS = 2
 MAX_GRAPHS = 1024  # signatures kept (layers x token counts); beyond that new ones run eagerly
@@ -75,15 +53,15 @@ class _ExpertsGraph:
 
 def experts_graphed(fn, x_TH: torch.Tensor, ids_TW: torch.Tensor, weights_TW: torch.Tensor,
                     gate_up_EIH: torch.Tensor, down_EHI: torch.Tensor) -> torch.Tensor:
-    """``fn(x_TH, ids_TW, weights_TW, gate_up_EIH, down_EHI)``, replayed from a CUDA graph where that pays."""
+    """``fn(x_TH, ids_TW, weights_TW, gate_up_EIH, down_EHI)``, replayed from a CUDA graph where that pays:
+    on CUDA, 1..MAX_TOKENS tokens, not inside the caller's own capture, after WARMUP_CALLS calls."""
     with on_device(x_TH):
         return _experts_graphed(fn, x_TH, ids_TW, weights_TW, gate_up_EIH, down_EHI)
 
 
 def _experts_graphed(fn, x_TH, ids_TW, weights_TW, gate_up_EIH, down_EHI):
     T = x_TH.shape[0]
-    if (not ENABLED or not x_TH.is_cuda or not 0 < T <= MAX_TOKENS
-            or torch.cuda.is_current_stream_capturing()):
+    if not x_TH.is_cuda or not 0 < T <= MAX_TOKENS or torch.cuda.is_current_stream_capturing():
         return fn(x_TH, ids_TW, weights_TW, gate_up_EIH, down_EHI)
     inputs = (x_TH, ids_TW, weights_TW)
     key = _signature(fn, inputs + (gate_up_EIH, down_EHI))

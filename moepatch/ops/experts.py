@@ -1,61 +1,41 @@
 """Fused SwiGLU experts on Triton: dispatch -> gate_up (+SiLU) -> down (+routing weight) -> combine.
 
 Legend: T tokens, W slots per token, P = T * W pairs, R dispatch rows, E experts, H hidden,
-I intermediate, S split-K parts of the down GEMM.
-
-``fused_experts(x_TH, ids_TW, weights_TW, gate_up_EIH, down_EHI)`` is the whole layer: slots whose
-id is outside [0, E) (moepatch's sentinel E for dropped pairs) never reach a GEMM and add nothing.
-Every launch has a grid and buffers sized from (T, W, E, H, I) alone and no step reads a number
-back to the host, so the layer can be captured in a CUDA graph.  The result is bit-identical run
-to run (no atomics; see gemm_kernels.py).
-
-The launchers are plain functions taking an explicit tile configuration (what :func:`tune` times);
-each is also registered as a ``torch.library.custom_op`` (``moepatch::moe_dispatch``, ...,
-``moepatch::fused_experts``) with a fake implementation, so torch.compile traces through them.
-Those ops pick their configuration from the tables in moepatch/ops/configs (see tuning.py).
-
-Peak extra memory: the dispatch index (R int32), h_PI (one row per pair; R rows on the descriptor
-path, with the gathered rows x_RH while gate_up runs: the peak there) in the activation dtype, y_SPH
-(the activation dtype, fp32 with split-K, only used at small M), and the output: below transformers'
-grouped_mm, which holds the gathered inputs, the (P, 2I) projection and its activation at once.
+I intermediate, S split-K parts of the down GEMM.  Slots whose id is outside [0, E) add nothing.
+Grids and buffers depend on (T, W, E, H, I) only and nothing is read back to the host (CUDA-graph
+safe); results are bit-identical run to run (no atomics).  The launchers take an explicit tile
+configuration (what tune.py times); the custom ops (``moepatch::fused_experts``, ...) look it up.
 """
 
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass
 
 import torch
 from triton.runtime.errors import OutOfResources
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from . import dispatch_kernels
+from . import dispatch_kernels, gemm_kernels
 from .dispatch_kernels import (
-    _dispatch_count_kernel,
-    _dispatch_scan_kernel,
-    _dispatch_scatter_kernel,
-    _ep_prepare_kernel,
-    _padded_send_kernel,
+    dispatch_count_kernel,
+    dispatch_scan_kernel,
+    dispatch_scatter_kernel,
+    ep_prepare_kernel,
+    padded_send_kernel,
 )
 from .expert_graphs import experts_graphed
-from .gemm_kernels import _combine_kernel, _down_kernel, _down_token_kernel, _gate_up_kernel, _weighted_combine_kernel
-from .tma_kernels import _down_desc_kernel, _gate_up_desc_kernel, _gather_rows_kernel
-from .tuning import device_key, get_config
+from .gemm_kernels import combine_kernel, down_kernel, down_token_kernel, gate_up_kernel, weighted_combine_kernel
+from .graph_cache import on_device
+from .tma_kernels import down_desc_kernel, gate_up_desc_kernel, gather_rows_kernel
+from .tuning import device_key, get_config, max_rows
 
 
 @dataclass
 class DispatchLayout:
-    """The dispatch of one call (see dispatch_kernels.py).
-
-    Attributes:
-        sorted_pairs_R: (R,) int32 pair of each row, P on padding rows; None when fused.
-        start_E1: (E + 1,) int32 first row of each expert; start_E1[E] = rows in use; None when fused.
-        num_pairs, width, num_experts, block_m: P, W, E and BLOCK_M.
-        rows: R, the static bound on the rows (``max_rows``).
-        ids_P: (P,) slot ids when the layout is *fused*: no dispatch kernel ran and every GEMM
-            program derives its rows from the ids (small P only, see gemm_kernels.py).
-    """
+    """The dispatch of one call: sorted_pairs_R (R,) int32 pair of each row (P on padding rows) and
+    start_E1 (E + 1,) int32 first row of each expert (start_E1[E]: rows in use), or, *fused* (small P),
+    ids_P (P,) the slot ids from which every GEMM program derives its rows.  rows: R (``max_rows``)."""
 
     sorted_pairs_R: torch.Tensor | None
     start_E1: torch.Tensor | None
@@ -93,11 +73,9 @@ class DispatchLayout:
 # Configurations whose pipeline depth had to shrink on this GPU (too little shared memory), by
 # (kernel name, tile sizes): the stages that compiled.
 _STAGES_THAT_FIT: dict = {}
-
-
-# Programmatic dependent launch between the pointer path's kernels (gemm_kernels.py, "PDL"): on for
-# Hopper and later unless MOEPATCH_PDL=0.  Never under the interpreter (the calls are inline PTX).
-PDL = os.environ.get("MOEPATCH_PDL", "1") != "0"
+# Programmatic dependent launch between the pointer path's kernels (gemm_kernels.py) on Hopper and
+# later; False turns it off (scripts/bench_kernels.py --no-pdl).  Never under the interpreter.
+PDL = True
 
 
 @functools.cache
@@ -108,8 +86,6 @@ def _capability(index: int) -> tuple[int, int]:
 @functools.cache
 def _pdl_supported() -> bool:
     """This Triton has the grid dependency control calls and the ``launch_pdl`` launch option."""
-    from . import gemm_kernels
-
     try:
         from triton.backends.nvidia.compiler import CUDAOptions
     except ImportError:
@@ -125,12 +101,8 @@ def use_pdl(device: torch.device) -> bool:
 
 
 def _launch(kernel, grid, args, constexprs: dict, num_warps: int, num_stages: int, pdl: bool = False):
-    """Launch ``kernel``; if this GPU lacks the shared memory for ``num_stages``, retry with fewer.
-
-    The shipped tables target the H200 (227 KiB of shared memory per block); smaller GPUs get the
-    deepest pipeline that compiles instead of an error.  Only the first launch of a configuration
-    can fail that way, so the retry never happens inside a captured CUDA graph's replay.
-    """
+    """Launch ``kernel``; where this GPU lacks the shared memory for ``num_stages`` (the tables target
+    the H200's 227 KiB), retry with fewer.  Only a configuration's first launch can fail so, never a replay."""
     extra = {"launch_pdl": True} if pdl else {}
     stages = num_stages
     key = None
@@ -159,11 +131,6 @@ def _pow2(n: int) -> int:
     return max(2, 1 << (int(n) - 1).bit_length()) if n > 1 else 2
 
 
-def max_rows(num_pairs: int, num_experts: int, block_m: int) -> int:
-    """Static bound on the dispatch rows: each expert with pairs pads at most BLOCK_M - 1 rows."""
-    return _cdiv(num_pairs + min(num_experts, num_pairs) * (block_m - 1), block_m) * block_m
-
-
 # Fuse the dispatch into the GEMMs while every program's extra work stays small: a P_PAD x E_PAD
 # count and a BLOCK_M x P_PAD selection (Mixtral up to M = 64, the 64/128-expert models up to M = 4).
 _FUSE_MAX_PE = 4096
@@ -171,6 +138,7 @@ _FUSE_MAX_PM = 8192
 
 
 def fuse_dispatch(num_pairs: int, num_experts: int, block_m: int) -> bool:
+    """Whether the GEMMs derive the layout themselves (no dispatch launch) at this size."""
     p_pad = _pow2(max(16, num_pairs))
     return 0 < num_pairs and p_pad * _pow2(num_experts) <= _FUSE_MAX_PE and p_pad * block_m <= _FUSE_MAX_PM
 
@@ -178,9 +146,8 @@ def fuse_dispatch(num_pairs: int, num_experts: int, block_m: int) -> bool:
 def dispatch(ids_TW: torch.Tensor, num_experts: int, block_m: int, fuse: bool | None = None) -> DispatchLayout:
     """Sort the pairs of ``ids_TW`` (T, W) into per-expert blocks of ``block_m`` rows (no host sync).
 
-    ``fuse``: True returns a fused layout (no launch; the GEMMs derive the rows, small P only);
-    None (default) fuses on CUDA when :func:`fuse_dispatch` allows.  (The CPU interpreter runs the
-    fused derivation once per GEMM program, which is slow there, so tests ask for it explicitly.)
+    ``fuse``: True returns a fused layout (no launch, small P only); None fuses on CUDA where
+    :func:`fuse_dispatch` allows (slow under the interpreter, so CPU tests ask for it explicitly).
     """
     T, W = ids_TW.shape
     P, E = T * W, num_experts
@@ -205,13 +172,13 @@ def dispatch(ids_TW: torch.Tensor, num_experts: int, block_m: int, fuse: bool | 
     if not single:
         counts = torch.empty(chunks, E, dtype=torch.int32, device=ids_TW.device)
         offs = torch.empty(chunks + 1, E, dtype=torch.int32, device=ids_TW.device)
-        _dispatch_count_kernel[(chunks,)](ids_P, counts, P, E, BLOCK_P=block_p, SUB_P=sub_p, E_PAD=e_pad,
-                                          num_warps=dispatch_kernels.NUM_WARPS)
+        dispatch_count_kernel[(chunks,)](ids_P, counts, P, E, BLOCK_P=block_p, SUB_P=sub_p, E_PAD=e_pad,
+                                         num_warps=dispatch_kernels.NUM_WARPS)
         block_e = min(e_pad, 8)
-        _dispatch_scan_kernel[(_cdiv(E, block_e),)](counts, offs, chunks, E,
-                                                     BLOCK_C=dispatch_kernels.SCAN_BLOCK_C, BLOCK_E=block_e)
+        dispatch_scan_kernel[(_cdiv(E, block_e),)](counts, offs, chunks, E,
+                                                   BLOCK_C=dispatch_kernels.SCAN_BLOCK_C, BLOCK_E=block_e)
     rows_per_program = _cdiv(R, chunks)
-    _dispatch_scatter_kernel[(chunks,)](
+    dispatch_scatter_kernel[(chunks,)](
         ids_P, offs, sorted_R, start_E1, P, E, R, chunks, rows_per_program,
         BLOCK_M=block_m, BLOCK_P=block_p, SUB_P=sub_p, E_PAD=e_pad,
         BLOCK_R=max(16, min(1024, _pow2(rows_per_program))), SINGLE=single, num_warps=dispatch_kernels.NUM_WARPS)
@@ -222,16 +189,11 @@ def ep_prepare(ids_TW: torch.Tensor, layout: DispatchLayout, dev_E: torch.Tensor
                fixed: torch.Tensor, world: int, header_slots: int) -> tuple[torch.Tensor, ...]:
     """Expert parallelism's bookkeeping after :func:`dispatch` with ``block_m`` 1, in one launch.
 
-    Args:
-        ids_TW: (T, W) the slot ids the layout sorted; layout: its dispatch (block_m 1, not fused).
-        dev_E, local_E: (E,) int64 rank of each expert and its index there.
-        fixed: (F,) int64 values in front of every header row.
-        world, header_slots: D and M.
-    Returns:
-        header_DX (D, F + M) int64: the fixed values, then pairs per (destination rank, its local expert);
-        meta (D + 1,) int64: pairs per destination rank, then slots with an id outside [0, E];
-        order_P, tok_P (P,) int64: pair and token of every row (P past the kept pairs);
-        pos_P (P,) int64: row of every pair, -1 where the slot is not sent.
+    ids_TW (T, W): the ids ``layout`` (block_m 1, not fused) sorted; dev_E, local_E (E,) int64: rank of
+    each expert and its index there; fixed (F,) int64: values in front of every header row; world D,
+    header_slots M.  Returns header_DX (D, F + M) int64 (fixed values, then pairs per (rank, local
+    expert)), meta (D + 1,) int64 (pairs per rank, then ids outside [0, E]), order_P and tok_P (P,) int64
+    (pair and token of every row, P past the kept pairs), pos_P (P,) int64 (row of every pair, -1: not sent).
     """
     if layout.fused or layout.block_m != 1:
         raise ValueError("ep_prepare needs an unfused dispatch layout with block_m 1")
@@ -241,7 +203,7 @@ def ep_prepare(ids_TW: torch.Tensor, layout: DispatchLayout, dev_E: torch.Tensor
     meta = torch.empty(world + 1, dtype=torch.long, device=dev)
     order_P, tok_P, pos_P = (torch.empty(P, dtype=torch.long, device=dev) for _ in range(3))
     block = 1024
-    _ep_prepare_kernel[(max(1, _cdiv(P, block)),)](
+    ep_prepare_kernel[(max(1, _cdiv(P, block)),)](
         ids_TW.reshape(-1), layout.sorted_pairs_R, layout.start_E1, dev_E, local_E, fixed, header, meta,
         order_P, tok_P, pos_P, P, E, world, header_slots, W, BLOCK=block, E_PAD=_pow2(E), FIXED=fixed.numel(),
         num_warps=4)
@@ -251,15 +213,12 @@ def ep_prepare(ids_TW: torch.Tensor, layout: DispatchLayout, dev_E: torch.Tensor
 def padded_send(x_TH: torch.Tensor, ids_TW: torch.Tensor, layout: DispatchLayout, dev_E: torch.Tensor,
                 local_E: torch.Tensor, first_D: torch.Tensor, send_NH: torch.Tensor, send_local_N: torch.Tensor,
                 dest_P: torch.Tensor, slots_per_peer: int) -> None:
-    """Fill the fixed-size expert-parallel send buffers in one launch (see ``_padded_send_kernel``).
+    """Fill the fixed-size expert-parallel send buffers in one launch (see ``padded_send_kernel``).
 
-    Args:
-        x_TH: (T, H) rows; ids_TW: (T, W) the slot ids ``layout`` sorted (unfused, block_m 1).
-        dev_E, local_E: (E,) int64 rank of each expert and its index there; first_D: (D,) int64 the
-            first expert of each rank.
-        send_NH: (D·Q, H) contiguous, x's dtype; send_local_N: (D·Q,) int64 (rows no pair takes keep
-            their values); dest_P: (T·W,) int64, written: each slot's row, −1 where it sends nothing.
-        slots_per_peer: Q, at least the kept slots bound for any one rank.
+    x_TH (T, H); ids_TW (T, W) the ids ``layout`` (unfused, block_m 1) sorted; dev_E, local_E (E,) int64
+    rank of each expert and its index there; first_D (D,) int64 first expert of each rank; send_NH
+    (D·Q, H) contiguous, x's dtype, and send_local_N (D·Q,) int64 (rows no pair takes keep their
+    values); dest_P (T·W,) int64, written: each slot's row, −1 where it sends nothing; slots_per_peer Q.
     """
     if layout.fused or layout.block_m != 1:
         raise ValueError("padded_send needs an unfused dispatch layout with block_m 1")
@@ -268,7 +227,7 @@ def padded_send(x_TH: torch.Tensor, ids_TW: torch.Tensor, layout: DispatchLayout
         return
     H = x_TH.shape[1]
     block_r = 32
-    _padded_send_kernel[(_cdiv(P, block_r),)](
+    padded_send_kernel[(_cdiv(P, block_r),)](
         x_TH, ids_TW.reshape(-1), layout.sorted_pairs_R, layout.start_E1, dev_E, local_E, first_D, send_NH,
         send_local_N, dest_P, P, W, E, H, slots_per_peer, x_TH.stride(0), x_TH.stride(1), BLOCK_R=block_r,
         BLOCK_H=min(512, _pow2(H)), num_warps=4)
@@ -280,7 +239,7 @@ def _precision(dtype: torch.dtype) -> str:
 
 
 def _pointer_constexprs(layout: DispatchLayout, c: dict, E: int, K: int, dtype: torch.dtype) -> dict:
-    """The compile-time arguments of _gate_up_kernel / _down_kernel for tile config ``c`` (K: the reduced dim)."""
+    """Compile-time arguments of gate_up_kernel / down_kernel for tile config ``c`` (K: the reduced dim)."""
     return dict(BLOCK_M=layout.block_m, BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"], GROUP_M=c["GROUP_M"],
                 E_PAD=_pow2(E), EVEN_K=K % c["BLOCK_K"] == 0, PRECISION=_precision(dtype),
                 **layout.kernel_constexprs())
@@ -290,9 +249,7 @@ def gate_up(x_TH: torch.Tensor, gate_up_EIH: torch.Tensor, layout: DispatchLayou
             out: torch.Tensor | None = None) -> torch.Tensor:
     """h = silu(x @ gate^T) * (x @ up^T) for every kept pair, by pair or by row (``layout.h_by_pair``).
 
-    Args:
-        x_TH: (T, H) activations in the weights' dtype.  gate_up_EIH: (E, 2I, H), [gate; up] rows.
-        config: a tuning configuration (its "gate_up" entry and the layout's BLOCK_M are used).
+    x_TH (T, H) in the weights' dtype; gate_up_EIH (E, 2I, H), [gate; up] rows; config: its "gate_up".
     """
     E, two_i, H = gate_up_EIH.shape
     I = two_i // 2  # noqa: E741
@@ -303,7 +260,7 @@ def gate_up(x_TH: torch.Tensor, gate_up_EIH: torch.Tensor, layout: DispatchLayou
     c = config["gate_up"]
     num_m = layout.rows // layout.block_m
     grid = (num_m * _cdiv(I, c["BLOCK_N"]),)
-    _launch(_gate_up_kernel, grid,
+    _launch(gate_up_kernel, grid,
             (x_TH, gate_up_EIH, h_RI, *layout.kernel_args(),
              layout.num_pairs, layout.width, E, I, H, num_m,
              x_TH.stride(0), x_TH.stride(1), gate_up_EIH.stride(0), gate_up_EIH.stride(1), gate_up_EIH.stride(2),
@@ -330,7 +287,7 @@ def down(h_RI: torch.Tensor, down_EHI: torch.Tensor, layout: DispatchLayout, wei
     num_m = layout.rows // layout.block_m
     pdl = layout.fused and use_pdl(h_RI.device)
     grid = (num_m * _cdiv(H, c["BLOCK_N"]), split)
-    _launch(_down_kernel, grid,
+    _launch(down_kernel, grid,
             (h_RI, down_EHI, y_SPH, *layout.kernel_args(), weights_TW.reshape(-1),
              layout.num_pairs, E, H, I, num_m, k_per_split,
              h_RI.stride(0), down_EHI.stride(0), down_EHI.stride(1), down_EHI.stride(2), y_SPH.stride(0),
@@ -341,11 +298,8 @@ def down(h_RI: torch.Tensor, down_EHI: torch.Tensor, layout: DispatchLayout, wei
 
 
 def descriptors_fit(layout: DispatchLayout, *tensors: torch.Tensor) -> bool:
-    """Whether the descriptor GEMMs (tma_kernels.py) can take these operands.
-
-    Tensor descriptors need contiguous 2-D views with 16-byte aligned bases and rows, and a
-    dispatch layout (not the fused small-P one).
-    """
+    """Whether the descriptor GEMMs (tma_kernels.py) take these operands: contiguous, 16-byte aligned
+    bases and rows, and a dispatch layout (not the fused one)."""
     if layout.fused or layout.num_pairs == 0:
         return False
     return all(t.is_contiguous() and t.data_ptr() % 16 == 0 and (t.shape[-1] * t.element_size()) % 16 == 0
@@ -381,7 +335,7 @@ def gather_rows(x_TH: torch.Tensor, layout: DispatchLayout) -> torch.Tensor:
     x_RH = torch.empty(layout.rows, H, device=x_TH.device, dtype=x_TH.dtype)
     block_r = 32
     block_h = min(512, _pow2(H))
-    _gather_rows_kernel[(_cdiv(layout.rows, block_r),)](
+    gather_rows_kernel[(_cdiv(layout.rows, block_r),)](
         x_TH, layout.sorted_pairs_R, layout.start_E1, x_RH, layout.num_pairs, layout.width, layout.num_experts, H,
         x_TH.stride(0), x_TH.stride(1), BLOCK_R=block_r, BLOCK_H=block_h, num_warps=4)
     return x_RH
@@ -407,7 +361,7 @@ def gate_up_desc(x_RH: torch.Tensor, gate_up_EIH: torch.Tensor, layout: Dispatch
     if split not in (0, 1, 2):
         raise ValueError(f"H_STORE_SPLIT must be 0, 1 or 2, got {split}")
     h_desc = TensorDescriptor.from_tensor(h_RI, [bm, bn // split]) if split else None
-    _launch(_gate_up_desc_kernel, grid,
+    _launch(gate_up_desc_kernel, grid,
             (a_desc, w_desc, h_RI, h_desc, layout.start_E1, E, I, H, h_RI.stride(0)),
             dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=c["GROUP_M"], E_PAD=_pow2(E), JOINT=joint,
                  H_STORE_SPLIT=split, **_loop_flags(c, nprog)),
@@ -426,7 +380,7 @@ def down_desc(h_RI: torch.Tensor, down_EHI: torch.Tensor, layout: DispatchLayout
     grid, nprog = _programs(c, num_m * _cdiv(H, bn), h_RI.device)
     a_desc = TensorDescriptor.from_tensor(h_RI, [bm, bk])
     w_desc = TensorDescriptor.from_tensor(down_EHI.view(E * H, I), [bn, bk])
-    _launch(_down_desc_kernel, grid,
+    _launch(down_desc_kernel, grid,
             (a_desc, w_desc, y_SPH, layout.sorted_pairs_R, layout.start_E1, weights_TW.reshape(-1),
              layout.num_pairs, E, H, I, y_SPH.stride(1)),
             dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=c["GROUP_M"], E_PAD=_pow2(E), **_loop_flags(c, nprog)),
@@ -447,7 +401,7 @@ def combine(y_SPH: torch.Tensor, ids_TW: torch.Tensor, num_experts: int, out_dty
         return out_TH
     block_n = min(512, _pow2(H))
     pdl = pdl and use_pdl(y_SPH.device)
-    _launch(_combine_kernel, (T, _cdiv(H, block_n)),
+    _launch(combine_kernel, (T, _cdiv(H, block_n)),
             (y_SPH, ids_TW.reshape(-1), out_TH, num_experts, H, y_SPH.stride(0), y_SPH.stride(1),
              out_TH.stride(0)), dict(W=W, S=S, BLOCK_N=block_n, PDL=pdl), 4, 1, pdl=pdl)
     return out_TH
@@ -457,8 +411,7 @@ def weighted_combine(y_PH: torch.Tensor, pos_TW: torch.Tensor, weights_TW: torch
                      out_dtype: torch.dtype) -> torch.Tensor:
     """out_TH[t] = fp32 sum over t's slots of (y_PH[pos[t, w]] * w[t, w]).to(y's dtype); pos -1: no row.
 
-    The expert-parallel combine (moepatch.parallel.dispatch.weigh_and_sum): one pass over the
-    returned rows, no (T*W, H) scatter buffer and no float32 copy of the weighted rows.
+    The expert-parallel combine: one pass over the returned rows, no (T*W, H) scatter buffer.
     """
     T, W = pos_TW.shape
     H = y_PH.shape[1]
@@ -466,7 +419,7 @@ def weighted_combine(y_PH: torch.Tensor, pos_TW: torch.Tensor, weights_TW: torch
     if T == 0:
         return out_TH
     block_n = min(512, _pow2(H))
-    _weighted_combine_kernel[(T, _cdiv(H, block_n))](
+    weighted_combine_kernel[(T, _cdiv(H, block_n))](
         y_PH, pos_TW.reshape(-1), weights_TW.reshape(-1), out_TH, H, y_PH.stride(0), out_TH.stride(0),
         W=W, BLOCK_N=block_n, num_warps=4)
     return out_TH
@@ -488,7 +441,7 @@ def down_token(h_RI: torch.Tensor, down_EHI: torch.Tensor, ids_TW: torch.Tensor,
     c = config["down"]
     pdl = fused and use_pdl(h_RI.device)
     out_TH = torch.empty(1, H, device=h_RI.device, dtype=out_dtype)
-    _launch(_down_token_kernel, (_cdiv(H, c["BLOCK_N"]),),
+    _launch(down_token_kernel, (_cdiv(H, c["BLOCK_N"]),),
             (h_RI, down_EHI, out_TH, ids_TW, weights_TW, W, E, H, I,
              h_RI.stride(0), down_EHI.stride(0), down_EHI.stride(1), down_EHI.stride(2)),
             dict(BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"], W_PAD=_pow2(W), EVEN_K=I % c["BLOCK_K"] == 0,
@@ -507,6 +460,7 @@ def down_and_combine(h_RI: torch.Tensor, down_EHI: torch.Tensor, layout: Dispatc
 
 
 def config_for(x_TH: torch.Tensor, ids_TW: torch.Tensor, gate_up_EIH: torch.Tensor) -> dict:
+    """The table's configuration for this call's shape and GPU."""
     E, two_i, H = gate_up_EIH.shape
     return get_config(x_TH.shape[0], E, H, two_i // 2, ids_TW.shape[1], device_key(x_TH.device))
 
@@ -524,17 +478,11 @@ def _check(x_TH, ids_TW, weights_TW, gate_up_EIH, down_EHI):
 def fused_experts_impl(x_TH: torch.Tensor, ids_TW: torch.Tensor, weights_TW: torch.Tensor,
                        gate_up_EIH: torch.Tensor, down_EHI: torch.Tensor, config: dict | None = None,
                        fuse_dispatch: bool | None = None) -> torch.Tensor:
-    """The whole fused experts layer; see the module docstring.
+    """The whole fused experts layer: (T, H) in x_TH's dtype.
 
-    Args:
-        x_TH: (T, H) activations (any float dtype; computed in the weights' dtype).
-        ids_TW: (T, W) integer expert ids; ids outside [0, E) are empty slots.
-        weights_TW: (T, W) combine weights (any float dtype; applied in fp32).
-        gate_up_EIH: (E, 2I, H) [gate; up]; down_EHI: (E, H, I).
-        config: a tuning configuration; None looks it up for this shape and GPU.
-        fuse_dispatch: see :func:`dispatch` (None: automatic).
-    Returns:
-        (T, H) in x_TH's dtype.
+    x_TH (T, H) any float dtype (computed in the weights'); ids_TW (T, W) integer expert ids, outside
+    [0, E): empty slots; weights_TW (T, W) any float dtype (applied in fp32); gate_up_EIH (E, 2I, H)
+    [gate; up]; down_EHI (E, H, I).  config: None looks it up; fuse_dispatch: see :func:`dispatch`.
     """
     _check(x_TH, ids_TW, weights_TW, gate_up_EIH, down_EHI)
     E = gate_up_EIH.shape[0]
@@ -551,16 +499,17 @@ def fused_experts_impl(x_TH: torch.Tensor, ids_TW: torch.Tensor, weights_TW: tor
 
 
 def moe_experts(x_TH: torch.Tensor, ids_TW: torch.Tensor, weights_TW: torch.Tensor, gate_up_EIH: torch.Tensor,
-                down_EHI: torch.Tensor) -> torch.Tensor:
-    """What patched models call: the launchers directly in eager mode, the custom op under torch.compile.
-
-    A custom-op call goes through the dispatcher (10-20 µs of CPU per layer), which only a traced
-    graph needs; eager decode at small M is bound by exactly that kind of host time, and there the
-    layer is replayed from a CUDA graph per signature (:mod:`moepatch.ops.expert_graphs`).  The
-    result is the same (every path runs :func:`fused_experts_impl`); none records autograd.
+                down_EHI: torch.Tensor, *, graphs: bool = True) -> torch.Tensor:
+    """What patched models call (shapes as :func:`fused_experts_impl`): the custom op under torch.compile,
+    else the launchers directly (a custom-op call costs 10-20 µs of host per layer), replayed from CUDA
+    graphs at 1-64 tokens unless ``graphs`` is False (:mod:`moepatch.ops.expert_graphs`).  Same result
+    on every path; none records autograd.
     """
     if torch.compiler.is_compiling():
         return fused_experts(x_TH, ids_TW, weights_TW, gate_up_EIH, down_EHI)
+    if not graphs:
+        with on_device(x_TH):
+            return fused_experts_impl(x_TH, ids_TW, weights_TW, gate_up_EIH, down_EHI)
     return experts_graphed(fused_experts_impl, x_TH, ids_TW, weights_TW, gate_up_EIH, down_EHI)
 
 

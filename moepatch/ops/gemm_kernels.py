@@ -1,48 +1,12 @@
-"""Grouped expert GEMMs over the dispatch layout, and the deterministic combine.
+"""Grouped expert GEMMs over the dispatch layout, and the deterministic combine (no atomics).
 
-Legend: T tokens, W slots per token, P = T * W pairs, R rows of the dispatch layout (see
-dispatch_kernels.py), E experts, H hidden, I intermediate, S split-K parts of the down GEMM.
-
-    _gate_up_kernel:  h[p] = silu(x[t] @ Wg_e^T) * (x[t] @ Wu_e^T) for the row's pair p = (t, e)
-                      (h indexed by pair, or by dispatch row: H_BY_PAIR below);
-                      gate and up are two accumulators of one program, so the (R, 2I) projection
-                      never reaches memory.  x rows are gathered through the pair index.
-    _down_kernel:     y_SPH[s, p] = w[p] * (h[p, Ks] @ Wd_e[:, Ks]^T), one row per pair (indexed
-                      by pair, not by row, so the combine reads a token's rows contiguously).
-                      Split-K (S > 1) gives small-M decode enough programs to stream the weights
-                      at full bandwidth; the parts are fp32 and summed by the combine.
-    _combine_kernel:  out[t] = sum over w (ascending), then s (ascending) of y_SPH[s, t*W + w] for
-                      kept slots, in fp32.  Fixed order and no atomics: bit-identical run to run.
-    _down_token_kernel: one token (decode at batch 1): out[n] = sum over w (ascending) of
-                      w[p] * (h[w] @ Wd_e[n]^T) in fp32, each program owning BLOCK_N outputs and
-                      walking every slot's weights in one flattened loop.  No y parts, no combine
-                      launch: the layer is two kernels and its extra memory is h alone.
-
-Programs are ordered in groups of GROUP_M row blocks (the Triton matmul tutorial's swizzle), so
-the row blocks of one expert share each weight tile through L2 while it is streamed; a block whose
-first row is past the rows in use exits before reading anything.
-
-H_BY_PAIR: h has one row per pair (P rows) instead of one per padded dispatch row (R rows: at
-Mixtral M = 4, 128 rows of 14336 for 8 pairs; with 64 experts at M = 16, 1088 rows for 128 pairs),
-so the layer's extra memory stays below transformers' grouped_mm.  The launchers choose it for every
-layout but the fused one with BLOCK_M >= 32 (Mixtral's M ~ 64 bucket), where it measured 12 %
-slower under CUDA graphs on the H200 and the padded rows still stay below grouped_mm (12 vs 15 MB).
-(The descriptor GEMMs of tma_kernels.py need row-contiguous tiles and keep h by dispatch row; they
-run at large M where padding is <= 3 %.)
-
-PDL (programmatic dependent launch, Hopper; fused layouts only): gate_up lets the next grid launch
-as soon as all its programs are running; down and the combine (launched with ``launch_pdl``) wait
-for the previous grid (``gdc_wait``) before reading h / y.  The next kernel's launch overlaps the
-previous one's tail: 5-10 % of a decode step of the 64/128-expert layers at M = 1 on an H200, where
-the layer is ~45 us; nothing measurable on Mixtral's 0.18 ms.  Only h and y are produced by the
-previous grid; ids and routing weights were written before gate_up started.  Off under the
-interpreter (the calls are inline PTX).
-
-FUSED (small P, decode): there is no dispatch launch.  Every GEMM program reads the P slot ids
-itself and computes the same layout the dispatch kernel would write (per-expert counts padded
-to BLOCK_M, the expert of its row block, and the pairs of its rows in ascending order): a
-P_PAD x E_PAD count and a BLOCK_M x P_PAD selection, a few hundred cycles next to the weight tile
-it streams.  Both GEMMs derive the identical layout, so h rows line up between them.
+Legend: T tokens, W slots per token, P = T * W pairs, R dispatch rows (dispatch_kernels.py), E experts,
+H hidden, I intermediate, S split-K parts.  gate_up_kernel keeps gate and up in two accumulators (the
+(R, 2I) projection never reaches memory); down_kernel stores y_SPH by pair, in fp32 parts with split-K;
+combine_kernel sums a token's rows in fixed order; down_token_kernel is down + combine for one token.
+H_BY_PAIR: h has P rows (below grouped_mm's memory) except on fused layouts with BLOCK_M >= 32.
+FUSED (small P): every program derives the dispatch layout from the slot ids itself (no dispatch launch).
+PDL (Hopper, fused layouts): the next kernel launches while the previous one runs and waits (gdc_wait).
 """
 
 from __future__ import annotations
@@ -67,7 +31,7 @@ except ImportError:  # older Triton: PDL is never requested (experts.use_pdl), t
 
 
 @triton.jit
-def _block_coords(pid, num_m, num_n, GROUP_M: tl.constexpr):
+def block_coords(pid, num_m, num_n, GROUP_M: tl.constexpr):
     width = GROUP_M * num_n
     group = pid // width
     first_m = group * GROUP_M
@@ -78,7 +42,7 @@ def _block_coords(pid, num_m, num_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def _block_expert(start_ptr, row0, E, E_PAD: tl.constexpr):
+def block_expert(start_ptr, row0, E, E_PAD: tl.constexpr):
     # Expert owning rows [row0, row0 + BLOCK_M): the number of experts whose rows end at or before
     # row0 (empty experts end where they start, so they are counted and skipped).
     e_x = tl.arange(0, E_PAD)
@@ -88,11 +52,8 @@ def _block_expert(start_ptr, row0, E, E_PAD: tl.constexpr):
 
 @triton.jit
 def _fused_block_rows(ids_ptr, row0, P, E, BLOCK_M: tl.constexpr, E_PAD: tl.constexpr, P_PAD: tl.constexpr):
-    """(expert, pair of each row, rows in use) of the row block at row0, computed from the slot ids.
-
-    The same layout as dispatch_kernels.py: experts in order, each padded to BLOCK_M rows, its
-    pairs ascending; rows past an expert's pairs get the padding index P.
-    """
+    """(expert, pair of each row, rows in use) of the row block at row0 from the slot ids: the layout of
+    dispatch_kernels.py (experts in order padded to BLOCK_M rows, pairs ascending, padding rows P)."""
     p_x = tl.arange(0, P_PAD)
     e_x = tl.arange(0, E_PAD)
     ids = tl.load(ids_ptr + p_x, mask=p_x < P, other=-1).to(tl.int32)
@@ -119,13 +80,13 @@ def _block_rows(ids_ptr, sorted_ptr, start_ptr, row0, P, E, BLOCK_M: tl.constexp
         e, pair, used = _fused_block_rows(ids_ptr, row0, P, E, BLOCK_M, E_PAD, P_PAD)
     else:
         used = tl.load(start_ptr + E)
-        e = _block_expert(start_ptr, row0, E, E_PAD)
+        e = block_expert(start_ptr, row0, E, E_PAD)
         pair = tl.load(sorted_ptr + row0 + tl.arange(0, BLOCK_M))
     return e.to(tl.int64), pair, used
 
 
 @triton.jit
-def _gate_up_kernel(x_ptr, w1_ptr, h_ptr, ids_ptr, sorted_ptr, start_ptr,
+def gate_up_kernel(x_ptr, w1_ptr, h_ptr, ids_ptr, sorted_ptr, start_ptr,
                     P, W, E, N, K, num_m,
                     stride_xt, stride_xk, stride_we, stride_wn, stride_wk, stride_hr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -135,7 +96,7 @@ def _gate_up_kernel(x_ptr, w1_ptr, h_ptr, ids_ptr, sorted_ptr, start_ptr,
     if PDL:
         gdc_launch_dependents()
     pid = tl.program_id(0)
-    pid_m, pid_n = _block_coords(pid, num_m, tl.cdiv(N, BLOCK_N), GROUP_M)
+    pid_m, pid_n = block_coords(pid, num_m, tl.cdiv(N, BLOCK_N), GROUP_M)
     row0 = pid_m * BLOCK_M
     if not FUSED:  # the cheap exit before anything else is read
         if row0 >= tl.load(start_ptr + E):
@@ -180,7 +141,7 @@ def _gate_up_kernel(x_ptr, w1_ptr, h_ptr, ids_ptr, sorted_ptr, start_ptr,
 
 
 @triton.jit
-def _down_kernel(h_ptr, w2_ptr, y_ptr, ids_ptr, sorted_ptr, start_ptr, weights_ptr,
+def down_kernel(h_ptr, w2_ptr, y_ptr, ids_ptr, sorted_ptr, start_ptr, weights_ptr,
                  P, E, N, K, num_m, k_per_split,
                  stride_hr, stride_we, stride_wn, stride_wk, stride_ys, stride_yp,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -189,7 +150,7 @@ def _down_kernel(h_ptr, w2_ptr, y_ptr, ids_ptr, sorted_ptr, start_ptr, weights_p
     """N = H, K = I; program_id(1) is the split-K part, covering [s * k_per_split, (s + 1) * k_per_split)."""
     pid = tl.program_id(0)
     split = tl.program_id(1)
-    pid_m, pid_n = _block_coords(pid, num_m, tl.cdiv(N, BLOCK_N), GROUP_M)
+    pid_m, pid_n = block_coords(pid, num_m, tl.cdiv(N, BLOCK_N), GROUP_M)
     row0 = pid_m * BLOCK_M
     if not FUSED:
         if row0 >= tl.load(start_ptr + E):
@@ -239,13 +200,10 @@ def _token_tile(N, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _combine_kernel(y_ptr, ids_ptr, out_ptr, E, N, stride_ys, stride_yp, stride_ot,
+def combine_kernel(y_ptr, ids_ptr, out_ptr, E, N, stride_ys, stride_yp, stride_ot,
                     W: tl.constexpr, S: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr = False):
     """out[t] = sum over slots w, then split-K parts s, of y[s, t * W + w] (fp32, in that order).
-
-    W and S are compile-time so the loops unroll and every load is in flight at once (a loop over
-    them issued the W * S loads one latency apart: 4.6 µs for one Mixtral token under ncu).
-    """
+    W and S are compile-time: the loops unroll and every load is in flight at once."""
     if PDL:
         gdc_wait()
     t, offs_n, n_ok = _token_tile(N, BLOCK_N)
@@ -261,14 +219,10 @@ def _combine_kernel(y_ptr, ids_ptr, out_ptr, E, N, stride_ys, stride_yp, stride_
 
 
 @triton.jit
-def _weighted_combine_kernel(y_ptr, pos_ptr, w_ptr, out_ptr, N, stride_yp, stride_ot,
+def weighted_combine_kernel(y_ptr, pos_ptr, w_ptr, out_ptr, N, stride_yp, stride_ot,
                              W: tl.constexpr, BLOCK_N: tl.constexpr):
-    """out[t] = fp32 sum over slots w, in slot order, of (y[pos[t, w]] * weight[t, w]) rounded to y's dtype.
-
-    The source side of the expert-parallel combine: y holds the returned rows in send order and
-    pos the row of each (token, slot), -1 where the slot sent nothing (never read).  The product
-    is taken in fp32 and rounded to y's dtype before the sum, as torch's ``(y * w).to(y.dtype)``.
-    """
+    """out[t] = fp32 sum over slots w, in slot order, of (y[pos[t, w]] * weight[t, w]) rounded to y's dtype
+    (as torch's ``(y * w).to(y.dtype)``); pos: row of each (token, slot) in y, -1 where none (never read)."""
     t, offs_n, n_ok = _token_tile(N, BLOCK_N)
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     for w in tl.static_range(W):
@@ -282,16 +236,12 @@ def _weighted_combine_kernel(y_ptr, pos_ptr, w_ptr, out_ptr, N, stride_yp, strid
 
 
 @triton.jit
-def _down_token_kernel(h_ptr, w2_ptr, out_ptr, ids_ptr, weights_ptr, W, E, N, K,
+def down_token_kernel(h_ptr, w2_ptr, out_ptr, ids_ptr, weights_ptr, W, E, N, K,
                        stride_hr, stride_we, stride_wn, stride_wk,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, W_PAD: tl.constexpr, EVEN_K: tl.constexpr,
                        PRECISION: tl.constexpr, PDL: tl.constexpr = False):
-    """N = H, K = I; h has one row per slot of the single token (h by pair).
-
-    The product is a 16-row tl.dot whose row 0 is the token (the tensor cores need 16 rows; the
-    other rows are masked to zero and never loaded), so the loop keeps the pipelined loads of
-    the GEMM kernels.  A slot whose id is outside [0, E) loads nothing and adds nothing.
-    """
+    """N = H, K = I; h has one row per slot of the single token.  A 16-row tl.dot whose row 0 is the token
+    (rows 1-15 masked, never loaded) keeps the GEMMs' pipelined loads; ids outside [0, E) add nothing."""
     pid_n = tl.program_id(0)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N

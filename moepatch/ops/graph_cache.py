@@ -1,14 +1,9 @@
 """CUDA graphs kept per call signature: what route_graphs.py and expert_graphs.py share.
 
-A :class:`GraphCache` maps a signature to the calls seen so far (an int), a captured graph (any
-object with ``replay(inputs)``), or False (the eager call is kept for good).  :meth:`GraphCache.call`
-runs the eager function until a signature has been seen ``warmup_calls`` times (every kernel is
-compiled by then, and one-off shapes never pay a capture), then captures it once, times the replay
-against the eager call (``wall``: three calls each, host time included; one device sync per
-signature) and keeps the faster.  A capture that raises RuntimeError (an op that syncs with the
-host, say) leaves the signature eager.  :func:`on_device` makes the inputs' device current around
-both users' calls.  All graphs of one cache share one memory pool: they run
-one at a time, on the caller's stream, and their outputs stay allocated.
+:meth:`GraphCache.call` runs the eager function until a signature was seen ``warmup_calls`` times
+(kernels compiled, one-off shapes never captured), then captures it once, times replay against eager
+(:func:`wall`) and keeps the faster; a capture raising RuntimeError leaves it eager.  The graphs of one
+cache share one memory pool (they run one at a time on the caller's stream).
 """
 
 from __future__ import annotations
@@ -20,11 +15,8 @@ import torch
 
 
 def on_device(t: torch.Tensor):
-    """A context making ``t``'s CUDA device current where it is not.
-
-    Triton launches on the current device, and CUDA graphs capture and replay there; a model spread
-    over several GPUs (``device_map``) calls layers whose tensors live on another one.
-    """
+    """A context making ``t``'s CUDA device current where it is not: Triton launches, and graphs capture
+    and replay, on the current device, and a model over several GPUs (``device_map``) calls layers on others."""
     if t.is_cuda and t.device.index != torch.cuda.current_device():
         return torch.cuda.device(t.device)
     return contextlib.nullcontext()
@@ -53,6 +45,8 @@ def wall(fn, reps: int = 3) -> float:
 
 
 class GraphCache:
+    """Signature -> calls seen (int), a captured graph (has ``replay(inputs)``), or False (eager kept)."""
+
     def __init__(self, max_graphs: int):
         self.entries: dict = {}
         self.max_graphs = max_graphs

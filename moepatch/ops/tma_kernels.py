@@ -1,28 +1,10 @@
 """Large-M expert GEMMs on contiguous, pre-gathered rows, loaded with tensor descriptors (TMA on Hopper).
 
-Legend: T tokens, W slots per token, P = T * W pairs, R dispatch rows, E experts, H hidden,
-I intermediate.
-
-At large M the layer is compute-bound and the gathered-A GEMMs of gemm_kernels.py (one pointer
-per row, cp.async) leave the tensor cores waiting.  Here the dispatch rows are first copied into a
-contiguous buffer (``_gather_rows_kernel``: x_RH[r] = x[token of row r], zeros on padding rows:
-R·H·2 bytes written once, ~1 % of the layer at Mixtral M = 4096), so every operand tile of both
-GEMMs is a plain rectangle of a 2-D tensor: A from x_RH / h_RI, B from the weights viewed as
-(E·2I, H) and (E·H, I).  Tiles go through ``tensor_descriptor.load`` (TMA bulk copies into shared
-memory, then wgmma), which is what brings Triton close to cuBLAS on Hopper.
-
-Out-of-range reads are safe by construction: a descriptor zero-fills past the tensor's edges; a
-gate tile whose last columns run past I reads up rows instead, and a down tile past H reads the
-next expert's rows: those columns are never stored.
-
-    _gate_up_desc_kernel: h_RI[r] = silu(x_RH[r] @ Wg_e^T) * (x_RH[r] @ Wu_e^T), as _gate_up_kernel.
-    _down_desc_kernel:    y_PH[p] = w[p] * (h_RI[r] @ Wd_e^T), rows stored by pair, as _down_kernel
-                          (no split-K: large M has programs enough).
-
-Tiles cover only the row blocks in use (read from the layout on the GPU, so the grid stays static):
-with NUM_PROGRAMS > 0 the kernels are persistent (program p walks tiles p, p + NUM_PROGRAMS, ...,
-FLATTEN lets Triton pipeline across tiles); else the grid has one program per possible tile and
-programs past the tiles in use exit.
+Legend: T tokens, W slots per token, P = T * W pairs, R dispatch rows, E experts, H hidden, I intermediate.
+gather_rows_kernel copies the dispatch rows into x_RH (zeros on padding rows), so every operand tile is
+a rectangle of a 2-D tensor that TMA loads.  Descriptors zero-fill past a tensor's edges; columns read
+past I or H are never stored.  Tiles cover only the row blocks in use; NUM_PROGRAMS > 0: persistent
+programs walking the tiles (FLATTEN: pipelined across tiles).
 """
 
 from __future__ import annotations
@@ -30,11 +12,11 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .gemm_kernels import _block_coords, _block_expert
+from .gemm_kernels import block_coords, block_expert
 
 
 @triton.jit
-def _gather_rows_kernel(x_ptr, sorted_ptr, start_ptr, xs_ptr, P, W, E, H, stride_xt, stride_xk,
+def gather_rows_kernel(x_ptr, sorted_ptr, start_ptr, xs_ptr, P, W, E, H, stride_xt, stride_xk,
                         BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr):
     r_x = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     used = tl.load(start_ptr + E)
@@ -62,27 +44,21 @@ def _tile_space(start_ptr, E, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, N
 @triton.jit
 def _tile_origin(tile, num_m, num_n, start_ptr, E, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  GROUP_M: tl.constexpr, E_PAD: tl.constexpr):
-    """(first row, expert, first column) of a tile, in the grouped order of _block_coords."""
-    pid_m, pid_n = _block_coords(tile, num_m, num_n, GROUP_M)
+    """(first row, expert, first column) of a tile, in the grouped order of block_coords."""
+    pid_m, pid_n = block_coords(tile, num_m, num_n, GROUP_M)
     row0 = pid_m * BLOCK_M
-    return row0, _block_expert(start_ptr, row0, E, E_PAD), pid_n * BLOCK_N
+    return row0, block_expert(start_ptr, row0, E, E_PAD), pid_n * BLOCK_N
 
 
 @triton.jit
-def _gate_up_desc_kernel(a_desc, w_desc, h_ptr, h_desc, start_ptr, E, N, K, stride_hr,
+def gate_up_desc_kernel(a_desc, w_desc, h_ptr, h_desc, start_ptr, E, N, K, stride_hr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                          GROUP_M: tl.constexpr, E_PAD: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
                          FLATTEN: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, JOINT: tl.constexpr,
                          H_STORE_SPLIT: tl.constexpr):
     """N = I, K = H.  a_desc: x_RH blocks [BLOCK_M, BLOCK_K]; w_desc: (E·2I, H) blocks [BLOCK_N, BLOCK_K],
-    or with JOINT the 3-D view (E·2, I, H) in blocks [2, BLOCK_N, BLOCK_K].
-
-    H_STORE_SPLIT 0 stores h through h_ptr; 1 or 2 through h_desc (blocks [BLOCK_M, BLOCK_N // H_STORE_SPLIT],
-    a bulk copy out of shared memory; the descriptor clips the columns past I).
-
-    Tiles cover only the rows in use (a multiple of BLOCK_M); program p takes tiles p, p + step, ...
-    where step is NUM_PROGRAMS (persistent) or the grid size (one tile each).
-    """
+    or with JOINT (E·2, I, H) blocks [2, BLOCK_N, BLOCK_K].  H_STORE_SPLIT 0 stores h through h_ptr; 1 or 2
+    through h_desc in that many column parts (the descriptor clips the columns past I)."""
     num_m, num_n, step = _tile_space(start_ptr, E, N, BLOCK_M, BLOCK_N, NUM_PROGRAMS)
     for tile in tl.range(tl.program_id(0), num_m * num_n, step, flatten=FLATTEN, warp_specialize=WARP_SPECIALIZE):
         row0, e, n0 = _tile_origin(tile, num_m, num_n, start_ptr, E, BLOCK_M, BLOCK_N, GROUP_M, E_PAD)
@@ -121,7 +97,7 @@ def _gate_up_desc_kernel(a_desc, w_desc, h_ptr, h_desc, start_ptr, E, N, K, stri
 
 
 @triton.jit
-def _down_desc_kernel(a_desc, w_desc, y_ptr, sorted_ptr, start_ptr, weights_ptr, P, E, N, K, stride_yp,
+def down_desc_kernel(a_desc, w_desc, y_ptr, sorted_ptr, start_ptr, weights_ptr, P, E, N, K, stride_yp,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                       GROUP_M: tl.constexpr, E_PAD: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
                       FLATTEN: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):

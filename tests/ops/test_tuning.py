@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from moepatch.ops import tune as tuner
 from moepatch.ops import tuning
 
 SHIPPED = tuning.SHIPPED_DIR / "NVIDIA_H200.json"
@@ -34,9 +35,8 @@ def test_shipped_table_is_well_formed():
             assert cfg["down"]["SPLIT_K"] >= 1
 
 
-def test_lookup_nearest_bucket_and_default(monkeypatch, tmp_path):
-    monkeypatch.setenv("MOEPATCH_KERNEL_CONFIGS", str(tmp_path))
-    tuning.get_config.cache_clear()
+def test_lookup_nearest_bucket_and_default(tmp_path):
+    tuning.set_tables(tmp_path)
     table = json.loads(SHIPPED.read_text())["E=8,H=4096,I=14336,K=2"]
     assert tuning.get_config(1, 8, 4096, 14336, 2, "NVIDIA_H200") == table["1"]
     assert tuning.get_config(5000, 8, 4096, 14336, 2, "NVIDIA_H200") == table["4096"]
@@ -47,7 +47,7 @@ def test_lookup_nearest_bucket_and_default(monkeypatch, tmp_path):
     (tmp_path / "NVIDIA_H200.json").write_text(json.dumps(custom))
     tuning.get_config.cache_clear()
     assert tuning.get_config(1, 8, 4096, 14336, 2, "NVIDIA_H200")["BLOCK_M"] == 128
-    tuning.get_config.cache_clear()
+    tuning.set_tables(None)
 
 
 @pytest.mark.parametrize("M", [1, 64, 1024, 16384])
@@ -101,17 +101,17 @@ def test_descriptor_default_computes_the_layer():
         assert torch.allclose(X.fused_experts_impl(x, ids, wts, w1, w2, cfg), want, rtol=1e-4, atol=1e-4)
 
 
-def test_tune_writes_a_table_used_by_lookup(tmp_path, monkeypatch):
+def test_tune_writes_a_table_used_by_lookup(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("the CPU variant of this test; the GPU run tunes for real")
-    monkeypatch.setenv("MOEPATCH_KERNEL_CONFIGS", str(tmp_path))
-    path = tuning.tune([(4, 32, 32, 2)], [3], dtype=torch.float32, out=tmp_path / "cpu.json", reps=1,
+    tuning.set_tables(tmp_path)
+    path = tuner.tune([(4, 32, 32, 2)], [3], dtype=torch.float32, out=tmp_path / "cpu.json", reps=1,
                        max_candidates=1, device="cpu")
     table = json.loads(path.read_text())
     cfg = table["E=4,H=32,I=32,K=2"]["3"]
     assert set(cfg) == {"BLOCK_M", "gate_up", "down"}
     assert tuning.get_config(3, 4, 32, 32, 2, "cpu") == cfg
-    tuning.get_config.cache_clear()
+    tuning.set_tables(None)
 
 
 def test_tune_times_the_descriptor_path_at_large_m(tmp_path):
@@ -119,7 +119,7 @@ def test_tune_times_the_descriptor_path_at_large_m(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("the CPU variant of this test; the GPU run tunes for real")
     lines = []
-    path = tuning.tune([(1, 16, 16, 1)], [100], dtype=torch.float32, out=tmp_path / "cpu.json", reps=1,
+    path = tuner.tune([(1, 16, 16, 1)], [100], dtype=torch.float32, out=tmp_path / "cpu.json", reps=1,
                        max_candidates=1, device="cpu", log=lines.append)
     assert any("BLOCK_M=128 desc" in line for line in lines), lines
     cfg = json.loads(path.read_text())["E=1,H=16,I=16,K=1"]["100"]
@@ -136,10 +136,10 @@ def test_tune_at_one_token_tries_the_token_kernel(tmp_path):
     """M = 1: the one-kernel down + combine configurations are candidates, timed with their combine."""
     if torch.cuda.is_available():
         pytest.skip("the CPU variant of this test; the GPU run tunes for real")
-    (bm, _, downs), = tuning.candidate_configs(1, 8, 4096, 14336, 2)
+    (bm, _, downs), = tuner.candidate_configs(1, 8, 4096, 14336, 2)
     assert bm == 16 and downs[0].get("TOKEN") and any(not c.get("TOKEN") for c in downs)
-    assert not any(c.get("TOKEN") for p in tuning.candidate_configs(2, 8, 4096, 14336, 2) for c in p[2])
-    path = tuning.tune([(4, 32, 48, 3)], [1], dtype=torch.float32, out=tmp_path / "cpu.json", reps=1,
+    assert not any(c.get("TOKEN") for p in tuner.candidate_configs(2, 8, 4096, 14336, 2) for c in p[2])
+    path = tuner.tune([(4, 32, 48, 3)], [1], dtype=torch.float32, out=tmp_path / "cpu.json", reps=1,
                        max_candidates=1, device="cpu")
     cfg = json.loads(path.read_text())["E=4,H=32,I=48,K=3"]["1"]
     from moepatch.ops import experts as X
