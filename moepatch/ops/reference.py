@@ -1,0 +1,82 @@
+"""The one reference expert computation (pure torch): what tests, expert parallelism, ScMoE and
+benchmarks call, and what the fused kernels are checked against.
+
+An expert is SwiGLU over transformers' fused layout: gate_up (2I, D) with the gate rows first,
+down (D, I).  A token's output is the sum of its slots' weighted outputs in slot order, in float32.
+
+Legend: T tokens, R rows, D hidden, I intermediate, E experts, W slots per token.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+
+def expert_mlp(x_RD: torch.Tensor, gate_up_2ID: torch.Tensor, down_DI: torch.Tensor,
+               act: Callable = F.silu, apply_gate: Callable | None = None) -> torch.Tensor:
+    """One expert on rows: down(act(gate) * up).
+
+    Args:
+        x_RD: (R, D) rows; gate_up_2ID: (2I, D) gate rows first; down_DI: (D, I).
+        act: the elementwise activation of the gate.
+        apply_gate: replaces ``act(gate) * up``: (R, 2I) -> (R, I), e.g. a transformers experts
+            module's bound ``_apply_gate`` (clamped or interleaved variants).
+    Returns:
+        (R, D) in the weights' and rows' dtype.
+    """
+    h_RX = F.linear(x_RD, gate_up_2ID)
+    if apply_gate is None:
+        gate_RI, up_RI = h_RX.chunk(2, dim=-1)
+        h_RX = act(gate_RI) * up_RI
+    else:
+        h_RX = apply_gate(h_RX)
+    return F.linear(h_RX, down_DI)
+
+
+def sum_slots(y_TWD: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """(T, W, D) -> (T, D): each token's slots summed in slot order in float32 (deterministic, and
+    the same rounding as the expert-parallel combine), cast to ``dtype`` (default y's)."""
+    return y_TWD.float().sum(dim=1).to(dtype or y_TWD.dtype)
+
+
+def reference_experts(x_TD: torch.Tensor, ids_TW: torch.Tensor, weights_TW: torch.Tensor,
+                      gate_up_E2ID: torch.Tensor, down_EDI: torch.Tensor, *, act: Callable = F.silu,
+                      apply_gate: Callable | None = None) -> torch.Tensor:
+    """Routed experts, expert by expert: out[t] = sum over slots j of w[t, j] * expert_{ids[t, j]}(x[t]).
+
+    Each product is taken in the promoted dtype (a float32 weight against bf16 rows: float32) and
+    cast to x's dtype, then the slots are summed by :func:`sum_slots`, as transformers' experts and
+    the expert-parallel combine do.  Slots whose id is outside [0, E) (capacity's sentinel E) are
+    dropped; a token may name one expert in several slots.
+
+    Args:
+        x_TD: (T, D); ids_TW: (T, W) int64; weights_TW: (T, W) (float32 or x's dtype);
+        gate_up_E2ID: (E, 2I, D) gate rows first; down_EDI: (E, D, I); act / apply_gate: as
+        :func:`expert_mlp`.
+    Returns:
+        (T, D) in x's dtype.
+    """
+    T, W = ids_TW.shape
+    E = gate_up_E2ID.shape[0]
+    flat_P = ids_TW.reshape(-1)
+    key_P = torch.where((flat_P >= 0) & (flat_P < E), flat_P, E)
+    # Stable sort by expert: each expert's rows are contiguous, token order inside; dropped slots last.
+    order_P = torch.sort(key_P, stable=True).indices
+    counts = torch.bincount(key_P, minlength=E + 1)[:E].tolist()  # NOTE: host sync (loop bounds)
+    sel_P = order_P[:sum(counts)]
+    tok_P = torch.div(sel_P, W, rounding_mode="floor")
+    x_PD = x_TD[tok_P]
+    pieces, start = [], 0
+    for e, n in enumerate(counts):
+        if n:
+            pieces.append(expert_mlp(x_PD[start:start + n], gate_up_E2ID[e], down_EDI[e], act, apply_gate))
+            start += n
+    buf_TWD = x_TD.new_zeros(T, W, x_TD.shape[-1])
+    if pieces:
+        y_PD = torch.cat(pieces)
+        w_P = weights_TW.reshape(-1)[sel_P]
+        buf_TWD = buf_TWD.index_put((tok_P, sel_P - tok_P * W), (y_PD * w_P[:, None]).to(x_TD.dtype))
+    return sum_slots(buf_TWD)
