@@ -1,36 +1,12 @@
-"""ScMoE: the shortcut-connected Mixture-of-Experts decoder (Cai et al., ICML 2025), on one device.
+"""ScMoE: the shortcut-connected MoE decoder (Cai et al., ICML 2025) and its baselines, on one device.
 
-The method and the usage are described in docs/scmoe.md.  A decoder
-alternates a dense block l and an MoE block l+1.  The baseline's MoE block runs top-2 routed
-experts on its own post-attention state; an ScMoE block runs a dense shared expert SE on its own
-post-attention state and top-1 routed experts on a *shortcut source* x_s from block l:
+An MoE unit is a dense block l and an MoE block l+1 whose routed experts read a shortcut source
+x_s from block l (Pos-1 its output, Pos-2 its post-attention state, Pos-3 its input, each through
+the norm the backbone already applies) beside a shared expert; docs/scmoe.md has the equations.
+Each unit is a :class:`UnitProgram` so ``moepatch.scmoe.schedule`` can overlap its all-to-all.
 
-    h_l^att = h_{l-1} + Attn_l(n(h_{l-1}));   h_l = h_l^att + MLP_l(n(h_l^att))
-    h_{l+1}^att = h_l + Attn_{l+1}(n(h_l))
-    h_{l+1} = h_{l+1}^att + c · SE_{l+1}(n(h_{l+1}^att)) + c' · Σ_i g_i(x_s) E_i(x_s)
-
-with x_s = n(h_l) (Pos-1), n(h_l^att) (Pos-2, the default) or n(h_{l-1}) (Pos-3).  Each x_s is
-normalised by the norm that already normalises that tensor for the backbone (Pos-1: block l+1's
-input norm, Pos-2: block l's post-attention norm, as LongCat-Flash does, Pos-3: block l's input
-norm), so the routed experts read exactly what a backbone op reads and the shortcut adds no
-parameters.  Combining: ``add`` (c = c' = 1), ``cg1`` (c = sigmoid(w·y), c' = 1) and ``cg2``
-((c, c') = softmax(W·y)), y the current block's normalised post-attention state.
-With ``moe_every_layer`` every block is an ScMoE block whose routed experts read its own input
-(Pos-1 in the paper's every-layer setting: the previous block's output).
-
-Architectures (``ScMoEConfig.arch``): ``top2`` (the baseline), ``shared`` (SE + top-1 on the
-current state, the paper's shared-expert baseline), ``scmoe`` (SE + top-1 on the shortcut) and
-``scmoe2`` (SE + top-2 on the shortcut).  With the expert width equal to the SE width, ``top2``,
-``shared`` and ``scmoe`` activate the same parameters per token (up to the D or 2D weights of a
-CG gate); ``scmoe2`` activates one expert more.
-
-Every MoE unit is exposed as a :class:`UnitProgram` (the ops before the shortcut source, the
-backbone ops after it, and the merge), so ``moepatch.scmoe.schedule`` can run the same model
-under expert parallelism with the all-to-all overlapped; this module has no parallel code.
-
-Legend: B sequences, S positions, P cached positions, T = B*S tokens (batch-major), D hidden,
-I intermediate, E routed experts, K picks per token, W routing slots per token (K, or more for
-expanded drop), Hq / Hk query / key-value heads, Dh head dim, V vocabulary.
+Legend: B sequences, S positions, P cached positions, T = B*S tokens, D hidden, I intermediate,
+E experts, K picks, W routing slots per token, Hq / Hk heads, Dh head dim, V vocabulary.
 """
 
 from __future__ import annotations
@@ -42,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops.reference import reference_experts
 from ..routing.scores import FamilyScoring
 
 ARCHS = ("top2", "shared", "scmoe", "scmoe2")
@@ -283,28 +260,7 @@ class FusedExperts(nn.Module):
 
     def forward(self, x_TD: torch.Tensor, ids_TW: torch.Tensor, weights_TW: torch.Tensor) -> torch.Tensor:
         """Args: x_TD (T, D); ids_TW (T, W) int64 in [0, E]; weights_TW (T, W). Returns (T, D) in x's dtype."""
-        T, W = ids_TW.shape
-        E = self.num_experts
-        flat_P = ids_TW.reshape(-1)
-        key_P = flat_P.clamp(0, E)
-        # Stable sort by expert: each expert's rows are contiguous, token order inside; sentinels last.
-        order_P = torch.sort(key_P, stable=True).indices
-        counts = torch.bincount(key_P, minlength=E + 1)[:E].tolist()  # NOTE: host sync (loop bounds)
-        sel_P = order_P[:sum(counts)]
-        tok_P = torch.div(sel_P, W, rounding_mode="floor")
-        x_PD = x_TD[tok_P]
-        pieces, start = [], 0
-        for e, n in enumerate(counts):
-            if n:
-                h = F.linear(x_PD[start:start + n], self.gate_up_proj[e])
-                pieces.append(F.linear(self._apply_gate(h), self.down_proj[e]))
-                start += n
-        buf_TWD = x_TD.new_zeros(T, W, x_TD.shape[-1])
-        if pieces:
-            y_PD = torch.cat(pieces)
-            w_P = weights_TW.reshape(-1)[sel_P]
-            buf_TWD = buf_TWD.index_put((tok_P, sel_P - tok_P * W), (y_PD * w_P[:, None]).to(x_TD.dtype))
-        return buf_TWD.float().sum(dim=1).to(x_TD.dtype)
+        return reference_experts(x_TD, ids_TW, weights_TW, self.gate_up_proj, self.down_proj)
 
 
 def load_balancing_loss(logits_TE: torch.Tensor, ids_TK: torch.Tensor, valid_T: torch.Tensor | None = None):
@@ -325,11 +281,8 @@ def load_balancing_loss(logits_TE: torch.Tensor, ids_TK: torch.Tensor, valid_T: 
 
 
 class RoutedMoE(nn.Module):
-    """The routed branch: router + fused experts, with optional capacity-aware routing.
-
-    ``capacity`` is set by :func:`moepatch.scmoe.apply_capacity` (then :func:`moepatch.routing.route`
-    rewrites the picks); ``aux_loss`` holds the last forward's load-balancing loss while grad is on.
-    """
+    """The routed branch: router + fused experts.  ``capacity`` (set by ``moepatch.apply``) rewrites
+    the picks; ``aux_loss`` holds the last forward's load-balancing loss while grad is on."""
 
     def __init__(self, hidden: int, intermediate: int, num_experts: int, top_k: int, normalize: bool, layer: int):
         super().__init__()
