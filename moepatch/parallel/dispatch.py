@@ -1,32 +1,16 @@
-"""Dispatch and combine for expert parallelism: the only moepatch module that calls torch.distributed
-collectives for MoE layers.
+"""Dispatch and combine for expert parallelism: the only module that calls collectives for MoE layers.
 
-Legend: T tokens on this rank, W routing slots per token, H hidden size, E routed experts of the
-layer, D ranks, M header slots for per-expert counts (the most experts any rank hosts in any
-layer), P (token, slot) pairs this rank sends, R rows it receives, C compact combine width.
-
-Experts sit on ranks in contiguous blocks, ``moepatch.routing.capacity.expert_devices(E, D)``
-(torch.tensor_split semantics: the first E % D ranks hold one more).  One MoE layer call on every
-rank is one *round*:
-
-1. header: a fixed-size ``all_to_all_single`` of int64 ``[status, tag, dtype, H, count_0..count_{M-1}]``
-   from every rank to every rank, ``count_j`` = rows this rank sends for the receiver's j-th
-   local expert.  Every rank reads every rank's status, so all ranks take the same decision;
-2. rows: ``all_to_all_single`` of the hidden rows with input/output split sizes; the rows sent to a
-   rank are sorted by expert, token order inside an expert.  Sentinel slots (id E) are never sent;
-3. the caller computes its local experts on the received rows;
-4. combine: the reverse ``all_to_all_single``; the source multiplies each row by its weight and
-   sums each token's rows in float32 in slot order (deterministic, like the core's lowering in
-   ``moepatch.patch.core._experts_post_hook``).
-
-Statuses make uneven work safe: a rank that has no forward to run serves rounds as IDLE (it sends
-nothing and computes what it receives) until every rank is IDLE, and a rank that failed sends
-ABORT so the others raise instead of waiting.
+One MoE layer call on every rank is one round: a fixed-size header all-to-all (int64
+``[status, tag, dtype, H, count_0..count_{M-1}]`` to every rank, so all ranks take the same
+decision), the rows all-to-all (sorted by expert, sentinels never sent), the caller's local
+experts, and the reverse all-to-all; the source weighs and sums in float32 in slot order.
+IDLE ranks serve others' rounds, ABORT makes every rank raise (docs/expert-parallel.md).
+Legend: T tokens, W slots per token, H hidden, E experts, D ranks, M header slots, P sent rows,
+R received rows, C combine width.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -35,10 +19,9 @@ from ..routing.capacity import expert_devices
 from .errors import CollectiveError, PeerFailedError, ProtocolError
 
 ACTIVE, IDLE, ABORT = 1, 0, -1
-_STATUS_NAMES = {ACTIVE: "active", IDLE: "idle", ABORT: "abort"}
 # The header carries the sender's hidden dtype so an idle rank can allocate its receive buffer.
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-_HEADER_FIXED = 4  # status, tag, dtype code, hidden size
+HEADER_FIXED = 4  # status, tag, dtype code, hidden size
 
 
 def dtype_code(dtype: torch.dtype) -> int:
@@ -50,21 +33,11 @@ def dtype_code(dtype: torch.dtype) -> int:
 
 @dataclass
 class Dispatched:
-    """One round as agreed by every rank, and what the source needs to combine.
-
-    Attributes:
-        tag: the MoE layer ordinal the active ranks run.
-        x_RH: rows received, grouped by source rank, inside a source by local expert.
-        counts_SM: rows per (source rank, local expert), host ints.
-        send_splits / recv_splits: rows sent to / received from each rank, host ints.
-        tok_P, col_P, sel_P: token, compact combine column and flat (T*W) slot of each sent row
-            (col_P None after the kernel sort: the torch combine derives it from sel_P).
-        pos_P: (T*W,) row of every slot among the sent rows, -1 where nothing was sent (from the
-            kernel sort; None otherwise: the kernel combine derives it from sel_P).
-        num_tokens, width: T and the compact combine width C (most kept slots of one token; W,
-            an upper bound, after the kernel sort).
-        invalid_pairs: slots whose id was outside [0, E]; the caller raises once the round is done.
-    """
+    """One round as agreed by every rank. ``x_RH``: rows received, by source then local expert;
+    ``counts_SM``, splits: host ints; ``tok_P`` / ``col_P`` / ``sel_P``: token, combine column (None
+    after the kernel sort) and flat slot of each sent row; ``pos_P``: (T*W,) row of each slot, -1
+    unsent (kernel sort only); ``width``: C (W after the kernel sort); ``invalid_pairs``: ids
+    outside [0, E], raised by the caller once the round is done."""
 
     tag: int
     x_RH: torch.Tensor
@@ -81,21 +54,16 @@ class Dispatched:
 
 
 def device_ints(values: list, device: torch.device) -> torch.Tensor:
-    """int64 tensor of host ints on ``device``; on CUDA through pinned memory, so the copy does not
-    block the host (a pageable host-to-device copy waits for the stream: a hidden host sync)."""
+    """int64 tensor of host ints on ``device``, through pinned memory on CUDA (a pageable copy
+    would wait for the stream: a hidden host sync)."""
     t = torch.tensor(values, dtype=torch.long)
     if device.type == "cuda":
         return t.pin_memory().to(device, non_blocking=True)
     return t
 
 
-# The counting-sort kernels of moepatch.ops sort the slots on CUDA (and, for tests, in the Triton
-# interpreter on the CPU when USE_KERNEL_SORT is True: MOEPATCH_KERNEL_SORT=1); off, the torch stable sort.
-USE_KERNEL_SORT: bool | None = {"1": True, "0": False}.get(os.environ.get("MOEPATCH_KERNEL_SORT", ""))
-
-
-def _kernel_sort_usable(x_TH: torch.Tensor, num_tokens: int) -> bool:
-    if num_tokens == 0 or USE_KERNEL_SORT is False or (USE_KERNEL_SORT is None and not x_TH.is_cuda):
+def _kernel_sort_usable(kernel_sort: bool | None, x_TH: torch.Tensor, num_tokens: int) -> bool:
+    if num_tokens == 0 or kernel_sort is False or (kernel_sort is None and not x_TH.is_cuda):
         return False
     try:
         from ..ops import experts  # noqa: F401  (needs triton)
@@ -105,8 +73,7 @@ def _kernel_sort_usable(x_TH: torch.Tensor, num_tokens: int) -> bool:
 
 
 class _HostValues:
-    """int64 values (1-D tensors, concatenated) on their way to the host: non-blocking copies into
-    one pinned buffer on CUDA."""
+    """int64 1-D tensors on their way to the host: non-blocking copies into one pinned buffer on CUDA."""
 
     def __init__(self, parts: list[torch.Tensor]):
         if parts[0].is_cuda:
@@ -132,8 +99,7 @@ class _HostValues:
 
 @dataclass
 class HeaderInFlight:
-    """A round between :meth:`Dispatcher.begin` and :meth:`Dispatcher.complete`: the exchanged
-    header on its way to the host, and every slot's token, column and row in send order."""
+    """A round between :meth:`Dispatcher.begin` and :meth:`Dispatcher.complete`."""
 
     values: _HostValues
     order_P: torch.Tensor
@@ -150,12 +116,14 @@ class Dispatcher:
     """dispatch/combine over D ranks; subclasses provide the two exchanges.
 
     Args:
-        rank, world: this rank and the number of ranks D.
-        header_slots: M, at least the most experts any rank hosts in any layer.
+        rank, world: this rank and D.  header_slots: M, at least the most experts a rank hosts.
+        kernel_sort: sort the slots with moepatch.ops' counting-sort kernels (True; on the CPU
+            through the Triton interpreter) or the torch stable sort (False); None: on CUDA.
     """
 
-    def __init__(self, rank: int, world: int, header_slots: int):
+    def __init__(self, rank: int, world: int, header_slots: int, *, kernel_sort: bool | None = None):
         self.rank, self.world, self.header_slots = rank, world, header_slots
+        self.kernel_sort = kernel_sort
         self._placement: dict = {}
         self._fixed: dict = {}  # header values in front of the counts, on the device, per layer call kind
         # True from this rank's header until its rows came back: peers are inside the same round,
@@ -195,31 +163,25 @@ class Dispatcher:
 
     def dispatch(self, x_TH: torch.Tensor, ids_TW: torch.Tensor, *, num_experts: int, tag: int,
                  status: int = ACTIVE) -> Dispatched | None:
-        """Send every kept (token, slot) row to the rank of its expert: :meth:`begin` then :meth:`complete`.
+        """Send every kept (token, slot) row to the rank of its expert: :meth:`begin`, :meth:`complete`.
 
         Args:
-            x_TH: (T, H) hidden states (float32/float16/bfloat16), T may be 0.
-            ids_TW: (T, W) int64 global expert ids, E on empty slots.
-            num_experts: E of this layer.
-            tag: the layer ordinal; every active rank must send the same one.
-            status: ACTIVE for a real layer call, IDLE for a rank that only serves others.
+            x_TH: (T, H) float hidden states, T may be 0.  ids_TW: (T, W) int64 global ids, E on
+            empty slots.  num_experts: E.  tag: the layer ordinal (the same on every active rank).
+            status: ACTIVE for a layer call, IDLE for a rank that only serves others.
         Returns:
-            The agreed round, or None when every rank is IDLE (nothing left to serve).
+            The agreed round, or None when every rank is IDLE.
         Raises:
-            PeerFailedError: a rank sent ABORT.  ProtocolError: the active ranks disagree.
-            CollectiveError: the transport failed or timed out.
+            PeerFailedError (a rank sent ABORT), ProtocolError (the active ranks disagree),
+            CollectiveError (the transport failed or timed out).
         """
         return self.complete(self.begin(x_TH, ids_TW, num_experts=num_experts, tag=tag, status=status))
 
     def begin(self, x_TH: torch.Tensor, ids_TW: torch.Tensor, *, num_experts: int, tag: int,
               status: int = ACTIVE) -> HeaderInFlight:
-        """The first half of :meth:`dispatch`: everything that needs no host value, then the header.
-
-        Sorts the slots by expert, gathers the rows of every slot in that order (the dropped ones
-        sort last and are never sent), exchanges the header and starts copying its values to the
-        host; on CUDA nothing here blocks the host, so a caller can enqueue other work (ScMoE's
-        backbone) before :meth:`complete` waits for the header.  Arguments as :meth:`dispatch`.
-        """
+        """The first half of :meth:`dispatch`: sort the slots by expert, gather their rows, exchange
+        the header and start its copy to the host.  Nothing here blocks the host on CUDA, so a caller
+        can queue other work (ScMoE's backbone) before :meth:`complete`."""
         T, W = ids_TW.shape
         device = x_TH.device
         E, D, M = num_experts, self.world, self.header_slots
@@ -228,11 +190,9 @@ class Dispatcher:
         if key not in self._fixed:
             self._fixed[key] = device_ints(list(key[:4]), device)
         fixed = self._fixed[key]
-        if _kernel_sort_usable(x_TH, T):
-            # moepatch.ops' counting sort (3 deterministic kernels, pairs in ascending order inside an
-            # expert, sentinels left out), one kernel for the header, each row's pair and token and
-            # each slot's row, and the row gather: five launches instead of ~35 (the sort alone is a
-            # dozen radix passes) and a dozen small torch ops (host-bound: ~0.3 ms per layer).
+        if _kernel_sort_usable(self.kernel_sort, x_TH, T):
+            # moepatch.ops' counting sort, one kernel for the header and each row's pair, token and
+            # slot, and the row gather: five launches instead of ~35 and a dozen small torch ops.
             from ..ops.experts import dispatch as sort_pairs
             from ..ops.experts import ep_prepare, gather_rows
 
@@ -241,8 +201,7 @@ class Dispatcher:
             rows_PH = gather_rows(x_TH, layout) if status == ACTIVE else None
             self.round_open = True
             recv_DX = self._exchange_header(header_DX)
-            # col_P: derived from sel_P by the torch combine when it runs (CPU / kernel=False); the
-            # width W is a bound, for the torch combine only.
+            # col_P is derived from sel_P by the torch combine; W bounds the width.
             return HeaderInFlight(_HostValues([meta, recv_DX.reshape(-1)]), order_P, tok_P, None, rows_PH, T,
                                   device, width=W, pos_P=pos_P)
         flat_P = ids_TW.reshape(-1)
@@ -263,7 +222,7 @@ class Dispatcher:
         else:
             send_DM = torch.zeros(D, M, dtype=torch.long, device=device)
             send_DM[dev_E, local_E] = count_E
-        header_DX = torch.cat([fixed.expand(D, _HEADER_FIXED), send_DM], dim=1).contiguous()
+        header_DX = torch.cat([fixed.expand(D, HEADER_FIXED), send_DM], dim=1).contiguous()
         # Token and row of every slot in send order, before the header's host sync, so that after
         # it only the row exchange is left to launch.
         tok_P = torch.div(order_P, W, rounding_mode="floor")
@@ -281,7 +240,7 @@ class Dispatcher:
         # [pairs per destination rank (D), invalid slots, (width when not known here), the received headers]
         send_splits, invalid = host[:D], host[D]
         width, off = (h.width, D + 1) if h.width is not None else (host[D + 1], D + 2)
-        recv = [host[off + s * (_HEADER_FIXED + M): off + (s + 1) * (_HEADER_FIXED + M)] for s in range(D)]
+        recv = [host[off + s * (HEADER_FIXED + M): off + (s + 1) * (HEADER_FIXED + M)] for s in range(D)]
 
         statuses = [r[0] for r in recv]
         aborted = [s for s, st in enumerate(statuses) if st == ABORT and s != self.rank]
@@ -303,7 +262,7 @@ class Dispatcher:
                                 "must run the same model and call its MoE layers in the same order")
         agreed_tag = tags.pop()
         code, hidden = formats.pop()
-        counts_SM = [r[_HEADER_FIXED:] for r in recv]
+        counts_SM = [r[HEADER_FIXED:] for r in recv]
         recv_splits = [sum(c) for c in counts_SM]
 
         P = sum(send_splits)
@@ -324,33 +283,23 @@ class Dispatcher:
             self.round_open = False
 
     def combine(self, y_RH: torch.Tensor, d: Dispatched, weights_TW: torch.Tensor) -> torch.Tensor:
-        """Return the rows, weigh them and sum each token's rows; (T, H) in the rows' dtype.
-
-        Args:
-            y_RH: (R, H) expert outputs for the received rows, in receive order.
-            d: the round from :meth:`dispatch`.
-            weights_TW: (T, W) combine weights (0 on empty slots; never read there).
-        """
+        """Return the rows (y_RH: (R, H) in receive order), weigh them with ``weights_TW`` (T, W) and
+        sum each token's rows; (T, H) in the rows' dtype."""
         y_PH = self.return_rows(y_RH, d)
         return weigh_and_sum(y_PH, d, weights_TW)
 
     # -- the fixed-size exchange: no header, no host value ---------------------------------------
     def begin_padded(self, x_TH: torch.Tensor, ids_TW: torch.Tensor, *, num_experts: int, tag: int,
                      slots_per_peer: int) -> PaddedRound:
-        """Send every kept (token, slot) row to the rank of its expert in fixed-size blocks.
+        """Send every kept (token, slot) row to its expert's rank in fixed-size blocks of Q rows.
 
-        Every rank sends ``slots_per_peer`` (Q) rows to every rank, the rows of its kept slots first
-        (sorted by expert, token order inside an expert) and unspecified rows after them, with the
-        local expert index of each row (``header_slots``, an index no rank hosts, on the rest).  The
-        sizes are host ints known before any kernel runs, so nothing here reads a value back: the
-        exchange can be queued ahead of its inputs (the price: Q rows per rank pair whatever the
-        routing).  No status, tag or format is exchanged: every rank must run the same layers with
-        the same Q (``ShortcutEP`` agrees on Q once per forward).
+        The kept rows come first in each block (by expert, token order inside), each with its local
+        expert index (``header_slots`` on unused rows).  The sizes are known on the host, so nothing
+        is read back; no status or tag is exchanged: every rank runs the same layers with the same Q.
 
         Args:
-            x_TH: (T, H) hidden states; ids_TW: (T, W) global expert ids, ids outside [0, E) send nothing.
-            num_experts: E; tag: the layer ordinal (kept for the caller).
-            slots_per_peer: Q >= T * W on every rank.
+            x_TH: (T, H); ids_TW: (T, W) global ids (outside [0, E): nothing sent); num_experts: E;
+            tag: the layer ordinal (kept for the caller); slots_per_peer: Q >= T * W on every rank.
         """
         T, W = ids_TW.shape
         D, Q = self.world, slots_per_peer
@@ -364,14 +313,13 @@ class Dispatcher:
         return PaddedRound(tag, x_NH, local_N, dest_P, Q)
 
     def _padded_send(self, x_TH: torch.Tensor, ids_TW: torch.Tensor, E: int, Q: int):
-        """The send buffers of :meth:`begin_padded`: rows (D·Q, H), local expert ids (D·Q, 1) and each
-        slot's row (T·W,), −1 where it sends nothing.  On CUDA moepatch.ops' counting sort and one
-        kernel that fills all three (five launches); else the torch stable sort (the same rows)."""
+        """Send buffers of :meth:`begin_padded`: rows (D·Q, H), local ids (D·Q, 1), each slot's row
+        (T·W,), −1 unsent; from moepatch.ops' sort and fill kernels or the torch stable sort."""
         T, W = ids_TW.shape
         D, M, H = self.world, self.header_slots, x_TH.shape[1]
         device = x_TH.device
         dev_E, local_E, first_D = self._placements(E, device)
-        if _kernel_sort_usable(x_TH, T):
+        if _kernel_sort_usable(self.kernel_sort, x_TH, T):
             from ..ops.experts import dispatch as sort_pairs
             from ..ops.experts import padded_send
 
@@ -408,28 +356,20 @@ class Dispatcher:
         return self._exchange_rows(y_NH.contiguous(), splits, splits)
 
     def abort(self, device: torch.device | str = "cpu") -> None:
-        """Tell every rank that this one failed; they raise PeerFailedError at their next round.
-
-        Only valid between rounds (``round_open`` False): the peers then wait in a header exchange.
-        """
-        header_DX = torch.zeros(self.world, _HEADER_FIXED + self.header_slots, dtype=torch.long, device=device)
+        """Tell every rank that this one failed (PeerFailedError at their next round); only between
+        rounds (``round_open`` False), when the peers wait in a header exchange."""
+        header_DX = torch.zeros(self.world, HEADER_FIXED + self.header_slots, dtype=torch.long, device=device)
         header_DX[:, 0] = ABORT
         self._exchange_header(header_DX)
 
 
 def weigh_and_sum(y_PH: torch.Tensor, d: Dispatched, weights_TW: torch.Tensor,
                   kernel: bool | None = None) -> torch.Tensor:
-    """Source side of the combine: out[t] = sum over t's kept slots, in slot order, of w * y.
+    """Source side of the combine: out[t] = sum over t's kept slots, in slot order, of w * y (P, H).
 
-    The weight multiply promotes like transformers' experts implementations (a float32 weight
-    against bf16 rows multiplies in float32) and is cast back, then the kept slots are summed in
-    float32 in slot order, exactly as the core's lowering does.
-
-    ``kernel`` (default: on CUDA) uses moepatch.ops' weighted combine: one pass per token over the
-    returned rows through a (token, slot) -> row map, the product rounded as above and summed in
-    fp32 in slot order (one read of the rows and one write of the output, against the torch
-    path's float32 products, compact (T, C, H) buffer and its float32 copy).  Same values: for
-    C <= 2 bit for bit, above that up to float32 rounding of the sum order.
+    The product promotes as transformers' experts do and is cast back; the sum is float32 in slot
+    order, as the core's lowering.  ``kernel`` (default: on CUDA): moepatch.ops' weighted combine,
+    one pass over the rows; bit for bit for C <= 2, else up to float32 rounding of the sum order.
     """
     T, H = d.num_tokens, y_PH.shape[-1]
     if kernel is None:
@@ -458,17 +398,9 @@ def weigh_and_sum(y_PH: torch.Tensor, d: Dispatched, weights_TW: torch.Tensor,
 
 @dataclass
 class PaddedRound:
-    """One round of the fixed-size exchange (:meth:`Dispatcher.begin_padded`).
-
-    Attributes:
-        tag: the layer ordinal.
-        x_NH: (D*Q, H) rows received, Q from each source in rank order; only rows whose ``local_N``
-            names a local expert hold data.
-        local_N: (D*Q,) int64 local expert index of every received row, ``header_slots`` on the rest.
-        dest_P: (T*W,) row of every (token, slot) in the send (and returned) layout, -1 where the
-            slot sends nothing.
-        slots_per_peer: Q.
-    """
+    """One round of the fixed-size exchange: ``x_NH`` (D*Q, H) received rows, Q per source;
+    ``local_N`` (D*Q,) their local expert (``header_slots``: no data); ``dest_P`` (T*W,) each
+    slot's row in the send layout, -1 unsent; ``slots_per_peer``: Q."""
 
     tag: int
     x_NH: torch.Tensor
@@ -479,13 +411,9 @@ class PaddedRound:
 
 def weigh_padded(back_NH: torch.Tensor, r: PaddedRound, weights_TW: torch.Tensor,
                  extra_PH: torch.Tensor | None = None, extra_P: torch.Tensor | None = None) -> torch.Tensor:
-    """Source side of the fixed-size combine: out[t] = sum over t's kept slots, in slot order, of w * y.
-
-    As :func:`weigh_and_sum`: each product is taken in the weights' precision and cast to the
-    rows' dtype, the sum is float32.  ``extra_PH`` / ``extra_P``: rows computed at the source
-    (LongCat's identity experts) for the slots where ``extra_P`` is True.  Rows of slots that sent
-    nothing are never read (they are selected away, not multiplied by zero).
-    """
+    """Source side of the fixed-size combine, as :func:`weigh_and_sum`.  ``extra_PH`` / ``extra_P``:
+    rows computed at the source (LongCat's identity experts) for the slots where ``extra_P`` is
+    True.  Rows of unsent slots are selected away, never multiplied by zero."""
     T, W = weights_TW.shape
     H = back_NH.shape[1]
     if T == 0:
@@ -506,8 +434,8 @@ def weigh_padded(back_NH: torch.Tensor, r: PaddedRound, weights_TW: torch.Tensor
 class LocalDispatcher(Dispatcher):
     """EP = 1: every expert is local; the exchanges are the identity (no process group needed)."""
 
-    def __init__(self, header_slots: int):
-        super().__init__(0, 1, header_slots)
+    def __init__(self, header_slots: int, *, kernel_sort: bool | None = None):
+        super().__init__(0, 1, header_slots, kernel_sort=kernel_sort)
 
     def _exchange_header(self, send_DX):
         return send_DX
@@ -517,18 +445,14 @@ class LocalDispatcher(Dispatcher):
 
 
 class AllToAllDispatcher(Dispatcher):
-    """torch.distributed ``all_to_all_single`` with split sizes (NCCL on GPU, gloo on CPU).
+    """``all_to_all_single`` with split sizes (gloo has no list ``all_to_all`` with unequal sizes)."""
 
-    gloo supports ``all_to_all_single`` with unequal split sizes but not the list form
-    ``all_to_all`` with unequal sizes, so only the former is used.
-    """
-
-    def __init__(self, header_slots: int, group=None):
+    def __init__(self, header_slots: int, group=None, *, kernel_sort: bool | None = None):
         import torch.distributed as dist
 
         self._dist = dist
         self.group = group
-        super().__init__(dist.get_rank(group), dist.get_world_size(group), header_slots)
+        super().__init__(dist.get_rank(group), dist.get_world_size(group), header_slots, kernel_sort=kernel_sort)
 
     def _call(self, what, fn):
         try:
@@ -549,3 +473,6 @@ class AllToAllDispatcher(Dispatcher):
         self._call("rows", lambda: self._dist.all_to_all_single(
             recv_NH, send_NH, output_split_sizes=recv_splits, input_split_sizes=send_splits, group=self.group))
         return recv_NH
+
+
+_HEADER_FIXED = HEADER_FIXED  # the old name, until moepatch.scmoe.schedule imports HEADER_FIXED

@@ -1,41 +1,31 @@
-"""Expert parallelism for a patched model: each rank keeps its block of experts and computes them
-on the rows the other ranks send it.
+"""Expert parallelism as an experts backend: each rank keeps its block of experts and computes them
+on the rows the other ranks send it (``moepatch.apply(model, ..., expert_parallel=True)``).
 
-``moepatch.apply(model, ..., expert_parallel=True)`` calls :func:`install` under an initialised
-process group.  The core's router hooks have then already computed capacity on this rank's own
-tokens (``route(..., source_rank=rank)``) and hand the experts module global expert ids with the
-sentinel E on dropped slots; this module never changes a routing decision.
-
-What :func:`install` changes, all undone by the handles it returns:
-
-* each block's ``experts.gate_up_proj`` / ``down_proj`` become this rank's contiguous slice
-  (``expert_devices(E, world)``), unless the model was loaded sharded by
-  :func:`moepatch.parallel.load_expert_parallel` (then nothing is sliced or restored);
-* the experts modules' config selects the experts implementation ``"moepatch_ep"``, registered in
-  transformers' ``ALL_EXPERTS_FUNCTIONS`` (the ExpertsInterface every 5.x experts class consults
-  on each call), which dispatches, computes the local experts and combines.
-
-Legend: T tokens on this rank, W slots per token, H hidden, I expert intermediate size, E routed
-experts, L local experts of this rank, R rows received.
+The core's router hooks compute capacity on this rank's tokens and hand the experts module global
+ids (sentinel E on dropped slots); this module never changes a routing decision.  :func:`install`
+slices each block's experts to this rank (unless loaded sharded) and selects ``"moepatch_ep"``.
+Legend: T tokens, W slots, H hidden, I intermediate, E experts, L local experts, R rows received.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import weakref
 from dataclasses import dataclass
 
 import torch
 
 from ..errors import ModelStateError, UnsupportedModelError
+from ..patch import backend
 from .dispatch import ACTIVE, IDLE, AllToAllDispatcher, Dispatched, Dispatcher, LocalDispatcher, weigh_and_sum
 from .errors import ExpertParallelError, ProtocolError
 
 EXPERTS_IMPLEMENTATION = "moepatch_ep"
 
-_RUNTIMES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> _Runtime
-_EXPERTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # experts module -> (_Runtime, _EPBlock)
-_SHARDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # experts module -> ShardInfo (loader)
+_RUNTIMES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> Runtime
+_EXPERTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # experts module -> (Runtime, EPBlock)
+SHARDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # experts module -> ShardInfo (loader)
 
 
 @dataclass(frozen=True)
@@ -50,7 +40,7 @@ class ShardInfo:
 
 
 @dataclass
-class _EPBlock:
+class EPBlock:
     """One MoE block under expert parallelism."""
 
     ordinal: int
@@ -61,10 +51,10 @@ class _EPBlock:
     restore: dict | None  # original parameters when install sliced them
 
 
-class _Runtime:
+class Runtime:
     """The dispatcher and the local experts of one expert-parallel model."""
 
-    def __init__(self, dispatcher: Dispatcher, blocks: list[_EPBlock], device, dtype, hidden: int):
+    def __init__(self, dispatcher: Dispatcher, blocks: list[EPBlock], device, dtype, hidden: int):
         self.dispatcher = dispatcher
         self.blocks = blocks
         self.device, self.dtype, self.hidden = device, dtype, hidden
@@ -100,7 +90,7 @@ class _Runtime:
             self.failure = type(exc).__name__
             raise
 
-    def forward(self, blk: _EPBlock, x_TH: torch.Tensor, ids_TW: torch.Tensor, w_TW: torch.Tensor) -> torch.Tensor:
+    def forward(self, blk: EPBlock, x_TH: torch.Tensor, ids_TW: torch.Tensor, w_TW: torch.Tensor) -> torch.Tensor:
         """One MoE layer call: dispatch, local experts, combine; (T, H) like ``x_TH``."""
         self._check_usable()
         if torch.is_grad_enabled() and (x_TH.requires_grad or w_TW.requires_grad):
@@ -151,7 +141,7 @@ class _Runtime:
         self.dispatcher.abort(device=self.device)
 
 
-def compute_local_experts(blk: _EPBlock, x_RH: torch.Tensor, counts_SM: list) -> torch.Tensor:
+def compute_local_experts(blk: EPBlock, x_RH: torch.Tensor, counts_SM: list) -> torch.Tensor:
     """SwiGLU experts on received rows: per local expert gate_up GEMM, act(gate) * up, down GEMM.
 
     Args:
@@ -198,7 +188,7 @@ def _ep_experts_forward(self, hidden_states, top_k_index, top_k_weights, *extra)
     """The ``"moepatch_ep"`` entry of transformers' ExpertsInterface."""
     entry = _EXPERTS.get(self)
     if entry is None:
-        shard = _SHARDS.get(self)
+        shard = SHARDS.get(self)
         if shard is not None:
             raise ModelStateError(
                 f"this model holds only experts {shard.first}..{shard.stop - 1} of {shard.num_experts} (rank "
@@ -214,16 +204,9 @@ def _ep_experts_forward(self, hidden_states, top_k_index, top_k_weights, *extra)
 
 
 def register_experts_implementation() -> None:
-    """Make ``"moepatch_ep"`` a valid experts implementation (idempotent; process-wide).
-
-    The entry stays registered: it changes no model by itself, models loaded sharded select it
-    so that running them without expert parallelism fails clearly, and it only serves modules
-    that :func:`install` registered.
-    """
-    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
-
-    if EXPERTS_IMPLEMENTATION not in ALL_EXPERTS_FUNCTIONS:
-        ALL_EXPERTS_FUNCTIONS[EXPERTS_IMPLEMENTATION] = _ep_experts_forward
+    """Make ``"moepatch_ep"`` a valid experts implementation, process-wide: it changes no model by
+    itself, and models loaded sharded select it so that running them unpatched fails clearly."""
+    backend.register(EXPERTS_IMPLEMENTATION, _ep_experts_forward)
 
 
 def _check_experts(name: str, experts: torch.nn.Module, num_experts: int):
@@ -288,7 +271,7 @@ def install(model: torch.nn.Module, blocks: list, cfg) -> list:
         name = f"MoE block {ordinal}"
         _check_experts(name, experts, E)
         header_slots = max(header_slots, -(-E // world))
-        shard = _SHARDS.get(experts)
+        shard = SHARDS.get(experts)
         if shard is not None and (shard.rank, shard.world, shard.num_experts) != (rank, world, E):
             raise ModelStateError(
                 f"{name} was loaded for rank {shard.rank} of {shard.world} with {shard.num_experts} experts; "
@@ -303,34 +286,29 @@ def install(model: torch.nn.Module, blocks: list, cfg) -> list:
         raise ModelStateError(f"the experts live on {first_p.device} but the process group uses gloo; "
                               "initialise it with NCCL (moepatch.parallel.init_distributed does)")
 
-    ep_blocks: list[_EPBlock] = []
+    ep_blocks: list[EPBlock] = []
     for ordinal, block, E, shard in plan:
         experts = block.experts
         if shard is not None:
             gate_up, down, restore = experts.gate_up_proj, experts.down_proj, None
         else:
-            first, stop = _local_range(E, world, rank)
+            first, stop = local_range(E, world, rank)
             restore = {n: experts._parameters[n] for n in ("gate_up_proj", "down_proj")}
             # Views of the full parameters: remove() puts the very same Parameter objects back, so
             # the full weights stay allocated (load with load_expert_parallel to hold only a slice).
             for n, p in restore.items():
                 experts._parameters[n] = torch.nn.Parameter(p.detach()[first:stop], requires_grad=p.requires_grad)
             gate_up, down = experts.gate_up_proj, experts.down_proj
-        ep_blocks.append(_EPBlock(ordinal, E, weakref.ref(experts), gate_up, down, restore))
+        ep_blocks.append(EPBlock(ordinal, E, weakref.ref(experts), gate_up, down, restore))
     dispatcher = AllToAllDispatcher(header_slots) if world > 1 else LocalDispatcher(header_slots)
-    runtime = _Runtime(dispatcher, ep_blocks, first_p.device, first_p.dtype, int(first_p.shape[-1]))
+    runtime = Runtime(dispatcher, ep_blocks, first_p.device, first_p.dtype, int(first_p.shape[-1]))
 
     handles = [_Handle(lambda: _restore_all(blocks, ep_blocks))]
-    configs = {id(b.experts.config): b.experts.config for b in blocks}
-    previous = {k: c._experts_implementation_internal for k, c in configs.items()}
-
-    def restore_implementation():
-        for k, c in configs.items():
-            c._experts_implementation_internal = previous[k]
-
-    for c in configs.values():
-        c._experts_implementation_internal = EXPERTS_IMPLEMENTATION
-    handles.append(_Handle(restore_implementation))
+    try:
+        handles.append(backend.select(model, blocks, EXPERTS_IMPLEMENTATION))
+    except BaseException:
+        handles[0].remove()
+        raise
     for blk, block in zip(ep_blocks, blocks):
         _EXPERTS[block.experts] = (runtime, blk)
     _RUNTIMES[model] = runtime
@@ -353,14 +331,14 @@ def _restore_all(blocks, ep_blocks):
             block.experts._parameters.update(blk.restore)
 
 
-def _local_range(num_experts: int, world: int, rank: int) -> tuple[int, int]:
+def local_range(num_experts: int, world: int, rank: int) -> tuple[int, int]:
     """[first, stop) of this rank's experts: torch.tensor_split of arange(E) into ``world`` blocks."""
     base, extra = divmod(num_experts, world)
     first = rank * base + min(rank, extra)
     return first, first + base + (1 if rank < extra else 0)
 
 
-def _runtime(model: torch.nn.Module) -> _Runtime:
+def runtime(model: torch.nn.Module) -> Runtime:
     rt = _RUNTIMES.get(model)
     if rt is None:
         raise ModelStateError("the model is not patched with expert parallelism; call "
@@ -371,12 +349,12 @@ def _runtime(model: torch.nn.Module) -> _Runtime:
 def set_phase_timer(model: torch.nn.Module, timer) -> None:
     """Call ``timer.mark(phase)`` at ``"dispatch"``, ``"experts"``, ``"combine"`` and ``"done"`` of every
     MoE layer (benchmarks); None switches it off."""
-    _runtime(model).timer = timer
+    runtime(model).timer = timer
 
 
 def finish(model: torch.nn.Module) -> None:
     """Serve the other ranks' MoE layers until every rank has called ``finish`` (a collective)."""
-    _runtime(model).serve_until_done()
+    runtime(model).serve_until_done()
 
 
 @contextlib.contextmanager
@@ -392,7 +370,7 @@ def ep_session(model: torch.nn.Module):
             for batch in my_shard:
                 logits = model(**batch).logits
     """
-    rt = _runtime(model)
+    rt = runtime(model)
     try:
         yield rt
     except BaseException:
@@ -419,3 +397,27 @@ def ep_barrier_loop(model: torch.nn.Module, batches, step) -> list:
         for batch in batches:
             results.append(step(batch))
     return results
+
+
+class EPBackend(backend.Backend):
+    """The ``"ep"`` experts backend of the patch core (registered by the package root)."""
+
+    name = "ep"
+    device_route = True
+
+    def prepare(self, model, cfg):
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            raise ModelStateError(
+                "expert_parallel=True needs an initialised torch.distributed process group; launch with "
+                "`accelerate launch` or `torchrun` (see docs/expert-parallel.md)")
+        return dataclasses.replace(cfg, ep_size=dist.get_world_size()), dist.get_rank()
+
+    def install(self, model, blocks, cfg) -> list:
+        return install(model, blocks, cfg)
+
+
+BACKEND = EPBackend()
+
+_EPBlock = EPBlock  # the old name, until moepatch.scmoe.schedule imports EPBlock

@@ -35,7 +35,8 @@ import torch
 
 from ..errors import UnsupportedModelError
 from ..patch.registry import family_for, moe_blocks
-from .ep import _SHARDS, EXPERTS_IMPLEMENTATION, ShardInfo, _local_range, register_experts_implementation
+from ..patch import backend
+from .ep import EXPERTS_IMPLEMENTATION, SHARDS, ShardInfo, local_range, register_experts_implementation
 
 _EXPERT_PARAMS = ("gate_up_proj", "down_proj")
 # (gate, up, down) names of per-expert checkpoints: transformers' own layout, then Mixtral's original one.
@@ -114,7 +115,7 @@ def _skeleton(config, dtype: torch.dtype, rank: int, world: int):
         E = int(block.gate.num_experts)
         if world > E:
             raise ValueError(f"{world} ranks cannot share {E} experts (each rank needs at least one)")
-        first, stop = _local_range(E, world, rank)
+        first, stop = local_range(E, world, rank)
         experts = block.experts
         for pname in _EXPERT_PARAMS:
             p = experts._parameters[pname]
@@ -149,11 +150,10 @@ def _finish(model, shards: dict, device):
         return model.eval()  # every expert is here: an ordinary model (the single-process reference)
     register_experts_implementation()
     for module_name, info in shards.items():
-        experts = model.get_submodule(module_name)
-        _SHARDS[experts] = info
-        # Without expert parallelism this module cannot run (it lacks the other ranks' experts):
-        # select the EP implementation, which fails with a clear message until moepatch.apply installs it.
-        experts.config._experts_implementation_internal = EXPERTS_IMPLEMENTATION
+        SHARDS[model.get_submodule(module_name)] = info
+    # Without expert parallelism the model cannot run (it lacks the other ranks' experts): select the
+    # EP implementation for good, which fails with a clear message until moepatch.apply installs it.
+    backend.select(model, [b for _, b in moe_blocks(model, family_for(model))], EXPERTS_IMPLEMENTATION)
     return model.eval()
 
 

@@ -4,18 +4,12 @@ the Triton interpreter) and the torch stable sort (CPU default)."""
 import pytest
 import torch
 
-from moepatch.parallel import dispatch as dispatch_mod
 from moepatch.parallel.dispatch import LocalDispatcher, weigh_and_sum
 
 
 def _round(sort_with_kernel: bool, x_TH, ids_TW, E, header_slots):
-    old = dispatch_mod.USE_KERNEL_SORT
-    dispatch_mod.USE_KERNEL_SORT = sort_with_kernel
-    try:
-        disp = LocalDispatcher(header_slots=header_slots)
-        return disp.dispatch(x_TH, ids_TW, num_experts=E, tag=3)
-    finally:
-        dispatch_mod.USE_KERNEL_SORT = old
+    disp = LocalDispatcher(header_slots=header_slots, kernel_sort=sort_with_kernel)
+    return disp.dispatch(x_TH, ids_TW, num_experts=E, tag=3)
 
 
 @pytest.mark.parametrize("T,W,E,extra_slots", [(1, 1, 2, 0), (7, 2, 5, 0), (100, 2, 8, 3), (70, 3, 4, 1)])
@@ -103,15 +97,10 @@ def test_padded_send_kernel_equals_torch(T, W, E, D):
         ids_TW[1:T // 2, 0] = 1  # ties
     M = -(-E // D)
     Q = T * W
-    disp = Dispatcher(0, D, M)  # the send side only: no exchange
     out = {}
     for kernel in (False, True):
-        old = dispatch_mod.USE_KERNEL_SORT
-        dispatch_mod.USE_KERNEL_SORT = kernel
-        try:
-            out[kernel] = disp._padded_send(x_TH, ids_TW, E, Q)
-        finally:
-            dispatch_mod.USE_KERNEL_SORT = old
+        disp = Dispatcher(0, D, M, kernel_sort=kernel)  # the send side only: no exchange
+        out[kernel] = disp._padded_send(x_TH, ids_TW, E, Q)
     (send_t, local_t, dest_t), (send_k, local_k, dest_k) = out[False], out[True]
     assert send_t.shape == send_k.shape == (D * Q, 24) and local_t.shape == local_k.shape == (D * Q, 1)
     assert torch.equal(dest_k, dest_t) and torch.equal(local_k, local_t)

@@ -6,7 +6,7 @@ import torch
 from moepatch.errors import ModelStateError
 from moepatch.parallel import build_random_expert_parallel, load_expert_parallel
 from moepatch.parallel.dispatch import LocalDispatcher, weigh_and_sum
-from moepatch.parallel.ep import _local_range
+from moepatch.parallel.ep import local_range
 from moepatch.routing.capacity import expert_devices
 from moepatch.tiny import tiny_config, tiny_model
 
@@ -25,7 +25,7 @@ def test_loaded_shards_run_under_ep_and_refuse_to_run_without(clean_scenarios):
 def test_local_range_is_expert_devices(E, world):
     dev_E = expert_devices(E, world)
     for rank in range(world):
-        first, stop = _local_range(E, world, rank)
+        first, stop = local_range(E, world, rank)
         assert (dev_E == rank).nonzero().flatten().tolist() == list(range(first, stop))
 
 

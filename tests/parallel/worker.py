@@ -52,10 +52,11 @@ def _logits(model, ids_BS, mask_BS):
         return model(input_ids=ids_BS, attention_mask=mask_BS).logits
 
 
-def _ep_logits(model, gamma, strategy, opts, ids_BS, mask_BS):
+def _ep_logits(model, gamma, strategy, opts, ids_BS, mask_BS, kernel_sort=None):
     moepatch.apply(model, gamma, strategy, expert_parallel=True, **opts)
     try:
-        runtime = ep_module._RUNTIMES[model]
+        runtime = ep_module.runtime(model)
+        runtime.dispatcher.kernel_sort = kernel_sort
         rounds = runtime.rounds
         logits = _logits(model, ids_BS, mask_BS)
         # The EP path really ran: one round per MoE layer of the forward.
@@ -74,8 +75,9 @@ def _params(model):
     return dict(model.named_parameters())
 
 
-def scenario_equivalence(rank, world, model_types):
-    """EP logits on this rank's chunk == single-process ep_size=world logits of the full batch."""
+def scenario_equivalence(rank, world, model_types, sort="auto"):
+    """EP logits on this rank's chunk == single-process ep_size=world logits of the full batch;
+    ``sort="kernel"``: the dispatcher sorts with moepatch.ops' kernels (here the Triton interpreter)."""
     out = {}
     for mt in model_types.split(","):
         model = tiny_model(mt)
@@ -85,7 +87,8 @@ def scenario_equivalence(rank, world, model_types):
         chunk = slice(2 * rank, 2 * rank + 2)
         for name, gamma, strategy, opts in CASES:
             ref = _sim_logits(model, gamma, strategy, opts, ids_BS, mask_BS, world)[chunk]
-            got, stats = _ep_logits(model, gamma, strategy, opts, ids_BS[chunk], mask_BS[chunk])
+            got, stats = _ep_logits(model, gamma, strategy, opts, ids_BS[chunk], mask_BS[chunk],
+                                    kernel_sort=True if sort == "kernel" else None)
             out[f"{mt}/{name}"] = dict(max_abs=float((got - ref).abs().max()), ref_max=float(ref.abs().max()),
                                        dropped=sum(r.dropped_pairs for r in stats.records))
         after = _params(model)
