@@ -34,13 +34,22 @@ are the kernel-level measure.
     python scripts/bench_e2e.py --out /tmp/e2e                   # H200, Mixtral dims, 4 layers
     python scripts/bench_e2e.py --layers 2 --prefill 4x2048        # variations
     TRITON_INTERPRET=1 python scripts/bench_e2e.py --smoke --out /tmp/e2e_smoke   # CPU, tiny model
+    python scripts/bench_e2e.py --profile-host [--profile-decode 1] --out /tmp/host  # host time, cProfile
+
+--kernel-configs DIR benchmarks with the tile tables in DIR (moepatch.ops.tuning.set_tables).
+--profile-host only profiles where a forward's host time goes (the first --prefill shape, or one greedy
+decode step of batch --profile-decode): launch and wall time, and --profile-calls forwards under cProfile
+(cprofile_<variant>.prof / .txt, summary.txt), for hf and triton.
 """
 
 from __future__ import annotations
 
+import cProfile
 import inspect
+import io
 import json
 import os
+import pstats
 import statistics
 import sys
 import time
@@ -230,6 +239,11 @@ def parse_args(argv):
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     p.add_argument("--out", default="bench_e2e_out")
     p.add_argument("--smoke", action="store_true", help="tiny model on the CPU under TRITON_INTERPRET=1")
+    p.add_argument("--kernel-configs", default=None, metavar="DIR", help="tile tables to use (default: lookup)")
+    p.add_argument("--profile-host", action="store_true", help="only profile the host time of forwards")
+    p.add_argument("--profile-decode", type=int, default=0, metavar="B", help="profile decode steps of batch B")
+    p.add_argument("--profile-calls", type=int, default=20, help="forwards under cProfile")
+    p.add_argument("--profile-limit", type=int, default=30, help="functions listed per ordering")
     args = p.parse_args(argv)
     if args.smoke:
         args.layers, args.hidden, args.intermediate, args.heads, args.kv_heads, args.vocab = 2, 32, 48, 4, 2, 128
@@ -357,6 +371,12 @@ def main(argv: list[str] | None = None) -> int:
         print("no CUDA GPU: run with --smoke for the CPU check", file=sys.stderr)
         return 2
     dtype = DTYPES[args.dtype]
+    if args.kernel_configs:
+        from moepatch.ops.tuning import set_tables
+
+        set_tables(args.kernel_configs)
+    if args.profile_host:
+        return profile_host(args, device, dtype)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     lines = []
@@ -370,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
 
     env = dict(torch=torch.__version__, triton=triton.__version__, transformers=transformers.__version__,
                device=torch.cuda.get_device_name() if device == "cuda" else "cpu (TRITON_INTERPRET=1)",
-               kernel_configs=os.environ.get("MOEPATCH_KERNEL_CONFIGS"),
+               kernel_configs=args.kernel_configs,
                args={k: v for k, v in vars(args).items() if k not in ("prefill_shapes", "check_bs")})
     log(f"env: {json.dumps(env)}")
     model = build_model(args, device, dtype)
@@ -414,6 +434,88 @@ def main(argv: list[str] | None = None) -> int:
     log(md)
     (out_dir / "log.txt").write_text("\n".join(lines) + "\n")
     return 1 if bad else 0
+
+
+def host_and_wall_ms(step, device, reps: int) -> tuple[float, float]:
+    """Medians of the time to return from a forward (launch) and to finish it (wall), in ms."""
+    launch, wall = [], []
+    with torch.no_grad():
+        for _ in range(reps):
+            _sync(device)
+            t0 = time.perf_counter()
+            step()
+            t1 = time.perf_counter()
+            _sync(device)
+            launch.append((t1 - t0) * 1e3)
+            wall.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(launch), statistics.median(wall)
+
+
+def top_functions(step, device, limit: int, calls: int, dump: Path) -> str:
+    """cProfile of ``calls`` forwards (raw stats written to ``dump``), top functions as text."""
+    prof = cProfile.Profile()
+    with torch.no_grad():
+        _sync(device)
+        prof.enable()
+        for _ in range(calls):
+            step()
+        _sync(device)
+        prof.disable()
+    prof.dump_stats(dump)
+    text = io.StringIO()
+    stats = pstats.Stats(prof, stream=text)
+    stats.sort_stats("tottime").print_stats(limit)
+    stats.sort_stats("cumulative").print_stats(limit)
+    return text.getvalue()
+
+
+def profile_host(args, device, dtype) -> int:
+    """--profile-host: launch and wall time and a cProfile of forwards, hf against triton (a hidden
+    device sync shows up as time in ``item``, ``tolist`` or ``synchronize``)."""
+    import moepatch
+
+    model = build_model(args, device, dtype)
+    gen = torch.Generator(device).manual_seed(0)
+    if args.profile_decode:
+        from transformers import DynamicCache
+
+        prompt = torch.randint(3, args.vocab, (args.profile_decode, 16), device=device, generator=gen)
+        what = f"decode step, batch {args.profile_decode}"
+    else:
+        b, s = args.prefill_shapes[0]
+        ids = torch.randint(3, args.vocab, (b, s), device=device, generator=gen)
+        what = f"prefill {b}x{s}"
+
+    def make_step():
+        if not args.profile_decode:
+            return lambda: model(ids, logits_to_keep=1, use_cache=False)
+        kw = {_cache_kwarg(model): DynamicCache(config=model.config)}
+        with torch.no_grad():
+            nxt = [model(prompt, use_cache=True, logits_to_keep=1, **kw).logits[:, -1:].argmax(-1)]
+
+        def step():
+            nxt[0] = model(nxt[0], use_cache=True, **kw).logits[:, -1:].argmax(-1)
+        return step
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = []
+    for name, opts in [("hf", None), ("triton", dict(capacity_factor=None, kernel="triton", collect_stats=False))]:
+        handle = moepatch.apply(model, **opts) if opts else None
+        try:
+            step = make_step()
+            host_and_wall_ms(step, device, 3)
+            launch, wall = host_and_wall_ms(step, device, args.reps)
+            text = top_functions(step, device, args.profile_limit, args.profile_calls, out / f"cprofile_{name}.prof")
+        finally:
+            if handle is not None:
+                handle.remove()
+        (out / f"cprofile_{name}.txt").write_text(text)
+        summary.append(f"{name}: {what}: launch {launch:.2f} ms, wall {wall:.2f} ms "
+                       f"(launch / wall {launch / wall:.2f}); cProfile in cprofile_{name}.txt")
+        print(summary[-1], flush=True)
+    (out / "summary.txt").write_text("\n".join(summary) + "\n")
+    return 0
 
 
 def _table(results, args, check) -> str:

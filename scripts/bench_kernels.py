@@ -26,6 +26,7 @@ on random inputs) and each token count M it
 4. reports ratios to the floor (docs/benchmarks.md: max(bytes / BW, FLOPs / PEAK)) and to the best
    transformers backend, the capacity overhead tri_cap / tri_block, and peak extra memory.
 
+--no-pdl times the pointer kernels without programmatic dependent launch.
 --tune N first autotunes the chosen shapes at --tune-ms (default: the benchmarked Ms) with N
 curated candidates per GEMM and BLOCK_M, within --tune-budget seconds, writes the table to
 OUT/tuned/<GPU>.json and benchmarks with it.
@@ -56,7 +57,7 @@ if "--smoke" in sys.argv and "TRITON_INTERPRET" not in os.environ:
 import torch  # noqa: E402
 
 from moepatch.arguments import ArgumentParser, HelpFormatter  # noqa: E402
-from moepatch.ops.tuning import PRESET_SHAPES, busy_gpu  # noqa: E402  (no triton import)
+from moepatch.ops.tuning import PRESET_SHAPES  # noqa: E402  (no triton import)
 
 _MODEL_TYPES = {"mixtral": "mixtral", "olmoe": "olmoe", "deepseek_v2_lite": "deepseek_v2",
                 "qwen3_30b_a3b": "qwen3_moe"}
@@ -198,7 +199,7 @@ class Timer:
     def single(self, fn, n_inputs: int = 1, reps: int | None = None, hide_launch: bool = False) -> float:
         """Median milliseconds of single calls fn(i), each between its own events after a sync.
 
-        hide_launch: each timing starts behind tuning.busy_gpu, so a graph replay's host launch is not
+        hide_launch: each timing starts behind tune.busy_gpu, so a graph replay's host launch is not
         counted (graph timings); without it a call's host launch time is counted whenever the GPU
         would otherwise wait for it.
         """
@@ -211,6 +212,8 @@ class Timer:
             for i in range(reps):
                 a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 if hide_launch:
+                    from moepatch.ops.tune import busy_gpu
+
                     busy_gpu()
                 a.record()
                 fn(i % n_inputs)
@@ -592,6 +595,7 @@ def parse_args(argv):
     p.add_argument("--tune-budget", type=float, default=None, help="tuning wall-clock budget, seconds")
     p.add_argument("--out", default="bench_kernels_out", help="directory for results.json / results.md")
     p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU under TRITON_INTERPRET=1")
+    p.add_argument("--no-pdl", action="store_true", help="without programmatic dependent launch (experts.PDL)")
     return p.parse_args(argv)
 
 
@@ -627,7 +631,12 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
     import triton
 
-    from moepatch.ops import tuning
+    from moepatch.ops import tune, tuning
+
+    if args.no_pdl:
+        from moepatch.ops import experts
+
+        experts.PDL = False
 
     env = dict(torch=torch.__version__, triton=triton.__version__, transformers=transformers.__version__,
                device=torch.cuda.get_device_name() if device == "cuda" else "cpu (TRITON_INTERPRET=1)",
@@ -637,11 +646,10 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.time()
         tune_names = args.tune_shapes.split(",") if args.tune_shapes else names
         tune_ms = [int(m) for m in args.tune_ms.split(",")] if args.tune_ms else ms
-        path = tuning.tune([tuple(shapes[n][k] for k in "EHIK") for n in tune_names], tune_ms, dtype=dtype,
+        path = tune.tune([tuple(shapes[n][k] for k in "EHIK") for n in tune_names], tune_ms, dtype=dtype,
                            out=out / "tuned" / f"{tuning.device_key('cuda')}.json", max_candidates=args.tune,
                            log=log, budget_s=args.tune_budget)
-        os.environ["MOEPATCH_KERNEL_CONFIGS"] = str(path.parent)
-        tuning.get_config.cache_clear()
+        tuning.set_tables(path.parent)
         log(f"tuned in {time.time() - t0:.0f} s -> {path}")
     rows = []
     t_start = time.time()

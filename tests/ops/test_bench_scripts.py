@@ -41,12 +41,13 @@ def test_bench_e2e_smoke(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU smoke path; GPUs run the real profile")
-@pytest.mark.parametrize("mode", [["--prefill", "1x8"], ["--decode", "1"]])
+@pytest.mark.parametrize("mode", [["--prefill", "1x8"], ["--profile-decode", "1"]])
 def test_profile_host_smoke(tmp_path, mode):
     import pstats
 
-    profile = _load("profile_host")
-    assert profile.main(["--smoke", "--layers", "2", "--reps", "1", "--calls", "2", *mode, "--out", str(tmp_path)]) == 0
+    bench = _load("bench_e2e")
+    assert bench.main(["--smoke", "--profile-host", "--reps", "1", "--profile-calls", "2", *mode,
+                       "--out", str(tmp_path)]) == 0
     assert len((tmp_path / "summary.txt").read_text().splitlines()) == 2
     # The triton run's profile holds moepatch's experts call (twice per forward: two layers); transformers' does not.
     calls = {name: {f[2]: s[1] for f, s in pstats.Stats(str(tmp_path / f"cprofile_{name}.prof")).stats.items()}
