@@ -1,43 +1,11 @@
 """Convert a loaded transformers MoE model (Mixtral, OLMoE, Qwen2-MoE, Qwen3-MoE) into ScMoE form.
 
-**Conversion changes the function.**  Each converted MoE block's routed experts read a shortcut
-source from the previous decoder layer instead of the block's own post-attention state, and a
-dense shared expert joins them, so a pretrained model's outputs change and its perplexity gets
-worse until it is trained further.  ``convert`` is meant for continued training (or training from
-scratch); it measures the drift when given evaluation text and never hides it.
-
-What it does to every MoE decoder layer i (the model stays a transformers model; the decoder
-layers, attention, KV cache and ``generate`` are untouched):
-
-* ``layer.mlp`` becomes a :class:`ShortcutMoeBlock` holding the *same* router (``gate``) and
-  experts modules, a shared expert and, for ``cg1``/``cg2``, a coefficient gate;
-* a forward hook on the source norm stashes the shortcut source during the forward:
-  Pos-1: layer i's ``input_layernorm`` output (its normalised input, the previous layer's
-  output); Pos-2: layer i-1's ``post_attention_layernorm`` output (its MLP input); Pos-3: layer
-  i-1's ``input_layernorm`` output.  Layer 0 has no previous layer and reads Pos-1;
-* the routed branch keeps the router's first ``top_k`` picks (by score) with their native
-  weights (Mixtral: p1/(p1+p2) for top-1 of a top-2 router), so the router keeps a gradient.
-
-Shared expert: Qwen2-MoE keeps its own (``shared_expert`` and, for ``cg1``, its sigmoid
-``shared_expert_gate``, which is exactly CG-1).  Mixtral, OLMoE and Qwen3-MoE have none; a new
-one with the experts' width is initialised from the mean of the experts' weights
-(``shared_init="mean"``, the default) or as a copy of one expert (``shared_init=j``).  The mean of
-SwiGLU weights is not the mean of the experts' functions: it is a starting point, not a
-preservation.  New CG gates start at zero weight (CG-1 coefficient 0.5, CG-2 0.5 / 0.5).
-
-Active parameters are kept: a new shared expert has the width of one expert, so the default
-``top_k`` is the native k minus one (top-1 for the top-2 tiny and Mixtral models), and the native
-k when the model already has a shared expert (Qwen2-MoE); only the CG gate's D (``cg1``) or 2D
-(``cg2``) weights are added.  :class:`ConvertReport` has the counts before and after.
-
-Not preserved: the function (above), Mixtral's router jitter noise during training, HF's aux loss
-semantics (it still counts the router's native top-k over the shortcut logits), and gradient
-checkpointing (refused).  ``save_pretrained`` writes the extra parameters, which a plain
-``from_pretrained`` ignores: rebuild with ``convert`` (same arguments, stored in
-``config.scmoe_conversion``) and ``load_state_dict`` to reload.
-
-Legend: B sequences, S positions, T = B*S tokens, D hidden, I expert width, E routed experts,
-K picks per token, W routing slots.
+**Conversion changes the function**: each converted block's routed experts read a shortcut source
+from the previous decoder layer (stashed by a forward hook on its norm) beside a shared expert,
+so it is for continued training; with evaluation text :func:`convert` measures the drift.  The
+router and experts modules stay the same objects; active parameters are kept by default.  What
+is and is not preserved: docs/scmoe.md, "Converting a transformers model".
+Legend: B sequences, S positions, T = B*S tokens, D hidden, E routed experts, K picks, W slots.
 """
 
 from __future__ import annotations
@@ -50,23 +18,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ModelStateError, UnsupportedModelError
-from .model import COMBINES, POSITIONS, active_parameters
+from ..ops.reference import sum_slots
+from .model import COMBINES, POSITIONS, SwiGLU, active_parameters
 
 SUPPORTED = ("mixtral", "olmoe", "qwen2_moe", "qwen3_moe")
-
-
-class SharedExpert(nn.Module):
-    """A dense SwiGLU expert with transformers' MLP names (gate_proj, up_proj, down_proj)."""
-
-    def __init__(self, hidden: int, intermediate: int, act_fn):
-        super().__init__()
-        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
-        self.act_fn = act_fn
-
-    def forward(self, x):
-        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
 class _SourceStash:
@@ -92,7 +47,7 @@ class ShortcutMoeBlock(nn.Module):
     post-attention state, normalised), x_s the shortcut source stashed by a norm's forward hook.
 
     ``gate`` and ``experts`` are the original router and experts modules (same objects, same
-    state-dict names); ``capacity`` is set by :func:`moepatch.scmoe.apply_capacity`.
+    state-dict names); ``capacity`` is set by ``moepatch.apply``.
     """
 
     def __init__(self, block: nn.Module, stash: _SourceStash, source_key: str, shared_expert: nn.Module,
@@ -161,7 +116,7 @@ def _lowered_experts(experts: nn.Module, x_TD, ids_TW, weights_TW, num_experts: 
     if tok_P.numel():
         y_PD = experts(x_TD[tok_P], ids_TW[tok_P, slot_P, None], weights_TW[tok_P, slot_P, None])
         buf_TWD = buf_TWD.index_put((tok_P, slot_P), y_PD.to(x_TD.dtype))
-    return buf_TWD.float().sum(dim=1).to(x_TD.dtype)
+    return sum_slots(buf_TWD)
 
 
 @dataclass
@@ -357,13 +312,13 @@ def convert(model: nn.Module, position: int = 2, combine: str = "cg1", *, top_k:
 
 
 @torch.no_grad()
-def _new_shared_expert(experts: nn.Module, shared_init) -> SharedExpert:
+def _new_shared_expert(experts: nn.Module, shared_init) -> SwiGLU:
     """A shared expert of one expert's width from the fused weights: gate_up_proj (E, 2I, D), gate rows
     first, down_proj (E, D, I)."""
     gate_up, down = experts.gate_up_proj, experts.down_proj
     E, two_i, D = gate_up.shape
     inter = two_i // 2
-    se = SharedExpert(D, inter, experts.act_fn).to(device=gate_up.device, dtype=gate_up.dtype)
+    se = SwiGLU(D, inter, experts.act_fn).to(device=gate_up.device, dtype=gate_up.dtype)
     if shared_init == "mean":
         gu, dn = gate_up.float().mean(0), down.float().mean(0)
     else:

@@ -1,25 +1,12 @@
 """LongCat-Flash under the ScMoE expert-parallel schedule: an adapter, nothing in the model changes.
 
-Each ``LongcatFlashDecoderLayer`` is one shortcut unit (Pos-2, direct add, ``mlps[1]`` as the
-shared expert).  :class:`LongcatShortcut` gives :class:`moepatch.scmoe.schedule.ShortcutEP` what
-it reads from a native ScMoE model (``units``, ``moe_layers``, ``context``, ``embed_tokens``,
-``unit_program``, ``head``), built from the layer's own modules with the expressions of
-transformers' ``LongcatFlashDecoderLayer.forward``:
-
-    prologue  h = h + self_attn[0](input_layernorm[0](h));  x_s = post_attention_layernorm[0](h)
-    ops       mlp_l:    h = h + mlps[0](x_s)
-              attn_l+1: h = h + self_attn[1](input_layernorm[1](h))
-              se_l+1:   m = mlps[1](post_attention_layernorm[1](h))
-    merge     (h + m) + routed                       (transformers: residual + mlps[1] + shortcut)
-
-The routed branch is ``layer.mlp``: ``router.forward`` on x_s (hooks bypassed; a ``moepatch.apply``
-patch is applied per source rank through :func:`moepatch.patch.core.capacity_decision`), the
-computing experts (ids < E) are dispatched to their ranks, and the zero-computation experts
-(ids E .. E+Z-1: the token's state times its weight) are computed at the source rank and never
-dispatched (:func:`weigh_with_identity`).  Inference only, no KV cache.
-
-Legend: B sequences, S positions, T = B*S tokens, D hidden, E computing experts, Z identity experts,
-W slots per token, P rows sent by this rank.
+Each ``LongcatFlashDecoderLayer`` is one Pos-2 shortcut unit (direct add, ``mlps[1]`` the shared
+expert), built from the layer's own modules with the expressions of transformers' forward.  The
+computing experts (ids < E) are dispatched; the zero-computation experts (ids E .. E+Z-1: the
+token's state times its weight) are computed at the source (:func:`weigh_with_identity`).
+Inference only, no KV cache (docs/scmoe.md, "LongCat-Flash status").
+Legend: B sequences, S positions, T = B*S tokens, D hidden, E computing experts, Z identity
+experts, W slots per token, P rows sent by this rank.
 """
 
 from __future__ import annotations
@@ -30,7 +17,9 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import ModelStateError
+from ..ops.reference import sum_slots
 from ..parallel.dispatch import weigh_padded
+from ..patch.core import PatchHandle, capacity_decision, is_patched
 from .model import UnitProgram
 
 
@@ -53,6 +42,7 @@ class _ComputingExperts:
 
     def __init__(self, experts: torch.nn.Module, num_experts: int):
         # A view: transformers 5.17-5.24 keep E + Z rows in gate_up_proj, and rows E.. compute nothing.
+        self.num_experts = num_experts
         self.gate_up_proj = experts.gate_up_proj.detach()[:num_experts]
         self.down_proj = experts.down_proj.detach()
         self.act_fn = experts.act_fn
@@ -77,9 +67,7 @@ class LongcatRouted:
     @property
     def capacity(self):
         """The ``moepatch.apply`` handle of the model (its ``config``), or None when it is not patched."""
-        import moepatch
-
-        return moepatch.PatchHandle(self.owner.model) if moepatch.is_patched(self.owner.model) else None
+        return PatchHandle(self.owner.model) if is_patched(self.owner.model) else None
 
     def gate(self, x_s_TD: torch.Tensor, ctx: LongcatContext) -> tuple[torch.Tensor, torch.Tensor]:
         """(ids_TW, weights_TW): the router's picks, capacity-aware per source rank when patched."""
@@ -87,8 +75,6 @@ class LongcatRouted:
         output = self.router.forward(x_BSD)  # the native decision, without the patch's hook
         if self.capacity is None:
             return output[-1], output[-2]
-        from ..patch.core import capacity_decision
-
         w_TW, ids_TW = capacity_decision(self.owner.model, self.router, x_BSD, output, valid_BS=ctx.valid_BS,
                                          source_rank=ctx.source_rank)
         return ids_TW, w_TW
@@ -116,10 +102,8 @@ class LongcatRouted:
 def weigh_with_identity(y_PD: torch.Tensor, d, weights_TW: torch.Tensor, ids_TW: torch.Tensor,
                         x_s_TD: torch.Tensor, num_experts: int, zero_experts: int) -> torch.Tensor:
     """Source side of the combine with identity experts: out[t] = Σ over t's kept slots, in slot
-    order, of w · y (a returned row) or w · x_s[t] (an identity expert, computed here).
-
-    Like ``moepatch.parallel.dispatch.weigh_and_sum``: each product is taken as transformers does
-    (float32 weight against the rows' dtype) and cast back; the sum is float32 over (T, W, D).
+    order, of w · y (a returned row) or w · x_s[t] (an identity expert, computed here), each
+    product cast back to the rows' dtype and summed in float32 (as ``weigh_and_sum``).
 
     Args:
         y_PD: (P, D) returned rows in send order; d: the round (``Dispatched``) they belong to.
@@ -134,7 +118,7 @@ def weigh_with_identity(y_PD: torch.Tensor, d, weights_TW: torch.Tensor, ids_TW:
     ident_TW = (ids_TW >= num_experts) & (ids_TW < num_experts + zero_experts)
     tok_N, slot_N = ident_TW.nonzero(as_tuple=True)  # NOTE: host sync (data-dependent size)
     buf_TWD[tok_N, slot_N] = (x_s_TD[tok_N] * weights_TW[tok_N, slot_N, None]).to(x_s_TD.dtype)
-    return buf_TWD.float().sum(dim=1).to(x_s_TD.dtype)
+    return sum_slots(buf_TWD)
 
 
 class _Output:

@@ -202,16 +202,17 @@ def scale_as(coef: torch.Tensor, x: torch.Tensor, dtype: torch.dtype | None = No
 
 
 class SwiGLU(nn.Module):
-    """The dense MLP and the shared expert: down(silu(gate(x)) * up(x))."""
+    """The dense MLP and the shared expert: down(act(gate(x)) * up(x)), transformers' MLP names."""
 
-    def __init__(self, hidden: int, intermediate: int):
+    def __init__(self, hidden: int, intermediate: int, act_fn: Callable = F.silu):
         super().__init__()
         self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
         self.up_proj = nn.Linear(hidden, intermediate, bias=False)
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+        self.act_fn = act_fn
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
 class TopKRouter(nn.Module):

@@ -1,60 +1,13 @@
 """ScMoE under expert parallelism: the sequential and the overlapped schedule of a shortcut unit.
 
-Every rank holds the whole backbone and scores its own batch (data parallel); the routed experts
-of each MoE layer are split over the ranks in contiguous blocks and each rank's routed rows go to
-the experts' ranks through moepatch.parallel's dispatcher (a header exchange, then
-``all_to_all_single`` of the rows with split sizes; the reverse exchange to combine).
-
-One unit (dense block l and MoE block l+1 with a Pos-2 shortcut) runs, per schedule:
-
-* ``sequential``: x_s -> gate -> dispatch -> experts -> combine, then MLP_l, Attn_{l+1}, SE_{l+1},
-  then the merge.  Communication and compute alternate; nothing is hidden.
-* ``overlap``: x_s -> gate -> *start* the dispatch; backbone ops 0..K-1 run while the rows travel;
-  wait; the expert GEMMs (on the compute stream); *start* the combine; backbone ops K..N-1 run while
-  the rows come back; wait; weigh and sum; merge.  The gating and dispatch preparation go as early
-  as possible and the final combine as late as possible.
-
-Both run the same ops on the same data, so their outputs are equal (bit for bit: the combine is a
-fixed-order float32 sum).  The backbone ops after the source are those of
-:meth:`moepatch.scmoe.model.ScMoEForCausalLM.unit_program` (Pos-1: Attn_{l+1}, SE_{l+1}; Pos-2:
-MLP_l too; Pos-3: Attn_l too).
-
-Communication is asynchronous, compute stays on the current stream.  On CUDA the dispatch's own
-work (sorting the slots, gathering the rows, the header exchange and the copy of its values to
-the host) runs on a high-priority side stream that waits for the source (an event), beside
-backbone ops 0..K-1.  The host launches it after queueing the first of those ops
-(``ShortcutEP.dispatch_after_ops``); the split sizes must then be on the host before the rows can
-be sent (the one host sync per layer): the host looks for the header between the remaining
-backbone ops, without blocking, and sends the rows as soon as it is there
-(``rows_sender="thread"``: a helper thread waits for it with the GIL released and sends at once;
-measured no better).  The rows then go with ``all_to_all_single(..., async_op=True)`` issued from
-the side stream (NCCL's internal stream waits for it), and ``work.wait()`` makes the compute
-stream wait for the rows without blocking the host; the return exchange is issued from the
-compute stream after the expert GEMMs.  With gloo the same calls run on gloo's worker thread (no
-streams), so the same code path overlaps as far as gloo allows.
-
-``exchange="padded"`` drops the header: every rank sends Q = T·W rows (T the most tokens on any
-rank) to every rank, the routed ones first with each row's local expert id
-(:meth:`moepatch.parallel.dispatch.Dispatcher.begin_padded`), so no value is read back and the whole
-dispatch is queued on the side stream at once; the receiver computes its experts with moepatch.ops'
-fused kernel (which sorts on the GPU and skips the unused rows).  A unit then has no host sync at
-all, and ``graphs=True`` captures each (unit, schedule, input shapes) in a CUDA graph and replays
-it: the unit no longer depends on how fast the host launches (docs/scmoe.md, "Exchanges and CUDA
-graphs").
-
-The slot K of the expert GEMMs among the N backbone ops is the paper's rule on measured times
-(:func:`choose_slot`): minimise |Σ_{i<K} COMP_i − T_dispatch| + |Σ_{i≥K} COMP_i − T_combine|
-(ops 0..K-1 hide the dispatch, ops K..N-1 the combine); :meth:`ShortcutEP.calibrate` measures.
-
-This path is inference-only (the all-to-all is not differentiable) and every rank must run the
-same number of forwards (there is no idle-serving loop as in ``moepatch.parallel.ep_session``).
-
-transformers' LongCat-Flash runs here too, through :class:`moepatch.scmoe.longcat.LongcatShortcut`
-(one unit per decoder layer): its zero-computation experts are never dispatched, the source rank
-computes them in the final combine (the routed branch's ``computing_ids`` and ``combine``).
-
-Legend: B sequences, S positions, T = B*S tokens on this rank, D hidden, E routed experts,
-W routing slots per token, R rows this rank receives, P rows it sends, L local experts.
+Every rank holds the backbone and scores its own batch; each MoE layer's experts are split over
+the ranks and the routed rows travel through moepatch.parallel's dispatcher.  ``overlap`` starts
+the dispatch right after the gate, runs backbone ops 0..K-1 while the rows travel, the experts,
+then ops K..N-1 while the combine travels (K by :func:`choose_slot`); ``sequential`` hides nothing.
+Both give the same output bit for bit.  Inference only; every rank runs the same number of
+forwards.  Streams, exchanges and CUDA graphs: docs/scmoe.md.
+Legend: B sequences, S positions, T = B*S tokens on this rank, D hidden, W slots per token,
+R rows this rank receives, P rows it sends, N rows of a fixed-size exchange, L local experts.
 """
 
 from __future__ import annotations
@@ -71,17 +24,12 @@ import torch
 
 from ..errors import ModelStateError
 from ..ops.graph_cache import GraphCache
-from ..parallel.dispatch import (
-    _HEADER_FIXED,
-    AllToAllDispatcher,
-    Dispatched,
-    LocalDispatcher,
-    PaddedRound,
-    weigh_and_sum,
-    weigh_padded,
-)
-from ..parallel.ep import _EPBlock, compute_local_experts
-from .model import ForwardContext, ScMoEForCausalLM, UnitProgram
+from ..ops.reference import reference_experts
+from ..parallel.collectives import AsyncAllToAllDispatcher, PendingRows, world_size
+from ..parallel.dispatch import Dispatched, LocalDispatcher, PaddedRound, weigh_and_sum, weigh_padded
+from ..parallel.ep import EPBlock, compute_local_experts
+from ..patch.backend import layout_problem
+from .model import ForwardContext, FusedExperts, ScMoEForCausalLM, UnitProgram
 
 SCHEDULES = ("sequential", "overlap")
 SENDERS = ("thread", "poll")
@@ -96,117 +44,36 @@ def _sender() -> concurrent.futures.ThreadPoolExecutor:
     return _SENDER
 
 
-class AsyncAllToAllDispatcher(AllToAllDispatcher):
-    """moepatch.parallel's all-to-all dispatcher whose row exchanges can be left in flight.
-
-    Inside :meth:`in_flight`, ``_exchange_rows`` issues ``all_to_all_single(..., async_op=True)``
-    and returns the receive buffer at once; :meth:`take_pending` hands over the work handle, and
-    the buffer may be read only after :meth:`PendingRows.wait`.  Outside it, it is the plain
-    synchronous dispatcher.  Headers, statuses and error handling are the parent's.
-    """
-
-    def __init__(self, header_slots: int, group=None):
-        super().__init__(header_slots, group)
-        self._async = False
-        self._pending: PendingRows | None = None
-
-    @contextlib.contextmanager
-    def in_flight(self):
-        self._async = True
-        try:
-            yield
-        finally:
-            self._async = False
-
-    def _exchange_rows(self, send_NH, send_splits, recv_splits):
-        if not self._async:
-            return super()._exchange_rows(send_NH, send_splits, recv_splits)
-        recv_NH = send_NH.new_empty(sum(recv_splits), send_NH.shape[1])
-        work = self._call("rows", lambda: self._dist.all_to_all_single(
-            recv_NH, send_NH, output_split_sizes=recv_splits, input_split_sizes=send_splits, group=self.group,
-            async_op=True))
-        # The send buffer must outlive the exchange: the pending handle keeps it.  Exchanges issued
-        # before the handle is taken join it (the fixed-size dispatch sends ids, then rows).
-        if self._pending is None:
-            self._pending = PendingRows(self, [work], [send_NH])
-        else:
-            self._pending.works.append(work)
-            self._pending.keep.append(send_NH)
-        return recv_NH
-
-    def take_pending(self) -> PendingRows | None:
-        pending, self._pending = self._pending, None
-        return pending
-
-    def reduce_max(self, values: list[float]) -> list[float]:
-        """Element-wise max over the ranks (so every rank picks the same slots)."""
-        device = "cuda" if self._dist.get_backend(self.group) == "nccl" else "cpu"
-        t = torch.tensor(values, dtype=torch.float64, device=device)
-        self._call("timing", lambda: self._dist.all_reduce(t, op=self._dist.ReduceOp.MAX, group=self.group))
-        return t.tolist()
-
-
-@dataclass
-class PendingRows:
-    """All-to-alls of rows in flight (issued in this order) and the send buffers they read."""
-
-    dispatcher: AsyncAllToAllDispatcher
-    works: list
-    keep: list
-
-    def wait(self) -> None:
-        """Host-blocking on gloo; on NCCL the current stream waits, the host does not."""
-        works, self.works = self.works, []
-        for work in works:
-            self.dispatcher._call("rows", work.wait)
-        self.keep = []
-
-
 def _fused_layout_ok(experts) -> bool:
     """Whether moepatch.ops' fused SwiGLU kernel computes these experts (gated SiLU, [gate; up])."""
-    from .model import FusedExperts
-
     if isinstance(experts, FusedExperts):
         return True
     try:
-        from ..patch.backend import layout_problem as _layout_problem
+        return layout_problem(type(experts).__name__, experts) is None
     except ImportError:  # transformers without the fused layout
         return False
-    return _layout_problem(type(experts).__name__, experts) is None
 
 
-def compute_padded_experts(blk: _EPBlock, x_NH: torch.Tensor, local_N: torch.Tensor) -> torch.Tensor:
+def compute_padded_experts(blk: EPBlock, x_NH: torch.Tensor, local_N: torch.Tensor) -> torch.Tensor:
     """The local experts on the rows of a fixed-size exchange; rows naming no local expert give 0.
 
-    On CUDA (experts in the fused layout): moepatch.ops' fused experts with each row its own token
-    routed to its one expert (weight 1, sentinels skipped), which sorts, computes and reads nothing
-    back to the host.  Elsewhere a torch loop over the experts, whose bounds are read back (one
-    host sync; the CPU's path).  (N, H) in x's dtype.
+    On CUDA (fused layout): moepatch.ops' fused experts, each row routed to its one expert with
+    weight 1, nothing read back to the host.  Elsewhere moepatch.ops.reference (one host sync).
+    (N, H) in x's dtype.
     """
     if x_NH.shape[0] == 0:
         return torch.empty_like(x_NH)
     experts = blk.experts()
     if experts is None:
         raise ModelStateError("the experts module of an expert-parallel block no longer exists")
-    L = blk.gate_up_LIH.shape[0]
+    ones_N1 = torch.ones(x_NH.shape[0], 1, dtype=torch.float32, device=x_NH.device)
     if x_NH.is_cuda and _fused_layout_ok(experts):
         from ..ops.experts import fused_experts_impl
 
-        ones_N1 = torch.ones(x_NH.shape[0], 1, dtype=torch.float32, device=x_NH.device)
         return fused_experts_impl(x_NH, local_N.view(-1, 1), ones_N1, blk.gate_up_LIH, blk.down_LHI)
-    apply_gate = type(experts)._apply_gate
-    key_N = local_N.clamp(0, L)  # everything else sorts last
-    order_N = torch.sort(key_N, stable=True).indices
-    counts = torch.bincount(key_N, minlength=L + 1)[:L].tolist()  # NOTE: host sync (loop bounds)
-    out_NH = torch.zeros_like(x_NH)
-    start = 0
-    for j, n in enumerate(counts):
-        if n:
-            rows = order_N[start:start + n]
-            h = torch.nn.functional.linear(x_NH[rows], blk.gate_up_LIH[j])
-            out_NH[rows] = torch.nn.functional.linear(apply_gate(experts, h), blk.down_LHI[j])
-            start += n
-    return out_NH
+    # Ids >= L (no data) are dropped slots; weight 1 in float32 leaves each row exact.
+    return reference_experts(x_NH, local_N.view(-1, 1), ones_N1, blk.gate_up_LIH, blk.down_LHI,
+                             apply_gate=experts._apply_gate)
 
 
 def choose_slot(comp_s: list[float], t_dispatch: float, t_combine: float) -> int:
@@ -310,31 +177,21 @@ class ShortcutEP:
     """Run a native ScMoE (or baseline) model with its routed experts over the ranks of a process group.
 
     Args:
-        model: a :class:`ScMoEForCausalLM` or a transformers ``LongcatFlashForCausalLM`` (in eval
-            mode) with the same weights on every rank (same seed or checkpoint).  Its experts
-            modules keep their full parameters; this object computes with views of this rank's
-            contiguous block.
+        model: a :class:`ScMoEForCausalLM` or a transformers ``LongcatFlashForCausalLM`` in eval
+            mode, the same weights on every rank; this object computes with views of this rank's
+            contiguous block of experts.
         group: the process group (default: the default group); without an initialised process
             group, one rank with the local dispatcher (identity exchanges).
-        dispatch_after_ops: overlapped schedule on CUDA: how many backbone ops the host queues
-            before it launches the dispatch (default 1: GPU work to cover the launches, then the
-            header exchange starts as early as possible; 0: the dispatch first; a value >= the
-            slot K: the whole window first, then a blocking wait for the header).  Outputs do not
-            depend on it.
+        dispatch_after_ops: overlapped schedule on CUDA: backbone ops the host queues before it
+            launches the dispatch (0: the dispatch first; >= the slot K: the whole window first).
         rows_sender: overlapped schedule on CUDA: who sends the rows once the header is on the
-            host.  ``"poll"`` (default): this thread looks between backbone ops (a rank whose host
-            is slow to queue a long op sends late, and the other rank waits); ``"thread"``: a
-            helper thread waits for the header (the GIL released) and launches the rows'
-            all-to-all from the side stream at once, while this thread goes on queueing the
-            backbone (measured no better on two H200, docs/benchmarks.md run 9).  Outputs do not
-            depend on it.
-        exchange: ``"counts"`` (default: a header of counts read on the host, then exactly the
-            routed rows) or ``"padded"`` (fixed-size blocks of Q rows per rank pair, no host
-            sync; more bytes).  The padded exchange agrees on Q in :meth:`prepare` (a collective).
+            host, ``"poll"`` (this thread, between backbone ops) or ``"thread"`` (a helper thread).
+        exchange: ``"counts"`` (a header of counts read on the host, then exactly the routed rows)
+            or ``"padded"`` (Q rows per rank pair, agreed on in :meth:`prepare`; no host sync).
         graphs: with ``exchange="padded"`` on CUDA, replay every unit from a CUDA graph (captured
-            on a signature's second call; native ScMoE models only).  Same outputs bit for bit.
-    Capacity-aware routing applies per source rank when :func:`moepatch.scmoe.apply_capacity`
-    (LongCat-Flash: ``moepatch.apply``) was called with ``ep_size`` equal to the world size.
+            on a signature's second call; native ScMoE models only).
+    None of the options changes the outputs.  Capacity applies per source rank when
+    ``moepatch.apply`` was called with ``ep_size`` equal to the world size.
     """
 
     def __init__(self, model, group=None, dispatch_after_ops: int = 1, rows_sender: str = "poll",
@@ -358,9 +215,7 @@ class ShortcutEP:
         elif not isinstance(model, ScMoEForCausalLM):
             raise ModelStateError(f"ShortcutEP runs native ScMoE models and LongcatFlashForCausalLM, got "
                                   f"{type(model).__name__}")
-        import torch.distributed as dist  # through moepatch.parallel's dispatcher only
-
-        world = dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
+        world = world_size(group)
         self.model = model
         layers = model.moe_layers()
         header_slots = max(-(-m.num_experts // world) for m in layers)
@@ -369,17 +224,16 @@ class ShortcutEP:
         for m in layers:
             cap = m.capacity
             if cap is not None and cap.config.ep_size != world:
-                how = "moepatch.apply" if hasattr(m, "zero_experts") else "apply_capacity"
                 raise ModelStateError(f"capacity is configured for ep_size={cap.config.ep_size}; call "
-                                      f"{how}(model, ..., ep_size={world}) for {world} ranks")
+                                      f"moepatch.apply(model, ..., ep_size={world}) for {world} ranks")
         self._ordinal = {id(m): i for i, m in enumerate(layers)}
         self.blocks = []
         for i, m in enumerate(layers):
             local = self.dispatcher.local_experts(m.num_experts)
             sl = slice(local.start, local.stop)
             ex = m.experts
-            self.blocks.append(_EPBlock(i, m.num_experts, weakref.ref(ex), ex.gate_up_proj.detach()[sl],
-                                        ex.down_proj.detach()[sl], None))
+            self.blocks.append(EPBlock(i, m.num_experts, weakref.ref(ex), ex.gate_up_proj.detach()[sl],
+                                       ex.down_proj.detach()[sl], None))
         # Default slots before calibration: unit op costs, each exchange half an op.
         self.slots: dict[int, int] = {}
         self.timings: dict[int, UnitTiming] = {}
@@ -566,10 +420,8 @@ class ShortcutEP:
             for _, op in prog.ops[:k]:
                 op()
         elif self.exchange == "padded":
-            # CUDA, fixed-size exchange: the whole dispatch (layout, gather, both all-to-alls) is
-            # queued on the side stream behind the source's event; nothing waits for a value, so the
-            # host goes on queueing the window at once and the rows leave when the GPU gets there,
-            # however late the host is.
+            # CUDA, fixed-size exchange: the whole dispatch is queued on the side stream behind the
+            # source's event; nothing waits for a value, so the host queues the window at once.
             source_ready = torch.cuda.Event()
             source_ready.record()
             first = min(self.dispatch_after_ops, k)
@@ -580,18 +432,14 @@ class ShortcutEP:
                 d, pending = self._dispatch(prog, ids_TW, asynchronous=True, ctx=ctx)
             for _, op in prog.ops[first:k]:
                 op()
-            # The side stream joins the compute stream (its work is done by the time the rows
-            # are: a no-op in time; a CUDA graph capture needs every forked stream joined).
+            # Join the side stream (a no-op in time; a CUDA graph capture needs every fork joined).
             torch.cuda.current_stream().wait_stream(side)
         else:
-            # CUDA.  The host queues the first ``dispatch_after_ops`` backbone ops (GPU work while it
-            # launches the dispatch), then the dispatch's few kernels (sort, gather, header exchange,
-            # copy of the header to pinned memory) on the side stream, which waits only for the
-            # source; then the rest of ops 0..K-1 while the rows go out as soon as the header is on
-            # the host (sent by the helper thread, or by this one between ops: ``rows_sender``), so
-            # the exchange runs while the compute stream still has the window queued.  The backbone
-            # ops issue no collective, so the rank-dependent moment the rows are sent cannot reorder
-            # collectives between ranks.
+            # CUDA, counts exchange: the first ``dispatch_after_ops`` ops, then the dispatch's
+            # kernels (sort, gather, header exchange and its copy to the host) on the side stream
+            # behind the source; then the rest of ops 0..K-1, the rows sent as soon as the header
+            # is on the host.  Backbone ops issue no collective, so the rank-dependent moment the
+            # rows leave cannot reorder collectives between ranks.
             source_ready = torch.cuda.Event()
             source_ready.record()
             first = min(self.dispatch_after_ops, k)
@@ -671,22 +519,22 @@ class ShortcutEP:
             disp.return_rows(y_RD, d)
             send_PD = prog.x_s_TD[d.tok_P].contiguous()
             device = send_PD.device
-            header = torch.zeros(self.world, _HEADER_FIXED + disp.header_slots, dtype=torch.long, device=device)
+            header = disp.blank_header(device)
             send_out = [(send_PD, d.send_splits, d.recv_splits)]
             send_back = [(y_RD, d.recv_splits, d.send_splits)]
         out, back = [], []
         for it in range(warmup + iters):
-            disp._dist.barrier(group=disp.group)
+            disp.barrier()
             clock = _Clock(device)
             if not isinstance(d, PaddedRound):
-                disp._exchange_header(header)
+                disp.exchange_header(header)
             for args in send_out:
-                disp._exchange_rows(*args)
+                disp.exchange_rows(*args)
             t_out = clock.lap()
-            disp._dist.barrier(group=disp.group)
+            disp.barrier()
             clock = _Clock(device)
             for args in send_back:
-                disp._exchange_rows(*args)
+                disp.exchange_rows(*args)
             t_back = clock.lap()
             if it >= warmup:
                 out.append(t_out)

@@ -15,7 +15,7 @@ import sys
 import torch
 
 from moepatch.parallel import init_distributed
-from moepatch.scmoe.schedule import AsyncAllToAllDispatcher
+from moepatch.parallel.collectives import AsyncAllToAllDispatcher
 
 E, H = 5, 6  # 5 experts over 2 ranks: 3 and 2
 
