@@ -339,7 +339,7 @@ def bench_m(name, shape, M, block, holder, scoring, timer, args, device, dtype) 
     """Check, then time, every variant of one shape at M tokens."""
     import moepatch
     from moepatch.ops import experts as X
-    from moepatch.ops.routing import route_sync_free
+    from moepatch.ops.route import route as fused_route
     from moepatch.routing import make_config, route
 
     E, H, I, K = shape["E"], shape["H"], shape["I"], shape["K"]  # noqa: E741
@@ -392,7 +392,7 @@ def bench_m(name, shape, M, block, holder, scoring, timer, args, device, dtype) 
         rcfg = make_config(args.gamma, "drop", num_experts=E)
         scores = scoring.scores(logits0)
         factor = scoring.factor(scores, ids0)
-        a = route_sync_free(rcfg, scores, ids0, w0, factor, batch=1, seq=M)
+        a = fused_route(rcfg, scores, ids0, w0, factor, batch=1, seq=M)
         b = route(rcfg, scores, ids0, w0, factor, batch=1, seq=M)
         row["pairs_equal"] = bool(torch.equal(a.topk_ids_TW, b.topk_ids_TW))
         row["dropped_frac"] = float(b.dropped_pairs) / max(1, float(b.routed_pairs))
@@ -408,7 +408,7 @@ def bench_m(name, shape, M, block, holder, scoring, timer, args, device, dtype) 
         _attempt(row, "host_us_grouped_mm", lambda: timer.host(hf, len(routed)))
         rcfg_fast = make_config(args.gamma, "drop", num_experts=E, collect_stats=False)
         _attempt(row, "t_route_cap", lambda: timer(
-            lambda i: route_sync_free(rcfg_fast, scores, ids0, w0, factor, batch=1, seq=M).topk_ids_TW))
+            lambda i: fused_route(rcfg_fast, scores, ids0, w0, factor, batch=1, seq=M).topk_ids_TW))
         row["mem_triton_mb"] = _mem_or_none(device, lambda: ours(0))
         if graphs:
             _attempt(row, "t_triton_graph", lambda: timer.graph(lambda: ours(0)))

@@ -2,7 +2,7 @@
 
 Token Reroute, Expanded Drop and the random Token Drop policy route with one to two hundred small
 torch kernels; launching them costs the host far more than the GPU spends on them.  This times
-``route_sync_free`` (eager, as before) and ``moepatch.ops.route_graphs.route_graphed`` (captured
+``moepatch.ops.route.route`` (eager) and ``moepatch.ops.route_graphs.route_graphed`` (captured
 after two warm-up calls, then replayed) the way a model calls them: back to back, one sync at the
 end, wall-clock per call (so the host's launch time counts), median of rounds, after checking
 that both give the same pairs and statistics.  "replay alone" is the replayed graph without its
@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from moepatch.ops import route_graphs  # noqa: E402
-from moepatch.ops.routing import route_sync_free  # noqa: E402
+from moepatch.ops.route import route as eager_route  # noqa: E402
 from moepatch.routing import make_config  # noqa: E402
 
 SHAPES = {"mixtral": (8, 2), "olmoe": (64, 8), "deepseek-v2-lite": (64, 6)}  # experts, top-k
@@ -74,14 +74,14 @@ def main(argv=None) -> int:
                 route_graphs.clear()
                 for _ in range(route_graphs.WARMUP_CALLS + 1):
                     got = route_graphs.route_graphed(cfg, scores, ids, w, factor, **kw)
-                want = route_sync_free(cfg, scores, ids, w, factor, **kw)
+                want = eager_route(cfg, scores, ids, w, factor, **kw)
                 same = all(torch.equal(getattr(got, f), getattr(want, f)) for f in
                            ("topk_ids_TW", "topk_weights_TW", "load_after_E", "dropped_pairs", "rerouted_pairs"))
                 if not same:
                     raise SystemExit(f"{shape} T={T} {name}: the graph replay differs from the eager route")
                 graph = next((g for g in route_graphs._CACHE.values() if isinstance(g, route_graphs._RouteGraph)),
                              None)  # None: the capture-time timing kept the eager route
-                t_eager = _wall_ms(lambda: route_sync_free(cfg, scores, ids, w, factor, **kw), args.calls)
+                t_eager = _wall_ms(lambda: eager_route(cfg, scores, ids, w, factor, **kw), args.calls)
                 t_graph = _wall_ms(lambda: route_graphs.route_graphed(cfg, scores, ids, w, factor, **kw), args.calls)
                 t_floor = _wall_ms(graph.graph.replay, args.calls) if graph is not None else float("nan")
                 rows.append(dict(shape=shape, tokens=T, variant=name, eager_ms=t_eager, graph_ms=t_graph,

@@ -1,4 +1,4 @@
-"""Pure-torch capacity-aware routing: the reference every kernel and parallel path is tested against."""
+"""Capacity-aware routing in fixed-size torch ops (no host sync): the reference and what runs."""
 
 from .capacity import (
     bucket_rank,
@@ -14,11 +14,12 @@ from .capacity import (
 from .config import POLICIES, STRATEGIES, RoutingConfig, make_config
 from .route import RoutingResult, route
 from .scores import FamilyScoring
-from .stats import ForwardRecord, LoadStats
+from .stats import ForwardRecord, LoadStats, PendingRecord, describe_config
 from .strategies import expanded_drop, expert_drop, token_drop, token_reroute
 
 __all__ = [
-    "POLICIES", "STRATEGIES", "FamilyScoring", "ForwardRecord", "LoadStats", "RoutingConfig", "RoutingResult",
+    "POLICIES", "STRATEGIES", "FamilyScoring", "ForwardRecord", "LoadStats", "PendingRecord", "RoutingConfig",
+    "RoutingResult", "describe_config",
     "bucket_rank", "capacities", "capacity_for", "chunk_sizes", "expanded_drop", "expert_devices", "expert_drop",
     "group_ids", "make_config", "priority_order", "random_keys", "route", "token_devices", "token_drop",
     "token_reroute",

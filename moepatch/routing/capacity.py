@@ -2,7 +2,8 @@
 
 Legend: T tokens (batch-major flattening of B sequences of S positions), E routed experts,
 K experts per token, G capacity groups, D expert-parallel devices, NB capacity buckets per group
-(E for expert scope, D for device scope), P (token, expert) pairs.
+(E for expert scope, D for device scope), P (token, expert) pairs.  Everything here has fixed
+output sizes (no host sync on CUDA, capturable in a CUDA graph).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch
 
 # ceil(γ·T·k/E) in floating point: 1.1 * 80 / 8 evaluates to 11.000000000000002; a tolerance far
 # below one token keeps such products on the integer they denote.
-_CEIL_TOLERANCE = 1e-9
+CEIL_TOLERANCE = 1e-9
 
 
 def capacity_for(tokens: int, top_k: int, num_experts: int, capacity_factor: float, min_capacity: int = 0) -> int:
@@ -21,15 +22,25 @@ def capacity_for(tokens: int, top_k: int, num_experts: int, capacity_factor: flo
     if tokens <= 0:
         return int(min_capacity)
     raw = capacity_factor * tokens * top_k / num_experts
-    return max(int(min_capacity), math.ceil(raw - _CEIL_TOLERANCE))
+    return max(int(min_capacity), math.ceil(raw - CEIL_TOLERANCE))
 
 
 def capacities(tokens_G: torch.Tensor, top_k: int, num_experts: int, capacity_factor: float,
                min_capacity: int = 0) -> torch.Tensor:
     """Vectorised :func:`capacity_for` over groups: tokens_G (G,) int64 -> capacity_G (G,) int64."""
     raw_G = tokens_G.double() * (capacity_factor * top_k) / num_experts
-    cap_G = torch.ceil(raw_G - _CEIL_TOLERANCE).long().clamp_min(int(min_capacity))
+    cap_G = torch.ceil(raw_G - CEIL_TOLERANCE).long().clamp_min(int(min_capacity))
     return torch.where(tokens_G > 0, cap_G, torch.full_like(cap_G, int(min_capacity)))
+
+
+def count(index: torch.Tensor, size: int, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Fixed-size histogram (size,) int64 of ``index`` (values in [0, size)), optionally masked by a bool.
+
+    ``torch.bincount`` sizes its output from the data (a host sync on CUDA); this does not.
+    """
+    src = torch.ones_like(index, dtype=torch.long) if weight is None else weight.to(torch.long).expand_as(index)
+    return torch.zeros(size, dtype=torch.long, device=index.device).scatter_add_(
+        0, index.reshape(-1), src.reshape(-1))
 
 
 def expert_devices(num_experts: int, ep_size: int, device: torch.device | str | None = None) -> torch.Tensor:
@@ -37,10 +48,10 @@ def expert_devices(num_experts: int, ep_size: int, device: torch.device | str | 
 
     Matches ``torch.tensor_split(torch.arange(E), D)``, the split the expert-parallel loader uses.
     """
-    dev_E = torch.empty(num_experts, dtype=torch.long)
-    for d, block in enumerate(torch.tensor_split(torch.arange(num_experts), ep_size)):
-        dev_E[block] = d
-    return dev_E.to(device)
+    q, r = divmod(num_experts, ep_size)
+    e_E = torch.arange(num_experts, device=device)
+    boundary = r * (q + 1)
+    return torch.where(e_E < boundary, e_E // (q + 1), r + (e_E - boundary) // max(q, 1))
 
 
 def token_devices(num_tokens: int, ep_size: int, device: torch.device | str | None = None) -> torch.Tensor:
@@ -58,6 +69,8 @@ def group_ids(batch: int, seq: int, group: str, ep_size: int,
     simulated devices, which only happens when the batch does not divide by ``ep_size``).
     """
     T = batch * seq
+    if group == "batch" and ep_size == 1:
+        return torch.zeros(T, dtype=torch.long, device=device), 1
     dev_T = token_devices(T, ep_size, device)
     if group == "batch":
         return dev_T, ep_size
@@ -81,12 +94,10 @@ def bucket_rank(bucket_P: torch.Tensor, order_P: torch.Tensor, num_buckets: int)
     # A stable sort by bucket keeps the priority order inside each bucket.
     sorted_bucket, perm = torch.sort(bucket_P[order_P], stable=True)
     pair_at = order_P[perm]
-    counts_B = torch.bincount(sorted_bucket, minlength=num_buckets)
+    counts_B = count(sorted_bucket, num_buckets)
     starts_B = torch.cumsum(counts_B, 0) - counts_B
     rank_sorted = torch.arange(P, device=bucket_P.device) - starts_B[sorted_bucket]
-    rank_P = torch.empty_like(rank_sorted)
-    rank_P[pair_at] = rank_sorted
-    return rank_P
+    return torch.empty_like(rank_sorted).scatter_(0, pair_at, rank_sorted)
 
 
 def chunk_sizes(num_tokens: int, ep_size: int) -> list[int]:

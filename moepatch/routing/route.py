@@ -1,4 +1,5 @@
-"""One routing decision for one MoE layer and one forward: the reference every backend matches.
+"""One routing decision for one MoE layer and one forward: the reference every kernel matches and
+what runs (fixed-size tensor ops: no host sync on CUDA, capturable in a CUDA graph).
 
 Legend: B sequences of S positions, T = B * S tokens (batch-major), E routed experts, K native
 experts per token, W output slots per token (K, or more for expanded drop), G capacity groups,
@@ -16,18 +17,24 @@ group's native pairs on the E computing experts (P = T·k when Z = 0, the spec's
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import dataclass, fields
 
 import torch
 
-from .capacity import capacities, chunk_sizes, expert_devices, group_ids, random_keys, token_devices
+from .capacity import capacities, chunk_sizes, count, expert_devices, group_ids, random_keys, token_devices
 from .config import RoutingConfig
 from .strategies import expanded_drop, expert_drop, token_drop, token_reroute
+
+# Random-policy orders kept on the device, keyed by (seed, layer, shape, EP, device); bounded so a long
+# run over many shapes cannot grow without limit.
+_RANDOM_ORDERS: OrderedDict = OrderedDict()
+_RANDOM_ORDERS_MAX = 256
 
 
 @dataclass
 class RoutingResult:
-    """Output of :func:`route`; tensors stay on the routing device (no host sync).
+    """Output of :func:`route`; every field is computed eagerly on the routing device (no host sync).
 
     Attributes:
         topk_ids_TW: (T, W) int64 expert of each slot, E + Z where the slot is empty.
@@ -54,9 +61,8 @@ class RoutingResult:
     identity_pairs: torch.Tensor | None = None
 
 
-def _load(ids_TW: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """Pairs per expert (E,), ignoring the sentinel and zero-computation experts (ids >= E)."""
-    return torch.bincount(ids_TW.reshape(-1), minlength=num_experts + 1)[:num_experts]
+# The statistics of a RoutingResult (everything but the decision), in field order.
+STAT_FIELDS = tuple(f.name for f in fields(RoutingResult))[2:]
 
 
 def expanded_layout(keep_TE, topk_ids_TK, topk_weights_TK, scores_TE, factor_T, keep_TK, width):
@@ -95,10 +101,10 @@ def renormalize_kept(w_TW, topk_weights_TK, active_T):
 
 
 def policy_keys(cfg: RoutingConfig, num_tokens: int, top_k: int, layer: int, source_rank: int | None):
-    """The ``random`` policy's keys for this call (None for the other policies).
+    """The ``random`` policy's keys (float64, CPU) for this call (None for the other policies).
 
-    Fresh generators seeded with (seed, layer, source device) on every call: the same input always
-    keeps the same pairs, and each simulated device draws what its real rank would draw.
+    Generators seeded with (seed, layer, source device): the same input always keeps the same
+    pairs, and each simulated device draws what its real rank would draw.
     """
     if cfg.policy != "random":
         return None
@@ -107,9 +113,28 @@ def policy_keys(cfg: RoutingConfig, num_tokens: int, top_k: int, layer: int, sou
     return random_keys(cfg.seed, layer, [n * top_k for n in chunk_sizes(num_tokens, cfg.ep_size)])
 
 
+def random_order(cfg: RoutingConfig, T: int, K: int, layer: int, source_rank: int | None, device) -> torch.Tensor:
+    """The ``random`` policy's priority order (P,) on ``device``: the stable sort of :func:`policy_keys`.
+
+    It depends only on (seed, layer, T, K, ep_size, source rank), so it is computed once and kept:
+    after a warm-up call at the same shape no copy happens and the route can be captured.
+    """
+    key = (cfg.seed, layer, T, K, cfg.ep_size, source_rank, str(device))
+    order = _RANDOM_ORDERS.get(key)
+    if order is None:
+        # NOTE: host sync (host-to-device copy), once per key.
+        order = torch.sort(policy_keys(cfg, T, K, layer, source_rank), stable=True).indices.to(device)
+        _RANDOM_ORDERS[key] = order
+        if len(_RANDOM_ORDERS) > _RANDOM_ORDERS_MAX:
+            _RANDOM_ORDERS.popitem(last=False)
+    else:
+        _RANDOM_ORDERS.move_to_end(key)
+    return order
+
+
 def route(cfg: RoutingConfig, scores_TE: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor,
           factor_T: torch.Tensor | None, *, batch: int, seq: int, valid_BS: torch.Tensor | None = None,
-          layer: int = 0, source_rank: int | None = None, zero_experts: int = 0) -> RoutingResult:
+          layer: int = 0, source_rank: int | None = None, zero_experts: int = 0, drop=None) -> RoutingResult:
     """Apply capacity-aware routing to one layer's native top-k decision.
 
     Args:
@@ -126,6 +151,9 @@ def route(cfg: RoutingConfig, scores_TE: torch.Tensor, topk_ids_TK: torch.Tensor
             experts are their local experts.  None simulates ``cfg.ep_size`` devices in one process.
         zero_experts: Z, the number of zero-computation experts (the last Z score columns); they
             take no capacity (see the module docstring) and sit on no expert-parallel device.
+        drop: ``drop(ids_TS, weights_TS, policy) -> keep_TS`` (bool), a fused Token Drop over (T, S)
+            slot ids (ids >= E are empty slots) that chooses the pairs this function would; used for
+            reroute's first drop and expanded drop's candidates (moepatch.ops.route).  Z = 0 only.
     """
     T, E_all = scores_TE.shape
     Z = int(zero_experts)
@@ -138,14 +166,9 @@ def route(cfg: RoutingConfig, scores_TE: torch.Tensor, topk_ids_TK: torch.Tensor
         active_T = torch.ones(T, dtype=torch.bool, device=device)
     else:
         active_T = valid_BS.reshape(-1).to(device=device, dtype=torch.bool)
-    if source_rank is None:
-        group_T, G = group_ids(batch, seq, cfg.group, cfg.ep_size, device)
-        token_dev_T = token_devices(T, cfg.ep_size, device)
-    else:
-        group_T, G = group_ids(batch, seq, cfg.group, 1, device)
-        token_dev_T = torch.full((T,), source_rank, dtype=torch.long, device=device)
-    tokens_G = torch.bincount(group_T[active_T], minlength=G)
-    load_before_E = _load(topk_ids_TK[active_T], E)
+    group_T, G = group_ids(batch, seq, cfg.group, cfg.ep_size if source_rank is None else 1, device)
+    tokens_G = count(group_T, G, active_T)
+    load_before_E = count(topk_ids_TK, E_all, active_T[:, None])[:E]
     native = active_T.sum() * K  # every native pair of the real tokens, zero experts included
     identity = None
     if Z:
@@ -158,13 +181,17 @@ def route(cfg: RoutingConfig, scores_TE: torch.Tensor, topk_ids_TK: torch.Tensor
         return RoutingResult(topk_ids_TK, topk_weights_TK, load_before_E, load_before_E, tokens_G, None,
                              routed, zero, zero, zero, identity)
 
-    dev_E = expert_devices(E, cfg.ep_size, device)
+    def token_dev():
+        if source_rank is None:
+            return token_devices(T, cfg.ep_size, device)
+        return torch.full((T,), source_rank, dtype=torch.long, device=device)
+
     if cfg.capacity_scope == "expert":
         bucket_E = torch.arange(E, device=device)
         bucket_size_B = torch.ones(E, dtype=torch.long, device=device)
     else:
-        bucket_E = dev_E
-        bucket_size_B = torch.bincount(dev_E, minlength=cfg.ep_size)
+        bucket_E = expert_devices(E, cfg.ep_size, device)
+        bucket_size_B = count(bucket_E, cfg.ep_size)
     if Z:
         # Zero-computation experts belong to no bucket; the strategies ignore their entries.
         bucket_E = torch.cat([bucket_E, bucket_E.new_zeros(Z)])
@@ -172,57 +199,66 @@ def route(cfg: RoutingConfig, scores_TE: torch.Tensor, topk_ids_TK: torch.Tensor
     if cfg.strategy != "expert_drop":
         if Z:
             # The mean load counts the pairs on computing experts only: N̄ = P_g / E.
-            pairs_G = torch.bincount(group_T[:, None].expand(T, K)[active_T[:, None] & ~zero_TK], minlength=G)
+            pairs_G = count(group_T[:, None].expand(T, K), G, active_T[:, None] & ~zero_TK)
             capacity_G = capacities(pairs_G, 1, E, cfg.capacity_factor, cfg.min_capacity)
         else:
             capacity_G = capacities(tokens_G, K, E, cfg.capacity_factor, cfg.min_capacity)
-    sentinel = torch.full_like(topk_ids_TK, E_all)
-    w_zero = torch.zeros_like(topk_weights_TK)
     rerouted = added = zero
+
+    def first_drop():
+        if drop is not None:
+            return drop(topk_ids_TK, topk_weights_TK, cfg.policy)
+        order_P = random_order(cfg, T, K, layer, source_rank, device) if cfg.policy == "random" else None
+        return token_drop(scores_TE, topk_ids_TK, active_T, group_T, capacity_G, bucket_E, bucket_size_B,
+                          cfg.policy, zero_experts=Z, order_P=order_P)
 
     if cfg.strategy in ("drop", "expert_drop"):
         if cfg.strategy == "drop":
-            keep_TK = token_drop(scores_TE, topk_ids_TK, active_T, group_T, capacity_G, bucket_E,
-                                 bucket_size_B, cfg.policy, policy_keys(cfg, T, K, layer, source_rank), zero_experts=Z)
+            keep_TK = first_drop()
         else:
             # Each source device skips the experts least loaded by its own tokens (all it knows under EP).
             n_dev = 1 if source_rank is not None else cfg.ep_size
             keep_TK, _ = expert_drop(topk_ids_TK, active_T, E_all, cfg.expert_drop_fraction,
-                                     token_dev_T if source_rank is None else None, n_dev, zero_experts=Z)
-        ids_TW = torch.where(keep_TK, topk_ids_TK, sentinel)
-        w_TW = torch.where(keep_TK, topk_weights_TK, w_zero)
-        # Zero-expert pairs of real tokens are always kept, so the difference counts computing pairs only.
-        dropped = native - keep_TK.sum()
+                                     token_dev() if source_rank is None else None, n_dev, zero_experts=Z)
+        ids_TW = torch.where(keep_TK, topk_ids_TK, E_all)
+        w_TW = torch.where(keep_TK, topk_weights_TK, 0.0)
     elif cfg.strategy == "reroute":
-        keep_TK = token_drop(scores_TE, topk_ids_TK, active_T, group_T, capacity_G, bucket_E,
-                             bucket_size_B, cfg.policy, policy_keys(cfg, T, K, layer, source_rank), zero_experts=Z)
-        ids_TK, placed_TK, moved_TK = token_reroute(scores_TE, topk_ids_TK, keep_TK, active_T, group_T,
-                                                    capacity_G, bucket_E, bucket_size_B,
-                                                    cfg.reroute_target, cfg.reroute_rounds, zero_experts=Z)
+        ids_TK, keep_TK, moved_TK = token_reroute(scores_TE, topk_ids_TK, first_drop(), active_T, group_T,
+                                                  capacity_G, bucket_E, bucket_size_B,
+                                                  cfg.reroute_target, cfg.reroute_rounds, zero_experts=Z)
         moved_w_TK = (scores_TE.gather(1, ids_TK) * factor_T[:, None]).to(topk_weights_TK.dtype)
-        ids_TW = torch.where(placed_TK, ids_TK, sentinel)
-        w_TW = torch.where(moved_TK, moved_w_TK, torch.where(placed_TK, topk_weights_TK, w_zero))
-        dropped = native - placed_TK.sum()
+        ids_TW = torch.where(keep_TK, ids_TK, E_all)
+        w_TW = torch.where(moved_TK, moved_w_TK, torch.where(keep_TK, topk_weights_TK, 0.0))
         rerouted = moved_TK.sum()
     else:  # expanded
         if cfg.local_experts == "all" or cfg.ep_size == 1:
             local_TE = torch.ones(T, E_all, dtype=torch.bool, device=device)
             m = E
         else:
+            dev_E = expert_devices(E, cfg.ep_size, device)
             # Zero-computation experts sit on no device (-1): never local.
             dev_all_E = torch.cat([dev_E, dev_E.new_full((Z,), -1)]) if Z else dev_E
-            local_TE = dev_all_E[None, :] == token_dev_T[:, None]
+            local_TE = dev_all_E[None, :] == token_dev()[:, None]
             m = -(-E // cfg.ep_size)  # the largest device block of expert_devices
+        select = None
+        if drop is not None:
+            # The candidates' drop is Token Drop by score over (T, E) slots.
+            e_TE = torch.arange(E, device=device).expand(T, E)
+
+            def select(cand_TE):
+                return drop(torch.where(cand_TE, e_TE, E), scores_TE, "score")
+
         keep_TE = expanded_drop(scores_TE, topk_ids_TK, active_T, group_T, capacity_G, bucket_E, bucket_size_B,
-                                local_TE, cfg.max_experts_per_token, zero_experts=Z)
+                                local_TE, cfg.max_experts_per_token, zero_experts=Z, select=select)
         keep_TK = keep_TE.gather(1, topk_ids_TK)
         ids_TW, w_TW, extra_TE = expanded_layout(keep_TE, topk_ids_TK, topk_weights_TK, scores_TE, factor_T,
                                                  keep_TK, min(E_all, K + m))
-        dropped = native - keep_TK.sum()
         added = extra_TE.sum()
+    # Zero-expert pairs of real tokens are always kept, so the difference counts computing pairs only.
+    dropped = native - keep_TK.sum()
 
     if cfg.renormalize == "kept":
         w_TW = renormalize_kept(w_TW, topk_weights_TK, active_T)
 
-    return RoutingResult(ids_TW, w_TW, load_before_E, _load(ids_TW, E), tokens_G, capacity_G,
+    return RoutingResult(ids_TW, w_TW, load_before_E, count(ids_TW, E_all + 1)[:E], tokens_G, capacity_G,
                          routed, dropped, rerouted, added, identity)

@@ -123,7 +123,7 @@ def test_layer_on_another_gpu_than_the_current_one(T, graphs_kept):
     """A model spread over GPUs (device_map): the layer's tensors on cuda:1 while cuda:0 is current
     give what the launchers give with cuda:1 current, call after call."""
     from moepatch.ops.route_graphs import route_graphed
-    from moepatch.ops.routing import route_sync_free
+    from moepatch.ops.route import route as fused_route
     from moepatch.routing import make_config
 
     dev = "cuda:1"
@@ -141,7 +141,7 @@ def test_layer_on_another_gpu_than_the_current_one(T, graphs_kept):
         routes.append((s, top.indices, top.values * factor[:, None], factor))
     with torch.cuda.device(1):
         want = [X.fused_experts_impl(*c, w1, w2) for c in calls]
-        want_ids = [route_sync_free(cfg, *r, batch=1, seq=T).topk_ids_TW for r in routes]
+        want_ids = [fused_route(cfg, *r, batch=1, seq=T).topk_ids_TW for r in routes]
     torch.cuda.set_device(0)
     for c, r, expected, expected_ids in zip(calls, routes, want, want_ids):
         assert torch.equal(X.moe_experts(*c, w1, w2), expected)

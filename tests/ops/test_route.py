@@ -1,4 +1,4 @@
-"""route_sync_free (the Triton backend's routing) chooses exactly the reference's pairs."""
+"""moepatch.ops.route.route (fused Token Drop where it applies) and route_graphed equal moepatch.routing.route."""
 
 import itertools
 
@@ -6,8 +6,9 @@ import pytest
 import torch
 from routing_asserts import assert_same_routing  # tests/ops/routing_asserts.py
 
-from moepatch.ops import routing as sync_free
-from moepatch.ops.routing import _fused_drop_applies, route_sync_free
+from moepatch.ops import route as ops_route
+from moepatch.ops.route import fused_drop_applies
+from moepatch.ops.route import route as fused_route
 from moepatch.routing import FamilyScoring, make_config, route
 
 
@@ -69,7 +70,7 @@ def _runs():
 @pytest.mark.parametrize("case,gamma,path", list(_runs()))
 def test_same_pairs_as_reference(case, gamma, ties, path, monkeypatch):
     # Token Drop runs fused (one Triton launch) where it applies; the torch path is checked too.
-    monkeypatch.setattr(sync_free, "USE_FUSED_DROP", path == "fused")
+    monkeypatch.setattr(ops_route, "USE_FUSED_DROP", path == "fused")
     opts = dict(case)
     strategy = opts.pop("strategy")
     fused = path == "fused"
@@ -83,7 +84,7 @@ def test_same_pairs_as_reference(case, gamma, ties, path, monkeypatch):
         valid[2, -1] = False
         for v in (None, valid):
             kw = dict(batch=B, seq=S, valid_BS=v, layer=seed)
-            assert_same_routing(route_sync_free(cfg, scores, ids, w, factor, **kw),
+            assert_same_routing(fused_route(cfg, scores, ids, w, factor, **kw),
                                 route(cfg, scores, ids, w, factor, **kw))
 
 
@@ -95,7 +96,7 @@ def test_source_rank_and_odd_shapes(strategy):
             opts = {"ep_size": ep} if strategy != "reroute" else {"ep_size": ep, "reroute_rounds": 2}
             cfg = make_config(1.0, strategy, num_experts=E, **opts)
             kw = dict(batch=1, seq=T, source_rank=src)
-            assert_same_routing(route_sync_free(cfg, scores, ids, w, factor, **kw),
+            assert_same_routing(fused_route(cfg, scores, ids, w, factor, **kw),
                                 route(cfg, scores, ids, w, factor, **kw))
 
 
@@ -105,7 +106,7 @@ def test_capacity_zero_and_all_padding():
     valid = torch.zeros(2, 3, dtype=torch.bool)
     for c in (cfg, make_config(1.0, "reroute", num_experts=4, group="sequence")):
         kw = dict(batch=2, seq=3, valid_BS=valid)
-        a, b = route_sync_free(c, scores, ids, w, factor, **kw), route(c, scores, ids, w, factor, **kw)
+        a, b = fused_route(c, scores, ids, w, factor, **kw), route(c, scores, ids, w, factor, **kw)
         assert_same_routing(a, b)
         assert (a.topk_ids_TW == 4).all()  # every slot a sentinel
 
@@ -118,18 +119,18 @@ def test_no_host_sync_and_graph_capture():
     for strategy, opts in (("drop", {}), ("drop", {"policy": "random"}), ("reroute", {"reroute_rounds": 2}),
                            ("expanded", {"ep_size": 2}), ("expert_drop", {})):
         cfg = make_config(1.0, strategy, num_experts=8, **opts)
-        route_sync_free(cfg, scores, ids, w, factor, batch=4, seq=16)  # warm-up fills the random-order cache
+        fused_route(cfg, scores, ids, w, factor, batch=4, seq=16)  # warm-up fills the random-order cache
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
-            res = route_sync_free(cfg, scores, ids, w, factor, batch=4, seq=16)
+            res = fused_route(cfg, scores, ids, w, factor, batch=4, seq=16)
         finally:
             torch.cuda.set_sync_debug_mode(0)
         ref = route(cfg, scores, ids, w, factor, batch=4, seq=16)
         assert_same_routing(res, ref)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            out = route_sync_free(cfg, scores, ids, w, factor, batch=4, seq=16)
+            out = fused_route(cfg, scores, ids, w, factor, batch=4, seq=16)
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(out.topk_ids_TW, ref.topk_ids_TW)
@@ -142,7 +143,7 @@ def test_reroute_and_expanded_drop_step_on_the_sorted_kernel_path(strategy, opts
     """Their drop step on the fused kernel with the pairs sorted by expert first (the large-P path)."""
     from moepatch.ops import routing_kernels
 
-    monkeypatch.setattr(sync_free, "USE_FUSED_DROP", True)
+    monkeypatch.setattr(ops_route, "USE_FUSED_DROP", True)
     monkeypatch.setattr(routing_kernels, "SORTED_MIN_PAIRS", 0)
     monkeypatch.setattr(routing_kernels, "MAX_SORTED_BLOCK", 16)
     B, S, E, K = 3, 7, 8, 2
@@ -152,7 +153,7 @@ def test_reroute_and_expanded_drop_step_on_the_sorted_kernel_path(strategy, opts
     valid[1, :2] = False
     for v in (None, valid):
         kw = dict(batch=B, seq=S, valid_BS=v, layer=0)
-        assert_same_routing(route_sync_free(cfg, scores, ids, w, factor, **kw),
+        assert_same_routing(fused_route(cfg, scores, ids, w, factor, **kw),
                             route(cfg, scores, ids, w, factor, **kw))
 
 
@@ -183,7 +184,7 @@ def test_graph_replay_equals_eager(case, monkeypatch):
             for v in (None, valid):
                 kw = dict(batch=B, seq=S, valid_BS=v, layer=layer)
                 got = route_graphs.route_graphed(cfg, scores, ids, w, factor, **kw)
-                results.append((got, route_sync_free(cfg, scores, ids, w, factor, **kw)))
+                results.append((got, fused_route(cfg, scores, ids, w, factor, **kw)))
     graphs = [g for g in route_graphs._CACHE.values() if isinstance(g, route_graphs._RouteGraph)]
     assert graphs, "no signature was captured"
     for got, want in results:  # statistics read only now, after every replay
@@ -193,7 +194,7 @@ def test_graph_replay_equals_eager(case, monkeypatch):
     scores, ids, w, factor = (t.cuda() for t in _inputs(B * S, 8, K, 7, ties=False))
     w.requires_grad_(True)
     got = route_graphs.route_graphed(cfg, scores, ids, w, factor, batch=B, seq=S, valid_BS=valid, layer=0)
-    want = route_sync_free(cfg, scores, ids, w, factor, batch=B, seq=S, valid_BS=valid, layer=0)
+    want = fused_route(cfg, scores, ids, w, factor, batch=B, seq=S, valid_BS=valid, layer=0)
     assert got.topk_weights_TW.requires_grad == want.topk_weights_TW.requires_grad
-    assert want.topk_weights_TW.requires_grad or _fused_drop_applies(cfg, scores, ids)
+    assert want.topk_weights_TW.requires_grad or fused_drop_applies(cfg, scores, ids)
     route_graphs.clear()
