@@ -1,10 +1,8 @@
 """Dispatch: sort the (token, slot) pairs into per-expert blocks of BLOCK_M rows, without a host sync.
 
 Legend: T tokens, W slots, P = T * W pairs (p = t * W + w), E experts, R rows, C chunks of BLOCK_P pairs.
-Layout (sizes from P, E, BLOCK_M only): sorted_pairs_R, the pair of each row (P on padding rows; expert
-e owns rows [start_E1[e], start_E1[e+1]), its pairs ascending, padded to BLOCK_M), and start_E1 (E + 1).
-Deterministic, no atomics: count per (chunk, expert), an exclusive scan over chunks, then a scatter
-(rank among the chunk's pairs of the same expert); one chunk: the scatter alone counts (one launch).
+sorted_pairs_R: the pair of each row (P on padding rows; expert e owns rows [start_E1[e], start_E1[e+1]),
+its pairs ascending, padded to BLOCK_M).  Count, scan over chunks, scatter (one chunk: the scatter alone).
 """
 
 from __future__ import annotations
@@ -12,8 +10,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-# Pairs per chunk (the rank comparison is CHUNK x CHUNK), elements of the count kernel's (BLOCK_P, E_PAD)
-# one-hot sub-blocks, warps of the count and scatter kernels (tuned on the H200; scripts vary them).
+# Pairs per chunk (the rank comparison is CHUNK x CHUNK), elements of the count kernel's one-hot
+# sub-blocks, warps of the count and scatter kernels (tuned on the H200).
 CHUNK = 64
 TILE_ELEMS = 2048
 NUM_WARPS = 4

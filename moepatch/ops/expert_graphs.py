@@ -1,9 +1,7 @@
-"""CUDA-graph replay of the fused experts layer at 1-64 tokens (decode steps, short prompts).
-
-There the layer is bound by the host (Triton's Python launcher, the configuration lookup), not the
-GPU: :func:`experts_graphed` captures the layer once per signature (function, device, token count,
-the inputs' shapes, dtypes and strides, the weights' addresses) and replays it, the same output bit
-for bit.  Graphs read the weights in place and keep the tile configuration of their capture
+"""CUDA-graph replay of the fused experts layer at 1-64 tokens, where the host (Triton's launcher, the
+configuration lookup) bounds it.  :func:`experts_graphed` captures the layer once per signature
+(function, device, token count, the inputs' shapes, dtypes and strides, the weights' addresses) and
+replays it, the same output bit for bit; graphs keep the tile configuration of their capture
 (:func:`moepatch.ops.tuning.set_tables` clears them).  Legend: T tokens, W slots, H hidden, E experts, I intermediate.
 """
 
@@ -56,20 +54,15 @@ def experts_graphed(fn, x_TH: torch.Tensor, ids_TW: torch.Tensor, weights_TW: to
     """``fn(x_TH, ids_TW, weights_TW, gate_up_EIH, down_EHI)``, replayed from a CUDA graph where that pays:
     on CUDA, 1..MAX_TOKENS tokens, not inside the caller's own capture, after WARMUP_CALLS calls."""
     with on_device(x_TH):
-        return _experts_graphed(fn, x_TH, ids_TW, weights_TW, gate_up_EIH, down_EHI)
+        if not x_TH.is_cuda or not 0 < x_TH.shape[0] <= MAX_TOKENS or torch.cuda.is_current_stream_capturing():
+            return fn(x_TH, ids_TW, weights_TW, gate_up_EIH, down_EHI)
+        inputs = (x_TH, ids_TW, weights_TW)
+        key = _signature(fn, inputs + (gate_up_EIH, down_EHI))
 
+        def eager():
+            return fn(x_TH, ids_TW, weights_TW, gate_up_EIH, down_EHI)
 
-def _experts_graphed(fn, x_TH, ids_TW, weights_TW, gate_up_EIH, down_EHI):
-    T = x_TH.shape[0]
-    if not x_TH.is_cuda or not 0 < T <= MAX_TOKENS or torch.cuda.is_current_stream_capturing():
-        return fn(x_TH, ids_TW, weights_TW, gate_up_EIH, down_EHI)
-    inputs = (x_TH, ids_TW, weights_TW)
-    key = _signature(fn, inputs + (gate_up_EIH, down_EHI))
-
-    def eager():
-        return fn(x_TH, ids_TW, weights_TW, gate_up_EIH, down_EHI)
-
-    with torch.no_grad():
-        return _GRAPHS.call(key, inputs, eager,
-                            lambda: _ExpertsGraph(fn, x_TH, ids_TW, weights_TW, gate_up_EIH, down_EHI),
-                            warmup_calls=WARMUP_CALLS, wall=_wall)
+        with torch.no_grad():
+            return _GRAPHS.call(key, inputs, eager,
+                                lambda: _ExpertsGraph(fn, x_TH, ids_TW, weights_TW, gate_up_EIH, down_EHI),
+                                warmup_calls=WARMUP_CALLS, wall=_wall)

@@ -2,9 +2,8 @@
 
 Legend: T tokens, W slots per token, P = T * W pairs, R dispatch rows, E experts, H hidden,
 I intermediate, S split-K parts of the down GEMM.  Slots whose id is outside [0, E) add nothing.
-Grids and buffers depend on (T, W, E, H, I) only and nothing is read back to the host (CUDA-graph
-safe); results are bit-identical run to run (no atomics).  The launchers take an explicit tile
-configuration (what tune.py times); the custom ops (``moepatch::fused_experts``, ...) look it up.
+No host sync, no atomics (CUDA-graph safe, bit-identical run to run).  Launchers take an explicit
+tile configuration (what tune.py times); the custom ops (``moepatch::fused_experts``, ...) look it up.
 """
 
 from __future__ import annotations
@@ -70,11 +69,9 @@ class DispatchLayout:
                     H_BY_PAIR=self.h_by_pair)
 
 
-# Configurations whose pipeline depth had to shrink on this GPU (too little shared memory), by
-# (kernel name, tile sizes): the stages that compiled.
+# (kernel name, tile sizes) -> the pipeline depth that compiled, where this GPU had too little shared memory.
 _STAGES_THAT_FIT: dict = {}
-# Programmatic dependent launch between the pointer path's kernels (gemm_kernels.py) on Hopper and
-# later; False turns it off (scripts/bench_kernels.py --no-pdl).  Never under the interpreter.
+# Programmatic dependent launch between the pointer path's kernels on Hopper and later (False: off).
 PDL = True
 
 
@@ -101,8 +98,8 @@ def use_pdl(device: torch.device) -> bool:
 
 
 def _launch(kernel, grid, args, constexprs: dict, num_warps: int, num_stages: int, pdl: bool = False):
-    """Launch ``kernel``; where this GPU lacks the shared memory for ``num_stages`` (the tables target
-    the H200's 227 KiB), retry with fewer.  Only a configuration's first launch can fail so, never a replay."""
+    """Launch ``kernel``, with fewer stages where this GPU lacks the shared memory for ``num_stages`` (the
+    tables target the H200's 227 KiB); only a configuration's first launch can fail so."""
     extra = {"launch_pdl": True} if pdl else {}
     stages = num_stages
     key = None
@@ -144,11 +141,8 @@ def fuse_dispatch(num_pairs: int, num_experts: int, block_m: int) -> bool:
 
 
 def dispatch(ids_TW: torch.Tensor, num_experts: int, block_m: int, fuse: bool | None = None) -> DispatchLayout:
-    """Sort the pairs of ``ids_TW`` (T, W) into per-expert blocks of ``block_m`` rows (no host sync).
-
-    ``fuse``: True returns a fused layout (no launch, small P only); None fuses on CUDA where
-    :func:`fuse_dispatch` allows (slow under the interpreter, so CPU tests ask for it explicitly).
-    """
+    """Sort the pairs of ``ids_TW`` (T, W) into per-expert blocks of ``block_m`` rows.  ``fuse``: True, a
+    fused layout (no launch); None: on CUDA where :func:`fuse_dispatch` allows (slow under the interpreter)."""
     T, W = ids_TW.shape
     P, E = T * W, num_experts
     ids_P = ids_TW.reshape(-1)
@@ -187,14 +181,13 @@ def dispatch(ids_TW: torch.Tensor, num_experts: int, block_m: int, fuse: bool | 
 
 def ep_prepare(ids_TW: torch.Tensor, layout: DispatchLayout, dev_E: torch.Tensor, local_E: torch.Tensor,
                fixed: torch.Tensor, world: int, header_slots: int) -> tuple[torch.Tensor, ...]:
-    """Expert parallelism's bookkeeping after :func:`dispatch` with ``block_m`` 1, in one launch.
+    """Expert parallelism's bookkeeping after :func:`dispatch` (unfused, block_m 1), in one launch.
 
-    ids_TW (T, W): the ids ``layout`` (block_m 1, not fused) sorted; dev_E, local_E (E,) int64: rank of
-    each expert and its index there; fixed (F,) int64: values in front of every header row; world D,
-    header_slots M.  Returns header_DX (D, F + M) int64 (fixed values, then pairs per (rank, local
-    expert)), meta (D + 1,) int64 (pairs per rank, then ids outside [0, E]), order_P and tok_P (P,) int64
-    (pair and token of every row, P past the kept pairs), pos_P (P,) int64 (row of every pair, -1: not sent).
-    """
+    ids_TW (T, W) the ids ``layout`` sorted; dev_E, local_E (E,) int64 rank of each expert and its index
+    there; fixed (F,) int64 values in front of every header row; world D, header_slots M.  Returns int64
+    header_DX (D, F + M) (fixed values, then pairs per (rank, local expert)), meta (D + 1,) (pairs per rank,
+    then ids outside [0, E]), order_P, tok_P (P,) (pair and token of every row, P past the kept pairs) and
+    pos_P (P,) (row of every pair, -1: not sent)."""
     if layout.fused or layout.block_m != 1:
         raise ValueError("ep_prepare needs an unfused dispatch layout with block_m 1")
     P, E, W = layout.num_pairs, layout.num_experts, layout.width
@@ -215,10 +208,9 @@ def padded_send(x_TH: torch.Tensor, ids_TW: torch.Tensor, layout: DispatchLayout
                 dest_P: torch.Tensor, slots_per_peer: int) -> None:
     """Fill the fixed-size expert-parallel send buffers in one launch (see ``padded_send_kernel``).
 
-    x_TH (T, H); ids_TW (T, W) the ids ``layout`` (unfused, block_m 1) sorted; dev_E, local_E (E,) int64
-    rank of each expert and its index there; first_D (D,) int64 first expert of each rank; send_NH
-    (D·Q, H) contiguous, x's dtype, and send_local_N (D·Q,) int64 (rows no pair takes keep their
-    values); dest_P (T·W,) int64, written: each slot's row, −1 where it sends nothing; slots_per_peer Q.
+    x_TH (T, H); ids_TW, dev_E, local_E as :func:`ep_prepare`; first_D (D,) int64 first expert of each
+    rank; send_NH (D·Q, H) contiguous in x's dtype and send_local_N (D·Q,) int64 (rows no pair takes keep
+    their values); dest_P (T·W,) int64, written: each slot's row, −1 where it sends nothing; slots_per_peer Q.
     """
     if layout.fused or layout.block_m != 1:
         raise ValueError("padded_send needs an unfused dispatch layout with block_m 1")
@@ -247,13 +239,10 @@ def _pointer_constexprs(layout: DispatchLayout, c: dict, E: int, K: int, dtype: 
 
 def gate_up(x_TH: torch.Tensor, gate_up_EIH: torch.Tensor, layout: DispatchLayout, config: dict,
             out: torch.Tensor | None = None) -> torch.Tensor:
-    """h = silu(x @ gate^T) * (x @ up^T) for every kept pair, by pair or by row (``layout.h_by_pair``).
-
-    x_TH (T, H) in the weights' dtype; gate_up_EIH (E, 2I, H), [gate; up] rows; config: its "gate_up".
-    """
+    """h = silu(x @ gate^T) * (x @ up^T) for every kept pair, by pair or by row (``layout.h_by_pair``);
+    x_TH (T, H) in the weights' dtype, gate_up_EIH (E, 2I, H) [gate; up] rows."""
     E, two_i, H = gate_up_EIH.shape
     I = two_i // 2  # noqa: E741
-    # One row per pair or per dispatch row (layout.h_by_pair); gate_up_desc always keeps R rows.
     h_RI = out if out is not None else torch.empty(layout.h_rows, I, device=x_TH.device, dtype=x_TH.dtype)
     if layout.num_pairs == 0:
         return h_RI
@@ -272,10 +261,8 @@ def gate_up(x_TH: torch.Tensor, gate_up_EIH: torch.Tensor, layout: DispatchLayou
 
 def down(h_RI: torch.Tensor, down_EHI: torch.Tensor, layout: DispatchLayout, weights_TW: torch.Tensor,
          config: dict) -> torch.Tensor:
-    """y_SPH[s, p] = weight[p] * (h[row of p] @ down_e^T) over split-K part s; rows of dropped pairs unwritten.
-
-    Returns (S, P, H): in h's dtype when S == 1, else fp32 parts for the combine to add.
-    """
+    """y_SPH[s, p] = weight[p] * (h[row of p] @ down_e^T) over split-K part s (rows of dropped pairs
+    unwritten): (S, P, H) in h's dtype when S == 1, else fp32 parts for the combine to add."""
     E, H, I = down_EHI.shape  # noqa: E741
     c = config["down"]
     split = max(1, min(int(c.get("SPLIT_K", 1)), _cdiv(I, c["BLOCK_K"])))
@@ -298,8 +285,7 @@ def down(h_RI: torch.Tensor, down_EHI: torch.Tensor, layout: DispatchLayout, wei
 
 
 def descriptors_fit(layout: DispatchLayout, *tensors: torch.Tensor) -> bool:
-    """Whether the descriptor GEMMs (tma_kernels.py) take these operands: contiguous, 16-byte aligned
-    bases and rows, and a dispatch layout (not the fused one)."""
+    """Whether the descriptor GEMMs take these operands: contiguous, 16-byte aligned, an unfused layout."""
     if layout.fused or layout.num_pairs == 0:
         return False
     return all(t.is_contiguous() and t.data_ptr() % 16 == 0 and (t.shape[-1] * t.element_size()) % 16 == 0
@@ -390,10 +376,8 @@ def down_desc(h_RI: torch.Tensor, down_EHI: torch.Tensor, layout: DispatchLayout
 
 def combine(y_SPH: torch.Tensor, ids_TW: torch.Tensor, num_experts: int, out_dtype: torch.dtype,
             pdl: bool = False) -> torch.Tensor:
-    """out_TH[t] = fixed-order fp32 sum of the token's kept rows of y_SPH (0 when none is kept).
-
-    pdl: launched as a programmatic dependent of the down GEMM (see gemm_kernels.py; CUDA only).
-    """
+    """out_TH[t] = fixed-order fp32 sum of the token's kept rows of y_SPH (0 when none is kept); pdl: a
+    programmatic dependent of the down GEMM (CUDA only)."""
     T, W = ids_TW.shape
     S, _, H = y_SPH.shape
     out_TH = torch.empty(T, H, device=y_SPH.device, dtype=out_dtype)
@@ -409,10 +393,8 @@ def combine(y_SPH: torch.Tensor, ids_TW: torch.Tensor, num_experts: int, out_dty
 
 def weighted_combine(y_PH: torch.Tensor, pos_TW: torch.Tensor, weights_TW: torch.Tensor,
                      out_dtype: torch.dtype) -> torch.Tensor:
-    """out_TH[t] = fp32 sum over t's slots of (y_PH[pos[t, w]] * w[t, w]).to(y's dtype); pos -1: no row.
-
-    The expert-parallel combine: one pass over the returned rows, no (T*W, H) scatter buffer.
-    """
+    """The expert-parallel combine: out_TH[t] = fp32 sum over t's slots of (y_PH[pos[t, w]] * w[t, w]).to(y's
+    dtype), pos -1: no row; one pass over the returned rows, no (T*W, H) scatter buffer."""
     T, W = pos_TW.shape
     H = y_PH.shape[1]
     out_TH = torch.empty(T, H, device=y_PH.device, dtype=out_dtype)
@@ -432,10 +414,8 @@ def token_path(layout: DispatchLayout, config: dict) -> bool:
 
 def down_token(h_RI: torch.Tensor, down_EHI: torch.Tensor, ids_TW: torch.Tensor, weights_TW: torch.Tensor,
                config: dict, out_dtype: torch.dtype, fused: bool = False) -> torch.Tensor:
-    """:func:`down` and :func:`combine` in one launch for a single token (h by pair); returns (1, H).
-
-    fused: h came from a fused-layout gate_up (then launched as its programmatic dependent on CUDA).
-    """
+    """:func:`down` and :func:`combine` in one launch for a single token (h by pair): (1, H).  fused: h
+    came from a fused-layout gate_up (then launched as its programmatic dependent on CUDA)."""
     E, H, I = down_EHI.shape  # noqa: E741
     W = ids_TW.shape[1]
     c = config["down"]
@@ -478,12 +458,9 @@ def _check(x_TH, ids_TW, weights_TW, gate_up_EIH, down_EHI):
 def fused_experts_impl(x_TH: torch.Tensor, ids_TW: torch.Tensor, weights_TW: torch.Tensor,
                        gate_up_EIH: torch.Tensor, down_EHI: torch.Tensor, config: dict | None = None,
                        fuse_dispatch: bool | None = None) -> torch.Tensor:
-    """The whole fused experts layer: (T, H) in x_TH's dtype.
-
-    x_TH (T, H) any float dtype (computed in the weights'); ids_TW (T, W) integer expert ids, outside
-    [0, E): empty slots; weights_TW (T, W) any float dtype (applied in fp32); gate_up_EIH (E, 2I, H)
-    [gate; up]; down_EHI (E, H, I).  config: None looks it up; fuse_dispatch: see :func:`dispatch`.
-    """
+    """The whole fused experts layer: (T, H) in x_TH's dtype.  x_TH (T, H) any float dtype (computed in
+    the weights'); ids_TW (T, W) integer ids, outside [0, E): empty slots; weights_TW (T, W) any float
+    dtype (applied in fp32); gate_up_EIH (E, 2I, H) [gate; up]; down_EHI (E, H, I); config None: looked up."""
     _check(x_TH, ids_TW, weights_TW, gate_up_EIH, down_EHI)
     E = gate_up_EIH.shape[0]
     cfg = config if config is not None else config_for(x_TH, ids_TW, gate_up_EIH)
@@ -501,10 +478,8 @@ def fused_experts_impl(x_TH: torch.Tensor, ids_TW: torch.Tensor, weights_TW: tor
 def moe_experts(x_TH: torch.Tensor, ids_TW: torch.Tensor, weights_TW: torch.Tensor, gate_up_EIH: torch.Tensor,
                 down_EHI: torch.Tensor, *, graphs: bool = True) -> torch.Tensor:
     """What patched models call (shapes as :func:`fused_experts_impl`): the custom op under torch.compile,
-    else the launchers directly (a custom-op call costs 10-20 µs of host per layer), replayed from CUDA
-    graphs at 1-64 tokens unless ``graphs`` is False (:mod:`moepatch.ops.expert_graphs`).  Same result
-    on every path; none records autograd.
-    """
+    else the launchers directly (a custom op costs host time per layer), replayed from CUDA graphs at 1-64
+    tokens unless ``graphs`` is False.  Same result on every path; none records autograd."""
     if torch.compiler.is_compiling():
         return fused_experts(x_TH, ids_TW, weights_TW, gate_up_EIH, down_EHI)
     if not graphs:

@@ -1,12 +1,9 @@
 """Grouped expert GEMMs over the dispatch layout, and the deterministic combine (no atomics).
 
-Legend: T tokens, W slots per token, P = T * W pairs, R dispatch rows (dispatch_kernels.py), E experts,
-H hidden, I intermediate, S split-K parts.  gate_up_kernel keeps gate and up in two accumulators (the
-(R, 2I) projection never reaches memory); down_kernel stores y_SPH by pair, in fp32 parts with split-K;
-combine_kernel sums a token's rows in fixed order; down_token_kernel is down + combine for one token.
-H_BY_PAIR: h has P rows (below grouped_mm's memory) except on fused layouts with BLOCK_M >= 32.
-FUSED (small P): every program derives the dispatch layout from the slot ids itself (no dispatch launch).
-PDL (Hopper, fused layouts): the next kernel launches while the previous one runs and waits (gdc_wait).
+Legend: T tokens, W slots per token, P = T * W pairs, R dispatch rows, E experts, H hidden,
+I intermediate, S split-K parts.  H_BY_PAIR: h has P rows, else (fused layouts with BLOCK_M >= 32) R.
+FUSED (small P): each program derives the dispatch layout from the slot ids.  PDL (Hopper, fused
+layouts): the next kernel launches early and waits (gdc_wait) before reading.  Detail: docs/kernels.md.
 """
 
 from __future__ import annotations
@@ -134,7 +131,6 @@ def gate_up_kernel(x_ptr, w1_ptr, h_ptr, ids_ptr, sorted_ptr, start_ptr,
 
     # SiLU in fp32 on the unrounded accumulator, one rounding for the stored product.
     h = acc_g * tl.sigmoid(acc_g) * acc_u
-    # H_BY_PAIR: h has one row per pair, else one per padded dispatch row (see the module docstring).
     h_row = pair if H_BY_PAIR else row0 + tl.arange(0, BLOCK_M)
     h_ptrs = h_ptr + h_row[:, None].to(tl.int64) * stride_hr + offs_n[None, :]
     tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
@@ -241,7 +237,7 @@ def down_token_kernel(h_ptr, w2_ptr, out_ptr, ids_ptr, weights_ptr, W, E, N, K,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, W_PAD: tl.constexpr, EVEN_K: tl.constexpr,
                        PRECISION: tl.constexpr, PDL: tl.constexpr = False):
     """N = H, K = I; h has one row per slot of the single token.  A 16-row tl.dot whose row 0 is the token
-    (rows 1-15 masked, never loaded) keeps the GEMMs' pipelined loads; ids outside [0, E) add nothing."""
+    (rows 1-15 masked, never loaded) keeps the GEMMs' pipelined loads."""
     pid_n = tl.program_id(0)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N

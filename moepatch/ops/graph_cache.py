@@ -1,9 +1,8 @@
 """CUDA graphs kept per call signature: what route_graphs.py and expert_graphs.py share.
 
-:meth:`GraphCache.call` runs the eager function until a signature was seen ``warmup_calls`` times
-(kernels compiled, one-off shapes never captured), then captures it once, times replay against eager
-(:func:`wall`) and keeps the faster; a capture raising RuntimeError leaves it eager.  The graphs of one
-cache share one memory pool (they run one at a time on the caller's stream).
+:meth:`GraphCache.call` runs eagerly until a signature was seen ``warmup_calls`` times, then captures
+it once and keeps the replay only where it beat the eager call (:func:`wall`); a capture raising
+RuntimeError stays eager.  The graphs of one cache share one memory pool.
 """
 
 from __future__ import annotations
@@ -15,8 +14,8 @@ import torch
 
 
 def on_device(t: torch.Tensor):
-    """A context making ``t``'s CUDA device current where it is not: Triton launches, and graphs capture
-    and replay, on the current device, and a model over several GPUs (``device_map``) calls layers on others."""
+    """A context making ``t``'s CUDA device current where it is not (Triton launches and graphs use the
+    current device; a ``device_map`` model calls layers on several GPUs)."""
     if t.is_cuda and t.device.index != torch.cuda.current_device():
         return torch.cuda.device(t.device)
     return contextlib.nullcontext()

@@ -1,8 +1,6 @@
 """The one reference expert computation (pure torch): what tests, expert parallelism, ScMoE and
-benchmarks call, and what the fused kernels are checked against.
-
-An expert is SwiGLU over transformers' fused layout: gate_up (2I, D) with the gate rows first,
-down (D, I).  A token's output is the sum of its slots' weighted outputs in slot order, in float32.
+benchmarks call, and what the fused kernels are checked against.  An expert is SwiGLU over
+transformers' fused layout; a token's output sums its slots' weighted outputs in slot order, in fp32.
 
 Legend: T tokens, R rows, D hidden, I intermediate, E experts, W slots per token.
 """
@@ -17,16 +15,9 @@ import torch.nn.functional as F
 
 def expert_mlp(x_RD: torch.Tensor, gate_up_2ID: torch.Tensor, down_DI: torch.Tensor,
                act: Callable = F.silu, apply_gate: Callable | None = None) -> torch.Tensor:
-    """One expert on rows: down(act(gate) * up).
-
-    Args:
-        x_RD: (R, D) rows; gate_up_2ID: (2I, D) gate rows first; down_DI: (D, I).
-        act: the elementwise activation of the gate.
-        apply_gate: replaces ``act(gate) * up``: (R, 2I) -> (R, I), e.g. a transformers experts
-            module's bound ``_apply_gate`` (clamped or interleaved variants).
-    Returns:
-        (R, D) in the weights' and rows' dtype.
-    """
+    """One expert on rows: down(act(gate) * up) -> (R, D).  x_RD (R, D); gate_up_2ID (2I, D) gate rows
+    first; down_DI (D, I); apply_gate replaces ``act(gate) * up``, (R, 2I) -> (R, I) (e.g. a transformers
+    experts module's bound ``_apply_gate``)."""
     h_RX = F.linear(x_RD, gate_up_2ID)
     if apply_gate is None:
         gate_RI, up_RI = h_RX.chunk(2, dim=-1)
@@ -45,20 +36,12 @@ def sum_slots(y_TWD: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Te
 def reference_experts(x_TD: torch.Tensor, ids_TW: torch.Tensor, weights_TW: torch.Tensor,
                       gate_up_E2ID: torch.Tensor, down_EDI: torch.Tensor, *, act: Callable = F.silu,
                       apply_gate: Callable | None = None) -> torch.Tensor:
-    """Routed experts, expert by expert: out[t] = sum over slots j of w[t, j] * expert_{ids[t, j]}(x[t]).
+    """Routed experts, expert by expert: out[t] = sum over slots j of w[t, j] * expert_{ids[t, j]}(x[t]), (T, D).
 
-    Each product is taken in the promoted dtype (a float32 weight against bf16 rows: float32) and
-    cast to x's dtype, then the slots are summed by :func:`sum_slots`, as transformers' experts and
-    the expert-parallel combine do.  Slots whose id is outside [0, E) (capacity's sentinel E) are
-    dropped; a token may name one expert in several slots.
-
-    Args:
-        x_TD: (T, D); ids_TW: (T, W) int64; weights_TW: (T, W) (float32 or x's dtype);
-        gate_up_E2ID: (E, 2I, D) gate rows first; down_EDI: (E, D, I); act / apply_gate: as
-        :func:`expert_mlp`.
-    Returns:
-        (T, D) in x's dtype.
-    """
+    x_TD (T, D); ids_TW (T, W) int64, outside [0, E): dropped slots (a token may name one expert twice);
+    weights_TW (T, W); gate_up_E2ID (E, 2I, D) gate rows first; down_EDI (E, D, I); act / apply_gate as
+    :func:`expert_mlp`.  Each product is taken in the promoted dtype and cast to x's dtype, then the slots
+    are summed by :func:`sum_slots`, as transformers' experts and the expert-parallel combine do."""
     T, W = ids_TW.shape
     E = gate_up_E2ID.shape[0]
     flat_P = ids_TW.reshape(-1)

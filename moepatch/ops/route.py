@@ -1,12 +1,9 @@
 """Capacity-aware routing with the fused Token Drop kernel (routing_kernels.py) where it covers the case.
 
-:func:`route` has the signature and the result of :func:`moepatch.routing.route` and chooses the
-same pairs (ties included; tests/ops).  Token Drop with the ``score``, ``order`` or ``reverse``
-policy in expert scope (any group, simulated EP or ``source_rank``), fp32 scores, no
-zero-computation experts, on CUDA or under the interpreter: one kernel launch computes capacities,
-ranks, the kept slots and the statistics (groups of more than ``SORTED_MIN_PAIRS`` pairs are first
-sorted by expert).  Token Reroute's first drop and Expanded Drop's drop over its candidates run on
-the same kernel (``drop=`` of moepatch.routing.route); everything else is moepatch.routing.route.
+:func:`route` is :func:`moepatch.routing.route` (same arguments, same pairs, ties included): Token
+Drop by ``score``, ``order`` or ``reverse`` in expert scope, fp32 scores, no zero-computation experts,
+on CUDA or the interpreter is one kernel launch; Reroute's and Expanded Drop's drop steps run on it
+too (``drop=``); everything else is moepatch.routing.route.
 
 Legend: T tokens, E experts, K native experts per token, S slots per token, G capacity groups.
 """
@@ -56,11 +53,9 @@ def _f64_bits(x: float) -> int:
 
 
 def drop_launch(cfg, scores_TE, ids_TS, w_TS, batch, seq, valid_BS, source_rank, native_k: int, policy: str):
-    """Launch ``_capacity_drop_kernel`` over (T, S) slot ids (ids outside [0, E) are empty slots).
-
-    ``native_k`` is the K of C = γ·T·K/E.  Returns (ids_TS with the sentinel E on dropped and
-    empty slots, weights with 0 there, the kernel's statistics buffer, G, the valid mask or None).
-    """
+    """``_capacity_drop_kernel`` over (T, S) slot ids (outside [0, E): empty); ``native_k`` is the K of
+    C = γ·T·K/E.  Returns (ids with the sentinel E on dropped and empty slots, weights with 0 there,
+    the statistics buffer, G, the valid mask or None)."""
     from . import routing_kernels as RK
 
     T, E = scores_TE.shape

@@ -1,17 +1,10 @@
 """CUDA-graph replay of :func:`moepatch.ops.route.route`, for the routes made of many small kernels.
 
-Token Reroute and Expanded Drop (and the Token Drop policies the fused kernel does not cover)
-route with one to two hundred small torch kernels per layer; launching them costs the host
-milliseconds while the GPU idles.  :func:`route_graphed` captures the route once per routing
-signature (config, shapes, dtypes, batch x seq, source rank, and the layer only where the random
-policy uses it) and replays it: inputs are copied into the graph's static buffers, the decision
-and the statistics copied out.  Same result as the eager call, bit for bit (tests/ops, GPU).
-
-Used only on CUDA with ``cfg.cuda_graphs``, never when an input requires grad (a replay would cut
-the router's gradient), never while the caller is itself capturing (the eager route, capture-safe,
-is inlined into the caller's graph), and only after a signature was seen ``WARMUP_CALLS`` times.
-At capture the replay and the eager call are timed once and the faster is kept for the signature.
-All graphs share one memory pool; :func:`clear` drops every graph.
+Reroute, Expanded Drop and the drops the fused kernel does not cover launch one to two hundred
+small kernels per layer.  :func:`route_graphed` captures the route once per routing signature and
+replays it (the same result bit for bit), only with ``cfg.cuda_graphs`` on CUDA, never when an input
+requires grad (a replay would cut the router's gradient) nor inside the caller's own capture, and
+keeps the replay only where it beat the eager call at capture.  :func:`clear` drops every graph.
 """
 
 from __future__ import annotations

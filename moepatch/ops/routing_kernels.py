@@ -1,39 +1,11 @@
 """Token Drop in one launch: capacity, per-expert priority ranks and the kept slots, on the device.
 
 Legend: T tokens, K slots per token (the native top-k), P = T * K pairs (pair p = t * K + k),
-E experts, G capacity groups, BLOCK pairs per tile.
-
-``_capacity_drop_kernel`` runs one program per (group g, expert e).  Every capacity group is a
-contiguous range of tokens (a batch-major slice of sequences and/or simulated devices, see
-``routing.capacity.group_ids``), so program (g, e) scans the pairs of its group and:
-
-1. counts the group's active tokens (T_g) and its expert's active pairs (n);
-2. computes C = max(min_capacity, ceil(γ·T_g·K/E − 1e-9)) in float64, bit for bit the
-   reference's ``capacities`` (γ·K and the tolerance arrive as float64 bit patterns because
-   Triton passes Python floats as float32);
-3. if n > C, finds which pairs rank below C in the policy's order:
-   ``score``: a radix select (8 passes of 4-bit digits) finds the C-th largest score key; pairs
-   above it are kept, and of the pairs equal to it the first ones in token order, which is the
-   reference's tie rule (stable sort of -score over token-major pairs).
-   ``order`` / ``reverse``: the rank is the running count of the expert's pairs in token order;
-   the first / last C are kept;
-4. writes the slot of every pair of its expert in the group: the expert id when kept, else the
-   sentinel E and weight 0, and its counts (load before / after, T_g, C) for the statistics.
-
-Each pair is written by exactly one program (the one of its expert and group); out-of-range ids
-are written as sentinels by the expert-0 program.  No atomics: the result does not depend on
-scheduling.  Cost: E programs read each group's ids once or twice, plus ~10 passes for an expert
-over capacity (its pairs only load scores); at Mixtral shapes a few microseconds.
-
-Large groups (more than ``SORTED_MIN_PAIRS`` pairs): scanning every pair of the group in each of
-E programs is E times the necessary work (0.36 ms at 16384 tokens, 128 experts, top-8 on an H200),
-so the pairs are first sorted by expert with the dispatch kernels (one row per pair, ascending pair
-numbers within an expert: the same token order) and program (g, e) walks only expert e's rows of
-group g (found by binary search when groups share the list).  The outputs are pre-filled with the
-sentinel, which out-of-range slots keep.  Same keys, same passes, same result.
-
-Score keys: float32 scores map to int32 keys with the same order (−0.0 equals +0.0; NaN ranks
-last, as in the reference's sort), biased to [0, 2^32) so digits are unsigned.
+E experts, G capacity groups, BLOCK pairs per tile.  One program per (group, expert) computes the
+capacity C in float64 as routing.capacity does, ranks its expert's pairs by the policy (a radix
+select of the C-th largest score key for ``score``, running counts for ``order`` / ``reverse``) and
+writes every slot of that expert in the group; no atomics.  Large groups are first sorted by expert
+(SORTED).  Algorithm and costs: docs/kernels.md, "Token Drop kernel".
 """
 
 from __future__ import annotations
@@ -44,10 +16,8 @@ import triton.language as tl
 
 @triton.jit
 def _pairs(ids_ptr, valid_ptr, sorted_ptr, i, hi, e, K, HAS_VALID: tl.constexpr, SORTED: tl.constexpr):
-    """Tile ``i`` (indices below ``hi``) of the program's pairs: (pair, id, pair of expert e, active, in range).
-
-    Unsorted: i are pair numbers of the group.  SORTED: i are rows of expert e's ascending pair list.
-    """
+    """Tile ``i`` (below ``hi``): (pair, id, pair of expert e, active, in range); i are pair numbers, or
+    with SORTED rows of expert e's ascending pair list."""
     in_range = i < hi
     if SORTED:
         p = tl.load(sorted_ptr + i, mask=in_range, other=0).to(tl.int64)
@@ -100,13 +70,9 @@ def _capacity_drop_kernel(ids_ptr, w_ptr, scores_ptr, valid_ptr, sorted_ptr, sta
                           SEARCH: tl.constexpr):
     """POLICY 0 = score, 1 = order, 2 = reverse.  stats: before (G, E), after (G, E), T_g (G), C (G), int64.
 
-    SORTED: the pairs arrive grouped by expert (sorted_ptr / start_ptr: a dispatch layout of one row
-    per pair, ascending pair numbers within an expert), so a program visits only its expert's pairs;
-    the outputs are pre-filled with the sentinel, which is what slots with an out-of-range id keep.
-    SEARCH: several groups share an expert's list; each program binary-searches its group's rows.
-
-    (Reductions are packed two per int64 where possible: each tl.sum is a JIT call that costs about
-    a millisecond under the CPU interpreter the tests run on; on the GPU it makes no difference.)
+    SORTED: sorted_ptr / start_ptr are a dispatch layout of one row per pair and the outputs are
+    pre-filled with the sentinel; SEARCH: groups share an expert's list (binary search for the rows).
+    Reductions are packed two per int64: each tl.sum costs about a millisecond under the interpreter.
     """
     pid = tl.program_id(0)
     e = pid % E
@@ -213,7 +179,8 @@ def _capacity_drop_kernel(ids_ptr, w_ptr, scores_ptr, valid_ptr, sorted_ptr, sta
         if SORTED:
             oob = in_range & (offs < 0)  # sentinel slots kept their pre-filled values
         else:
-            # (the expert-0 test is broadcast first: the interpreter rejects a mask built with a scalar)
+            # Out-of-range ids: the expert-0 program writes their sentinels (the test is broadcast first:
+            # the interpreter rejects a mask built with a scalar).
             oob = ((ids < 0) | (ids >= E)) & in_range & ((offs * 0 + e) == 0)
         match = mine & act
         if POLICY == 0:
@@ -241,14 +208,10 @@ def _capacity_drop_kernel(ids_ptr, w_ptr, scores_ptr, valid_ptr, sorted_ptr, sta
         tl.store(stats_ptr + 2 * GE + G + g, cap)
 
 
-# Pairs per tile.  A group that fits one tile keeps its keys in registers across the radix passes;
-# larger groups stream their tiles from L2 once per pass.  (Tests lower it to reach the tiled path.)
+# Pairs per tile: a group of one tile keeps its keys in registers across the radix passes.
 MAX_BLOCK = 512
-# Groups of more pairs than this are first sorted by expert (the dispatch kernels), so that each
-# program walks its expert's pairs only: E programs scanning every pair of a group is E times the work,
-# which at 131072 pairs and 128 experts took a third of a millisecond.  Above one tile (MAX_BLOCK) an
-# expert over capacity also re-reads the whole group in each of the 8 radix passes: at 2048 pairs
-# over 128 experts (Qwen3 M = 256) that cost ~50 µs against ~10 µs for the sort.  (Tests lower it.)
+# Larger groups are sorted by expert first: E programs scanning a whole group is E times the work, and
+# above one tile each radix pass re-reads the group (docs/kernels.md has the measurements).
 SORTED_MIN_PAIRS = 512
 MAX_SORTED_BLOCK = 1024
 

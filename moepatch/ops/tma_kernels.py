@@ -1,10 +1,8 @@
 """Large-M expert GEMMs on contiguous, pre-gathered rows, loaded with tensor descriptors (TMA on Hopper).
 
-Legend: T tokens, W slots per token, P = T * W pairs, R dispatch rows, E experts, H hidden, I intermediate.
-gather_rows_kernel copies the dispatch rows into x_RH (zeros on padding rows), so every operand tile is
-a rectangle of a 2-D tensor that TMA loads.  Descriptors zero-fill past a tensor's edges; columns read
-past I or H are never stored.  Tiles cover only the row blocks in use; NUM_PROGRAMS > 0: persistent
-programs walking the tiles (FLATTEN: pipelined across tiles).
+Legend: P pairs, R dispatch rows, E experts, H hidden, I intermediate.  gather_rows_kernel copies the
+dispatch rows into x_RH (zeros on padding rows), so every operand tile is a rectangle TMA loads;
+descriptors zero-fill past the edges.  NUM_PROGRAMS > 0: persistent programs walking the tiles.
 """
 
 from __future__ import annotations

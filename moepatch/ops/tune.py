@@ -54,11 +54,8 @@ SMEM_BYTES = 227 * 1024  # H200 shared memory per block
 
 
 def candidate_configs(M: int, E: int, H: int, I: int, K: int) -> list[tuple]:  # noqa: E741
-    """The search space of :func:`tune` for one shape and M: [(BLOCK_M, gate_up list, down list[, "desc"])].
-
-    BLOCK_M follows the mean rows per expert (M * K / E) so an expert's rows fill one or two blocks;
-    "desc" entries are the descriptor GEMMs; pipelines past the H200's shared memory are left out.
-    """
+    """The search space for one shape and M: [(BLOCK_M, gate_up list, down list[, "desc"])], BLOCK_M after
+    the mean rows per expert (M * K / E); pipelines past the H200's shared memory left out."""
     rows = M * K / E
     if M == 1:
         plan = [(16, STREAM_GATE_UP, TOKEN_DOWN + STREAM_DOWN)]
@@ -85,22 +82,14 @@ def candidate_configs(M: int, E: int, H: int, I: int, K: int) -> list[tuple]:  #
 def tune(shapes: list[tuple[int, int, int, int]], ms: list[int], *, dtype: torch.dtype = torch.bfloat16,
          out: str | os.PathLike | None = None, reps: int = 20, max_candidates: int | None = None,
          device: str = "cuda", log=None, budget_s: float | None = None) -> Path:
-    """Autotune (E, H, I, K) shapes over token counts ``ms`` on the current GPU and write a table.
+    """Autotune (E, H, I, K) ``shapes`` over token counts ``ms`` on the current GPU; returns the table's path.
 
-    Per M: the configuration the lookup gives today is timed first (the baseline and the reference
-    outputs are checked against, rel err < 2e-2), then per BLOCK_M each gate_up candidate, then each
-    down candidate with its combine; the best BLOCK_M is re-timed as a whole layer and the fastest
-    wins.  Untuned buckets keep the lookup's configuration.  Routing is uniform random top-k.
-
-    Args:
-        shapes: list of (E, H, I, K); ms: tokens per forward, one bucket each.
-        out: JSON path; default ``~/.cache/moepatch/kernel_configs/<GPU>.json``.
-        max_candidates: at most this many candidates per GEMM and BLOCK_M (the first of each list).
-        budget_s: wall-clock budget for the call, shared evenly by the (shape, M) pairs; a pair out
-            of time keeps its best so far.  log: callable taking one line of progress, or None.
-    Returns:
-        The path written.
-    """
+    Per M the lookup's configuration is timed first (the baseline, and the outputs are checked against
+    it, rel err < 2e-2), then per BLOCK_M each gate_up and each down + combine candidate; the best of each
+    BLOCK_M is re-timed as a whole layer and the fastest wins.  Routing is uniform random top-k.
+    out: JSON path (default ``~/.cache/moepatch/kernel_configs/<GPU>.json``); max_candidates: the first
+    that many per GEMM and BLOCK_M; budget_s: wall-clock budget shared evenly by the (shape, M) pairs (a
+    pair out of time keeps its best so far); log: callable taking one line of progress, or None."""
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("tune() times kernels on a CUDA GPU; none is available")
     if torch.device(device).type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -221,14 +210,14 @@ BUSY_CYCLES = 400_000  # the spin kernel queued ahead of a timed call whose laun
 
 
 def busy_gpu() -> None:
-    """Queue ~0.2 ms of spinning on the current stream: events recorded after it around a graph replay
-    time the device's work alone (the host's ~5-15 µs launch of the graph happens while the GPU spins)."""
+    """Queue ~0.2 ms of spinning on the current stream, so that events recorded after it time a graph
+    replay's device work alone (its host launch happens while the GPU spins)."""
     torch.cuda._sleep(BUSY_CYCLES)
 
 
 def time_ms(fn, reps: int, device: torch.device, hide_launch: bool = False) -> float:
-    """Median milliseconds of ``fn`` over ``reps`` CUDA-event timings after two warm-up calls (wall clock
-    off CUDA).  hide_launch: each timing starts behind :func:`busy_gpu` (device time of a graph replay)."""
+    """Median milliseconds of ``fn`` over ``reps`` CUDA-event timings after two warm-up calls (wall clock off
+    CUDA); hide_launch: each timing starts behind :func:`busy_gpu`."""
     for _ in range(2):
         fn()
     times = []
@@ -255,7 +244,7 @@ TUNE_FAILURES: list[str] = []  # candidates that failed to compile or run, with 
 
 def _time_safe(fn, reps: int, device: torch.device) -> float:
     """:func:`time_ms`, or infinity for a configuration this GPU cannot compile or run (recorded in
-    TUNE_FAILURES): a tuner explores configurations nobody ran before and must not end on one."""
+    TUNE_FAILURES): a tuner explores untried configurations and must not end on one."""
     from triton.runtime.errors import OutOfResources
 
     try:

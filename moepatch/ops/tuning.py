@@ -1,11 +1,9 @@
 """Tile configurations per GPU and shape: the table lookup and the defaults (the autotuner is tune.py).
 
-A configuration: {"BLOCK_M": 16, "gate_up": {BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages},
-"down": {... SPLIT_K}} (optional: "DESC", the descriptor GEMMs).  Tables are JSON files named after
-the GPU (NVIDIA_H200.json): shape key "E=8,H=4096,I=14336,K=2" -> M bucket -> configuration.  They
-are read from the directory of :func:`set_tables` (else ``$MOEPATCH_KERNEL_CONFIGS``), then
-~/.cache/moepatch/kernel_configs, then moepatch/ops/configs; the first that has the shape wins.
-
+A configuration: {"BLOCK_M", "gate_up": {BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages}, "down":
+{... SPLIT_K}} (optional "DESC": the descriptor GEMMs).  Tables are JSON files named after the GPU:
+shape key "E=8,H=4096,I=14336,K=2" -> M bucket -> configuration, read from :func:`set_tables`'s
+directory (else ``$MOEPATCH_KERNEL_CONFIGS``), ~/.cache/moepatch/kernel_configs, moepatch/ops/configs.
 Legend: M tokens, E experts, H hidden, I intermediate, K experts per token (slots W at run time).
 """
 
@@ -34,10 +32,8 @@ def user_dir() -> Path:
 
 
 def set_tables(directory: str | os.PathLike | None) -> None:
-    """Look tables up in ``directory`` first (None: ``$MOEPATCH_KERNEL_CONFIGS`` again).
-
-    Forgets the cached lookups and the experts' CUDA graphs, which keep the configuration of their capture.
-    """
+    """Look tables up in ``directory`` first (None: ``$MOEPATCH_KERNEL_CONFIGS`` again); forgets the cached
+    lookups and the experts' CUDA graphs, which keep the configuration of their capture."""
     _TABLES[:] = [Path(directory)] if directory is not None else []
     get_config.cache_clear()
     expert_graphs.clear()
@@ -109,13 +105,9 @@ DESC_DEFAULT = {128: (dict(gu(128, 64, 16, 8, 4), JOINT=1, H_STORE_SPLIT=2, **PF
 
 def default_config(M: int, E: int, H: int, I: int, K: int, device_type: str = "cuda",  # noqa: E741
                    descriptors: bool = False) -> dict:
-    """A configuration for any shape, from the mean rows per expert (M * K / E).
-
-    Few rows: weight streaming, thin tiles (BLOCK_M 16), down split along K and BLOCK_N shrunk until
-    the grid covers the SMs several times.  Many rows: compute-bound large tiles.  With ``descriptors``
-    (TMA, capability >= 9) from 24 rows, the descriptor layer (64-row tiles up to 192 rows, 128 above)
-    where its peak memory stays under grouped_mm's (docs/kernels.md).
-    """
+    """A configuration for any shape from the mean rows per expert (M * K / E): weight streaming (thin
+    tiles, split-K) for few rows, large compute-bound tiles for many; with ``descriptors`` (TMA) from 24
+    rows the descriptor layer where its peak memory stays under grouped_mm's (docs/kernels.md)."""
     if device_type != "cuda":  # the interpreter runs one program at a time: few, large tiles
         return {"BLOCK_M": 16, "gate_up": gu(32, 32, 1, 4, 1), "down": dn(32, 32, 1, 1, 4, 1)}
     rows = M * K / E
@@ -149,7 +141,7 @@ def default_config(M: int, E: int, H: int, I: int, K: int, device_type: str = "c
 @functools.lru_cache(maxsize=4096)
 def get_config(M: int, E: int, H: int, I: int, K: int, dev_key: str) -> dict:  # noqa: E741
     """The configuration for M tokens of this shape on this GPU: the nearest bucket of a table, else
-    :func:`default_config` (cached: tables written later are seen after :func:`set_tables` or a restart)."""
+    :func:`default_config` (cached: :func:`set_tables` forgets)."""
     key = shape_key(E, H, I, K)
     for d in _dirs():
         table = _load_table(d, dev_key).get(key)
