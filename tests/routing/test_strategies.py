@@ -1,11 +1,11 @@
-"""Property tests of the spec's invariants on the pure-torch reference (random scores with ties).
+"""Property tests of the spec's invariants on the strategies of moepatch.routing (random scores with ties).
 
-The vectorised reference is checked against plain Python loops that follow the spec's wording;
-those loops are an oracle for this file only, not a second implementation anybody imports.
+The vectorised strategies are checked against the plain loops of tests/routing/oracle.py.
 """
 
 import math
 
+import oracle  # tests/routing/oracle.py
 import pytest
 import torch
 from hypothesis import assume, given, settings
@@ -56,33 +56,13 @@ def _experts(E):
     return torch.arange(E), torch.ones(E, dtype=torch.long)
 
 
-def _oracle_drop(scores, ids, active, group, cap, policy, zero=0):
-    """The spec in loops: per (group, expert), keep the first C candidates in policy order.
-
-    The last ``zero`` experts are zero-computation experts: their pairs are kept, uncapped.
-    """
-    T, K = ids.shape
-    real = scores.shape[1] - zero
-    keep = (ids >= real) & active[:, None]
-    for g in range(cap.numel()):
-        for e in range(real):
-            pairs = [(t, j) for t in range(T) for j in range(K) if active[t] and group[t] == g and ids[t, j] == e]
-            if policy == "score":
-                pairs.sort(key=lambda p: (-scores[p[0], e].item(), p[0]))
-            elif policy == "reverse":
-                pairs.sort(key=lambda p: -p[0])
-            for t, j in pairs[: int(cap[g])]:
-                keep[t, j] = True
-    return keep
-
-
 @SETTINGS
 @given(routing_case(), st.sampled_from(["score", "order", "reverse"]))
 def test_token_drop_matches_spec_loops(case, policy):
     scores, ids, active, group, cap = case
     bucket_E, size_B = _experts(scores.shape[1])
     keep = token_drop(scores, ids, active, group, cap, bucket_E, size_B, policy)
-    assert torch.equal(keep, _oracle_drop(scores, ids, active, group, cap, policy))
+    assert torch.equal(keep, oracle.drop_pairs(scores, ids, active, group, cap, policy))
 
 
 @SETTINGS
@@ -118,47 +98,6 @@ def test_score_drop_keeps_the_best(case):
                 assert scores[tok_kept, e].min() >= scores[tok_drop, e].max()
 
 
-def _oracle_reroute(scores, ids, keep, active, group, cap, target, rounds, zero=0):
-    """Token reroute by the spec's wording, one proposal per unplaced slot and round (never onto
-    one of the last ``zero`` experts, which take no capacity)."""
-    T, K = ids.shape
-    E = scores.shape[1] - zero
-    ids, keep = ids.clone(), keep.clone()
-    moved = torch.zeros_like(keep)
-    picked = [set(ids[t].tolist()) for t in range(T)]
-    spare = {(g, e): int(cap[g]) for g in range(cap.numel()) for e in range(E)}
-    for t in range(T):
-        for j in range(K):
-            if keep[t, j] and ids[t, j] < E:
-                spare[(int(group[t]), int(ids[t, j]))] -= 1
-    unplaced = [(t, j) for t in range(T) for j in range(K) if active[t] and not keep[t, j]]
-    for _ in range(rounds):
-        if not unplaced:
-            break
-        proposals = []
-        for t in sorted({t for t, _ in unplaced}):
-            g = int(group[t])
-            avail = [e for e in range(E) if e not in picked[t] and spare[(g, e)] > 0]
-            key = (lambda e: (-scores[t, e].item(), e)) if target == "score" else (lambda e: (-spare[(g, e)], e))
-            avail.sort(key=key)
-            slots = [j for tt, j in unplaced if tt == t]
-            proposals += [(t, j, e) for j, e in zip(slots, avail)]
-        admitted = []
-        for g in range(cap.numel()):
-            for e in range(E):
-                cands = sorted([p for p in proposals if p[2] == e and group[p[0]] == g],
-                               key=lambda p: (-scores[p[0], e].item(), p[0]))
-                admitted += cands[: spare[(g, e)]]
-        if not admitted:
-            break
-        for t, j, e in admitted:
-            ids[t, j], keep[t, j], moved[t, j] = e, True, True
-            picked[t].add(e)
-            spare[(int(group[t]), e)] -= 1
-            unplaced.remove((t, j))
-    return ids, keep, moved
-
-
 @SETTINGS
 @given(routing_case(max_tokens=16), st.sampled_from(["score", "least_loaded"]), st.integers(1, 3))
 def test_token_reroute_matches_spec_loops(case, target, rounds):
@@ -166,7 +105,7 @@ def test_token_reroute_matches_spec_loops(case, target, rounds):
     bucket_E, size_B = _experts(scores.shape[1])
     keep = token_drop(scores, ids, active, group, cap, bucket_E, size_B, "score")
     got = token_reroute(scores, ids, keep, active, group, cap, bucket_E, size_B, target, rounds)
-    want = _oracle_reroute(scores, ids, keep, active, group, cap, target, rounds)
+    want = oracle.reroute_pairs(scores, ids, keep, active, group, cap, target, rounds)
     ids_got, keep_got, moved_got = got
     assert torch.equal(keep_got, want[1]) and torch.equal(moved_got, want[2])
     assert torch.equal(torch.where(keep_got, ids_got, -1), torch.where(want[1], want[0], -1))
@@ -367,7 +306,7 @@ def test_token_drop_never_drops_zero_experts(case, policy):
     scores, ids, active, group, cap, Z = case
     bucket_E, size_B = _experts(scores.shape[1])
     keep = token_drop(scores, ids, active, group, cap, bucket_E, size_B, policy, zero_experts=Z)
-    assert torch.equal(keep, _oracle_drop(scores, ids, active, group, cap, policy, zero=Z))
+    assert torch.equal(keep, oracle.drop_pairs(scores, ids, active, group, cap, policy, zero=Z))
 
 
 @SETTINGS
@@ -378,7 +317,7 @@ def test_token_reroute_never_targets_zero_experts(case, target, rounds):
     keep = token_drop(scores, ids, active, group, cap, bucket_E, size_B, "score", zero_experts=Z)
     ids_got, keep_got, moved_got = token_reroute(scores, ids, keep, active, group, cap, bucket_E, size_B, target,
                                                  rounds, zero_experts=Z)
-    want = _oracle_reroute(scores, ids, keep, active, group, cap, target, rounds, zero=Z)
+    want = oracle.reroute_pairs(scores, ids, keep, active, group, cap, target, rounds, zero=Z)
     assert torch.equal(keep_got, want[1]) and torch.equal(moved_got, want[2])
     assert torch.equal(torch.where(keep_got, ids_got, -1), torch.where(want[1], want[0], -1))
     real = scores.shape[1] - Z
