@@ -1,13 +1,11 @@
 """ScMoE: the shortcut-connected MoE architecture, conversion of transformers models, and the
-overlapped expert-parallel schedule.  See docs/scmoe.md.
+overlapped expert-parallel schedule (its collectives through moepatch.parallel).  See docs/scmoe.md.
 
     import moepatch
     from moepatch.scmoe import build_scmoe
     model = build_scmoe(arch="scmoe", position=2, combine="cg1", num_experts=8)
     out = model(input_ids, labels=input_ids)             # out.loss = LM loss + 0.01 * aux loss
     handle = moepatch.apply(model, capacity_factor=2.0)  # capacity on the shortcut MoE
-
-Nothing here imports torch.distributed except ``schedule`` (through ``moepatch.parallel``).
 """
 
 from .convert import ConvertReport, ShortcutMoeBlock, convert, perplexity

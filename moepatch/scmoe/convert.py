@@ -1,10 +1,8 @@
 """Convert a loaded transformers MoE model (Mixtral, OLMoE, Qwen2-MoE, Qwen3-MoE) into ScMoE form.
 
-**Conversion changes the function**: each converted block's routed experts read a shortcut source
-from the previous decoder layer (stashed by a forward hook on its norm) beside a shared expert,
-so it is for continued training; with evaluation text :func:`convert` measures the drift.  The
-router and experts modules stay the same objects; active parameters are kept by default.  What
-is and is not preserved: docs/scmoe.md, "Converting a transformers model".
+**Conversion changes the function** (for continued training): each converted block's routed experts
+read a shortcut source from the previous decoder layer, stashed by a forward hook on its norm, beside
+a shared expert.  What is and is not preserved: docs/scmoe.md, "Converting a transformers model".
 Legend: B sequences, S positions, T = B*S tokens, D hidden, E routed experts, K picks, W slots.
 """
 
@@ -43,12 +41,9 @@ class _SourceStash:
 
 
 class ShortcutMoeBlock(nn.Module):
-    """A converted MoE block: c · SE(y) + c' · Σ g_i(x_s) E_i(x_s), y the block's input (its
-    post-attention state, normalised), x_s the shortcut source stashed by a norm's forward hook.
-
-    ``gate`` and ``experts`` are the original router and experts modules (same objects, same
-    state-dict names); ``capacity`` is set by ``moepatch.apply``.
-    """
+    """A converted MoE block: c · SE(y) + c' · Σ g_i(x_s) E_i(x_s), y the block's normalised input, x_s the
+    stashed shortcut source; ``gate`` and ``experts`` are the original modules (same state-dict names),
+    ``capacity`` is set by ``moepatch.apply``."""
 
     def __init__(self, block: nn.Module, stash: _SourceStash, source_key: str, shared_expert: nn.Module,
                  combine: str, top_k: int, scoring, layer: int, shared_gate: nn.Module | None = None):
@@ -106,9 +101,8 @@ def _zero_linear(hidden: int, out: int) -> nn.Linear:
 
 
 def _lowered_experts(experts: nn.Module, x_TD, ids_TW, weights_TW, num_experts: int) -> torch.Tensor:
-    """Run transformers' experts on the kept pairs only, one row each, and sum each token's rows in
-    float32 in slot order: the sentinel id E of a dropped slot never reaches an implementation
-    (5.17's eager path one-hot encodes with E classes), as in ``moepatch.patch.core``."""
+    """transformers' experts on the kept pairs only, one row each, each token's rows summed in fp32 in slot
+    order: the sentinel id E of a dropped slot never reaches an implementation (as in moepatch.patch.core)."""
     T, W = ids_TW.shape
     kept_TW = ids_TW < num_experts
     tok_P, slot_P = kept_TW.nonzero(as_tuple=True)  # NOTE: host sync (data-dependent size)
@@ -156,13 +150,8 @@ class ConvertReport:
 
 @torch.no_grad()
 def perplexity(model: nn.Module, tokenizer, text, seq_len: int = 256, batch_size: int = 8) -> float:
-    """exp(mean next-token NLL) over non-overlapping windows of ``seq_len`` tokens.
-
-    Args:
-        model: a transformers causal LM or a native ScMoE model (anything returning ``.logits``).
-        tokenizer: used when ``text`` is a string (no special tokens added).
-        text: a string, or a 1-D int64 tensor of token ids.
-    """
+    """exp(mean next-token NLL) over non-overlapping windows of ``seq_len`` tokens of ``text`` (a string,
+    tokenised without special tokens, or a 1-D int64 tensor); ``model`` returns ``.logits``."""
     if isinstance(text, str):
         if tokenizer is None:
             raise ValueError("perplexity of a string needs its tokenizer")
@@ -199,26 +188,14 @@ def _hidden_shapes(model: nn.Module, ids_BS: torch.Tensor) -> list[tuple]:
 def convert(model: nn.Module, position: int = 2, combine: str = "cg1", *, top_k: int | None = None,
             shared_init: str | int = "mean", eval_text=None, tokenizer=None, eval_seq_len: int = 256,
             verbose: bool = True) -> ConvertReport:
-    """Turn a loaded Mixtral / OLMoE / Qwen2-MoE / Qwen3-MoE model into ScMoE form, in place.
+    """Turn a loaded Mixtral / OLMoE / Qwen2-MoE / Qwen3-MoE ``*ForCausalLM`` into ScMoE form, in place.
 
-    This changes the model's function (the module docstring says how): use it to continue
-    training.  With ``eval_text`` the perplexity before and after is measured, stored in the
-    report and, with ``verbose``, printed with the parameter counts.
-
-    Args:
-        model: a ``*ForCausalLM`` of a supported family, not converted yet.
-        position: shortcut source, 1, 2 (default, the paper's best) or 3.
-        combine: ``"add"``, ``"cg1"`` (default) or ``"cg2"``.
-        top_k: routed picks on the shortcut; default keeps active parameters (module docstring).
-        shared_init: ``"mean"`` of the experts, or an expert index to copy (new shared experts only).
-        eval_text: a string (with ``tokenizer``) or a 1-D tensor of token ids to measure perplexity on.
-        eval_seq_len: perplexity window length.
-    Returns:
-        A :class:`ConvertReport`.
-    Raises:
-        UnsupportedModelError: another family, or an already converted model.
-        ValueError: a bad position, combine, top_k or shared_init.
-    """
+    position: shortcut source 1, 2 (default, the paper's best) or 3; combine: ``"add"``, ``"cg1"``
+    (default) or ``"cg2"``; top_k: routed picks on the shortcut (default keeps active parameters);
+    shared_init: ``"mean"`` of the experts or an expert index to copy (new shared experts only);
+    eval_text (a string with ``tokenizer``, or token ids): perplexity before and after, in the report
+    (printed with ``verbose``).  Returns a :class:`ConvertReport`.  Raises UnsupportedModelError for
+    another family or a converted model, ValueError for a bad argument."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in SUPPORTED:
         raise UnsupportedModelError(f"moepatch.scmoe.convert cannot convert model_type {model_type!r}; "
@@ -313,8 +290,8 @@ def convert(model: nn.Module, position: int = 2, combine: str = "cg1", *, top_k:
 
 @torch.no_grad()
 def _new_shared_expert(experts: nn.Module, shared_init) -> SwiGLU:
-    """A shared expert of one expert's width from the fused weights: gate_up_proj (E, 2I, D), gate rows
-    first, down_proj (E, D, I)."""
+    """A shared expert of one expert's width from the fused weights (gate_up_proj (E, 2I, D) gate rows first,
+    down_proj (E, D, I)): their mean or a copy of one."""
     gate_up, down = experts.gate_up_proj, experts.down_proj
     E, two_i, D = gate_up.shape
     inter = two_i // 2

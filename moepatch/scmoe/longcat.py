@@ -1,10 +1,8 @@
 """LongCat-Flash under the ScMoE expert-parallel schedule: an adapter, nothing in the model changes.
 
 Each ``LongcatFlashDecoderLayer`` is one Pos-2 shortcut unit (direct add, ``mlps[1]`` the shared
-expert), built from the layer's own modules with the expressions of transformers' forward.  The
-computing experts (ids < E) are dispatched; the zero-computation experts (ids E .. E+Z-1: the
-token's state times its weight) are computed at the source (:func:`weigh_with_identity`).
-Inference only, no KV cache (docs/scmoe.md, "LongCat-Flash status").
+expert) built from the layer's own modules; the computing experts (ids < E) are dispatched, the
+zero-computation experts (E .. E+Z-1) computed at the source.  Inference only, no KV cache.
 Legend: B sequences, S positions, T = B*S tokens, D hidden, E computing experts, Z identity
 experts, W slots per token, P rows sent by this rank.
 """
@@ -101,14 +99,9 @@ class LongcatRouted:
 
 def weigh_with_identity(y_PD: torch.Tensor, d, weights_TW: torch.Tensor, ids_TW: torch.Tensor,
                         x_s_TD: torch.Tensor, num_experts: int, zero_experts: int) -> torch.Tensor:
-    """Source side of the combine with identity experts: out[t] = Σ over t's kept slots, in slot
-    order, of w · y (a returned row) or w · x_s[t] (an identity expert, computed here), each
-    product cast back to the rows' dtype and summed in float32 (as ``weigh_and_sum``).
-
-    Args:
-        y_PD: (P, D) returned rows in send order; d: the round (``Dispatched``) they belong to.
-        weights_TW, ids_TW: (T, W) the routing; x_s_TD: (T, D) the routed branch's input.
-    """
+    """Source side of the combine with identity experts: out[t] = Σ over t's kept slots, in slot order, of
+    w · y (a returned row; y_PD (P, D) in send order of round ``d``) or w · x_s[t] (an identity expert),
+    each product cast to the rows' dtype and summed in fp32 (as ``weigh_and_sum``)."""
     T, W = ids_TW.shape
     D = x_s_TD.shape[-1]
     buf_TWD = x_s_TD.new_zeros(T, W, D)
@@ -127,11 +120,7 @@ class _Output:
 
 
 class LongcatShortcut:
-    """A ``LongcatFlashForCausalLM`` seen as a chain of shortcut units (one per decoder layer).
-
-    Args:
-        model: the transformers model, eval mode, the same weights on every rank.
-    """
+    """A ``LongcatFlashForCausalLM`` (eval mode, the same weights on every rank) as a chain of shortcut units."""
 
     def __init__(self, model: torch.nn.Module):
         if type(model).__name__ != "LongcatFlashForCausalLM":

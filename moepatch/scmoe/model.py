@@ -1,10 +1,8 @@
 """ScMoE: the shortcut-connected MoE decoder (Cai et al., ICML 2025) and its baselines, on one device.
 
-An MoE unit is a dense block l and an MoE block l+1 whose routed experts read a shortcut source
-x_s from block l (Pos-1 its output, Pos-2 its post-attention state, Pos-3 its input, each through
-the norm the backbone already applies) beside a shared expert; docs/scmoe.md has the equations.
-Each unit is a :class:`UnitProgram` so ``moepatch.scmoe.schedule`` can overlap its all-to-all.
-
+An MoE unit is a dense block l and an MoE block l+1 whose routed experts read a shortcut source from
+block l (Pos-1 its output, Pos-2 its post-attention state, Pos-3 its input) beside a shared expert
+(docs/scmoe.md has the equations); each unit is a :class:`UnitProgram` the schedule can overlap.
 Legend: B sequences, S positions, P cached positions, T = B*S tokens, D hidden, I intermediate,
 E experts, K picks, W routing slots per token, Hq / Hk heads, Dh head dim, V vocabulary.
 """
@@ -30,20 +28,12 @@ POSITIONS = (1, 2, 3)
 class ScMoEConfig:
     """Shape and variant of an ScMoE (or baseline) decoder.
 
-    Attributes:
-        num_layers: decoder blocks (attention + FFN each); even unless ``moe_every_layer``.
-        intermediate_size: width of the dense MLPs of the dense blocks.
-        expert_intermediate_size: width of each routed expert and of the shared expert
-            (default: ``intermediate_size``).
-        arch: ``"top2"``, ``"shared"``, ``"scmoe"`` or ``"scmoe2"`` (module docstring).
-        position: shortcut source for ``scmoe``/``scmoe2``: 1, 2 (default) or 3.
-        combine: ``"add"``, ``"cg1"`` (default) or ``"cg2"``; ignored by ``top2``.
-        moe_every_layer: every block is an MoE block (shortcut archs then need ``position=1``).
-        norm_topk_prob: renormalise the routed weights over the picks (Mixtral); default off: the
-            weight is the softmax probability, so a top-1 router still receives a gradient.
-        aux_loss_coef: weight of the load-balancing loss in ``loss`` (paper: 0.01).
-        max_position_embeddings: informational (RoPE is computed for any position).
-    """
+    arch: ``"top2"``, ``"shared"``, ``"scmoe"`` or ``"scmoe2"``; position: the shortcut source (1, 2, 3);
+    combine: ``"add"``, ``"cg1"`` or ``"cg2"`` (ignored by ``top2``); num_layers even unless
+    ``moe_every_layer`` (then shortcut archs need ``position=1``); expert_intermediate_size: routed and
+    shared experts' width (default ``intermediate_size``); norm_topk_prob: renormalise the routed weights
+    over the picks (off: a top-1 router still gets a gradient); aux_loss_coef: weight of the
+    load-balancing loss (paper: 0.01); max_position_embeddings is informational (RoPE covers any position)."""
 
     vocab_size: int = 4096
     hidden_size: int = 128
@@ -191,9 +181,8 @@ class Attention(nn.Module):
 
 
 def scale_as(coef: torch.Tensor, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """``(coef * x).to(dtype)`` (default x's dtype): the product in the promoted dtype (float32 for a
-    float32 coefficient), rounded once.  Without autograd it is one kernel writing ``dtype`` directly
-    (no float32 copy of x: ~0.1 ms per unit at 16k tokens of width 2048); same values."""
+    """``(coef * x).to(dtype)`` (default x's dtype), the product in the promoted dtype rounded once; without
+    autograd one kernel writing ``dtype`` directly (no float32 copy of x), same values."""
     dtype = x.dtype if dtype is None else dtype
     if torch.is_grad_enabled() and (coef.requires_grad or x.requires_grad):
         return (coef * x).to(dtype)
@@ -216,11 +205,8 @@ class SwiGLU(nn.Module):
 
 
 class TopKRouter(nn.Module):
-    """Softmax router with the transformers 5.x interface: ``forward(x_TD) -> (logits_TE, weights_TK, ids_TK)``.
-
-    Scores are float32 softmax probabilities; the weights are the picks' scores, renormalised over
-    the picks when ``normalize`` (float32, so the routed combine never runs in bf16).
-    """
+    """Softmax router with the transformers 5.x interface ``forward(x_TD) -> (logits_TE, weights_TK, ids_TK)``:
+    float32 probabilities, the picks' scores as weights (renormalised over the picks when ``normalize``)."""
 
     def __init__(self, hidden: int, num_experts: int, top_k: int, normalize: bool):
         super().__init__()
@@ -241,12 +227,8 @@ class TopKRouter(nn.Module):
 
 
 class FusedExperts(nn.Module):
-    """E SwiGLU experts in transformers' fused layout: gate_up_proj (E, 2I, D) (gate rows first), down_proj (E, D, I).
-
-    ``forward`` skips slots whose id is the sentinel E (dropped by capacity-aware routing) and sums
-    each token's slots in float32 in slot order, like the expert-parallel combine
-    (``moepatch.parallel.dispatch.weigh_and_sum``), so both paths agree.
-    """
+    """E SwiGLU experts in transformers' fused layout: gate_up_proj (E, 2I, D) gate rows first, down_proj
+    (E, D, I), computed by moepatch.ops.reference (sentinel slots skipped, slots summed in fp32)."""
 
     def __init__(self, hidden: int, intermediate: int, num_experts: int):
         super().__init__()
@@ -265,8 +247,8 @@ class FusedExperts(nn.Module):
 
 
 def load_balancing_loss(logits_TE: torch.Tensor, ids_TK: torch.Tensor, valid_T: torch.Tensor | None = None):
-    """Switch-style auxiliary loss E · Σ_e f_e · P_e: f_e the fraction of the (token, pick) pairs routed
-    to e, P_e the mean router probability of e.  It is 1 at perfect balance for any top-k."""
+    """Switch-style auxiliary loss E · Σ_e f_e · P_e (f_e: share of the pairs routed to e, P_e: mean router
+    probability of e); 1 at perfect balance for any top-k."""
     E = logits_TE.shape[-1]
     probs_TE = torch.softmax(logits_TE.float(), dim=-1)
     onehot_TE = torch.zeros_like(probs_TE).scatter_add_(1, ids_TK, torch.ones_like(ids_TK, dtype=probs_TE.dtype))
@@ -352,16 +334,9 @@ class Block(nn.Module):
 class UnitProgram:
     """One MoE unit's forward, split where the expert-parallel schedule needs it.
 
-    Building the program runs the ops before the shortcut source.  Then, in any order relative to
-    the routed branch (none of them reads it): ``ops``, the backbone ops after the source; last,
-    ``merge(routed_TD)`` adds the routed output and returns the unit's output (B, S, D).
-
-    Attributes:
-        x_s_TD: (T, D) the normalised shortcut source, the routed experts' input.
-        moe: the routed branch that reads it.
-        ops: [(name, fn)] e.g. ``[("mlp_l", ...), ("attn_l+1", ...), ("se_l+1", ...)]`` for Pos-2.
-        merge: adds the routed output (T, D) last.
-    """
+    Building it runs the ops before the shortcut source; then ``ops`` ([(name, fn)], the backbone ops
+    after the source, none reading the routed branch) run in any order relative to ``moe(x_s_TD)``, and
+    ``merge(routed_TD)`` adds the routed output last, returning the unit's output (B, S, D)."""
 
     x_s_TD: torch.Tensor
     moe: RoutedMoE
@@ -370,11 +345,8 @@ class UnitProgram:
 
 
 class ScMoEForCausalLM(nn.Module):
-    """The ScMoE decoder language model (or its baselines), see the module docstring.
-
-    ``forward(input_ids, labels=None, attention_mask=None, past_key_values=None, use_cache=False)``
-    returns :class:`ScMoEOutput`; ``generate`` decodes greedily with a KV cache.
-    """
+    """The ScMoE decoder language model (or its baselines): ``forward`` returns :class:`ScMoEOutput`,
+    ``generate`` decodes greedily with a KV cache."""
 
     def __init__(self, config: ScMoEConfig):
         super().__init__()
@@ -497,13 +469,9 @@ class ScMoEForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, past_key_values: KVCache | None = None,
                 use_cache: bool = False) -> ScMoEOutput:
-        """Args:
-            input_ids: (B, S) int64.
-            labels: (B, S) int64, -100 where ignored; shifted inside (token t predicts t+1).
-            attention_mask: (B, P+S), 1 for real tokens (padding is neither attended nor routed
-                under capacity nor counted in the aux loss).
-            past_key_values: a :class:`KVCache` from a previous call; ``use_cache`` starts one.
-        """
+        """input_ids (B, S) int64; labels (B, S) int64, -100 where ignored, shifted inside; attention_mask
+        (B, P+S), 1 for real tokens (padding is neither attended, routed under capacity nor counted in the
+        aux loss); past_key_values: a :class:`KVCache` from a previous call, ``use_cache`` starts one."""
         cache = past_key_values if past_key_values is not None else (
             KVCache(len(self.blocks)) if use_cache else None)
         ctx = self.context(input_ids, attention_mask, cache)
@@ -534,9 +502,8 @@ class ScMoEForCausalLM(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32, eos_token_id: int | None = None,
                  use_cache: bool = True) -> torch.Tensor:
-        """Greedy decoding; (B, S + new) ids.  With ``use_cache=False`` every step reruns the whole prefix
-        (same tokens, for checking the cache).  Prompts must be unpadded and of equal length; a sequence
-        that emitted ``eos_token_id`` keeps emitting it until all are done."""
+        """Greedy decoding: (B, S + new) ids.  ``use_cache=False`` reruns the whole prefix every step (to check
+        the cache); prompts unpadded and of equal length; a sequence past ``eos_token_id`` keeps emitting it."""
         ids = input_ids
         cache = KVCache(len(self.blocks)) if use_cache else None
         step_in = ids
@@ -564,13 +531,9 @@ def build_scmoe(config: ScMoEConfig | None = None, **overrides) -> ScMoEForCausa
 
 
 def active_parameters(model: nn.Module) -> dict:
-    """Unique parameters (tied counted once) and the parameters one token activates.
-
-    A routed experts module counts K/E of its parameters as active (K picks of E equal experts);
-    everything else (routers, shared experts, CG gates, attention, embeddings) counts whole.
-    Works for native ScMoE models, converted transformers models and unconverted transformers MoE
-    models (whose MoE blocks have ``gate.top_k`` and ``experts``).
-    """
+    """Unique parameters (tied counted once) and those one token activates: a routed experts module counts
+    K/E of its parameters, everything else whole.  Native ScMoE, converted and unconverted transformers
+    MoE models (MoE blocks with ``gate.top_k`` and ``experts``)."""
     seen: set[int] = set()
     total = 0
     for p in model.parameters():

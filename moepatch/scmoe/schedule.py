@@ -1,13 +1,11 @@
 """ScMoE under expert parallelism: the sequential and the overlapped schedule of a shortcut unit.
 
-Every rank holds the backbone and scores its own batch; each MoE layer's experts are split over
-the ranks and the routed rows travel through moepatch.parallel's dispatcher.  ``overlap`` starts
-the dispatch right after the gate, runs backbone ops 0..K-1 while the rows travel, the experts,
-then ops K..N-1 while the combine travels (K by :func:`choose_slot`); ``sequential`` hides nothing.
-Both give the same output bit for bit.  Inference only; every rank runs the same number of
-forwards.  Streams, exchanges and CUDA graphs: docs/scmoe.md.
-Legend: B sequences, S positions, T = B*S tokens on this rank, D hidden, W slots per token,
-R rows this rank receives, P rows it sends, N rows of a fixed-size exchange, L local experts.
+Every rank holds the backbone and its own batch; each MoE layer's experts are split over the ranks
+and the routed rows travel through moepatch.parallel's dispatcher.  ``overlap`` runs backbone ops
+0..K-1 while the rows travel and K..N-1 while the combine travels (K by :func:`choose_slot`);
+``sequential`` hides nothing; both give the same output bit for bit.  Inference only; streams,
+exchanges and CUDA graphs: docs/scmoe.md.  Legend: B sequences, S positions, T = B*S tokens on this
+rank, D hidden, W slots per token, R rows received, P rows sent, N rows of a fixed-size exchange.
 """
 
 from __future__ import annotations
@@ -55,12 +53,9 @@ def _fused_layout_ok(experts) -> bool:
 
 
 def compute_padded_experts(blk: EPBlock, x_NH: torch.Tensor, local_N: torch.Tensor) -> torch.Tensor:
-    """The local experts on the rows of a fixed-size exchange; rows naming no local expert give 0.
-
-    On CUDA (fused layout): moepatch.ops' fused experts, each row routed to its one expert with
-    weight 1, nothing read back to the host.  Elsewhere moepatch.ops.reference (one host sync).
-    (N, H) in x's dtype.
-    """
+    """The local experts on the rows of a fixed-size exchange, (N, H) in x's dtype (0 on rows naming no
+    local expert): on CUDA the fused kernel (each row to its one expert with weight 1, no host sync),
+    elsewhere moepatch.ops.reference."""
     if x_NH.shape[0] == 0:
         return torch.empty_like(x_NH)
     experts = blk.experts()
@@ -77,11 +72,8 @@ def compute_padded_experts(blk: EPBlock, x_NH: torch.Tensor, local_N: torch.Tens
 
 
 def choose_slot(comp_s: list[float], t_dispatch: float, t_combine: float) -> int:
-    """The paper's slot rule: K in [0, N] minimising |Σ_{i<K} COMP_i − T_dispatch| + |Σ_{i≥K} COMP_i − T_combine|.
-
-    Ops 0..K-1 run while the dispatch is in flight, the expert GEMMs come next, ops K..N-1 run
-    while the combine is in flight.  Ties go to the smaller K (the experts' output is ready sooner).
-    """
+    """The paper's slot rule: K in [0, N] minimising |Σ_{i<K} COMP_i − T_dispatch| + |Σ_{i≥K} COMP_i − T_combine|
+    (ops 0..K-1 overlap the dispatch, K..N-1 the combine); ties go to the smaller K."""
     total = sum(comp_s)
     best_k, best_cost, before = 0, float("inf"), 0.0
     for k in range(len(comp_s) + 1):
@@ -126,8 +118,8 @@ class UnitTiming:
 
 
 def _signature(v):
-    """What a unit graph's inputs must match: tensors by shape, dtype and strides, containers
-    element-wise, other values as they are (a new value captures a new graph)."""
+    """What a unit graph's inputs must match: tensors by shape, dtype, strides and device, containers
+    element-wise, other values as they are."""
     if isinstance(v, torch.Tensor):
         return ("tensor", tuple(v.shape), v.dtype, v.stride(), v.device)
     if isinstance(v, (tuple, list)):
@@ -174,25 +166,16 @@ class _UnitGraph:
 
 
 class ShortcutEP:
-    """Run a native ScMoE (or baseline) model with its routed experts over the ranks of a process group.
+    """Run a native ScMoE (or baseline) model, or a transformers ``LongcatFlashForCausalLM``, in eval mode
+    with the same weights on every rank, its routed experts split over the ranks of ``group`` (default:
+    the default group; without a process group, one rank with identity exchanges).
 
-    Args:
-        model: a :class:`ScMoEForCausalLM` or a transformers ``LongcatFlashForCausalLM`` in eval
-            mode, the same weights on every rank; this object computes with views of this rank's
-            contiguous block of experts.
-        group: the process group (default: the default group); without an initialised process
-            group, one rank with the local dispatcher (identity exchanges).
-        dispatch_after_ops: overlapped schedule on CUDA: backbone ops the host queues before it
-            launches the dispatch (0: the dispatch first; >= the slot K: the whole window first).
-        rows_sender: overlapped schedule on CUDA: who sends the rows once the header is on the
-            host, ``"poll"`` (this thread, between backbone ops) or ``"thread"`` (a helper thread).
-        exchange: ``"counts"`` (a header of counts read on the host, then exactly the routed rows)
-            or ``"padded"`` (Q rows per rank pair, agreed on in :meth:`prepare`; no host sync).
-        graphs: with ``exchange="padded"`` on CUDA, replay every unit from a CUDA graph (captured
-            on a signature's second call; native ScMoE models only).
-    None of the options changes the outputs.  Capacity applies per source rank when
-    ``moepatch.apply`` was called with ``ep_size`` equal to the world size.
-    """
+    dispatch_after_ops: overlapped schedule on CUDA, backbone ops queued before the dispatch is launched;
+    rows_sender: who sends the rows once the header is on the host, ``"poll"`` (this thread, between
+    ops) or ``"thread"`` (a helper); exchange: ``"counts"`` (a header read on the host, then exactly the
+    routed rows) or ``"padded"`` (Q rows per rank pair agreed on in :meth:`prepare`, no host sync);
+    graphs: with ``"padded"`` on CUDA, replay every unit from a CUDA graph (native ScMoE only).  No option
+    changes the outputs.  Capacity applies per source rank when ``moepatch.apply`` had ``ep_size`` = world."""
 
     def __init__(self, model, group=None, dispatch_after_ops: int = 1, rows_sender: str = "poll",
                  exchange: str = "counts", graphs: bool = False):
@@ -234,13 +217,10 @@ class ShortcutEP:
             ex = m.experts
             self.blocks.append(EPBlock(i, m.num_experts, weakref.ref(ex), ex.gate_up_proj.detach()[sl],
                                        ex.down_proj.detach()[sl], None))
-        # Default slots before calibration: unit op costs, each exchange half an op.
-        self.slots: dict[int, int] = {}
+        self.slots: dict[int, int] = {}  # calibrated slots; default_slot before calibration
         self.timings: dict[int, UnitTiming] = {}
         self._side = None  # CUDA stream of the overlapped dispatch, made on first use
-        self.dispatch_after_ops = dispatch_after_ops  # the overlapped schedule's launch point and sender (above)
-        self.rows_sender = rows_sender
-        self.exchange = exchange  # "counts" or "padded" (class docstring)
+        self.dispatch_after_ops, self.rows_sender, self.exchange = dispatch_after_ops, rows_sender, exchange
         self.graphs = bool(graphs)
         self._unit_graphs = GraphCache(max_graphs=256)  # (unit, schedule, input signature) -> _UnitGraph | calls
 
@@ -291,10 +271,8 @@ class ShortcutEP:
 
     def _window_with_sender(self, hdr, side, window):
         """Queue the window's backbone ops while the helper thread waits for the header and sends the rows.
-
-        Only the helper issues a collective until it is done (the backbone ops issue none), so the
-        ranks' collectives keep one order.  An exception in either thread surfaces here, after the
-        helper has finished (no collective is left half-issued behind the caller's back)."""
+        Only the helper issues collectives meanwhile, so the ranks keep one order; an exception in either
+        thread surfaces here once the helper has finished."""
 
         def send():
             # The helper's current device (and, in _complete, stream); None: the CPU (tests).
@@ -354,12 +332,9 @@ class ShortcutEP:
 
     def run_unit(self, u: int, h_BSD: torch.Tensor, ctx: ForwardContext, schedule: str = "overlap",
                  clock: _Clock | None = None, phases: dict | None = None) -> torch.Tensor:
-        """Unit ``u`` on this rank's tokens; (B, S, D).  ``clock``/``phases`` record the sequential phases.
-
-        With ``graphs`` (CUDA), the first call of a signature runs eagerly and the next captures the
-        unit; later calls copy the inputs in and replay.  The result is then the graph's static
-        output, rewritten by the next replay of the same unit and schedule (``forward`` consumes it
-        before that; clone it to keep it)."""
+        """Unit ``u`` on this rank's tokens, (B, S, D); ``clock``/``phases`` record the sequential phases.  With
+        ``graphs`` the second call of a signature captures the unit and later calls replay it: the result is
+        then the graph's static output, rewritten by the next replay (clone it to keep it)."""
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule={schedule!r}; accepted: {', '.join(map(repr, SCHEDULES))}")
         if self.graphs and clock is None:
@@ -394,22 +369,21 @@ class ShortcutEP:
         # Gating and dispatch preparation as early as possible: right after the source exists.
         ids_TW, w_TW = prog.moe.gate(prog.x_s_TD, ctx)
         if schedule == "sequential":
-            if clock is not None:
-                phases["gate"] = clock.lap()
-            d, _ = self._dispatch(prog, ids_TW, asynchronous=False, ctx=ctx)
-            if clock is not None:
-                phases["dispatch"] = clock.lap()
-            y_RD = self._experts(d)
-            if clock is not None:
-                phases["experts"] = clock.lap()
-            back_PD, _ = self._combine(y_RD, d, asynchronous=False)
-            routed_TD = self._weigh(prog, back_PD, d, w_TW, ids_TW)
-            if clock is not None:
-                phases["combine"] = clock.lap()
-            for name, op in prog.ops:
-                op()
+            def lap(name):
                 if clock is not None:
                     phases[name] = clock.lap()
+
+            lap("gate")
+            d, _ = self._dispatch(prog, ids_TW, asynchronous=False, ctx=ctx)
+            lap("dispatch")
+            y_RD = self._experts(d)
+            lap("experts")
+            back_PD, _ = self._combine(y_RD, d, asynchronous=False)
+            routed_TD = self._weigh(prog, back_PD, d, w_TW, ids_TW)
+            lap("combine")
+            for name, op in prog.ops:
+                op()
+                lap(name)
             return prog.merge(routed_TD)
 
         k = self.slots.get(u, self.default_slot(len(prog.ops)))
@@ -435,11 +409,9 @@ class ShortcutEP:
             # Join the side stream (a no-op in time; a CUDA graph capture needs every fork joined).
             torch.cuda.current_stream().wait_stream(side)
         else:
-            # CUDA, counts exchange: the first ``dispatch_after_ops`` ops, then the dispatch's
-            # kernels (sort, gather, header exchange and its copy to the host) on the side stream
-            # behind the source; then the rest of ops 0..K-1, the rows sent as soon as the header
-            # is on the host.  Backbone ops issue no collective, so the rank-dependent moment the
-            # rows leave cannot reorder collectives between ranks.
+            # CUDA, counts exchange: the first ``dispatch_after_ops`` ops, then the dispatch's kernels on
+            # the side stream behind the source, then the rest of ops 0..K-1, the rows sent once the header
+            # is on the host (backbone ops issue no collective, so the ranks' collectives keep one order).
             source_ready = torch.cuda.Event()
             source_ready.record()
             first = min(self.dispatch_after_ops, k)
@@ -497,12 +469,8 @@ class ShortcutEP:
     @torch.no_grad()
     def time_exchanges(self, u: int, h_BSD: torch.Tensor, ctx: ForwardContext, iters: int = 10,
                        warmup: int = 2) -> tuple[float, float]:
-        """Seconds of unit ``u``'s communication alone: (header + rows out, rows back).
-
-        The exchanges of one real round (its split sizes and rows) repeated with nothing else
-        around them, each after a barrier: the all-to-all time an overlap can hide.  Medians over
-        ``iters``, maxima over the ranks; a collective (every rank calls it).  0 with one rank.
-        """
+        """Seconds of unit ``u``'s communication alone, (header + rows out, rows back): one real round's
+        exchanges repeated after barriers, medians over ``iters``, maxima over ranks (a collective; 0 with one rank)."""
         if not isinstance(self.dispatcher, AsyncAllToAllDispatcher):
             return 0.0, 0.0
         disp = self.dispatcher
@@ -545,11 +513,8 @@ class ShortcutEP:
     @torch.no_grad()
     def calibrate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                   iters: int = 3, warmup: int = 1) -> dict[int, UnitTiming]:
-        """Time every unit's phases in the sequential schedule and set its slot by :func:`choose_slot`.
-
-        A collective: every rank must call it.  Times are medians over ``iters`` and maxima over the
-        ranks, so every rank picks the same slots.
-        """
+        """Time every unit's phases in the sequential schedule and set its slot by :func:`choose_slot`; a
+        collective (medians over ``iters``, maxima over the ranks, so every rank picks the same slots)."""
         ctx, h0 = self.prepare(input_ids, attention_mask)
         device = h0.device
         samples: dict[int, list[dict]] = {u: [] for u in range(len(self.model.units))}
