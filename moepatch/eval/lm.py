@@ -3,9 +3,7 @@
     import moepatch.eval.lm                      # registers "moepatch" with lm-eval
     lm_eval.simple_evaluate(model="moepatch", model_args="pretrained=DIR,capacity_factor=1.5,strategy=drop", ...)
 
-or ``lm_eval --model moepatch --model_args ...`` once the plugin is installed (``make install``
-runs ``moepatch install-lm-eval-plugin``), or ``moepatch lm-eval ...``.
-
+or ``lm_eval --model moepatch`` once the plugin is installed, or ``moepatch lm-eval ...``.
 Legend: B requests in a batch, L padded length, N scored positions, D hidden, V vocabulary.
 """
 
@@ -28,8 +26,7 @@ def null_to_none(value):
 
 
 def patch_arguments(model_args: dict) -> tuple[dict, dict]:
-    """lm-eval's parsed ``model_args`` split into ``moepatch.apply``'s keyword arguments and the rest
-    (for HFLM); the same split serves the model and the command line's check before loading."""
+    """lm-eval's parsed ``model_args`` split into ``moepatch.apply``'s keyword arguments and the rest (HFLM's)."""
     names = set(config_fields())
     rest = dict(model_args)
     patch = {k: rest.pop(k) for k in list(rest) if k in names}
@@ -41,8 +38,7 @@ def patch_arguments(model_args: dict) -> tuple[dict, dict]:
 
 @contextlib.contextmanager
 def _quiet_prebuilt(pretrained):
-    """HFLM warns that a built model passed as ``pretrained`` may ignore model arguments and must not run
-    under accelerate; moepatch passes one on purpose (its sweeps), so the warning is held back there."""
+    """Hold back HFLM's warning about a built model passed as ``pretrained`` (moepatch's sweeps do it on purpose)."""
     logger = logging.getLogger("lm_eval.models.huggingface")
     level = logger.level
     if not isinstance(pretrained, str):
@@ -55,16 +51,11 @@ def _quiet_prebuilt(pretrained):
 
 @register_model("moepatch")
 class MoePatchLM(HFLM):
-    """HFLM whose model is patched with ``moepatch.apply`` after loading.
+    """HFLM whose model is patched with ``moepatch.apply`` (every apply argument can be a ``model_args`` key).
 
-    Every ``moepatch.apply`` argument can be given in ``model_args``; the rest go to HFLM.  Batches
-    are built as HFLM builds them (longest first, right padding, ``batch_size`` requests), with
-    two differences: the padding is passed to the model as an attention mask, so capacity counts
-    only the real tokens of a batch, and logits are computed only where a continuation is scored
-    (the output head applied to those rows, a block at a time), with no greedy check for rolling
-    windows, whose callers discard it.
-    Tokenisations are cached, so a sweep that evaluates the same requests again encodes them once.
-    """
+    Batches are built as HFLM builds them, but the padding goes to the model as an attention mask (so
+    capacity counts only real tokens), logits are computed only where a continuation is scored, rolling
+    windows skip the greedy check their callers discard, and tokenisations are cached across a sweep."""
 
     def __init__(self, pretrained, **kwargs):
         options, kwargs = patch_arguments(kwargs)
@@ -167,8 +158,8 @@ def _score_rows(head, rows_ND, target_N, greedy: bool):
 
 @torch.no_grad()
 def _head_splits(model) -> bool:
-    """Whether the model's logits are exactly its output embedding applied to its decoder's output
-    (no logit scaling or soft-capping after the head), checked on a few tokens."""
+    """Whether the logits are exactly the output embedding of the decoder's output (no scaling or soft-capping
+    after the head), checked on a few tokens."""
     decoder, head = model.get_decoder(), model.get_output_embeddings()
     if decoder is None or decoder is model or head is None:
         return False

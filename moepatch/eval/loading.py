@@ -1,8 +1,5 @@
 """Loading a model and its evaluation data: aliases, local paths, hub ids, and clear errors offline.
-
-Everything that can fail for a reason the user can fix is checked before any weight is loaded:
-:func:`check_model` reads only the config (local, from the hub cache, or from the hub when
-online), :func:`build_tasks` loads the tasks' datasets and reports every one that is missing.
+Everything the user can fix is checked before any weight is loaded (:func:`check_model`, :func:`build_tasks`).
 """
 
 from __future__ import annotations
@@ -40,9 +37,8 @@ def _hub_state() -> str:
 
 
 def use_cache_if_hub_unreachable(timeout_s: float = 3.0) -> None:
-    """With downloads allowed (HF_HUB_OFFLINE=0) but no route to the hub, switch this process to the
-    local caches at once: every hub request would otherwise be retried for tens of seconds before
-    failing.  Call before huggingface_hub is imported (it reads HF_HUB_OFFLINE once)."""
+    """With downloads allowed but no route to the hub, switch this process to the local caches at once
+    (every hub request would otherwise retry for tens of seconds); call before huggingface_hub is imported."""
     import socket
     from urllib.parse import urlparse
 
@@ -78,14 +74,9 @@ def _download_hint(target: str) -> str:
 
 
 def check_model(name: str | None, need_moe: bool = True, aliases: bool = True):
-    """The resolved model location and its config, without loading any weight (``aliases``: the
-    names of :data:`MODEL_ALIASES` stand for their hub ids, as in ``moepatch eval``).
-
-    Raises:
-        ModelLoadError: no such directory, or a hub id that is neither cached nor reachable (says
-            what was tried and how to get a local copy).
-        UnsupportedModelError: ``need_moe`` and the config's model_type is not a family moepatch patches.
-    """
+    """The resolved model location and its config, without loading a weight (``aliases``: the names of
+    :data:`MODEL_ALIASES` stand for their hub ids).  Raises ModelLoadError (what was tried, how to get a
+    local copy) or, with ``need_moe``, UnsupportedModelError for a family moepatch does not patch."""
     import transformers
 
     target = resolve_model(name) if aliases or name is None else name
@@ -122,11 +113,8 @@ def check_model(name: str | None, need_moe: bool = True, aliases: bool = True):
 
 
 def load_model(name: str | None, dtype: str = "auto", device: str = "auto"):
-    """(model, tokenizer, resolved name) for ``moepatch eval`` / ``stats`` (after :func:`check_model`).
-
-    Raises:
-        ModelLoadError: says what was tried and how to point at a local copy.
-    """
+    """(model, tokenizer, resolved name) for ``moepatch eval`` / ``stats`` (after :func:`check_model`);
+    ModelLoadError says what was tried and how to point at a local copy."""
     import torch
     import transformers
 
@@ -174,12 +162,8 @@ def check_device(device: str) -> None:
 
 
 def build_tasks(task_manager, names: list[str]) -> dict:
-    """{name: lm-eval's ``TaskManager.load(name)``}, each task's dataset loaded (from the local cache
-    when offline).
-
-    Raises:
-        DatasetUnavailableError: one line naming every dataset that could not be loaded and what to do.
-    """
+    """{name: lm-eval's ``TaskManager.load(name)``}, each task's dataset loaded (from the local cache when
+    offline); DatasetUnavailableError names every dataset that could not be loaded and what to do."""
     loaded, missing = {}, []
     for name in names:
         try:

@@ -26,8 +26,7 @@ def _unit(task) -> str:
 
 
 def plot_score_vs_gamma(sweep, path: Path, model_name: str = "model") -> Path:
-    """One panel per task: the metric against γ, a line per strategy/policy, the baseline dashed and
-    expert drop dotted; the legend beside the panels, outside the data."""
+    """One panel per task: the metric against γ, a line per strategy/policy, the baseline dashed, expert drop dotted."""
     plt = _plt()
     tasks = sweep.tasks
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.6 * len(tasks) + 2.2, 3.8), squeeze=False)
@@ -63,16 +62,15 @@ def plot_score_vs_gamma(sweep, path: Path, model_name: str = "model") -> Path:
 
 
 def load_variant(sweep):
-    """The variant the load plot shows: the tightest γ of the score-policy token drop (else of any
-    capped variant), or None when the sweep capped nothing."""
+    """The variant the load plot shows: the tightest γ of score-policy token drop (else of any capped
+    variant), or None."""
     capped = [r for r in sweep.results[1:] if r.variant.capacity_factor is not None]
     return min(capped, key=lambda r: (r.variant.strategy != "drop", r.variant.policy not in (None, "score"),
                                       r.variant.capacity_factor), default=None)
 
 
 def plot_expert_load(sweep, path: Path, model_name: str = "model") -> Path:
-    """Per layer, routed pairs per expert in one variant's run: its native routing (before capacity)
-    and what capacity kept (after), from the same forward passes, so a drop never shows as a rise."""
+    """Per layer, routed pairs per expert in one variant's forward passes: native (before) and kept (after capacity)."""
     plt = _plt()
     shown = load_variant(sweep) or sweep.baseline
     layers = sorted(shown.layers, key=int)

@@ -36,15 +36,11 @@ EMBEDDED_TASK_SPECS = (
 )
 
 
-def recipe_path(name: str) -> Path:
-    return Path(__file__).resolve().parents[2] / "recipes" / "eval" / f"{name}.yaml"
-
-
 def load_recipe(name: str) -> tuple[TaskSpec, ...]:
     """Task specs from ``recipes/eval/NAME.yaml``."""
     import yaml
 
-    path = recipe_path(name)
+    path = Path(__file__).resolve().parents[2] / "recipes" / "eval" / f"{name}.yaml"
     if not path.is_file():
         raise FileNotFoundError(f"task recipe {name!r} not found at {path} (recipes ship with the source tree)")
     data = yaml.safe_load(path.read_text())

@@ -1,7 +1,5 @@
-"""A quality sweep: the unpatched baseline once, then every capacity variant on the same requests.
-
-The baseline is the model patched with ``capacity_factor=None``: bit-identical to the unpatched
-model (tested), and it records the native load statistics the variants are compared with.
+"""A quality sweep: the baseline (patched with ``capacity_factor=None``, bit-identical to the unpatched
+model, recording the native load) once, then every capacity variant on the same requests.
 """
 
 from __future__ import annotations
@@ -45,8 +43,8 @@ BASELINE = Variant(None)
 
 
 def build_variants(gammas: Sequence[float], strategies: Sequence[str], policies: Sequence[str]) -> list[Variant]:
-    """γ × strategy, with every policy for ``drop`` (and ``reroute`` when several are given);
-    ``expert_drop`` does not use γ and appears once."""
+    """γ × strategy, with every policy for ``drop`` (and ``reroute`` when several are given); ``expert_drop``
+    does not use γ and appears once."""
     out = []
     for strategy in strategies:
         if strategy == "expert_drop":
@@ -84,10 +82,9 @@ class SweepResult:
         return sum(vals) / len(vals) if vals else None
 
     def table(self, wide: bool = False, width: int = 120) -> str:
-        """A row per variant: each task's score and its delta to the baseline, the average of the
-        accuracy tasks, the dropped share of routed pairs and the straggler ratio max/mean load
-        before -> after.  Accuracies in percent.  When the per-task columns would make a line wider
-        than ``width``, they are left out (results.csv has them) unless ``wide``."""
+        """A row per variant: each task's score and delta to the baseline, the average accuracy, the dropped
+        share of routed pairs and max/mean load before -> after; per-task columns are left out past ``width``
+        (results.csv has them) unless ``wide``."""
         base = self.baseline
         avg_base = self.average(base)
         cols = []  # (header, cell(r)) pairs
@@ -175,11 +172,8 @@ def _delta(d: float, t: TaskSpec) -> str:
 
 
 def load_tasks(tasks: Sequence[TaskSpec], task_manager) -> dict:
-    """lm-eval task objects built once (datasets loaded, shots set), reused by every variant.
-
-    Returns lm-eval's ``TaskManager.load`` layout: ``{"tasks": {...}, "groups": {...}, "group_map": {...}}``.
-    Raises :class:`moepatch.eval.loading.DatasetUnavailableError` naming every dataset that is missing.
-    """
+    """lm-eval task objects built once (datasets loaded, shots set) for every variant, in ``TaskManager.load``'s
+    layout ``{"tasks", "groups", "group_map"}``; raises DatasetUnavailableError naming every missing dataset."""
     from .loading import build_tasks
 
     built = build_tasks(task_manager, [t.task for t in tasks])
@@ -199,8 +193,7 @@ def load_tasks(tasks: Sequence[TaskSpec], task_manager) -> dict:
 
 
 def evaluate_tasks(lm, tasks: Sequence[TaskSpec], loaded: dict, limit=None) -> dict[str, float]:
-    """One lm-eval run over every task (lm-eval's ``evaluate``, without simple_evaluate's environment
-    report); returns {task: metric value}."""
+    """One lm-eval ``evaluate`` over every task (no environment report): {task: metric value}."""
     from lm_eval.evaluator import evaluate
 
     res = evaluate(lm=lm, task_dict=loaded, limit=limit, bootstrap_iters=0, log_samples=False)
@@ -216,11 +209,8 @@ def evaluate_tasks(lm, tasks: Sequence[TaskSpec], loaded: dict, limit=None) -> d
 
 def run_sweep(lm, tasks: Sequence[TaskSpec], variants: Sequence[Variant], loaded: dict, limit=None,
               progress: bool | None = None) -> SweepResult:
-    """Evaluate the baseline and every variant with one lm-eval model object (same requests).
-
-    ``loaded``: the tasks from :func:`load_tasks`; ``progress``: one bar over the variants
-    (default: when stderr is a terminal).
-    """
+    """The baseline and every variant with one lm-eval model object (same requests); ``loaded`` from
+    :func:`load_tasks`; ``progress``: one bar over the variants (default: when stderr is a terminal)."""
     import sys
 
     from tqdm import tqdm
@@ -248,9 +238,8 @@ def run_sweep(lm, tasks: Sequence[TaskSpec], variants: Sequence[Variant], loaded
 
 @contextlib.contextmanager
 def _quiet_lm_eval():
-    """The sweep's own bar instead of lm-eval's: a bar per task and variant from lm-eval's request
-    building (it offers no switch), and transformers' note that a document is longer than the model's
-    window (lm-eval scores it in windows), held back for the sweep's duration."""
+    """For the sweep's duration, hold back lm-eval's per-task request bars (it has no switch) and
+    transformers' note that a document exceeds the model's window."""
     import functools
 
     import lm_eval.api.task as task_module

@@ -1,9 +1,8 @@
 """Offline lm-eval tasks built from held-out Python stdlib files, and the embedded model's location.
 
-The JSONL data under ``moepatch/data/tasks/`` comes from ``recipes/embedded/make_tasks.py``. lm-eval
-finds tasks through YAML configs, which can point at data only by path, so the configs are written
-once into a cache directory (:func:`task_config_dir`) that the lm-eval plugin adds to every
-``TaskManager``: ``lm_eval --tasks stdlib_cloze`` then works without flags, offline.
+The JSONL data under ``moepatch/data/tasks/`` comes from ``recipes/embedded/make_tasks.py``; lm-eval
+finds tasks through YAML configs, written once into :func:`task_config_dir`, which the lm-eval plugin
+adds to every ``TaskManager`` (``lm_eval --tasks stdlib_cloze`` then works offline, without flags).
 """
 
 from __future__ import annotations
@@ -37,70 +36,35 @@ def task_data_path(task: str) -> Path:
     return data_dir() / "tasks" / f"{task}.jsonl"
 
 
-def _q(value: str) -> str:
-    # JSON strings are valid YAML scalars and quote any path safely.
-    return json.dumps(value)
-
-
-def _common_header(task: str) -> list[str]:
-    return [
-        f"task: {task}",
-        "dataset_path: json",
-        "dataset_kwargs:",
-        "  data_files:",
-        f"    test: {_q(str(task_data_path(task)))}",
-        "test_split: test",
-    ]
+def _metrics(*entries: tuple[str, str, str]) -> list[str]:
+    out = ["metric_list:"]
+    for metric, aggregation, higher in entries:
+        out += [f"  - metric: {metric}", f"    aggregation: {aggregation}", f"    higher_is_better: {higher}"]
+    return out
 
 
 def _task_yaml(task: str) -> str:
-    lines = _common_header(task)
+    # The path as a JSON string: a valid YAML scalar that quotes any path safely.
+    lines = [f"task: {task}", "dataset_path: json", "dataset_kwargs:", "  data_files:",
+             f"    test: {json.dumps(str(task_data_path(task)))}", "test_split: test"]
     if task == "stdlib_ppl":
-        lines += [
-            "output_type: loglikelihood_rolling",
-            # Feature names (not Jinja templates): Jinja would drop the
-            # documents' trailing newline.
-            'doc_to_text: ""',
-            "doc_to_target: text",
-            "metric_list:",
-            "  - metric: word_perplexity",
-            "    aggregation: weighted_perplexity",
-            "    higher_is_better: false",
-            "  - metric: byte_perplexity",
-            "    aggregation: weighted_perplexity",
-            "    higher_is_better: false",
-            "  - metric: bits_per_byte",
-            "    aggregation: bits_per_byte",
-            "    higher_is_better: false",
-        ]
+        # Feature names (not Jinja templates): Jinja would drop the documents' trailing newline.
+        lines += ["output_type: loglikelihood_rolling", 'doc_to_text: ""', "doc_to_target: text"]
+        ppl = "weighted_perplexity"
+        lines += _metrics(("word_perplexity", ppl, "false"), ("byte_perplexity", ppl, "false"),
+                          ("bits_per_byte", "bits_per_byte", "false"))
     else:
-        lines += [
-            "output_type: multiple_choice",
-            "doc_to_text: context",
-            "doc_to_choice: choices",
-            "doc_to_target: label",
-            # Choices are whole lines (indentation and newline included) that
-            # directly follow the context's final newline.
-            'target_delimiter: ""',
-            "metric_list:",
-            "  - metric: acc",
-            "    aggregation: mean",
-            "    higher_is_better: true",
-            "  - metric: acc_norm",
-            "    aggregation: mean",
-            "    higher_is_better: true",
-        ]
+        # Choices are whole lines (indentation and newline included) right after the context's final newline.
+        lines += ["output_type: multiple_choice", "doc_to_text: context", "doc_to_choice: choices",
+                  "doc_to_target: label", 'target_delimiter: ""']
+        lines += _metrics(("acc", "mean", "true"), ("acc_norm", "mean", "true"))
     lines += ["metadata:", f"  version: {TASK_VERSION}"]
     return "\n".join(lines) + "\n"
 
 
 def write_task_configs(dest_dir: str) -> list[str]:
-    """Write lm-eval YAML configs for the embedded tasks into ``dest_dir``.
-
-    Returns the task names, ready for ``TaskManager(include_path=dest_dir)``
-    and ``simple_evaluate(tasks=...)``.  Raises ``FileNotFoundError`` if the
-    package data is missing.
-    """
+    """Write the embedded tasks' lm-eval YAML configs into ``dest_dir``; returns the task names (raises
+    FileNotFoundError without the package data)."""
     dest = Path(dest_dir)
     dest.mkdir(parents=True, exist_ok=True)
     for task in EMBEDDED_TASKS:
@@ -112,9 +76,8 @@ def write_task_configs(dest_dir: str) -> list[str]:
 
 
 def task_config_dir() -> Path:
-    """A directory holding the embedded tasks' lm-eval configs for this installation (written if
-    missing or stale): ``$XDG_CACHE_HOME/moepatch/lm_eval_tasks/<installation>`` (``~/.cache`` by
-    default), or a temporary directory where the cache cannot be written."""
+    """The embedded tasks' lm-eval configs for this installation (written if missing or stale), under
+    ``$XDG_CACHE_HOME/moepatch/lm_eval_tasks`` (default ``~/.cache``), else a temporary directory."""
     for task in EMBEDDED_TASKS:
         if not task_data_path(task).is_file():
             raise FileNotFoundError(f"task data {task_data_path(task)} is missing; reinstall moepatch or run "
