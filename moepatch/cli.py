@@ -4,6 +4,7 @@
     moepatch stats [--model M] --text F     load statistics of a model on a text file (no lm-eval)
     moepatch lm-eval ARGS...                lm-eval's own CLI with ``--model moepatch`` and the shipped tasks
     moepatch demo                           tiny random model of every family, load before/after capacity
+    moepatch ep demo|eval [--nproc N] ...   expert parallelism, one process per rank (moepatch.launch)
     moepatch bench kernels|e2e|ep|scmoe ... the benchmark scripts under scripts/ (GPU)
     moepatch tune ...                       autotune the Triton tile table for this GPU
 
@@ -53,10 +54,11 @@ def demo_tables(families=None, gammas=DEMO_GAMMAS, batch=8, seq=64, seed=0) -> s
     """Per-layer load statistics of tiny random models, unpatched and at each γ (token drop, score)."""
     import torch
 
-    import moepatch
+    from moepatch.patch.core import patched
+    from moepatch.patch.registry import supported_model_types
     from moepatch.tiny import tiny_model
 
-    families = families or moepatch.supported_model_types()
+    families = families or supported_model_types()
     out = []
     for family in families:
         model = tiny_model(family, seed=seed)
@@ -64,7 +66,7 @@ def demo_tables(families=None, gammas=DEMO_GAMMAS, batch=8, seq=64, seed=0) -> s
         per_gamma = {}
         with torch.no_grad():
             for gamma in gammas:
-                with moepatch.patched(model, capacity_factor=gamma) as handle:
+                with patched(model, capacity_factor=gamma) as handle:
                     model(x)
                     per_gamma[gamma] = handle.stats().layers()
         layers = per_gamma[gammas[0]]
@@ -85,9 +87,9 @@ def demo_tables(families=None, gammas=DEMO_GAMMAS, batch=8, seq=64, seed=0) -> s
 
 
 def _cmd_demo(args) -> int:
-    import moepatch
+    from moepatch.patch.registry import supported_model_types
 
-    supported = moepatch.supported_model_types()
+    supported = supported_model_types()
     unknown = [f for f in args.families or () if f not in supported]
     if unknown:
         raise UsageError(f"--families: unknown model type(s) {', '.join(unknown)}; accepted: {', '.join(supported)}")
@@ -287,8 +289,8 @@ def _run_lm_eval(rest) -> int:
 def _cmd_stats(args) -> int:
     import torch
 
-    import moepatch
     from moepatch.eval.loading import check_device, check_model, load_model
+    from moepatch.patch.core import apply
 
     _check_routing([args.capacity_factor], [args.strategy], ["score"])
     _check_file(args.text)
@@ -303,7 +305,7 @@ def _cmd_stats(args) -> int:
     # The text runs in --seq-len windows: the tokenizer's "longer than the maximum length" note does not apply.
     ids = tok(text, return_tensors="pt", verbose=False).input_ids[:, : args.max_tokens]
     ids = ids.to(next(model.parameters()).device)
-    handle = moepatch.apply(model, capacity_factor=args.capacity_factor, strategy=args.strategy)
+    handle = apply(model, capacity_factor=args.capacity_factor, strategy=args.strategy)
     from tqdm import tqdm
 
     with torch.no_grad():
@@ -347,6 +349,12 @@ def _cmd_bench(args) -> int:
         return int(main(rest) or 0)
     finally:
         sys.argv[0] = prog
+
+
+def _cmd_ep(args) -> int:
+    from moepatch.launch import run
+
+    return int(run(list(args.rest)) or 0)
 
 
 def _cmd_tune(args) -> int:
@@ -419,6 +427,10 @@ def build_parser() -> argparse.ArgumentParser:
     b = command("bench", "run a benchmark script (kernels, e2e, ep, scmoe); --help after the name", add_help=False)
     b.add_argument("rest", nargs=argparse.REMAINDER, help="NAME [ARGS...]")
     b.set_defaults(fn=_cmd_bench)
+    ep = command("ep", "expert parallelism, one process per rank: demo or eval; --help after the name",
+                 add_help=False)
+    ep.add_argument("rest", nargs=argparse.REMAINDER, help="demo|eval [--nproc N] [ARGS...]")
+    ep.set_defaults(fn=_cmd_ep)
     t = command("tune", "autotune the Triton tile configs for this GPU", add_help=False)
     t.add_argument("rest", nargs=argparse.REMAINDER)
     t.set_defaults(fn=_cmd_tune)
@@ -447,7 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Commands whose arguments belong to another parser (lm-eval's, a script's) pass them through untouched.
-_PASSTHROUGH = {"tune": _cmd_tune, "lm-eval": _cmd_lm_eval, "bench": _cmd_bench}
+_PASSTHROUGH = {"tune": _cmd_tune, "lm-eval": _cmd_lm_eval, "bench": _cmd_bench, "ep": _cmd_ep}
 
 
 def _one_line(exc: BaseException) -> str:
@@ -466,7 +478,7 @@ def main(argv: list[str] | None = None) -> int:
         argv = [a for a in argv[: argv.index(command)] if a != "--debug"] + argv[argv.index(command):]
     prog = f"moepatch {command}".strip()
     rest = argv[argv.index(command) + 1:] if command else []
-    if command == "bench" and rest and not rest[0].startswith("-"):
+    if command in ("bench", "ep") and rest and not rest[0].startswith("-"):
         prog += f" {rest[0]}"
     try:
         if command in _PASSTHROUGH:

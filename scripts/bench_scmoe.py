@@ -27,8 +27,9 @@ bit for bit), or the benchmark stops.
     torchrun --nproc_per_node 2 scripts/bench_scmoe.py --out results/bench_scmoe      # 2 GPUs, NCCL
     python3 scripts/bench_scmoe.py --smoke --out /tmp/bench_scmoe                      # CPU, 2 gloo ranks
 
-Started without a launcher it starts torchrun itself (one rank per GPU, 2 on a CPU machine, or
-``$MOEPATCH_EP_NPROC``), killed after ``--limit-s`` seconds.  Writes ``bench_scmoe.json`` and
+Started without a launcher it starts torchrun itself (``--nproc`` ranks, default one per GPU, 2 on
+a CPU machine), killed after ``--limit-s`` seconds.  ``--profile-dir`` also writes a torch.profiler
+trace of each schedule and reads its exposed NCCL time (scripts/traces.py).  Writes ``bench_scmoe.json`` and
 ``bench_scmoe.md`` to ``--out`` and prints a short table last.
 """
 
@@ -36,10 +37,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -48,6 +46,11 @@ import moepatch
 from moepatch.arguments import ArgumentParser, HelpFormatter
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO / "scripts") not in sys.path:
+    sys.path.insert(0, str(REPO / "scripts"))  # scripts/ is not a package
+
+from traces import (  # noqa: E402,I001
+    add_profile_arguments, call_exposures, exposed_communication, profile_calls, rank_exposures)
 
 # name: (hidden, expert/dense width, query heads, kv heads, experts, batch per rank, sequence)
 SHAPES = {
@@ -98,7 +101,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--smoke", action="store_true", help="tiny shape, a few iterations, gloo on the CPU")
     p.add_argument("--limit-s", type=float, default=None,
                    help="wall-clock limit of a self-started torchrun (default: 600, smoke 180)")
+    p.add_argument("--nproc", type=int, default=None,
+                   help="ranks of a self-started torchrun (default: one per GPU, 2 on a CPU machine)")
+    add_profile_arguments(p)
     args = p.parse_args(argv)
+    if args.nproc is not None and args.nproc < 1:
+        p.error(f"--nproc {args.nproc}: accepted a positive number of ranks")
+    if args.profile_calls < 1:
+        p.error(f"--profile-calls {args.profile_calls}: accepted a positive number of calls")
     if args.smoke:
         args.iters, args.warmup, args.calibrate_iters = 3, 1, 2
     names = [s for s in args.shapes.split(",") if s]
@@ -138,30 +148,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def launched() -> bool:
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
-
-
-def relaunch(argv: list[str], limit_s: float) -> int:
-    """Run this script under torchrun in its own process group; kill that group at ``limit_s``."""
-    import torch
-
-    nproc = int(os.environ.get("MOEPATCH_EP_NPROC", "0")) or torch.cuda.device_count() or 2
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p))
-    env.setdefault("OMP_NUM_THREADS", "1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(Path(__file__).resolve()), *argv]
-    print(f"bench_scmoe: starting {nproc} ranks", file=sys.stderr, flush=True)
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
-    try:
-        return proc.wait(timeout=limit_s)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the group this call started: torchrun and its ranks
-        proc.wait()
-        print(f"bench_scmoe: killed after {limit_s:.0f} s", file=sys.stderr, flush=True)
-        return 124
-
-
 def _unit_single_device(model, u, h_BSD, ctx):
     """The unit on one device (all experts local), the reference for the expert-parallel output."""
     prog = model.unit_program(u, h_BSD, ctx)
@@ -178,7 +164,6 @@ def run(args) -> int:
     if str(REPO) not in sys.path:
         sys.path.insert(0, str(REPO))
     from moepatch.parallel import init_distributed
-    from moepatch.parallel.bench import call_exposures, exposed_communication, profile_calls, rank_exposures
     from moepatch.parallel.distributed import new_group_with_priority
     from moepatch.scmoe import ScMoEConfig, ScMoEForCausalLM
     from moepatch.scmoe.schedule import ShortcutEP
@@ -291,10 +276,11 @@ def run(args) -> int:
                                      f"sequential one by {replay_diff:.3e}")
             t_out, t_back = ep.time_exchanges(0, h0, ctx, iters=args.calibrate_iters * 2)
             traced = {}
-            for schedule in ("sequential", "overlap"):  # only with $MOEPATCH_PROFILE_DIR
+            for schedule in ("sequential", "overlap"):  # only with --profile-dir
                 trace = profile_calls(lambda s=schedule: ep.run_unit(0, h0, ctx, s),
                                       f"scmoe_{shape_name}_{variant}_{priority}_after{after_ops}_{sender}_"
-                                      f"{exchange}_{schedule}")
+                                      f"{exchange}_{schedule}", args.profile_dir, args.profile_calls,
+                                      args.profile_cpu)
                 if trace is not None and cuda:
                     c = exposed_communication(trace)
                     traced[schedule] = rank_exposures(every_rank([c["nccl_ms"], c["exposed_ms"], c["compute_ms"]]))
@@ -324,9 +310,9 @@ def run(args) -> int:
             "saved_ms": saved * 1e3,
             "hidden_fraction": max(0.0, min(1.0, saved / comm)) if comm > 0 and timing.ops else 0.0,
             "check_relative_error": err, "overlap_minus_sequential_max_abs": ov_diff,
-            # From the profiled calls (MOEPATCH_PROFILE_DIR): per schedule, NCCL kernel time and the part
+            # From the profiled calls (--profile-dir): per schedule, NCCL kernel time and the part
             # of it with no compute kernel beside it (ms; max over ranks, and of the rank with the most
-            # compute: moepatch.parallel.bench.rank_exposures).
+            # compute: traces.rank_exposures).
             "trace_ms": traced,
             # The trace readings: with the exposure of the rank that exposes most (it counts a lighter
             # rank's wait for the straggler at the combine), and of the critical-path rank.
@@ -404,7 +390,7 @@ def run(args) -> int:
                       f"{100 * r['hidden_fraction']:.0f}% | {r['slot']} |")
         traced = [r for r in rows if r["trace_ms"]]
         if traced:
-            md += ["", "From the profiled calls (MOEPATCH_PROFILE_DIR; max over ranks): NCCL kernel time per unit "
+            md += ["", "From the profiled calls (--profile-dir; max over ranks): NCCL kernel time per unit "
                    "and the part of it with no compute kernel beside it on that GPU (any stream: a graph replay "
                    "spreads one stream's kernels over several).", "",
                    "\"Hidden (trace)\" = 1 − overlap's exposed NCCL time / the all-to-all time alone, with the "
@@ -474,8 +460,11 @@ def run(args) -> int:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    from moepatch.launch import launched, relaunch
+
     if not launched():
-        return relaunch(argv, args.limit_s or (180.0 if args.smoke else 600.0))
+        return relaunch([str(Path(__file__).resolve()), *argv], args.nproc,
+                        limit_s=args.limit_s or (180.0 if args.smoke else 600.0), env=dict(OMP_NUM_THREADS="1"))
     return run(args)
 
 

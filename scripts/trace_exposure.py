@@ -3,11 +3,11 @@
     python3 scripts/trace_exposure.py PREFIX [--a2a-ms 0.646]
 
 PREFIX names one profile_calls trace per rank (``PREFIX.rank0.json``, ``PREFIX.rank1.json``, ...;
-bench_scmoe writes them under $MOEPATCH_PROFILE_DIR).  Prints, for both readings of
-:func:`moepatch.parallel.bench.exposed_communication` (``any``: no compute kernel on any stream of
-the GPU, the default since run 12; ``stream``: none on the busiest stream, the older reading), the
-critical (most compute) rank's exposure per call, its mean and median, and with ``--a2a-ms`` the
-fraction hidden, 1 - exposure / all-to-all.
+bench_scmoe and bench_ep write them under ``--profile-dir``).  Prints, for both readings of
+:func:`traces.exposed_communication` (``any``: no compute kernel on any stream of the GPU, the
+default; ``stream``: none on the busiest stream, the older reading), the critical (most compute)
+rank's exposure per call, its mean and median, and with ``--a2a-ms`` the fraction hidden,
+1 - exposure / all-to-all.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = Path(__file__).resolve().parent
 
 
 def main(argv=None) -> int:
@@ -24,9 +24,9 @@ def main(argv=None) -> int:
     p.add_argument("prefix")
     p.add_argument("--a2a-ms", type=float, default=None, help="the all-to-all time alone (bench_scmoe's a2a_ms)")
     args = p.parse_args(argv)
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))
-    from moepatch.parallel.bench import call_exposures, exposed_communication
+    if str(SCRIPTS) not in sys.path:
+        sys.path.insert(0, str(SCRIPTS))  # scripts/ is not a package
+    from traces import call_exposures, exposed_communication
 
     paths = sorted(Path(args.prefix).parent.glob(Path(args.prefix).name + ".rank*.json"))
     if not paths:

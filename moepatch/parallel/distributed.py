@@ -94,3 +94,20 @@ def init_distributed(backend: str | None = None, timeout_s: float | None = None,
             kwargs = {"device_id": device, "pg_options": nccl_options(hp, timeout)}
         dist.init_process_group(backend=backend, timeout=timeout, **kwargs)
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def all_gather_floats(values: list[float], device: torch.device) -> list[list[float]]:
+    """Every rank's ``values`` (the same length on every rank) in rank order, as float64; a collective."""
+    import torch.distributed as dist
+
+    mine = torch.tensor(values, dtype=torch.float64, device=device)
+    parts = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, mine)
+    return [p.tolist() for p in parts]
+
+
+def shutdown() -> None:
+    """Destroy the default process group (the end of a launched command)."""
+    import torch.distributed as dist
+
+    dist.destroy_process_group()

@@ -160,20 +160,33 @@ def test_no_network_fails_at_once_from_the_local_caches(argv, needle, files, not
     (["demo", "--model-type", "nope"], "model type 'nope' is not supported; accepted: deepseek_v2"),
     (["demo", "--capacity-factor", "0"], "capacity_factor=0.0 is not valid"),
     (["demo", "--strategy", "drop", "--policy", "best"], "argument --policy: invalid choice: 'best'"),
+    (["demo", "--nproc", "0"], "argument --nproc: '0' must be >= 1"),
     (["eval", "--checkpoint", "/nonexistent/ckpt", "--random-tokens", "64"], "no config.json there"),
     (["eval", "--tiny", "mixtral", "--text", "notes.txt"], "--text needs --checkpoint"),
     (["eval", "--tiny", "mixtral", "--random-tokens", "64", "--capacity-factor", "x"], "'x' is not a number"),
-    (["bench", "--smoke"], "the following arguments are required: --out"),
-    (["nope"], "unknown command 'nope'; accepted: demo, eval, bench"),
+    (["bench", "--smoke"], "unknown command 'bench'; accepted: demo, eval"),
+    (["nope"], "unknown command 'nope'; accepted: demo, eval"),
 ])
 def test_the_ep_launcher_checks_before_starting_ranks(argv, needle, capsys, monkeypatch):
-    from moepatch.parallel import run
+    """`moepatch ep ...` and `python -m moepatch.launch ...` refuse bad input in one line, before any rank."""
+    from moepatch import launch
 
-    monkeypatch.setattr(run, "relaunch", lambda *a, **k: pytest.fail("ranks started before the input was checked"))
+    monkeypatch.setattr(launch, "relaunch", lambda *a, **k: pytest.fail("ranks started before the input was checked"))
     monkeypatch.delenv("RANK", raising=False)
-    assert run.main(argv) == 2
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and needle in lines[0], lines
+    for entry in (lambda: main(["ep", *argv]), lambda: launch.main(argv)):
+        assert entry() == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and needle in lines[0], lines
+
+
+def test_the_ep_launcher_starts_nproc_ranks_of_itself(monkeypatch):
+    from moepatch import launch
+
+    started = []
+    monkeypatch.setattr(launch, "relaunch", lambda target, nproc=None: started.append((target, nproc)) or 0)
+    monkeypatch.delenv("RANK", raising=False)
+    assert main(["ep", "demo", "--nproc", "3", "--strategy", "reroute"]) == 0
+    assert started == [(["-m", "moepatch.launch", "demo", "--nproc", "3", "--strategy", "reroute"], 3)]
 
 
 def test_debug_shows_the_traceback():
@@ -184,7 +197,7 @@ def test_debug_shows_the_traceback():
 
 
 @pytest.mark.parametrize("command", ["eval", "stats", "demo", "install-lm-eval-plugin", "bench kernels",
-                                     "bench e2e", "bench ep", "bench scmoe"])
+                                     "bench e2e", "bench ep", "bench scmoe", "ep demo", "ep eval"])
 def test_help_names_the_command_and_shows_every_default(command, capsys):
     with pytest.raises(SystemExit) as info:
         main([*command.split(), "--help"])

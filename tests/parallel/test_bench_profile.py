@@ -1,10 +1,29 @@
-"""The benchmark's routing construction: skewed, exact in bf16, reproducible (no process group)."""
+"""scripts/bench_ep.py's routing construction (skewed, exact in bf16, reproducible; no process group)
+and scripts/traces.py's reading of profiled calls."""
+
+import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
 
-from moepatch.parallel.bench import calibrate, hidden_states, routing_logits, selector, set_selector_gate, zipf_shares
 from moepatch.tiny import tiny_model
+
+SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+bench_ep, traces = _load("bench_ep"), _load("traces")
+calibrate, hidden_states, routing_logits = bench_ep.calibrate, bench_ep.hidden_states, bench_ep.routing_logits
+selector, set_selector_gate, zipf_shares = bench_ep.selector, bench_ep.set_selector_gate, bench_ep.zipf_shares
+exposed_communication, call_exposures = traces.exposed_communication, traces.call_exposures
+profile_calls, rank_exposures = traces.profile_calls, traces.rank_exposures
 
 
 @pytest.mark.parametrize("E, K, skew", [(8, 2, 1.8), (8, 2, 1.6), (2, 1, 1.8), (64, 8, 2.0)])
@@ -59,8 +78,6 @@ def test_exposed_communication_counts_nccl_time_without_compute_beside_it(tmp_pa
     compute stream itself are never their own cover."""
     import json
 
-    from moepatch.parallel.bench import exposed_communication
-
     events = []
     for base in (0, 1000):
         events += [_kernel("ncclDevKernel_AllReduce_Sum", base, 5, 7),
@@ -84,8 +101,6 @@ def test_exposed_communication_counts_compute_on_any_stream(tmp_path):
     (``compute="stream"``: the busiest stream only) calls it exposed; unknown readings are refused."""
     import json
 
-    from moepatch.parallel.bench import exposed_communication
-
     events = [_kernel("ncclDevKernel_AllReduce_Sum", 0, 5, 7), _kernel("gemm", 10, 300, 7),
               _kernel("gemm", 320, 100, 216),  # the window, moved to another stream by the graph
               _kernel("ncclDevKernel_SendRecv", 330, 80, 218),  # beside it
@@ -102,8 +117,6 @@ def test_exposed_communication_tells_the_calls_apart(tmp_path):
     """Per call (split at each barrier's all-reduce): a slow first call shows as such, and the
     means are the means of the calls."""
     import json
-
-    from moepatch.parallel.bench import exposed_communication
 
     events = [_kernel("ncclDevKernel_AllReduce_Sum", 0, 5, 7), _kernel("gemm", 10, 100, 7),
               _kernel("ncclDevKernel_SendRecv", 110, 300, 20),  # nothing beside it: 300 exposed
@@ -122,8 +135,6 @@ def test_exposed_communication_tells_the_calls_apart(tmp_path):
 
 
 def test_call_exposures_pick_the_critical_rank_call_by_call():
-    from moepatch.parallel.bench import call_exposures
-
     rank0 = [[0.5, 0.30, 5.0], [0.5, 0.01, 5.0], [0.5, 0.02, 4.0]]
     rank1 = [[0.5, 0.10, 4.0], [0.5, 0.20, 4.5], [0.5, 0.40, 4.5]]
     got = call_exposures([rank0, rank1])
@@ -136,12 +147,10 @@ def test_call_exposures_pick_the_critical_rank_call_by_call():
     assert call_exposures([[], []])["calls"] == 0
 
 
-def test_profile_calls_discards_the_warm_up_call(tmp_path, monkeypatch):
-    """With $MOEPATCH_PROFILE_DIR, one call more than asked runs (the profiler's warm-up) and only
-    the asked calls are in the trace; without it nothing runs."""
+def test_profile_calls_discards_the_warm_up_call(tmp_path):
+    """With an output directory, one call more than asked runs (the profiler's warm-up) and only
+    the asked calls are in the trace; without one nothing runs."""
     import json
-
-    from moepatch.parallel.bench import profile_calls
 
     ran = []
 
@@ -150,22 +159,18 @@ def test_profile_calls_discards_the_warm_up_call(tmp_path, monkeypatch):
         with torch.profiler.record_function("moepatch_probe_call"):
             torch.ones(8).sum()
 
-    monkeypatch.delenv("MOEPATCH_PROFILE_DIR", raising=False)
-    assert profile_calls(fn, "x", calls=2) is None and not ran
-    monkeypatch.setenv("MOEPATCH_PROFILE_DIR", str(tmp_path))
-    trace = profile_calls(fn, "probe/a", calls=3)
+    assert profile_calls(fn, "x", None, calls=2) is None and not ran
+    trace = profile_calls(fn, "probe/a", tmp_path, calls=3)
     assert len(ran) == 4 and trace == tmp_path / "probe_a.rank0.json"
     events = json.loads(trace.read_text())["traceEvents"]
     assert sum(e.get("name") == "moepatch_probe_call" for e in events) == 3
     assert (tmp_path / "probe_a.rank0.txt").read_text().strip()
     with pytest.raises(ValueError, match="positive number of calls"):
-        profile_calls(fn, "x", calls=0)
+        profile_calls(fn, "x", tmp_path, calls=0)
 
 
 def test_rank_exposures_judge_by_the_rank_with_the_most_compute():
     """The lighter rank (less compute) waits at the combine: the largest exposure, but not the unit's end."""
-    from moepatch.parallel.bench import rank_exposures
-
     got = rank_exposures([[0.5, 0.02, 17.7], [2.1, 0.25, 16.4]])
     assert got["critical_rank"] == 0 and got["critical_exposed"] == 0.02
     assert got["exposed"] == 0.25 and got["nccl"] == 2.1 and got["compute"] == [17.7, 16.4]

@@ -1,15 +1,12 @@
-"""Command line for expert parallelism, one process per rank (torchrun / accelerate launch).
+"""Expert parallelism from the command line, one process per rank (torchrun / accelerate launch).
 
-    python -m moepatch.parallel.run demo  [--model-type mixtral] [--capacity-factor 1.0] ...
-    python -m moepatch.parallel.run bench --out DIR [--smoke] ...      (moepatch/parallel/bench.py)
-    python -m moepatch.parallel.run eval  (--checkpoint DIR | --tiny TYPE) (--text FILE | --random-tokens N) ...
+    moepatch ep demo [--nproc N] [--model-type mixtral] [--capacity-factor 1.0] ...
+    moepatch ep eval [--nproc N] (--checkpoint DIR | --tiny TYPE) (--text FILE | --random-tokens N) ...
 
-``demo`` checks real EP against the single-process simulation on a tiny model and prints the
-per-rank error and the load statistics; ``eval`` measures perplexity with each rank scoring its
-own share of the sequences (shares may be uneven: ``ep_barrier_loop`` keeps the ranks in step).
-Launch with ``scripts/launch_ep.sh`` or e.g. ``torchrun --nproc_per_node 2 -m moepatch.parallel.run demo``;
-started without a launcher, it starts torchrun itself with one rank per GPU (2 ranks on a CPU
-machine, or ``$MOEPATCH_EP_NPROC``).
+``demo`` checks real EP against the single-process simulation on a tiny model; ``eval`` measures
+perplexity with each rank scoring its own share of the sequences.  Started without a launcher it
+starts torchrun itself with ``--nproc`` ranks (default one per GPU, 2 on a CPU machine); under a
+launcher run ``python -m moepatch.launch demo|eval ...`` (scripts/launch_ep.sh).
 """
 
 from __future__ import annotations
@@ -24,8 +21,56 @@ from pathlib import Path
 
 import torch
 
-from ..arguments import ArgumentParser, capacity_factor
-from ..errors import UsageError
+from moepatch.arguments import ArgumentParser, capacity_factor
+from moepatch.errors import UsageError
+
+MODULE = "moepatch.launch"
+
+
+def launched() -> bool:
+    """True inside a rank started by torchrun / accelerate (they set RANK and WORLD_SIZE)."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def relaunch(target: list[str], nproc: int | None = None, limit_s: float | None = None,
+             env: dict | None = None) -> int:
+    """Run ``python TARGET...`` under torchrun with ``nproc`` ranks (default one per GPU, 2 on a CPU).
+
+    ``target`` is what follows ``python``: ``["-m", "moepatch.launch", "demo", ...]`` or a script's path
+    and arguments; its ``--nproc N`` is left out (torchrun would take it for its own
+    ``--nproc-per-node``).  The checkout this module is in comes first on the ranks' PYTHONPATH;
+    ``env`` holds defaults for variables the environment leaves unset.  With ``limit_s`` torchrun
+    runs in its own process group, killed with its ranks after that many seconds (exit status 124)."""
+    import signal
+
+    nproc = nproc or torch.cuda.device_count() or 2
+    target = [a for i, a in enumerate(target)
+              if not (a == "--nproc" or a.startswith("--nproc=") or (i and target[i - 1] == "--nproc"))]
+    repo = str(Path(__file__).resolve().parents[1])
+    env = dict(env or {}, **os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH")) if p)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *target]
+    print(f"moepatch: starting {nproc} ranks: {' '.join(cmd[2:])}", file=sys.stderr, flush=True)
+    if limit_s is None:
+        return subprocess.call(cmd, env=env)
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    try:
+        return proc.wait(timeout=limit_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the group this call started: torchrun and its ranks
+        proc.wait()
+        print(f"moepatch: killed after {limit_s:.0f} s", file=sys.stderr, flush=True)
+        return 124
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be >= 1")
+    return value
 
 
 def _option(text: str):
@@ -36,6 +81,13 @@ def _option(text: str):
         return key, json.loads(raw)
     except json.JSONDecodeError:
         return key, raw
+
+
+def _parser(prog: str) -> ArgumentParser:
+    p = ArgumentParser(prog=prog, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--nproc", type=_positive_int, default=None,
+                   help="ranks to start when run without a launcher (default: one per GPU, 2 on a CPU machine)")
+    return p
 
 
 def _add_routing(p: argparse.ArgumentParser) -> None:
@@ -52,9 +104,9 @@ def _routing(args) -> tuple:
 
 def _check_routing(args, model_type: str | None) -> None:
     """The patch options as ``moepatch.apply`` will validate them, and a family it patches."""
-    from ..errors import InvalidOptionError
-    from ..patch.registry import supported_model_types
-    from ..routing.config import make_config
+    from moepatch.errors import InvalidOptionError
+    from moepatch.patch.registry import supported_model_types
+    from moepatch.routing.config import make_config
 
     gamma, strategy, opts = _routing(args)
     try:
@@ -65,8 +117,8 @@ def _check_routing(args, model_type: str | None) -> None:
         raise UsageError(f"model type {model_type!r} is not supported; accepted: {', '.join(supported_model_types())}")
 
 
-def _demo_args(argv) -> argparse.Namespace:
-    p = ArgumentParser(prog="moepatch.parallel.run demo", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def _demo_args(argv, prog: str) -> argparse.Namespace:
+    p = _parser(prog)
     p.add_argument("--model-type", default="mixtral")
     p.add_argument("--batch-per-rank", type=int, default=2)
     p.add_argument("--seq", type=int, default=16)
@@ -79,10 +131,8 @@ def _demo_args(argv) -> argparse.Namespace:
 
 
 def demo(args) -> int:
-    import torch.distributed as dist
-
-    import moepatch
-    from moepatch.parallel import init_distributed
+    from moepatch.parallel.distributed import all_gather_floats, init_distributed, shutdown
+    from moepatch.patch.core import apply, patched, remove, stats
     from moepatch.tiny import tiny_model
 
     rank, world, device = init_distributed()
@@ -92,23 +142,20 @@ def demo(args) -> int:
     ids_BS = torch.randint(3, 128, (args.batch_per_rank * world, args.seq), generator=g).to(device)
     mine = slice(rank * args.batch_per_rank, (rank + 1) * args.batch_per_rank)
     with torch.no_grad():
-        with moepatch.patched(model, gamma, strategy, ep_size=world, **dict(opts, kernel="torch")):
+        with patched(model, gamma, strategy, ep_size=world, **dict(opts, kernel="torch")):
             ref = model(ids_BS).logits[mine]
-        moepatch.apply(model, gamma, strategy, expert_parallel=True, **opts)
+        apply(model, gamma, strategy, expert_parallel=True, **opts)
         got = model(ids_BS[mine]).logits
-        table = moepatch.stats(model).table()
-        moepatch.remove(model)
-    err = torch.tensor([float((got - ref).abs().max())], device=device)
-    errs = [torch.zeros_like(err) for _ in range(world)]
-    dist.all_gather(errs, err)
-    worst = max(float(e) for e in errs)
-    ok = worst <= 1e-4
+        table = stats(model).table()
+        remove(model)
+    errs = [e for (e,) in all_gather_floats([float((got - ref).abs().max())], device)]
+    ok = max(errs) <= 1e-4
     if rank == 0:
         print(f"rank 0 load statistics (its own {args.batch_per_rank}x{args.seq} tokens, capacity per source rank):")
         print(table)
         print(f"{args.model_type} {strategy} gamma={gamma} on {world} ranks: max |EP - simulated ep_size={world}| "
-              f"per rank = {[f'{float(e):.1e}' for e in errs]} -> {'OK' if ok else 'MISMATCH'}", flush=True)
-    dist.destroy_process_group()
+              f"per rank = {[f'{e:.1e}' for e in errs]} -> {'OK' if ok else 'MISMATCH'}", flush=True)
+    shutdown()
     return 0 if ok else 1
 
 
@@ -126,8 +173,8 @@ def _sequences(args, rank: int, world: int, vocab: int) -> list[torch.Tensor]:
     return list(seqs[rank::world])
 
 
-def _eval_args(argv) -> argparse.Namespace:
-    p = ArgumentParser(prog="moepatch.parallel.run eval", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def _eval_args(argv, prog: str) -> argparse.Namespace:
+    p = _parser(prog)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", type=Path, help="local safetensors checkpoint (loaded sharded)")
     src.add_argument("--tiny", metavar="MODEL_TYPE", help="a tiny random model of this family (smoke runs)")
@@ -153,10 +200,10 @@ def _eval_args(argv) -> argparse.Namespace:
 
 
 def evaluate(args) -> int:
-    import torch.distributed as dist
-
-    import moepatch
-    from moepatch.parallel import ep_barrier_loop, init_distributed, load_expert_parallel
+    from moepatch.parallel.distributed import all_gather_floats, init_distributed, shutdown
+    from moepatch.parallel.ep import ep_barrier_loop
+    from moepatch.parallel.loading import load_expert_parallel
+    from moepatch.patch.core import apply, remove, stats
     from moepatch.tiny import tiny_model
 
     rank, world, device = init_distributed()
@@ -166,7 +213,7 @@ def evaluate(args) -> int:
     else:
         model = tiny_model(args.tiny, dtype=dtype).to(device)
     gamma, strategy, opts = _routing(args)
-    moepatch.apply(model, gamma, strategy, expert_parallel=True, **opts)
+    apply(model, gamma, strategy, expert_parallel=True, **opts)
     seqs = _sequences(args, rank, world, model.config.vocab_size)
     batches = [torch.stack(seqs[i:i + args.batch_size]) for i in range(0, len(seqs), args.batch_size)]
 
@@ -179,73 +226,53 @@ def evaluate(args) -> int:
         return float(nll), target.numel()
 
     results = ep_barrier_loop(model, batches, step)
-    totals = torch.tensor([sum(r[0] for r in results), sum(r[1] for r in results)], dtype=torch.float64,
-                          device=device)
-    dist.all_reduce(totals)
-    stats = moepatch.stats(model)
-    ppl = math.exp(totals[0].item() / max(totals[1].item(), 1))
+    per_rank = all_gather_floats([sum(r[0] for r in results), sum(r[1] for r in results)], device)
+    nll, tokens = (math.fsum(r[i] for r in per_rank) for i in (0, 1))
+    layer_stats = stats(model)
+    ppl = math.exp(nll / max(tokens, 1))
     if rank == 0:
-        report = dict(perplexity=ppl, tokens=int(totals[1].item()), world=world, capacity_factor=gamma,
-                      strategy=strategy, options=opts, rank0_batches=len(batches), rank0_stats=stats.to_dict())
+        report = dict(perplexity=ppl, tokens=int(tokens), world=world, capacity_factor=gamma,
+                      strategy=strategy, options=opts, rank0_batches=len(batches), rank0_stats=layer_stats.to_dict())
         if args.out is not None:
             args.out.mkdir(parents=True, exist_ok=True)
             (args.out / "eval_ep.json").write_text(json.dumps(report, indent=1))
-        print(stats.table())
-        print(f"perplexity {ppl:.3f} over {int(totals[1].item())} tokens on {world} ranks "
-              f"({strategy}, gamma={gamma})", flush=True)
-    moepatch.remove(model)
-    dist.destroy_process_group()
+        print(layer_stats.table())
+        print(f"perplexity {ppl:.3f} over {int(tokens)} tokens on {world} ranks ({strategy}, gamma={gamma})",
+              flush=True)
+    remove(model)
+    shutdown()
     return 0
 
 
-def launched() -> bool:
-    """True inside a rank started by torchrun / accelerate (they set RANK and WORLD_SIZE)."""
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+COMMANDS = {"demo": (_demo_args, demo), "eval": (_eval_args, evaluate)}
 
 
-def relaunch(argv: list[str]) -> int:
-    """Run ``python -m moepatch.parallel.run ARGV`` under torchrun, one rank per GPU (2 on a CPU)."""
-    nproc = int(os.environ.get("MOEPATCH_EP_NPROC", "0")) or torch.cuda.device_count() or 2
-    repo = str(Path(__file__).resolve().parents[2])
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH")) if p))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "moepatch.parallel.run", *argv]
-    print(f"moepatch: starting {nproc} ranks: {' '.join(cmd[2:])}", file=sys.stderr, flush=True)
-    return subprocess.call(cmd, env=env)
+def run(argv: list[str], prog: str = "moepatch ep") -> int:
+    """``demo|eval ARGS``: check the arguments, then start the ranks (or, inside one, run the command).
 
-
-def _bench_args(argv) -> list:
-    from .bench import parse_args
-
-    parse_args(argv)  # its errors (SystemExit 2 with argparse's message) come before any rank starts
-    return argv
-
-
-_COMMANDS = {"demo": (_demo_args, demo), "eval": (_eval_args, evaluate), "bench": (_bench_args, None)}
+    Bad input raises :class:`UsageError` before any rank starts."""
+    if argv[:1] in (["-h"], ["--help"]):
+        print(f"usage: {prog} {{demo,eval}} [--nproc N] [ARGS...]\n\n{__doc__}")
+        return 0
+    if not argv or argv[0] not in COMMANDS:
+        got = f"unknown command {argv[0]!r}; " if argv else ""
+        raise UsageError(f"{got}accepted: {', '.join(COMMANDS)} (`{prog} demo --help` for its options)")
+    parse, command = COMMANDS[argv[0]]
+    args = parse(argv[1:], f"{prog} {argv[0]}")
+    if not launched():
+        return relaunch(["-m", MODULE, *argv], args.nproc)
+    return command(args)
 
 
 def main(argv=None) -> int:
-    """Validate the command line, then start the ranks (or, inside one, run the command)."""
+    """``python -m moepatch.launch demo|eval ...``: the entry point under torchrun / accelerate launch."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    if not argv or argv[0] not in _COMMANDS:
-        got = f"unknown command {argv[0]!r}; " if argv else ""
-        print(f"moepatch.parallel.run: error: {got}accepted: {', '.join(_COMMANDS)} (see the module's docstring: "
-              "python -m moepatch.parallel.run demo --help)", file=sys.stderr)
-        return 2
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    parse, run_command = _COMMANDS[argv[0]]
     try:
-        args = parse(argv[1:])
+        return run(argv, prog=f"python -m {MODULE}")
     except UsageError as exc:
-        print(f"moepatch.parallel.run {argv[0]}: error: {exc}", file=sys.stderr)
+        print(f"{MODULE}: error: {exc}", file=sys.stderr)
         return 2
-    if not launched():
-        return relaunch(argv)
-    if run_command is None:
-        from .bench import main as bench_main
-
-        return bench_main(args)
-    return run_command(args)
 
 
 if __name__ == "__main__":
