@@ -53,7 +53,7 @@ def _f64_bits(x: float) -> int:
 
 
 def drop_launch(cfg, scores_TE, ids_TS, w_TS, batch, seq, valid_BS, source_rank, native_k: int, policy: str):
-    """``_capacity_drop_kernel`` over (T, S) slot ids (outside [0, E): empty); ``native_k`` is the K of
+    """``capacity_drop_kernel`` over (T, S) slot ids (outside [0, E): empty); ``native_k`` is the K of
     C = γ·T·K/E.  Returns (ids with the sentinel E on dropped and empty slots, weights with 0 there,
     the statistics buffer, G, the valid mask or None)."""
     from . import routing_kernels as RK
@@ -85,7 +85,7 @@ def drop_launch(cfg, scores_TE, ids_TS, w_TS, batch, seq, valid_BS, source_rank,
         ids_TW = torch.full_like(ids_TK, E)
         w_TW = torch.zeros_like(w_TK)
     stats = torch.empty(2 * G * E + 2 * G, dtype=torch.long, device=device)
-    RK._capacity_drop_kernel[(G * E,)](
+    RK.capacity_drop_kernel[(G * E,)](
         ids_TK, w_TK, scores_TE, valid_T, sorted_R, start_E1, ids_TW, w_TW, stats, T, K, E, seq, ep,
         cfg.min_capacity, _f64_bits(cfg.capacity_factor * native_k), _f64_bits(CEIL_TOLERANCE), scores_TE.stride(0),
         scores_TE.stride(1), POLICY=POLICY_CODES[policy], GROUP_SEQ=by_seq, HAS_VALID=has_valid, BLOCK=block,
@@ -94,7 +94,7 @@ def drop_launch(cfg, scores_TE, ids_TS, w_TS, batch, seq, valid_BS, source_rank,
 
 
 def _fused_drop(cfg, scores_TE, topk_ids_TK, topk_weights_TK, batch, seq, valid_BS, source_rank) -> RoutingResult:
-    """Token Drop (score / order / reverse, expert scope) in one launch of ``_capacity_drop_kernel``."""
+    """Token Drop (score / order / reverse, expert scope) in one launch of ``capacity_drop_kernel``."""
     T, E = scores_TE.shape
     K = topk_ids_TK.shape[1]
     ids_TW, w_TW, stats, G, valid_T = drop_launch(cfg, scores_TE, topk_ids_TK, topk_weights_TK, batch, seq,

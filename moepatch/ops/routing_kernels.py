@@ -63,11 +63,10 @@ def _digit_counts(digit, sel, bins):
 
 
 @triton.jit
-def _capacity_drop_kernel(ids_ptr, w_ptr, scores_ptr, valid_ptr, sorted_ptr, start_ptr, out_ids_ptr, out_w_ptr,
-                          stats_ptr, T, K, E, seq, ep, min_cap, gk_bits, tol_bits, stride_st, stride_se,
-                          POLICY: tl.constexpr, GROUP_SEQ: tl.constexpr, HAS_VALID: tl.constexpr,
-                          BLOCK: tl.constexpr, SINGLE: tl.constexpr, SORTED: tl.constexpr,
-                          SEARCH: tl.constexpr):
+def capacity_drop_kernel(ids_ptr, w_ptr, scores_ptr, valid_ptr, sorted_ptr, start_ptr, out_ids_ptr, out_w_ptr,
+                         stats_ptr, T, K, E, seq, ep, min_cap, gk_bits, tol_bits, stride_st, stride_se,
+                         POLICY: tl.constexpr, GROUP_SEQ: tl.constexpr, HAS_VALID: tl.constexpr,
+                         BLOCK: tl.constexpr, SINGLE: tl.constexpr, SORTED: tl.constexpr, SEARCH: tl.constexpr):
     """POLICY 0 = score, 1 = order, 2 = reverse.  stats: before (G, E), after (G, E), T_g (G), C (G), int64.
 
     SORTED: sorted_ptr / start_ptr are a dispatch layout of one row per pair and the outputs are
