@@ -31,13 +31,11 @@ class _SourceStash:
     def hook(self, key: str):
         def fn(module, args, output):
             self.tensors[key] = output
-            return None
 
         return fn
 
     def clear_hook(self, module, args, output):
         self.tensors.clear()
-        return None
 
 
 class ShortcutMoeBlock(nn.Module):

@@ -2,7 +2,8 @@
 
 Each ``LongcatFlashDecoderLayer`` is one Pos-2 shortcut unit (direct add, ``mlps[1]`` the shared
 expert) built from the layer's own modules; the computing experts (ids < E) are dispatched, the
-zero-computation experts (E .. E+Z-1) computed at the source.  Inference only, no KV cache.
+zero-computation experts (E .. E+Z-1) computed at the source.  Inference only, no KV cache
+(docs/scmoe.md, "LongCat-Flash status").
 Legend: B sequences, S positions, T = B*S tokens, D hidden, E computing experts, Z identity
 experts, W slots per token, P rows sent by this rank.
 """

@@ -3,9 +3,10 @@
 Every rank holds the backbone and its own batch; each MoE layer's experts are split over the ranks
 and the routed rows travel through moepatch.parallel's dispatcher.  ``overlap`` runs backbone ops
 0..K-1 while the rows travel and K..N-1 while the combine travels (K by :func:`choose_slot`);
-``sequential`` hides nothing; both give the same output bit for bit.  Inference only; streams,
-exchanges and CUDA graphs: docs/scmoe.md.  Legend: B sequences, S positions, T = B*S tokens on this
-rank, D hidden, W slots per token, R rows received, P rows sent, N rows of a fixed-size exchange.
+``sequential`` hides nothing; both give the same output bit for bit.  Inference only, every rank
+running the same number of forwards; streams, exchanges and CUDA graphs: docs/scmoe.md.
+Legend: B sequences, S positions, T = B*S tokens on this rank, D hidden, W slots per token, R rows
+received, P rows sent, N rows of a fixed-size exchange.
 """
 
 from __future__ import annotations
