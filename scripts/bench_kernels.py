@@ -57,6 +57,7 @@ if "--smoke" in sys.argv and "TRITON_INTERPRET" not in os.environ:
 import torch  # noqa: E402
 
 from moepatch.arguments import ArgumentParser, HelpFormatter  # noqa: E402
+from moepatch.ops.reference import reference_experts  # noqa: E402  (pure torch)
 from moepatch.ops.tuning import PRESET_SHAPES  # noqa: E402  (no triton import)
 
 _MODEL_TYPES = {"mixtral": "mixtral", "olmoe": "olmoe", "deepseek_v2_lite": "deepseek_v2",
@@ -135,20 +136,6 @@ def floor_ms(M: int, K: int, H: int, I: int, experts_hit: int) -> tuple[float, s
     flops = 2 * M * K * 3 * H * I
     t_bw, t_fl = nbytes / BW, flops / PEAK
     return max(t_bw, t_fl) * 1e3, ("bw" if t_bw >= t_fl else "flops")
-
-
-def reference_experts(x, ids, w, experts) -> torch.Tensor:
-    """float32 experts computed expert by expert (the host-synchronising loop is fine here)."""
-    E = experts.num_experts
-    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-    for e in range(E):
-        tok, slot = (ids == e).nonzero(as_tuple=True)
-        if tok.numel() == 0:
-            continue
-        g, u = (x[tok].float() @ experts.gate_up_proj[e].float().T).chunk(2, dim=-1)
-        y = (torch.nn.functional.silu(g) * u) @ experts.down_proj[e].float().T
-        out.index_add_(0, tok, y * w[tok, slot, None].float())
-    return out
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -372,7 +359,8 @@ def bench_m(name, shape, M, block, holder, scoring, timer, args, device, dtype) 
 
     with torch.no_grad():
         # --- correctness first ---
-        ref = reference_experts(x0, ids0, w0, experts)
+        # The one reference expert computation, in float32 (weights upcast once, outside the timings).
+        ref = reference_experts(x0.float(), ids0, w0.float(), experts.gate_up_proj.float(), experts.down_proj.float())
         poison(device, 4 * (M * K * (2 * I + 2 * H) + M * H) + (64 << 20))
         row["err_triton"] = rel_err(ours(0), ref)
         for impl in HF_BACKENDS:

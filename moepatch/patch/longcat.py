@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ModelStateError
+from ..ops.reference import expert_mlp
 from ..routing.scores import FamilyScoring
 from .spec import FamilySpec
 
@@ -51,8 +52,7 @@ def pair_rows(experts: torch.nn.Module, x_PD: torch.Tensor, ids_P: torch.Tensor,
         if e >= E:
             y_ND = x_ND  # an identity expert
         else:
-            gate_NI, up_NI = F.linear(x_ND, experts.gate_up_proj[e]).chunk(2, dim=-1)
-            y_ND = F.linear(experts.act_fn(gate_NI) * up_NI, experts.down_proj[e])
+            y_ND = expert_mlp(x_ND, experts.gate_up_proj[e], experts.down_proj[e], experts.act_fn)
         out_PD[sel_P] = (y_ND * w_P[sel_P, None]).to(x_PD.dtype)
     return out_PD
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from ..ops.reference import sum_slots
+
 
 def experts_pre_hook(block):
     def hook(module, args, kwargs):
@@ -61,7 +63,6 @@ def experts_post_hook(block):
         out_TWD = output.new_zeros(T, max(width, 1), output.shape[-1])
         if tok_P.numel():
             out_TWD[tok_P, col_P] = output
-        # A fixed-order sum over each token's kept pairs (deterministic, accumulated in float32).
-        return out_TWD.float().sum(dim=1).to(output.dtype)
+        return sum_slots(out_TWD)
 
     return hook

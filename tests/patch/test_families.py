@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import moepatch
+from moepatch.ops.reference import expert_mlp
 from moepatch.patch.registry import family_for, moe_blocks
 from moepatch.tiny import tiny_model
 
@@ -61,12 +62,6 @@ def test_remove_restores_exactly(model):
     assert not moepatch.is_patched(model)
 
 
-def _expert(experts, e, x_TD):
-    """One SwiGLU expert by hand from the fused weights."""
-    gate, up = F.linear(x_TD, experts.gate_up_proj[e]).chunk(2, dim=-1)
-    return F.linear(experts.act_fn(gate) * up, experts.down_proj[e])
-
-
 @torch.no_grad()
 def test_block_output_matches_hand_computation(gate_model):
     """γ=1.0 score drop on one block, computed from the spec with plain loops."""
@@ -89,11 +84,14 @@ def test_block_output_matches_hand_computation(gate_model):
             keep[t, j] = True
 
     def routed(mask):
+        ex = block.experts
         out = torch.zeros_like(x_TD)
         for t in range(T):
             for j in range(K):
                 if mask[t, j]:
-                    out[t] += w_TK[t, j].to(x_TD.dtype) * _expert(block.experts, int(ids_TK[t, j]), x_TD[t:t + 1])[0]
+                    e = int(ids_TK[t, j])
+                    y_D = expert_mlp(x_TD[t:t + 1], ex.gate_up_proj[e], ex.down_proj[e], ex.act_fn)[0]
+                    out[t] += w_TK[t, j].to(x_TD.dtype) * y_D
         return out
 
     base = block(x_BSD).reshape(T, -1)
