@@ -473,6 +473,3 @@ class AllToAllDispatcher(Dispatcher):
         self._call("rows", lambda: self._dist.all_to_all_single(
             recv_NH, send_NH, output_split_sizes=recv_splits, input_split_sizes=send_splits, group=self.group))
         return recv_NH
-
-
-_HEADER_FIXED = HEADER_FIXED  # the old name, until moepatch.scmoe.schedule imports HEADER_FIXED

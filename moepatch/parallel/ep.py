@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import ModelStateError, UnsupportedModelError
+from ..ops.reference import expert_mlp
 from ..patch import backend
 from .dispatch import ACTIVE, IDLE, AllToAllDispatcher, Dispatched, Dispatcher, LocalDispatcher, weigh_and_sum
 from .errors import ExpertParallelError, ProtocolError
@@ -142,7 +143,7 @@ class Runtime:
 
 
 def compute_local_experts(blk: EPBlock, x_RH: torch.Tensor, counts_SM: list) -> torch.Tensor:
-    """SwiGLU experts on received rows: per local expert gate_up GEMM, act(gate) * up, down GEMM.
+    """The local experts on received rows, expert by expert through ``moepatch.ops.reference.expert_mlp``.
 
     Args:
         blk: the block whose local experts run.
@@ -160,7 +161,11 @@ def compute_local_experts(blk: EPBlock, x_RH: torch.Tensor, counts_SM: list) -> 
     experts = blk.experts()
     if experts is None:
         raise ModelStateError("the experts module of an expert-parallel block no longer exists")
-    apply_gate = type(experts)._apply_gate
+    cls_gate = type(experts)._apply_gate
+
+    def apply_gate(h):
+        return cls_gate(experts, h)
+
     S = len(counts_SM)
     # Rows arrive source-major (inside a source by local expert); each expert's rows are made
     # contiguous by concatenating the (source, expert) blocks, whose sizes are host ints: one copy
@@ -174,8 +179,8 @@ def compute_local_experts(blk: EPBlock, x_RH: torch.Tensor, counts_SM: list) -> 
         n = per_expert[j]
         if n == 0:
             continue
-        h = torch.nn.functional.linear(x_RH[start:start + n], blk.gate_up_LIH[j])
-        out_RH[start:start + n] = torch.nn.functional.linear(apply_gate(experts, h), blk.down_LHI[j])
+        out_RH[start:start + n] = expert_mlp(x_RH[start:start + n], blk.gate_up_LIH[j], blk.down_LHI[j],
+                                             apply_gate=apply_gate)
         start += n
     if S == 1:
         return out_RH
@@ -419,5 +424,3 @@ class EPBackend(backend.Backend):
 
 
 BACKEND = EPBackend()
-
-_EPBlock = EPBlock  # the old name, until moepatch.scmoe.schedule imports EPBlock

@@ -16,6 +16,7 @@ import traceback
 import torch
 
 import moepatch
+from moepatch.ops.reference import reference_experts
 from moepatch.parallel import ep as ep_module
 from moepatch.parallel import ep_barrier_loop, ep_session, init_distributed
 from moepatch.tiny import tiny_model
@@ -160,16 +161,8 @@ def scenario_dispatcher(rank, world):
     full_gu, full_dn = experts.gate_up_proj.detach().clone(), experts.down_proj.detach().clone()
     E, H = full_gu.shape[0], full_gu.shape[2]
 
-    def reference(x_TH, ids_TW, w_TW):
-        out = torch.zeros(x_TH.shape, dtype=torch.float64)
-        for t in range(x_TH.shape[0]):
-            for s in range(ids_TW.shape[1]):
-                e = int(ids_TW[t, s])
-                if e == E:
-                    continue
-                gate, up = (x_TH[t].double() @ full_gu[e].double().T).chunk(2)
-                out[t] += float(w_TW[t, s]) * ((torch.nn.functional.silu(gate) * up) @ full_dn[e].double().T)
-        return out
+    def reference(x_TH, ids_TW, w_TW):  # in float64 (sentinel E: a dropped slot)
+        return reference_experts(x_TH.double(), ids_TW, w_TW.double(), full_gu.double(), full_dn.double())
 
     g = torch.Generator().manual_seed(rank)
     cases = {
