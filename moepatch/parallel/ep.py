@@ -364,17 +364,9 @@ def finish(model: torch.nn.Module) -> None:
 
 @contextlib.contextmanager
 def ep_session(model: torch.nn.Module):
-    """Run a rank's share of work so that uneven work and failures never deadlock.
-
-    On normal exit the rank serves the other ranks' MoE layers until every rank has left its
-    session, so ranks may run different numbers of forwards (evaluation tails, ``generate`` of
-    different lengths).  If the body raises, the rank tells the others, which raise
-    :class:`PeerFailedError` at their next MoE layer, and the exception propagates.
-
-        with ep_session(model):
-            for batch in my_shard:
-                logits = model(**batch).logits
-    """
+    """Run a rank's share of work so that uneven work and failures never deadlock: on normal exit
+    the rank serves the others' MoE layers until every rank has left its session; if the body
+    raises, the others raise :class:`PeerFailedError` at their next MoE layer."""
     rt = runtime(model)
     try:
         yield rt
@@ -392,11 +384,7 @@ def ep_session(model: torch.nn.Module):
 
 
 def ep_barrier_loop(model: torch.nn.Module, batches, step) -> list:
-    """``[step(b) for b in batches]`` inside :func:`ep_session`: the eval-loop helper.
-
-    Each rank passes its own (possibly shorter or empty) list of batches; every rank returns once
-    all ranks are done, or raises if any rank raised.
-    """
+    """``[step(b) for b in batches]`` inside :func:`ep_session`; each rank's list may be shorter or empty."""
     results = []
     with ep_session(model):
         for batch in batches:

@@ -1,26 +1,9 @@
-"""Models that hold only this rank's experts: loaded from a local checkpoint or built at random.
+"""Models that hold only this rank's experts: loaded from a local safetensors checkpoint or built at random.
 
-Both build the model on the meta device (``accelerate.init_empty_weights``, buffers stay real so
-rotary tables and the like are computed as usual), shrink every MoE block's fused expert tensors
-to this rank's contiguous block (``expert_devices(E, world)``, torch.tensor_split semantics) and
-then materialise each parameter once, directly on ``device``.  Only the local experts are ever
-read or generated.  ``moepatch.apply(model, ..., expert_parallel=True)`` recognises such a model
-and does not slice it again.
-
-Checkpoint layouts read by :func:`load_expert_parallel` (safetensors, one file or an
-``model.safetensors.index.json`` shard index):
-
-* per-expert tensors, as ``save_pretrained`` of transformers 5.17 - 5.24 writes them (it converts
-  the fused tensors back to the original layout): ``<experts>.<e>.gate_proj/up_proj/down_proj.weight``
-  (OLMoE, Qwen2/3-MoE, DeepSeek-V2/V3) and Mixtral's ``<layer>.block_sparse_moe.experts.<e>.w1/w3/w2.weight``
-  (w1 = gate, w3 = up, w2 = down);
-* fused 3-D tensors under the in-memory names ``<experts>.gate_up_proj`` (E, 2I, H, gate rows then
-  up rows) and ``<experts>.down_proj`` (E, H, I), read with ``get_slice`` rows ``first:stop``.
-
-Every other tensor is read whole, under its module name or Mixtral's ``block_sparse_moe`` name.
-Not supported: ``pytorch_model.bin`` checkpoints, quantised (FP8 / GPTQ / ...) expert tensors,
-hub downloads (pass a local directory).
-
+The model is built on the meta device, each MoE block's fused expert tensors shrunk to this rank's
+contiguous block (``local_range``), and every parameter materialised once on ``device``: only the
+local experts are ever read or generated, and ``moepatch.apply(..., expert_parallel=True)`` does not
+slice them again.  Checkpoint layouts read: docs/expert-parallel.md, "Loading".
 Legend: E routed experts, L experts of this rank, I expert intermediate size, H hidden size.
 """
 
