@@ -3,7 +3,6 @@
 from .capacity import (
     bucket_rank,
     capacities,
-    capacity_for,
     chunk_sizes,
     expert_devices,
     group_ids,
@@ -20,7 +19,7 @@ from .strategies import expanded_drop, expert_drop, token_drop, token_reroute
 __all__ = [
     "POLICIES", "STRATEGIES", "FamilyScoring", "ForwardRecord", "LoadStats", "PendingRecord", "RoutingConfig",
     "RoutingResult", "describe_config",
-    "bucket_rank", "capacities", "capacity_for", "chunk_sizes", "expanded_drop", "expert_devices", "expert_drop",
+    "bucket_rank", "capacities", "chunk_sizes", "expanded_drop", "expert_devices", "expert_drop",
     "group_ids", "make_config", "priority_order", "random_keys", "route", "token_devices", "token_drop",
     "token_reroute",
 ]

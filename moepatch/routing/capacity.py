@@ -1,14 +1,10 @@
-"""Capacity groups, capacities and the per-bucket ranking every strategy is built on.
+"""Capacity groups, capacities and the per-bucket ranking every strategy is built on, in fixed-size ops.
 
-Legend: T tokens (batch-major flattening of B sequences of S positions), E routed experts,
-K experts per token, G capacity groups, D expert-parallel devices, NB capacity buckets per group
-(E for expert scope, D for device scope), P (token, expert) pairs.  Everything here has fixed
-output sizes (no host sync on CUDA, capturable in a CUDA graph).
+Legend: T tokens (batch-major), E routed experts, K experts per token, G capacity groups, D
+expert-parallel devices, NB capacity buckets per group (E, or D in device scope), P pairs.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 
@@ -17,17 +13,9 @@ import torch
 CEIL_TOLERANCE = 1e-9
 
 
-def capacity_for(tokens: int, top_k: int, num_experts: int, capacity_factor: float, min_capacity: int = 0) -> int:
-    """C = max(min_capacity, ceil(γ · T · k / E)) for one group of ``tokens`` real tokens."""
-    if tokens <= 0:
-        return int(min_capacity)
-    raw = capacity_factor * tokens * top_k / num_experts
-    return max(int(min_capacity), math.ceil(raw - CEIL_TOLERANCE))
-
-
 def capacities(tokens_G: torch.Tensor, top_k: int, num_experts: int, capacity_factor: float,
                min_capacity: int = 0) -> torch.Tensor:
-    """Vectorised :func:`capacity_for` over groups: tokens_G (G,) int64 -> capacity_G (G,) int64."""
+    """C = max(min_capacity, ceil(γ · T · k / E)) per group: tokens_G (G,) int64 -> capacity_G (G,) int64."""
     raw_G = tokens_G.double() * (capacity_factor * top_k) / num_experts
     cap_G = torch.ceil(raw_G - CEIL_TOLERANCE).long().clamp_min(int(min_capacity))
     return torch.where(tokens_G > 0, cap_G, torch.full_like(cap_G, int(min_capacity)))
@@ -81,14 +69,9 @@ def group_ids(batch: int, seq: int, group: str, ep_size: int,
 
 
 def bucket_rank(bucket_P: torch.Tensor, order_P: torch.Tensor, num_buckets: int) -> torch.Tensor:
-    """Rank of each pair inside its bucket when pairs are taken in priority order.
+    """Rank (P,) int64 of each pair inside its bucket (0: the bucket's highest priority).
 
-    Args:
-        bucket_P: (P,) int64 bucket of each pair.
-        order_P: (P,) int64 permutation of pair indices, highest priority first.
-        num_buckets: number of buckets (all values of ``bucket_P`` are below it).
-    Returns:
-        (P,) int64: 0 for the highest-priority pair of each bucket, 1 for the next, ...
+    bucket_P: (P,) int64 in [0, num_buckets); order_P: (P,) int64 pair indices, highest priority first.
     """
     P = bucket_P.numel()
     # A stable sort by bucket keeps the priority order inside each bucket.
@@ -109,11 +92,8 @@ def chunk_sizes(num_tokens: int, ep_size: int) -> list[int]:
 
 
 def random_keys(seed: int, layer: int, pairs_per_device: list[int], first_device: int = 0) -> torch.Tensor:
-    """Priority keys of the ``random`` policy (float64, CPU), one seeded stream per source device.
-
-    Each device draws from its own generator, so a rank under real expert parallelism draws exactly
-    the keys its chunk gets in the one-process simulation; device 0 alone is the non-EP case.
-    """
+    """Priority keys of the ``random`` policy (float64, CPU), one seeded stream per source device: a
+    rank under real expert parallelism draws what its chunk draws in the one-process simulation."""
     return torch.cat([torch.rand(n, generator=torch.Generator(device="cpu").manual_seed(
         seed * 1_000_003 + layer + 7_919 * (first_device + d)), dtype=torch.float64)
         for d, n in enumerate(pairs_per_device)]) if pairs_per_device else torch.zeros(0, dtype=torch.float64)

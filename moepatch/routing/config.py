@@ -1,8 +1,5 @@
-"""The validated routing configuration behind ``moepatch.apply``.
-
-Every check happens here, before anything touches a model, so a bad argument leaves the model
-exactly as it was.
-"""
+"""The validated routing configuration behind ``moepatch.apply``: every check happens before anything
+touches a model, so a bad argument leaves the model as it was."""
 
 from __future__ import annotations
 
@@ -128,11 +125,8 @@ def make_config(capacity_factor=1.5, strategy="drop", policy=None, *, num_expert
         raise InvalidOptionError(f"expert_drop_fraction={f!r} is not valid; accepted: a number in (0, 1)")
     _int("min_capacity", cfg.min_capacity, 0)
     _choice("renormalize", cfg.renormalize, ("none", "kept"))
-    _bool("count_padding", cfg.count_padding)
-    _bool("apply_in_decode", cfg.apply_in_decode)
-    _bool("collect_stats", cfg.collect_stats)
-    _bool("cuda_graphs", cfg.cuda_graphs)
-    _bool("expert_parallel", cfg.expert_parallel)
+    for name in ("count_padding", "apply_in_decode", "collect_stats", "cuda_graphs", "expert_parallel"):
+        _bool(name, getattr(cfg, name))
     _choice("group", cfg.group, ("batch", "sequence"))
     _choice("capacity_scope", cfg.capacity_scope, ("expert", "device"))
     _int("ep_size", cfg.ep_size, 1, num_experts)

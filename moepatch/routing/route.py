@@ -1,18 +1,10 @@
-"""One routing decision for one MoE layer and one forward: the reference every kernel matches and
-what runs (fixed-size tensor ops: no host sync on CUDA, capturable in a CUDA graph).
+"""One routing decision for one MoE layer and one forward in fixed-size tensor ops (no host sync,
+capturable in a CUDA graph): the reference every kernel matches, and what runs.
 
 Legend: B sequences of S positions, T = B * S tokens (batch-major), E routed experts, K native
-experts per token, W output slots per token (K, or more for expanded drop), G capacity groups,
-Z zero-computation experts (LongCat-Flash; 0 elsewhere), ids E .. E+Z-1.
-
-Dropped slots are marked with the sentinel expert id E + Z (the number of score columns) and
-weight 0; what consumes the routing (transformers' experts, the Triton kernels, the
-expert-parallel dispatcher) skips them.
-
-Zero-computation (identity) experts take no capacity.  Their pairs are always kept, they are
-never reroute targets or expanded-drop candidates, and the mean load the capacity is built on
-counts only the pairs on computing experts: C = max(min_capacity, ceil(γ · P / E)) with P the
-group's native pairs on the E computing experts (P = T·k when Z = 0, the spec's formula).
+experts per token, W output slots per token, G capacity groups, Z zero-computation experts (ids
+E .. E+Z-1, last).  Dropped slots hold the sentinel E + Z with weight 0.  docs/semantics.md has the
+rules, zero-computation experts included.
 """
 
 from __future__ import annotations
@@ -26,8 +18,7 @@ from .capacity import capacities, chunk_sizes, count, expert_devices, group_ids,
 from .config import RoutingConfig
 from .strategies import expanded_drop, expert_drop, token_drop, token_reroute
 
-# Random-policy orders kept on the device, keyed by (seed, layer, shape, EP, device); bounded so a long
-# run over many shapes cannot grow without limit.
+# Random-policy orders on the device per (seed, layer, shape, EP, device); bounded for runs over many shapes.
 _RANDOM_ORDERS: OrderedDict = OrderedDict()
 _RANDOM_ORDERS_MAX = 256
 
@@ -41,11 +32,9 @@ class RoutingResult:
         topk_weights_TW: (T, W) combine weights in the native weights' dtype, 0 on empty slots.
         load_before_E / load_after_E: (E,) int64 pairs per computing expert before / after capacity.
         tokens_G: (G,) int64 real tokens per capacity group; capacity_G: (G,) int64 or None.
-        routed_pairs: native pairs of the real tokens on computing experts; dropped_pairs: native
-            pairs left without an expert; rerouted_pairs: pairs moved to another expert;
-            added_pairs: extra pairs of expanded drop; identity_pairs: native pairs of the real
-            tokens on zero-computation experts (None means 0: families without them).  All int64
-            scalars.
+        routed_pairs / dropped_pairs / rerouted_pairs / added_pairs / identity_pairs: int64 scalars, the
+            real tokens' native pairs on computing experts / left without an expert / moved / added
+            by expanded drop / on zero-computation experts (None: a family without them).
     """
 
     topk_ids_TW: torch.Tensor
@@ -66,15 +55,9 @@ STAT_FIELDS = tuple(f.name for f in fields(RoutingResult))[2:]
 
 
 def expanded_layout(keep_TE, topk_ids_TK, topk_weights_TK, scores_TE, factor_T, keep_TK, width):
-    """Expanded drop's (T, W) slots from its (T, E) keep mask, with no host synchronisation.
-
-    Native picks keep their slots (sentinel E where dropped); extra experts follow in ascending
-    expert order with the family's weight s[t, e] * factor[t].  Every other (token, expert) is
-    scattered into a trash column W that is cut off afterwards.
-
-    Returns:
-        ids_TW, w_TW, extra_TE (bool: the added pairs).
-    """
+    """Expanded drop's (ids_TW, w_TW, extra_TE) from its (T, E) keep mask: native picks keep their
+    slots (sentinel E where dropped), extra experts follow in ascending order with weight
+    s[t, e] * factor[t]; everything else lands in a trash column W, cut off afterwards."""
     T, E = keep_TE.shape
     K = topk_ids_TK.shape[1]
     device = keep_TE.device
@@ -100,21 +83,9 @@ def renormalize_kept(w_TW, topk_weights_TK, active_T):
     return (w_TW.float() * scale_T[:, None]).to(w_TW.dtype)
 
 
-def policy_keys(cfg: RoutingConfig, num_tokens: int, top_k: int, layer: int, source_rank: int | None):
-    """The ``random`` policy's keys (float64, CPU) for this call (None for the other policies).
-
-    Generators seeded with (seed, layer, source device): the same input always keeps the same
-    pairs, and each simulated device draws what its real rank would draw.
-    """
-    if cfg.policy != "random":
-        return None
-    if source_rank is not None:
-        return random_keys(cfg.seed, layer, [num_tokens * top_k], first_device=source_rank)
-    return random_keys(cfg.seed, layer, [n * top_k for n in chunk_sizes(num_tokens, cfg.ep_size)])
-
-
 def random_order(cfg: RoutingConfig, T: int, K: int, layer: int, source_rank: int | None, device) -> torch.Tensor:
-    """The ``random`` policy's priority order (P,) on ``device``: the stable sort of :func:`policy_keys`.
+    """The ``random`` policy's priority order (P,) on ``device``: the stable sort of keys seeded with
+    (seed, layer, source device), so each simulated device draws what its real rank would.
 
     It depends only on (seed, layer, T, K, ep_size, source rank), so it is computed once and kept:
     after a warm-up call at the same shape no copy happens and the route can be captured.
@@ -122,8 +93,12 @@ def random_order(cfg: RoutingConfig, T: int, K: int, layer: int, source_rank: in
     key = (cfg.seed, layer, T, K, cfg.ep_size, source_rank, str(device))
     order = _RANDOM_ORDERS.get(key)
     if order is None:
+        if source_rank is not None:
+            keys_P = random_keys(cfg.seed, layer, [T * K], first_device=source_rank)
+        else:
+            keys_P = random_keys(cfg.seed, layer, [n * K for n in chunk_sizes(T, cfg.ep_size)])
         # NOTE: host sync (host-to-device copy), once per key.
-        order = torch.sort(policy_keys(cfg, T, K, layer, source_rank), stable=True).indices.to(device)
+        order = torch.sort(keys_P, stable=True).indices.to(device)
         _RANDOM_ORDERS[key] = order
         if len(_RANDOM_ORDERS) > _RANDOM_ORDERS_MAX:
             _RANDOM_ORDERS.popitem(last=False)
@@ -150,7 +125,7 @@ def route(cfg: RoutingConfig, scores_TE: torch.Tensor, topk_ids_TK: torch.Tensor
             then sit on that one device (one capacity group per forward, or per sequence) and its
             experts are their local experts.  None simulates ``cfg.ep_size`` devices in one process.
         zero_experts: Z, the number of zero-computation experts (the last Z score columns); they
-            take no capacity (see the module docstring) and sit on no expert-parallel device.
+            take no capacity and sit on no expert-parallel device.
         drop: ``drop(ids_TS, weights_TS, policy) -> keep_TS`` (bool), a fused Token Drop over (T, S)
             slot ids (ids >= E are empty slots) that chooses the pairs this function would; used for
             reroute's first drop and expanded drop's candidates (moepatch.ops.route).  Z = 0 only.

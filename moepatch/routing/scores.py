@@ -1,12 +1,8 @@
-"""Family routing scores and the weight a family gives an expert it did not pick.
+"""Family routing scores s[t, e] and the weight s[t, e] * factor[t] a family gives an expert.
 
-Legend: T tokens, E routed experts, K experts per token.
-
-Every supported family computes a score s[t, e] from its router logits and combines the top-k
-experts with weights w[t, j] = s[t, e_j] * factor[t], where factor[t] folds in the family's
-top-k renormalisation and its routed scaling factor.  The native weights of the picked experts
-always come from the unpatched router (bit-exact); `FamilyScoring.factor` gives the weight an
-expert receives when capacity-aware routing moves a token onto it (reroute, expanded drop).
+The native weights always come from the unpatched router (bit-exact); the factor weighs an expert
+that capacity-aware routing moves a token onto (reroute, expanded drop).  Legend: T tokens, E
+experts, K experts per token.
 """
 
 from __future__ import annotations
@@ -41,11 +37,8 @@ class FamilyScoring:
         raise ValueError(f"unknown score kind {self.kind!r}; accepted: 'softmax', 'sigmoid'")
 
     def factor(self, scores_TE: torch.Tensor, topk_ids_TK: torch.Tensor) -> torch.Tensor:
-        """factor[t] (float32, shape (T,)) such that the family's weight of expert e is s[t, e] * factor[t].
-
-        The denominator is taken over the token's original top-k picks, so a rerouted expert is
-        weighted as the native normalisation would weigh it in the dropped expert's place.
-        """
+        """factor[t] (T,) float32: the family's weight of expert e is s[t, e] * factor[t], normalised over
+        the token's original picks (a rerouted expert weighs what it would in the dropped one's place)."""
         T = scores_TE.shape[0]
         factor_T = torch.full((T,), float(self.scale), dtype=torch.float32, device=scores_TE.device)
         if self.normalize:

@@ -1,8 +1,5 @@
-"""Load statistics per MoE layer and forward, accumulated over a run.
-
-Records keep the routing tensors where they were computed; nothing is copied to the host until
-the statistics are read (``LoadStats`` materialises them), so collecting costs no host sync.
-"""
+"""Load statistics per MoE layer and forward: records keep the routing's tensors on their device
+until the statistics are read, so collecting costs no host sync."""
 
 from __future__ import annotations
 
@@ -17,12 +14,8 @@ from .route import RoutingResult
 
 @dataclass
 class ForwardRecord:
-    """One MoE layer in one forward pass.
-
-    Loads, ``num_experts`` and ``routed_pairs`` cover the computing experts only; the native pairs
-    on zero-computation experts (LongCat-Flash) are ``identity_pairs`` and never dropped, so
-    tokens · top_k = routed_pairs + identity_pairs.
-    """
+    """One MoE layer in one forward pass.  Loads, ``num_experts`` and ``routed_pairs`` cover the
+    computing experts; tokens · top_k = routed_pairs + identity_pairs (zero-computation experts)."""
 
     layer: int
     tokens: int
@@ -100,11 +93,7 @@ class PendingRecord:
 
 
 class LoadStats:
-    """Statistics collected since the last reset.
-
-    ``records`` lists every (layer, forward); ``layers()`` sums them per layer;
-    ``to_json()`` exports both.
-    """
+    """Statistics since the last reset: ``records`` per (layer, forward), ``layers()`` per layer, ``to_json()``."""
 
     def __init__(self, records: list[ForwardRecord], config: dict | None = None):
         self.records = records

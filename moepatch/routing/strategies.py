@@ -1,19 +1,12 @@
-"""The capacity strategies of "Capacity-Aware Inference": fixed-size tensor ops, no host sync.
+"""The capacity strategies of "Capacity-Aware Inference" in fixed-size tensor ops (no host sync).
 
-Legend: T tokens, E routed experts (E + Z score columns where Z zero-computation experts come
-last), K native experts per token, G capacity groups, NB buckets per group (E in expert scope, D in
-device scope), P pairs.
-
-Common inputs:
-    scores_TE (float32): the family's score s[t, e].
-    topk_ids_TK (int64): the family's native picks, in native slot order.
-    active_T (bool): tokens that take part in capacity (real tokens; padding is inactive
-        unless ``count_padding``).  Inactive tokens get no expert at all.
-    group_T (int64): capacity group of each token; capacity_G (int64): capacity per group.
-    bucket_E (int64): bucket of each expert (``arange(E)`` in expert scope, the expert's device
-        in device scope); bucket_size_B (int64): experts per bucket; a bucket holds at most
-        capacity_G[g] * bucket_size_B[b] pairs.
-    zero_experts: Z; their pairs are always kept, they are never targets or candidates.
+Legend: T tokens, E routed experts (E + Z score columns, the Z zero-computation experts last), K
+native experts per token, G capacity groups, NB buckets per group (E in expert scope, D in device
+scope), P pairs.  Common inputs: scores_TE (float32) s[t, e]; topk_ids_TK (int64) the native picks
+in slot order; active_T (bool) the tokens that take part (the others get no expert); group_T and
+capacity_G (int64) each token's group and each group's C; bucket_E and bucket_size_B (int64) each
+expert's bucket and the experts per bucket (a bucket holds at most C · size pairs); zero_experts: Z,
+whose pairs are always kept and which are never targets or candidates.
 """
 
 from __future__ import annotations
@@ -43,13 +36,10 @@ def bucket_capacity(capacity_G, bucket_size_B):
 
 def token_drop(scores_TE, topk_ids_TK, active_T, group_T, capacity_G, bucket_E, bucket_size_B,
                policy="score", keys_P=None, zero_experts=0, order_P=None):
-    """Token Drop: each bucket keeps its first C pairs in policy order.
+    """Token Drop: each bucket keeps its first C pairs in policy order; returns keep_TK (bool).
 
     ``keys_P``: the random policy's keys, one per pair in token-major order, zero-expert pairs
     included; ``order_P``: the priority order itself, when known (it replaces ``keys_P``).
-
-    Returns:
-        keep_TK (bool): the native pairs that stay (zero-expert pairs of active tokens always do).
     """
     T, K = topk_ids_TK.shape
     G, NB = capacity_G.numel(), bucket_size_B.numel()
@@ -81,17 +71,15 @@ def token_reroute(scores_TE, topk_ids_TK, keep_TK, active_T, group_T, capacity_G
                   bucket_size_B, target="score", rounds=1, zero_experts=0):
     """Token Reroute: offer each dropped pair to an expert with spare room, for exactly ``rounds`` rounds.
 
-    In each round every still-unplaced pair of token t proposes to a distinct expert e' that is
-    not among t's picks and whose bucket has spare room: t's u-th unplaced slot takes t's u-th
-    best candidate (by s[t, e'] for ``target="score"``, by the bucket's spare room for
-    ``"least_loaded"``; ties go to the lower expert index).  Every bucket admits its proposals by
-    s[t, e'] (ties to the lower token) up to its spare room.  Rejected pairs try again next round;
-    a round after nothing moved changes nothing, so no early stop (and no host sync) is needed.
+    Each round, t's u-th unplaced slot proposes t's u-th best expert e' that is not among t's picks
+    and whose bucket has room (by s[t, e'] for ``target="score"``, by the bucket's spare room for
+    ``"least_loaded"``; ties to the lower expert); every bucket admits its proposals by s[t, e']
+    (ties to the lower token) up to its room.  A round after nothing moved changes nothing, so
+    there is no early stop (and no host sync).
 
     Returns:
-        ids_TK (int64): the native picks with rerouted slots replaced by their new expert.
-        keep_TK (bool): slots that end up with an expert (kept or rerouted).
-        rerouted_TK (bool): slots that were moved.
+        ids_TK (int64) the picks with rerouted slots replaced; keep_TK (bool) slots with an expert;
+        rerouted_TK (bool) the moved slots.
     """
     if target not in ("score", "least_loaded"):
         raise ValueError(f"unknown reroute_target {target!r}; accepted: 'score', 'least_loaded'")
@@ -143,16 +131,11 @@ def token_reroute(scores_TE, topk_ids_TK, keep_TK, active_T, group_T, capacity_G
 def expanded_drop(scores_TE, topk_ids_TK, active_T, group_T, capacity_G, bucket_E, bucket_size_B,
                   local_TE, max_experts_per_token=None, zero_experts=0, select=None):
     """Expanded Drop: candidates are the top-k plus the token's local experts; each bucket keeps
-    its top-C candidates by s[t, e] (ties to the lower token).
+    its top-C candidates by s[t, e] (ties to the lower token).  Returns keep_TE (bool).
 
-    ``max_experts_per_token`` then keeps each token's best M kept experts (ties to the lower
-    expert index); capacity freed that way is not handed to anyone else.  Zero-computation
-    experts are never candidates beyond the token's own picks, which are always kept and do not
-    count toward M.  ``select(cand_TE) -> keep_TE``, if given, does the drop step (a fused kernel
-    that must choose the same pairs; moepatch.ops.route).
-
-    Returns:
-        keep_TE (bool): the (token, expert) pairs that are computed.
+    ``max_experts_per_token`` then keeps each token's best M (ties to the lower expert; the freed
+    capacity goes to nobody).  Zero-computation picks are kept and do not count toward M.
+    ``select(cand_TE) -> keep_TE`` does the drop step when given (moepatch.ops.route's kernel).
     """
     T, E = scores_TE.shape
     G, NB = capacity_G.numel(), bucket_size_B.numel()
@@ -181,12 +164,9 @@ def expanded_drop(scores_TE, topk_ids_TK, active_T, group_T, capacity_G, bucket_
 
 
 def expert_drop(topk_ids_TK, active_T, num_experts, fraction=0.1, group_T=None, num_groups=1, zero_experts=0):
-    """The paper's comparison baseline: skip the least-loaded experts of the layer.
-
-    n = max(1, round(fraction * E)) experts with the lowest load over the active tokens are
-    skipped (ties: the lower expert index is skipped first).  With ``group_T`` each group (a source
-    device under expert parallelism) decides from its own tokens' load.  With ``zero_experts``,
-    E = num_experts - zero_experts: only computing experts are counted and skipped.
+    """The paper's baseline: skip the n = max(1, round(fraction * E)) least-loaded computing experts
+    (load over the active tokens; ties: the lower expert first), per group of ``group_T`` (a source
+    device under expert parallelism) when given.
 
     Returns:
         keep_TK (bool), dropped_GE (bool, (G, E)): kept native pairs and the skipped experts per group.

@@ -13,7 +13,6 @@ from hypothesis import strategies as st
 
 from moepatch.routing import (
     capacities,
-    capacity_for,
     expanded_drop,
     expert_drop,
     group_ids,
@@ -175,9 +174,8 @@ def test_expert_drop_skips_least_loaded():
 @pytest.mark.parametrize("gamma,T,k,E,want", [(1.0, 8, 2, 8, 2), (1.5, 8, 2, 8, 3), (1.1, 40, 2, 8, 11),
                                               (1.0, 3, 2, 8, 1), (2.0, 0, 2, 8, 0), (0.5, 7, 1, 4, 1)])
 def test_capacity_formula(gamma, T, k, E, want):
-    assert capacity_for(T, k, E, gamma) == want
-    assert capacities(torch.tensor([T]), k, E, gamma).item() == want
-    assert capacity_for(T, k, E, gamma, min_capacity=5) == max(5, want)
+    assert capacities(torch.tensor([T]), k, E, gamma).item() == want == oracle.capacity(T * k, E, gamma)
+    assert capacities(torch.tensor([T]), k, E, gamma, min_capacity=5).item() == max(5, want)
 
 
 # --- route(): the whole decision for one layer ---------------------------------------------------
