@@ -24,6 +24,14 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 HEADER_FIXED = 4  # status, tag, dtype code, hidden size
 
 
+def local_range(num_experts: int, world: int, rank: int) -> tuple[int, int]:
+    """[first, stop) of this rank's experts: torch.tensor_split of arange(E) into ``world`` blocks
+    (``moepatch.routing.capacity.expert_devices``)."""
+    base, extra = divmod(num_experts, world)
+    first = rank * base + min(rank, extra)
+    return first, first + base + (1 if rank < extra else 0)
+
+
 def dtype_code(dtype: torch.dtype) -> int:
     if dtype not in _DTYPES:
         raise TypeError(f"expert parallelism sends {dtype} hidden states, which it does not support; "
@@ -156,10 +164,8 @@ class Dispatcher:
         return self._placement[key]
 
     def local_experts(self, num_experts: int) -> range:
-        """The global ids of the experts this rank hosts."""
-        dev_E = expert_devices(num_experts, self.world)
-        ids = (dev_E == self.rank).nonzero().flatten().tolist()
-        return range(ids[0], ids[-1] + 1) if ids else range(0)
+        """The global ids of the experts this rank hosts (``range(0)`` when none)."""
+        return range(*local_range(num_experts, self.world, self.rank)) or range(0)
 
     def dispatch(self, x_TH: torch.Tensor, ids_TW: torch.Tensor, *, num_experts: int, tag: int,
                  status: int = ACTIVE) -> Dispatched | None:

@@ -19,7 +19,8 @@ import torch
 from ..errors import ModelStateError, UnsupportedModelError
 from ..ops.reference import expert_mlp
 from ..patch import backend
-from .dispatch import ACTIVE, IDLE, AllToAllDispatcher, Dispatched, Dispatcher, LocalDispatcher, weigh_and_sum
+from .dispatch import (ACTIVE, IDLE, AllToAllDispatcher, Dispatched, Dispatcher, LocalDispatcher, local_range,
+                       weigh_and_sum)
 from .errors import ExpertParallelError, ProtocolError
 
 EXPERTS_IMPLEMENTATION = "moepatch_ep"
@@ -334,13 +335,6 @@ def _restore_all(blocks, ep_blocks):
     for blk, block in zip(ep_blocks, blocks):
         if blk.restore is not None:
             block.experts._parameters.update(blk.restore)
-
-
-def local_range(num_experts: int, world: int, rank: int) -> tuple[int, int]:
-    """[first, stop) of this rank's experts: torch.tensor_split of arange(E) into ``world`` blocks."""
-    base, extra = divmod(num_experts, world)
-    first = rank * base + min(rank, extra)
-    return first, first + base + (1 if rank < extra else 0)
 
 
 def runtime(model: torch.nn.Module) -> Runtime:
