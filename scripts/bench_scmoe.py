@@ -42,13 +42,13 @@ import sys
 import time
 from pathlib import Path
 
-import moepatch
-from moepatch.arguments import ArgumentParser, HelpFormatter
-
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO / "scripts") not in sys.path:
-    sys.path.insert(0, str(REPO / "scripts"))  # scripts/ is not a package
+for _path in (str(REPO), str(REPO / "scripts")):  # a checkout runs without installing; scripts/ is no package
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
 
+import moepatch  # noqa: E402
+from moepatch.arguments import ArgumentParser, HelpFormatter  # noqa: E402
 from traces import (  # noqa: E402,I001
     add_profile_arguments, call_exposures, exposed_communication, profile_calls, rank_exposures)
 
