@@ -1,9 +1,6 @@
-"""Experts backends: who computes a patched model's experts, plugged into transformers' experts interface.
-
-One module registers moepatch's experts functions in ``ALL_EXPERTS_FUNCTIONS``, switches a model's
-configs to one of them (:func:`select`, undone exactly by its handle) and holds the backends the
-core chooses from: ``"hf"`` (transformers' own), ``"triton"`` (moepatch.ops) and ``"ep"``
-(moepatch.parallel, registered by the package root so that patch/ never imports it).
+"""Experts backends (who computes a patched model's experts: "hf", "triton", "ep"), plugged into
+transformers' experts interface; :func:`select` switches a model's configs, undone by its handle.
+"ep" lives in moepatch.parallel and is registered by the package root (patch/ never imports it).
 """
 
 from __future__ import annotations
@@ -177,12 +174,9 @@ _TRITON_FORWARDS = {TRITON: _triton_forward(True), TRITON_EAGER: _triton_forward
 
 
 class Backend:
-    """Who computes the experts of a patched model.
-
-    ``prepare`` validates before anything changes and returns the config to use and this process's
-    rank under real expert parallelism; ``install`` returns handles whose ``remove()`` undo it;
-    ``device_route``: route with moepatch.ops' graphed routing when the experts are on CUDA.
-    """
+    """Who computes the experts of a patched model.  ``prepare`` validates before anything changes and
+    returns (config, this rank under real EP or None); ``install`` returns handles whose ``remove()``
+    undo it; ``device_route``: route with moepatch.ops' graphed routing when the experts are on CUDA."""
 
     name = "hf"
     device_route = False

@@ -1,13 +1,8 @@
 """The one way to patch: ``apply`` / ``patched`` / ``remove`` / ``stats`` for every family and ScMoE.
 
-A transformers model gets forward hooks only (never changed parameters, config or forwards): the
-model's hooks record each forward's shape and padding; each router's hook rewrites (weights, ids)
-with :func:`moepatch.routing.route`; each experts module's hooks compute only the kept pairs for
-transformers' own experts (dropped slots carry the sentinel id E + Z).  Layers that route themselves
-(ScMoE) get ``layer.capacity`` instead.  ``remove`` takes all of it off, so the model is as it was.
-
-Legend: T tokens, E routed experts, Z zero-computation experts (LongCat-Flash), K native experts
-per token, W slots per token, D hidden.
+Forward hooks only (parameters, config and forwards stay as they are), all taken off by ``remove``;
+layers that route themselves (ScMoE) get ``layer.capacity``.  docs/design.md follows one call.
+Legend: T tokens, E routed experts, Z zero-computation experts, K experts per token, W slots, D hidden.
 """
 
 from __future__ import annotations
@@ -66,12 +61,9 @@ class _Block:
 
 @dataclass
 class PatchState:
-    """Everything one patch owns; kept outside the model (a weak map), never in its state_dict.
-
-    ``backend``: who computes the experts (moepatch.patch.backend: "hf", "triton", "ep"; "layers"
-    for ScMoE).  ``route_fn`` has :func:`moepatch.routing.route`'s signature; ``source_rank`` is
-    this rank under real expert parallelism.
-    """
+    """Everything one patch owns, kept outside the model (a weak map).  ``backend``: "hf", "triton", "ep"
+    or "layers" (ScMoE); ``route_fn``: :func:`moepatch.routing.route`'s signature; ``source_rank``: this
+    rank under real expert parallelism."""
 
     config: RoutingConfig
     model_type: str
@@ -494,17 +486,12 @@ def _router_hook(state: PatchState, block: _Block):
 
 def capacity_decision(model: torch.nn.Module, router: torch.nn.Module, hidden_states: torch.Tensor, output: tuple,
                       *, valid_BS: torch.Tensor | None = None, source_rank: int | None = None):
-    """The patch's decision for one router call made outside the model's forward (e.g. a schedule
-    that runs the layers itself and calls ``router.forward`` directly, bypassing the hooks).
+    """The patch's decision for a router call made outside the hooks (a schedule calling ``router.forward``).
 
-    Args:
-        model: the patched model; router: one of its MoE blocks' routers.
-        hidden_states: (B, S, D) the router's input; output: the router's native output.
-        valid_BS: (B, S) bool padding mask or None; source_rank: this rank under real expert
-            parallelism (capacity per source rank) or None (``ep_size`` simulated).
-    Returns:
-        (weights_TW, ids_TW): capacity-aware, or the native ones when nothing applies (statistics are
-        recorded as for a forward).
+    Args: model: the patched model; router: one of its routers; hidden_states: (B, S, D) its input;
+    output: its native output; valid_BS: (B, S) bool or None; source_rank: this rank under real
+    expert parallelism, or None (``ep_size`` simulated).
+    Returns: (weights_TW, ids_TW), the native ones when nothing applies (statistics recorded as for a forward).
     """
     state = _state(model)
     block = state.by_router.get(id(router))

@@ -1,10 +1,6 @@
-"""DeepSeek-V2 and V3.
-
-V2: softmax scores, greedy or group-limited greedy top-k, weights times ``routed_scaling_factor``
-and never renormalised.  V3: sigmoid scores; selection adds ``e_score_correction_bias`` and is
-group-limited, but the weights use the plain sigmoid scores, renormalised (``norm_topk_prob``, with
-1e-20 in the denominator) and scaled.  Selection stays the router's own: moepatch reads the native
-picks and only needs the scores to rank and weigh.  Shared experts are untouched.
+"""DeepSeek-V2 (softmax, weights scaled, never renormalised) and V3 (sigmoid; selection adds
+``e_score_correction_bias``, weights renormalised with 1e-20 and scaled).  The router's own top-k is
+read as is; shared experts are untouched.
 """
 
 from ..routing.scores import FamilyScoring

@@ -1,12 +1,7 @@
-"""LongCat-Flash (``longcat_flash``): softmax router over E computing and Z zero-computation experts.
-
-Selection adds ``e_score_correction_bias``; weights are the plain scores times
-``routed_scaling_factor``, never renormalised. transformers 5.17 returns ``(weights, ids)`` only, so
-the logits are recomputed from the router's input. Up to 5.24 the experts module computes the
-identity experts itself and cannot run one slot per row: the kept pairs are computed from its
-weights (:func:`pair_rows`); from 5.25 the block adds the identity part and the experts hooks lower
-every id >= E. docs/semantics.md, "Zero-computation experts", has the rules.
-
+"""LongCat-Flash (``longcat_flash``): softmax router over E computing and Z zero-computation experts,
+weights the plain scores times ``routed_scaling_factor``.  transformers 5.17 returns no logits (they
+are recomputed); up to 5.24 the experts module computes the identity experts and cannot run one slot
+per row (:func:`pair_rows`).  docs/semantics.md, "Zero-computation experts", has the rules.
 Legend: P kept (token, expert) pairs, D hidden, I expert width.
 """
 

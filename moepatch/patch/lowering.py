@@ -1,11 +1,6 @@
-"""Dropped pairs never reach transformers' own experts: the kept (token, expert) pairs run as one row each.
-
-The router hook leaves the sentinel id E + Z on dropped slots and sets ``block.lower``; these
-hooks on the experts module then call it on the kept pairs only (or on the family's
-``pair_experts``) and put the rows back in a fixed-order float32 sum per token, so no
-implementation ever sees an out-of-range id (releases treat those differently).
-
-Legend: T tokens, W slots per token, P kept pairs, D hidden.
+"""Dropped pairs never reach transformers' experts: these experts-module hooks run the kept (token,
+expert) pairs (sentinel ids >= ``block.expert_ids`` left out) as one row each, or through the family's
+``pair_experts``, and sum them back per token in a fixed order.  Legend: T tokens, W slots, P kept pairs, D hidden.
 """
 
 from __future__ import annotations

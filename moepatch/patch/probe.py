@@ -1,11 +1,6 @@
-"""The check at ``apply`` that a model still has what its family spec reads, in structure and behaviour.
-
-transformers renames and rewrites model internals between releases.  Before any hook is installed,
-every MoE block must have the attributes the patch reads (:meth:`FamilySpec.required`), and the
-first block's router, run on a few random rows, must return what moepatch's reading of it
-predicts: valid distinct ids, and weights equal to the family's scores of those ids times the
-family's factor (softmax or sigmoid, renormalisation, routed scaling).  A changed computation
-with unchanged names fails here, not as wrong outputs later.
+"""The check at ``apply`` that a model still has what its family spec reads: every attribute on every
+block, and the first router, run on random rows, returning what moepatch's reading of it predicts
+(a changed computation with unchanged names fails here, not as wrong outputs later).
 
 Legend: T probe rows, D hidden, E routed experts, Z zero-computation experts, K top-k.
 """

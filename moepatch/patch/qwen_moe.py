@@ -1,7 +1,4 @@
-"""Qwen-MoE (Qwen1.5/Qwen2-MoE with a gated shared expert, Qwen3-MoE): softmax, ``norm_topk_prob``.
-
-The shared expert of Qwen2-MoE runs outside the router/experts pair and is never touched.
-"""
+"""Qwen-MoE (Qwen1.5/Qwen2-MoE, Qwen3-MoE): softmax, ``norm_topk_prob``; the shared expert is untouched."""
 
 from ..routing.scores import FamilyScoring
 from .spec import FamilySpec

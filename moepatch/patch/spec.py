@@ -1,10 +1,4 @@
-"""A model family as data: which modules are its MoE blocks and how its router scores and weighs.
-
-Every block has a router (``block.gate`` by default, ``forward(x) -> (logits, weights, ids)`` or,
-where a release does not return the logits, ``(weights, ids)``) with ``num_experts`` and ``top_k``,
-and ``experts`` (transformers' fused experts module, behind its experts interface unless the spec
-says otherwise).
-"""
+"""A model family as data: which modules are its MoE blocks, where their router is and how it scores."""
 
 from __future__ import annotations
 
@@ -18,28 +12,22 @@ from ..routing.scores import FamilyScoring
 
 @dataclass(frozen=True)
 class FamilySpec:
-    """How to patch one model family.
+    """How to patch one model family.  A block has a router (``forward(x) -> (logits, weights, ids)``,
+    or ``(weights, ids)``) with ``num_experts`` and ``top_k``, and ``experts``.
 
     Attributes:
-        model_type: ``config.model_type``.
-        block_classes: class names of the family's sparse MoE blocks (stable across transformers 5.x).
-        scoring: builds the family's :class:`FamilyScoring` from a block's router module.
-        router_attr: the attribute of a block that holds its router.
-        router_logits: ``(router, hidden_states) -> (T, E + Z) logits`` exactly as the router computes
-            them, for releases whose router returns only ``(weights, ids)``; None when every
-            supported release returns the logits.
-        zero_experts: ``router -> Z``, the number of zero-computation (identity) experts, whose ids
-            follow the router's ``num_experts`` computing experts; None: the family has none.
-        experts_interface: the experts module is dispatched through transformers'
-            ``ExpertsInterface``, so the Triton and expert-parallel backends can run it.
-        experts_ids: ``experts -> n``, the expert ids the experts module computes (identity experts
-            it handles itself included); the experts hooks lower every id >= n.  None: E + Z.
-        pair_experts: ``experts -> fn or None``, for experts modules that cannot be called with one
-            slot per row (how capacity leaves dropped pairs out): ``fn(experts, x_PD, ids_P, w_P) ->
-            (P, D)`` computes each kept (token, expert) pair's weighted output as one row.  None, or
-            a None result: the module itself is called so.
-        structure: dotted attribute paths of a block that the patch reads besides the router's
-            ``num_experts`` and ``top_k`` and ``experts`` (checked at ``apply``).
+        model_type: ``config.model_type``; block_classes: class names of its sparse MoE blocks.
+        scoring: router module -> the family's :class:`FamilyScoring`; router_attr: the block's router.
+        router_logits: ``(router, hidden_states) -> (T, E + Z)`` logits as the router computes them,
+            for releases whose router returns none.
+        zero_experts: ``router -> Z`` zero-computation (identity) experts, ids after the computing ones.
+        experts_interface: the experts module runs through transformers' ``ExpertsInterface`` (so the
+            Triton and expert-parallel backends can run it).
+        experts_ids: ``experts -> n``, the ids the experts module computes (the hooks lower every id
+            >= n); None: E + Z.
+        pair_experts: ``experts -> fn or None``: for modules that cannot run one slot per row,
+            ``fn(experts, x_PD, ids_P, w_P) -> (P, D)`` computes each kept pair's weighted output.
+        structure: further dotted attribute paths of a block the patch reads (checked at ``apply``).
     """
 
     model_type: str
