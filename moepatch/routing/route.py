@@ -10,8 +10,6 @@ rules, zero-computation experts included.
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass, fields
-
 import torch
 
 from .capacity import capacities, chunk_sizes, count, expert_devices, group_ids, random_keys, token_devices
@@ -23,9 +21,14 @@ _RANDOM_ORDERS: OrderedDict = OrderedDict()
 _RANDOM_ORDERS_MAX = 256
 
 
-@dataclass
+# The statistics of a RoutingResult (everything but the decision), in order.
+STAT_FIELDS = ("load_before_E", "load_after_E", "tokens_G", "capacity_G", "routed_pairs", "dropped_pairs",
+               "rerouted_pairs", "added_pairs", "identity_pairs")
+
+
 class RoutingResult:
-    """Output of :func:`route`; every field is computed eagerly on the routing device (no host sync).
+    """Output of :func:`route`: the decision, and its statistics on the routing device (no host sync),
+    computed when first read (``stats_fn``), so that a caller that never reads them launches nothing for them.
 
     Attributes:
         topk_ids_TW: (T, W) int64 expert of each slot, E + Z where the slot is empty.
@@ -37,21 +40,20 @@ class RoutingResult:
             by expanded drop / on zero-computation experts (None: a family without them).
     """
 
-    topk_ids_TW: torch.Tensor
-    topk_weights_TW: torch.Tensor
-    load_before_E: torch.Tensor
-    load_after_E: torch.Tensor
-    tokens_G: torch.Tensor
-    capacity_G: torch.Tensor | None
-    routed_pairs: torch.Tensor
-    dropped_pairs: torch.Tensor
-    rerouted_pairs: torch.Tensor
-    added_pairs: torch.Tensor
-    identity_pairs: torch.Tensor | None = None
+    __slots__ = ("topk_ids_TW", "topk_weights_TW", "_stats", "_stats_fn")
 
+    def __init__(self, topk_ids_TW: torch.Tensor, topk_weights_TW: torch.Tensor, stats_fn=None, **stats):
+        self.topk_ids_TW, self.topk_weights_TW = topk_ids_TW, topk_weights_TW
+        self._stats_fn = stats_fn
+        self._stats = None if stats_fn else dict(dict.fromkeys(STAT_FIELDS), **stats)
 
-# The statistics of a RoutingResult (everything but the decision), in field order.
-STAT_FIELDS = tuple(f.name for f in fields(RoutingResult))[2:]
+    def __getattr__(self, name):  # reached for the statistics only (the decision is in slots)
+        if name not in STAT_FIELDS:
+            raise AttributeError(f"RoutingResult has no attribute {name!r}")
+        if self._stats is None:
+            self._stats = dict(dict.fromkeys(STAT_FIELDS), **self._stats_fn())
+            self._stats_fn = None
+        return self._stats[name]
 
 
 def expanded_layout(keep_TE, topk_ids_TK, topk_weights_TK, scores_TE, factor_T, keep_TK, width):
@@ -143,18 +145,28 @@ def route(cfg: RoutingConfig, scores_TE: torch.Tensor, topk_ids_TK: torch.Tensor
         active_T = valid_BS.reshape(-1).to(device=device, dtype=torch.bool)
     group_T, G = group_ids(batch, seq, cfg.group, cfg.ep_size if source_rank is None else 1, device)
     tokens_G = count(group_T, G, active_T)
-    load_before_E = count(topk_ids_TK, E_all, active_T[:, None])[:E]
-    native = active_T.sum() * K  # every native pair of the real tokens, zero experts included
-    identity = None
-    if Z:
-        zero_TK = (topk_ids_TK >= E) & active_T[:, None]
-        identity = zero_TK.sum()
-    routed = native if identity is None else native - identity
-    zero = torch.zeros((), dtype=torch.long, device=device)
+    zero_TK = (topk_ids_TK >= E) & active_T[:, None] if Z else None
+    capacity_G = keep_TK = moved_TK = extra_TE = None
+
+    def stats_fn():
+        native = active_T.sum() * K  # every native pair of the real tokens, zero experts included
+        identity = zero_TK.sum() if Z else None
+        zero = torch.zeros((), dtype=torch.long, device=device)
+        load_before_E = count(topk_ids_TK, E_all, active_T[:, None])[:E]
+        s = dict(load_before_E=load_before_E, tokens_G=tokens_G, capacity_G=capacity_G, identity_pairs=identity,
+                 routed_pairs=native if identity is None else native - identity, rerouted_pairs=zero, added_pairs=zero)
+        if keep_TK is None:  # unlimited
+            return dict(s, load_after_E=load_before_E, dropped_pairs=zero)
+        # Zero-expert pairs of real tokens are always kept, so the difference counts computing pairs only.
+        s.update(load_after_E=count(ids_TW, E_all + 1)[:E], dropped_pairs=native - keep_TK.sum())
+        if moved_TK is not None:
+            s["rerouted_pairs"] = moved_TK.sum()
+        if extra_TE is not None:
+            s["added_pairs"] = extra_TE.sum()
+        return s
 
     if cfg.unlimited:
-        return RoutingResult(topk_ids_TK, topk_weights_TK, load_before_E, load_before_E, tokens_G, None,
-                             routed, zero, zero, zero, identity)
+        return RoutingResult(topk_ids_TK, topk_weights_TK, stats_fn)
 
     def token_dev():
         if source_rank is None:
@@ -170,7 +182,6 @@ def route(cfg: RoutingConfig, scores_TE: torch.Tensor, topk_ids_TK: torch.Tensor
     if Z:
         # Zero-computation experts belong to no bucket; the strategies ignore their entries.
         bucket_E = torch.cat([bucket_E, bucket_E.new_zeros(Z)])
-    capacity_G = None
     if cfg.strategy != "expert_drop":
         if Z:
             # The mean load counts the pairs on computing experts only: N̄ = P_g / E.
@@ -178,7 +189,6 @@ def route(cfg: RoutingConfig, scores_TE: torch.Tensor, topk_ids_TK: torch.Tensor
             capacity_G = capacities(pairs_G, 1, E, cfg.capacity_factor, cfg.min_capacity)
         else:
             capacity_G = capacities(tokens_G, K, E, cfg.capacity_factor, cfg.min_capacity)
-    rerouted = added = zero
 
     def first_drop():
         if drop is not None:
@@ -204,7 +214,6 @@ def route(cfg: RoutingConfig, scores_TE: torch.Tensor, topk_ids_TK: torch.Tensor
         moved_w_TK = (scores_TE.gather(1, ids_TK) * factor_T[:, None]).to(topk_weights_TK.dtype)
         ids_TW = torch.where(keep_TK, ids_TK, E_all)
         w_TW = torch.where(moved_TK, moved_w_TK, torch.where(keep_TK, topk_weights_TK, 0.0))
-        rerouted = moved_TK.sum()
     else:  # expanded
         if cfg.local_experts == "all" or cfg.ep_size == 1:
             local_TE = torch.ones(T, E_all, dtype=torch.bool, device=device)
@@ -228,12 +237,8 @@ def route(cfg: RoutingConfig, scores_TE: torch.Tensor, topk_ids_TK: torch.Tensor
         keep_TK = keep_TE.gather(1, topk_ids_TK)
         ids_TW, w_TW, extra_TE = expanded_layout(keep_TE, topk_ids_TK, topk_weights_TK, scores_TE, factor_T,
                                                  keep_TK, min(E_all, K + m))
-        added = extra_TE.sum()
-    # Zero-expert pairs of real tokens are always kept, so the difference counts computing pairs only.
-    dropped = native - keep_TK.sum()
 
     if cfg.renormalize == "kept":
         w_TW = renormalize_kept(w_TW, topk_weights_TK, active_T)
 
-    return RoutingResult(ids_TW, w_TW, load_before_E, count(ids_TW, E_all + 1)[:E], tokens_G, capacity_G,
-                         routed, dropped, rerouted, added, identity)
+    return RoutingResult(ids_TW, w_TW, stats_fn)
