@@ -1,15 +1,14 @@
 """Convert a loaded transformers MoE model (Mixtral, OLMoE, Qwen2-MoE, Qwen3-MoE) into ScMoE form.
 
-**Conversion changes the function** (for continued training): each converted block's routed experts
-read a shortcut source from the previous decoder layer, stashed by a forward hook on its norm, beside
-a shared expert.  What is and is not preserved: docs/scmoe.md, "Converting a transformers model".
+**Conversion changes the function** (for continued training); what is and is not preserved:
+docs/scmoe.md, "Converting a transformers model".
 Legend: B sequences, S positions, T = B*S tokens, D hidden, E routed experts, K picks, W slots.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +16,7 @@ from torch import nn
 
 from ..errors import ModelStateError, UnsupportedModelError
 from ..ops.reference import sum_slots
-from .model import COMBINES, POSITIONS, SwiGLU, active_parameters
+from .model import COMBINES, POSITIONS, SwiGLU, active_parameters, check_choice
 
 SUPPORTED = ("mixtral", "olmoe", "qwen2_moe", "qwen3_moe")
 
@@ -131,9 +130,6 @@ class ConvertReport:
     ppl_before: float | None = None
     ppl_after: float | None = None
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
     def __str__(self) -> str:
         ppl = ""
         if self.ppl_before is not None:
@@ -188,22 +184,17 @@ def convert(model: nn.Module, position: int = 2, combine: str = "cg1", *, top_k:
             verbose: bool = True) -> ConvertReport:
     """Turn a loaded Mixtral / OLMoE / Qwen2-MoE / Qwen3-MoE ``*ForCausalLM`` into ScMoE form, in place.
 
-    position: shortcut source 1, 2 (default, the paper's best) or 3; combine: ``"add"``, ``"cg1"``
-    (default) or ``"cg2"``; top_k: routed picks on the shortcut (default keeps active parameters);
-    shared_init: ``"mean"`` of the experts or an expert index to copy (new shared experts only);
-    eval_text (a string with ``tokenizer``, or token ids): perplexity before and after, in the report
-    (printed with ``verbose``).  Returns a :class:`ConvertReport`.  Raises UnsupportedModelError for
-    another family or a converted model, ValueError for a bad argument."""
+    top_k: routed picks on the shortcut (default keeps active parameters); shared_init: ``"mean"`` of the
+    experts or an expert index to copy (new shared experts only); eval_text (a string with ``tokenizer``,
+    or token ids): perplexity before and after in the report, printed with ``verbose``."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in SUPPORTED:
         raise UnsupportedModelError(f"moepatch.scmoe.convert cannot convert model_type {model_type!r}; "
                                     f"supported: {', '.join(SUPPORTED)}")
     if any(isinstance(m, ShortcutMoeBlock) for m in model.modules()):
         raise UnsupportedModelError("the model is already converted to ScMoE form")
-    if position not in POSITIONS:
-        raise ValueError(f"position={position!r} is not supported; accepted: 1, 2, 3")
-    if combine not in COMBINES:
-        raise ValueError(f"combine={combine!r} is not supported; accepted: {', '.join(map(repr, COMBINES))}")
+    check_choice("position", position, POSITIONS)
+    check_choice("combine", combine, COMBINES)
     if any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules()):
         raise ModelStateError("convert does not support gradient checkpointing (a recomputed layer would read a "
                               "stale shortcut source); disable it first")

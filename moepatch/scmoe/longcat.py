@@ -1,11 +1,7 @@
-"""LongCat-Flash under the ScMoE expert-parallel schedule: an adapter, nothing in the model changes.
-
-Each ``LongcatFlashDecoderLayer`` is one Pos-2 shortcut unit (direct add, ``mlps[1]`` the shared
-expert) built from the layer's own modules; the computing experts (ids < E) are dispatched, the
-zero-computation experts (E .. E+Z-1) computed at the source.  Inference only, no KV cache
-(docs/scmoe.md, "LongCat-Flash status").
-Legend: B sequences, S positions, T = B*S tokens, D hidden, E computing experts, Z identity
-experts, W slots per token, P rows sent by this rank.
+"""LongCat-Flash under the ScMoE expert-parallel schedule: each decoder layer is one Pos-2 shortcut unit
+built from its own modules, nothing in the model changes (docs/scmoe.md, "LongCat-Flash status").
+Legend: B sequences, S positions, T = B*S tokens, D hidden, E computing experts, Z identity experts,
+W slots per token, P rows sent by this rank.
 """
 
 from __future__ import annotations
@@ -19,7 +15,7 @@ from ..errors import ModelStateError
 from ..ops.reference import sum_slots
 from ..parallel.dispatch import weigh_padded
 from ..patch.core import PatchHandle, capacity_decision, is_patched
-from .model import UnitProgram
+from .model import FusedExperts, ScMoEOutput, UnitProgram
 
 
 @dataclass
@@ -36,8 +32,9 @@ class LongcatContext:
 
 
 class _ComputingExperts:
-    """The E computing experts of a ``LongcatFlashExperts`` in the layout ``compute_local_experts`` reads
-    (``gate_up_proj`` (E, 2I, D) gate rows first, ``down_proj`` (E, D, I), ``_apply_gate``)."""
+    """The E computing experts of a ``LongcatFlashExperts`` in FusedExperts' layout (what EP reads)."""
+
+    _apply_gate = FusedExperts._apply_gate
 
     def __init__(self, experts: torch.nn.Module, num_experts: int):
         # A view: transformers 5.17-5.24 keep E + Z rows in gate_up_proj, and rows E.. compute nothing.
@@ -45,10 +42,6 @@ class _ComputingExperts:
         self.gate_up_proj = experts.gate_up_proj.detach()[:num_experts]
         self.down_proj = experts.down_proj.detach()
         self.act_fn = experts.act_fn
-
-    def _apply_gate(self, gate_up_PX: torch.Tensor) -> torch.Tensor:
-        gate, up = gate_up_PX.chunk(2, dim=-1)
-        return self.act_fn(gate) * up
 
 
 class LongcatRouted:
@@ -79,7 +72,7 @@ class LongcatRouted:
         return ids_TW, w_TW
 
     def computing_ids(self, ids_TW: torch.Tensor) -> torch.Tensor:
-        """The slots to dispatch: computing experts keep their id, everything else is the sentinel E."""
+        """The slots to dispatch: computing experts keep their id, the rest become the sentinel E."""
         return torch.where(ids_TW < self.num_experts, ids_TW, self.num_experts)
 
     def combine(self, y_PD: torch.Tensor, d, weights_TW: torch.Tensor, ids_TW: torch.Tensor,
@@ -100,9 +93,8 @@ class LongcatRouted:
 
 def weigh_with_identity(y_PD: torch.Tensor, d, weights_TW: torch.Tensor, ids_TW: torch.Tensor,
                         x_s_TD: torch.Tensor, num_experts: int, zero_experts: int) -> torch.Tensor:
-    """Source side of the combine with identity experts: out[t] = Σ over t's kept slots, in slot order, of
-    w · y (a returned row; y_PD (P, D) in send order of round ``d``) or w · x_s[t] (an identity expert),
-    each product cast to the rows' dtype and summed in fp32 (as ``weigh_and_sum``)."""
+    """``weigh_and_sum`` with identity experts: out[t] = Σ over t's slots, in slot order, of w · y (y_PD (P, D)
+    in send order of round ``d``) or w · x_s[t] (an identity expert), each product cast, summed in fp32."""
     T, W = ids_TW.shape
     D = x_s_TD.shape[-1]
     buf_TWD = x_s_TD.new_zeros(T, W, D)
@@ -113,11 +105,6 @@ def weigh_with_identity(y_PD: torch.Tensor, d, weights_TW: torch.Tensor, ids_TW:
     tok_N, slot_N = ident_TW.nonzero(as_tuple=True)  # NOTE: host sync (data-dependent size)
     buf_TWD[tok_N, slot_N] = (x_s_TD[tok_N] * weights_TW[tok_N, slot_N, None]).to(x_s_TD.dtype)
     return sum_slots(buf_TWD)
-
-
-class _Output:
-    def __init__(self, logits):
-        self.logits = logits
 
 
 class LongcatShortcut:
@@ -183,5 +170,5 @@ class LongcatShortcut:
         ops = [("mlp_l", mlp_l), ("attn_l+1", attn_l1), ("se_l+1", se_l1)]
         return UnitProgram(x_s_BSD.reshape(-1, x_s_BSD.shape[-1]), self._routed[u], ops, merge)
 
-    def head(self, h_BSD: torch.Tensor, labels, cache) -> _Output:
-        return _Output(self.model.lm_head(self.decoder.norm(h_BSD)))
+    def head(self, h_BSD: torch.Tensor, labels, cache) -> ScMoEOutput:
+        return ScMoEOutput(self.model.lm_head(self.decoder.norm(h_BSD)))

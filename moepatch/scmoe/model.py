@@ -1,10 +1,9 @@
 """ScMoE: the shortcut-connected MoE decoder (Cai et al., ICML 2025) and its baselines, on one device.
 
-An MoE unit is a dense block l and an MoE block l+1 whose routed experts read a shortcut source from
-block l (Pos-1 its output, Pos-2 its post-attention state, Pos-3 its input) beside a shared expert
-(docs/scmoe.md has the equations); each unit is a :class:`UnitProgram` the schedule can overlap.
+Each MoE unit (a dense block and an MoE block whose routed experts read a shortcut source) is a
+:class:`UnitProgram` the schedule can overlap; docs/scmoe.md has the equations.
 Legend: B sequences, S positions, P cached positions, T = B*S tokens, D hidden, I intermediate,
-E experts, K picks, W routing slots per token, Hq / Hk heads, Dh head dim, V vocabulary.
+E experts, K picks, W routing slots per token, Dh head dim.
 """
 
 from __future__ import annotations
@@ -24,16 +23,15 @@ COMBINES = ("add", "cg1", "cg2")
 POSITIONS = (1, 2, 3)
 
 
+def check_choice(name: str, value, accepted: tuple) -> None:
+    if value not in accepted:
+        raise ValueError(f"{name}={value!r} is not supported; accepted: {', '.join(map(repr, accepted))}")
+
+
 @dataclass
 class ScMoEConfig:
-    """Shape and variant of an ScMoE (or baseline) decoder.
-
-    arch: ``"top2"``, ``"shared"``, ``"scmoe"`` or ``"scmoe2"``; position: the shortcut source (1, 2, 3);
-    combine: ``"add"``, ``"cg1"`` or ``"cg2"`` (ignored by ``top2``); num_layers even unless
-    ``moe_every_layer`` (then shortcut archs need ``position=1``); expert_intermediate_size: routed and
-    shared experts' width (default ``intermediate_size``); norm_topk_prob: renormalise the routed weights
-    over the picks (off: a top-1 router still gets a gradient); aux_loss_coef: weight of the
-    load-balancing loss (paper: 0.01); max_position_embeddings is informational (RoPE covers any position)."""
+    """Shape and variant of an ScMoE (or baseline) decoder (docs/scmoe.md, "Variants").  expert_intermediate_size
+    defaults to intermediate_size; max_position_embeddings is informational (RoPE covers any position)."""
 
     vocab_size: int = 4096
     hidden_size: int = 128
@@ -56,12 +54,9 @@ class ScMoEConfig:
     initializer_range: float = 0.02
 
     def __post_init__(self):
-        if self.arch not in ARCHS:
-            raise ValueError(f"arch={self.arch!r} is not supported; accepted: {', '.join(map(repr, ARCHS))}")
-        if self.combine not in COMBINES:
-            raise ValueError(f"combine={self.combine!r} is not supported; accepted: {', '.join(map(repr, COMBINES))}")
-        if self.position not in POSITIONS:
-            raise ValueError(f"position={self.position!r} is not supported; accepted: 1, 2, 3")
+        check_choice("arch", self.arch, ARCHS)
+        check_choice("combine", self.combine, COMBINES)
+        check_choice("position", self.position, POSITIONS)
         if self.moe_every_layer and self.shortcut and self.position != 1:
             raise ValueError("moe_every_layer=True uses the Pos-1 shortcut (the block's input); set position=1")
         if not self.moe_every_layer and self.num_layers % 2:
@@ -82,7 +77,6 @@ class ScMoEConfig:
 
     @property
     def shortcut(self) -> bool:
-        """The routed experts read a shortcut source (not the MoE block's own state)."""
         return self.arch in ("scmoe", "scmoe2")
 
     @property
@@ -235,11 +229,12 @@ class FusedExperts(nn.Module):
         self.num_experts, self.hidden_dim, self.intermediate_dim = num_experts, hidden, intermediate
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate, hidden))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, intermediate))
+        self.act_fn = F.silu
 
     def _apply_gate(self, gate_up_PX: torch.Tensor) -> torch.Tensor:
-        """silu(gate) * up; the name and signature transformers' experts classes use (parallel.ep calls it)."""
+        """act(gate) * up, under transformers' experts name (parallel.ep calls it; longcat.py reuses it)."""
         gate, up = gate_up_PX.chunk(2, dim=-1)
-        return F.silu(gate) * up
+        return self.act_fn(gate) * up
 
     def forward(self, x_TD: torch.Tensor, ids_TW: torch.Tensor, weights_TW: torch.Tensor) -> torch.Tensor:
         """Args: x_TD (T, D); ids_TW (T, W) int64 in [0, E]; weights_TW (T, W). Returns (T, D) in x's dtype."""
@@ -314,10 +309,6 @@ class Block(nn.Module):
             if cfg.combine != "add":
                 self.coef_gate = nn.Linear(D, 1 if cfg.combine == "cg1" else 2, bias=False)
 
-    def attention(self, h_BSD: torch.Tensor, ctx: ForwardContext, normed_BSD: torch.Tensor | None = None):
-        """h + Attn(n(h)); ``normed_BSD`` is n(h) when it was already computed (a shortcut source)."""
-        return h_BSD + self.attn(self.input_norm(h_BSD) if normed_BSD is None else normed_BSD, ctx)
-
     def shared_branch(self, y_BSD: torch.Tensor):
         """(c · SE(y), c') of the combine; c' is None when it is 1."""
         se_BSD = self.shared_expert(y_BSD)
@@ -332,11 +323,8 @@ class Block(nn.Module):
 
 @dataclass
 class UnitProgram:
-    """One MoE unit's forward, split where the expert-parallel schedule needs it.
-
-    Building it runs the ops before the shortcut source; then ``ops`` ([(name, fn)], the backbone ops
-    after the source, none reading the routed branch) run in any order relative to ``moe(x_s_TD)``, and
-    ``merge(routed_TD)`` adds the routed output last, returning the unit's output (B, S, D)."""
+    """One MoE unit's forward split at its shortcut source: ``ops`` (the backbone ops after it, none reading
+    the routed branch) run in any order relative to ``moe(x_s_TD)``; ``merge(routed_TD)`` returns (B, S, D)."""
 
     x_s_TD: torch.Tensor
     moe: RoutedMoE
@@ -420,51 +408,46 @@ class ScMoEForCausalLM(nn.Module):
         a_idx, b_idx = self.units[u]
         A = None if a_idx is None else self.blocks[a_idx]
         Bk = self.blocks[b_idx]
-        st = {"h": h_BSD}  # the residual stream and the normalised tensors the ops share
+        st = {"h": h_BSD}  # the residual stream, the stashed source "n" and the shared branch "se"
 
-        def attn_a():
-            st["h"] = A.attention(st["h"], ctx, st.pop("n", None))
+        def op(norm, fn, key):
+            def run():  # on norm(h), or on the stashed source when that is norm(h)
+                y = st.pop("n", None)
+                out = fn(norm(st["h"]) if y is None else y)
+                if key == "h":
+                    st["h"] = st["h"] + out
+                else:
+                    st[key] = out
 
-        def mlp_a():
-            y = st.pop("n", None)
-            st["h"] = st["h"] + A.mlp(A.post_norm(st["h"]) if y is None else y)
+            return run
 
-        def attn_b():
-            st["h"] = Bk.attention(st["h"], ctx, st.pop("n", None))
-
-        def se_b():
-            y = st.pop("n", None)
-            st["se"], st["coef"] = Bk.shared_branch(Bk.post_norm(st["h"]) if y is None else y)
-
-        sequence = ([("attn_l", attn_a, A.input_norm), ("mlp_l", mlp_a, A.post_norm)] if A is not None else [])
-        sequence += [("attn_l+1", attn_b, Bk.input_norm)]
+        steps = []  # (name, the norm of its input, fn, where its output goes)
+        if A is not None:
+            steps += [("attn_l", A.input_norm, lambda y: A.attn(y, ctx), "h"), ("mlp_l", A.post_norm, A.mlp, "h")]
+        steps.append(("attn_l+1", Bk.input_norm, lambda y: Bk.attn(y, ctx), "h"))
         if Bk.kind == "scmoe":
-            sequence.append(("se_l+1", se_b, Bk.post_norm))
-        # Ops that run before the source: Pos-3 reads block l's input, Pos-2 its post-attention state,
-        # Pos-1 its output (= block l+1's input), source 0 (no shortcut) the MoE block's own state.
-        source = self.config.source
-        if A is None:
-            n_before = {1: 0, 0: 1}[source]
-        else:
-            n_before = {3: 0, 2: 1, 1: 2, 0: 3}[source]
-        for _, fn, _ in sequence[:n_before]:
+            steps.append(("se_l+1", Bk.post_norm, Bk.shared_branch, "se"))
+        ops = [(name, op(norm, fn, key)) for name, norm, fn, key in steps]
+        # Ops before the source: Pos-3 reads block l's input, Pos-2 its post-attention state, Pos-1
+        # its output (= block l+1's input), source 0 (no shortcut) the MoE block's own state.
+        n_before = {3: 0, 2: 1, 1: 2, 0: 3}[self.config.source] - (2 if A is None else 0)
+        for _, fn in ops[:n_before]:
             fn()
-        norm = sequence[n_before][2] if n_before < len(sequence) else Bk.post_norm
+        norm = steps[n_before][1] if n_before < len(steps) else Bk.post_norm
         st["n"] = x_s_BSD = norm(st["h"])
-        if n_before == len(sequence):  # the baseline: nothing left to run, the source is not reused
+        if n_before == len(steps):  # the baseline: nothing left to run, the source is not reused
             st.pop("n")
 
         def merge(routed_TD: torch.Tensor) -> torch.Tensor:
             routed_BSD = routed_TD.view_as(st["h"])
             if Bk.kind != "scmoe":
                 return st["h"] + routed_BSD
-            se, coef = st.pop("se"), st.pop("coef")
+            se, coef = st.pop("se")
             if coef is not None:
                 routed_BSD = scale_as(coef, routed_BSD, se.dtype)
             return st["h"] + se + routed_BSD
 
-        ops = [(name, fn) for name, fn, _ in sequence[n_before:]]
-        return UnitProgram(x_s_BSD.reshape(-1, x_s_BSD.shape[-1]), Bk.moe, ops, merge)
+        return UnitProgram(x_s_BSD.reshape(-1, x_s_BSD.shape[-1]), Bk.moe, ops[n_before:], merge)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, past_key_values: KVCache | None = None,
@@ -488,10 +471,8 @@ class ScMoEForCausalLM(nn.Module):
     def head(self, h_BSD: torch.Tensor, labels: torch.Tensor | None, cache: KVCache | None) -> ScMoEOutput:
         """Final norm, logits, losses."""
         logits = self.lm_head(self.norm(h_BSD))
-        aux = None
         auxes = [m.aux_loss for m in self.moe_layers() if m.aux_loss is not None]
-        if auxes:
-            aux = torch.stack(auxes).mean()
+        aux = torch.stack(auxes).mean() if auxes else None
         out = ScMoEOutput(logits=logits, aux_loss=aux, past_key_values=cache)
         if labels is not None:
             out.lm_loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
@@ -534,17 +515,12 @@ def active_parameters(model: nn.Module) -> dict:
     """Unique parameters (tied counted once) and those one token activates: a routed experts module counts
     K/E of its parameters, everything else whole.  Native ScMoE, converted and unconverted transformers
     MoE models (MoE blocks with ``gate.top_k`` and ``experts``)."""
-    seen: set[int] = set()
-    total = 0
-    for p in model.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            total += p.numel()
+    total = sum(p.numel() for p in model.parameters())  # parameters() yields a tied parameter once
     routed = active_routed = 0
     counted: set[int] = set()
     for m in model.modules():
         experts, top_k = None, None
-        if isinstance(m, RoutedMoE) or hasattr(m, "capacity_layer"):
+        if hasattr(m, "capacity_layer"):  # RoutedMoE, ShortcutMoeBlock
             experts, top_k = m.experts, m.top_k
         elif hasattr(m, "gate") and hasattr(m, "experts") and hasattr(m.gate, "top_k"):
             experts, top_k = m.experts, m.gate.top_k

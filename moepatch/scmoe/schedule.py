@@ -1,10 +1,8 @@
 """ScMoE under expert parallelism: the sequential and the overlapped schedule of a shortcut unit.
 
-Every rank holds the backbone and its own batch; each MoE layer's experts are split over the ranks
-and the routed rows travel through moepatch.parallel's dispatcher.  ``overlap`` runs backbone ops
-0..K-1 while the rows travel and K..N-1 while the combine travels (K by :func:`choose_slot`);
-``sequential`` hides nothing; both give the same output bit for bit.  Inference only, every rank
-running the same number of forwards; streams, exchanges and CUDA graphs: docs/scmoe.md.
+``overlap`` runs backbone ops 0..K-1 while the rows travel and K..N-1 while the combine travels (K by
+:func:`choose_slot`); both schedules give the same output bit for bit.  Inference only, every rank running
+the same number of forwards; streams, exchanges and CUDA graphs: docs/scmoe.md.
 Legend: B sequences, S positions, T = B*S tokens on this rank, D hidden, W slots per token, R rows
 received, P rows sent, N rows of a fixed-size exchange.
 """
@@ -17,7 +15,7 @@ import copy
 import statistics
 import time
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -55,21 +53,20 @@ def _fused_layout_ok(experts) -> bool:
 
 def compute_padded_experts(blk: EPBlock, x_NH: torch.Tensor, local_N: torch.Tensor) -> torch.Tensor:
     """The local experts on the rows of a fixed-size exchange, (N, H) in x's dtype (0 on rows naming no
-    local expert): on CUDA the fused kernel (each row to its one expert with weight 1, no host sync),
-    elsewhere moepatch.ops.reference."""
+    local expert): the fused kernel on CUDA (no host sync), moepatch.ops.reference elsewhere."""
     if x_NH.shape[0] == 0:
         return torch.empty_like(x_NH)
     experts = blk.experts()
     if experts is None:
         raise ModelStateError("the experts module of an expert-parallel block no longer exists")
-    ones_N1 = torch.ones(x_NH.shape[0], 1, dtype=torch.float32, device=x_NH.device)
+    # Each row to its one expert with weight 1 in float32 (exact); ids >= L (no data) are dropped slots.
+    args = (x_NH, local_N.view(-1, 1), torch.ones(x_NH.shape[0], 1, dtype=torch.float32, device=x_NH.device),
+            blk.gate_up_LIH, blk.down_LHI)
     if x_NH.is_cuda and _fused_layout_ok(experts):
         from ..ops.experts import fused_experts_impl
 
-        return fused_experts_impl(x_NH, local_N.view(-1, 1), ones_N1, blk.gate_up_LIH, blk.down_LHI)
-    # Ids >= L (no data) are dropped slots; weight 1 in float32 leaves each row exact.
-    return reference_experts(x_NH, local_N.view(-1, 1), ones_N1, blk.gate_up_LIH, blk.down_LHI,
-                             apply_gate=experts._apply_gate)
+        return fused_experts_impl(*args)
+    return reference_experts(*args, apply_gate=experts._apply_gate)
 
 
 def choose_slot(comp_s: list[float], t_dispatch: float, t_combine: float) -> int:
@@ -111,11 +108,6 @@ class UnitTiming:
     experts: float
     combine: float
     slot: int = 0
-    extra: dict = field(default_factory=dict)
-
-    @property
-    def comm(self) -> float:
-        return self.dispatch + self.combine
 
 
 def _signature(v):
@@ -171,12 +163,10 @@ class ShortcutEP:
     with the same weights on every rank, its routed experts split over the ranks of ``group`` (default:
     the default group; without a process group, one rank with identity exchanges).
 
-    dispatch_after_ops: overlapped schedule on CUDA, backbone ops queued before the dispatch is launched;
-    rows_sender: who sends the rows once the header is on the host, ``"poll"`` (this thread, between
-    ops) or ``"thread"`` (a helper); exchange: ``"counts"`` (a header read on the host, then exactly the
-    routed rows) or ``"padded"`` (Q rows per rank pair agreed on in :meth:`prepare`, no host sync);
-    graphs: with ``"padded"`` on CUDA, replay every unit from a CUDA graph (native ScMoE only).  No option
-    changes the outputs.  Capacity applies per source rank when ``moepatch.apply`` had ``ep_size`` = world."""
+    dispatch_after_ops: on CUDA, backbone ops queued before the overlapped dispatch; rows_sender: who sends
+    the rows once the header is on the host, ``"poll"`` (this thread, between ops) or ``"thread"``;
+    exchange: ``"counts"`` or ``"padded"``; graphs: replay every unit from a CUDA graph (padded, native
+    ScMoE).  No option changes the outputs; docs/scmoe.md compares them."""
 
     def __init__(self, model, group=None, dispatch_after_ops: int = 1, rows_sender: str = "poll",
                  exchange: str = "counts", graphs: bool = False):
@@ -205,20 +195,18 @@ class ShortcutEP:
         header_slots = max(-(-m.num_experts // world) for m in layers)
         self.dispatcher = AsyncAllToAllDispatcher(header_slots, group) if world > 1 else LocalDispatcher(header_slots)
         self.rank, self.world = self.dispatcher.rank, world
-        for m in layers:
+        self._ordinal = {id(m): i for i, m in enumerate(layers)}
+        self.blocks = []
+        for i, m in enumerate(layers):
             cap = m.capacity
             if cap is not None and cap.config.ep_size != world:
                 raise ModelStateError(f"capacity is configured for ep_size={cap.config.ep_size}; call "
                                       f"moepatch.apply(model, ..., ep_size={world}) for {world} ranks")
-        self._ordinal = {id(m): i for i, m in enumerate(layers)}
-        self.blocks = []
-        for i, m in enumerate(layers):
-            local = self.dispatcher.local_experts(m.num_experts)
-            sl = slice(local.start, local.stop)
-            ex = m.experts
-            self.blocks.append(EPBlock(i, m.num_experts, weakref.ref(ex), ex.gate_up_proj.detach()[sl],
-                                       ex.down_proj.detach()[sl], None))
-        self.slots: dict[int, int] = {}  # calibrated slots; default_slot before calibration
+            local, ex = self.dispatcher.local_experts(m.num_experts), m.experts
+            mine = slice(local.start, local.stop)
+            self.blocks.append(EPBlock(i, m.num_experts, weakref.ref(ex), ex.gate_up_proj.detach()[mine],
+                                       ex.down_proj.detach()[mine], None))
+        self.slots: dict[int, int] = {}  # calibrated slots; before calibration choose_slot on unit costs
         self.timings: dict[int, UnitTiming] = {}
         self._side = None  # CUDA stream of the overlapped dispatch, made on first use
         self.dispatch_after_ops, self.rows_sender, self.exchange = dispatch_after_ops, rows_sender, exchange
@@ -226,14 +214,15 @@ class ShortcutEP:
         self._unit_graphs = GraphCache(max_graphs=256)  # (unit, schedule, input signature) -> _UnitGraph | calls
 
     # -- one unit ---------------------------------------------------------------------------------
-    def _in_flight(self):
-        if isinstance(self.dispatcher, AsyncAllToAllDispatcher):
+    def _in_flight(self, asynchronous: bool):
+        """Row exchanges inside are left in flight when ``asynchronous`` (then :meth:`_pending` has them)."""
+        if asynchronous and isinstance(self.dispatcher, AsyncAllToAllDispatcher):
             return self.dispatcher.in_flight()
         return contextlib.nullcontext()
 
-    def _take_pending(self) -> PendingRows | None:
+    def _pending(self, asynchronous: bool) -> PendingRows | None:
         take = getattr(self.dispatcher, "take_pending", None)
-        return take() if take is not None else None
+        return take() if asynchronous and take is not None else None
 
     def _side_stream(self, x: torch.Tensor):
         """The high-priority CUDA stream the overlapped dispatch runs on (None on the CPU)."""
@@ -243,7 +232,9 @@ class ShortcutEP:
             self._side = torch.cuda.Stream(device=x.device, priority=-1)
         return self._side
 
-    def _on_side(self, side):
+    @staticmethod
+    def _on_side(side):
+        # (not torch.cuda.stream(None): its constructor initialises CUDA, which a CPU run must not)
         return torch.cuda.stream(side) if side is not None else contextlib.nullcontext()
 
     @staticmethod
@@ -263,17 +254,16 @@ class ShortcutEP:
 
     def _complete(self, hdr, asynchronous: bool, side=None):
         """Wait for the header on the host and send the rows (left in flight when ``asynchronous``)."""
-        with self._on_side(side), self._in_flight() if asynchronous else contextlib.nullcontext():
+        with self._on_side(side), self._in_flight(asynchronous):
             d = self.dispatcher.complete(hdr)
         if d is None:
             raise ModelStateError("every rank reported idle in a ShortcutEP forward; all ranks must run the same "
                                   "number of forwards")
-        return d, self._take_pending() if asynchronous else None
+        return d, self._pending(asynchronous)
 
     def _window_with_sender(self, hdr, side, window):
-        """Queue the window's backbone ops while the helper thread waits for the header and sends the rows.
-        Only the helper issues collectives meanwhile, so the ranks keep one order; an exception in either
-        thread surfaces here once the helper has finished."""
+        """Run the window's ops while a helper thread completes the dispatch (the only collectives meanwhile,
+        so the ranks keep one order); an exception in either surfaces here once the helper has finished."""
 
         def send():
             # The helper's current device (and, in _complete, stream); None: the CPU (tests).
@@ -298,11 +288,11 @@ class ShortcutEP:
         if peer_tokens is None:
             raise ModelStateError("the padded exchange needs the forward context of ShortcutEP.prepare (it agrees on "
                                   "the rows per rank pair over the ranks)")
-        with self._in_flight() if asynchronous else contextlib.nullcontext():
+        with self._in_flight(asynchronous):
             r = self.dispatcher.begin_padded(prog.x_s_TD, ids_TW, num_experts=prog.moe.num_experts,
                                              tag=self._ordinal[id(prog.moe)],
                                              slots_per_peer=peer_tokens * ids_TW.shape[1])
-        return r, self._take_pending() if asynchronous else None
+        return r, self._pending(asynchronous)
 
     def _experts(self, d: Dispatched | PaddedRound) -> torch.Tensor:
         if isinstance(d, PaddedRound):
@@ -310,12 +300,10 @@ class ShortcutEP:
         return compute_local_experts(self.blocks[d.tag], d.x_RH, d.counts_SM)
 
     def _combine(self, y_RD: torch.Tensor, d: Dispatched | PaddedRound, asynchronous: bool):
-        with self._in_flight() if asynchronous else contextlib.nullcontext():
-            if isinstance(d, PaddedRound):
-                back_PD = self.dispatcher.return_padded(y_RD, d)
-            else:
-                back_PD = self.dispatcher.return_rows(y_RD, d)
-        return back_PD, self._take_pending() if asynchronous else None
+        with self._in_flight(asynchronous):
+            back = self.dispatcher.return_padded if isinstance(d, PaddedRound) else self.dispatcher.return_rows
+            back_PD = back(y_RD, d)
+        return back_PD, self._pending(asynchronous)
 
     @staticmethod
     def _weigh(prog: UnitProgram, back_PD: torch.Tensor, d: Dispatched | PaddedRound, w_TW: torch.Tensor,
@@ -324,12 +312,7 @@ class ShortcutEP:
         combine = getattr(prog.moe, "combine_padded" if padded else "combine", None)
         if combine is not None:  # the routed branch adds its identity experts here
             return combine(back_PD, d, w_TW, ids_TW, prog.x_s_TD)
-        if padded:
-            return weigh_padded(back_PD, d, w_TW)
-        return weigh_and_sum(back_PD, d, w_TW)
-
-    def default_slot(self, n_ops: int) -> int:
-        return choose_slot([1.0] * n_ops, 0.5, 0.5)
+        return (weigh_padded if padded else weigh_and_sum)(back_PD, d, w_TW)
 
     def run_unit(self, u: int, h_BSD: torch.Tensor, ctx: ForwardContext, schedule: str = "overlap",
                  clock: _Clock | None = None, phases: dict | None = None) -> torch.Tensor:
@@ -387,42 +370,38 @@ class ShortcutEP:
                 lap(name)
             return prog.merge(routed_TD)
 
-        k = self.slots.get(u, self.default_slot(len(prog.ops)))
+        k = self.slots.get(u, choose_slot([1.0] * len(prog.ops), 0.5, 0.5))
         side = self._side_stream(prog.x_s_TD)
         if side is None:
             # gloo: the rows travel on gloo's worker thread while ops 0..K-1 run.
             d, pending = self._dispatch(prog, ids_TW, asynchronous=True, ctx=ctx)
             for _, op in prog.ops[:k]:
                 op()
-        elif self.exchange == "padded":
-            # CUDA, fixed-size exchange: the whole dispatch is queued on the side stream behind the
-            # source's event; nothing waits for a value, so the host queues the window at once.
-            source_ready = torch.cuda.Event()
-            source_ready.record()
-            first = min(self.dispatch_after_ops, k)
-            for _, op in prog.ops[:first]:
-                op()
-            side.wait_event(source_ready)
-            with self._on_side(side):
-                d, pending = self._dispatch(prog, ids_TW, asynchronous=True, ctx=ctx)
-            for _, op in prog.ops[first:k]:
-                op()
-            # Join the side stream (a no-op in time; a CUDA graph capture needs every fork joined).
-            torch.cuda.current_stream().wait_stream(side)
         else:
-            # CUDA, counts exchange: the first ``dispatch_after_ops`` ops, then the dispatch's kernels on
-            # the side stream behind the source, then the rest of ops 0..K-1, the rows sent once the header
-            # is on the host (backbone ops issue no collective, so the ranks' collectives keep one order).
+            # CUDA: the first ``dispatch_after_ops`` ops, then the dispatch on the side stream behind the
+            # source's event, then the rest of ops 0..K-1.
             source_ready = torch.cuda.Event()
             source_ready.record()
             first = min(self.dispatch_after_ops, k)
             for _, op in prog.ops[:first]:
                 op()
             window = prog.ops[first:k]
-            hdr = self._begin(prog, ids_TW, side, after=source_ready)
-            if self.rows_sender == "thread":
-                d, pending = self._window_with_sender(hdr, side, window)
+            if self.exchange == "padded":
+                # Nothing waits for a value, so the host queues the window at once.
+                side.wait_event(source_ready)
+                with self._on_side(side):
+                    d, pending = self._dispatch(prog, ids_TW, asynchronous=True, ctx=ctx)
+                for _, op in window:
+                    op()
+                # Join the side stream (a no-op in time; a CUDA graph capture needs every fork joined).
+                torch.cuda.current_stream().wait_stream(side)
+            elif self.rows_sender == "thread":
+                d, pending = self._window_with_sender(self._begin(prog, ids_TW, side, after=source_ready), side,
+                                                      window)
             else:
+                # The rows go once the header is on the host (backbone ops issue no collective, so the
+                # ranks' collectives keep one order).
+                hdr = self._begin(prog, ids_TW, side, after=source_ready)
                 d = pending = None
                 for _, op in window:
                     op()
@@ -481,34 +460,26 @@ class ShortcutEP:
         y_RD = self._experts(d)
         if isinstance(d, PaddedRound):  # ids, then rows, each way Q per rank pair
             splits = [d.slots_per_peer] * self.world
-            send_out = [(d.local_N[:, None], splits, splits), (y_RD, splits, splits)]
-            send_back = [(y_RD, splits, splits)]
-            device = y_RD.device
+            header, sends = None, ([(d.local_N[:, None], splits, splits), (y_RD, splits, splits)],
+                                   [(y_RD, splits, splits)])
         else:
             disp.return_rows(y_RD, d)
             send_PD = prog.x_s_TD[d.tok_P].contiguous()
-            device = send_PD.device
-            header = disp.blank_header(device)
-            send_out = [(send_PD, d.send_splits, d.recv_splits)]
-            send_back = [(y_RD, d.recv_splits, d.send_splits)]
-        out, back = [], []
+            header = disp.blank_header(send_PD.device)
+            sends = ([(send_PD, d.send_splits, d.recv_splits)], [(y_RD, d.recv_splits, d.send_splits)])
+        times = ([], [])  # out, back
         for it in range(warmup + iters):
-            disp.barrier()
-            clock = _Clock(device)
-            if not isinstance(d, PaddedRound):
-                disp.exchange_header(header)
-            for args in send_out:
-                disp.exchange_rows(*args)
-            t_out = clock.lap()
-            disp.barrier()
-            clock = _Clock(device)
-            for args in send_back:
-                disp.exchange_rows(*args)
-            t_back = clock.lap()
-            if it >= warmup:
-                out.append(t_out)
-                back.append(t_back)
-        t_out, t_back = disp.reduce_max([statistics.median(out), statistics.median(back)])
+            for way, exchanges in enumerate(sends):
+                disp.barrier()
+                clock = _Clock(prog.x_s_TD.device)
+                if way == 0 and header is not None:
+                    disp.exchange_header(header)
+                for args in exchanges:
+                    disp.exchange_rows(*args)
+                t = clock.lap()
+                if it >= warmup:
+                    times[way].append(t)
+        t_out, t_back = disp.reduce_max([statistics.median(t) for t in times])
         return t_out, t_back
 
     @torch.no_grad()
