@@ -132,9 +132,7 @@ class LongcatShortcut:
         return self.decoder.embed_tokens(input_ids)
 
     def context(self, input_ids_BS: torch.Tensor, attention_mask: torch.Tensor | None, cache) -> LongcatContext:
-        """The decoder layers' keyword arguments, as ``LongcatFlashModel.forward`` builds them (no cache)."""
-        if cache is not None:
-            raise ModelStateError("the LongCat-Flash shortcut schedule runs without a KV cache")
+        """The decoder layers' keyword arguments, as ``LongcatFlashModel.forward`` builds them (``cache``: None)."""
         B, S = input_ids_BS.shape
         embeds_BSD = self.decoder.embed_tokens(input_ids_BS)
         position_ids = torch.arange(S, device=embeds_BSD.device)[None]

@@ -80,10 +80,6 @@ class ScMoEConfig:
         return self.arch in ("scmoe", "scmoe2")
 
     @property
-    def has_shared_expert(self) -> bool:
-        return self.arch != "top2"
-
-    @property
     def source(self) -> int:
         """Where the routed experts read: 0 = the MoE block's own post-attention state, else Pos-1/2/3."""
         return self.position if self.shortcut else 0
@@ -341,7 +337,7 @@ class ScMoEForCausalLM(nn.Module):
         self.config = cfg = config
         D = cfg.hidden_size
         self.embed_tokens = nn.Embedding(cfg.vocab_size, D)
-        moe_kind = "scmoe" if cfg.has_shared_expert else "moe"
+        moe_kind = "moe" if cfg.arch == "top2" else "scmoe"  # "scmoe": with a shared expert
         if cfg.moe_every_layer:
             kinds = [moe_kind] * cfg.num_layers
             self.units = [(None, i) for i in range(cfg.num_layers)]
@@ -485,9 +481,8 @@ class ScMoEForCausalLM(nn.Module):
                  use_cache: bool = True) -> torch.Tensor:
         """Greedy decoding: (B, S + new) ids.  ``use_cache=False`` reruns the whole prefix every step (to check
         the cache); prompts unpadded and of equal length; a sequence past ``eos_token_id`` keeps emitting it."""
-        ids = input_ids
+        ids = step_in = input_ids
         cache = KVCache(len(self.blocks)) if use_cache else None
-        step_in = ids
         done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
         for _ in range(max_new_tokens):
             logits = self.forward(step_in, past_key_values=cache).logits[:, -1]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import copy
+import itertools
 import statistics
 import time
 import weakref
@@ -43,12 +44,7 @@ def _sender() -> concurrent.futures.ThreadPoolExecutor:
 
 def _fused_layout_ok(experts) -> bool:
     """Whether moepatch.ops' fused SwiGLU kernel computes these experts (gated SiLU, [gate; up])."""
-    if isinstance(experts, FusedExperts):
-        return True
-    try:
-        return layout_problem(type(experts).__name__, experts) is None
-    except ImportError:  # transformers without the fused layout
-        return False
+    return isinstance(experts, FusedExperts) or layout_problem(type(experts).__name__, experts) is None
 
 
 def compute_padded_experts(blk: EPBlock, x_NH: torch.Tensor, local_N: torch.Tensor) -> torch.Tensor:
@@ -73,13 +69,11 @@ def choose_slot(comp_s: list[float], t_dispatch: float, t_combine: float) -> int
     """The paper's slot rule: K in [0, N] minimising |Σ_{i<K} COMP_i − T_dispatch| + |Σ_{i≥K} COMP_i − T_combine|
     (ops 0..K-1 overlap the dispatch, K..N-1 the combine); ties go to the smaller K."""
     total = sum(comp_s)
-    best_k, best_cost, before = 0, float("inf"), 0.0
-    for k in range(len(comp_s) + 1):
+    best_k, best_cost = 0, float("inf")
+    for k, before in enumerate(itertools.accumulate(comp_s, initial=0.0)):  # before = Σ_{i<K} COMP_i
         cost = abs(before - t_dispatch) + abs(total - before - t_combine)
         if cost < best_cost - 1e-12:
             best_k, best_cost = k, cost
-        if k < len(comp_s):
-            before += comp_s[k]
     return best_k
 
 
@@ -237,20 +231,19 @@ class ShortcutEP:
         # (not torch.cuda.stream(None): its constructor initialises CUDA, which a CPU run must not)
         return torch.cuda.stream(side) if side is not None else contextlib.nullcontext()
 
-    @staticmethod
-    def _computing_ids(prog: UnitProgram, ids_TW: torch.Tensor) -> torch.Tensor:
-        """The slots to dispatch: zero-computation experts (LongCat-Flash) stay at the source."""
+    def _round(self, prog: UnitProgram, ids_TW: torch.Tensor):
+        """The ids a round dispatches (LongCat-Flash's zero-computation experts stay here) and its keywords."""
         computing = getattr(prog.moe, "computing_ids", None)
-        return computing(ids_TW) if computing is not None else ids_TW
+        ids_TW = computing(ids_TW) if computing is not None else ids_TW
+        return ids_TW, dict(num_experts=prog.moe.num_experts, tag=self._ordinal[id(prog.moe)])
 
     def _begin(self, prog: UnitProgram, ids_TW: torch.Tensor, side=None, after=None):
         """Sort, gather and exchange the header; on ``side`` once the event ``after`` (the source) is reached."""
         if side is not None:
             side.wait_event(after)  # the source and the gate are ready
         with self._on_side(side):
-            ids_TW = self._computing_ids(prog, ids_TW)
-            return self.dispatcher.begin(prog.x_s_TD, ids_TW, num_experts=prog.moe.num_experts,
-                                         tag=self._ordinal[id(prog.moe)])
+            ids_TW, kw = self._round(prog, ids_TW)
+            return self.dispatcher.begin(prog.x_s_TD, ids_TW, **kw)
 
     def _complete(self, hdr, asynchronous: bool, side=None):
         """Wait for the header on the host and send the rows (left in flight when ``asynchronous``)."""
@@ -283,15 +276,13 @@ class ShortcutEP:
     def _dispatch(self, prog: UnitProgram, ids_TW: torch.Tensor, asynchronous: bool, ctx: ForwardContext):
         if self.exchange == "counts":
             return self._complete(self._begin(prog, ids_TW), asynchronous)
-        ids_TW = self._computing_ids(prog, ids_TW)
+        ids_TW, kw = self._round(prog, ids_TW)
         peer_tokens = getattr(ctx, "peer_tokens", None)
         if peer_tokens is None:
             raise ModelStateError("the padded exchange needs the forward context of ShortcutEP.prepare (it agrees on "
                                   "the rows per rank pair over the ranks)")
         with self._in_flight(asynchronous):
-            r = self.dispatcher.begin_padded(prog.x_s_TD, ids_TW, num_experts=prog.moe.num_experts,
-                                             tag=self._ordinal[id(prog.moe)],
-                                             slots_per_peer=peer_tokens * ids_TW.shape[1])
+            r = self.dispatcher.begin_padded(prog.x_s_TD, ids_TW, slots_per_peer=peer_tokens * ids_TW.shape[1], **kw)
         return r, self._pending(asynchronous)
 
     def _experts(self, d: Dispatched | PaddedRound) -> torch.Tensor:
@@ -503,10 +494,8 @@ class ShortcutEP:
             if isinstance(self.dispatcher, AsyncAllToAllDispatcher):
                 med = self.dispatcher.reduce_max(med)
             vals = dict(zip(names, med))
-            ops = {n: vals[n] for n in names if n not in ("gate", "dispatch", "experts", "combine")}
-            t = UnitTiming(ops=ops, gate=vals["gate"], dispatch=vals["dispatch"], experts=vals["experts"],
-                           combine=vals["combine"])
-            t.slot = choose_slot(list(ops.values()), t.dispatch, t.combine)
-            self.slots[u] = t.slot
+            phases = ("gate", "dispatch", "experts", "combine")
+            t = UnitTiming({n: v for n, v in vals.items() if n not in phases}, *(vals[n] for n in phases))
+            t.slot = self.slots[u] = choose_slot(list(t.ops.values()), t.dispatch, t.combine)
             self.timings[u] = t
         return self.timings
