@@ -48,18 +48,16 @@ class LongcatRouted:
     """One layer's routed branch for the schedule: ``gate``, ``num_experts`` (E, computing),
     ``zero_experts`` (Z), ``experts`` (the computing experts' weights) and ``capacity``."""
 
-    def __init__(self, owner: LongcatShortcut, moe: torch.nn.Module):
-        self.owner, self.moe = owner, moe
-        self.router = moe.router
+    def __init__(self, model: torch.nn.Module, moe: torch.nn.Module):
+        self.model, self.router = model, moe.router
         self.num_experts = int(moe.router.num_experts)
         self.zero_experts = int(moe.router.n_routed_experts) - self.num_experts
-        self.top_k = int(moe.router.top_k)
         self.experts = _ComputingExperts(moe.experts, self.num_experts)
 
     @property
     def capacity(self):
         """The ``moepatch.apply`` handle of the model (its ``config``), or None when it is not patched."""
-        return PatchHandle(self.owner.model) if is_patched(self.owner.model) else None
+        return PatchHandle(self.model) if is_patched(self.model) else None
 
     def gate(self, x_s_TD: torch.Tensor, ctx: LongcatContext) -> tuple[torch.Tensor, torch.Tensor]:
         """(ids_TW, weights_TW): the router's picks, capacity-aware per source rank when patched."""
@@ -67,7 +65,7 @@ class LongcatRouted:
         output = self.router.forward(x_BSD)  # the native decision, without the patch's hook
         if self.capacity is None:
             return output[-1], output[-2]
-        w_TW, ids_TW = capacity_decision(self.owner.model, self.router, x_BSD, output, valid_BS=ctx.valid_BS,
+        w_TW, ids_TW = capacity_decision(self.model, self.router, x_BSD, output, valid_BS=ctx.valid_BS,
                                          source_rank=ctx.source_rank)
         return ids_TW, w_TW
 
@@ -77,7 +75,18 @@ class LongcatRouted:
 
     def combine(self, y_PD: torch.Tensor, d, weights_TW: torch.Tensor, ids_TW: torch.Tensor,
                 x_s_TD: torch.Tensor) -> torch.Tensor:
-        return weigh_with_identity(y_PD, d, weights_TW, ids_TW, x_s_TD, self.num_experts, self.zero_experts)
+        """``weigh_and_sum`` with identity experts: out[t] = Σ over t's slots, in slot order, of w · y (y_PD (P, D)
+        in send order of round ``d``) or w · x_s[t] (an identity expert), each product cast, summed in fp32."""
+        T, W = ids_TW.shape
+        D = x_s_TD.shape[-1]
+        buf_TWD = x_s_TD.new_zeros(T, W, D)
+        if y_PD.shape[0]:
+            w_P = weights_TW.reshape(-1)[d.sel_P]
+            buf_TWD.view(T * W, D)[d.sel_P] = (y_PD * w_P[:, None]).to(x_s_TD.dtype)
+        ident_TW = (ids_TW >= self.num_experts) & (ids_TW < self.num_experts + self.zero_experts)
+        tok_N, slot_N = ident_TW.nonzero(as_tuple=True)  # NOTE: host sync (data-dependent size)
+        buf_TWD[tok_N, slot_N] = (x_s_TD[tok_N] * weights_TW[tok_N, slot_N, None]).to(x_s_TD.dtype)
+        return sum_slots(buf_TWD)
 
     def combine_padded(self, back_NH: torch.Tensor, r, weights_TW: torch.Tensor, ids_TW: torch.Tensor,
                        x_s_TD: torch.Tensor) -> torch.Tensor:
@@ -89,22 +98,6 @@ class LongcatRouted:
         x_PD = x_s_TD if W == 1 else x_s_TD.repeat_interleave(W, dim=0)
         E = self.num_experts
         return weigh_padded(back_NH, r, weights_TW, x_PD, (flat_P >= E) & (flat_P < E + self.zero_experts))
-
-
-def weigh_with_identity(y_PD: torch.Tensor, d, weights_TW: torch.Tensor, ids_TW: torch.Tensor,
-                        x_s_TD: torch.Tensor, num_experts: int, zero_experts: int) -> torch.Tensor:
-    """``weigh_and_sum`` with identity experts: out[t] = Σ over t's slots, in slot order, of w · y (y_PD (P, D)
-    in send order of round ``d``) or w · x_s[t] (an identity expert), each product cast, summed in fp32."""
-    T, W = ids_TW.shape
-    D = x_s_TD.shape[-1]
-    buf_TWD = x_s_TD.new_zeros(T, W, D)
-    if y_PD.shape[0]:
-        w_P = weights_TW.reshape(-1)[d.sel_P]
-        buf_TWD.view(T * W, D)[d.sel_P] = (y_PD * w_P[:, None]).to(x_s_TD.dtype)
-    ident_TW = (ids_TW >= num_experts) & (ids_TW < num_experts + zero_experts)
-    tok_N, slot_N = ident_TW.nonzero(as_tuple=True)  # NOTE: host sync (data-dependent size)
-    buf_TWD[tok_N, slot_N] = (x_s_TD[tok_N] * weights_TW[tok_N, slot_N, None]).to(x_s_TD.dtype)
-    return sum_slots(buf_TWD)
 
 
 class LongcatShortcut:
@@ -123,13 +116,11 @@ class LongcatShortcut:
         if any(layer.mlp.experts.gate_up_proj is None for layer in self.layers):
             raise ModelStateError("this LongCat-Flash model has no computing experts (n_routed_experts=0)")
         self.units = list(range(len(self.layers)))
-        self._routed = [LongcatRouted(self, layer.mlp) for layer in self.layers]
+        self._routed = [LongcatRouted(model, layer.mlp) for layer in self.layers]
+        self.embed_tokens = self.decoder.embed_tokens
 
     def moe_layers(self) -> list[LongcatRouted]:
         return self._routed
-
-    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.decoder.embed_tokens(input_ids)
 
     def context(self, input_ids_BS: torch.Tensor, attention_mask: torch.Tensor | None, cache) -> LongcatContext:
         """The decoder layers' keyword arguments, as ``LongcatFlashModel.forward`` builds them (``cache``: None)."""

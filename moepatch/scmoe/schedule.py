@@ -312,11 +312,8 @@ class ShortcutEP:
         then the graph's static output, rewritten by the next replay (clone it to keep it)."""
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule={schedule!r}; accepted: {', '.join(map(repr, SCHEDULES))}")
-        if self.graphs and clock is None:
-            return self._replay(u, h_BSD, ctx, schedule)
-        return self._run_unit(u, h_BSD, ctx, schedule, clock, phases)
-
-    def _replay(self, u: int, h_BSD: torch.Tensor, ctx, schedule: str) -> torch.Tensor:
+        if not self.graphs or clock is not None:
+            return self._run_unit(u, h_BSD, ctx, schedule, clock, phases)
         if not h_BSD.is_cuda:
             raise ModelStateError("graphs=True replays CUDA graphs; this unit's input is on the "
                                   f"{h_BSD.device.type}")
