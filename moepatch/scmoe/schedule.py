@@ -491,8 +491,8 @@ class ShortcutEP:
             if isinstance(self.dispatcher, AsyncAllToAllDispatcher):
                 med = self.dispatcher.reduce_max(med)
             vals = dict(zip(names, med))
-            phases = ("gate", "dispatch", "experts", "combine")
-            t = UnitTiming({n: v for n, v in vals.items() if n not in phases}, *(vals[n] for n in phases))
+            fixed = ("gate", "dispatch", "experts", "combine")  # UnitTiming's fields after ops
+            t = UnitTiming({n: v for n, v in vals.items() if n not in fixed}, *(vals[n] for n in fixed))
             t.slot = self.slots[u] = choose_slot(list(t.ops.values()), t.dispatch, t.combine)
             self.timings[u] = t
         return self.timings
