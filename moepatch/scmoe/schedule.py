@@ -12,6 +12,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import copy
+import functools
 import itertools
 import statistics
 import time
@@ -32,14 +33,12 @@ from .model import ForwardContext, FusedExperts, ScMoEForCausalLM, UnitProgram
 SCHEDULES = ("sequential", "overlap")
 SENDERS = ("thread", "poll")
 EXCHANGES = ("counts", "padded")
-_SENDER: concurrent.futures.ThreadPoolExecutor | None = None  # one worker, shared: units run one at a time
 
 
+@functools.cache
 def _sender() -> concurrent.futures.ThreadPoolExecutor:
-    global _SENDER
-    if _SENDER is None:
-        _SENDER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="moepatch-rows")
-    return _SENDER
+    """The rows sender's thread, made on first use: one worker, shared (units run one at a time)."""
+    return concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="moepatch-rows")
 
 
 def _fused_layout_ok(experts) -> bool:
