@@ -62,6 +62,7 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", default="4096,16384")
     p.add_argument("--shapes", default=",".join(SHAPES))
     p.add_argument("--calls", type=int, default=20, help="calls per timed round (one sync per round)")
+    p.add_argument("--no-stats", action="store_true", help="collect_stats=False: the decision alone")
     args = p.parse_args(argv)
     rows = []
     for shape in args.shapes.split(","):
@@ -69,14 +70,15 @@ def main(argv=None) -> int:
         for T in (int(t) for t in args.tokens.split(",")):
             scores, ids, w, factor = _inputs(T, E, K, T + E)
             for name, (strategy, gamma, opts) in VARIANTS.items():
-                cfg = make_config(gamma, strategy, num_experts=E, **opts)
+                cfg = make_config(gamma, strategy, num_experts=E, collect_stats=not args.no_stats, **opts)
                 kw = dict(batch=1, seq=T, layer=0)
                 route_graphs.clear()
                 for _ in range(route_graphs.WARMUP_CALLS + 1):
                     got = route_graphs.route_graphed(cfg, scores, ids, w, factor, **kw)
                 want = eager_route(cfg, scores, ids, w, factor, **kw)
-                same = all(torch.equal(getattr(got, f), getattr(want, f)) for f in
-                           ("topk_ids_TW", "topk_weights_TW", "load_after_E", "dropped_pairs", "rerouted_pairs"))
+                pairs = [(getattr(got, f), getattr(want, f)) for f in
+                         ("topk_ids_TW", "topk_weights_TW", "load_after_E", "dropped_pairs", "rerouted_pairs")]
+                same = all(torch.equal(a, b) if a is not None else b is None for a, b in pairs)
                 if not same:
                     raise SystemExit(f"{shape} T={T} {name}: the graph replay differs from the eager route")
                 graph = next((g for g in route_graphs._CACHE.values() if isinstance(g, route_graphs._RouteGraph)),
@@ -91,7 +93,7 @@ def main(argv=None) -> int:
                       f"{t_eager / t_graph:5.1f}x", flush=True)
     route_graphs.clear()
     args.out.mkdir(parents=True, exist_ok=True)
-    env = dict(device=torch.cuda.get_device_name(), torch=torch.__version__)
+    env = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, collect_stats=not args.no_stats)
     (args.out / "bench_route_graphs.json").write_text(json.dumps(dict(environment=env, rows=rows), indent=1) + "\n")
     md = [f"# Capacity routing: eager vs CUDA-graph replay ({env['device']}, torch {env['torch']})", "",
           "| shape | T | variant | eager ms | route_graphed ms | kept | replay alone ms | speedup |",

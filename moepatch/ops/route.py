@@ -103,19 +103,16 @@ def _fused_drop(cfg, scores_TE, topk_ids_TK, topk_weights_TK, batch, seq, valid_
         active_T = valid_T if valid_T is not None else torch.ones(T, dtype=torch.bool, device=scores_TE.device)
         w_TW = renormalize_kept(w_TW, topk_weights_TK, active_T)
 
-    def stats_fn():
-        # stats: load before (G, E), load after (G, E), tokens (G), capacity (G); views cost no launch.
-        GE = G * E
-        before_GE, after_GE = stats[:GE].view(G, E), stats[GE:2 * GE].view(G, E)
-        tokens_G = stats[2 * GE:2 * GE + G]
-        routed = tokens_G.sum() * K
-        zero = torch.zeros((), dtype=torch.long, device=scores_TE.device)
-        return dict(load_before_E=before_GE[0] if G == 1 else before_GE.sum(0),
-                    load_after_E=after_GE[0] if G == 1 else after_GE.sum(0), tokens_G=tokens_G,
-                    capacity_G=stats[2 * GE + G:], routed_pairs=routed, dropped_pairs=routed - after_GE.sum(),
-                    rerouted_pairs=zero, added_pairs=zero)
-
-    return RoutingResult(ids_TW, w_TW, stats_fn)
+    # stats: load before (G, E), load after (G, E), tokens (G), capacity (G); views cost no launch.
+    GE = G * E
+    tokens_G, capacity_G = stats[2 * GE:2 * GE + G], stats[2 * GE + G:]
+    if not cfg.collect_stats:
+        return RoutingResult(ids_TW, w_TW, tokens_G, capacity_G)
+    before_GE, after_GE = stats[:GE].view(G, E), stats[GE:2 * GE].view(G, E)
+    routed = tokens_G.sum() * K
+    zero = torch.zeros((), dtype=torch.long, device=scores_TE.device)
+    return RoutingResult(ids_TW, w_TW, tokens_G, capacity_G, before_GE[0] if G == 1 else before_GE.sum(0),
+                         after_GE[0] if G == 1 else after_GE.sum(0), routed, routed - after_GE.sum(), zero, zero)
 
 
 def route(cfg: RoutingConfig, scores_TE: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor,

@@ -10,6 +10,8 @@ rules, zero-computation experts included.
 from __future__ import annotations
 
 from collections import OrderedDict
+from dataclasses import dataclass, fields
+
 import torch
 
 from .capacity import capacities, chunk_sizes, count, expert_devices, group_ids, random_keys, token_devices
@@ -21,39 +23,36 @@ _RANDOM_ORDERS: OrderedDict = OrderedDict()
 _RANDOM_ORDERS_MAX = 256
 
 
-# The statistics of a RoutingResult (everything but the decision), in order.
-STAT_FIELDS = ("load_before_E", "load_after_E", "tokens_G", "capacity_G", "routed_pairs", "dropped_pairs",
-               "rerouted_pairs", "added_pairs", "identity_pairs")
-
-
+@dataclass
 class RoutingResult:
-    """Output of :func:`route`: the decision, and its statistics on the routing device (no host sync),
-    computed when first read (``stats_fn``), so that a caller that never reads them launches nothing for them.
+    """Output of :func:`route`; every tensor stays on the routing device (no host sync).
 
     Attributes:
         topk_ids_TW: (T, W) int64 expert of each slot, E + Z where the slot is empty.
         topk_weights_TW: (T, W) combine weights in the native weights' dtype, 0 on empty slots.
-        load_before_E / load_after_E: (E,) int64 pairs per computing expert before / after capacity.
         tokens_G: (G,) int64 real tokens per capacity group; capacity_G: (G,) int64 or None.
+        load_before_E / load_after_E: (E,) int64 pairs per computing expert before / after capacity.
         routed_pairs / dropped_pairs / rerouted_pairs / added_pairs / identity_pairs: int64 scalars, the
             real tokens' native pairs on computing experts / left without an expert / moved / added
             by expanded drop / on zero-computation experts (None: a family without them).
+        The loads and pair counts are None under ``collect_stats=False`` (they cost ~20 small kernels).
     """
 
-    __slots__ = ("topk_ids_TW", "topk_weights_TW", "_stats", "_stats_fn")
+    topk_ids_TW: torch.Tensor
+    topk_weights_TW: torch.Tensor
+    tokens_G: torch.Tensor | None = None
+    capacity_G: torch.Tensor | None = None
+    load_before_E: torch.Tensor | None = None
+    load_after_E: torch.Tensor | None = None
+    routed_pairs: torch.Tensor | None = None
+    dropped_pairs: torch.Tensor | None = None
+    rerouted_pairs: torch.Tensor | None = None
+    added_pairs: torch.Tensor | None = None
+    identity_pairs: torch.Tensor | None = None
 
-    def __init__(self, topk_ids_TW: torch.Tensor, topk_weights_TW: torch.Tensor, stats_fn=None, **stats):
-        self.topk_ids_TW, self.topk_weights_TW = topk_ids_TW, topk_weights_TW
-        self._stats_fn = stats_fn
-        self._stats = None if stats_fn else dict(dict.fromkeys(STAT_FIELDS), **stats)
 
-    def __getattr__(self, name):  # reached for the statistics only (the decision is in slots)
-        if name not in STAT_FIELDS:
-            raise AttributeError(f"RoutingResult has no attribute {name!r}")
-        if self._stats is None:
-            self._stats = dict(dict.fromkeys(STAT_FIELDS), **self._stats_fn())
-            self._stats_fn = None
-        return self._stats[name]
+# The statistics of a RoutingResult (everything but the decision), in field order.
+STAT_FIELDS = tuple(f.name for f in fields(RoutingResult))[2:]
 
 
 def expanded_layout(keep_TE, topk_ids_TK, topk_weights_TK, scores_TE, factor_T, keep_TK, width):
@@ -148,25 +147,24 @@ def route(cfg: RoutingConfig, scores_TE: torch.Tensor, topk_ids_TK: torch.Tensor
     zero_TK = (topk_ids_TK >= E) & active_T[:, None] if Z else None
     capacity_G = keep_TK = moved_TK = extra_TE = None
 
-    def stats_fn():
+    def result(ids_TW, w_TW):
+        if not cfg.collect_stats:
+            return RoutingResult(ids_TW, w_TW, tokens_G, capacity_G)
         native = active_T.sum() * K  # every native pair of the real tokens, zero experts included
         identity = zero_TK.sum() if Z else None
         zero = torch.zeros((), dtype=torch.long, device=device)
         load_before_E = count(topk_ids_TK, E_all, active_T[:, None])[:E]
-        s = dict(load_before_E=load_before_E, tokens_G=tokens_G, capacity_G=capacity_G, identity_pairs=identity,
-                 routed_pairs=native if identity is None else native - identity, rerouted_pairs=zero, added_pairs=zero)
+        routed = native if identity is None else native - identity
         if keep_TK is None:  # unlimited
-            return dict(s, load_after_E=load_before_E, dropped_pairs=zero)
+            return RoutingResult(ids_TW, w_TW, tokens_G, None, load_before_E, load_before_E, routed, zero, zero, zero,
+                                 identity)
         # Zero-expert pairs of real tokens are always kept, so the difference counts computing pairs only.
-        s.update(load_after_E=count(ids_TW, E_all + 1)[:E], dropped_pairs=native - keep_TK.sum())
-        if moved_TK is not None:
-            s["rerouted_pairs"] = moved_TK.sum()
-        if extra_TE is not None:
-            s["added_pairs"] = extra_TE.sum()
-        return s
+        return RoutingResult(ids_TW, w_TW, tokens_G, capacity_G, load_before_E, count(ids_TW, E_all + 1)[:E], routed,
+                             native - keep_TK.sum(), zero if moved_TK is None else moved_TK.sum(),
+                             zero if extra_TE is None else extra_TE.sum(), identity)
 
     if cfg.unlimited:
-        return RoutingResult(topk_ids_TK, topk_weights_TK, stats_fn)
+        return result(topk_ids_TK, topk_weights_TK)
 
     def token_dev():
         if source_rank is None:
@@ -241,4 +239,4 @@ def route(cfg: RoutingConfig, scores_TE: torch.Tensor, topk_ids_TK: torch.Tensor
     if cfg.renormalize == "kept":
         w_TW = renormalize_kept(w_TW, topk_weights_TK, active_T)
 
-    return RoutingResult(ids_TW, w_TW, stats_fn)
+    return result(ids_TW, w_TW)
