@@ -1,13 +1,5 @@
-"""Expert parallelism: dispatch/combine over torch.distributed with capacity applied per source rank.
-
-    rank, world, device = moepatch.parallel.init_distributed()
-    model = moepatch.parallel.load_expert_parallel(ckpt_dir, rank, world, device=device)
-    moepatch.apply(model, capacity_factor=1.5, expert_parallel=True)
-    with moepatch.parallel.ep_session(model):
-        for batch in my_share_of_the_data:
-            model(**batch)
-
-Model code never imports torch.distributed: only this package does.  See docs/expert-parallel.md.
+"""Expert parallelism: dispatch/combine over torch.distributed with capacity applied per source rank
+(usage: docs/expert-parallel.md).  Model code never imports torch.distributed: only this package does.
 """
 
 from .dispatch import AllToAllDispatcher, Dispatcher, LocalDispatcher

@@ -1,10 +1,5 @@
-"""Process-group setup for expert parallelism with a bounded timeout.
-
-Every collective of a failed peer returns or raises within the process-group timeout instead of
-waiting forever: gloo raises in the calling thread; NCCL's watchdog aborts the communicator and
-ends the process (``TORCH_NCCL_ASYNC_ERROR_HANDLING``, on by default).  Ranks that fail inside an
-``ep_session`` tell the others at once, so the timeout only matters for crashes and for ranks
-blocked outside moepatch's collectives.
+"""Process-group setup for expert parallelism with a bounded timeout: a failed peer's collectives
+raise (gloo) or end the process (NCCL's watchdog) within it; docs/expert-parallel.md, "Failure behaviour".
 """
 
 from __future__ import annotations
@@ -13,6 +8,7 @@ import datetime
 import os
 
 import torch
+import torch.distributed as dist
 
 DEFAULT_TIMEOUT_S = 300.0
 TIMEOUT_ENV = "MOEPATCH_EP_TIMEOUT_S"
@@ -20,13 +16,9 @@ PRIORITY_ENV = "MOEPATCH_NCCL_HIGH_PRIORITY"
 
 
 def default_timeout_s() -> float:
-    """``$MOEPATCH_EP_TIMEOUT_S`` or 300 s: long enough for the first NCCL all-to-all and a slow
-    rank's large prefill, short enough that a dead peer ends a job in minutes."""
+    """``$MOEPATCH_EP_TIMEOUT_S`` or 300 s: room for the first NCCL all-to-all and a slow rank's
+    large prefill, short enough that a dead peer ends a job in minutes."""
     return float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S))
-
-
-def _timeout(timeout_s: float | None) -> datetime.timedelta:
-    return datetime.timedelta(seconds=timeout_s if timeout_s is not None else default_timeout_s())
 
 
 def default_high_priority() -> bool:
@@ -37,69 +29,47 @@ def default_high_priority() -> bool:
     return value in ("1", "true", "yes", "on")
 
 
-def nccl_options(high_priority: bool, timeout: datetime.timedelta | None = None):
-    """``ProcessGroupNCCL.Options`` whose communication streams have high (or default) CUDA priority.
-
-    NCCL's kernels run on streams of NCCL's own; with the default priority a kernel queued beside a
-    long GEMM gets SMs only when that GEMM's blocks drain, so an all-to-all meant to overlap compute
-    (ScMoE's schedule) waits behind it.  High priority lets its blocks go first as SMs free up."""
-    import torch.distributed as dist
-
+def _group_args(timeout_s: float | None, high_priority: bool | None = None) -> dict:
+    """``timeout`` and, given ``high_priority``, NCCL ``pg_options`` with high (or default) stream priority:
+    at default priority an all-to-all meant to overlap a long GEMM (ScMoE) gets SMs only as its blocks drain."""
+    timeout = datetime.timedelta(seconds=timeout_s if timeout_s is not None else default_timeout_s())
+    if high_priority is None:
+        return {"timeout": timeout}
     opts = dist.ProcessGroupNCCL.Options()
     opts.is_high_priority_stream = bool(high_priority)
-    if timeout is not None:  # the same as the group's (torch warns when they differ)
-        opts._timeout = timeout
-    return opts
+    opts._timeout = timeout  # the same as the group's (torch warns when they differ)
+    return {"timeout": timeout, "pg_options": opts}
 
 
 def new_group_with_priority(high_priority: bool, timeout_s: float | None = None):
-    """A process group over every rank of the default group with the given NCCL stream priority
-    (the default group itself under gloo, where streams do not apply).  A collective."""
-    import torch.distributed as dist
-
+    """A group over every rank of the default group with this NCCL stream priority (under gloo the
+    default group itself).  A collective."""
     if dist.get_backend() != "nccl":
         return dist.group.WORLD
-    timeout = _timeout(timeout_s)
-    return dist.new_group(timeout=timeout, pg_options=nccl_options(high_priority, timeout))
+    return dist.new_group(**_group_args(timeout_s, high_priority))
 
 
 def init_distributed(backend: str | None = None, timeout_s: float | None = None,
                      high_priority: bool | None = None) -> tuple[int, int, torch.device]:
-    """Initialise the default process group from the launcher's environment (torchrun / accelerate).
-
-    Args:
-        backend: ``"nccl"`` or ``"gloo"``; default NCCL when CUDA is available, else gloo.
-        timeout_s: per-collective timeout; default :func:`default_timeout_s`.
-        high_priority: NCCL only: run NCCL's kernels on high-priority CUDA streams (default
-            :func:`default_high_priority`, on), so an exchange meant to overlap compute is not
-            queued behind it.  A group initialised elsewhere (accelerate) keeps its own setting.
-    Returns:
-        (rank, world size, this rank's device: ``cuda:LOCAL_RANK`` under NCCL, else ``cpu``).
-    """
-    import torch.distributed as dist
-
+    """Initialise the default process group from the launcher's environment (torchrun / accelerate), NCCL
+    when CUDA is available, else gloo; ``timeout_s`` per collective (:func:`default_timeout_s`); ``high_priority``:
+    NCCL's kernels on high-priority streams (:func:`default_high_priority`; a group initialised elsewhere keeps
+    its own).  Returns (rank, world size, device: ``cuda:LOCAL_RANK`` under NCCL, else ``cpu``)."""
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if backend == "nccl" else torch.device("cpu")
     if backend == "nccl":
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    if not dist.is_initialized():
-        timeout = _timeout(timeout_s)
-        kwargs = {}
-        if backend == "nccl":
-            hp = default_high_priority() if high_priority is None else high_priority
-            kwargs = {"device_id": device, "pg_options": nccl_options(hp, timeout)}
-        dist.init_process_group(backend=backend, timeout=timeout, **kwargs)
+    if not dist.is_initialized() and backend != "nccl":
+        dist.init_process_group(backend=backend, **_group_args(timeout_s))
+    elif not dist.is_initialized():
+        hp = default_high_priority() if high_priority is None else high_priority
+        dist.init_process_group(backend=backend, device_id=device, **_group_args(timeout_s, hp))
     return dist.get_rank(), dist.get_world_size(), device
 
 
 def all_gather_floats(values: list[float], device: torch.device) -> list[list[float]]:
     """Every rank's ``values`` (the same length on every rank) in rank order, as float64; a collective."""
-    import torch.distributed as dist
-
     mine = torch.tensor(values, dtype=torch.float64, device=device)
     parts = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, mine)
@@ -108,6 +78,4 @@ def all_gather_floats(values: list[float], device: torch.device) -> list[list[fl
 
 def shutdown() -> None:
     """Destroy the default process group (the end of a launched command)."""
-    import torch.distributed as dist
-
     dist.destroy_process_group()

@@ -1,9 +1,5 @@
-"""Expert parallelism as an experts backend: each rank keeps its block of experts and computes them
-on the rows the other ranks send it (``moepatch.apply(model, ..., expert_parallel=True)``).
-
-The core's router hooks compute capacity on this rank's tokens and hand the experts module global
-ids (sentinel E on dropped slots); this module never changes a routing decision.  :func:`install`
-slices each block's experts to this rank (unless loaded sharded) and selects ``"moepatch_ep"``.
+"""Expert parallelism as an experts backend (``moepatch.apply(model, ..., expert_parallel=True)``): each rank
+keeps its block of experts and computes them on the rows the other ranks send it; routing is the core's.
 Legend: T tokens, W slots, H hidden, I intermediate, E experts, L local experts, R rows received.
 """
 
@@ -11,16 +7,18 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import types
 import weakref
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from ..errors import ModelStateError, UnsupportedModelError
 from ..ops.reference import expert_mlp
 from ..patch import backend
-from .dispatch import (ACTIVE, IDLE, AllToAllDispatcher, Dispatched, Dispatcher, LocalDispatcher, local_range,
-                       weigh_and_sum)
+from .dispatch import IDLE, AllToAllDispatcher, Dispatched, Dispatcher, LocalDispatcher, local_range, weigh_and_sum
 from .errors import ExpertParallelError, ProtocolError
 
 EXPERTS_IMPLEMENTATION = "moepatch_ep"
@@ -57,8 +55,7 @@ class Runtime:
     """The dispatcher and the local experts of one expert-parallel model."""
 
     def __init__(self, dispatcher: Dispatcher, blocks: list[EPBlock], device, dtype, hidden: int):
-        self.dispatcher = dispatcher
-        self.blocks = blocks
+        self.dispatcher, self.blocks = dispatcher, blocks
         self.device, self.dtype, self.hidden = device, dtype, hidden
         self.failure: str | None = None  # set once a round failed: no further collective is issued
         self.timer = None
@@ -73,34 +70,26 @@ class Runtime:
             raise ExpertParallelError(f"the expert-parallel session already failed ({self.failure}); "
                                       "restart the process group to continue")
 
-    def _dispatch(self, *args, **kwargs) -> Dispatched | None:
+    def _collective(self, fn, *args, **kwargs):
         try:
-            d = self.dispatcher.dispatch(*args, **kwargs)
+            return fn(*args, **kwargs)
         except ExpertParallelError as exc:
-            # Every rank took the same decision at this header (a peer aborted, the ranks
-            # disagree) or the transport broke: no further message may be sent.
+            # Every rank decided the same at this header, or the transport broke: no further message.
             self.failure = type(exc).__name__
             raise
-        if d is not None:
-            self.rounds += 1
-        return d
 
     def _finish_round(self, d: Dispatched, y_RH: torch.Tensor) -> torch.Tensor:
-        try:
-            return self.dispatcher.return_rows(y_RH, d)
-        except ExpertParallelError as exc:
-            self.failure = type(exc).__name__
-            raise
+        return self._collective(self.dispatcher.return_rows, y_RH, d)
 
     def forward(self, blk: EPBlock, x_TH: torch.Tensor, ids_TW: torch.Tensor, w_TW: torch.Tensor) -> torch.Tensor:
         """One MoE layer call: dispatch, local experts, combine; (T, H) like ``x_TH``."""
         self._check_usable()
         if torch.is_grad_enabled() and (x_TH.requires_grad or w_TW.requires_grad):
-            raise ModelStateError(
-                "the expert-parallel path is inference-only (its all-to-all is not differentiable); run the "
-                "forward under torch.no_grad() or torch.inference_mode()")
+            raise ModelStateError("the expert-parallel path is inference-only (its all-to-all is not differentiable); "
+                                  "run the forward under torch.no_grad() or torch.inference_mode()")
         self._mark("dispatch")
-        d = self._dispatch(x_TH, ids_TW, num_experts=blk.num_experts, tag=blk.ordinal, status=ACTIVE)
+        d = self._collective(self.dispatcher.dispatch, x_TH, ids_TW, num_experts=blk.num_experts, tag=blk.ordinal)
+        self.rounds += 1
         self._mark("experts")
         y_RH = self._compute_or_zeros(d)
         self._mark("combine")
@@ -118,25 +107,22 @@ class Runtime:
                                     f"has {len(self.blocks)}")
             return compute_local_experts(self.blocks[d.tag], d.x_RH, d.counts_SM)
         except BaseException:
-            # Complete the round with zeros so no peer waits in the return exchange; the exception
-            # then reaches ep_session, which tells every rank at the next header.
+            # Zeros complete the round (no peer waits); ep_session tells every rank at the next header.
             self._finish_round(d, torch.zeros_like(d.x_RH))
             raise
 
-    def serve_round(self) -> bool:
-        """Serve one round as an idle rank; False once every rank is idle."""
-        self._check_usable()
-        x_0H = torch.empty(0, self.hidden, dtype=self.dtype, device=self.device)
-        ids_0W = torch.empty(0, 1, dtype=torch.long, device=self.device)
-        d = self._dispatch(x_0H, ids_0W, num_experts=self.blocks[0].num_experts, tag=-1, status=IDLE)
-        if d is None:
-            return False
-        self._finish_round(d, self._compute_or_zeros(d))
-        return True
-
     def serve_until_done(self) -> None:
-        while self.serve_round():
-            pass
+        """Serve the other ranks' rounds as an idle rank until every rank is idle."""
+        while True:
+            self._check_usable()
+            x_0H = torch.empty(0, self.hidden, dtype=self.dtype, device=self.device)
+            ids_0W = torch.empty(0, 1, dtype=torch.long, device=self.device)
+            d = self._collective(self.dispatcher.dispatch, x_0H, ids_0W, num_experts=self.blocks[0].num_experts,
+                                 tag=-1, status=IDLE)
+            if d is None:
+                return
+            self.rounds += 1
+            self._finish_round(d, self._compute_or_zeros(d))
 
     def abort(self) -> None:
         self.failure = "this rank aborted"
@@ -144,15 +130,8 @@ class Runtime:
 
 
 def compute_local_experts(blk: EPBlock, x_RH: torch.Tensor, counts_SM: list) -> torch.Tensor:
-    """The local experts on received rows, expert by expert through ``moepatch.ops.reference.expert_mlp``.
-
-    Args:
-        blk: the block whose local experts run.
-        x_RH: (R, H) rows grouped by source rank, inside a source by local expert.
-        counts_SM: rows per (source, local expert slot), host ints.
-    Returns:
-        (R, H) unweighted expert outputs in receive order.
-    """
+    """``blk``'s local experts (``moepatch.ops.reference.expert_mlp``) on x_RH (R, H), rows by source, then by
+    local expert (``counts_SM``: rows per (source, local expert slot), host ints): (R, H) in receive order."""
     L = blk.gate_up_LIH.shape[0]
     per_expert = [sum(c[j] for c in counts_SM) for j in range(len(counts_SM[0]))]
     if any(per_expert[L:]):
@@ -162,27 +141,20 @@ def compute_local_experts(blk: EPBlock, x_RH: torch.Tensor, counts_SM: list) -> 
     experts = blk.experts()
     if experts is None:
         raise ModelStateError("the experts module of an expert-parallel block no longer exists")
-    cls_gate = type(experts)._apply_gate
-
-    def apply_gate(h):
-        return cls_gate(experts, h)
-
+    apply_gate = functools.partial(type(experts)._apply_gate, experts)
     S = len(counts_SM)
-    # Rows arrive source-major (inside a source by local expert); each expert's rows are made
-    # contiguous by concatenating the (source, expert) blocks, whose sizes are host ints: one copy
-    # kernel each way instead of a sort, a gather and a scatter.
+    # Each expert's rows made contiguous by concatenating the (source, expert) blocks, whose sizes are
+    # host ints: one copy kernel each way instead of a sort, a gather and a scatter.
     if S > 1:
         blocks = x_RH.split([counts_SM[s][j] for s in range(S) for j in range(L)])  # as received
         x_RH = torch.cat([blocks[s * L + j] for j in range(L) for s in range(S)])
     start = 0
     out_RH = torch.empty_like(x_RH)
-    for j in range(L):
-        n = per_expert[j]
-        if n == 0:
-            continue
-        out_RH[start:start + n] = expert_mlp(x_RH[start:start + n], blk.gate_up_LIH[j], blk.down_LHI[j],
-                                             apply_gate=apply_gate)
-        start += n
+    for j, n in enumerate(per_expert[:L]):
+        if n:
+            out_RH[start:start + n] = expert_mlp(x_RH[start:start + n], blk.gate_up_LIH[j], blk.down_LHI[j],
+                                                 apply_gate=apply_gate)
+            start += n
     if S == 1:
         return out_RH
     # Back to receive order.
@@ -210,12 +182,13 @@ def _ep_experts_forward(self, hidden_states, top_k_index, top_k_weights, *extra)
 
 
 def register_experts_implementation() -> None:
-    """Make ``"moepatch_ep"`` a valid experts implementation, process-wide: it changes no model by
-    itself, and models loaded sharded select it so that running them unpatched fails clearly."""
+    """Register ``"moepatch_ep"`` process-wide (it changes no model; a sharded model selects it to fail clearly)."""
     backend.register(EXPERTS_IMPLEMENTATION, _ep_experts_forward)
 
 
-def _check_experts(name: str, experts: torch.nn.Module, num_experts: int):
+def _check_block(ordinal: int, block, rank: int, world: int) -> ShardInfo | None:
+    """Refuse a block expert parallelism cannot run; its ShardInfo when it was loaded sharded."""
+    experts, E, name = block.experts, int(block.gate.num_experts), f"MoE block {ordinal}"
     cls = type(experts)
     if not (hasattr(cls, "_apply_gate") and hasattr(experts, "config")
             and hasattr(experts.config, "_experts_implementation_internal")):
@@ -226,39 +199,26 @@ def _check_experts(name: str, experts: torch.nn.Module, num_experts: int):
         if getattr(experts, flag, wanted) != wanted:
             raise UnsupportedModelError(f"{name}: {cls.__name__} has {flag}={not wanted}; expert parallelism "
                                         "supports gated, untransposed, bias-free experts")
-    for pname, dims in (("gate_up_proj", 3), ("down_proj", 3)):
+    for pname in ("gate_up_proj", "down_proj"):
         p = getattr(experts, pname, None)
-        if not isinstance(p, torch.Tensor) or p.dim() != dims:
+        if not isinstance(p, torch.Tensor) or p.dim() != 3:
             raise UnsupportedModelError(f"{name}: {cls.__name__}.{pname} is not a 3-D expert tensor")
-    if getattr(experts, "num_experts", num_experts) != num_experts:
-        raise UnsupportedModelError(f"{name}: router has {num_experts} experts, experts module "
-                                    f"{experts.num_experts}")
-
-
-class _Handle:
-    def __init__(self, fn):
-        self._fn = fn
-
-    def remove(self) -> None:
-        fn, self._fn = self._fn, None
-        if fn is not None:
-            fn()
+    if getattr(experts, "num_experts", E) != E:
+        raise UnsupportedModelError(f"{name}: router has {E} experts, experts module {experts.num_experts}")
+    shard = SHARDS.get(experts)
+    if shard is not None and (shard.rank, shard.world, shard.num_experts) != (rank, world, E):
+        raise ModelStateError(f"{name} was loaded for rank {shard.rank} of {shard.world} with {shard.num_experts} "
+                              f"experts; this process is rank {rank} of {world}")
+    if shard is None and (experts.gate_up_proj.shape[0] != E or experts.down_proj.shape[0] != E):
+        raise ModelStateError(f"{name} holds {experts.gate_up_proj.shape[0]} experts, its router {E}; a model sharded "
+                              "by something other than moepatch.parallel.load_expert_parallel cannot be re-sliced")
+    return shard
 
 
 def install(model: torch.nn.Module, blocks: list, cfg) -> list:
-    """Run ``blocks``' experts under expert parallelism over the default process group.
-
-    Args:
-        model: the model being patched (core has validated it).
-        blocks: its MoE blocks in forward order; ``block.gate`` (router with ``num_experts``) and
-            ``block.experts`` (transformers fused experts module).
-        cfg: the RoutingConfig; ``cfg.ep_size`` must equal the world size.
-    Returns:
-        Handles whose ``remove()`` restore the parameters, the experts implementation and the
-        registries exactly.
-    """
-    import torch.distributed as dist
-
+    """Run ``blocks``' experts (MoE blocks in forward order: ``.gate`` with ``num_experts``, ``.experts`` a
+    transformers fused experts module) under expert parallelism over the default process group;
+    ``cfg.ep_size`` must equal its size.  Returns handles whose ``remove()`` undo it exactly."""
     if not (dist.is_available() and dist.is_initialized()):
         raise ModelStateError("expert parallelism needs an initialised torch.distributed process group")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -269,72 +229,47 @@ def install(model: torch.nn.Module, blocks: list, cfg) -> list:
     register_experts_implementation()
 
     # Validate everything first so a refused install leaves the model untouched.
-    plan = []
-    header_slots = 1
-    for ordinal, block in enumerate(blocks):
-        experts = block.experts
-        E = int(block.gate.num_experts)
-        name = f"MoE block {ordinal}"
-        _check_experts(name, experts, E)
-        header_slots = max(header_slots, -(-E // world))
-        shard = SHARDS.get(experts)
-        if shard is not None and (shard.rank, shard.world, shard.num_experts) != (rank, world, E):
-            raise ModelStateError(
-                f"{name} was loaded for rank {shard.rank} of {shard.world} with {shard.num_experts} experts; "
-                f"this process is rank {rank} of {world}")
-        if shard is None and (experts.gate_up_proj.shape[0] != E or experts.down_proj.shape[0] != E):
-            raise ModelStateError(
-                f"{name} holds {experts.gate_up_proj.shape[0]} experts, its router {E}; a model sharded by "
-                "something other than moepatch.parallel.load_expert_parallel cannot be re-sliced")
-        plan.append((ordinal, block, E, shard))
+    shards = [_check_block(ordinal, block, rank, world) for ordinal, block in enumerate(blocks)]
     first_p = blocks[0].experts.gate_up_proj
     if world > 1 and dist.get_backend() == "gloo" and first_p.device.type != "cpu":
         raise ModelStateError(f"the experts live on {first_p.device} but the process group uses gloo; "
                               "initialise it with NCCL (moepatch.parallel.init_distributed does)")
 
     ep_blocks: list[EPBlock] = []
-    for ordinal, block, E, shard in plan:
-        experts = block.experts
-        if shard is not None:
-            gate_up, down, restore = experts.gate_up_proj, experts.down_proj, None
-        else:
+    for ordinal, (block, shard) in enumerate(zip(blocks, shards)):
+        experts, E, restore = block.experts, int(block.gate.num_experts), None
+        if shard is None:
             first, stop = local_range(E, world, rank)
             restore = {n: experts._parameters[n] for n in ("gate_up_proj", "down_proj")}
             # Views of the full parameters: remove() puts the very same Parameter objects back, so
             # the full weights stay allocated (load with load_expert_parallel to hold only a slice).
             for n, p in restore.items():
                 experts._parameters[n] = torch.nn.Parameter(p.detach()[first:stop], requires_grad=p.requires_grad)
-            gate_up, down = experts.gate_up_proj, experts.down_proj
-        ep_blocks.append(EPBlock(ordinal, E, weakref.ref(experts), gate_up, down, restore))
+        ep_blocks.append(EPBlock(ordinal, E, weakref.ref(experts), experts.gate_up_proj, experts.down_proj, restore))
+    header_slots = max(1, *(-(-blk.num_experts // world) for blk in ep_blocks))
     dispatcher = AllToAllDispatcher(header_slots) if world > 1 else LocalDispatcher(header_slots)
     runtime = Runtime(dispatcher, ep_blocks, first_p.device, first_p.dtype, int(first_p.shape[-1]))
 
-    handles = [_Handle(lambda: _restore_all(blocks, ep_blocks))]
-    try:
-        handles.append(backend.select(model, blocks, EXPERTS_IMPLEMENTATION))
-    except BaseException:
-        handles[0].remove()
-        raise
-    for blk, block in zip(ep_blocks, blocks):
-        _EXPERTS[block.experts] = (runtime, blk)
-    _RUNTIMES[model] = runtime
     model_ref = weakref.ref(model)  # the core keeps these handles in a map keyed weakly by the model
 
-    def unregister():
-        for block in blocks:
+    def undo():  # the parameters and the registries as they were (idempotent)
+        for blk, block in zip(ep_blocks, blocks):
             _EXPERTS.pop(block.experts, None)
+            if blk.restore is not None:
+                block.experts._parameters.update(blk.restore)
         m = model_ref()
         if m is not None:
             _RUNTIMES.pop(m, None)
 
-    handles.append(_Handle(unregister))
-    return handles
-
-
-def _restore_all(blocks, ep_blocks):
+    try:
+        handles = [backend.select(model, blocks, EXPERTS_IMPLEMENTATION), types.SimpleNamespace(remove=undo)]
+    except BaseException:
+        undo()
+        raise
     for blk, block in zip(ep_blocks, blocks):
-        if blk.restore is not None:
-            block.experts._parameters.update(blk.restore)
+        _EXPERTS[block.experts] = (runtime, blk)
+    _RUNTIMES[model] = runtime
+    return handles
 
 
 def runtime(model: torch.nn.Module) -> Runtime:
@@ -346,8 +281,7 @@ def runtime(model: torch.nn.Module) -> Runtime:
 
 
 def set_phase_timer(model: torch.nn.Module, timer) -> None:
-    """Call ``timer.mark(phase)`` at ``"dispatch"``, ``"experts"``, ``"combine"`` and ``"done"`` of every
-    MoE layer (benchmarks); None switches it off."""
+    """``timer.mark(phase)`` at each MoE layer's dispatch, experts, combine and done (None: off)."""
     runtime(model).timer = timer
 
 
@@ -358,19 +292,16 @@ def finish(model: torch.nn.Module) -> None:
 
 @contextlib.contextmanager
 def ep_session(model: torch.nn.Module):
-    """Run a rank's share of work so that uneven work and failures never deadlock: on normal exit
-    the rank serves the others' MoE layers until every rank has left its session; if the body
-    raises, the others raise :class:`PeerFailedError` at their next MoE layer."""
+    """A rank's share of work, never deadlocked by uneven work or failures: on normal exit the rank serves
+    the others' MoE layers until every rank has left; if the body raises, the others raise PeerFailedError."""
     rt = runtime(model)
     try:
         yield rt
     except BaseException:
-        # Tell the others, unless they already know (the error was decided at a header every rank
-        # read, or the transport broke: rt.failure) or a round is open (the peers wait for rows,
-        # not for a header; they then fail at the process-group timeout).
+        # Tell the others, unless they know (rt.failure) or a round is open (they wait for rows and fail
+        # at the timeout); a failed abort means the transport is gone, and the original error matters more.
         if not rt.dispatcher.round_open and rt.failure is None:
             with contextlib.suppress(ExpertParallelError):
-                # A failed abort means the transport is gone; the original error matters more.
                 rt.abort()
         raise
     else:
@@ -379,11 +310,8 @@ def ep_session(model: torch.nn.Module):
 
 def ep_barrier_loop(model: torch.nn.Module, batches, step) -> list:
     """``[step(b) for b in batches]`` inside :func:`ep_session`; each rank's list may be shorter or empty."""
-    results = []
     with ep_session(model):
-        for batch in batches:
-            results.append(step(batch))
-    return results
+        return [step(batch) for batch in batches]
 
 
 class EPBackend(backend.Backend):
@@ -393,12 +321,9 @@ class EPBackend(backend.Backend):
     device_route = True
 
     def prepare(self, model, cfg):
-        import torch.distributed as dist
-
         if not (dist.is_available() and dist.is_initialized()):
-            raise ModelStateError(
-                "expert_parallel=True needs an initialised torch.distributed process group; launch with "
-                "`accelerate launch` or `torchrun` (see docs/expert-parallel.md)")
+            raise ModelStateError("expert_parallel=True needs an initialised torch.distributed process group; launch "
+                                  "with `accelerate launch` or `torchrun` (see docs/expert-parallel.md)")
         return dataclasses.replace(cfg, ep_size=dist.get_world_size()), dist.get_rank()
 
     def install(self, model, blocks, cfg) -> list:

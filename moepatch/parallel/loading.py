@@ -1,14 +1,12 @@
-"""Models that hold only this rank's experts: loaded from a local safetensors checkpoint or built at random.
-
-The model is built on the meta device, each MoE block's fused expert tensors shrunk to this rank's
-contiguous block (``local_range``), and every parameter materialised once on ``device``: only the
-local experts are ever read or generated, and ``moepatch.apply(..., expert_parallel=True)`` does not
-slice them again.  Checkpoint layouts read: docs/expert-parallel.md, "Loading".
-Legend: E routed experts, L experts of this rank, I expert intermediate size, H hidden size.
+"""Models that hold only this rank's experts, from a local safetensors checkpoint or at random: built on the
+meta device with each experts module shrunk to this rank's block, every parameter materialised once on
+``device`` (docs/expert-parallel.md, "Loading").  E experts, L of this rank, I intermediate, H hidden.
 """
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import os
 import zlib
@@ -17,8 +15,8 @@ from pathlib import Path
 import torch
 
 from ..errors import UnsupportedModelError
-from ..patch.registry import family_for, moe_blocks
 from ..patch import backend
+from ..patch.registry import family_for, moe_blocks
 from .ep import EXPERTS_IMPLEMENTATION, SHARDS, ShardInfo, local_range, register_experts_implementation
 
 _EXPERT_PARAMS = ("gate_up_proj", "down_proj")
@@ -28,10 +26,7 @@ _PER_EXPERT_NAMES = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"))
 
 def _renamed(name: str) -> list[str]:
     """Checkpoint names a module name may be stored under (Mixtral keeps its original MoE block name)."""
-    out = [name]
-    if ".mlp." in name:
-        out.append(name.replace(".mlp.", ".block_sparse_moe."))
-    return out
+    return [name, name.replace(".mlp.", ".block_sparse_moe.")] if ".mlp." in name else [name]
 
 
 class _Checkpoint:
@@ -54,18 +49,12 @@ class _Checkpoint:
                                     "load_expert_parallel reads local safetensors checkpoints only")
         self._files: dict = {}
 
-    def __contains__(self, key: str) -> bool:
-        return key in self.weight_map
-
-    def _file(self, key):
+    def read(self, key: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """The tensor (CPU), or only its rows ``first:stop`` along dim 0 (only those bytes are read)."""
         fname = self.weight_map[key]
         if fname not in self._files:
             self._files[fname] = self._open(str(fname), framework="pt")
-        return self._files[fname]
-
-    def read(self, key: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
-        """The tensor (CPU), or only its rows ``first:stop`` along dim 0 (only those bytes are read)."""
-        f = self._file(key)
+        f = self._files[fname]
         if rows is None:
             return f.get_tensor(key)
         return f.get_slice(key)[rows[0]:rows[1]]
@@ -75,20 +64,13 @@ class _Checkpoint:
 
 
 def _skeleton(config, dtype: torch.dtype, rank: int, world: int):
-    """The model on the meta device with each experts module shrunk to this rank's L experts.
-
-    Returns:
-        (model, {experts module qualified name: ShardInfo}).
-    """
-    import copy
-
+    """(the model on the meta device, each experts module shrunk to this rank's L experts, {its name: ShardInfo})."""
     import transformers
     from accelerate import init_empty_weights
 
     if not 0 <= rank < world:
         raise ValueError(f"rank {rank} is not in [0, {world})")
-    # A model keeps the config object it was built from, and the experts implementation is set on
-    # it: two models built from one config must not share that switch.
+    # The experts implementation is set on the model's config: two models must not share that switch.
     config = copy.deepcopy(config)
     with init_empty_weights(include_buffers=False):
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -110,17 +92,19 @@ def _skeleton(config, dtype: torch.dtype, rank: int, world: int):
     return model, shards
 
 
-def _materialize(model, shards: dict, device, fill) -> None:
-    """Give every meta parameter real storage on ``device`` from ``fill(name, shape, dtype, shard)``.
+def _shard_of(shards: dict, name: str) -> ShardInfo | None:
+    """The ShardInfo of an expert parameter's module, None for every other parameter."""
+    module_name, _, leaf = name.rpartition(".")
+    return shards.get(module_name) if leaf in _EXPERT_PARAMS else None
 
-    Tied parameters (one Parameter under several names) are filled once and stay tied.
-    """
+
+def _materialize(model, shards: dict, device, fill) -> None:
+    """Give every meta parameter storage on ``device`` from ``fill(names, shape, dtype, shard)``; tied
+    parameters (one Parameter under several names) are filled once and stay tied."""
     for p, names in _unique_params(model):
         if p.device.type != "meta":
             continue
-        module_name, _, leaf = names[0].rpartition(".")
-        shard = shards.get(module_name) if leaf in _EXPERT_PARAMS else None
-        value = fill(names, tuple(p.shape), p.dtype, shard)
+        value = fill(names, tuple(p.shape), p.dtype, _shard_of(shards, names[0]))
         new = torch.nn.Parameter(value.to(device=device, dtype=p.dtype), requires_grad=p.requires_grad)
         for full in names:
             owner_name, _, leaf_name = full.rpartition(".")
@@ -134,28 +118,16 @@ def _finish(model, shards: dict, device):
     register_experts_implementation()
     for module_name, info in shards.items():
         SHARDS[model.get_submodule(module_name)] = info
-    # Without expert parallelism the model cannot run (it lacks the other ranks' experts): select the
-    # EP implementation for good, which fails with a clear message until moepatch.apply installs it.
+    # It lacks the other ranks' experts: the EP implementation, selected for good, fails clearly until installed.
     backend.select(model, [b for _, b in moe_blocks(model, family_for(model))], EXPERTS_IMPLEMENTATION)
     return model.eval()
 
 
 def load_expert_parallel(path_or_config, rank: int, world: int, dtype: torch.dtype = torch.bfloat16,
                          device: torch.device | str = "cpu"):
-    """A ``*ForCausalLM`` holding only rank ``rank``'s experts of a local safetensors checkpoint.
-
-    Args:
-        path_or_config: the checkpoint directory, or a transformers config whose ``name_or_path``
-            is that directory (the config then overrides the directory's config.json).
-        rank, world: this rank and the expert-parallel world size.
-        dtype: parameter dtype (checkpoint tensors are cast).
-        device: where the parameters are materialised (e.g. ``f"cuda:{local_rank}"``).
-    Returns:
-        The model in eval mode; patch it with ``moepatch.apply(model, ..., expert_parallel=True)``.
-    Raises:
-        FileNotFoundError: no safetensors checkpoint there.  KeyError: tensors the model needs are
-        missing (the message lists them).  UnsupportedModelError: not a supported MoE family.
-    """
+    """A ``*ForCausalLM`` in eval mode holding only rank ``rank``'s experts of a local safetensors checkpoint
+    (``path_or_config``: its directory, or a config whose ``name_or_path`` is it), cast to ``dtype`` on ``device``.
+    Raises FileNotFoundError (no safetensors there), KeyError (missing tensors, listed), UnsupportedModelError."""
     import transformers
 
     if isinstance(path_or_config, (str, os.PathLike)):
@@ -172,22 +144,19 @@ def load_expert_parallel(path_or_config, rank: int, world: int, dtype: torch.dty
     # Resolve every tensor before reading any, so a wrong checkpoint fails fast and lists all gaps.
     sources, missing = {}, []
     for _, names in _unique_params(model):
-        module_name, _, leaf = names[0].rpartition(".")
-        shard = shards.get(module_name) if leaf in _EXPERT_PARAMS else None
-        src = _experts_source(ckpt, names[0], shard) if shard is not None else ckpt.first(
-            [c for n in names for c in _renamed(n)])
+        shard = _shard_of(shards, names[0])
+        if shard is not None:
+            src = _experts_source(ckpt, names[0], shard)
+        else:
+            key = ckpt.first([c for n in names for c in _renamed(n)])
+            src = None if key is None else functools.partial(ckpt.read, key)
         if src is None:
             missing.append(names[0])
         sources[names[0]] = src
     if missing:
         raise KeyError(f"{path} lacks tensors for {len(missing)} parameter(s) the model needs, e.g. {missing[:4]} "
                        "(layouts read: docs/expert-parallel.md, 'Loading')")
-
-    def fill(names, shape, p_dtype, shard):
-        src = sources[names[0]]
-        return src() if callable(src) else ckpt.read(src)
-
-    _materialize(model, shards, device, fill)
+    _materialize(model, shards, device, lambda names, *_: sources[names[0]]())
     # Persistent buffers (e.g. DeepSeek-V3's e_score_correction_bias) come from the checkpoint too.
     state_keys = set(model.state_dict().keys())
     for name, buf in model.named_buffers():
@@ -215,35 +184,26 @@ def _experts_source(ckpt: _Checkpoint, name: str, shard: ShardInfo):
         return lambda: ckpt.read(fused, rows)
     for prefix in _renamed(experts_path):
         for gate, up, down in _PER_EXPERT_NAMES:
-            needed = [f"{prefix}.{e}.{n}.weight" for e in range(*rows)
-                      for n in ((gate, up) if leaf == "gate_up_proj" else (down,))]
-            if not all(k in ckpt for k in needed):
-                continue
-            if leaf == "gate_up_proj":
+            keys = [[f"{prefix}.{e}.{n}.weight" for n in ((gate, up) if leaf == "gate_up_proj" else (down,))]
+                    for e in range(*rows)]
+            if all(k in ckpt.weight_map for ks in keys for k in ks):
                 # transformers fuses [gate; up] along the output rows (Concatenate(dim=1) on (E, I, H)).
-                return lambda p=prefix, g=gate, u=up: torch.stack([
-                    torch.cat([ckpt.read(f"{p}.{e}.{g}.weight"), ckpt.read(f"{p}.{e}.{u}.weight")], dim=0)
-                    for e in range(*rows)])
-            return lambda p=prefix, d=down: torch.stack([ckpt.read(f"{p}.{e}.{d}.weight") for e in range(*rows)])
+                return lambda keys=keys: torch.stack([
+                    torch.cat([ckpt.read(k) for k in ks], dim=0) if len(ks) > 1 else ckpt.read(ks[0]) for ks in keys])
     return None
 
 
 def _seed(seed: int, name: str, expert: int = -1) -> int:
-    # A stable per-tensor (and per-expert) seed: a slice built for any world size equals the same
-    # experts of the world-size-1 build, and every rank builds identical replicated weights.
+    # Per tensor and expert: any world size's slice equals the world-size-1 build; replicas agree on every rank.
     return (seed * 1_000_003 + zlib.crc32(name.encode()) * 1_009 + expert + 1) % (2**63 - 1)
 
 
 def build_random_expert_parallel(config, rank: int, world: int, dtype: torch.dtype = torch.bfloat16,
                                  device: torch.device | str = "cpu", seed: int = 0, std: float | None = None):
-    """A ``*ForCausalLM`` of ``config`` with random weights and only rank ``rank``'s experts.
-
-    Weights are N(0, std) (``std`` defaults to ``config.initializer_range``) for matrices and
-    expert tensors, 1 for 1-D weights (norm scales), 0 for biases; each tensor (and each expert)
-    draws from its own generator seeded by name, on ``device``.  So rank r's experts equal
-    experts ``first..stop-1`` of ``build_random_expert_parallel(config, 0, 1, ...)`` on the same
-    device type: the single-process reference of a benchmark.
-    """
+    """A ``*ForCausalLM`` of ``config`` with random weights and only rank ``rank``'s experts: N(0, std) (default
+    ``config.initializer_range``) matrices and experts, 1 for 1-D weights, 0 for biases, each tensor (and expert)
+    from a generator seeded by its name on ``device``, so rank r's experts equal those of the world-size-1
+    build on the same device type (a benchmark's single-process reference)."""
     model, shards = _skeleton(config, dtype, rank, world)
     if std is None:
         std = float(getattr(config, "initializer_range", 0.02))

@@ -109,7 +109,7 @@ def test_padded_send_kernel_equals_torch(T, W, E, D):
     flat = ids_TW.reshape(-1)
     kept = (flat >= 0) & (flat < E)
     assert torch.equal(dest_t >= 0, kept)
-    dev_E, local_E = disp.placement(E, torch.device("cpu"))
+    dev_E, local_E, _ = disp.placement(E, torch.device("cpu"))
     p = kept.nonzero()[:, 0]
     assert torch.equal(dest_t[p] // Q, dev_E[flat[p]])
     assert torch.equal(send_t[dest_t[p]], x_TH[p // W]) and torch.equal(local_t[dest_t[p], 0], local_E[flat[p]])
