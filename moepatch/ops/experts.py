@@ -3,7 +3,7 @@
 Legend: T tokens, W slots per token, P = T * W pairs, R dispatch rows, E experts, H hidden,
 I intermediate, S split-K parts of the down GEMM.  Slots whose id is outside [0, E) add nothing.
 No host sync, no atomics (CUDA-graph safe, bit-identical run to run).  Launchers take an explicit
-tile configuration (what tune.py times); the custom ops (``moepatch::fused_experts``, ...) look it up.
+tile configuration (what tune.py times); the custom op ``moepatch::fused_experts`` looks it up.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 from triton.runtime.errors import OutOfResources
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from . import dispatch_kernels, gemm_kernels
+from . import dispatch_kernels
 from .dispatch_kernels import (
     dispatch_count_kernel,
     dispatch_scan_kernel,
@@ -82,12 +82,12 @@ def _capability(index: int) -> tuple[int, int]:
 
 @functools.cache
 def _pdl_supported() -> bool:
-    """This Triton has the grid dependency control calls and the ``launch_pdl`` launch option."""
+    """This Triton has the ``launch_pdl`` launch option."""
     try:
         from triton.backends.nvidia.compiler import CUDAOptions
     except ImportError:
         return False
-    return gemm_kernels.HAS_GDC and "launch_pdl" in getattr(CUDAOptions, "__dataclass_fields__", {})
+    return "launch_pdl" in getattr(CUDAOptions, "__dataclass_fields__", {})
 
 
 def use_pdl(device: torch.device) -> bool:
@@ -118,8 +118,7 @@ def _launch(kernel, grid, args, constexprs: dict, num_warps: int, num_stages: in
             _STAGES_THAT_FIT[key] = stages
 
 
-# Host-side integer helpers in plain Python: triton.cdiv / next_power_of_2 are JIT-aware callables
-# that cost microseconds per call, and a layer call makes a dozen of them.
+# Plain-Python cdiv and next power of 2: Triton's JIT-aware ones cost microseconds a call, a layer makes a dozen.
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -297,22 +296,17 @@ def _num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _programs(c: dict, tiles: int, device: torch.device) -> tuple[tuple[int], int]:
-    """(grid, NUM_PROGRAMS): one program per tile, or ``PERSISTENT`` programs per SM walking the tiles."""
+def _programs(c: dict, tiles: int, device: torch.device) -> tuple[tuple[int], dict]:
+    """(grid, tile loop constexprs): one program per tile, or ``PERSISTENT`` programs per SM walking the tiles."""
     per_sm = int(c.get("PERSISTENT", 0))
     if per_sm <= 0:
-        return (tiles,), 0
+        return (tiles,), dict(NUM_PROGRAMS=0, FLATTEN=False, WARP_SPECIALIZE=False)
     # The interpreter (CPU) pretends to have 2 SMs, so tests walk several tiles per program.
     sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device()) \
         if device.type == "cuda" else 2
     n = max(1, min(tiles, per_sm * sms))
-    return (n,), n
-
-
-def _loop_flags(c: dict, nprog: int) -> dict:
-    persistent = nprog > 0
-    return dict(NUM_PROGRAMS=nprog, FLATTEN=persistent and bool(c.get("FLATTEN", 0)),
-                WARP_SPECIALIZE=persistent and bool(c.get("WARP_SPECIALIZE", 0)))
+    return (n,), dict(NUM_PROGRAMS=n, FLATTEN=bool(c.get("FLATTEN", 0)),
+                      WARP_SPECIALIZE=bool(c.get("WARP_SPECIALIZE", 0)))
 
 
 def gather_rows(x_TH: torch.Tensor, layout: DispatchLayout) -> torch.Tensor:
@@ -336,7 +330,7 @@ def gate_up_desc(x_RH: torch.Tensor, gate_up_EIH: torch.Tensor, layout: Dispatch
     c = config["gate_up"]
     bm, bn, bk = layout.block_m, c["BLOCK_N"], c["BLOCK_K"]
     num_m = layout.rows // bm
-    grid, nprog = _programs(c, num_m * _cdiv(I, bn), x_RH.device)
+    grid, loop = _programs(c, num_m * _cdiv(I, bn), x_RH.device)
     a_desc = TensorDescriptor.from_tensor(x_RH, [bm, bk])
     joint = bool(c.get("JOINT", 0))
     if joint:  # gate and up blocks of the same columns in one [2, BLOCK_N, BLOCK_K] box
@@ -350,7 +344,7 @@ def gate_up_desc(x_RH: torch.Tensor, gate_up_EIH: torch.Tensor, layout: Dispatch
     _launch(gate_up_desc_kernel, grid,
             (a_desc, w_desc, h_RI, h_desc, layout.start_E1, E, I, H, h_RI.stride(0)),
             dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=c["GROUP_M"], E_PAD=_pow2(E), JOINT=joint,
-                 H_STORE_SPLIT=split, **_loop_flags(c, nprog)),
+                 H_STORE_SPLIT=split, **loop),
             c["num_warps"], c["num_stages"])
     return h_RI
 
@@ -363,13 +357,13 @@ def down_desc(h_RI: torch.Tensor, down_EHI: torch.Tensor, layout: DispatchLayout
     bm, bn, bk = layout.block_m, c["BLOCK_N"], c["BLOCK_K"]
     y_SPH = torch.empty(1, layout.num_pairs, H, device=h_RI.device, dtype=h_RI.dtype)
     num_m = layout.rows // bm
-    grid, nprog = _programs(c, num_m * _cdiv(H, bn), h_RI.device)
+    grid, loop = _programs(c, num_m * _cdiv(H, bn), h_RI.device)
     a_desc = TensorDescriptor.from_tensor(h_RI, [bm, bk])
     w_desc = TensorDescriptor.from_tensor(down_EHI.view(E * H, I), [bn, bk])
     _launch(down_desc_kernel, grid,
             (a_desc, w_desc, y_SPH, layout.sorted_pairs_R, layout.start_E1, weights_TW.reshape(-1),
              layout.num_pairs, E, H, I, y_SPH.stride(1)),
-            dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=c["GROUP_M"], E_PAD=_pow2(E), **_loop_flags(c, nprog)),
+            dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=c["GROUP_M"], E_PAD=_pow2(E), **loop),
             c["num_warps"], c["num_stages"])
     return y_SPH
 
@@ -488,71 +482,10 @@ def moe_experts(x_TH: torch.Tensor, ids_TW: torch.Tensor, weights_TW: torch.Tens
     return experts_graphed(fused_experts_impl, x_TH, ids_TW, weights_TW, gate_up_EIH, down_EHI)
 
 
-# --- torch.library registration: opaque to torch.compile, static shapes for the fake tensors. ---
-
-@torch.library.custom_op("moepatch::moe_dispatch", mutates_args=())
-def moe_dispatch(ids_TW: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
-    layout = dispatch(ids_TW.contiguous(), num_experts, block_m, fuse=False)
-    return layout.sorted_pairs_R, layout.start_E1
-
-
-@moe_dispatch.register_fake
-def _(ids_TW, num_experts, block_m):
-    R = max_rows(ids_TW.numel(), num_experts, block_m)
-    return ids_TW.new_empty(R, dtype=torch.int32), ids_TW.new_empty(num_experts + 1, dtype=torch.int32)
-
-
-def _layout(sorted_R, start_E1, num_pairs, width, block_m):
-    return DispatchLayout(sorted_R, start_E1, num_pairs, width, start_E1.numel() - 1, block_m, sorted_R.numel())
-
-
-@torch.library.custom_op("moepatch::moe_gate_up", mutates_args=())
-def moe_gate_up(x_TH: torch.Tensor, gate_up_EIH: torch.Tensor, sorted_R: torch.Tensor, start_E1: torch.Tensor,
-                width: int, block_m: int) -> torch.Tensor:
-    T = x_TH.shape[0]
-    E, two_i, H = gate_up_EIH.shape
-    cfg = get_config(T, E, H, two_i // 2, width, device_key(x_TH.device))
-    return gate_up(x_TH.to(gate_up_EIH.dtype), gate_up_EIH, _layout(sorted_R, start_E1, T * width, width, block_m),
-                   cfg)
-
-
-@moe_gate_up.register_fake
-def _(x_TH, gate_up_EIH, sorted_R, start_E1, width, block_m):
-    return x_TH.new_empty(x_TH.shape[0] * width, gate_up_EIH.shape[1] // 2, dtype=gate_up_EIH.dtype)
-
-
-@torch.library.custom_op("moepatch::moe_down", mutates_args=())
-def moe_down(h_RI: torch.Tensor, down_EHI: torch.Tensor, sorted_R: torch.Tensor, start_E1: torch.Tensor,
-             weights_TW: torch.Tensor, block_m: int) -> torch.Tensor:
-    T, W = weights_TW.shape
-    E, H, I = down_EHI.shape  # noqa: E741
-    cfg = get_config(T, E, H, I, W, device_key(h_RI.device))
-    return down(h_RI, down_EHI, _layout(sorted_R, start_E1, T * W, W, block_m), weights_TW.contiguous(), cfg)
-
-
-@moe_down.register_fake
-def _(h_RI, down_EHI, sorted_R, start_E1, weights_TW, block_m):
-    T, W = weights_TW.shape
-    E, H, I = down_EHI.shape  # noqa: E741
-    c = get_config(T, E, H, I, W, device_key(h_RI.device))["down"]
-    split = max(1, min(int(c.get("SPLIT_K", 1)), _cdiv(I, c["BLOCK_K"])))
-    return h_RI.new_empty(split, T * W, H, dtype=h_RI.dtype if split == 1 else torch.float32)
-
-
-@torch.library.custom_op("moepatch::moe_combine", mutates_args=())
-def moe_combine(y_SPH: torch.Tensor, ids_TW: torch.Tensor, num_experts: int, out_dtype: torch.dtype) -> torch.Tensor:
-    return combine(y_SPH, ids_TW.contiguous(), num_experts, out_dtype)
-
-
-@moe_combine.register_fake
-def _(y_SPH, ids_TW, num_experts, out_dtype):
-    return y_SPH.new_empty(ids_TW.shape[0], y_SPH.shape[2], dtype=out_dtype)
-
-
 @torch.library.custom_op("moepatch::fused_experts", mutates_args=())
 def fused_experts(x_TH: torch.Tensor, ids_TW: torch.Tensor, weights_TW: torch.Tensor, gate_up_EIH: torch.Tensor,
                   down_EHI: torch.Tensor) -> torch.Tensor:
-    """:func:`fused_experts_impl` with the configuration of this shape and GPU, as one custom op."""
+    """:func:`fused_experts_impl` (the configuration looked up) as one custom op, opaque to torch.compile."""
     return fused_experts_impl(x_TH, ids_TW, weights_TW, gate_up_EIH, down_EHI)
 
 

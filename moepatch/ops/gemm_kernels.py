@@ -10,21 +10,7 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
-
-try:  # Triton >= 3.3: grid dependency control for programmatic dependent launch
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-
-    HAS_GDC = True
-except ImportError:  # older Triton: PDL is never requested (experts.use_pdl), these are never traced
-    HAS_GDC = False
-
-    @triton.jit
-    def gdc_wait():
-        pass
-
-    @triton.jit
-    def gdc_launch_dependents():
-        pass
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait  # Triton >= 3.3 (pyproject: >= 3.6)
 
 
 @triton.jit
