@@ -186,7 +186,7 @@ class Timer:
     def single(self, fn, n_inputs: int = 1, reps: int | None = None, hide_launch: bool = False) -> float:
         """Median milliseconds of single calls fn(i), each between its own events after a sync.
 
-        hide_launch: each timing starts behind tune.busy_gpu, so a graph replay's host launch is not
+        hide_launch: each timing starts behind a ~0.2 ms spin kernel, so a graph replay's host launch is not
         counted (graph timings); without it a call's host launch time is counted whenever the GPU
         would otherwise wait for it.
         """
@@ -198,10 +198,8 @@ class Timer:
             torch.cuda.synchronize()
             for i in range(reps):
                 a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                if hide_launch:
-                    from moepatch.ops.tune import busy_gpu
-
-                    busy_gpu()
+                if hide_launch:  # ~0.2 ms of spinning queued first: the host launches fn while the GPU spins
+                    torch.cuda._sleep(400_000)
                 a.record()
                 fn(i % n_inputs)
                 b.record()

@@ -1,7 +1,6 @@
-"""The autotuner (``moepatch tune``): times candidate tile configurations on this GPU, writes a table.
+"""The autotuner (``moepatch tune``): times curated tile configurations on this GPU, writes a table (tuning.py).
 
-The search space per regime is curated for the H200 (most promising first); tables and lookup are
-in tuning.py.  Legend: M tokens, E experts, H hidden, I intermediate, K experts per token.
+Legend: M tokens, E experts, H hidden, I intermediate, K experts per token.
 """
 
 from __future__ import annotations
@@ -23,8 +22,7 @@ from .tuning import DESC_DEFAULT, M_BUCKETS, PF, PRESET_SHAPES, device_key, dn, 
 STREAM_GATE_UP = [gu(32, 128, 8, 4, 4), gu(32, 128, 8, 4, 3), gu(64, 128, 8, 4, 4), gu(64, 128, 16, 4, 5),
                   gu(32, 256, 8, 4, 3), gu(64, 256, 8, 4, 3), gu(16, 256, 8, 4, 4), gu(128, 128, 8, 8, 3),
                   gu(64, 64, 8, 4, 5)]
-# SPLIT_K 3: Mixtral's 2 slots x 64 column blocks x 3 parts = 384 programs, one wave at 3 per SM on an
-# H200 (132 SMs), where 4 parts make 1.3 waves.
+# SPLIT_K 3: Mixtral's 384 programs are one wave (3 per SM on 132 SMs); docs/kernels.md, "Small M".
 STREAM_DOWN = [dn(64, 128, 8, 4, 4, 4), dn(64, 128, 8, 3, 4, 4), dn(64, 128, 8, 2, 4, 4), dn(128, 128, 8, 2, 4, 4),
                dn(64, 256, 8, 4, 4, 3), dn(32, 128, 8, 8, 4, 4), dn(128, 128, 8, 4, 4, 4), dn(64, 128, 8, 1, 4, 5),
                dn(128, 64, 8, 1, 4, 5)]
@@ -36,8 +34,7 @@ BIG_GATE_UP = [gu(128, 64, 16, 8, 3), gu(128, 64, 16, 8, 4), gu(64, 64, 8, 4, 4)
                gu(64, 128, 8, 4, 3), gu(128, 32, 16, 8, 5)]
 BIG_DOWN = [dn(256, 64, 16, 1, 8, 3), dn(256, 64, 16, 1, 8, 4), dn(128, 64, 16, 1, 8, 4), dn(128, 128, 8, 1, 8, 3),
             dn(256, 64, 32, 1, 8, 4), dn(256, 64, 16, 2, 8, 3)]
-# One token: down and combine in one kernel (TOKEN), programs per BLOCK_N outputs walking every slot's
-# weights; BLOCK_N 16 gives Mixtral 256 programs, the 2048-wide models 128.
+# One token: down + combine in one kernel (TOKEN); BLOCK_N 16 gives Mixtral 256 programs, the 2048-wide models 128.
 TOKEN_DOWN = [dict(dn(16, 256, 1, 1, 4, 4), TOKEN=1), dict(dn(16, 128, 1, 1, 4, 6), TOKEN=1),
               dict(dn(16, 512, 1, 1, 4, 3), TOKEN=1), dict(dn(32, 256, 1, 1, 4, 4), TOKEN=1),
               dict(dn(16, 256, 1, 1, 8, 4), TOKEN=1)]
@@ -84,12 +81,10 @@ def tune(shapes: list[tuple[int, int, int, int]], ms: list[int], *, dtype: torch
          device: str = "cuda", log=None, budget_s: float | None = None) -> Path:
     """Autotune (E, H, I, K) ``shapes`` over token counts ``ms`` on the current GPU; returns the table's path.
 
-    Per M the lookup's configuration is timed first (the baseline, and the outputs are checked against
-    it, rel err < 2e-2), then per BLOCK_M each gate_up and each down + combine candidate; the best of each
-    BLOCK_M is re-timed as a whole layer and the fastest wins.  Routing is uniform random top-k.
-    out: JSON path (default ``~/.cache/moepatch/kernel_configs/<GPU>.json``); max_candidates: the first
-    that many per GEMM and BLOCK_M; budget_s: wall-clock budget shared evenly by the (shape, M) pairs (a
-    pair out of time keeps its best so far); log: callable taking one line of progress, or None."""
+    How: docs/kernels.md, "Configurations and tuning".  out: JSON path (default the user directory's
+    ``<GPU>.json``); max_candidates: the first that many per GEMM and BLOCK_M; budget_s: wall-clock budget
+    shared evenly by the (shape, M) pairs (a pair out of time keeps its best so far); log: callable taking
+    one line of progress, or None."""
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("tune() times kernels on a CUDA GPU; none is available")
     if torch.device(device).type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -134,6 +129,17 @@ def _tune_m(x, ids, wts, w1, w2, base, plan, reps, max_candidates, deadline, log
     def out_of_time():
         return deadline is not None and time.perf_counter() > deadline
 
+    def fastest(configs, run, check=None):
+        """(time, config) of the fastest ``run(c)`` whose output passes ``check`` (out of time: the first found)."""
+        best = (float("inf"), None)
+        for c in configs:
+            if out_of_time() and best[1] is not None:
+                break
+            t = _time_safe(lambda c=c: run(c), reps, dev)
+            if t < best[0] and (check is None or check(run(c))):
+                best = (t, c)
+        return best
+
     t_base = _time_safe(lambda: X.fused_experts_impl(x, ids, wts, w1, w2, base), reps, dev)
     results = [(t_base, base)]
     if log:
@@ -154,45 +160,30 @@ def _tune_m(x, ids, wts, w1, w2, base, plan, reps, max_candidates, deadline, log
             continue
         t_dispatch = 0.0 if layout.fused else time_ms(lambda bm=bm: X.dispatch(ids, E, bm), reps, dev)
         h = torch.empty(layout.rows, w1.shape[1] // 2, device=dev, dtype=x.dtype)
+        x_in = x
         if desc:
-            x_rows = X.gather_rows(x, layout)
+            x_in = X.gather_rows(x, layout)
             t_dispatch += time_ms(lambda lay=layout: X.gather_rows(x, lay), reps, dev)
 
-            def gate_up_run(c, lay=layout, h=h, xr=x_rows):
-                X.gate_up_desc(xr, w1, lay, {"gate_up": c}, out=h)
-        else:
-            def gate_up_run(c, lay=layout, h=h):
-                X.gate_up(x, w1, lay, {"gate_up": c}, out=h)
-        best_gu = (float("inf"), None)
-        for c in gate_ups:
-            if out_of_time() and best_gu[1] is not None:
-                break
-            t = _time_safe(lambda c=c: gate_up_run(c), reps, dev)
-            if t < best_gu[0]:
-                best_gu = (t, c)
-        if best_gu[1] is None:
-            continue
-        gate_up_run(best_gu[1])
-        best_dn = (float("inf"), None)
-        for c in downs:
-            if out_of_time() and best_dn[1] is not None:
-                break
+        def gate_up_run(c, lay=layout, h=h, x_in=x_in, desc=desc):
+            (X.gate_up_desc if desc else X.gate_up)(x_in, w1, lay, {"gate_up": c}, out=h)
 
-            def run(c=c, h=h, lay=layout, desc=desc):
-                if desc:
-                    return X.combine(X.down_desc(h, w2, lay, wts, {"down": c}), ids, E, x.dtype)
-                return X.down_and_combine(h, w2, lay, ids, wts, {"down": c}, x.dtype)
+        def down_run(c, lay=layout, h=h, desc=desc):
+            if desc:
+                return X.combine(X.down_desc(h, w2, lay, wts, {"down": c}), ids, E, x.dtype)
+            return X.down_and_combine(h, w2, lay, ids, wts, {"down": c}, x.dtype)
 
-            t = _time_safe(run, reps, dev)
-            if t < best_dn[0] and agrees(run()):
-                best_dn = (t, c)
-        if best_dn[1] is None:
+        t_gu, c_gu = fastest(gate_ups, gate_up_run)
+        if c_gu is None:
             continue
-        cfg = {"BLOCK_M": bm, "gate_up": best_gu[1], "down": best_dn[1], **({"DESC": True} if desc else {})}
+        gate_up_run(c_gu)
+        t_dn, c_dn = fastest(downs, down_run, agrees)
+        if c_dn is None:
+            continue
+        cfg = {"BLOCK_M": bm, "gate_up": c_gu, "down": c_dn, **({"DESC": True} if desc else {})}
         if log:
-            log(f"tune {label}: BLOCK_M={bm}{' desc' if desc else ''} "
-                f"{(t_dispatch + best_gu[0] + best_dn[0]) * 1e3:.1f} us "
-                f"(gate_up {best_gu[0] * 1e3:.1f}, down+combine {best_dn[0] * 1e3:.1f})")
+            log(f"tune {label}: BLOCK_M={bm}{' desc' if desc else ''} {(t_dispatch + t_gu + t_dn) * 1e3:.1f} us "
+                f"(gate_up {t_gu * 1e3:.1f}, down+combine {t_dn * 1e3:.1f})")
         if agrees(X.fused_experts_impl(x, ids, wts, w1, w2, cfg)):
             # Re-time the whole layer: the sum of parts misses launch gaps and L2 effects.
             results.append((_time_safe(lambda cfg=cfg: X.fused_experts_impl(x, ids, wts, w1, w2, cfg), reps, dev),
@@ -206,31 +197,18 @@ def _tune_m(x, ids, wts, w1, w2, base, plan, reps, max_candidates, deadline, log
     return cfg_best
 
 
-BUSY_CYCLES = 400_000  # the spin kernel queued ahead of a timed call whose launch is hidden (~0.2 ms)
-
-
-def busy_gpu() -> None:
-    """Queue ~0.2 ms of spinning on the current stream, so that events recorded after it time a graph
-    replay's device work alone (its host launch happens while the GPU spins)."""
-    torch.cuda._sleep(BUSY_CYCLES)
-
-
-def time_ms(fn, reps: int, device: torch.device, hide_launch: bool = False) -> float:
-    """Median milliseconds of ``fn`` over ``reps`` CUDA-event timings after two warm-up calls (wall clock off
-    CUDA); hide_launch: each timing starts behind :func:`busy_gpu`."""
+def time_ms(fn, reps: int, device: torch.device) -> float:
+    """Median milliseconds of ``fn`` over ``reps`` CUDA-event timings after two warm-up calls (wall clock off CUDA)."""
     for _ in range(2):
         fn()
     times = []
-    if device.type != "cuda":  # the interpreter (tests)
-        for _ in range(reps):
+    for _ in range(reps):
+        if device.type != "cuda":  # the interpreter (tests)
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
-        return sorted(times)[len(times) // 2]
-    for _ in range(reps):
+            continue
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        if hide_launch:
-            busy_gpu()
         a.record()
         fn()
         b.record()

@@ -1,9 +1,6 @@
 """Tile configurations per GPU and shape: the table lookup and the defaults (the autotuner is tune.py).
 
-A configuration: {"BLOCK_M", "gate_up": {BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages}, "down":
-{... SPLIT_K}} (optional "DESC": the descriptor GEMMs).  Tables are JSON files named after the GPU:
-shape key "E=8,H=4096,I=14336,K=2" -> M bucket -> configuration, read from :func:`set_tables`'s
-directory (else ``$MOEPATCH_KERNEL_CONFIGS``), ~/.cache/moepatch/kernel_configs, moepatch/ops/configs.
+Tables, configurations and where they are looked up: docs/kernels.md, "Configurations and tuning".
 Legend: M tokens, E experts, H hidden, I intermediate, K experts per token (slots W at run time).
 """
 
@@ -51,8 +48,7 @@ def device_key(device: torch.device | str | None = None) -> str:
     return _cuda_device_key(dev.index if dev.index is not None else torch.cuda.current_device())
 
 
-# Compute capability of each GPU key seen in this process: the defaults use the descriptor GEMMs
-# only where TMA exists (Hopper and later).
+# Compute capability of each GPU key seen here: the defaults use the descriptor GEMMs only with TMA (Hopper on).
 _CAPABILITY: dict[str, tuple[int, int]] = {}
 
 
@@ -69,14 +65,8 @@ def _dirs() -> list[Path]:
 
 
 @functools.lru_cache(maxsize=64)
-def _table(path: str, mtime: float) -> dict:
-    with open(path) as f:
-        return json.load(f)
-
-
-def _load_table(directory: Path, dev_key: str) -> dict:
-    path = directory / f"{dev_key}.json"
-    return _table(str(path), path.stat().st_mtime) if path.is_file() else {}
+def _table(path: str, mtime: float) -> dict:  # cached per modification time
+    return json.loads(Path(path).read_text())
 
 
 def max_rows(num_pairs: int, num_experts: int, block_m: int) -> int:
@@ -84,13 +74,11 @@ def max_rows(num_pairs: int, num_experts: int, block_m: int) -> int:
     return -(-(num_pairs + min(num_experts, num_pairs) * (block_m - 1)) // block_m) * block_m
 
 
-def gu(bn, bk, g, w, st) -> dict:
-    """A gate_up tile configuration."""
+def gu(bn, bk, g, w, st) -> dict:  # a gate_up tile configuration
     return dict(BLOCK_N=bn, BLOCK_K=bk, GROUP_M=g, num_warps=w, num_stages=st)
 
 
-def dn(bn, bk, g, split, w, st) -> dict:
-    """A down tile configuration."""
+def dn(bn, bk, g, split, w, st) -> dict:  # a down tile configuration
     return dict(BLOCK_N=bn, BLOCK_K=bk, GROUP_M=g, SPLIT_K=split, num_warps=w, num_stages=st)
 
 
@@ -144,9 +132,9 @@ def get_config(M: int, E: int, H: int, I: int, K: int, dev_key: str) -> dict:  #
     :func:`default_config` (cached: :func:`set_tables` forgets)."""
     key = shape_key(E, H, I, K)
     for d in _dirs():
-        table = _load_table(d, dev_key).get(key)
+        path = d / f"{dev_key}.json"
+        table = _table(str(path), path.stat().st_mtime).get(key) if path.is_file() else None
         if table:
             return table[str(min((int(k) for k in table), key=lambda k: (abs(k - M), k)))]
-    if dev_key == "cpu":
-        return default_config(M, E, H, I, K, "cpu")
-    return default_config(M, E, H, I, K, "cuda", descriptors=_CAPABILITY.get(dev_key, (0, 0)) >= (9, 0))
+    return default_config(M, E, H, I, K, "cpu" if dev_key == "cpu" else "cuda",
+                          descriptors=_CAPABILITY.get(dev_key, (0, 0)) >= (9, 0))
