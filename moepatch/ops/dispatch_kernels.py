@@ -1,8 +1,7 @@
 """Dispatch: sort the (token, slot) pairs into per-expert blocks of BLOCK_M rows, without a host sync.
 
 Legend: T tokens, W slots, P = T * W pairs (p = t * W + w), E experts, R rows, C chunks of BLOCK_P pairs.
-sorted_pairs_R: the pair of each row (P on padding rows; expert e owns rows [start_E1[e], start_E1[e+1]),
-its pairs ascending, padded to BLOCK_M).  Count, scan over chunks, scatter (one chunk: the scatter alone).
+Count, scan over chunks, scatter (one chunk: the scatter alone); the layout: experts.DispatchLayout.
 """
 
 from __future__ import annotations
@@ -80,14 +79,13 @@ def dispatch_scatter_kernel(ids_ptr, offs_ptr, sorted_ptr, start_ptr, P, E, R, n
     if pid == 0:
         tl.store(start_ptr + e_x, start_e, mask=e_ok)
         tl.store(start_ptr + E, used)
-    # This chunk's first row per expert, where the pairs below can gather it (with one chunk that row
-    # is start_E1 itself, stored just above).  The barrier makes the program's own stores visible to it.
+    # This chunk's first row per expert, for the pairs below (one chunk: start_E1, stored just above);
+    # the barrier makes the program's own stores visible to it.
     if not SINGLE:
         tl.store(base_ptr + e_x, start_e + before_e, mask=e_ok)
     tl.debug_barrier()
 
-    # Rows of this chunk's pairs: the chunk's base row of the expert + rank among the chunk's earlier
-    # pairs of that expert.
+    # A pair's row: the chunk's base row of its expert + its rank among the chunk's earlier pairs of it.
     offs_p = pid * BLOCK_P + tl.arange(0, BLOCK_P)
     ids = tl.load(ids_ptr + offs_p, mask=offs_p < P, other=-1).to(tl.int32)
     valid = (ids >= 0) & (ids < E)
@@ -115,10 +113,8 @@ def dispatch_scatter_kernel(ids_ptr, offs_ptr, sorted_ptr, start_ptr, P, E, R, n
 def ep_prepare_kernel(ids_ptr, sorted_ptr, start_ptr, dev_ptr, local_ptr, fixed_ptr, header_ptr, meta_ptr,
                        order_ptr, tok_ptr, pos_ptr, P, E, D, M, W, BLOCK: tl.constexpr, E_PAD: tl.constexpr,
                        FIXED: tl.constexpr):
-    """Expert parallelism's bookkeeping after the sort (block_m 1): per row r, order[r] (its pair, P past the
-    kept ones), tok[r] and pos[pair] = r (-1 for ids outside [0, E)); program 0 also the header (D, FIXED + M):
-    fixed values, then pairs per (rank dev[e], local index local[e]), and meta (D + 1): pairs per rank,
-    then the count of ids outside [0, E]."""
+    """Expert parallelism's bookkeeping after the sort (block_m 1; outputs: experts.ep_prepare): per row r,
+    order[r], tok[r] and pos[order[r]] = r; program 0 also the header and meta."""
     pid = tl.program_id(0)
     r_x = pid * BLOCK + tl.arange(0, BLOCK)
     used = tl.load(start_ptr + E)
@@ -157,10 +153,8 @@ def ep_prepare_kernel(ids_ptr, sorted_ptr, start_ptr, dev_ptr, local_ptr, fixed_
 @triton.jit
 def padded_send_kernel(x_ptr, ids_ptr, sorted_ptr, start_ptr, dev_ptr, local_ptr, first_ptr, send_ptr, send_local_ptr,
                         dest_ptr, P, W, E, H, Q, stride_xt, stride_xk, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr):
-    """The fixed-size expert-parallel send buffers after the sort (block_m 1): rank d's block is rows
-    [d·Q, (d+1)·Q), its kept pairs first in sorted order.  Row r, pair p = sorted[r], expert e = ids[p]:
-    dest = dev[e]·Q + r − start[first[dev[e]]], dest_P[p] = dest, send_local[dest] = local[e],
-    send[dest] = x[p // W]; ids outside [0, E): dest_P[p] = −1.  Rows no pair takes are left as they are."""
+    """The expert-parallel send buffers (experts.padded_send): rank d's block is rows [d·Q, (d+1)·Q), its kept
+    pairs first in sorted order; row r, pair p = sorted[r], e = ids[p] goes to dev[e]·Q + r − start[first[dev[e]]]."""
     r_x = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     in_p = r_x < P
     ids_r = tl.load(ids_ptr + r_x, mask=in_p, other=0)

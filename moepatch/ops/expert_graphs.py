@@ -1,8 +1,6 @@
-"""CUDA-graph replay of the fused experts layer at 1-64 tokens, where the host (Triton's launcher, the
-configuration lookup) bounds it.  :func:`experts_graphed` captures the layer once per signature
-(function, device, token count, the inputs' shapes, dtypes and strides, the weights' addresses) and
-replays it, the same output bit for bit; graphs keep the tile configuration of their capture
-(:func:`moepatch.ops.tuning.set_tables` clears them).  Legend: T tokens, W slots, H hidden, E experts, I intermediate.
+"""CUDA-graph replay of the fused experts layer at 1-64 tokens, where the host bounds it: captured once per
+signature (function, device, the inputs' shapes, dtypes and strides, the weights' addresses), bit for bit the
+eager output (docs/kernels.md, "Small M").  Legend: T tokens, W slots, H hidden, E experts, I intermediate.
 """
 
 from __future__ import annotations
@@ -18,11 +16,7 @@ MAX_GRAPHS = 1024  # signatures kept (layers x token counts); beyond that new on
 
 _GRAPHS = GraphCache(MAX_GRAPHS)
 _CACHE = _GRAPHS.entries  # signature -> calls seen (int), an _ExpertsGraph, or False (eager kept)
-
-
-def clear() -> None:
-    """Forget every captured graph (frees their static buffers; the pool goes with the last one)."""
-    _GRAPHS.clear()
+clear = _GRAPHS.clear  # forget every graph (tuning.set_tables does: a graph keeps its capture's tile configuration)
 
 
 def graphs() -> int:

@@ -1,13 +1,9 @@
-"""CUDA graphs kept per call signature: what route_graphs.py and expert_graphs.py share.
-
-:meth:`GraphCache.call` runs eagerly until a signature was seen ``warmup_calls`` times, then captures
-it once and keeps the replay only where it beat the eager call (:func:`wall`); a capture raising
-RuntimeError stays eager.  The graphs of one cache share one memory pool.
-"""
+"""CUDA graphs kept per call signature (route_graphs.py, expert_graphs.py, scmoe): one memory pool per cache."""
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 
 import torch
@@ -21,15 +17,10 @@ def on_device(t: torch.Tensor):
     return contextlib.nullcontext()
 
 
-_CAPTURE_STREAMS: dict = {}
-
-
-def _capture_stream(device: torch.device):
-    """A side stream on ``device`` to capture on (torch.cuda.graph's default one lives on the first device used)."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _CAPTURE_STREAMS:
-        _CAPTURE_STREAMS[index] = torch.cuda.Stream(device=index)
-    return _CAPTURE_STREAMS[index]
+@functools.cache
+def _capture_stream(index: int):
+    """A side stream on GPU ``index`` to capture on (torch.cuda.graph's default one lives on the first device used)."""
+    return torch.cuda.Stream(device=index)
 
 
 def wall(fn, reps: int = 3) -> float:
@@ -60,13 +51,15 @@ class GraphCache:
         """The context that captures ``graph`` for tensors on ``device``: this cache's pool, a stream there."""
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
-        return torch.cuda.graph(graph, pool=self._pool, stream=_capture_stream(device))
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return torch.cuda.graph(graph, pool=self._pool, stream=_capture_stream(index))
 
     def captured(self, cls) -> int:
         return sum(isinstance(v, cls) for v in self.entries.values())
 
     def call(self, key, inputs, eager, capture, *, warmup_calls: int, wall):
-        """``eager()``, or the replay of ``capture()``'s graph for ``key`` with ``inputs`` (see above)."""
+        """``eager()`` until ``key`` was seen ``warmup_calls`` times, then the replay of ``capture()``'s graph with
+        ``inputs``, kept only where it beat the eager call (``wall``); a capture raising RuntimeError stays eager."""
         entry = self.entries.get(key, 0)
         if entry is not False and not isinstance(entry, int):
             return entry.replay(inputs)

@@ -1,13 +1,12 @@
-"""The one reference expert computation (pure torch): what tests, expert parallelism, ScMoE and
-benchmarks call, and what the fused kernels are checked against.  An expert is SwiGLU over
-transformers' fused layout; a token's output sums its slots' weighted outputs in slot order, in fp32.
+"""The one reference expert computation (pure torch) that tests, expert parallelism, ScMoE and benchmarks call:
+SwiGLU experts over transformers' fused layout, a token's weighted slot outputs summed in slot order in fp32.
 
 Legend: T tokens, R rows, D hidden, I intermediate, E experts, W slots per token.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -40,8 +39,7 @@ def reference_experts(x_TD: torch.Tensor, ids_TW: torch.Tensor, weights_TW: torc
 
     x_TD (T, D); ids_TW (T, W) int64, outside [0, E): dropped slots (a token may name one expert twice);
     weights_TW (T, W); gate_up_E2ID (E, 2I, D) gate rows first; down_EDI (E, D, I); act / apply_gate as
-    :func:`expert_mlp`.  Each product is taken in the promoted dtype and cast to x's dtype, then the slots
-    are summed by :func:`sum_slots`, as transformers' experts and the expert-parallel combine do."""
+    :func:`expert_mlp`.  Products in the promoted dtype cast to x's, summed by :func:`sum_slots`."""
     T, W = ids_TW.shape
     E = gate_up_E2ID.shape[0]
     flat_P = ids_TW.reshape(-1)

@@ -1,10 +1,5 @@
-"""CUDA-graph replay of :func:`moepatch.ops.route.route`, for the routes made of many small kernels.
-
-Reroute, Expanded Drop and the drops the fused kernel does not cover launch one to two hundred
-small kernels per layer.  :func:`route_graphed` captures the route once per routing signature and
-replays it (the same result bit for bit), only with ``cfg.cuda_graphs`` on CUDA, never when an input
-requires grad (a replay would cut the router's gradient) nor inside the caller's own capture, and
-keeps the replay only where it beat the eager call at capture.  :func:`clear` drops every graph.
+"""CUDA-graph replay of :func:`moepatch.ops.route.route` (bit for bit) for the routes made of many small kernels:
+Reroute, Expanded Drop and the drops the fused kernel does not cover launch one to two hundred per layer.
 """
 
 from __future__ import annotations
@@ -23,11 +18,7 @@ MAX_GRAPHS = 256  # signatures kept; beyond that new ones run eagerly
 
 _GRAPHS = GraphCache(MAX_GRAPHS)
 _CACHE = _GRAPHS.entries  # signature -> calls seen (int), a _RouteGraph, or False (eager kept)
-
-
-def clear() -> None:
-    """Forget every captured graph (frees their static buffers; the pool goes with the last one)."""
-    _GRAPHS.clear()
+clear = _GRAPHS.clear  # forget every graph
 
 
 def _signature(cfg, tensors, batch, seq, layer, source_rank, extra) -> tuple:
@@ -68,7 +59,8 @@ class _RouteGraph:
 def route_graphed(cfg, scores_TE: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor,
                   factor_T: torch.Tensor | None, *, batch: int, seq: int, valid_BS: torch.Tensor | None = None,
                   layer: int = 0, source_rank: int | None = None, **extra) -> RoutingResult:
-    """:func:`moepatch.ops.route.route` (same arguments, same result), replayed from a CUDA graph where that pays."""
+    """:func:`moepatch.ops.route.route` (same arguments, same result), replayed from a CUDA graph where that pays:
+    with ``cfg.cuda_graphs`` on CUDA, never when an input requires grad nor inside the caller's own capture."""
     with on_device(scores_TE):
         def eager():
             return _route.route(cfg, scores_TE, topk_ids_TK, topk_weights_TK, factor_T, batch=batch, seq=seq,

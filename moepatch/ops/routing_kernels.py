@@ -1,11 +1,7 @@
-"""Token Drop in one launch: capacity, per-expert priority ranks and the kept slots, on the device.
+"""Token Drop in one launch: capacity, per-expert priority ranks and the kept slots, on the device, no atomics.
 
 Legend: T tokens, K slots per token (the native top-k), P = T * K pairs (pair p = t * K + k),
-E experts, G capacity groups, BLOCK pairs per tile.  One program per (group, expert) computes the
-capacity C in float64 as routing.capacity does, ranks its expert's pairs by the policy (a radix
-select of the C-th largest score key for ``score``, running counts for ``order`` / ``reverse``) and
-writes every slot of that expert in the group; no atomics.  Large groups are first sorted by expert
-(SORTED).  Algorithm and costs: docs/kernels.md, "Token Drop kernel".
+E experts, G capacity groups, BLOCK pairs per tile.  Algorithm and costs: docs/kernels.md, "Token Drop kernel".
 """
 
 from __future__ import annotations
@@ -67,12 +63,10 @@ def capacity_drop_kernel(ids_ptr, w_ptr, scores_ptr, valid_ptr, sorted_ptr, star
                          stats_ptr, T, K, E, seq, ep, min_cap, gk_bits, tol_bits, stride_st, stride_se,
                          POLICY: tl.constexpr, GROUP_SEQ: tl.constexpr, HAS_VALID: tl.constexpr,
                          BLOCK: tl.constexpr, SINGLE: tl.constexpr, SORTED: tl.constexpr, SEARCH: tl.constexpr):
-    """POLICY 0 = score, 1 = order, 2 = reverse.  stats: before (G, E), after (G, E), T_g (G), C (G), int64.
-
-    SORTED: sorted_ptr / start_ptr are a dispatch layout of one row per pair and the outputs are
-    pre-filled with the sentinel; SEARCH: groups share an expert's list (binary search for the rows).
-    Reductions are packed two per int64: each tl.sum costs about a millisecond under the interpreter.
-    """
+    """One program per (group, expert).  POLICY 0 = score, 1 = order, 2 = reverse.  stats (int64): before (G, E),
+    after (G, E), T_g (G), C (G).  SORTED: sorted_ptr / start_ptr are a dispatch layout of one row per pair and
+    the outputs are pre-filled with the sentinel; SEARCH: groups share an expert's list (binary search).
+    Reductions are packed two per int64: each tl.sum costs about a millisecond under the interpreter."""
     pid = tl.program_id(0)
     e = pid % E
     g = (pid // E).to(tl.int64)

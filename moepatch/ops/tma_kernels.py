@@ -1,8 +1,7 @@
 """Large-M expert GEMMs on contiguous, pre-gathered rows, loaded with tensor descriptors (TMA on Hopper).
 
-Legend: P pairs, R dispatch rows, E experts, H hidden, I intermediate.  gather_rows_kernel copies the
-dispatch rows into x_RH (zeros on padding rows), so every operand tile is a rectangle TMA loads;
-descriptors zero-fill past the edges.  NUM_PROGRAMS > 0: persistent programs walking the tiles.
+Legend: P pairs, R dispatch rows, E experts, H hidden, I intermediate.  Descriptors zero-fill past the edges
+(docs/kernels.md, "Large M").  NUM_PROGRAMS > 0: persistent programs walking the tiles.
 """
 
 from __future__ import annotations
@@ -60,9 +59,7 @@ def gate_up_desc_kernel(a_desc, w_desc, h_ptr, h_desc, start_ptr, E, N, K, strid
     num_m, num_n, step = _tile_space(start_ptr, E, N, BLOCK_M, BLOCK_N, NUM_PROGRAMS)
     for tile in tl.range(tl.program_id(0), num_m * num_n, step, flatten=FLATTEN, warp_specialize=WARP_SPECIALIZE):
         row0, e, n0 = _tile_origin(tile, num_m, num_n, start_ptr, E, BLOCK_M, BLOCK_N, GROUP_M, E_PAD)
-        if JOINT:
-            # One (BLOCK_M, 2·BLOCK_N) product: w_desc is 3-D (E·2, I, H) with blocks [2, BLOCK_N, BLOCK_K],
-            # the gate rows then the up rows of the same columns, so A is read once per 2·BLOCK_N columns.
+        if JOINT:  # one (BLOCK_M, 2·BLOCK_N) product: gate then up rows of the same columns, A read once
             acc = tl.zeros([BLOCK_M, 2 * BLOCK_N], dtype=tl.float32)
             for k0 in range(0, K, BLOCK_K):
                 a = a_desc.load([row0, k0])
