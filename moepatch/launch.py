@@ -22,7 +22,14 @@ from pathlib import Path
 import torch
 
 from moepatch.arguments import ArgumentParser, capacity_factor
-from moepatch.errors import UsageError
+from moepatch.errors import InvalidOptionError, UsageError
+from moepatch.parallel.distributed import all_gather_floats, init_distributed, shutdown
+from moepatch.parallel.ep import ep_barrier_loop
+from moepatch.parallel.loading import load_expert_parallel
+from moepatch.patch.core import apply, patched, remove, stats
+from moepatch.patch.registry import supported_model_types
+from moepatch.routing.config import POLICIES, STRATEGIES, make_config
+from moepatch.tiny import tiny_model
 
 MODULE = "moepatch.launch"
 
@@ -34,13 +41,9 @@ def launched() -> bool:
 
 def relaunch(target: list[str], nproc: int | None = None, limit_s: float | None = None,
              env: dict | None = None) -> int:
-    """Run ``python TARGET...`` under torchrun with ``nproc`` ranks (default one per GPU, 2 on a CPU).
-
-    ``target`` is what follows ``python``: ``["-m", "moepatch.launch", "demo", ...]`` or a script's path
-    and arguments; its ``--nproc N`` is left out (torchrun would take it for its own
-    ``--nproc-per-node``).  The checkout this module is in comes first on the ranks' PYTHONPATH;
-    ``env`` holds defaults for variables the environment leaves unset.  With ``limit_s`` torchrun
-    runs in its own process group, killed with its ranks after that many seconds (exit status 124)."""
+    """Run ``python TARGET...`` (``-m moepatch.launch demo ...`` or a script and its arguments, less ``--nproc N``,
+    which torchrun would take for its own) under torchrun with ``nproc`` ranks (default one per GPU, 2 on a
+    CPU), this checkout first on PYTHONPATH, ``env`` as defaults; past ``limit_s`` killed (exit status 124)."""
     import signal
 
     nproc = nproc or torch.cuda.device_count() or 2
@@ -63,14 +66,18 @@ def relaunch(target: list[str], nproc: int | None = None, limit_s: float | None 
         return 124
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be >= 1")
-    return value
+def positive(kind=int, bound="> 0"):
+    """An argparse type: a number of ``kind`` above 0 (``bound``: how the error message says so)."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {'whole ' if kind is int else ''}number") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"{text!r} must be {bound}")
+        return value
+
+    return parse
 
 
 def _option(text: str):
@@ -85,17 +92,19 @@ def _option(text: str):
 
 def _parser(prog: str) -> ArgumentParser:
     p = ArgumentParser(prog=prog, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--nproc", type=_positive_int, default=None,
+    p.add_argument("--nproc", type=positive(int, ">= 1"), default=None,
                    help="ranks to start when run without a launcher (default: one per GPU, 2 on a CPU machine)")
     return p
 
 
-def _add_routing(p: argparse.ArgumentParser) -> None:
+def _parse(p: ArgumentParser, argv) -> argparse.Namespace:
+    """``argv`` parsed by the command's parser ``p`` with the routing options added last."""
     p.add_argument("--capacity-factor", type=capacity_factor, default=1.0, help="gamma, or 'none' for no capacity")
-    p.add_argument("--strategy", default="drop", choices=("drop", "reroute", "expanded", "expert_drop"))
-    p.add_argument("--policy", default=None, choices=("score", "order", "reverse", "random"))
+    p.add_argument("--strategy", default="drop", choices=STRATEGIES)
+    p.add_argument("--policy", default=None, choices=POLICIES)
     p.add_argument("--option", type=_option, action="append", default=[],
                    help="any other moepatch.apply option, KEY=VALUE (VALUE parsed as JSON), repeatable")
+    return p.parse_args(argv)
 
 
 def _routing(args) -> tuple:
@@ -104,10 +113,6 @@ def _routing(args) -> tuple:
 
 def _check_routing(args, model_type: str | None) -> None:
     """The patch options as ``moepatch.apply`` will validate them, and a family it patches."""
-    from moepatch.errors import InvalidOptionError
-    from moepatch.patch.registry import supported_model_types
-    from moepatch.routing.config import make_config
-
     gamma, strategy, opts = _routing(args)
     try:
         make_config(gamma, strategy, opts.pop("policy", None), **opts)
@@ -122,20 +127,14 @@ def _demo_args(argv, prog: str) -> argparse.Namespace:
     p.add_argument("--model-type", default="mixtral")
     p.add_argument("--batch-per-rank", type=int, default=2)
     p.add_argument("--seq", type=int, default=16)
-    _add_routing(p)
-    args = p.parse_args(argv)
+    args = _parse(p, argv)
     if args.batch_per_rank < 1 or args.seq < 1:
         raise UsageError("--batch-per-rank and --seq must be >= 1")
     _check_routing(args, args.model_type)
     return args
 
 
-def demo(args) -> int:
-    from moepatch.parallel.distributed import all_gather_floats, init_distributed, shutdown
-    from moepatch.patch.core import apply, patched, remove, stats
-    from moepatch.tiny import tiny_model
-
-    rank, world, device = init_distributed()
+def demo(args, rank: int, world: int, device: torch.device) -> int:
     gamma, strategy, opts = _routing(args)
     model = tiny_model(args.model_type).to(device)
     g = torch.Generator().manual_seed(0)
@@ -155,22 +154,7 @@ def demo(args) -> int:
         print(table)
         print(f"{args.model_type} {strategy} gamma={gamma} on {world} ranks: max |EP - simulated ep_size={world}| "
               f"per rank = {[f'{e:.1e}' for e in errs]} -> {'OK' if ok else 'MISMATCH'}", flush=True)
-    shutdown()
     return 0 if ok else 1
-
-
-def _sequences(args, rank: int, world: int, vocab: int) -> list[torch.Tensor]:
-    """This rank's sequences: every world-th one, so ranks get uneven counts when they do not divide."""
-    if args.text is not None:
-        import transformers
-
-        tok = transformers.AutoTokenizer.from_pretrained(args.checkpoint, local_files_only=True)
-        ids = torch.tensor(tok(Path(args.text).read_text())["input_ids"])
-    else:
-        ids = torch.randint(3, vocab, (args.random_tokens,), generator=torch.Generator().manual_seed(0))
-    n = ids.numel() // args.seq_len
-    seqs = ids[: n * args.seq_len].view(n, args.seq_len)
-    return list(seqs[rank::world])
 
 
 def _eval_args(argv, prog: str) -> argparse.Namespace:
@@ -185,8 +169,7 @@ def _eval_args(argv, prog: str) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     p.add_argument("--out", type=Path)
-    _add_routing(p)
-    args = p.parse_args(argv)
+    args = _parse(p, argv)
     if args.text is not None and args.checkpoint is None:
         p.error("--text needs --checkpoint (its tokenizer)")
     if args.checkpoint is not None and not (args.checkpoint / "config.json").is_file():
@@ -199,14 +182,7 @@ def _eval_args(argv, prog: str) -> argparse.Namespace:
     return args
 
 
-def evaluate(args) -> int:
-    from moepatch.parallel.distributed import all_gather_floats, init_distributed, shutdown
-    from moepatch.parallel.ep import ep_barrier_loop
-    from moepatch.parallel.loading import load_expert_parallel
-    from moepatch.patch.core import apply, remove, stats
-    from moepatch.tiny import tiny_model
-
-    rank, world, device = init_distributed()
+def evaluate(args, rank: int, world: int, device: torch.device) -> int:
     dtype = getattr(torch, args.dtype)
     if args.checkpoint is not None:
         model = load_expert_parallel(args.checkpoint, rank, world, dtype=dtype, device=device)
@@ -214,7 +190,16 @@ def evaluate(args) -> int:
         model = tiny_model(args.tiny, dtype=dtype).to(device)
     gamma, strategy, opts = _routing(args)
     apply(model, gamma, strategy, expert_parallel=True, **opts)
-    seqs = _sequences(args, rank, world, model.config.vocab_size)
+    if args.text is not None:
+        import transformers
+
+        tok = transformers.AutoTokenizer.from_pretrained(args.checkpoint, local_files_only=True)
+        ids = torch.tensor(tok(Path(args.text).read_text())["input_ids"])
+    else:
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(3, model.config.vocab_size, (args.random_tokens,), generator=g)
+    n = ids.numel() // args.seq_len  # this rank's sequences: every world-th one (uneven counts are fine)
+    seqs = list(ids[: n * args.seq_len].view(n, args.seq_len)[rank::world])
     batches = [torch.stack(seqs[i:i + args.batch_size]) for i in range(0, len(seqs), args.batch_size)]
 
     def step(ids_BS):
@@ -240,7 +225,6 @@ def evaluate(args) -> int:
         print(f"perplexity {ppl:.3f} over {int(tokens)} tokens on {world} ranks ({strategy}, gamma={gamma})",
               flush=True)
     remove(model)
-    shutdown()
     return 0
 
 
@@ -261,7 +245,9 @@ def run(argv: list[str], prog: str = "moepatch ep") -> int:
     args = parse(argv[1:], f"{prog} {argv[0]}")
     if not launched():
         return relaunch(["-m", MODULE, *argv], args.nproc)
-    return command(args)
+    status = command(args, *init_distributed())
+    shutdown()
+    return status
 
 
 def main(argv=None) -> int:

@@ -1,15 +1,10 @@
-"""lm-eval integration: the ``moepatch`` model (HFLM plus a capacity-aware patch).
-
-    import moepatch.eval.lm                      # registers "moepatch" with lm-eval
-    lm_eval.simple_evaluate(model="moepatch", model_args="pretrained=DIR,capacity_factor=1.5,strategy=drop", ...)
-
-or ``lm_eval --model moepatch`` once the plugin is installed, or ``moepatch lm-eval ...``.
-Legend: B requests in a batch, L padded length, N scored positions, D hidden, V vocabulary.
+"""lm-eval integration: the ``moepatch`` model (HFLM plus a capacity-aware patch), registered on import; use
+it as ``simple_evaluate(model="moepatch", model_args="pretrained=DIR,capacity_factor=1.5")``, ``lm_eval --model
+moepatch`` or ``moepatch lm-eval``.  B requests in a batch, L padded length, N scored positions, D hidden, V vocab.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 
 import torch
@@ -36,19 +31,6 @@ def patch_arguments(model_args: dict) -> tuple[dict, dict]:
     return patch, rest
 
 
-@contextlib.contextmanager
-def _quiet_prebuilt(pretrained):
-    """Hold back HFLM's warning about a built model passed as ``pretrained`` (moepatch's sweeps do it on purpose)."""
-    logger = logging.getLogger("lm_eval.models.huggingface")
-    level = logger.level
-    if not isinstance(pretrained, str):
-        logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
 @register_model("moepatch")
 class MoePatchLM(HFLM):
     """HFLM whose model is patched with ``moepatch.apply`` (every apply argument can be a ``model_args`` key).
@@ -59,8 +41,15 @@ class MoePatchLM(HFLM):
 
     def __init__(self, pretrained, **kwargs):
         options, kwargs = patch_arguments(kwargs)
-        with _quiet_prebuilt(pretrained):
+        # HFLM warns about a built model passed as ``pretrained``: moepatch's sweeps do it on purpose.
+        logger = logging.getLogger("lm_eval.models.huggingface")
+        level = logger.level
+        if not isinstance(pretrained, str):
+            logger.setLevel(logging.ERROR)
+        try:
             super().__init__(pretrained=pretrained, **kwargs)
+        finally:
+            logger.setLevel(level)
         # Checked before apply, which resets the statistics: the probe's forward is not counted.
         self._split = _head_splits(self.model)  # the output head runs apart from the decoder
         self.handle = patch_core.apply(self.model, **options)

@@ -9,7 +9,10 @@ import re
 import sys
 from pathlib import Path
 
+import torch
+
 from ..errors import MoePatchError, UnsupportedModelError
+from ..patch.registry import supported_model_types
 from .presets import MODEL_ALIASES
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -103,8 +106,6 @@ def check_model(name: str | None, need_moe: bool = True, aliases: bool = True):
                              f"{' (' + _hub_state() + ')' if offline() else ''}: {str(exc).splitlines()[0]}; "
                              f"{_download_hint(target)}") from exc
     if need_moe:
-        from ..patch.registry import supported_model_types
-
         supported = supported_model_types()
         if config.model_type not in supported:
             raise UnsupportedModelError(f"{target!r} is a {config.model_type!r} model, not a Mixture-of-Experts "
@@ -115,7 +116,6 @@ def check_model(name: str | None, need_moe: bool = True, aliases: bool = True):
 def load_model(name: str | None, dtype: str = "auto", device: str = "auto"):
     """(model, tokenizer, resolved name) for ``moepatch eval`` / ``stats`` (after :func:`check_model`);
     ModelLoadError says what was tried and how to point at a local copy."""
-    import torch
     import transformers
 
     if dtype not in DTYPES:
@@ -123,10 +123,7 @@ def load_model(name: str | None, dtype: str = "auto", device: str = "auto"):
     target = resolve_model(name)
     on_gpu = torch.cuda.is_available() and (device == "auto" or device.startswith("cuda"))
     # "auto": the checkpoint's dtype on GPUs; float32 on the CPU, where bf16 matmuls are many times slower.
-    if dtype == "auto":
-        kwargs = {"dtype": "auto" if on_gpu else torch.float32}
-    else:
-        kwargs = {"dtype": getattr(torch, dtype)}
+    kwargs = {"dtype": ("auto" if on_gpu else torch.float32) if dtype == "auto" else getattr(torch, dtype)}
     if device == "auto" and on_gpu:
         kwargs["device_map"] = "auto"
     if not sys.stderr.isatty():  # the weight-loading bar is the phase's one bar on a terminal, noise in a log
@@ -140,15 +137,13 @@ def load_model(name: str | None, dtype: str = "auto", device: str = "auto"):
             f"could not load {target!r}{alias}: tried a local directory and the Hugging Face hub cache"
             f"{' (' + _hub_state() + ')' if offline() else ''}; {_download_hint(target)} "
             f"({type(exc).__name__}: {str(exc).splitlines()[0]})") from exc
-    if device not in ("auto",) and "device_map" not in kwargs:
+    if device != "auto" and "device_map" not in kwargs:
         model = model.to(device)
     return model.eval(), tok, target
 
 
 def check_device(device: str) -> None:
     """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` of a present GPU."""
-    import torch
-
     if device in ("auto", "cpu"):
         return
     if device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit()):

@@ -15,42 +15,29 @@ def _plt():
     return plt
 
 
-def _value(v: float, task) -> float:
-    """A score as the table prints it: accuracies in percent, other metrics as they are."""
-    return 100 * v if task.higher_is_better else v
-
-
-def _unit(task) -> str:
-    metric = task.metric.split(",")[0]
-    return f"{metric} (%)" if task.higher_is_better else f"{metric} (lower is better)"
-
-
 def plot_score_vs_gamma(sweep, path: Path, model_name: str = "model") -> Path:
     """One panel per task: the metric against γ, a line per strategy/policy, the baseline dashed, expert drop dotted."""
     plt = _plt()
     tasks = sweep.tasks
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.6 * len(tasks) + 2.2, 3.8), squeeze=False)
-    base = sweep.baseline
-    lines: dict[str, list] = {}
+    lines: dict[str, list] = {}  # strategy/policy -> its capped variants
     for r in sweep.results[1:]:
-        if r.variant.capacity_factor is None:
-            continue
-        key = r.variant.strategy + (f"/{r.variant.policy}" if r.variant.policy else "")
-        lines.setdefault(key, []).append(r)
+        if r.variant.capacity_factor is not None:
+            lines.setdefault(r.variant.strategy + (f"/{r.variant.policy}" if r.variant.policy else ""), []).append(r)
     gammas = sorted({r.variant.capacity_factor for rs in lines.values() for r in rs})
     for ax, t in zip(axes[0], tasks):
         for key, rs in sorted(lines.items()):
             rs = sorted(rs, key=lambda r: r.variant.capacity_factor)
-            ax.plot([r.variant.capacity_factor for r in rs], [_value(r.scores[t.task], t) for r in rs],
+            ax.plot([r.variant.capacity_factor for r in rs], [t.shown(r.scores[t.task]) for r in rs],
                     marker="o", label=key)
-        ax.axhline(_value(base.scores[t.task], t), color="k", ls="--", lw=1, label="baseline (no capacity)")
+        ax.axhline(t.shown(sweep.baseline.scores[t.task]), color="k", ls="--", lw=1, label="baseline (no capacity)")
         for r in sweep.results[1:]:
             if r.variant.strategy == "expert_drop":
-                ax.axhline(_value(r.scores[t.task], t), color="gray", ls=":", lw=1, label="expert drop")
+                ax.axhline(t.shown(r.scores[t.task]), color="gray", ls=":", lw=1, label="expert drop")
         ax.set_xlabel("capacity factor γ")
         if gammas:
             ax.set_xticks(gammas)
-        ax.set_ylabel(_unit(t))
+        ax.set_ylabel(f"{t.metric_name} " + ("(%)" if t.higher_is_better else "(lower is better)"))
         ax.set_title(f"{model_name}: {t.task}, γ = {', '.join(f'{g:g}' for g in gammas)}", fontsize=9)
         ax.grid(alpha=0.3)
     handles, labels = axes[0][0].get_legend_handles_labels()
@@ -61,18 +48,13 @@ def plot_score_vs_gamma(sweep, path: Path, model_name: str = "model") -> Path:
     return path
 
 
-def load_variant(sweep):
-    """The variant the load plot shows: the tightest γ of score-policy token drop (else of any capped
-    variant), or None."""
-    capped = [r for r in sweep.results[1:] if r.variant.capacity_factor is not None]
-    return min(capped, key=lambda r: (r.variant.strategy != "drop", r.variant.policy not in (None, "score"),
-                                      r.variant.capacity_factor), default=None)
-
-
 def plot_expert_load(sweep, path: Path, model_name: str = "model") -> Path:
     """Per layer, routed pairs per expert in one variant's forward passes: native (before) and kept (after capacity)."""
     plt = _plt()
-    shown = load_variant(sweep) or sweep.baseline
+    # The tightest γ of score-policy token drop, else of any capped variant, else the baseline.
+    capped = [r for r in sweep.results[1:] if r.variant.capacity_factor is not None]
+    shown = min(capped, key=lambda r: (r.variant.strategy != "drop", r.variant.policy not in (None, "score"),
+                                       r.variant.capacity_factor), default=None) or sweep.baseline
     layers = sorted(shown.layers, key=int)
     fig, axes = plt.subplots(len(layers), 1, figsize=(8, 1.9 * len(layers) + 0.8), squeeze=False)
     for ax, layer in zip(axes[:, 0], layers):

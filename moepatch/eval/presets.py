@@ -28,6 +28,17 @@ class TaskSpec:
         """The key in lm-eval's results: ``metric,filter`` (filter ``none`` unless given)."""
         return self.metric if "," in self.metric else f"{self.metric},none"
 
+    @property
+    def metric_name(self) -> str:
+        return self.metric.split(",")[0]
+
+    def shown(self, value: float) -> float:
+        """A score as tables and plots show it: accuracies in percent, other metrics as they are."""
+        return 100 * value if self.higher_is_better else value
+
+    def fmt(self, value: float, sign: str = "") -> str:
+        return f"{self.shown(value):{sign}.{2 if self.higher_is_better else 4}f}"
+
 
 # The shipped model's offline tasks: perplexity as bits per byte (lower is better) and cloze accuracy.
 EMBEDDED_TASK_SPECS = (
@@ -36,23 +47,18 @@ EMBEDDED_TASK_SPECS = (
 )
 
 
-def load_recipe(name: str) -> tuple[TaskSpec, ...]:
-    """Task specs from ``recipes/eval/NAME.yaml``."""
-    import yaml
-
-    path = Path(__file__).resolve().parents[2] / "recipes" / "eval" / f"{name}.yaml"
-    if not path.is_file():
-        raise FileNotFoundError(f"task recipe {name!r} not found at {path} (recipes ship with the source tree)")
-    data = yaml.safe_load(path.read_text())
-    return tuple(TaskSpec(t["task"], t.get("shots"), t.get("metric", "acc"), t.get("higher_is_better", True))
-                 for t in data["tasks"])
-
-
 def parse_tasks(arg: str | None) -> tuple[TaskSpec, ...]:
-    """``--tasks``: None (the embedded tasks), ``paper``, or comma-separated lm-eval task names."""
+    """``--tasks``: None (the embedded tasks), ``paper`` (``recipes/eval/paper.yaml``), or comma-separated
+    lm-eval task names."""
     if not arg:
         return EMBEDDED_TASK_SPECS
     if arg == "paper":
-        return load_recipe("paper")
+        import yaml
+
+        path = Path(__file__).resolve().parents[2] / "recipes" / "eval" / "paper.yaml"
+        if not path.is_file():
+            raise FileNotFoundError(f"task recipe 'paper' not found at {path} (recipes ship with the source tree)")
+        return tuple(TaskSpec(t["task"], t.get("shots"), t.get("metric", "acc"), t.get("higher_is_better", True))
+                     for t in yaml.safe_load(path.read_text())["tasks"])
     embedded = {t.task: t for t in EMBEDDED_TASK_SPECS}
     return tuple(embedded.get(name, TaskSpec(name)) for name in arg.split(",") if name)

@@ -4,17 +4,21 @@ model, recording the native load) once, then every capacity variant on the same 
 
 from __future__ import annotations
 
-import contextlib
 import csv
+import functools
 import json
+import sys
 import textwrap
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..patch import core as patch_core
+from tqdm import tqdm
 
+from ..patch import core as patch_core
+from .loading import build_tasks
+from .plots import plot_expert_load, plot_score_vs_gamma
 from .presets import TaskSpec
 
 
@@ -85,45 +89,42 @@ class SweepResult:
         """A row per variant: each task's score and delta to the baseline, the average accuracy, the dropped
         share of routed pairs and max/mean load before -> after; per-task columns are left out past ``width``
         (results.csv has them) unless ``wide``."""
-        base = self.baseline
-        avg_base = self.average(base)
-        cols = []  # (header, cell(r)) pairs
-        for t in self.tasks:
-            head = f"{t.task} {_METRIC_SHORT.get(t.metric.split(',')[0], t.metric.split(',')[0])}"
+        base, avg_base = self.baseline, self.average(self.baseline)
 
-            def cell(r, t=t):
-                v = r.scores.get(t.task)
-                if v is None:
-                    return "-"
-                return _fmt(v, t) if r is base else f"{_fmt(v, t)} ({_delta(v - base.scores[t.task], t)})"
+        def score(r, t):
+            v = r.scores.get(t.task)
+            if v is None:
+                return "-"
+            return t.fmt(v) if r is base else f"{t.fmt(v)} ({t.fmt(v - base.scores[t.task], '+')})"
 
-            cols.append((head, cell, True))
+        def avg(r):
+            a = self.average(r)
+            return f"{100 * a:.2f}" + ("" if r is base else f" ({100 * (a - avg_base):+.2f})")
+
+        # (header, cell(r), whether it is a per-task column)
+        cols = [(f"{t.task} {_METRIC_SHORT.get(t.metric_name, t.metric_name)}", lambda r, t=t: score(r, t), True)
+                for t in self.tasks]
         if avg_base is not None and sum(t.higher_is_better for t in self.tasks) > 1:
-            def avg(r):
-                a = self.average(r)
-                return f"{100 * a:.2f}" + ("" if r is base else f" ({100 * (a - avg_base):+.2f})")
-
             cols.append(("avg acc", avg, False))
         cols.append(("dropped", lambda r: f"{100 * r.totals['dropped_fraction']:.1f}%", False))
         cols.append(("max/mean load", lambda r: f"{r.totals['straggler_before']:.2f} -> "
                                                 f"{r.totals['straggler_after']:.2f}", False))
 
         def render(chosen):
-            name_w = max(len("variant"), *(len(r.variant.name) for r in self.results))
-            cells = [[c[1](r) for c in chosen] for r in self.results]
-            widths = [max(len(c[0]), *(len(row[i]) for row in cells)) for i, c in enumerate(chosen)]
-            lines = ["  ".join([f"{'variant':<{name_w}}", *(f"{c[0]:>{w}}" for c, w in zip(chosen, widths))])]
-            lines.append("-" * len(lines[0]))
-            for r, row in zip(self.results, cells):
-                lines.append("  ".join([f"{r.variant.name:<{name_w}}", *(f"{v:>{w}}" for v, w in zip(row, widths))]))
-            return lines
+            rows = [("variant", [c[0] for c in chosen])]
+            rows += [(r.variant.name, [c[1](r) for c in chosen]) for r in self.results]
+            name_w = max(len(name) for name, _ in rows)
+            widths = [max(len(cells[i]) for _, cells in rows) for i in range(len(chosen))]
+            lines = ["  ".join([f"{name:<{name_w}}", *(f"{v:>{w}}" for v, w in zip(cells, widths))])
+                     for name, cells in rows]
+            return [lines[0], "-" * len(lines[0]), *lines[1:]]
 
         lines = render(cols)
         if not wide and max(map(len, lines)) > width:
             lines = render([c for c in cols if not c[2]])
             lines.append(f"(per-task scores left out to fit {width} columns: --wide prints them; results.csv has them)")
-        units = "; ".join(f"{t.task}: {t.metric.split(',')[0]}" + (" in %" if t.higher_is_better else
-                                                                   ", lower is better") for t in self.tasks)
+        units = "; ".join(f"{t.task}: {t.metric_name}" + (" in %" if t.higher_is_better else ", lower is better")
+                          for t in self.tasks)
         note = f"{units}; (delta): to the baseline; dropped: routed pairs left without an expert"
         lines += textwrap.wrap(note, width, initial_indent="(", subsequent_indent=" ")
         lines[-1] += ")"
@@ -145,16 +146,10 @@ class SweepResult:
             w = csv.writer(f)
             w.writerow(["variant", "capacity_factor", "strategy", "policy", "task", "metric", "value",
                         "delta_to_baseline", "dropped_fraction", "straggler_before", "straggler_after"])
-            for r in self.results:
-                for t in self.tasks:
-                    if t.task in r.scores:
-                        v = r.scores[t.task]
-                        w.writerow([r.variant.name, r.variant.capacity_factor, r.variant.strategy, r.variant.policy,
-                                    t.task, t.metric, v, v - self.baseline.scores[t.task],
-                                    r.totals["dropped_fraction"], r.totals["straggler_before"],
-                                    r.totals["straggler_after"]])
-        from .plots import plot_expert_load, plot_score_vs_gamma
-
+            w.writerows([r.variant.name, r.variant.capacity_factor, r.variant.strategy, r.variant.policy, t.task,
+                         t.metric, r.scores[t.task], r.scores[t.task] - self.baseline.scores[t.task],
+                         r.totals["dropped_fraction"], r.totals["straggler_before"], r.totals["straggler_after"]]
+                        for r in self.results for t in self.tasks if t.task in r.scores)
         paths.append(plot_score_vs_gamma(self, out / "score_vs_gamma.png", model_name))
         paths.append(plot_expert_load(self, out / "expert_load.png", model_name))
         return paths
@@ -163,19 +158,9 @@ class SweepResult:
 _METRIC_SHORT = {"bits_per_byte": "bpb", "word_perplexity": "word ppl", "byte_perplexity": "byte ppl"}
 
 
-def _fmt(v: float, t: TaskSpec) -> str:
-    return f"{100 * v:.2f}" if t.higher_is_better else f"{v:.4f}"
-
-
-def _delta(d: float, t: TaskSpec) -> str:
-    return f"{100 * d:+.2f}" if t.higher_is_better else f"{d:+.4f}"
-
-
 def load_tasks(tasks: Sequence[TaskSpec], task_manager) -> dict:
     """lm-eval task objects built once (datasets loaded, shots set) for every variant, in ``TaskManager.load``'s
     layout ``{"tasks", "groups", "group_map"}``; raises DatasetUnavailableError naming every missing dataset."""
-    from .loading import build_tasks
-
     built = build_tasks(task_manager, [t.task for t in tasks])
     merged: dict = {"tasks": {}, "groups": {}, "group_map": {}}
     for spec in tasks:
@@ -207,49 +192,31 @@ def evaluate_tasks(lm, tasks: Sequence[TaskSpec], loaded: dict, limit=None) -> d
     return scores
 
 
-def run_sweep(lm, tasks: Sequence[TaskSpec], variants: Sequence[Variant], loaded: dict, limit=None,
-              progress: bool | None = None) -> SweepResult:
-    """The baseline and every variant with one lm-eval model object (same requests); ``loaded`` from
-    :func:`load_tasks`; ``progress``: one bar over the variants (default: when stderr is a terminal)."""
-    import sys
-
-    from tqdm import tqdm
-
-    model = lm.model
-    results = []
-    todo = [BASELINE, *variants]
-    bar = tqdm(todo, desc="evaluating", unit="variant", leave=False,
-               disable=not sys.stderr.isatty() if progress is None else not progress)
-    with _quiet_lm_eval():
-        try:
-            for v in bar:
-                bar.set_postfix_str(v.name)
-                t0 = time.perf_counter()
-                handle = v.apply(model)
-                scores = evaluate_tasks(lm, tasks, loaded, limit)
-                st = handle.stats()
-                results.append(VariantResult(v, scores, st.totals(), {str(k): s for k, s in st.layers().items()},
-                                             time.perf_counter() - t0))
-        finally:
-            bar.close()
-            patch_core.apply(model, None)
-    return SweepResult(list(tasks), results)
-
-
-@contextlib.contextmanager
-def _quiet_lm_eval():
-    """For the sweep's duration, hold back lm-eval's per-task request bars (it has no switch) and
-    transformers' note that a document exceeds the model's window."""
-    import functools
-
+def run_sweep(lm, tasks: Sequence[TaskSpec], variants: Sequence[Variant], loaded: dict, limit=None) -> SweepResult:
+    """The baseline and every variant with one lm-eval model object (same requests; ``loaded`` from
+    :func:`load_tasks`), with one bar over the variants when stderr is a terminal."""
     import lm_eval.api.task as task_module
     import transformers
 
-    bar, verbosity = task_module.tqdm, transformers.logging.get_verbosity()
-    task_module.tqdm = functools.partial(bar, disable=True)
+    model, results = lm.model, []
+    # Held back meanwhile: lm-eval's per-task request bars (it has no switch), transformers' note that a
+    # document exceeds the model's window.
+    task_bar, verbosity = task_module.tqdm, transformers.logging.get_verbosity()
+    task_module.tqdm = functools.partial(task_bar, disable=True)
     transformers.logging.set_verbosity_error()
+    bar = tqdm([BASELINE, *variants], desc="evaluating", unit="variant", leave=False, disable=not sys.stderr.isatty())
     try:
-        yield
+        for v in bar:
+            bar.set_postfix_str(v.name)
+            t0 = time.perf_counter()
+            handle = v.apply(model)
+            scores = evaluate_tasks(lm, tasks, loaded, limit)
+            st = handle.stats()
+            results.append(VariantResult(v, scores, st.totals(), {str(k): s for k, s in st.layers().items()},
+                                         time.perf_counter() - t0))
     finally:
-        task_module.tqdm = bar
+        bar.close()
+        patch_core.apply(model, None)
+        task_module.tqdm = task_bar
         transformers.logging.set_verbosity(verbosity)
+    return SweepResult(list(tasks), results)

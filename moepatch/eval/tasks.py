@@ -1,9 +1,6 @@
-"""Offline lm-eval tasks built from held-out Python stdlib files, and the embedded model's location.
-
-The JSONL data under ``moepatch/data/tasks/`` comes from ``recipes/embedded/make_tasks.py``; lm-eval
-finds tasks through YAML configs, written once into :func:`task_config_dir`, which the lm-eval plugin
-adds to every ``TaskManager`` (``lm_eval --tasks stdlib_cloze`` then works offline, without flags).
-"""
+"""Offline lm-eval tasks from held-out Python stdlib files (data: ``recipes/embedded/make_tasks.py``) and the
+embedded model's location.  lm-eval reads them through YAML configs in :func:`task_config_dir`, which the
+lm-eval plugin adds to every ``TaskManager`` (``lm_eval --tasks stdlib_cloze`` then works offline)."""
 
 from __future__ import annotations
 
