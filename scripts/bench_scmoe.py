@@ -47,9 +47,9 @@ for _path in (str(REPO), str(REPO / "scripts")):  # a checkout runs without inst
     if _path not in sys.path:
         sys.path.insert(0, _path)
 
-import moepatch  # noqa: E402
+import moepatch  # noqa: E402,I001
 from moepatch.arguments import ArgumentParser, HelpFormatter  # noqa: E402
-from traces import (  # noqa: E402,I001
+from traces import (  # noqa: E402
     add_profile_arguments, call_exposures, exposed_communication, profile_calls, rank_exposures)
 
 # name: (hidden, expert/dense width, query heads, kv heads, experts, batch per rank, sequence)
@@ -80,9 +80,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="backbone ops the host queues before launching the overlapped dispatch "
                         "(ShortcutEP.dispatch_after_ops; comma-separated to compare, the first is the headline; "
                         "a value >= the slot K is the older order: the whole window, then a blocking header wait)")
-    p.add_argument("--rows-sender", default="poll",
-                   help="who sends the overlapped dispatch's rows once the header is on the host "
-                        "(ShortcutEP.rows_sender: thread, poll; comma-separated to compare, the first is the headline)")
     p.add_argument("--exchange", default=None,
                    help="how the ScMoE dispatch sends its rows (ShortcutEP.exchange: counts = a header of counts, "
                         "read on the host, then exact split sizes; padded = fixed-size blocks, nothing read back; "
@@ -134,13 +131,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.after_list = [int(v) for v in args.dispatch_after_ops.split(",") if v]
     except ValueError:
         args.after_list = []
-    args.sender_list = [v for v in args.rows_sender.split(",") if v]
     args.exchange_list = [v for v in args.exchange.split(",") if v] if args.exchange is not None else None
     if args.exchange_list is not None and (
             not args.exchange_list or any(v not in ("counts", "padded", "graphs") for v in args.exchange_list)):
         p.error(f"--exchange {args.exchange!r}: accepted counts, padded, graphs (comma-separated)")
-    if not args.sender_list or any(v not in ("thread", "poll") for v in args.sender_list):
-        p.error(f"--rows-sender {args.rows_sender!r}: accepted thread, poll (comma-separated)")
     if not args.after_list or min(args.after_list) < 0:
         p.error(f"--dispatch-after-ops {args.dispatch_after_ops!r}: accepted non-negative integers, comma-separated")
     if not args.priority_list or any(s not in ("high", "default") for s in args.priority_list):
@@ -214,7 +208,7 @@ def run(args) -> int:
         a, b = max_over_ranks(a), max_over_ranks(b)
         return statistics.median(a), statistics.median(b), statistics.median(x - y for x, y in zip(a, b))
 
-    def bench_variant(shape_name, dims, variant, kw, priority, after_ops, sender, exchange) -> dict:
+    def bench_variant(shape_name, dims, variant, kw, priority, after_ops, exchange) -> dict:
         """Check, calibrate and time one variant's unit (its exchanges on the group of NCCL stream
         ``priority``); the row of the report."""
         D, inter, hq, hk, E, batch, seq = dims
@@ -226,7 +220,7 @@ def run(args) -> int:
         model = model.to(dtype).eval()
         if args.capacity_spec is not None:
             moepatch.apply(model, args.capacity_spec[1], strategy=args.capacity_spec[0], ep_size=world)
-        ep = ShortcutEP(model, group=groups[priority], dispatch_after_ops=after_ops, rows_sender=sender,
+        ep = ShortcutEP(model, group=groups[priority], dispatch_after_ops=after_ops,
                         exchange="padded" if exchange == "graphs" else exchange, graphs=exchange == "graphs")
         g = torch.Generator(device="cpu").manual_seed(100 + rank)  # each rank its own tokens
         ids_BS = torch.randint(0, cfg.vocab_size, (batch, seq), generator=g).to(device)
@@ -278,8 +272,8 @@ def run(args) -> int:
             traced = {}
             for schedule in ("sequential", "overlap"):  # only with --profile-dir
                 trace = profile_calls(lambda s=schedule: ep.run_unit(0, h0, ctx, s),
-                                      f"scmoe_{shape_name}_{variant}_{priority}_after{after_ops}_{sender}_"
-                                      f"{exchange}_{schedule}", args.profile_dir, args.profile_calls,
+                                      f"scmoe_{shape_name}_{variant}_{priority}_after{after_ops}_{exchange}_"
+                                      f"{schedule}", args.profile_dir, args.profile_calls,
                                       args.profile_cpu)
                 if trace is not None and cuda:
                     c = exposed_communication(trace)
@@ -296,7 +290,7 @@ def run(args) -> int:
 
         return {
             "shape": shape_name, "variant": variant, "nccl_priority": priority, "dispatch_after_ops": after_ops,
-            "rows_sender": sender, "exchange": exchange,
+            "exchange": exchange,
             "hidden": D,
             "expert_width": inter, "experts": E,
             "tokens_per_rank": batch * seq, "unit_sequential_ms": t_seq * 1e3, "unit_overlap_ms": t_ov * 1e3,
@@ -330,12 +324,11 @@ def run(args) -> int:
     scmoe_kw = dict(arch="scmoe", position=2, combine="cg1")
     prios = list(groups)
     for shape_name, dims in args.shape_list:
-        a0, s0, x0 = args.after_list[0], args.sender_list[0], args.exchange_list[0]
-        runs = ([("top2", dict(arch="top2"), prios[0], a0, s0, x) for x in args.exchange_list]
-                + [("scmoe", scmoe_kw, p, a0, s0, x0) for p in prios]
-                + [("scmoe", scmoe_kw, prios[0], a, s0, x0) for a in args.after_list[1:]]
-                + [("scmoe", scmoe_kw, prios[0], a0, v, x0) for v in args.sender_list[1:]]
-                + [("scmoe", scmoe_kw, prios[0], a0, s0, x) for x in args.exchange_list[1:]])
+        a0, x0 = args.after_list[0], args.exchange_list[0]
+        runs = ([("top2", dict(arch="top2"), prios[0], a0, x) for x in args.exchange_list]
+                + [("scmoe", scmoe_kw, p, a0, x0) for p in prios]
+                + [("scmoe", scmoe_kw, prios[0], a, x0) for a in args.after_list[1:]]
+                + [("scmoe", scmoe_kw, prios[0], a0, x) for x in args.exchange_list[1:]])
         for run_args in runs:
             rows.append(bench_variant(shape_name, dims, *run_args))
             if cuda:
@@ -349,7 +342,7 @@ def run(args) -> int:
                    key=lambda r: r["unit_sequential_ms"])
         sc = next(r for r in rows if r["shape"] == shape_name and r["variant"] == "scmoe"
                   and r["nccl_priority"] == prios[0] and r["dispatch_after_ops"] == args.after_list[0]
-                  and r["rows_sender"] == args.sender_list[0] and r["exchange"] == args.exchange_list[0])
+                  and r["exchange"] == args.exchange_list[0])
         b = base["unit_sequential_ms"]
         summary.append({"shape": shape_name, "top2_ms": b, "top2_exchange": base["exchange"],
                         "scmoe_exchange": sc["exchange"], "top2_load": base["load_max_over_mean"],
@@ -374,7 +367,7 @@ def run(args) -> int:
         md = [f"# ScMoE expert-parallel unit benchmark ({world} ranks, {env['device']}, {env['dtype']}, {cap})", "",
               "Routed rows per rank: the rows each rank's experts compute (all ranks' tokens); max / mean is "
               "the straggler's excess.", "",
-              "| shape | variant | NCCL streams | dispatch after ops, rows sender, exchange | "
+              "| shape | variant | NCCL streams | dispatch after ops, exchange | "
               "routed rows per rank (max/mean) | "
               "sequential ms | overlap ms | saved ms | "
               "a2a ms (out + back) | dispatch + combine phases ms | hidden | slot K |",
@@ -382,7 +375,7 @@ def run(args) -> int:
         for r in rows:
             loads = " / ".join(f"{v:.0f}" for v in r["routed_rows_per_rank"])
             md.append(f"| {r['shape']} | {r['variant']} | {r['nccl_priority']} | "
-                      f"{r['dispatch_after_ops']}, {r['rows_sender']}, {r['exchange']} | "
+                      f"{r['dispatch_after_ops']}, {r['exchange']} | "
                       f"{loads} ({r['load_max_over_mean']:.3f}) | {r['unit_sequential_ms']:.3f} | "
                       f"{r['unit_overlap_ms']:.3f} | "
                       f"{r['saved_ms']:.3f} | {r['a2a_ms']:.3f} ({r['a2a_dispatch_ms']:.3f} + "
@@ -398,7 +391,7 @@ def run(args) -> int:
                    "counts) and of the rank with the most compute (the unit's critical path); means over the "
                    "profiled calls, and the critical reading from the median call.  Per call: the critical "
                    "rank's exposure in each profiled call of the overlapped unit (ms).", "",
-                   "| shape | variant | NCCL streams | dispatch after ops, rows sender, exchange | "
+                   "| shape | variant | NCCL streams | dispatch after ops, exchange | "
                    "sequential: NCCL / exposed ms | "
                    "overlap: NCCL / exposed ms | hidden (trace, max) | critical rank: exposed ms | "
                    "hidden (trace, critical) | (median call) | per call |",
@@ -409,7 +402,7 @@ def run(args) -> int:
                 hid_m = r["hidden_fraction_trace_critical_median"] or 0.0
                 calls = " ".join(f"{v:.2f}" for v in t_o["per_call"]["critical_exposed"])
                 md.append(f"| {r['shape']} | {r['variant']} | {r['nccl_priority']} | "
-                          f"{r['dispatch_after_ops']}, {r['rows_sender']}, {r['exchange']} | "
+                          f"{r['dispatch_after_ops']}, {r['exchange']} | "
                           f"{t_s['nccl']:.3f} / {t_s['exposed']:.3f} | "
                           f"{t_o['nccl']:.3f} / {t_o['exposed']:.3f} | {100 * hid:.1f}% | "
                           f"{t_o['critical_rank']}: {t_o['critical_exposed']:.3f} | {100 * hid_c:.1f}% | "
@@ -438,12 +431,10 @@ def run(args) -> int:
         for r in rows:  # the ScMoE variant under the other NCCL stream priorities and dispatch launch points
             if r["variant"] == "scmoe" and (r["nccl_priority"] != prios[0]
                                             or r["dispatch_after_ops"] != args.after_list[0]
-                                            or r["rows_sender"] != args.sender_list[0]
                                             or r["exchange"] != args.exchange_list[0]):
                 crit = r["hidden_fraction_trace_critical"]
                 lines.append(f"{r['shape']:>8} ScMoE, {r['nccl_priority']}-priority NCCL, dispatch after "
-                             f"{r['dispatch_after_ops']} ops, rows sent by {r['rows_sender']}, "
-                             f"{r['exchange']} exchange: sequential "
+                             f"{r['dispatch_after_ops']} ops, {r['exchange']} exchange: sequential "
                              f"{r['unit_sequential_ms']:.3f}, overlap "
                              f"{r['unit_overlap_ms']:.3f} ms, saved {r['saved_ms']:.3f} of {r['a2a_ms']:.3f} ms a2a "
                              f"({100 * r['hidden_fraction']:.0f}%)"

@@ -9,10 +9,8 @@ received, P rows sent, N rows of a fixed-size exchange.
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import copy
-import functools
 import itertools
 import statistics
 import time
@@ -31,14 +29,7 @@ from ..patch.backend import layout_problem
 from .model import ForwardContext, FusedExperts, ScMoEForCausalLM, UnitProgram
 
 SCHEDULES = ("sequential", "overlap")
-SENDERS = ("thread", "poll")
 EXCHANGES = ("counts", "padded")
-
-
-@functools.cache
-def _sender() -> concurrent.futures.ThreadPoolExecutor:
-    """The rows sender's thread, made on first use: one worker, shared (units run one at a time)."""
-    return concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="moepatch-rows")
 
 
 def _fused_layout_ok(experts) -> bool:
@@ -156,18 +147,15 @@ class ShortcutEP:
     with the same weights on every rank, its routed experts split over the ranks of ``group`` (default:
     the default group; without a process group, one rank with identity exchanges).
 
-    dispatch_after_ops: on CUDA, backbone ops queued before the overlapped dispatch; rows_sender: who sends
-    the rows once the header is on the host, ``"poll"`` (this thread, between ops) or ``"thread"``;
-    exchange: ``"counts"`` or ``"padded"``; graphs: replay every unit from a CUDA graph (padded, native
-    ScMoE).  No option changes the outputs; docs/scmoe.md compares them."""
+    dispatch_after_ops: on CUDA, backbone ops queued before the overlapped dispatch; exchange: ``"counts"``
+    or ``"padded"``; graphs: replay every unit from a CUDA graph (padded, native ScMoE).  No option changes
+    the outputs; docs/scmoe.md compares them."""
 
-    def __init__(self, model, group=None, dispatch_after_ops: int = 1, rows_sender: str = "poll",
-                 exchange: str = "counts", graphs: bool = False):
+    def __init__(self, model, group=None, dispatch_after_ops: int = 1, exchange: str = "counts",
+                 graphs: bool = False):
         if isinstance(dispatch_after_ops, bool) or not isinstance(dispatch_after_ops, int) or dispatch_after_ops < 0:
             raise ValueError(f"dispatch_after_ops={dispatch_after_ops!r}; accepted: an integer >= 0 (backbone ops "
                              "queued before the overlapped dispatch is launched)")
-        if rows_sender not in SENDERS:
-            raise ValueError(f"rows_sender={rows_sender!r}; accepted: {', '.join(map(repr, SENDERS))}")
         if exchange not in EXCHANGES:
             raise ValueError(f"exchange={exchange!r}; accepted: {', '.join(map(repr, EXCHANGES))}")
         if graphs and exchange != "padded":
@@ -202,7 +190,7 @@ class ShortcutEP:
         self.slots: dict[int, int] = {}  # calibrated slots; before calibration choose_slot on unit costs
         self.timings: dict[int, UnitTiming] = {}
         self._side = None  # CUDA stream of the overlapped dispatch, made on first use
-        self.dispatch_after_ops, self.rows_sender, self.exchange = dispatch_after_ops, rows_sender, exchange
+        self.dispatch_after_ops, self.exchange = dispatch_after_ops, exchange
         self.graphs = bool(graphs)
         self._unit_graphs = GraphCache(max_graphs=256)  # (unit, schedule, input signature) -> _UnitGraph | calls
 
@@ -252,25 +240,6 @@ class ShortcutEP:
             raise ModelStateError("every rank reported idle in a ShortcutEP forward; all ranks must run the same "
                                   "number of forwards")
         return d, self._pending(asynchronous)
-
-    def _window_with_sender(self, hdr, side, window):
-        """Run the window's ops while a helper thread completes the dispatch (the only collectives meanwhile,
-        so the ranks keep one order); an exception in either surfaces here once the helper has finished."""
-
-        def send():
-            # The helper's current device (and, in _complete, stream); None: the CPU (tests).
-            with torch.cuda.device(side.device) if side is not None else contextlib.nullcontext():
-                return self._complete(hdr, asynchronous=True, side=side)
-
-        future = _sender().submit(send)
-        try:
-            for _, op in window:
-                op()
-        except BaseException:
-            with contextlib.suppress(Exception):
-                future.result()
-            raise
-        return future.result()
 
     def _dispatch(self, prog: UnitProgram, ids_TW: torch.Tensor, asynchronous: bool, ctx: ForwardContext):
         if self.exchange == "counts":
@@ -382,9 +351,6 @@ class ShortcutEP:
                     op()
                 # Join the side stream (a no-op in time; a CUDA graph capture needs every fork joined).
                 torch.cuda.current_stream().wait_stream(side)
-            elif self.rows_sender == "thread":
-                d, pending = self._window_with_sender(self._begin(prog, ids_TW, side, after=source_ready), side,
-                                                      window)
             else:
                 # The rows go once the header is on the host (backbone ops issue no collective, so the
                 # ranks' collectives keep one order).

@@ -41,13 +41,11 @@ def _variant(model, exchange, ids_BS, mask_BS, mine, rank, world, with_capacity)
         timings = ep.calibrate(ids_BS[mine], mask_BS[mine], iters=2)
         ov_cal = ep(ids_BS[mine], mask_BS[mine], schedule="overlap")
         # Where the host launches the dispatch among the window's ops (0: first; 99: after all of
-        # them) and who sends the rows (a helper thread, the main thread between ops) must not
-        # change the output (on NCCL; gloo has one path).
+        # them) must not change the output (on NCCL; gloo has one path).
         orders = []
-        for after, sender in ((0, "thread"), (99, "thread"), (1, "poll")):
-            ep.dispatch_after_ops, ep.rows_sender = after, sender
+        for after in (0, 99, 1):
+            ep.dispatch_after_ops = after
             orders.append(bool(torch.equal(seq, ep(ids_BS[mine], mask_BS[mine], schedule="overlap"))))
-        ep.dispatch_after_ops, ep.rows_sender = 1, "poll"
         # Ranks with different batches (rank 0 runs both of its sequences, the others one): the
         # exchanges still agree on their sizes.
         n = max(1, 2 - rank)

@@ -60,16 +60,16 @@ def test_one_rank_schedules_equal_the_model(kw):
 @torch.no_grad()
 @pytest.mark.gpu
 @pytest.mark.parametrize("after", [0, 1, 2, 99])
-@pytest.mark.parametrize("sender", ["thread", "poll"])
-def test_one_gpu_side_stream_schedule_equals_sequential(after, sender):
+def test_one_gpu_side_stream_schedule_equals_sequential(after):
     """On one GPU (local dispatcher) the overlapped schedule runs its dispatch on the side stream,
     with the counting-sort dispatch and the weighted combine kernel: same logits bit for bit, for
     several forwards in a row (buffers of one unit must not be reused under the next), wherever the
-    host launches the dispatch among the window's backbone ops (``after``; 99: after all of them)
-    and whoever sends the rows (a helper thread, or the main thread between ops)."""
+    host launches the dispatch among the window's backbone ops (``after``; 99: after all of them),
+    the host sending the rows between ops once the header is there; an op that fails in the window
+    raises to the caller."""
     torch.manual_seed(0)
     model = build_scmoe(arch="scmoe", position=2, **DIMS).eval().cuda()
-    ep = ShortcutEP(model, dispatch_after_ops=after, rows_sender=sender)
+    ep = ShortcutEP(model, dispatch_after_ops=after)
     ep.slots = {u: 3 for u in range(len(model.units))}  # the whole window before the experts: 3 ops to launch among
     for seed in range(3):
         ids = torch.randint(0, 64, (4, 33), generator=torch.Generator().manual_seed(seed)).cuda()
@@ -77,6 +77,20 @@ def test_one_gpu_side_stream_schedule_equals_sequential(after, sender):
         assert torch.equal(ep(ids, schedule="overlap"), seq)
         torch.testing.assert_close(seq, model(ids).logits, rtol=0, atol=1e-4)
     assert ep._side is not None  # the side stream was used
+    ctx, h = ep.prepare(ids)
+    unit_program = model.unit_program
+
+    def boom():
+        raise KeyError("op failed")
+
+    def failing_program(u, h_BSD, ctx):
+        prog = unit_program(u, h_BSD, ctx)
+        prog.ops[-1] = ("boom", boom)  # the window's last op
+        return prog
+
+    model.unit_program = failing_program
+    with pytest.raises(KeyError, match="op failed"):
+        ep.run_unit(0, h, ctx, "overlap")
 
 
 @torch.no_grad()
@@ -154,8 +168,8 @@ def test_one_rank_refusals():
     for bad in (-1, 1.5, True, "1"):
         with pytest.raises(ValueError, match="dispatch_after_ops.*integer >= 0"):
             ShortcutEP(build_scmoe(**DIMS), dispatch_after_ops=bad)
-    with pytest.raises(ValueError, match="rows_sender='main'; accepted: 'thread', 'poll'"):
-        ShortcutEP(build_scmoe(**DIMS), rows_sender="main")
+    with pytest.raises(TypeError, match="rows_sender"):  # removed: a helper thread measured no better than polling
+        ShortcutEP(build_scmoe(**DIMS), rows_sender="poll")
     with pytest.raises(ValueError, match="exchange='fixed'; accepted: 'counts', 'padded'"):
         ShortcutEP(build_scmoe(**DIMS), exchange="fixed")
     with pytest.raises(ValueError, match="graphs=True needs exchange='padded'"):
@@ -168,45 +182,6 @@ def test_one_rank_refusals():
     ctx = ep.model.context(ids, None, None)  # not through ep.prepare: no agreed rows per rank pair
     with pytest.raises(ModelStateError, match="padded exchange needs the forward context of ShortcutEP.prepare"):
         ep.run_unit(0, ep.model.embed_tokens(ids), ctx)
-
-
-@torch.no_grad()
-def test_rows_sender_thread_runs_the_window_and_surfaces_errors():
-    """The helper-thread sender (CPU, local dispatcher): the window's ops run on the calling thread
-    while the helper completes the dispatch on another; an exception from an op or from the helper
-    reaches the caller, and only once the helper is done."""
-    import threading
-
-    torch.manual_seed(0)
-    model = build_scmoe(arch="scmoe", position=2, **DIMS).eval()
-    ep = ShortcutEP(model)
-    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))
-    ctx, h = ep.prepare(ids)
-    prog = model.unit_program(0, h, ctx)
-    ids_TW, _ = prog.moe.gate(prog.x_s_TD, ctx)
-    seen = []
-    d, pending = ep._window_with_sender(ep._begin(prog, ids_TW), None,
-                                        [("a", lambda: seen.append(threading.current_thread()))])
-    assert seen == [threading.main_thread()] and pending is None
-    assert d.x_RH.shape[0] == int((ids_TW < model.config.num_experts).sum())  # every kept slot, received here
-
-    def boom():
-        raise KeyError("op failed")
-
-    with pytest.raises(KeyError, match="op failed"):
-        ep._window_with_sender(ep._begin(prog, ids_TW), None, [("boom", boom)])
-    real_complete = ep._complete
-    done = []
-
-    def failing_complete(*args, **kwargs):
-        done.append(threading.current_thread())
-        raise ModelStateError("helper failed")
-
-    ep._complete = failing_complete
-    with pytest.raises(ModelStateError, match="helper failed"):
-        ep._window_with_sender(ep._begin(prog, ids_TW), None, [("a", lambda: None)])
-    assert done and done[0] is not threading.main_thread()
-    ep._complete = real_complete
 
 
 def _check_two_ranks(per_rank, tol, graphs=False):

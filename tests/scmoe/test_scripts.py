@@ -65,23 +65,22 @@ def test_bench_smoke(tmp_path):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU smoke path; GPUs run the real benchmark")
 def test_bench_smoke_capacity_and_launch_points(tmp_path):
     """--capacity applies to both variants (Token Reroute at 1.0 evens the ranks' loads out),
-    --dispatch-after-ops and --rows-sender add a ScMoE row per extra value, --exchange a top-2 and a
-    ScMoE row per extra exchange (the faster top-2 is the baseline); bad values are refused."""
+    --dispatch-after-ops adds a ScMoE row per extra value, --exchange a top-2 and a ScMoE row per extra
+    exchange (the faster top-2 is the baseline); bad values are refused."""
     bench = _load(REPO / "scripts" / "bench_scmoe.py", "bench_scmoe")
     assert bench.main(["--smoke", "--out", str(tmp_path), "--limit-s", "120", "--capacity", "reroute@1.0",
-                       "--dispatch-after-ops", "1,0", "--rows-sender", "poll,thread",
-                       "--exchange", "counts,padded"]) == 0
+                       "--dispatch-after-ops", "1,0", "--exchange", "counts,padded"]) == 0
     report = json.loads((tmp_path / "bench_scmoe.json").read_text())
-    assert [(r["variant"], r["dispatch_after_ops"], r["rows_sender"], r["exchange"]) for r in report["rows"]] == [
-        ("top2", 1, "poll", "counts"), ("top2", 1, "poll", "padded"), ("scmoe", 1, "poll", "counts"),
-        ("scmoe", 0, "poll", "counts"), ("scmoe", 1, "thread", "counts"), ("scmoe", 1, "poll", "padded")]
+    assert [(r["variant"], r["dispatch_after_ops"], r["exchange"]) for r in report["rows"]] == [
+        ("top2", 1, "counts"), ("top2", 1, "padded"), ("scmoe", 1, "counts"), ("scmoe", 0, "counts"),
+        ("scmoe", 1, "padded")]
     top2 = [r["unit_sequential_ms"] for r in report["rows"] if r["variant"] == "top2"]
     (summary,) = report["summary"]
     assert summary["top2_ms"] == min(top2) and summary["scmoe_exchange"] == "counts"
     assert all(r["capacity"] == "reroute@1.0" and r["load_max_over_mean"] <= 1.05 for r in report["rows"])
     assert all(r["overlap_minus_sequential_max_abs"] == 0.0 for r in report["rows"])
     for bad in (["--capacity", "reroute"], ["--capacity", "sort@1.0"], ["--dispatch-after-ops", "-1"],
-                ["--rows-sender", "thread,main"], ["--router", "trained"], ["--exchange", "counts,fixed"]):
+                ["--router", "trained"], ["--exchange", "counts,fixed"]):
         with pytest.raises(UsageError, match=bad[0]):
             bench.parse_args(["--out", str(tmp_path), *bad])
 
