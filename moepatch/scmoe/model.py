@@ -222,7 +222,7 @@ class FusedExperts(nn.Module):
 
     def __init__(self, hidden: int, intermediate: int, num_experts: int):
         super().__init__()
-        self.num_experts, self.hidden_dim, self.intermediate_dim = num_experts, hidden, intermediate
+        self.num_experts = num_experts
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate, hidden))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, intermediate))
         self.act_fn = F.silu
