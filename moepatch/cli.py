@@ -376,17 +376,16 @@ def main(argv: list[str] | None = None) -> int:
         if extra:  # named by the subcommand, whose --help lists what it accepts
             raise UsageError(f"unrecognized arguments: {' '.join(extra)} (see `moepatch {args.command} --help`)")
         return args.fn(args)
-    except (MoePatchError, FileNotFoundError) as exc:
-        if debug:
-            raise
-        print(f"{prog}: error: {_one_line(exc)}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
-    except Exception as exc:  # an unexpected failure is still one line; --debug shows where
+    except Exception as exc:
         if debug:
             raise
+        if isinstance(exc, (MoePatchError, FileNotFoundError)):
+            print(f"{prog}: error: {_one_line(exc)}", file=sys.stderr)
+            return 2
+        # An unexpected failure is still one line; --debug shows where.
         print(f"{prog}: internal error: {type(exc).__name__}: {_one_line(exc)} (run again with --debug for the "
               "traceback)", file=sys.stderr)
         return 1

@@ -1,6 +1,5 @@
-"""Loading a model and its evaluation data: aliases, local paths, hub ids, and clear errors offline.
-Everything the user can fix is checked before any weight is loaded (:func:`check_model`, :func:`build_tasks`).
-"""
+"""Loading a model and its evaluation data (aliases, local paths, hub ids) with clear errors offline; what the
+user can fix is checked before any weight is loaded (:func:`check_model`, :func:`build_tasks`)."""
 
 from __future__ import annotations
 
@@ -77,9 +76,8 @@ def _download_hint(target: str) -> str:
 
 
 def check_model(name: str | None, need_moe: bool = True, aliases: bool = True):
-    """The resolved model location and its config, without loading a weight (``aliases``: the names of
-    :data:`MODEL_ALIASES` stand for their hub ids).  Raises ModelLoadError (what was tried, how to get a
-    local copy) or, with ``need_moe``, UnsupportedModelError for a family moepatch does not patch."""
+    """The resolved model location and its config, no weight loaded (``aliases``: MODEL_ALIASES names stand for
+    hub ids).  Raises ModelLoadError (what was tried) or, with ``need_moe``, UnsupportedModelError."""
     import transformers
 
     target = resolve_model(name) if aliases or name is None else name

@@ -1,6 +1,5 @@
-"""A quality sweep: the baseline (patched with ``capacity_factor=None``, bit-identical to the unpatched
-model, recording the native load) once, then every capacity variant on the same requests.
-"""
+"""A quality sweep: the baseline (``capacity_factor=None``: bit-identical to the unpatched model, recording the
+native load) once, then every capacity variant on the same requests."""
 
 from __future__ import annotations
 
@@ -51,14 +50,11 @@ def build_variants(gammas: Sequence[float], strategies: Sequence[str], policies:
     does not use γ and appears once."""
     out = []
     for strategy in strategies:
+        per_policy = strategy == "drop" or (strategy == "reroute" and len(policies) > 1)
         if strategy == "expert_drop":
             out.append(Variant(None, "expert_drop"))
-            continue
-        for g in gammas:
-            if strategy == "drop" or (strategy == "reroute" and len(policies) > 1):
-                out += [Variant(g, strategy, p) for p in policies]
-            else:
-                out.append(Variant(g, strategy))
+        else:
+            out += [Variant(g, strategy, p) for g in gammas for p in (policies if per_policy else [None])]
     return out
 
 
