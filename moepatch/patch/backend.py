@@ -16,7 +16,6 @@ TRITON = "moepatch_triton"  # fused experts, replayed from CUDA graphs where tha
 TRITON_EAGER = "moepatch_triton_eager"  # the same kernels, never from a graph (cuda_graphs=False)
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
-_LOADERS: dict = {}  # backend key -> () -> backend object
 _USERS: dict = {}  # experts-function name -> handles that registered it and are not removed yet
 
 
@@ -27,10 +26,8 @@ def _interface():
 
 
 def register(name: str, fn) -> None:
-    """Make ``name`` a valid experts implementation, process-wide (idempotent).
-
-    ``fn(experts_module, hidden_states (T, H), top_k_index (T, W), top_k_weights (T, W)) -> (T, H)``.
-    """
+    """Make ``name`` an experts implementation, process-wide (idempotent): ``fn(experts_module,
+    hidden_states (T, H), top_k_index (T, W), top_k_weights (T, W)) -> (T, H)``."""
     interface = _interface()
     if name not in interface:
         interface.register(name, fn)
@@ -66,8 +63,7 @@ def experts_configs(model: torch.nn.Module, blocks) -> list:
 
 
 class SelectHandle:
-    """Undoes :func:`select`: every config's previous implementation back; a function registered
-    for this selection leaves the interface with its last user."""
+    """Undoes :func:`select`; a function registered for it leaves the interface with its last user."""
 
     def __init__(self, saved: list, name: str | None):
         self._saved, self._name = saved, name
@@ -85,11 +81,8 @@ class SelectHandle:
 
 
 def select(model: torch.nn.Module, blocks, name: str, fn=None) -> SelectHandle:
-    """Switch ``model`` (its configs, sub-configs and each block's experts config) to ``name``.
-
-    With ``fn``, ``name`` is registered for as long as some selection uses it; without, it must be
-    registered already (:func:`register`).
-    """
+    """Switch ``model`` (its configs, sub-configs and each block's experts config) to ``name``; with
+    ``fn``, ``name`` is registered while some selection uses it, without, it must be registered already."""
     saved = [(cfg, cfg._experts_implementation_internal) for cfg in experts_configs(model, blocks)]
     if fn is not None:
         if not _USERS.get(name):
@@ -174,9 +167,8 @@ _TRITON_FORWARDS = {TRITON: _triton_forward(True), TRITON_EAGER: _triton_forward
 
 
 class Backend:
-    """Who computes the experts of a patched model.  ``prepare`` validates before anything changes and
-    returns (config, this rank under real EP or None); ``install`` returns handles whose ``remove()``
-    undo it; ``device_route``: route with moepatch.ops' graphed routing when the experts are on CUDA."""
+    """Who computes a patched model's experts.  ``prepare`` validates first, returns (config, this rank under
+    real EP or None); ``install`` returns undo handles; ``device_route``: use moepatch.ops' routing on CUDA."""
 
     name = "hf"
     device_route = False
@@ -197,7 +189,7 @@ class TritonBackend(Backend):
         return [select(model, blocks, name, _TRITON_FORWARDS[name])]
 
 
-_BUILTIN = {"hf": Backend(), "triton": TritonBackend()}
+_LOADERS = {"hf": Backend, "triton": TritonBackend}  # backend key -> () -> backend object
 
 
 def register_backend(key: str, loader) -> None:
@@ -206,10 +198,8 @@ def register_backend(key: str, loader) -> None:
 
 
 def get_backend(key: str) -> Backend:
-    if key in _BUILTIN:
-        return _BUILTIN[key]
     loader = _LOADERS.get(key)
     if loader is None:
         raise ModelStateError(f"experts backend {key!r} is not registered (import moepatch registers 'ep'); "
-                              f"available: {', '.join([*_BUILTIN, *_LOADERS])}")
+                              f"available: {', '.join(_LOADERS)}")
     return loader()

@@ -61,9 +61,8 @@ class _Block:
 
 @dataclass
 class PatchState:
-    """Everything one patch owns, kept outside the model (a weak map).  ``backend``: "hf", "triton", "ep"
-    or "layers" (ScMoE); ``route_fn``: :func:`moepatch.routing.route`'s signature; ``source_rank``: this
-    rank under real expert parallelism."""
+    """Everything one patch owns, kept outside the model (a weak map).  ``backend``: "hf", "triton", "ep" or
+    "layers" (ScMoE); ``route_fn``: :func:`route`'s signature; ``source_rank``: this rank under real EP."""
 
     config: RoutingConfig
     model_type: str
@@ -145,8 +144,7 @@ def _check_model(model: torch.nn.Module):
     if not isinstance(model, torch.nn.Module):
         raise UnsupportedModelError(f"expected a transformers model (torch.nn.Module), got {type(model).__name__}")
     spec = family_for(model)
-    # accelerate's CPU/disk offload keeps offloaded weights on the meta device and loads them in its
-    # own forward hooks (`_hf_hook`); such a model is real.  A meta parameter without one is not.
+    # accelerate's offload keeps weights on the meta device and loads them in its `_hf_hook`: that is real.
     meta = [f"{mn}.{pn}" if mn else pn for mn, m in model.named_modules() if not hasattr(m, "_hf_hook")
             for pn, p in m.named_parameters(recurse=False) if p.device.type == "meta"]
     if meta:
@@ -163,21 +161,11 @@ def _check_model(model: torch.nn.Module):
 
 def apply(model: torch.nn.Module, capacity_factor: float | None = 1.5, strategy: str = "drop",
           policy: str | None = None, **options) -> PatchHandle:
-    """Patch ``model`` in place with capacity-aware routing.
+    """Patch ``model`` (a supported transformers model or an ScMoE model) in place; returns a PatchHandle.
 
-    Args:
-        model: a loaded transformers model of a supported family (``supported_model_types()``), on
-            any device or spread with ``device_map``, or an ScMoE model (moepatch.scmoe).
-        capacity_factor: γ in C = max(min_capacity, ceil(γ·T·k/E)); None or inf: no capacity.
-        strategy: ``"drop"``, ``"reroute"``, ``"expanded"`` or ``"expert_drop"``.
-        policy: which pairs an over-capacity expert keeps (``drop``/``reroute``): ``"score"``
-            (default), ``"order"``, ``"reverse"``, ``"random"`` (with ``seed``).
-        **options: see :class:`moepatch.routing.config.RoutingConfig` and docs/usage.md.
-    Returns:
-        A :class:`PatchHandle`.  Applying again reconfigures the patch (it never stacks) and
-        resets the statistics.
-    Raises:
-        UnsupportedModelError, ModelStateError, InvalidOptionError: the model is left untouched.
+    capacity_factor: γ in C = max(min_capacity, ceil(γ·T·k/E)), None or inf for none; strategy: "drop",
+    "reroute", "expanded" or "expert_drop"; policy and **options: docs/usage.md.  Applying again
+    reconfigures (never stacks) and resets the statistics; on an error the model is left untouched.
     """
     layers = routing_layers(model) if isinstance(model, torch.nn.Module) else []
     if layers:
@@ -197,7 +185,7 @@ def apply(model: torch.nn.Module, capacity_factor: float | None = 1.5, strategy:
         remove(model)
         state = None
     if state is not None:
-        _reconfigure(state, cfg)
+        _reset(state, cfg)
         return PatchHandle(model)
 
     state = PatchState(config=cfg, model_type=spec.model_type, names=[n for n, _ in blocks], backend=key,
@@ -216,16 +204,9 @@ def apply(model: torch.nn.Module, capacity_factor: float | None = 1.5, strategy:
     return PatchHandle(model)
 
 
-def _reconfigure(state: PatchState, cfg: RoutingConfig) -> None:
-    state.config = cfg
-    state.records.clear()
-    state.skipped_decode = 0
-
-
 @functools.cache
 def device_route():
-    """The routing for experts on CUDA: moepatch.ops' fused kernels and CUDA graphs over
-    :func:`moepatch.routing.route` (the same decision), or that route itself without triton."""
+    """The routing for experts on CUDA: moepatch.ops' graphed :func:`route` (same decision), or route without triton."""
     if importlib.util.find_spec("triton") is None:
         return route
     from ..ops.route_graphs import route_graphed
@@ -268,9 +249,9 @@ def _install_context(model, state):
     if isinstance(decoder, torch.nn.Module) and decoder is not model:
         entry_points.append(decoder)
     for m in entry_points:
-        sig = inspect.signature(m.forward)
-        state.handles.append(m.register_forward_pre_hook(_context_pre_hook(state, sig), with_kwargs=True))
-        state.handles.append(m.register_forward_hook(_context_post_hook(state), always_call=True))
+        pre = functools.partial(_enter_forward, state, inspect.signature(m.forward))
+        state.handles.append(m.register_forward_pre_hook(pre, with_kwargs=True))
+        state.handles.append(m.register_forward_hook(functools.partial(_leave_forward, state), always_call=True))
 
 
 def _install(model, state, blocks, spec):
@@ -284,15 +265,15 @@ def _install(model, state, blocks, spec):
                    pair_experts=spec.pair_fn(block))
         state.blocks.append(b)
         state.by_router[id(router)] = b
-        state.handles.append(block.register_forward_pre_hook(_block_pre_hook(b)))
-        state.handles.append(router.register_forward_hook(_router_hook(state, b)))
-        state.handles.append(block.experts.register_forward_pre_hook(experts_pre_hook(b), with_kwargs=True))
-        state.handles.append(block.experts.register_forward_hook(experts_post_hook(b), always_call=True))
+        state.handles.append(block.register_forward_pre_hook(functools.partial(_block_pre_hook, b)))
+        state.handles.append(router.register_forward_hook(functools.partial(_router_hook, state, b)))
+        pre, post = functools.partial(experts_pre_hook, b), functools.partial(experts_post_hook, b)
+        state.handles.append(block.experts.register_forward_pre_hook(pre, with_kwargs=True))
+        state.handles.append(block.experts.register_forward_hook(post, always_call=True))
 
 
 def routing_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """Layers that route themselves and consult ``layer.capacity`` (ScMoE's, moepatch.scmoe): they
-    expose ``capacity``, ``capacity_layer`` (an ordinal), ``num_experts`` and ``top_k``."""
+    """Layers that route themselves (ScMoE's): ``capacity``, ``capacity_layer`` (ordinal), ``num_experts``, top_k."""
     return [m for m in model.modules() if hasattr(m, "capacity") and hasattr(m, "capacity_layer")]
 
 
@@ -309,24 +290,19 @@ class LayerCapacity:
     def decide(self, scoring: FamilyScoring, layer: int, logits_TE: torch.Tensor, ids_TK: torch.Tensor,
                weights_TK: torch.Tensor, *, batch: int, seq: int, valid_BS: torch.Tensor | None = None,
                native_ids_TK: torch.Tensor | None = None, source_rank: int | None = None):
-        """Capacity-aware (ids_TW, weights_TW) of one layer call; the inputs when nothing applies.
-
-        logits_TE (T, E); ids_TK / weights_TK (T, K) the layer's picks; valid_BS (B, S) bool or None
-        (then the forward's attention mask); native_ids_TK: the router's full native top-k when the
-        layer keeps only its first picks (the rerouting factor is the native normalisation's).
-        """
+        """Capacity-aware (ids_TW, weights_TW) of one layer call from logits_TE (T, E) and its picks
+        ids_TK / weights_TK (T, K); the inputs when nothing applies.  valid_BS None: the forward's mask;
+        native_ids_TK: the router's full top-k when the layer keeps only its first picks (for the factor)."""
         state = self._state
         ctx = state.context
         if valid_BS is None and ctx is not None and ctx.valid_BS is not None and ctx.valid_BS.shape == (batch, seq):
             valid_BS = ctx.valid_BS
-        route_fn = device_route() if logits_TE.is_cuda else route
-        if ids_TK.shape[0] == 0:
-            return ids_TK, weights_TK
-        result = _route_call(state, route_fn, scoring, layer, (ids_TK.shape[1], logits_TE.shape[1]), logits_TE,
-                             ids_TK, weights_TK, batch, seq, valid_BS, source_rank, native_ids_TK=native_ids_TK)
-        if result is None:
-            return ids_TK, weights_TK
-        return result.topk_ids_TW, result.topk_weights_TW
+        result = None
+        if ids_TK.shape[0]:
+            route_fn = device_route() if logits_TE.is_cuda else route
+            result = _route_call(state, route_fn, scoring, layer, (ids_TK.shape[1], logits_TE.shape[1]), logits_TE,
+                                 ids_TK, weights_TK, batch, seq, valid_BS, source_rank, native_ids_TK=native_ids_TK)
+        return (ids_TK, weights_TK) if result is None else (result.topk_ids_TW, result.topk_weights_TW)
 
 
 class _Detach:
@@ -351,7 +327,7 @@ def _apply_layers(model, layers, capacity_factor, strategy, policy, options) -> 
         raise InvalidOptionError("kernel='triton' is not available for ScMoE layers; accepted: 'auto' or 'torch'")
     state = _STATES.get(model)
     if state is not None:
-        _reconfigure(state, cfg)
+        _reset(state, cfg)
         return PatchHandle(model)
     if any(layer.capacity is not None for layer in layers):
         raise ModelStateError("the model's ScMoE layers carry a capacity decision of another patch; remove it first")
@@ -387,31 +363,22 @@ def forward_batch(sig: inspect.Signature, args, kwargs) -> _ForwardContext | Non
     return _ForwardContext(batch, seq, valid)
 
 
-def _context_pre_hook(state: PatchState, sig: inspect.Signature):
-    def hook(module, args, kwargs):
-        state.depth += 1
-        if state.depth == 1:  # the decoder inside the CausalLM sees depth 2: the outer call already set it
-            state.context = forward_batch(sig, args, kwargs)
-        return None
-
-    return hook
+def _enter_forward(state: PatchState, sig: inspect.Signature, module, args, kwargs):
+    state.depth += 1
+    if state.depth == 1:  # the decoder inside the CausalLM sees depth 2: the outer call already set it
+        state.context = forward_batch(sig, args, kwargs)
 
 
-def _context_post_hook(state: PatchState):
-    def hook(module, args, output):
-        state.depth = max(state.depth - 1, 0)
-        if state.depth == 0:
-            state.context = None
-        return None
-
-    return hook
+def _leave_forward(state: PatchState, module, args, output):
+    state.depth = max(state.depth - 1, 0)
+    if state.depth == 0:
+        state.context = None
 
 
 def _route_call(state: PatchState, route_fn, scoring: FamilyScoring, layer: int, dims: tuple[int, int], logits_TE,
                 ids_TK, weights_TK, batch: int, seq: int, valid_BS, source_rank, *, native_ids_TK=None,
                 zero_experts: int = 0):
-    """One layer's routing under the patch, or None for a skipped decode step; ``dims`` = (top_k,
-    num_experts) for the statistics."""
+    """One layer's routing, or None for a skipped decode step; ``dims``: (top_k, num_experts) for the statistics."""
     cfg = state.config
     if seq == 1 and not cfg.apply_in_decode:
         state.skipped_decode += 1
@@ -432,11 +399,10 @@ def _route_call(state: PatchState, route_fn, scoring: FamilyScoring, layer: int,
 def _decide(state: PatchState, block: _Block, router, x, output, batch: int, seq: int, valid,
             source_rank: int | None):
     """The capacity-aware router output (same arity as ``output``), or None to leave it untouched."""
-    if len(output) == 3:
-        logits, weights_TK, ids_TK = output
-    else:  # a router that returns no logits (LongCat-Flash in transformers 5.17)
-        logits = None
-        weights_TK, ids_TK = output
+    # A router may return no logits (LongCat-Flash in transformers 5.17): they are recomputed if needed.
+    logits, weights_TK, ids_TK = output if len(output) == 3 else (None, *output)
+    if ids_TK.shape[0] == 0:
+        return None
     if seq == 1 and not state.config.apply_in_decode:
         state.skipped_decode += 1
         return None
@@ -445,63 +411,46 @@ def _decide(state: PatchState, block: _Block, router, x, output, batch: int, seq
                          ids_TK, weights_TK, batch, seq, valid, source_rank, zero_experts=block.zero_experts)
     if state.config.unlimited:
         return None
-    if len(output) == 2:
-        return (result.topk_weights_TW, result.topk_ids_TW)
-    return (logits, result.topk_weights_TW, result.topk_ids_TW)
+    out = (result.topk_weights_TW, result.topk_ids_TW)
+    return out if len(output) == 2 else (logits, *out)
 
 
-def _block_pre_hook(block: _Block):
-    def hook(module, args):
-        x = args[0] if args else None
-        # Some blocks flatten (B, S, D) before calling the router (LongCat-Flash in transformers 5.25).
-        block.shape = (int(x.shape[0]), int(x.shape[1])) if isinstance(x, torch.Tensor) and x.dim() == 3 else None
-        return None
-
-    return hook
+def _block_pre_hook(block: _Block, module, args):
+    x = args[0] if args else None
+    # Some blocks flatten (B, S, D) before calling the router (LongCat-Flash in transformers 5.25).
+    block.shape = (int(x.shape[0]), int(x.shape[1])) if isinstance(x, torch.Tensor) and x.dim() == 3 else None
 
 
-def _router_hook(state: PatchState, block: _Block):
-    def hook(module, args, output):
-        block.lower = False
-        shape, block.shape = block.shape, None  # consumed: a later direct router call gets no stale shape
-        T = output[-1].shape[0]
-        if T == 0:
-            return None
-        ctx = state.context
-        if ctx is not None and ctx.batch * ctx.seq == T:
-            batch, seq, valid = ctx.batch, ctx.seq, ctx.valid_BS
-        elif shape is not None and shape[0] * shape[1] == T:
-            (batch, seq), valid = shape, None
-        elif args and args[0].dim() == 3 and args[0].shape[0] * args[0].shape[1] == T:
-            batch, seq, valid = int(args[0].shape[0]), int(args[0].shape[1]), None
-        else:
-            batch, seq, valid = 1, T, None
-        out = _decide(state, block, module, args[0], output, batch, seq, valid, state.source_rank)
-        if out is not None:
-            block.lower = state.backend == "hf"
-        return out
-
-    return hook
+def _router_hook(state: PatchState, block: _Block, module, args, output):
+    block.lower = False
+    shape, block.shape = block.shape, None  # consumed: a later direct router call gets no stale shape
+    T = output[-1].shape[0]
+    ctx = state.context
+    if ctx is not None and ctx.batch * ctx.seq == T:
+        batch, seq, valid = ctx.batch, ctx.seq, ctx.valid_BS
+    elif shape is not None and shape[0] * shape[1] == T:
+        (batch, seq), valid = shape, None
+    elif args and args[0].dim() == 3 and args[0].shape[0] * args[0].shape[1] == T:
+        batch, seq, valid = int(args[0].shape[0]), int(args[0].shape[1]), None
+    else:
+        batch, seq, valid = 1, T, None
+    out = _decide(state, block, module, args[0], output, batch, seq, valid, state.source_rank)
+    if out is not None:
+        block.lower = state.backend == "hf"
+    return out
 
 
 def capacity_decision(model: torch.nn.Module, router: torch.nn.Module, hidden_states: torch.Tensor, output: tuple,
                       *, valid_BS: torch.Tensor | None = None, source_rank: int | None = None):
-    """The patch's decision for a router call made outside the hooks (a schedule calling ``router.forward``).
-
-    Args: model: the patched model; router: one of its routers; hidden_states: (B, S, D) its input;
-    output: its native output; valid_BS: (B, S) bool or None; source_rank: this rank under real
-    expert parallelism, or None (``ep_size`` simulated).
-    Returns: (weights_TW, ids_TW), the native ones when nothing applies (statistics recorded as for a forward).
-    """
+    """The patch's (weights_TW, ids_TW) for a router call made outside the hooks (a schedule calling
+    ``router.forward``) on hidden_states (B, S, D) with native ``output``; the native ones when nothing
+    applies.  source_rank: this rank under real expert parallelism, None to simulate ``ep_size``."""
     state = _state(model)
     block = state.by_router.get(id(router))
     if block is None:
         raise ModelStateError(f"{type(router).__name__} is not a router of this patched model")
     B, S = int(hidden_states.shape[0]), int(hidden_states.shape[1])
-    out = None
-    if output[-1].shape[0]:
-        out = _decide(state, block, router, hidden_states, output, B, S, valid_BS, source_rank)
-    out = output if out is None else out
+    out = _decide(state, block, router, hidden_states, output, B, S, valid_BS, source_rank) or output
     return out[-2], out[-1]
 
 
@@ -539,6 +488,11 @@ def stats(model: torch.nn.Module) -> LoadStats:
 
 
 def reset_stats(model: torch.nn.Module) -> None:
-    state = _state(model)
+    _reset(_state(model))
+
+
+def _reset(state: PatchState, cfg: RoutingConfig | None = None) -> None:
+    """Clear the statistics; with ``cfg``, reconfigure too."""
+    state.config = cfg or state.config
     state.records.clear()
     state.skipped_decode = 0

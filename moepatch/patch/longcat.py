@@ -26,15 +26,8 @@ def _identity_in_experts(experts: torch.nn.Module) -> bool:
 
 
 def pair_rows(experts: torch.nn.Module, x_PD: torch.Tensor, ids_P: torch.Tensor, w_P: torch.Tensor) -> torch.Tensor:
-    """Weighted output of each kept pair, as the 5.17-5.24 ``LongcatFlashExperts.forward`` computes one slot.
-
-    Args:
-        experts: a ``LongcatFlashExperts`` module; its ``down_proj`` has one row per computing expert.
-        x_PD: (P, D) the pair's token state; ids_P: (P,) int64 expert ids (>= E: identity expert);
-            w_P: (P,) combine weights (the router's dtype, float32).
-    Returns:
-        (P, D) in x_PD's dtype: w · SwiGLU_e(x), or w · x for an identity expert.
-    """
+    """(P, D) in x_PD's dtype: each kept pair's w · SwiGLU_e(x), or w · x where ids_P >= E (identity expert),
+    as the 5.17-5.24 ``LongcatFlashExperts.forward`` computes one slot; ids_P (P,) int64, w_P (P,) float32."""
     if experts.gate_up_proj is not None and experts.gate_up_proj.device.type == "meta":
         raise ModelStateError(
             "LongCat-Flash experts offloaded by accelerate (weights on the meta device outside their forward) "

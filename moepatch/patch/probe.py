@@ -1,11 +1,11 @@
-"""The check at ``apply`` that a model still has what its family spec reads: every attribute on every
-block, and the first router, run on random rows, returning what moepatch's reading of it predicts
-(a changed computation with unchanged names fails here, not as wrong outputs later).
-
+"""The check at ``apply`` that a model has what its family spec reads (every attribute on every block)
+and that its first router, run on random rows, returns what moepatch's reading of it predicts.
 Legend: T probe rows, D hidden, E routed experts, Z zero-computation experts, K top-k.
 """
 
 from __future__ import annotations
+
+import operator
 
 import torch
 
@@ -26,18 +26,12 @@ def _unsupported(spec: FamilySpec, what: str) -> UnsupportedModelError:
         "transformers release (see docs/usage.md, 'Tested versions') and the model is left untouched")
 
 
-def _lookup(obj, path: str):
-    for name in path.split("."):
-        obj = getattr(obj, name)
-    return obj
-
-
 def check_structure(spec: FamilySpec, blocks: list[tuple[str, torch.nn.Module]]) -> None:
     """Every attribute the patch reads, on every block; every derived quantity computable."""
     for name, block in blocks:
         for path in spec.required():
             try:
-                _lookup(block, path)
+                operator.attrgetter(path)(block)
             except AttributeError:
                 raise _unsupported(spec, f"its MoE block {name} ({type(block).__name__}) has no `{path}`") from None
         try:

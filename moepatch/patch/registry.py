@@ -16,11 +16,7 @@ def supported_model_types() -> tuple[str, ...]:
 
 
 def family_for(model: torch.nn.Module) -> FamilySpec:
-    """The family of a loaded transformers model.
-
-    Raises:
-        UnsupportedModelError: the model has no config or its model_type is not supported.
-    """
+    """The family of a loaded transformers model; UnsupportedModelError when it has none."""
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     if model_type not in _FAMILIES:

@@ -12,34 +12,21 @@ from ..routing.scores import FamilyScoring
 
 @dataclass(frozen=True)
 class FamilySpec:
-    """How to patch one model family.  A block has a router (``forward(x) -> (logits, weights, ids)``,
-    or ``(weights, ids)``) with ``num_experts`` and ``top_k``, and ``experts``.
+    """How to patch one model family.  A block (one of ``block_classes``) has ``experts`` and a router
+    (``forward(x) -> (logits, weights, ids)`` or ``(weights, ids)``) with ``num_experts`` and ``top_k``."""
 
-    Attributes:
-        model_type: ``config.model_type``; block_classes: class names of its sparse MoE blocks.
-        scoring: router module -> the family's :class:`FamilyScoring`; router_attr: the block's router.
-        router_logits: ``(router, hidden_states) -> (T, E + Z)`` logits as the router computes them,
-            for releases whose router returns none.
-        zero_experts: ``router -> Z`` zero-computation (identity) experts, ids after the computing ones.
-        experts_interface: the experts module runs through transformers' ``ExpertsInterface`` (so the
-            Triton and expert-parallel backends can run it).
-        experts_ids: ``experts -> n``, the ids the experts module computes (the hooks lower every id
-            >= n); None: E + Z.
-        pair_experts: ``experts -> fn or None``: for modules that cannot run one slot per row,
-            ``fn(experts, x_PD, ids_P, w_P) -> (P, D)`` computes each kept pair's weighted output.
-        structure: further dotted attribute paths of a block the patch reads (checked at ``apply``).
-    """
-
-    model_type: str
+    model_type: str  # config.model_type
     block_classes: tuple[str, ...]
-    scoring: Callable[[torch.nn.Module], FamilyScoring]
+    scoring: Callable[[torch.nn.Module], FamilyScoring]  # router -> the family's scoring
     router_attr: str = "gate"
+    # (router, hidden_states) -> (T, E + Z) logits as the router computes them, for routers that return none
     router_logits: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor] | None = None
-    zero_experts: Callable[[torch.nn.Module], int] | None = None
-    experts_interface: bool = True
-    experts_ids: Callable[[torch.nn.Module], int] | None = None
+    zero_experts: Callable[[torch.nn.Module], int] | None = None  # router -> Z identity experts (ids after E)
+    experts_interface: bool = True  # behind transformers' ExpertsInterface (Triton and EP backends need it)
+    experts_ids: Callable[[torch.nn.Module], int] | None = None  # experts -> ids it computes (>= lowered); None: E+Z
+    # experts -> fn(experts, x_PD, ids_P, w_P) -> (P, D), for modules that cannot run one slot per row
     pair_experts: Callable[[torch.nn.Module], Callable[..., torch.Tensor] | None] | None = None
-    structure: tuple[str, ...] = ()
+    structure: tuple[str, ...] = ()  # further dotted attribute paths of a block the patch reads
 
     def router(self, block: torch.nn.Module) -> torch.nn.Module:
         return getattr(block, self.router_attr)

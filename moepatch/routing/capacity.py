@@ -22,20 +22,16 @@ def capacities(tokens_G: torch.Tensor, top_k: int, num_experts: int, capacity_fa
 
 
 def count(index: torch.Tensor, size: int, weight: torch.Tensor | None = None) -> torch.Tensor:
-    """Fixed-size histogram (size,) int64 of ``index`` (values in [0, size)), optionally masked by a bool.
-
-    ``torch.bincount`` sizes its output from the data (a host sync on CUDA); this does not.
-    """
+    """Fixed-size histogram (size,) int64 of ``index`` (values in [0, size)), optionally masked by a bool
+    (``torch.bincount`` sizes its output from the data, a host sync on CUDA)."""
     src = torch.ones_like(index, dtype=torch.long) if weight is None else weight.to(torch.long).expand_as(index)
     return torch.zeros(size, dtype=torch.long, device=index.device).scatter_add_(
         0, index.reshape(-1), src.reshape(-1))
 
 
 def expert_devices(num_experts: int, ep_size: int, device: torch.device | str | None = None) -> torch.Tensor:
-    """Device of each expert (E,) int64: contiguous blocks, the first E % D devices hold one more.
-
-    Matches ``torch.tensor_split(torch.arange(E), D)``, the split the expert-parallel loader uses.
-    """
+    """Device of each expert (E,) int64: contiguous blocks, the first E % D devices hold one more
+    (``torch.tensor_split(torch.arange(E), D)``, the expert-parallel loader's split)."""
     q, r = divmod(num_experts, ep_size)
     e_E = torch.arange(num_experts, device=device)
     boundary = r * (q + 1)
@@ -50,12 +46,9 @@ def token_devices(num_tokens: int, ep_size: int, device: torch.device | str | No
 
 def group_ids(batch: int, seq: int, group: str, ep_size: int,
               device: torch.device | str | None = None) -> tuple[torch.Tensor, int]:
-    """Capacity group of each of the T = batch * seq tokens and the number of groups G.
-
-    ``group="batch"``: one group per forward, or one per source device when ``ep_size > 1``.
-    ``group="sequence"``: one group per sequence (split further where a sequence straddles two
-    simulated devices, which only happens when the batch does not divide by ``ep_size``).
-    """
+    """Capacity group of each of the T = batch * seq tokens and the number of groups G: per forward (or
+    source device when ``ep_size > 1``) for "batch"; per sequence for "sequence", split further where a
+    sequence straddles two simulated devices (a batch that does not divide by ``ep_size``)."""
     T = batch * seq
     if group == "batch" and ep_size == 1:
         return torch.zeros(T, dtype=torch.long, device=device), 1
@@ -69,10 +62,8 @@ def group_ids(batch: int, seq: int, group: str, ep_size: int,
 
 
 def bucket_rank(bucket_P: torch.Tensor, order_P: torch.Tensor, num_buckets: int) -> torch.Tensor:
-    """Rank (P,) int64 of each pair inside its bucket (0: the bucket's highest priority).
-
-    bucket_P: (P,) int64 in [0, num_buckets); order_P: (P,) int64 pair indices, highest priority first.
-    """
+    """Rank (P,) int64 of each pair inside its bucket (0: highest priority) from bucket_P (P,) int64 in
+    [0, num_buckets) and order_P (P,) int64 pair indices, highest priority first."""
     P = bucket_P.numel()
     # A stable sort by bucket keeps the priority order inside each bucket.
     sorted_bucket, perm = torch.sort(bucket_P[order_P], stable=True)
@@ -84,10 +75,8 @@ def bucket_rank(bucket_P: torch.Tensor, order_P: torch.Tensor, num_buckets: int)
 
 
 def chunk_sizes(num_tokens: int, ep_size: int) -> list[int]:
-    """Tokens per device chunk of :func:`token_devices`, computed on the host (no sync).
-
-    Token t is on device t·D // T, so device d holds t in [ceil(d·T/D), ceil((d+1)·T/D)).
-    """
+    """Tokens per device chunk of :func:`token_devices`, on the host: device d holds t in
+    [ceil(d·T/D), ceil((d+1)·T/D)) since token t is on device t·D // T."""
     return [-(-(d + 1) * num_tokens // ep_size) - -(-d * num_tokens // ep_size) for d in range(ep_size)]
 
 
@@ -101,12 +90,8 @@ def random_keys(seed: int, layer: int, pairs_per_device: list[int], first_device
 
 def priority_order(policy: str, score_P: torch.Tensor, token_P: torch.Tensor,
                    keys_P: torch.Tensor | None = None) -> torch.Tensor:
-    """Pair indices, highest priority first, for a drop policy.
-
-    Pairs must be listed in token-major order (pair p belongs to token ``token_P[p]`` and
-    ``token_P`` is non-decreasing), so a stable sort breaks score ties toward the lower token.
-    ``keys_P`` are the ``random`` policy's keys (see :func:`random_keys`).
-    """
+    """Pair indices, highest priority first, for a drop policy.  Pairs are token-major (``token_P``
+    non-decreasing), so a stable sort breaks score ties toward the lower token; ``keys_P``: the random keys."""
     P = score_P.numel()
     if policy == "score":
         return torch.sort(-score_P, stable=True).indices

@@ -102,10 +102,8 @@ def make_config(capacity_factor=1.5, strategy="drop", policy=None, *, num_expert
             f"{strategy!r} accepts: {', '.join(sorted(allowed))}")
 
     if capacity_factor is not None:
-        if isinstance(capacity_factor, bool) or not isinstance(capacity_factor, (int, float)):
-            raise InvalidOptionError(
-                f"capacity_factor={capacity_factor!r} is not valid; accepted: a number > 0, inf, or None")
-        if math.isnan(capacity_factor) or capacity_factor <= 0:
+        cf = capacity_factor
+        if isinstance(cf, bool) or not isinstance(cf, (int, float)) or math.isnan(cf) or cf <= 0:
             raise InvalidOptionError(
                 f"capacity_factor={capacity_factor!r} is not valid; accepted: a number > 0, inf, or None "
                 "(None or inf means no capacity)")

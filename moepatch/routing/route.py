@@ -85,12 +85,8 @@ def renormalize_kept(w_TW, topk_weights_TK, active_T):
 
 
 def random_order(cfg: RoutingConfig, T: int, K: int, layer: int, source_rank: int | None, device) -> torch.Tensor:
-    """The ``random`` policy's priority order (P,) on ``device``: the stable sort of keys seeded with
-    (seed, layer, source device), so each simulated device draws what its real rank would.
-
-    It depends only on (seed, layer, T, K, ep_size, source rank), so it is computed once and kept:
-    after a warm-up call at the same shape no copy happens and the route can be captured.
-    """
+    """The ``random`` policy's priority order (P,) on ``device``, keys seeded per (seed, layer, source device)
+    so a simulated device draws what its real rank would; cached per shape, so a warm route can be captured."""
     key = (cfg.seed, layer, T, K, cfg.ep_size, source_rank, str(device))
     order = _RANDOM_ORDERS.get(key)
     if order is None:
@@ -114,22 +110,15 @@ def route(cfg: RoutingConfig, scores_TE: torch.Tensor, topk_ids_TK: torch.Tensor
     """Apply capacity-aware routing to one layer's native top-k decision.
 
     Args:
-        cfg: the validated configuration.
         scores_TE: (T, E + Z) float32 family scores s[t, e], zero-computation experts last.
         topk_ids_TK: (T, K) int64 native picks; topk_weights_TK: (T, K) native combine weights.
-        factor_T: (T,) float32, the family's weight of expert e is s[t, e] * factor_T[t]; only reroute
-            and expanded drop read it (None is fine for the other strategies).
-        batch, seq: B and S with T = B * S (token t is position t % S of sequence t // S).
-        valid_BS: (B, S) bool, False at padding positions; None when every position is real.
-        layer: layer index, seeds the ``random`` policy.
-        source_rank: under real expert parallelism, the rank these tokens come from: all T tokens
-            then sit on that one device (one capacity group per forward, or per sequence) and its
-            experts are their local experts.  None simulates ``cfg.ep_size`` devices in one process.
-        zero_experts: Z, the number of zero-computation experts (the last Z score columns); they
-            take no capacity and sit on no expert-parallel device.
-        drop: ``drop(ids_TS, weights_TS, policy) -> keep_TS`` (bool), a fused Token Drop over (T, S)
-            slot ids (ids >= E are empty slots) that chooses the pairs this function would; used for
-            reroute's first drop and expanded drop's candidates (moepatch.ops.route).  Z = 0 only.
+        factor_T: (T,) float32, expert e weighs s[t, e] * factor_T[t]; read by reroute and expanded only.
+        batch, seq: T = B * S, batch-major; valid_BS: (B, S) bool, False at padding, None: all real.
+        layer: seeds the ``random`` policy.
+        source_rank: under real EP, the rank all T tokens sit on (its experts are their local ones);
+            None simulates ``cfg.ep_size`` devices.  zero_experts: Z, no capacity and on no device.
+        drop: ``drop(ids_TS, weights_TS, policy) -> keep_TS`` (bool), a fused Token Drop over (T, S) slot
+            ids (>= E: empty) choosing the pairs this function would (moepatch.ops.route); Z = 0 only.
     """
     T, E_all = scores_TE.shape
     Z = int(zero_experts)

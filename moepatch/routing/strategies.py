@@ -1,12 +1,10 @@
 """The capacity strategies of "Capacity-Aware Inference" in fixed-size tensor ops (no host sync).
 
-Legend: T tokens, E routed experts (E + Z score columns, the Z zero-computation experts last), K
-native experts per token, G capacity groups, NB buckets per group (E in expert scope, D in device
-scope), P pairs.  Common inputs: scores_TE (float32) s[t, e]; topk_ids_TK (int64) the native picks
-in slot order; active_T (bool) the tokens that take part (the others get no expert); group_T and
-capacity_G (int64) each token's group and each group's C; bucket_E and bucket_size_B (int64) each
-expert's bucket and the experts per bucket (a bucket holds at most C · size pairs); zero_experts: Z,
-whose pairs are always kept and which are never targets or candidates.
+Legend: T tokens, E routed experts (E + Z score columns, Z zero-computation experts last), K native
+experts per token, G capacity groups, NB buckets per group (E, or D devices in device scope), P pairs.
+Common inputs: scores_TE (float32); topk_ids_TK (int64) native picks; active_T (bool) tokens that take
+part; group_T, capacity_G (int64) each token's group and each group's C; bucket_E, bucket_size_B (int64)
+each expert's bucket and the experts per bucket (room C · size); zero_experts Z, always kept, never targets.
 """
 
 from __future__ import annotations
@@ -21,17 +19,16 @@ def pair_tokens(T: int, width: int, device) -> torch.Tensor:
     return torch.arange(T * width, device=device) // width
 
 
-def flat_buckets(group_P, expert_P, valid_P, bucket_E, num_buckets_per_group, num_groups):
-    """Bucket id of each pair and the number of buckets; invalid pairs go to a trailing trash bucket."""
-    bucket_P = group_P * num_buckets_per_group + bucket_E[expert_P]
-    trash = num_groups * num_buckets_per_group
-    return torch.where(valid_P, bucket_P, torch.full_like(bucket_P, trash)), trash + 1
-
-
-def bucket_capacity(capacity_G, bucket_size_B):
-    """Flattened (G * NB + 1,) capacity per bucket, the trash bucket last with capacity 0."""
-    cap_GB = capacity_G[:, None] * bucket_size_B[None, :]
-    return torch.cat([cap_GB.reshape(-1), cap_GB.new_zeros(1)])
+def keep_first(group_P, expert_P, valid_P, order_P, bucket_E, room_GB):
+    """keep_P (bool): the valid pairs among the first room_GB[g, b] of their (group, bucket) in priority
+    order ``order_P``; also each pair's flat bucket (invalid ones: a trailing trash bucket) and the count."""
+    G, NB = room_GB.shape
+    trash = G * NB
+    bucket_P = group_P * NB + bucket_E[expert_P]
+    bucket_P = torch.where(valid_P, bucket_P, torch.full_like(bucket_P, trash))
+    rank_P = bucket_rank(bucket_P, order_P, trash + 1)
+    room_B = torch.cat([room_GB.reshape(-1), room_GB.new_zeros(1)])
+    return valid_P & (rank_P < room_B[bucket_P]), bucket_P, trash + 1
 
 
 def token_drop(scores_TE, topk_ids_TK, active_T, group_T, capacity_G, bucket_E, bucket_size_B,
@@ -42,7 +39,6 @@ def token_drop(scores_TE, topk_ids_TK, active_T, group_T, capacity_G, bucket_E, 
     included; ``order_P``: the priority order itself, when known (it replaces ``keys_P``).
     """
     T, K = topk_ids_TK.shape
-    G, NB = capacity_G.numel(), bucket_size_B.numel()
     token_P = pair_tokens(T, K, topk_ids_TK.device)
     expert_P = topk_ids_TK.reshape(-1)
     active_P = active_T[token_P]
@@ -50,36 +46,24 @@ def token_drop(scores_TE, topk_ids_TK, active_T, group_T, capacity_G, bucket_E, 
     if zero_experts:
         exempt_P = expert_P >= scores_TE.shape[1] - zero_experts
         valid_P = active_P & ~exempt_P
-    bucket_P, nb = flat_buckets(group_T[token_P], expert_P, valid_P, bucket_E, NB, G)
     if order_P is None:
         order_P = priority_order(policy, scores_TE.gather(1, topk_ids_TK).reshape(-1), token_P, keys_P)
-    rank_P = bucket_rank(bucket_P, order_P, nb)
-    keep_P = (rank_P < bucket_capacity(capacity_G, bucket_size_B)[bucket_P]) & valid_P
+    room_GB = capacity_G[:, None] * bucket_size_B[None, :]
+    keep_P, _, _ = keep_first(group_T[token_P], expert_P, valid_P, order_P, bucket_E, room_GB)
     if zero_experts:
         keep_P |= active_P & exempt_P
     return keep_P.view(T, K)
 
 
-def bucket_load(group_T, ids_TK, keep_TK, bucket_E, num_groups, num_buckets):
-    """Kept pairs per (group, bucket), shape (G, NB); ``keep_TK`` must leave zero-expert pairs out."""
-    T, K = ids_TK.shape
-    b_P = group_T[pair_tokens(T, K, ids_TK.device)] * num_buckets + bucket_E[ids_TK.reshape(-1)]
-    return count(b_P, num_groups * num_buckets, keep_TK.reshape(-1)).view(num_groups, num_buckets)
-
-
 def token_reroute(scores_TE, topk_ids_TK, keep_TK, active_T, group_T, capacity_G, bucket_E,
                   bucket_size_B, target="score", rounds=1, zero_experts=0):
-    """Token Reroute: offer each dropped pair to an expert with spare room, for exactly ``rounds`` rounds.
+    """Token Reroute: offer each dropped pair to an expert with spare room, for exactly ``rounds`` rounds
+    (a round after nothing moved changes nothing: no early stop, no host sync).
 
-    Each round, t's u-th unplaced slot proposes t's u-th best expert e' that is not among t's picks
-    and whose bucket has room (by s[t, e'] for ``target="score"``, by the bucket's spare room for
-    ``"least_loaded"``; ties to the lower expert); every bucket admits its proposals by s[t, e']
-    (ties to the lower token) up to its room.  A round after nothing moved changes nothing, so
-    there is no early stop (and no host sync).
-
-    Returns:
-        ids_TK (int64) the picks with rerouted slots replaced; keep_TK (bool) slots with an expert;
-        rerouted_TK (bool) the moved slots.
+    Each round, t's u-th unplaced slot proposes t's u-th best expert e' not among its picks whose bucket
+    has room (by s[t, e'], or by spare room for ``"least_loaded"``; ties to the lower expert); each bucket
+    admits its proposals by s[t, e'] (ties to the lower token) up to its room.
+    Returns ids_TK (int64) with rerouted slots replaced, keep_TK (bool) slots with an expert, rerouted_TK.
     """
     if target not in ("score", "least_loaded"):
         raise ValueError(f"unknown reroute_target {target!r}; accepted: 'score', 'least_loaded'")
@@ -94,11 +78,12 @@ def token_reroute(scores_TE, topk_ids_TK, keep_TK, active_T, group_T, capacity_G
     if zero_experts:
         real_E = torch.arange(E, device=device) < E - zero_experts
         counted_TK = keep_TK & real_E[ids_TK]
-    spare_GB = capacity_G[:, None] * bucket_size_B[None, :] - bucket_load(
-        group_T, ids_TK, counted_TK, bucket_E, G, NB)
+    token_P = pair_tokens(T, K, device)
+    group_P = group_T[token_P]
+    load_GB = count(group_P * NB + bucket_E[ids_TK.reshape(-1)], G * NB, counted_TK.reshape(-1)).view(G, NB)
+    spare_GB = capacity_G[:, None] * bucket_size_B[None, :] - load_GB
     picked_TE = torch.zeros(T, E, dtype=torch.bool, device=device).scatter_(1, topk_ids_TK, True)
     unplaced_TK = active_T[:, None] & ~keep_TK
-    token_P = pair_tokens(T, K, device)
     for _ in range(rounds):
         spare_TE = spare_GB[group_T][:, bucket_E]
         avail_TE = ~picked_TE & (spare_TE > 0)
@@ -112,12 +97,9 @@ def token_reroute(scores_TE, topk_ids_TK, keep_TK, active_T, group_T, capacity_G
         proposing_TK = unplaced_TK & (slot_rank_TK < avail_TE.sum(1)[:, None])
         target_TK = cand_TE.gather(1, slot_rank_TK.clamp(0, E - 1))
         # Admission: every bucket takes its proposals by score, up to its spare room.
-        prop_P = proposing_TK.reshape(-1)
-        bucket_P, nb = flat_buckets(group_T[token_P], target_TK.reshape(-1), prop_P, bucket_E, NB, G)
-        score_P = scores_TE.gather(1, target_TK).reshape(-1)
-        rank_P = bucket_rank(bucket_P, priority_order("score", score_P, token_P), nb)
-        spare_flat = torch.cat([spare_GB.reshape(-1), spare_GB.new_zeros(1)])
-        admit_P = prop_P & (rank_P < spare_flat[bucket_P])
+        order_P = priority_order("score", scores_TE.gather(1, target_TK).reshape(-1), token_P)
+        admit_P, bucket_P, nb = keep_first(group_P, target_TK.reshape(-1), proposing_TK.reshape(-1), order_P,
+                                           bucket_E, spare_GB)
         admit_TK = admit_P.view(T, K)
         ids_TK = torch.where(admit_TK, target_TK, ids_TK)
         keep_TK |= admit_TK
@@ -130,15 +112,11 @@ def token_reroute(scores_TE, topk_ids_TK, keep_TK, active_T, group_T, capacity_G
 
 def expanded_drop(scores_TE, topk_ids_TK, active_T, group_T, capacity_G, bucket_E, bucket_size_B,
                   local_TE, max_experts_per_token=None, zero_experts=0, select=None):
-    """Expanded Drop: candidates are the top-k plus the token's local experts; each bucket keeps
-    its top-C candidates by s[t, e] (ties to the lower token).  Returns keep_TE (bool).
-
-    ``max_experts_per_token`` then keeps each token's best M (ties to the lower expert; the freed
-    capacity goes to nobody).  Zero-computation picks are kept and do not count toward M.
-    ``select(cand_TE) -> keep_TE`` does the drop step when given (moepatch.ops.route's kernel).
-    """
+    """Expanded Drop: candidates are the top-k plus the token's local experts; each bucket keeps its top-C
+    by s[t, e] (ties to the lower token), then each token its best ``max_experts_per_token`` (ties to the
+    lower expert, freed room unused; zero-expert picks kept, not counted).  Returns keep_TE (bool).
+    ``select(cand_TE) -> keep_TE`` does the drop step when given (moepatch.ops.route's kernel)."""
     T, E = scores_TE.shape
-    G, NB = capacity_G.numel(), bucket_size_B.numel()
     device = scores_TE.device
     native_TE = torch.zeros(T, E, dtype=torch.bool, device=device).scatter_(1, topk_ids_TK, True)
     cand_TE = (native_TE | local_TE) & active_T[:, None]
@@ -149,11 +127,10 @@ def expanded_drop(scores_TE, topk_ids_TK, active_T, group_T, capacity_G, bucket_
         keep_TE = select(cand_TE)
     else:
         token_P = pair_tokens(T, E, device)
-        valid_P = cand_TE.reshape(-1)
-        bucket_P, nb = flat_buckets(group_T[token_P], torch.arange(E, device=device).repeat(T), valid_P,
-                                    bucket_E, NB, G)
-        rank_P = bucket_rank(bucket_P, priority_order("score", scores_TE.reshape(-1), token_P), nb)
-        keep_TE = (valid_P & (rank_P < bucket_capacity(capacity_G, bucket_size_B)[bucket_P])).view(T, E)
+        order_P = priority_order("score", scores_TE.reshape(-1), token_P)
+        keep_P, _, _ = keep_first(group_T[token_P], torch.arange(E, device=device).repeat(T), cand_TE.reshape(-1),
+                                  order_P, bucket_E, capacity_G[:, None] * bucket_size_B[None, :])
+        keep_TE = keep_P.view(T, E)
     if max_experts_per_token is not None and max_experts_per_token < E:
         key_TE = torch.where(keep_TE, scores_TE, torch.full_like(scores_TE, -torch.inf))
         best_TM = torch.sort(key_TE, dim=1, descending=True, stable=True).indices[:, :max_experts_per_token]
@@ -164,13 +141,9 @@ def expanded_drop(scores_TE, topk_ids_TK, active_T, group_T, capacity_G, bucket_
 
 
 def expert_drop(topk_ids_TK, active_T, num_experts, fraction=0.1, group_T=None, num_groups=1, zero_experts=0):
-    """The paper's baseline: skip the n = max(1, round(fraction * E)) least-loaded computing experts
-    (load over the active tokens; ties: the lower expert first), per group of ``group_T`` (a source
-    device under expert parallelism) when given.
-
-    Returns:
-        keep_TK (bool), dropped_GE (bool, (G, E)): kept native pairs and the skipped experts per group.
-    """
+    """The paper's baseline: skip the max(1, round(fraction * E)) least-loaded computing experts (load over
+    active tokens, ties to the lower expert) per group of ``group_T`` (a source device under EP) if given.
+    Returns keep_TK (bool) the kept native pairs and dropped_GE (bool, (G, E)) the skipped experts."""
     E = num_experts - zero_experts
     T, K = topk_ids_TK.shape
     device = topk_ids_TK.device
