@@ -383,6 +383,8 @@ def _route_call(state: PatchState, route_fn, scoring: FamilyScoring, layer: int,
     if seq == 1 and not cfg.apply_in_decode:
         state.skipped_decode += 1
         return None
+    if cfg.unlimited and not cfg.collect_stats:  # nothing to decide and nothing to record
+        return None
     scores_TE = scoring.scores(logits_TE)
     # Only experts a token did not pick natively need the family's weight factor.
     factor_T = None

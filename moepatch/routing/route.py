@@ -127,6 +127,8 @@ def route(cfg: RoutingConfig, scores_TE: torch.Tensor, topk_ids_TK: torch.Tensor
     device = scores_TE.device
     if batch * seq != T:
         raise ValueError(f"batch * seq = {batch} * {seq} does not match the {T} routed tokens")
+    if cfg.unlimited and not cfg.collect_stats:
+        return RoutingResult(topk_ids_TK, topk_weights_TK)
     if valid_BS is None or cfg.count_padding:
         active_T = torch.ones(T, dtype=torch.bool, device=device)
     else:

@@ -47,6 +47,33 @@ def test_no_capacity_is_bit_identical(model):
 
 
 @torch.no_grad()
+def test_no_capacity_without_statistics_launches_nothing(model):
+    """gamma=None, collect_stats=False: nothing to decide or record, so the hooks run no tensor op."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    def ops():
+        Count.n = 0
+        with Count():
+            model(x)
+        return Count.n
+
+    x = _ids()
+    base = ops()
+    with moepatch.patched(model, capacity_factor=None, collect_stats=False) as handle:
+        assert ops() == base
+        assert len(handle.stats()) == 0
+    with moepatch.patched(model, capacity_factor=None):  # statistics asked for: the routing runs
+        assert ops() > base
+
+
+@torch.no_grad()
 def test_remove_restores_exactly(model):
     x = _ids()
     base = model(x).logits
