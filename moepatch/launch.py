@@ -29,6 +29,7 @@ from moepatch.parallel.loading import load_expert_parallel
 from moepatch.patch.core import apply, patched, remove, stats
 from moepatch.patch.registry import supported_model_types
 from moepatch.routing.config import POLICIES, STRATEGIES, make_config
+from moepatch.scmoe.convert import next_token_nll
 from moepatch.tiny import tiny_model
 
 MODULE = "moepatch.launch"
@@ -201,16 +202,7 @@ def evaluate(args, rank: int, world: int, device: torch.device) -> int:
     n = ids.numel() // args.seq_len  # this rank's sequences: every world-th one (uneven counts are fine)
     seqs = list(ids[: n * args.seq_len].view(n, args.seq_len)[rank::world])
     batches = [torch.stack(seqs[i:i + args.batch_size]) for i in range(0, len(seqs), args.batch_size)]
-
-    def step(ids_BS):
-        with torch.no_grad():
-            logits = model(ids_BS.to(device)).logits[:, :-1].float()
-        target = ids_BS[:, 1:].to(device)
-        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
-                                                reduction="sum")
-        return float(nll), target.numel()
-
-    results = ep_barrier_loop(model, batches, step)
+    results = ep_barrier_loop(model, batches, lambda ids_BS: next_token_nll(model, ids_BS.to(device)))
     per_rank = all_gather_floats([sum(r[0] for r in results), sum(r[1] for r in results)], device)
     nll, tokens = (math.fsum(r[i] for r in per_rank) for i in (0, 1))
     layer_stats = stats(model)

@@ -16,11 +16,7 @@ _COMMON = dict(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attentio
 
 
 def tiny_config(model_type: str, **overrides):
-    """A transformers config of ``model_type`` with hidden size 32, 2 layers and 8 experts.
-
-    LongCat-Flash: hidden size 64, 2 decoder layers (each with two attention sublayers and one
-    MoE), 8 computing experts plus 2 zero-computation experts, top-2.
-    """
+    """A transformers config of ``model_type`` with hidden size 32 (LongCat-Flash: 64), 2 layers and 8 experts."""
     import transformers as tf
 
     if model_type == "mixtral":

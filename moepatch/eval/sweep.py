@@ -42,9 +42,6 @@ class Variant:
         return patch_core.apply(model, self.capacity_factor, self.strategy, self.policy, **self.options)
 
 
-BASELINE = Variant(None)
-
-
 def build_variants(gammas: Sequence[float], strategies: Sequence[str], policies: Sequence[str]) -> list[Variant]:
     """γ × strategy, with every policy for ``drop`` (and ``reroute`` when several are given); ``expert_drop``
     does not use γ and appears once."""
@@ -173,26 +170,12 @@ def load_tasks(tasks: Sequence[TaskSpec], task_manager) -> dict:
     return merged
 
 
-def evaluate_tasks(lm, tasks: Sequence[TaskSpec], loaded: dict, limit=None) -> dict[str, float]:
-    """One lm-eval ``evaluate`` over every task (no environment report): {task: metric value}."""
-    from lm_eval.evaluator import evaluate
-
-    res = evaluate(lm=lm, task_dict=loaded, limit=limit, bootstrap_iters=0, log_samples=False)
-    scores: dict[str, float] = {}
-    for t in tasks:
-        metrics = res["results"][t.task]
-        if t.metric_key not in metrics:
-            raise KeyError(f"task {t.task!r} reported no metric {t.metric_key!r}; it has: "
-                           f"{', '.join(k for k in metrics if ',' in k)}")
-        scores[t.task] = float(metrics[t.metric_key])
-    return scores
-
-
 def run_sweep(lm, tasks: Sequence[TaskSpec], variants: Sequence[Variant], loaded: dict, limit=None) -> SweepResult:
     """The baseline and every variant with one lm-eval model object (same requests; ``loaded`` from
     :func:`load_tasks`), with one bar over the variants when stderr is a terminal."""
     import lm_eval.api.task as task_module
     import transformers
+    from lm_eval.evaluator import evaluate
 
     model, results = lm.model, []
     # Held back meanwhile: lm-eval's per-task request bars (it has no switch), transformers' note that a
@@ -200,13 +183,21 @@ def run_sweep(lm, tasks: Sequence[TaskSpec], variants: Sequence[Variant], loaded
     task_bar, verbosity = task_module.tqdm, transformers.logging.get_verbosity()
     task_module.tqdm = functools.partial(task_bar, disable=True)
     transformers.logging.set_verbosity_error()
-    bar = tqdm([BASELINE, *variants], desc="evaluating", unit="variant", leave=False, disable=not sys.stderr.isatty())
+    bar = tqdm([Variant(None), *variants], desc="evaluating", unit="variant", leave=False,
+               disable=not sys.stderr.isatty())
     try:
         for v in bar:
             bar.set_postfix_str(v.name)
             t0 = time.perf_counter()
             handle = v.apply(model)
-            scores = evaluate_tasks(lm, tasks, loaded, limit)
+            # One lm-eval evaluate over every task (no environment report).
+            res = evaluate(lm=lm, task_dict=loaded, limit=limit, bootstrap_iters=0, log_samples=False)["results"]
+            scores = {}
+            for t in tasks:
+                if t.metric_key not in res[t.task]:
+                    raise KeyError(f"task {t.task!r} reported no metric {t.metric_key!r}; it has: "
+                                   f"{', '.join(k for k in res[t.task] if ',' in k)}")
+                scores[t.task] = float(res[t.task][t.metric_key])
             st = handle.stats()
             results.append(VariantResult(v, scores, st.totals(), {str(k): s for k, s in st.layers().items()},
                                          time.perf_counter() - t0))

@@ -7,6 +7,7 @@ Legend: B sequences, S positions, T = B*S tokens, D hidden, E routed experts, K 
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -21,20 +22,9 @@ from .model import COMBINES, POSITIONS, SwiGLU, active_parameters, check_choice
 SUPPORTED = ("mixtral", "olmoe", "qwen2_moe", "qwen3_moe")
 
 
-class _SourceStash:
-    """The shortcut sources of the forward in flight, by source-norm name; cleared after each forward."""
-
-    def __init__(self):
-        self.tensors: dict[str, torch.Tensor] = {}
-
-    def hook(self, key: str):
-        def fn(module, args, output):
-            self.tensors[key] = output
-
-        return fn
-
-    def clear_hook(self, module, args, output):
-        self.tensors.clear()
+def _stash_output(stash: dict, key: str, module, args, output) -> None:
+    """Forward hook of a shortcut source norm: its output, by name, for the converted blocks of this forward."""
+    stash[key] = output
 
 
 class ShortcutMoeBlock(nn.Module):
@@ -42,7 +32,7 @@ class ShortcutMoeBlock(nn.Module):
     stashed shortcut source; ``gate`` and ``experts`` are the original modules (same state-dict names),
     ``capacity`` is set by ``moepatch.apply``."""
 
-    def __init__(self, block: nn.Module, stash: _SourceStash, source_key: str, shared_expert: nn.Module,
+    def __init__(self, block: nn.Module, stash: dict, source_key: str, shared_expert: nn.Module,
                  combine: str, top_k: int, scoring, layer: int, shared_gate: nn.Module | None = None):
         super().__init__()
         self.gate = block.gate
@@ -60,11 +50,11 @@ class ShortcutMoeBlock(nn.Module):
         self.capacity_layer = layer
         self.capacity = None
         self.source_key = source_key
-        self._stash = stash  # a plain object: not a submodule, not in the state dict
+        self._stash = stash  # source-norm name -> output of the forward in flight (not in the state dict)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         B, S, D = hidden_states.shape
-        x_s = self._stash.tensors.get(self.source_key)
+        x_s = self._stash.get(self.source_key)
         if x_s is None or x_s.shape != hidden_states.shape:
             raise ModelStateError(
                 f"converted MoE block (layer {self.capacity_layer}) found no shortcut source "
@@ -160,17 +150,20 @@ def perplexity(model: nn.Module, tokenizer, text, seq_len: int = 256, batch_size
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    nll, count = 0.0, 0
     try:
-        for i in range(0, n, batch_size):
-            batch = windows[i:i + batch_size].to(device)
-            logits = model(input_ids=batch).logits[:, :-1].float()
-            nll += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
-                                         reduction="sum"))
-            count += batch[:, 1:].numel()
+        sums = [next_token_nll(model, windows[i:i + batch_size].to(device)) for i in range(0, n, batch_size)]
     finally:
         model.train(was_training)
-    return math.exp(nll / count)
+    return math.exp(sum(s[0] for s in sums) / sum(s[1] for s in sums))
+
+
+@torch.no_grad()
+def next_token_nll(model: nn.Module, ids_BS: torch.Tensor) -> tuple[float, int]:
+    """The summed next-token NLL of (B, S) int64 ids (float32 logits) and the number of predicted tokens."""
+    logits = model(input_ids=ids_BS).logits[:, :-1].float()
+    target = ids_BS[:, 1:]
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum")
+    return float(nll), target.numel()
 
 
 def _hidden_shapes(model: nn.Module, ids_BS: torch.Tensor) -> list[tuple]:
@@ -224,25 +217,20 @@ def convert(model: nn.Module, position: int = 2, combine: str = "cg1", *, top_k:
     shapes_before = _hidden_shapes(model, probe.to(device))
     counts_before = active_parameters(model)
 
-    stash = _SourceStash()
-    handles = []
+    stash: dict[str, torch.Tensor] = {}  # cleared after each forward
     source_modules: dict[str, nn.Module] = {}
     added_gate = 0
     for i in moe_layer_ids:
         layer = decoder_layers[i]
         block = layer.mlp
-        if i == 0 or position == 1:
-            key, norm = f"layers.{i}.input_layernorm", layer.input_layernorm
-        elif position == 2:
-            key, norm = f"layers.{i - 1}.post_attention_layernorm", decoder_layers[i - 1].post_attention_layernorm
-        else:
-            key, norm = f"layers.{i - 1}.input_layernorm", decoder_layers[i - 1].input_layernorm
-        source_modules[key] = norm
-        shared_gate = None
+        # The source: Pos-1 (and the first layer) this layer's input norm, Pos-2 / Pos-3 the previous layer's.
+        j, norm = (i, "input_layernorm") if i == 0 or position == 1 else (
+            i - 1, "post_attention_layernorm" if position == 2 else "input_layernorm")
+        key = f"layers.{j}.{norm}"
+        source_modules[key] = getattr(decoder_layers[j], norm)
+        shared_gate = block.shared_expert_gate if has_shared and combine == "cg1" else None
         if has_shared:
-            shared = block.shared_expert
-            shared_gate = block.shared_expert_gate if combine == "cg1" else None
-            desc = "the model's own"
+            shared, desc = block.shared_expert, "the model's own"
         else:
             shared = _new_shared_expert(block.experts, shared_init)
             desc = "mean of the experts" if shared_init == "mean" else f"copy of expert {shared_init}"
@@ -254,9 +242,9 @@ def convert(model: nn.Module, position: int = 2, combine: str = "cg1", *, top_k:
         elif combine == "add" and has_shared:
             added_gate -= block.shared_expert_gate.weight.numel()
         layer.mlp = new.to(device=device, dtype=block.gate.weight.dtype)
-    for key, norm in source_modules.items():
-        handles.append(norm.register_forward_hook(stash.hook(key)))
-    handles.append(model.register_forward_hook(stash.clear_hook, always_call=True))
+    handles = [norm.register_forward_hook(functools.partial(_stash_output, stash, key))
+               for key, norm in source_modules.items()]
+    handles.append(model.register_forward_hook(lambda *_: stash.clear(), always_call=True))
     model._scmoe_convert_handles = handles  # kept with the model: the hooks live as long as it does
     model.config.scmoe_conversion = dict(position=position, combine=combine, top_k=top_k,
                                          shared_init=shared_init if not has_shared else "own")
