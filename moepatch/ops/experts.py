@@ -51,7 +51,9 @@ class DispatchLayout:
 
     def kernel_args(self) -> tuple:
         """(ids, sorted, start) pointers for the GEMM kernels; unused ones get any int tensor."""
-        return (self.ids_P,) * 3 if self.fused else (self.sorted_pairs_R, self.sorted_pairs_R, self.start_E1)
+        if self.fused:
+            return self.ids_P, self.ids_P, self.ids_P
+        return self.sorted_pairs_R, self.sorted_pairs_R, self.start_E1
 
     @property
     def h_by_pair(self) -> bool:
@@ -61,6 +63,10 @@ class DispatchLayout:
     @property
     def h_rows(self) -> int:
         return self.num_pairs if self.h_by_pair else self.rows
+
+    def kernel_constexprs(self) -> dict:
+        return dict(FUSED=self.fused, P_PAD=_pow2(max(16, self.num_pairs)) if self.fused else 16,
+                    H_BY_PAIR=self.h_by_pair)
 
 
 # (kernel name, tile sizes) -> the pipeline depth that compiled, where this GPU had too little shared memory.
@@ -74,9 +80,19 @@ def _capability(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
 
+@functools.cache
+def _pdl_supported() -> bool:
+    """This Triton has the ``launch_pdl`` launch option."""
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+    except ImportError:
+        return False
+    return "launch_pdl" in getattr(CUDAOptions, "__dataclass_fields__", {})
+
+
 def use_pdl(device: torch.device) -> bool:
-    """Programmatic dependent launch on ``device``: CUDA, compute capability >= 9 (Triton >= 3.6 has it)."""
-    if not PDL or device.type != "cuda":
+    """Programmatic dependent launch on ``device``: CUDA, compute capability >= 9, a Triton that has it."""
+    if not PDL or device.type != "cuda" or not _pdl_supported():
         return False
     return _capability(device.index if device.index is not None else torch.cuda.current_device())[0] >= 9
 
@@ -216,8 +232,8 @@ def _precision(dtype: torch.dtype) -> str:
 def _pointer_constexprs(layout: DispatchLayout, c: dict, E: int, K: int, dtype: torch.dtype) -> dict:
     """Compile-time arguments of gate_up_kernel / down_kernel for tile config ``c`` (K: the reduced dim)."""
     return dict(BLOCK_M=layout.block_m, BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"], GROUP_M=c["GROUP_M"],
-                E_PAD=_pow2(E), EVEN_K=K % c["BLOCK_K"] == 0, PRECISION=_precision(dtype), FUSED=layout.fused,
-                P_PAD=_pow2(max(16, layout.num_pairs)) if layout.fused else 16, H_BY_PAIR=layout.h_by_pair)
+                E_PAD=_pow2(E), EVEN_K=K % c["BLOCK_K"] == 0, PRECISION=_precision(dtype),
+                **layout.kernel_constexprs())
 
 
 def gate_up(x_TH: torch.Tensor, gate_up_EIH: torch.Tensor, layout: DispatchLayout, config: dict,
@@ -269,8 +285,10 @@ def down(h_RI: torch.Tensor, down_EHI: torch.Tensor, layout: DispatchLayout, wei
 
 def descriptors_fit(layout: DispatchLayout, *tensors: torch.Tensor) -> bool:
     """Whether the descriptor GEMMs take these operands: contiguous, 16-byte aligned, an unfused layout."""
-    return not layout.fused and layout.num_pairs > 0 and all(
-        t.is_contiguous() and t.data_ptr() % 16 == 0 and (t.shape[-1] * t.element_size()) % 16 == 0 for t in tensors)
+    if layout.fused or layout.num_pairs == 0:
+        return False
+    return all(t.is_contiguous() and t.data_ptr() % 16 == 0 and (t.shape[-1] * t.element_size()) % 16 == 0
+               for t in tensors)
 
 
 @functools.cache

@@ -34,23 +34,6 @@ def wall(fn, reps: int = 3) -> float:
     return (time.perf_counter() - t0) / reps
 
 
-class CapturedGraph:
-    """``run(*static)`` captured in ``cache``'s pool on static copies of ``inputs`` (None stays None)."""
-
-    def __init__(self, cache: GraphCache, inputs, run):
-        self.static = [None if t is None else t.clone() for t in inputs]
-        self.graph = torch.cuda.CUDAGraph()
-        with cache.recording(self.graph, inputs[0].device):
-            self.out = run(*self.static)
-
-    def replay(self, inputs):
-        for dst, src in zip(self.static, inputs):
-            if dst is not None:
-                dst.copy_(src)
-        self.graph.replay()
-        return self.out
-
-
 class GraphCache:
     """Signature -> calls seen (int), a captured graph (has ``replay(inputs)``), or False (eager kept)."""
 
@@ -78,10 +61,12 @@ class GraphCache:
         """``eager()`` until ``key`` was seen ``warmup_calls`` times, then the replay of ``capture()``'s graph with
         ``inputs``, kept only where it beat the eager call (``wall``); a capture raising RuntimeError stays eager."""
         entry = self.entries.get(key, 0)
-        if not isinstance(entry, int):  # a graph (False, an int: eager)
+        if entry is not False and not isinstance(entry, int):
             return entry.replay(inputs)
+        if entry is False:
+            return eager()
         # A new signature takes a slot only while the cache has room; one already counted keeps its own.
-        if entry is False or (key not in self.entries and len(self.entries) >= self.max_graphs):
+        if key not in self.entries and len(self.entries) >= self.max_graphs:
             return eager()
         if entry < warmup_calls:
             self.entries[key] = entry + 1

@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import torch
-from triton.runtime.errors import OutOfResources
 
 from ..arguments import ArgumentParser, HelpFormatter
 from . import experts as X
@@ -36,8 +35,9 @@ BIG_GATE_UP = [gu(128, 64, 16, 8, 3), gu(128, 64, 16, 8, 4), gu(64, 64, 8, 4, 4)
 BIG_DOWN = [dn(256, 64, 16, 1, 8, 3), dn(256, 64, 16, 1, 8, 4), dn(128, 64, 16, 1, 8, 4), dn(128, 128, 8, 1, 8, 3),
             dn(256, 64, 32, 1, 8, 4), dn(256, 64, 16, 2, 8, 3)]
 # One token: down + combine in one kernel (TOKEN); BLOCK_N 16 gives Mixtral 256 programs, the 2048-wide models 128.
-TOKEN_DOWN = [dict(c, TOKEN=1) for c in (dn(16, 256, 1, 1, 4, 4), dn(16, 128, 1, 1, 4, 6), dn(16, 512, 1, 1, 4, 3),
-                                          dn(32, 256, 1, 1, 4, 4), dn(16, 256, 1, 1, 8, 4))]
+TOKEN_DOWN = [dict(dn(16, 256, 1, 1, 4, 4), TOKEN=1), dict(dn(16, 128, 1, 1, 4, 6), TOKEN=1),
+              dict(dn(16, 512, 1, 1, 4, 3), TOKEN=1), dict(dn(32, 256, 1, 1, 4, 4), TOKEN=1),
+              dict(dn(16, 256, 1, 1, 8, 4), TOKEN=1)]
 # The descriptor GEMMs (DESC) for the compute-bound regime: the defaults first (tuning.DESC_DEFAULT).
 DESC_GATE_UP = [DESC_DEFAULT[128][0], dict(gu(128, 64, 16, 8, 3), JOINT=1, H_STORE_SPLIT=1, **PF),
                 dict(gu(128, 64, 16, 8, 4), JOINT=1, **PF), dict(gu(128, 64, 16, 8, 4), JOINT=1),
@@ -93,20 +93,23 @@ def tune(shapes: list[tuple[int, int, int, int]], ms: list[int], *, dtype: torch
     path = Path(out) if out is not None else user_dir() / f"{dev_key}.json"
     table = json.loads(path.read_text()) if path.is_file() else {}
     t_start = time.perf_counter()
-    for s, (E, H, I, K) in enumerate(shapes):  # noqa: E741
+    n_pairs = max(1, len(shapes) * len(ms))
+    done = 0
+    for E, H, I, K in shapes:  # noqa: E741
         key = shape_key(E, H, I, K)
         entry = table.setdefault(key, {str(m): get_config(m, E, H, I, K, dev_key) for m in M_BUCKETS})
         gen = torch.Generator(device=device).manual_seed(0)
         w1 = torch.randn(E, 2 * I, H, device=device, dtype=dtype, generator=gen) * H**-0.5
         w2 = torch.randn(E, H, I, device=device, dtype=dtype, generator=gen) * I**-0.5
-        for pair, M in enumerate(ms, s * len(ms) + 1):
-            deadline = None if budget_s is None else t_start + budget_s * pair / (len(shapes) * len(ms))
+        for M in ms:
+            deadline = None if budget_s is None else t_start + budget_s * (done + 1) / n_pairs
             x = torch.randn(M, H, device=device, dtype=dtype, generator=gen)
             ids = torch.rand(M, E, device=device, generator=gen).topk(K, dim=1).indices
             wts = torch.rand(M, K, device=device, generator=gen)
             base = get_config(M, E, H, I, K, dev_key)
             entry[str(M)] = _tune_m(x, ids, wts, w1, w2, base, candidate_configs(M, E, H, I, K), reps,
-                                    max_candidates, deadline, log or (lambda line: None), f"{key} M={M}")
+                                    max_candidates, deadline, log, f"{key} M={M}")
+            done += 1
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
     get_config.cache_clear()
@@ -117,14 +120,14 @@ def _tune_m(x, ids, wts, w1, w2, base, plan, reps, max_candidates, deadline, log
     """The best configuration for one (shape, M); see :func:`tune`."""
     E = w1.shape[0]
     dev = x.device
-    layer = lambda cfg: X.fused_experts_impl(x, ids, wts, w1, w2, cfg)
-    timed = lambda fn: _time_safe(fn, reps, dev)
-    ref = layer(base).float()
-    out_of_time = lambda: deadline is not None and time.perf_counter() > deadline
+    ref = X.fused_experts_impl(x, ids, wts, w1, w2, base).float()
 
     def agrees(out):
         den = ref.norm().item() or 1.0
         return torch.isfinite(out).all().item() and (out.float() - ref).norm().item() / den < 2e-2
+
+    def out_of_time():
+        return deadline is not None and time.perf_counter() > deadline
 
     def fastest(configs, run, check=None):
         """(time, config) of the fastest ``run(c)`` whose output passes ``check`` (out of time: the first found)."""
@@ -132,14 +135,15 @@ def _tune_m(x, ids, wts, w1, w2, base, plan, reps, max_candidates, deadline, log
         for c in configs:
             if out_of_time() and best[1] is not None:
                 break
-            t = timed(lambda c=c: run(c))
+            t = _time_safe(lambda c=c: run(c), reps, dev)
             if t < best[0] and (check is None or check(run(c))):
                 best = (t, c)
         return best
 
-    t_base = timed(lambda: layer(base))
+    t_base = _time_safe(lambda: X.fused_experts_impl(x, ids, wts, w1, w2, base), reps, dev)
     results = [(t_base, base)]
-    log(f"tune {label}: baseline BLOCK_M={base['BLOCK_M']} {t_base * 1e3:.1f} us")
+    if log:
+        log(f"tune {label}: baseline BLOCK_M={base['BLOCK_M']} {t_base * 1e3:.1f} us")
     # Baseline's own BLOCK_M first, so its GEMM configurations are candidates too.
     plan = sorted(plan, key=lambda p: (p[0] != base["BLOCK_M"], len(p) > 3 and not base.get("DESC")))
     for bm, gate_ups, downs, *kind in plan:
@@ -149,14 +153,17 @@ def _tune_m(x, ids, wts, w1, w2, base, plan, reps, max_candidates, deadline, log
         if bm == base["BLOCK_M"] and desc == bool(base.get("DESC")):
             gate_ups = [base["gate_up"]] + [c for c in gate_ups if c != base["gate_up"]]
             downs = [base["down"]] + [c for c in downs if c != base["down"]]
-        gate_ups, downs = gate_ups[:max_candidates or None], downs[:max_candidates or None]
+        if max_candidates:
+            gate_ups, downs = gate_ups[:max_candidates], downs[:max_candidates]
         layout = X.dispatch(ids, E, bm, fuse=False if desc else None)
         if desc and not X.descriptors_fit(layout, x, w1, w2):
             continue
         t_dispatch = 0.0 if layout.fused else time_ms(lambda bm=bm: X.dispatch(ids, E, bm), reps, dev)
         h = torch.empty(layout.rows, w1.shape[1] // 2, device=dev, dtype=x.dtype)
-        x_in = X.gather_rows(x, layout) if desc else x
-        t_dispatch += time_ms(lambda lay=layout: X.gather_rows(x, lay), reps, dev) if desc else 0.0
+        x_in = x
+        if desc:
+            x_in = X.gather_rows(x, layout)
+            t_dispatch += time_ms(lambda lay=layout: X.gather_rows(x, lay), reps, dev)
 
         def gate_up_run(c, lay=layout, h=h, x_in=x_in, desc=desc):
             (X.gate_up_desc if desc else X.gate_up)(x_in, w1, lay, {"gate_up": c}, out=h)
@@ -174,16 +181,19 @@ def _tune_m(x, ids, wts, w1, w2, base, plan, reps, max_candidates, deadline, log
         if c_dn is None:
             continue
         cfg = {"BLOCK_M": bm, "gate_up": c_gu, "down": c_dn, **({"DESC": True} if desc else {})}
-        log(f"tune {label}: BLOCK_M={bm}{' desc' if desc else ''} {(t_dispatch + t_gu + t_dn) * 1e3:.1f} us "
-            f"(gate_up {t_gu * 1e3:.1f}, down+combine {t_dn * 1e3:.1f})")
-        if agrees(layer(cfg)):
+        if log:
+            log(f"tune {label}: BLOCK_M={bm}{' desc' if desc else ''} {(t_dispatch + t_gu + t_dn) * 1e3:.1f} us "
+                f"(gate_up {t_gu * 1e3:.1f}, down+combine {t_dn * 1e3:.1f})")
+        if agrees(X.fused_experts_impl(x, ids, wts, w1, w2, cfg)):
             # Re-time the whole layer: the sum of parts misses launch gaps and L2 effects.
-            results.append((timed(lambda cfg=cfg: layer(cfg)), cfg))
+            results.append((_time_safe(lambda cfg=cfg: X.fused_experts_impl(x, ids, wts, w1, w2, cfg), reps, dev),
+                            cfg))
     t_best, cfg_best = min(results, key=lambda r: r[0])
-    if TUNE_FAILURES:
+    if log and TUNE_FAILURES:
         log(f"tune {label}: {len(TUNE_FAILURES)} candidate(s) failed so far; last: {TUNE_FAILURES[-1]}")
-    log(f"tune {label}: chose BLOCK_M={cfg_best['BLOCK_M']} {t_best * 1e3:.1f} us "
-        f"({t_base / t_best:.2f}x the baseline) {json.dumps(cfg_best, sort_keys=True)}")
+    if log:
+        log(f"tune {label}: chose BLOCK_M={cfg_best['BLOCK_M']} {t_best * 1e3:.1f} us "
+            f"({t_base / t_best:.2f}x the baseline) {json.dumps(cfg_best, sort_keys=True)}")
     return cfg_best
 
 
@@ -193,17 +203,17 @@ def time_ms(fn, reps: int, device: torch.device) -> float:
         fn()
     times = []
     for _ in range(reps):
-        if device.type == "cuda":
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b))
-        else:  # the interpreter (tests)
+        if device.type != "cuda":  # the interpreter (tests)
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
+            continue
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
     return sorted(times)[len(times) // 2]
 
 
@@ -213,6 +223,8 @@ TUNE_FAILURES: list[str] = []  # candidates that failed to compile or run, with 
 def _time_safe(fn, reps: int, device: torch.device) -> float:
     """:func:`time_ms`, or infinity for a configuration this GPU cannot compile or run (recorded in
     TUNE_FAILURES): a tuner explores untried configurations and must not end on one."""
+    from triton.runtime.errors import OutOfResources
+
     try:
         return time_ms(fn, reps, device)
     except OutOfResources:
@@ -237,12 +249,15 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     shapes = []
     for s in args.shapes.split(","):
-        try:
-            shapes.append(PRESET_SHAPES[s] if s in PRESET_SHAPES else tuple(int(v) for v in s.split(":")))
-        except ValueError:
-            p.error(f"shape {s!r}: expected a preset ({', '.join(PRESET_SHAPES)}) or E:H:I:K")
-        if len(shapes[-1]) != 4:
-            p.error(f"shape {s!r}: expected E:H:I:K")
+        if s in PRESET_SHAPES:
+            shapes.append(PRESET_SHAPES[s])
+        else:
+            try:
+                shapes.append(tuple(int(v) for v in s.split(":")))
+            except ValueError:
+                p.error(f"shape {s!r}: expected a preset ({', '.join(PRESET_SHAPES)}) or E:H:I:K")
+            if len(shapes[-1]) != 4:
+                p.error(f"shape {s!r}: expected E:H:I:K")
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float16
     path = tune(shapes, [int(m) for m in args.ms.split(",")], dtype=dtype, out=args.out, reps=args.reps,
                 max_candidates=args.max_candidates or None, log=print, budget_s=args.budget)

@@ -431,9 +431,13 @@ def test_pdl_is_requested_only_where_it_exists(monkeypatch):
     """Programmatic dependent launch: never on the CPU/interpreter, never when switched off or unsupported."""
     assert not X.use_pdl(torch.device("cpu"))
     monkeypatch.setattr(X, "_capability", lambda index: (9, 0))
+    monkeypatch.setattr(X, "_pdl_supported", lambda: True)
     assert X.use_pdl(torch.device("cuda", 0))
     monkeypatch.setattr(X, "_capability", lambda index: (8, 0))
     assert not X.use_pdl(torch.device("cuda", 0))  # Ampere has no griddepcontrol
     monkeypatch.setattr(X, "_capability", lambda index: (9, 0))
     monkeypatch.setattr(X, "PDL", False)  # switched off (bench_kernels --no-pdl)
+    assert not X.use_pdl(torch.device("cuda", 0))
+    monkeypatch.setattr(X, "PDL", True)
+    monkeypatch.setattr(X, "_pdl_supported", lambda: False)  # a Triton without launch_pdl
     assert not X.use_pdl(torch.device("cuda", 0))
