@@ -403,7 +403,7 @@ def _decide(state: PatchState, block: _Block, router, x, output, batch: int, seq
     """The capacity-aware router output (same arity as ``output``), or None to leave it untouched."""
     # A router may return no logits (LongCat-Flash in transformers 5.17): they are recomputed if needed.
     logits, weights_TK, ids_TK = output if len(output) == 3 else (None, *output)
-    if ids_TK.shape[0] == 0:
+    if ids_TK.shape[0] == 0 or (state.config.unlimited and not state.config.collect_stats):
         return None
     if seq == 1 and not state.config.apply_in_decode:
         state.skipped_decode += 1
