@@ -64,7 +64,7 @@ for _path in (str(REPO), str(REPO / "scripts")):  # a checkout runs without inst
     if _path not in sys.path:
         sys.path.insert(0, _path)
 
-from moepatch.arguments import ArgumentParser, HelpFormatter  # noqa: E402
+from moepatch.arguments import ArgumentParser, HelpFormatter  # noqa: E402, I001  (traces is scripts/traces.py)
 from traces import add_profile_arguments, profile_calls  # noqa: E402
 
 PHASES = ("route", "dispatch", "experts", "combine", "moe", "block")

@@ -158,4 +158,5 @@ def test_nothing_is_read_from_the_environment_at_import_time(module):
                 yield stmt
 
     offenders = [getattr(n, "lineno", "?") for n in top_level(tree.body) if _reads_environment(n)]
-    assert not offenders, f"{MODULES[module].relative_to(ROOT.parent)} reads os.environ at import time, line(s) {offenders}"
+    where = MODULES[module].relative_to(ROOT.parent)
+    assert not offenders, f"{where} reads os.environ at import time, line(s) {offenders}"

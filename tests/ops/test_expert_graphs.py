@@ -122,8 +122,8 @@ def test_slower_replay_is_not_kept(monkeypatch):
 def test_layer_on_another_gpu_than_the_current_one(T, graphs_kept):
     """A model spread over GPUs (device_map): the layer's tensors on cuda:1 while cuda:0 is current
     give what the launchers give with cuda:1 current, call after call."""
-    from moepatch.ops.route_graphs import route_graphed
     from moepatch.ops.route import route as fused_route
+    from moepatch.ops.route_graphs import route_graphed
     from moepatch.routing import make_config
 
     dev = "cuda:1"

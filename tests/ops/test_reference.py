@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from moepatch.ops.reference import expert_mlp, reference_experts, sum_slots
 
 
-def _weights(E, D, I, dtype, seed=0):
+def _weights(E, D, I, dtype, seed=0):  # noqa: E741
     g = torch.Generator().manual_seed(seed)
     gate_up = (torch.randn(E, 2 * I, D, generator=g) / D ** 0.5).to(dtype)
     down = (torch.randn(E, D, I, generator=g) / I ** 0.5).to(dtype)
@@ -31,7 +31,7 @@ def _by_hand(x_TD, ids_TW, w_TW, gate_up, down, act=F.silu):
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("T", [0, 1, 13])
 def test_matches_per_token_loop(dtype, tol, T):
-    E, D, I, W = 5, 8, 6, 3
+    E, D, I, W = 5, 8, 6, 3  # noqa: E741
     gate_up, down = _weights(E, D, I, dtype)
     g = torch.Generator().manual_seed(1)
     x_TD = torch.randn(T, D, generator=g).to(dtype)
@@ -54,7 +54,7 @@ def test_all_dropped_and_negative_ids_give_zero():
 
 
 def test_apply_gate_and_act():
-    E, D, I = 3, 6, 4
+    E, D, I = 3, 6, 4  # noqa: E741
     gate_up, down = _weights(E, D, I, torch.float32)
     x_RD = torch.randn(7, D)
     ref = expert_mlp(x_RD, gate_up[1], down[1], act=F.gelu)
