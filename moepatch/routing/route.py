@@ -136,9 +136,9 @@ def route(cfg: RoutingConfig, scores_TE: torch.Tensor, topk_ids_TK: torch.Tensor
     group_T, G = group_ids(batch, seq, cfg.group, cfg.ep_size if source_rank is None else 1, device)
     tokens_G = count(group_T, G, active_T)
     zero_TK = (topk_ids_TK >= E) & active_T[:, None] if Z else None
-    capacity_G = keep_TK = moved_TK = extra_TE = None
+    capacity_G = None
 
-    def result(ids_TW, w_TW):
+    def result(ids_TW, w_TW, keep_TK=None, moved_TK=None, extra_TE=None):  # keep_TK None: unlimited
         if not cfg.collect_stats:
             return RoutingResult(ids_TW, w_TW, tokens_G, capacity_G)
         native = active_T.sum() * K  # every native pair of the real tokens, zero experts included
@@ -146,7 +146,7 @@ def route(cfg: RoutingConfig, scores_TE: torch.Tensor, topk_ids_TK: torch.Tensor
         zero = torch.zeros((), dtype=torch.long, device=device)
         load_before_E = count(topk_ids_TK, E_all, active_T[:, None])[:E]
         routed = native if identity is None else native - identity
-        if keep_TK is None:  # unlimited
+        if keep_TK is None:
             return RoutingResult(ids_TW, w_TW, tokens_G, None, load_before_E, load_before_E, routed, zero, zero, zero,
                                  identity)
         # Zero-expert pairs of real tokens are always kept, so the difference counts computing pairs only.
@@ -156,6 +156,7 @@ def route(cfg: RoutingConfig, scores_TE: torch.Tensor, topk_ids_TK: torch.Tensor
 
     if cfg.unlimited:
         return result(topk_ids_TK, topk_weights_TK)
+    moved_TK = extra_TE = None  # set by reroute / expanded drop
 
     def token_dev():
         if source_rank is None:
@@ -230,4 +231,4 @@ def route(cfg: RoutingConfig, scores_TE: torch.Tensor, topk_ids_TK: torch.Tensor
     if cfg.renormalize == "kept":
         w_TW = renormalize_kept(w_TW, topk_weights_TK, active_T)
 
-    return result(ids_TW, w_TW)
+    return result(ids_TW, w_TW, keep_TK, moved_TK, extra_TE)
