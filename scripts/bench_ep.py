@@ -65,7 +65,7 @@ for _path in (str(REPO), str(REPO / "scripts")):  # a checkout runs without inst
         sys.path.insert(0, _path)
 
 from moepatch.arguments import ArgumentParser, HelpFormatter  # noqa: E402, I001  (traces is scripts/traces.py)
-from traces import add_profile_arguments, profile_calls  # noqa: E402
+from traces import add_profile_arguments, check_counts, profile_calls  # noqa: E402
 
 PHASES = ("route", "dispatch", "experts", "combine", "moe", "block")
 _GRID = 32  # logits on a 1/32 grid within (-8, 8): exact in bf16 (8 significant bits)
@@ -99,10 +99,7 @@ def parse_args(argv):
                    help="where the transformers-EP checkpoint is written (default: a temp dir, removed at the end)")
     add_profile_arguments(p)
     args = p.parse_args(argv)
-    if args.nproc is not None and args.nproc < 1:
-        p.error(f"--nproc {args.nproc}: accepted a positive number of ranks")
-    if args.profile_calls < 1:
-        p.error(f"--profile-calls {args.profile_calls}: accepted a positive number of calls")
+    check_counts(p, args)
     if args.smoke:
         args.hidden, args.intermediate = 64, 96
         args.tokens = "64,256" if args.tokens == p.get_default("tokens") else args.tokens

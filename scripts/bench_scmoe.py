@@ -50,7 +50,7 @@ for _path in (str(REPO), str(REPO / "scripts")):  # a checkout runs without inst
 import moepatch  # noqa: E402,I001
 from moepatch.arguments import ArgumentParser, HelpFormatter  # noqa: E402
 from traces import (  # noqa: E402
-    add_profile_arguments, call_exposures, exposed_communication, profile_calls, rank_exposures)
+    add_profile_arguments, call_exposures, check_counts, exposed_communication, profile_calls, rank_exposures)
 
 # name: (hidden, expert/dense width, query heads, kv heads, experts, batch per rank, sequence)
 SHAPES = {
@@ -102,10 +102,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="ranks of a self-started torchrun (default: one per GPU, 2 on a CPU machine)")
     add_profile_arguments(p)
     args = p.parse_args(argv)
-    if args.nproc is not None and args.nproc < 1:
-        p.error(f"--nproc {args.nproc}: accepted a positive number of ranks")
-    if args.profile_calls < 1:
-        p.error(f"--profile-calls {args.profile_calls}: accepted a positive number of calls")
+    check_counts(p, args)
     if args.smoke:
         args.iters, args.warmup, args.calibrate_iters = 3, 1, 2
     names = [s for s in args.shapes.split(",") if s]

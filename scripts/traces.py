@@ -25,6 +25,14 @@ def add_profile_arguments(p) -> None:
                    help="on CUDA, record the CPU ops and launches too (adds host time per launch)")
 
 
+def check_counts(p, args) -> None:
+    """The benchmarks' --nproc and --profile-calls must be positive (argparse error otherwise)."""
+    if args.nproc is not None and args.nproc < 1:
+        p.error(f"--nproc {args.nproc}: accepted a positive number of ranks")
+    if args.profile_calls < 1:
+        p.error(f"--profile-calls {args.profile_calls}: accepted a positive number of calls")
+
+
 def profile_calls(fn, tag: str, out: Path | None, calls: int = 8, cpu: bool = False) -> Path | None:
     """Run ``fn`` under torch.profiler and write this rank's kernel table and Chrome trace under ``out``
     (returns the trace's path); with ``out`` None nothing runs (None).

@@ -1,22 +1,16 @@
 """scripts/bench_ep.py's routing construction (skewed, exact in bf16, reproducible; no process group)
 and scripts/traces.py's reading of profiled calls."""
 
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
+from repo_files import load_module  # tests/repo_files.py
 
 from moepatch.tiny import tiny_model
 
-SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
-
 
 def _load(name):
-    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_module(f"scripts/{name}.py")
 
 
 bench_ep, traces = _load("bench_ep"), _load("traces")
@@ -180,14 +174,9 @@ def test_rank_exposures_judge_by_the_rank_with_the_most_compute():
 def test_trace_exposure_script_reads_both_readings(tmp_path, capsys):
     """scripts/trace_exposure.py: per rank trace of one prefix, the critical (most compute) rank's
     exposure per call under both readings, and the fraction hidden of a given all-to-all time."""
-    import importlib.util
     import json
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parents[2] / "scripts" / "trace_exposure.py"
-    spec = importlib.util.spec_from_file_location("trace_exposure", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_module("scripts/trace_exposure.py")
     heavy = [_kernel("ncclDevKernel_AllReduce_Sum", 0, 5, 7), _kernel("gemm", 10, 300, 7),
              _kernel("gemm", 320, 100, 216), _kernel("ncclDevKernel_SendRecv", 330, 80, 218),
              _kernel("ncclDevKernel_SendRecv", 430, 20, 219)]

@@ -10,13 +10,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import platform
 from pathlib import Path
 
 import pytest
+from repo_files import load_module  # tests/repo_files.py
 
 # Offline before datasets / lm_eval are first imported (they read it at import).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -29,11 +29,7 @@ TASKS = DATA / "tasks"
 
 
 def _load_recipe_module(name: str):
-    # recipes/ is not a package: load the module straight from its file.
-    spec = importlib.util.spec_from_file_location(name, RECIPE / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_module(f"recipes/embedded/{name}.py")
 
 
 def _read_jsonl(path: Path) -> list[dict]:

@@ -1,12 +1,12 @@
 """The training recipe and the benchmark run their CPU smoke modes end to end."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from repo_files import load_module  # tests/repo_files.py
 
 from moepatch.errors import UsageError
 
@@ -14,10 +14,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _load(path: Path, name: str):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_module(str(path.relative_to(REPO)), name)
 
 
 def test_recipe_smoke_trains_both_models_on_equal_tokens(tmp_path):
