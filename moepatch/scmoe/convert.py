@@ -177,6 +177,7 @@ def convert(model: nn.Module, position: int = 2, combine: str = "cg1", *, top_k:
             verbose: bool = True) -> ConvertReport:
     """Turn a loaded Mixtral / OLMoE / Qwen2-MoE / Qwen3-MoE ``*ForCausalLM`` into ScMoE form, in place.
 
+    position: the shortcut source, 1, 2 (the paper's best) or 3; combine: "add", "cg1" or "cg2";
     top_k: routed picks on the shortcut (default keeps active parameters); shared_init: ``"mean"`` of the
     experts or an expert index to copy (new shared experts only); eval_text (a string with ``tokenizer``,
     or token ids): perplexity before and after in the report, printed with ``verbose``."""
