@@ -60,7 +60,7 @@ class RoutingConfig:
         return d
 
 
-def _choice(name, value, accepted):
+def check_choice(name, value, accepted) -> None:
     if value not in accepted:
         raise InvalidOptionError(f"{name}={value!r} is not supported; accepted: {', '.join(map(repr, accepted))}")
 
@@ -82,7 +82,7 @@ def make_config(capacity_factor=1.5, strategy="drop", policy=None, *, num_expert
     Raises:
         InvalidOptionError: with what was wrong and what is accepted.
     """
-    _choice("strategy", strategy, STRATEGIES)
+    check_choice("strategy", strategy, STRATEGIES)
     known = set(COMMON_OPTIONS) | {o for opts in STRATEGY_OPTIONS.values() for o in opts}
     unknown = sorted(set(options) - known - {"policy"})
     if unknown:
@@ -111,24 +111,24 @@ def make_config(capacity_factor=1.5, strategy="drop", policy=None, *, num_expert
 
     cfg = RoutingConfig(capacity_factor=capacity_factor, strategy=strategy,
                         _explicit=tuple(sorted(explicit)), **explicit)
-    _choice("policy", cfg.policy, POLICIES)
+    check_choice("policy", cfg.policy, POLICIES)
     _int("seed", cfg.seed, 0)
-    _choice("reroute_target", cfg.reroute_target, ("score", "least_loaded"))
+    check_choice("reroute_target", cfg.reroute_target, ("score", "least_loaded"))
     _int("reroute_rounds", cfg.reroute_rounds, 1)
-    _choice("local_experts", cfg.local_experts, ("device", "all"))
+    check_choice("local_experts", cfg.local_experts, ("device", "all"))
     if cfg.max_experts_per_token is not None:
         _int("max_experts_per_token", cfg.max_experts_per_token, 1)
     f = cfg.expert_drop_fraction
     if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f < 1:
         raise InvalidOptionError(f"expert_drop_fraction={f!r} is not valid; accepted: a number in (0, 1)")
     _int("min_capacity", cfg.min_capacity, 0)
-    _choice("renormalize", cfg.renormalize, ("none", "kept"))
+    check_choice("renormalize", cfg.renormalize, ("none", "kept"))
     for name in ("count_padding", "apply_in_decode", "collect_stats", "cuda_graphs", "expert_parallel"):
         _bool(name, getattr(cfg, name))
-    _choice("group", cfg.group, ("batch", "sequence"))
-    _choice("capacity_scope", cfg.capacity_scope, ("expert", "device"))
+    check_choice("group", cfg.group, ("batch", "sequence"))
+    check_choice("capacity_scope", cfg.capacity_scope, ("expert", "device"))
     _int("ep_size", cfg.ep_size, 1, num_experts)
-    _choice("kernel", cfg.kernel, KERNELS)
+    check_choice("kernel", cfg.kernel, KERNELS)
     return cfg
 
 

@@ -13,7 +13,7 @@ import torch
 
 from ..errors import ModelStateError
 from ..ops.reference import sum_slots
-from ..parallel.dispatch import weigh_padded
+from ..parallel.dispatch import PaddedRound, weigh_padded
 from ..patch.core import PatchHandle, capacity_decision, is_patched
 from .model import FusedExperts, ScMoEOutput, UnitProgram
 
@@ -73,31 +73,25 @@ class LongcatRouted:
         """The slots to dispatch: computing experts keep their id, the rest become the sentinel E."""
         return torch.where(ids_TW < self.num_experts, ids_TW, self.num_experts)
 
-    def combine(self, y_PD: torch.Tensor, d, weights_TW: torch.Tensor, ids_TW: torch.Tensor,
+    def combine(self, back_PD: torch.Tensor, d, weights_TW: torch.Tensor, ids_TW: torch.Tensor,
                 x_s_TD: torch.Tensor) -> torch.Tensor:
-        """``weigh_and_sum`` with identity experts: out[t] = Σ over t's slots, in slot order, of w · y (y_PD (P, D)
-        in send order of round ``d``) or w · x_s[t] (an identity expert), each product cast, summed in fp32."""
+        """``weigh_and_sum`` / ``weigh_padded`` with identity experts: out[t] = Σ over t's slots, in slot order,
+        of w · y (a returned row) or w · x_s[t] (an identity expert), each product cast, summed in fp32."""
         T, W = ids_TW.shape
-        D = x_s_TD.shape[-1]
+        E, D = self.num_experts, x_s_TD.shape[-1]
+        ident_TW = (ids_TW >= E) & (ids_TW < E + self.zero_experts)
+        if isinstance(d, PaddedRound):
+            if not self.zero_experts:  # (the CUDA combine kernel takes no identity rows)
+                return weigh_padded(back_PD, d, weights_TW)
+            x_PD = x_s_TD if W == 1 else x_s_TD.repeat_interleave(W, dim=0)
+            return weigh_padded(back_PD, d, weights_TW, x_PD, ident_TW.reshape(-1))
         buf_TWD = x_s_TD.new_zeros(T, W, D)
-        if y_PD.shape[0]:
+        if back_PD.shape[0]:  # the returned rows in send order: slot sel_P of each
             w_P = weights_TW.reshape(-1)[d.sel_P]
-            buf_TWD.view(T * W, D)[d.sel_P] = (y_PD * w_P[:, None]).to(x_s_TD.dtype)
-        ident_TW = (ids_TW >= self.num_experts) & (ids_TW < self.num_experts + self.zero_experts)
+            buf_TWD.view(T * W, D)[d.sel_P] = (back_PD * w_P[:, None]).to(x_s_TD.dtype)
         tok_N, slot_N = ident_TW.nonzero(as_tuple=True)  # NOTE: host sync (data-dependent size)
         buf_TWD[tok_N, slot_N] = (x_s_TD[tok_N] * weights_TW[tok_N, slot_N, None]).to(x_s_TD.dtype)
         return sum_slots(buf_TWD)
-
-    def combine_padded(self, back_NH: torch.Tensor, r, weights_TW: torch.Tensor, ids_TW: torch.Tensor,
-                       x_s_TD: torch.Tensor) -> torch.Tensor:
-        """:meth:`combine` for the fixed-size exchange (``moepatch.parallel.dispatch.weigh_padded``)."""
-        if not self.zero_experts:
-            return weigh_padded(back_NH, r, weights_TW)
-        W = ids_TW.shape[1]
-        flat_P = ids_TW.reshape(-1)
-        x_PD = x_s_TD if W == 1 else x_s_TD.repeat_interleave(W, dim=0)
-        E = self.num_experts
-        return weigh_padded(back_NH, r, weights_TW, x_PD, (flat_P >= E) & (flat_P < E + self.zero_experts))
 
 
 class LongcatShortcut:

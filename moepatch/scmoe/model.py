@@ -16,16 +16,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops.reference import reference_experts
+from ..routing.config import check_choice
 from ..routing.scores import FamilyScoring
 
 ARCHS = ("top2", "shared", "scmoe", "scmoe2")
 COMBINES = ("add", "cg1", "cg2")
 POSITIONS = (1, 2, 3)
-
-
-def check_choice(name: str, value, accepted: tuple) -> None:
-    if value not in accepted:
-        raise ValueError(f"{name}={value!r} is not supported; accepted: {', '.join(map(repr, accepted))}")
 
 
 @dataclass

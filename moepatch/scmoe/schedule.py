@@ -32,11 +32,6 @@ SCHEDULES = ("sequential", "overlap")
 EXCHANGES = ("counts", "padded")
 
 
-def _fused_layout_ok(experts) -> bool:
-    """Whether moepatch.ops' fused SwiGLU kernel computes these experts (gated SiLU, [gate; up])."""
-    return isinstance(experts, FusedExperts) or layout_problem(type(experts).__name__, experts) is None
-
-
 def compute_padded_experts(blk: EPBlock, x_NH: torch.Tensor, local_N: torch.Tensor) -> torch.Tensor:
     """The local experts on the rows of a fixed-size exchange, (N, H) in x's dtype (0 on rows naming no
     local expert): the fused kernel on CUDA (no host sync), moepatch.ops.reference elsewhere."""
@@ -48,7 +43,8 @@ def compute_padded_experts(blk: EPBlock, x_NH: torch.Tensor, local_N: torch.Tens
     # Each row to its one expert with weight 1 in float32 (exact); ids >= L (no data) are dropped slots.
     args = (x_NH, local_N.view(-1, 1), torch.ones(x_NH.shape[0], 1, dtype=torch.float32, device=x_NH.device),
             blk.gate_up_LIH, blk.down_LHI)
-    if x_NH.is_cuda and _fused_layout_ok(experts):
+    # moepatch.ops' fused SwiGLU kernel where it computes these experts (gated SiLU, [gate; up]).
+    if x_NH.is_cuda and (isinstance(experts, FusedExperts) or layout_problem(type(experts).__name__, experts) is None):
         from ..ops.experts import fused_experts_impl
 
         return fused_experts_impl(*args)
@@ -95,31 +91,13 @@ class UnitTiming:
 
 
 def _signature(v):
-    """What a unit graph's inputs must match: tensors by shape, dtype, strides and device, containers
-    element-wise, other values as they are."""
+    """What a unit graph's inputs must match: tensors by shape, dtype, strides and device, a context's fields
+    one by one, other values as they are."""
     if isinstance(v, torch.Tensor):
         return ("tensor", tuple(v.shape), v.dtype, v.stride(), v.device)
-    if isinstance(v, (tuple, list)):
-        return tuple(_signature(x) for x in v)
     if isinstance(v, dict):
         return tuple((k, _signature(x)) for k, x in v.items())
     return v if isinstance(v, (int, float, bool, str, type(None), torch.dtype)) else ("object", id(v))
-
-
-def _static(v):
-    if isinstance(v, torch.Tensor):
-        return v.clone()
-    if isinstance(v, (tuple, list)):
-        return type(v)(_static(x) for x in v)
-    return v
-
-
-def _copy_into(dst, src) -> None:
-    if isinstance(dst, torch.Tensor):
-        dst.copy_(src)
-    elif isinstance(dst, (tuple, list)):
-        for a, b in zip(dst, src):
-            _copy_into(a, b)
 
 
 class _UnitGraph:
@@ -127,9 +105,10 @@ class _UnitGraph:
 
     def __init__(self, ep: ShortcutEP, cache: GraphCache, u: int, h_BSD: torch.Tensor, ctx, schedule: str):
         self.h_BSD = h_BSD.clone()
-        self.ctx = copy.copy(ctx)
+        self.ctx = copy.copy(ctx)  # (native ScMoE only: a ForwardContext holds no tensor containers)
         for name, value in vars(ctx).items():
-            setattr(self.ctx, name, _static(value))
+            if isinstance(value, torch.Tensor):
+                setattr(self.ctx, name, value.clone())
         self.graph = torch.cuda.CUDAGraph()
         with cache.recording(self.graph, h_BSD.device):  # (torch.cuda.graph syncs the device first)
             self.out_BSD = ep._run_unit(u, self.h_BSD, self.ctx, schedule)
@@ -137,7 +116,8 @@ class _UnitGraph:
     def replay(self, h_BSD: torch.Tensor, ctx) -> torch.Tensor:
         self.h_BSD.copy_(h_BSD)
         for name, value in vars(ctx).items():
-            _copy_into(getattr(self.ctx, name), value)
+            if isinstance(value, torch.Tensor):
+                getattr(self.ctx, name).copy_(value)
         self.graph.replay()
         return self.out_BSD
 
@@ -267,11 +247,10 @@ class ShortcutEP:
     @staticmethod
     def _weigh(prog: UnitProgram, back_PD: torch.Tensor, d: Dispatched | PaddedRound, w_TW: torch.Tensor,
                ids_TW: torch.Tensor) -> torch.Tensor:
-        padded = isinstance(d, PaddedRound)
-        combine = getattr(prog.moe, "combine_padded" if padded else "combine", None)
+        combine = getattr(prog.moe, "combine", None)
         if combine is not None:  # the routed branch adds its identity experts here
             return combine(back_PD, d, w_TW, ids_TW, prog.x_s_TD)
-        return (weigh_padded if padded else weigh_and_sum)(back_PD, d, w_TW)
+        return (weigh_padded if isinstance(d, PaddedRound) else weigh_and_sum)(back_PD, d, w_TW)
 
     def run_unit(self, u: int, h_BSD: torch.Tensor, ctx: ForwardContext, schedule: str = "overlap",
                  clock: _Clock | None = None, phases: dict | None = None) -> torch.Tensor:
