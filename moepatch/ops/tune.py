@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import torch
+from triton.runtime.errors import OutOfResources
 
 from ..arguments import ArgumentParser, HelpFormatter
 from . import experts as X
@@ -35,9 +36,8 @@ BIG_GATE_UP = [gu(128, 64, 16, 8, 3), gu(128, 64, 16, 8, 4), gu(64, 64, 8, 4, 4)
 BIG_DOWN = [dn(256, 64, 16, 1, 8, 3), dn(256, 64, 16, 1, 8, 4), dn(128, 64, 16, 1, 8, 4), dn(128, 128, 8, 1, 8, 3),
             dn(256, 64, 32, 1, 8, 4), dn(256, 64, 16, 2, 8, 3)]
 # One token: down + combine in one kernel (TOKEN); BLOCK_N 16 gives Mixtral 256 programs, the 2048-wide models 128.
-TOKEN_DOWN = [dict(dn(16, 256, 1, 1, 4, 4), TOKEN=1), dict(dn(16, 128, 1, 1, 4, 6), TOKEN=1),
-              dict(dn(16, 512, 1, 1, 4, 3), TOKEN=1), dict(dn(32, 256, 1, 1, 4, 4), TOKEN=1),
-              dict(dn(16, 256, 1, 1, 8, 4), TOKEN=1)]
+TOKEN_DOWN = [dict(c, TOKEN=1) for c in (dn(16, 256, 1, 1, 4, 4), dn(16, 128, 1, 1, 4, 6), dn(16, 512, 1, 1, 4, 3),
+                                          dn(32, 256, 1, 1, 4, 4), dn(16, 256, 1, 1, 8, 4))]
 # The descriptor GEMMs (DESC) for the compute-bound regime: the defaults first (tuning.DESC_DEFAULT).
 DESC_GATE_UP = [DESC_DEFAULT[128][0], dict(gu(128, 64, 16, 8, 3), JOINT=1, H_STORE_SPLIT=1, **PF),
                 dict(gu(128, 64, 16, 8, 4), JOINT=1, **PF), dict(gu(128, 64, 16, 8, 4), JOINT=1),
@@ -93,23 +93,20 @@ def tune(shapes: list[tuple[int, int, int, int]], ms: list[int], *, dtype: torch
     path = Path(out) if out is not None else user_dir() / f"{dev_key}.json"
     table = json.loads(path.read_text()) if path.is_file() else {}
     t_start = time.perf_counter()
-    n_pairs = max(1, len(shapes) * len(ms))
-    done = 0
-    for E, H, I, K in shapes:  # noqa: E741
+    for s, (E, H, I, K) in enumerate(shapes):  # noqa: E741
         key = shape_key(E, H, I, K)
         entry = table.setdefault(key, {str(m): get_config(m, E, H, I, K, dev_key) for m in M_BUCKETS})
         gen = torch.Generator(device=device).manual_seed(0)
         w1 = torch.randn(E, 2 * I, H, device=device, dtype=dtype, generator=gen) * H**-0.5
         w2 = torch.randn(E, H, I, device=device, dtype=dtype, generator=gen) * I**-0.5
-        for M in ms:
-            deadline = None if budget_s is None else t_start + budget_s * (done + 1) / n_pairs
+        for pair, M in enumerate(ms, s * len(ms) + 1):  # the budget's share: pairs so far / all pairs
+            deadline = None if budget_s is None else t_start + budget_s * pair / (len(shapes) * len(ms))
             x = torch.randn(M, H, device=device, dtype=dtype, generator=gen)
             ids = torch.rand(M, E, device=device, generator=gen).topk(K, dim=1).indices
             wts = torch.rand(M, K, device=device, generator=gen)
             base = get_config(M, E, H, I, K, dev_key)
             entry[str(M)] = _tune_m(x, ids, wts, w1, w2, base, candidate_configs(M, E, H, I, K), reps,
-                                    max_candidates, deadline, log, f"{key} M={M}")
-            done += 1
+                                    max_candidates, deadline, log or (lambda line: None), f"{key} M={M}")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
     get_config.cache_clear()
@@ -142,8 +139,7 @@ def _tune_m(x, ids, wts, w1, w2, base, plan, reps, max_candidates, deadline, log
 
     t_base = _time_safe(lambda: X.fused_experts_impl(x, ids, wts, w1, w2, base), reps, dev)
     results = [(t_base, base)]
-    if log:
-        log(f"tune {label}: baseline BLOCK_M={base['BLOCK_M']} {t_base * 1e3:.1f} us")
+    log(f"tune {label}: baseline BLOCK_M={base['BLOCK_M']} {t_base * 1e3:.1f} us")
     # Baseline's own BLOCK_M first, so its GEMM configurations are candidates too.
     plan = sorted(plan, key=lambda p: (p[0] != base["BLOCK_M"], len(p) > 3 and not base.get("DESC")))
     for bm, gate_ups, downs, *kind in plan:
@@ -153,8 +149,7 @@ def _tune_m(x, ids, wts, w1, w2, base, plan, reps, max_candidates, deadline, log
         if bm == base["BLOCK_M"] and desc == bool(base.get("DESC")):
             gate_ups = [base["gate_up"]] + [c for c in gate_ups if c != base["gate_up"]]
             downs = [base["down"]] + [c for c in downs if c != base["down"]]
-        if max_candidates:
-            gate_ups, downs = gate_ups[:max_candidates], downs[:max_candidates]
+        gate_ups, downs = gate_ups[:max_candidates or None], downs[:max_candidates or None]
         layout = X.dispatch(ids, E, bm, fuse=False if desc else None)
         if desc and not X.descriptors_fit(layout, x, w1, w2):
             continue
@@ -181,19 +176,17 @@ def _tune_m(x, ids, wts, w1, w2, base, plan, reps, max_candidates, deadline, log
         if c_dn is None:
             continue
         cfg = {"BLOCK_M": bm, "gate_up": c_gu, "down": c_dn, **({"DESC": True} if desc else {})}
-        if log:
-            log(f"tune {label}: BLOCK_M={bm}{' desc' if desc else ''} {(t_dispatch + t_gu + t_dn) * 1e3:.1f} us "
-                f"(gate_up {t_gu * 1e3:.1f}, down+combine {t_dn * 1e3:.1f})")
+        log(f"tune {label}: BLOCK_M={bm}{' desc' if desc else ''} {(t_dispatch + t_gu + t_dn) * 1e3:.1f} us "
+            f"(gate_up {t_gu * 1e3:.1f}, down+combine {t_dn * 1e3:.1f})")
         if agrees(X.fused_experts_impl(x, ids, wts, w1, w2, cfg)):
             # Re-time the whole layer: the sum of parts misses launch gaps and L2 effects.
             results.append((_time_safe(lambda cfg=cfg: X.fused_experts_impl(x, ids, wts, w1, w2, cfg), reps, dev),
                             cfg))
     t_best, cfg_best = min(results, key=lambda r: r[0])
-    if log and TUNE_FAILURES:
+    if TUNE_FAILURES:
         log(f"tune {label}: {len(TUNE_FAILURES)} candidate(s) failed so far; last: {TUNE_FAILURES[-1]}")
-    if log:
-        log(f"tune {label}: chose BLOCK_M={cfg_best['BLOCK_M']} {t_best * 1e3:.1f} us "
-            f"({t_base / t_best:.2f}x the baseline) {json.dumps(cfg_best, sort_keys=True)}")
+    log(f"tune {label}: chose BLOCK_M={cfg_best['BLOCK_M']} {t_best * 1e3:.1f} us "
+        f"({t_base / t_best:.2f}x the baseline) {json.dumps(cfg_best, sort_keys=True)}")
     return cfg_best
 
 
@@ -223,8 +216,6 @@ TUNE_FAILURES: list[str] = []  # candidates that failed to compile or run, with 
 def _time_safe(fn, reps: int, device: torch.device) -> float:
     """:func:`time_ms`, or infinity for a configuration this GPU cannot compile or run (recorded in
     TUNE_FAILURES): a tuner explores untried configurations and must not end on one."""
-    from triton.runtime.errors import OutOfResources
-
     try:
         return time_ms(fn, reps, device)
     except OutOfResources:
@@ -249,15 +240,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     shapes = []
     for s in args.shapes.split(","):
-        if s in PRESET_SHAPES:
-            shapes.append(PRESET_SHAPES[s])
-        else:
-            try:
-                shapes.append(tuple(int(v) for v in s.split(":")))
-            except ValueError:
-                p.error(f"shape {s!r}: expected a preset ({', '.join(PRESET_SHAPES)}) or E:H:I:K")
-            if len(shapes[-1]) != 4:
-                p.error(f"shape {s!r}: expected E:H:I:K")
+        try:
+            shapes.append(PRESET_SHAPES[s] if s in PRESET_SHAPES else tuple(int(v) for v in s.split(":")))
+        except ValueError:
+            p.error(f"shape {s!r}: expected a preset ({', '.join(PRESET_SHAPES)}) or E:H:I:K")
+        if len(shapes[-1]) != 4:
+            p.error(f"shape {s!r}: expected E:H:I:K")
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float16
     path = tune(shapes, [int(m) for m in args.ms.split(",")], dtype=dtype, out=args.out, reps=args.reps,
                 max_candidates=args.max_candidates or None, log=print, budget_s=args.budget)

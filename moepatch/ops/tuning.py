@@ -40,10 +40,10 @@ def shape_key(E: int, H: int, I: int, K: int) -> str:  # noqa: E741 (I is the in
     return f"E={E},H={H},I={I},K={K}"
 
 
-def device_key(device: torch.device | str | None = None) -> str:
+def device_key(device: torch.device | str) -> str:
     """File stem for the GPU of ``device`` ("NVIDIA_H200"), or "cpu" (the interpreter)."""
-    dev = torch.device(device) if device is not None else None
-    if dev is None or dev.type != "cuda":
+    dev = torch.device(device)
+    if dev.type != "cuda":
         return "cpu"
     return _cuda_device_key(dev.index if dev.index is not None else torch.cuda.current_device())
 
