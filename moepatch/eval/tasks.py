@@ -27,10 +27,14 @@ def embedded_model_path() -> Path:
 
 
 def task_data_path(task: str) -> Path:
-    """Absolute path of a task's JSONL data file."""
+    """Absolute path of a task's JSONL data file (FileNotFoundError when it is missing)."""
     if task not in EMBEDDED_TASKS:
         raise ValueError(f"unknown embedded task {task!r}; expected one of {EMBEDDED_TASKS}")
-    return data_dir() / "tasks" / f"{task}.jsonl"
+    path = data_dir() / "tasks" / f"{task}.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"task data {path} is missing; reinstall moepatch or run "
+                                "recipes/embedded/make_tasks.py")
+    return path
 
 
 def _metrics(*entries: tuple[str, str, str]) -> list[str]:
@@ -65,9 +69,6 @@ def write_task_configs(dest_dir: str) -> list[str]:
     dest = Path(dest_dir)
     dest.mkdir(parents=True, exist_ok=True)
     for task in EMBEDDED_TASKS:
-        path = task_data_path(task)
-        if not path.is_file():
-            raise FileNotFoundError(f"task data {path} is missing; run recipes/embedded/make_tasks.py")
         (dest / f"{task}.yaml").write_text(_task_yaml(task), encoding="utf-8")
     return list(EMBEDDED_TASKS)
 
@@ -75,17 +76,14 @@ def write_task_configs(dest_dir: str) -> list[str]:
 def task_config_dir() -> Path:
     """The embedded tasks' lm-eval configs for this installation (written if missing or stale), under
     ``$XDG_CACHE_HOME/moepatch/lm_eval_tasks`` (default ``~/.cache``), else a temporary directory."""
-    for task in EMBEDDED_TASKS:
-        if not task_data_path(task).is_file():
-            raise FileNotFoundError(f"task data {task_data_path(task)} is missing; reinstall moepatch or run "
-                                    "recipes/embedded/make_tasks.py")
+    texts = {t: _task_yaml(t) for t in EMBEDDED_TASKS}  # (FileNotFoundError without the data)
     tag = hashlib.sha1(f"{data_dir()}:{TASK_VERSION}".encode()).hexdigest()[:12]
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "moepatch" / "lm_eval_tasks"
     for root in (base, Path(tempfile.gettempdir()) / "moepatch-lm-eval-tasks"):
         dest = root / tag
         try:
-            if not all((dest / f"{t}.yaml").is_file() and (dest / f"{t}.yaml").read_text() == _task_yaml(t)
-                       for t in EMBEDDED_TASKS):
+            if not all((dest / f"{t}.yaml").is_file() and (dest / f"{t}.yaml").read_text() == text
+                       for t, text in texts.items()):
                 write_task_configs(str(dest))
             return dest
         except OSError:
