@@ -188,7 +188,7 @@ def register_experts_implementation() -> None:
 
 def _check_block(ordinal: int, block, rank: int, world: int) -> ShardInfo | None:
     """Refuse a block expert parallelism cannot run; its ShardInfo when it was loaded sharded."""
-    experts, E, name = block.experts, int(block.gate.num_experts), f"MoE block {ordinal}"
+    experts, E, name = block.experts, int(block.experts.num_experts), f"MoE block {ordinal}"
     cls = type(experts)
     if not (hasattr(cls, "_apply_gate") and hasattr(experts, "config")
             and hasattr(experts.config, "_experts_implementation_internal")):
@@ -204,7 +204,7 @@ def _check_block(ordinal: int, block, rank: int, world: int) -> ShardInfo | None
         if not isinstance(p, torch.Tensor) or p.dim() != 3:
             raise UnsupportedModelError(f"{name}: {cls.__name__}.{pname} is not a 3-D expert tensor")
     if getattr(experts, "num_experts", E) != E:
-        raise UnsupportedModelError(f"{name}: router has {E} experts, experts module {experts.num_experts}")
+        raise UnsupportedModelError(f"{name}: {E} experts, experts module {experts.num_experts}")
     shard = SHARDS.get(experts)
     if shard is not None and (shard.rank, shard.world, shard.num_experts) != (rank, world, E):
         raise ModelStateError(f"{name} was loaded for rank {shard.rank} of {shard.world} with {shard.num_experts} "
@@ -237,7 +237,7 @@ def install(model: torch.nn.Module, blocks: list, cfg) -> list:
 
     ep_blocks: list[EPBlock] = []
     for ordinal, (block, shard) in enumerate(zip(blocks, shards)):
-        experts, E, restore = block.experts, int(block.gate.num_experts), None
+        experts, E, restore = block.experts, int(block.experts.num_experts), None
         if shard is None:
             first, stop = local_range(E, world, rank)
             restore = {n: experts._parameters[n] for n in ("gate_up_proj", "down_proj")}

@@ -11,6 +11,7 @@ import os
 import torch
 
 from ..errors import ModelStateError
+from .registry import experts_modules
 
 TRITON = "moepatch_triton"  # fused experts, replayed from CUDA graphs where that pays
 TRITON_EAGER = "moepatch_triton_eager"  # the same kernels, never from a graph (cuda_graphs=False)
@@ -35,11 +36,6 @@ def register(name: str, fn) -> None:
 
 def _unregister(name: str) -> None:
     type(_interface())._global_mapping.pop(name, None)
-
-
-def experts_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
-    """Modules decorated by transformers' ``use_experts_implementation`` (they carry ``has_gate``)."""
-    return [(n, m) for n, m in model.named_modules() if hasattr(m, "has_gate") and hasattr(m, "num_experts")]
 
 
 def experts_configs(model: torch.nn.Module, blocks) -> list:

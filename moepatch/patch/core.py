@@ -25,8 +25,9 @@ from ..routing.stats import LoadStats, PendingRecord, describe_config
 from ..versions import tested_range
 from . import backend
 from .lowering import experts_post_hook, experts_pre_hook
-from .probe import check_router, check_structure
+from .probe import check_structure, read_router
 from .registry import family_for, moe_blocks
+from .spec import join_router_output, split_router_output
 
 _STATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)")
@@ -48,7 +49,6 @@ class _Block:
     name: str
     layer: int
     num_experts: int
-    top_k: int
     scoring: FamilyScoring
     zero_experts: int = 0
     expert_ids: int = 0  # ids the experts module computes; the experts hooks lower the others
@@ -172,14 +172,14 @@ def apply(model: torch.nn.Module, capacity_factor: float | None = 1.5, strategy:
         return _apply_layers(model, layers, capacity_factor, strategy, policy, options)
     spec, blocks = _check_model(model)
     check_structure(spec, blocks)
-    routers = [spec.router(b) for _, b in blocks]
-    cfg = make_config(capacity_factor, strategy, policy, num_experts=min(r.num_experts for r in routers), **options)
+    cfg = make_config(capacity_factor, strategy, policy, num_experts=min(spec.num_experts(b) for _, b in blocks),
+                      **options)
     key = _choose_backend(model, cfg, spec)
     chosen = backend.get_backend(key)
     cfg, source_rank = chosen.prepare(model, cfg)
     state = _STATES.get(model)
-    if state is None:
-        check_router(spec, model, blocks[0][1])  # the hooks are not installed yet: the router's own output
+    # Each router's reading, while no hook of ours is installed (the router's own output).
+    scorings = [read_router(spec, model, b) for _, b in blocks] if state is None or key != state.backend else None
     if state is not None and key != state.backend:
         # A different experts backend means different hooks: undo the old patch, then install afresh.
         remove(model)
@@ -191,7 +191,7 @@ def apply(model: torch.nn.Module, capacity_factor: float | None = 1.5, strategy:
     state = PatchState(config=cfg, model_type=spec.model_type, names=[n for n, _ in blocks], backend=key,
                        source_rank=source_rank)
     try:
-        _install(model, state, blocks, spec)
+        _install(model, state, blocks, spec, scorings)
         modules = [b for _, b in blocks]
         state.handles.extend(chosen.install(model, modules, cfg))
         if chosen.device_route and any(p.is_cuda for b in modules for p in b.experts.parameters()):
@@ -254,13 +254,13 @@ def _install_context(model, state):
         state.handles.append(m.register_forward_hook(functools.partial(_leave_forward, state), always_call=True))
 
 
-def _install(model, state, blocks, spec):
+def _install(model, state, blocks, spec, scorings):
     _install_context(model, state)
-    for i, (name, block) in enumerate(blocks):
+    for i, ((name, block), scoring) in enumerate(zip(blocks, scorings)):
         match = _LAYER_RE.search(name)
         router = spec.router(block)
-        b = _Block(name=name, layer=int(match.group(1)) if match else i, num_experts=int(router.num_experts),
-                   top_k=int(router.top_k), scoring=spec.scoring(router), zero_experts=spec.num_zero_experts(block),
+        b = _Block(name=name, layer=int(match.group(1)) if match else i, num_experts=spec.num_experts(block),
+                   scoring=scoring, zero_experts=spec.num_zero_experts(block),
                    expert_ids=spec.num_expert_ids(block), router_logits=spec.router_logits,
                    pair_experts=spec.pair_fn(block))
         state.blocks.append(b)
@@ -389,7 +389,7 @@ def _route_call(state: PatchState, route_fn, scoring: FamilyScoring, layer: int,
     # Only experts a token did not pick natively need the family's weight factor.
     factor_T = None
     if cfg.strategy in ("reroute", "expanded"):
-        factor_T = scoring.factor(scores_TE, ids_TK if native_ids_TK is None else native_ids_TK)
+        factor_T = scoring.factor(scores_TE, ids_TK if native_ids_TK is None else native_ids_TK, weights_TK)
     extra = {"zero_experts": zero_experts} if zero_experts else {}
     result = route_fn(cfg, scores_TE, ids_TK, weights_TK, factor_T, batch=batch, seq=seq, valid_BS=valid_BS,
                       layer=layer, source_rank=source_rank, **extra)
@@ -402,19 +402,19 @@ def _decide(state: PatchState, block: _Block, router, x, output, batch: int, seq
             source_rank: int | None):
     """The capacity-aware router output (same arity as ``output``), or None to leave it untouched."""
     # A router may return no logits (LongCat-Flash in transformers 5.17): they are recomputed if needed.
-    logits, weights_TK, ids_TK = output if len(output) == 3 else (None, *output)
+    logits, weights_TK, ids_TK, _ = split_router_output(output)
     if ids_TK.shape[0] == 0 or (state.config.unlimited and not state.config.collect_stats):
         return None
     if seq == 1 and not state.config.apply_in_decode:
         state.skipped_decode += 1
         return None
     logits = block.router_logits(router, x) if logits is None else logits
-    result = _route_call(state, state.route_fn, block.scoring, block.layer, (block.top_k, block.num_experts), logits,
-                         ids_TK, weights_TK, batch, seq, valid, source_rank, zero_experts=block.zero_experts)
+    dims = (ids_TK.shape[1], block.num_experts)
+    result = _route_call(state, state.route_fn, block.scoring, block.layer, dims, logits, ids_TK, weights_TK, batch,
+                         seq, valid, source_rank, zero_experts=block.zero_experts)
     if state.config.unlimited:
         return None
-    out = (result.topk_weights_TW, result.topk_ids_TW)
-    return out if len(output) == 2 else (logits, *out)
+    return join_router_output(output, result.topk_weights_TW, result.topk_ids_TW)
 
 
 def _block_pre_hook(block: _Block, module, args):
@@ -426,7 +426,7 @@ def _block_pre_hook(block: _Block, module, args):
 def _router_hook(state: PatchState, block: _Block, module, args, output):
     block.lower = False
     shape, block.shape = block.shape, None  # consumed: a later direct router call gets no stale shape
-    T = output[-1].shape[0]
+    T = split_router_output(output)[2].shape[0]
     ctx = state.context
     if ctx is not None and ctx.batch * ctx.seq == T:
         batch, seq, valid = ctx.batch, ctx.seq, ctx.valid_BS
@@ -453,7 +453,7 @@ def capacity_decision(model: torch.nn.Module, router: torch.nn.Module, hidden_st
         raise ModelStateError(f"{type(router).__name__} is not a router of this patched model")
     B, S = int(hidden_states.shape[0]), int(hidden_states.shape[1])
     out = _decide(state, block, router, hidden_states, output, B, S, valid_BS, source_rank) or output
-    return out[-2], out[-1]
+    return split_router_output(out)[1:3]
 
 
 def remove(model: torch.nn.Module) -> None:

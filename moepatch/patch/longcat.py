@@ -50,6 +50,7 @@ SPEC = FamilySpec(
     block_classes=("LongcatFlashMoE",),
     scoring=lambda router: FamilyScoring(kind="softmax", normalize=False, scale=float(router.routed_scaling_factor)),
     router_attr="router",
+    count_attr="router.num_experts",
     router_logits=_router_logits,
     zero_experts=lambda router: int(router.n_routed_experts) - int(router.num_experts),
     experts_interface=False,

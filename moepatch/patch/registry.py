@@ -1,29 +1,100 @@
-"""Supported model families, keyed by ``config.model_type``."""
+"""Which models moepatch patches: any whose MoE blocks run their experts through transformers' experts
+interface, found from the model's own modules; hand-written specs only where that cannot be derived."""
 
 from __future__ import annotations
+
+import functools
+import os
 
 import torch
 
 from ..errors import UnsupportedModelError
-from . import deepseek, longcat, mixtral, olmoe, qwen_moe
+from ..versions import tested_range
+from . import longcat
 from .spec import FamilySpec
 
-_FAMILIES = {s.model_type: s for s in (mixtral.SPEC, olmoe.SPEC, *qwen_moe.SPECS, *deepseek.SPECS, longcat.SPEC)}
+_SPECS = {longcat.SPEC.model_type: longcat.SPEC}  # families with what the modules do not tell
+_ROUTER_NAMES = ("gate", "router")
 
 
+@functools.cache
 def supported_model_types() -> tuple[str, ...]:
-    return tuple(sorted(_FAMILIES))
+    """The causal-LM model types of the installed transformers whose modeling code uses its experts
+    interface (``use_experts_implementation``), and the hand-specified families."""
+    import transformers
+    from transformers.models.auto.configuration_auto import model_type_to_module_name
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    root = os.path.join(os.path.dirname(transformers.__file__), "models")
+    found = set(_SPECS)
+    for model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        module = model_type_to_module_name(model_type)
+        path = os.path.join(root, module, f"modeling_{module}.py")
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as f:
+                if "use_experts_implementation" in f.read():
+                    found.add(model_type)
+    return tuple(sorted(found))
+
+
+def experts_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """Modules decorated by transformers' ``use_experts_implementation`` (they carry ``has_gate``)."""
+    return [(n, m) for n, m in model.named_modules() if hasattr(m, "has_gate") and hasattr(m, "num_experts")]
+
+
+def _router_attr(block: torch.nn.Module, name: str) -> str:
+    """The child of ``block`` that routes: a ``*Router`` module, else one named gate / router."""
+    kids = [(n, m) for n, m in block.named_children() if m is not getattr(block, "experts", None)]
+    routers = [n for n, m in kids if "router" in type(m).__name__.lower()]
+    if len(routers) == 1:
+        return routers[0]
+    named = [n for n in _ROUTER_NAMES if n in dict(kids)]
+    if named:
+        return named[0]
+    raise UnsupportedModelError(
+        f"its MoE block {name} ({type(block).__name__}) has experts but no router module (a *Router child, "
+        f"or one named {' / '.join(_ROUTER_NAMES)}); children: {', '.join(n for n, _ in kids) or 'none'}")
+
+
+def derive_spec(model: torch.nn.Module, model_type: str) -> FamilySpec:
+    """The family of a model from its modules: each experts module's parent is an MoE block, whose router
+    is its routing child (patch/probe.py reads how it scores at apply)."""
+    found = experts_modules(model)
+    if not found:
+        raise UnsupportedModelError(
+            f"moepatch cannot patch model_type {model_type!r}: it has no MoE experts module behind transformers' "
+            "experts interface (@use_experts_implementation), so it is not a Mixture-of-Experts model moepatch "
+            f"patches; {tested_range()}; supported model types: {', '.join(supported_model_types())}")
+    modules = dict(model.named_modules())
+    classes, attrs = [], {}
+    for name, _ in found:
+        parent = name.rsplit(".", 1)[0] if "." in name else ""
+        block = modules[parent]
+        if getattr(block, "experts", None) is not modules[name]:
+            raise UnsupportedModelError(f"moepatch cannot patch this {model_type} model: its experts module {name} "
+                                        "is not the `experts` attribute of an MoE block")
+        try:
+            attrs[type(block).__name__] = _router_attr(block, parent)
+        except UnsupportedModelError as exc:
+            raise UnsupportedModelError(f"moepatch cannot patch this {model_type} model: {exc}") from None
+        classes.append(type(block).__name__)
+    if len(set(attrs.values())) > 1:
+        raise UnsupportedModelError(f"moepatch cannot patch this {model_type} model: its MoE blocks keep their "
+                                    f"routers under different names ({attrs})")
+    return FamilySpec(model_type=model_type, block_classes=tuple(dict.fromkeys(classes)),
+                      router_attr=next(iter(attrs.values())))
 
 
 def family_for(model: torch.nn.Module) -> FamilySpec:
     """The family of a loaded transformers model; UnsupportedModelError when it has none."""
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
-    if model_type not in _FAMILIES:
-        what = f"model_type {model_type!r}" if model_type else f"{type(model).__name__} (no transformers config)"
-        raise UnsupportedModelError(
-            f"moepatch cannot patch {what}; supported model types: {', '.join(sorted(_FAMILIES))}")
-    return _FAMILIES[model_type]
+    if not model_type:
+        raise UnsupportedModelError(f"moepatch cannot patch {type(model).__name__} (no transformers config); "
+                                    f"supported model types: {', '.join(supported_model_types())}")
+    if model_type in _SPECS:
+        return _SPECS[model_type]
+    return derive_spec(model, model_type)
 
 
 def moe_blocks(model: torch.nn.Module, spec: FamilySpec) -> list[tuple[str, torch.nn.Module]]:

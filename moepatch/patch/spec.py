@@ -1,4 +1,8 @@
-"""A model family as data: which modules are its MoE blocks, where their router is and how it scores."""
+"""A model family as data: which modules are its MoE blocks, where their router is and how it scores.
+
+Most families are derived from the model's own modules (``registry.derive_spec``); a hand-written spec
+holds only what cannot be derived (LongCat-Flash's zero-computation experts and older experts module).
+"""
 
 from __future__ import annotations
 
@@ -13,12 +17,14 @@ from ..routing.scores import FamilyScoring
 @dataclass(frozen=True)
 class FamilySpec:
     """How to patch one model family.  A block (one of ``block_classes``) has ``experts`` and a router
-    (``forward(x) -> (logits, weights, ids)`` or ``(weights, ids)``) with ``num_experts`` and ``top_k``."""
+    ``block.<router_attr>`` whose ``forward(x)`` returns (logits, weights, ids, *extra) or (weights, ids)."""
 
     model_type: str  # config.model_type
     block_classes: tuple[str, ...]
-    scoring: Callable[[torch.nn.Module], FamilyScoring]  # router -> the family's scoring
     router_attr: str = "gate"
+    # router -> the family's scoring; None: read from the router's output at apply (patch/probe.py)
+    scoring: Callable[[torch.nn.Module], FamilyScoring] | None = None
+    count_attr: str = "experts.num_experts"  # attribute path of a block: E, its routed (computing) experts
     # (router, hidden_states) -> (T, E + Z) logits as the router computes them, for routers that return none
     router_logits: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor] | None = None
     zero_experts: Callable[[torch.nn.Module], int] | None = None  # router -> Z identity experts (ids after E)
@@ -31,18 +37,43 @@ class FamilySpec:
     def router(self, block: torch.nn.Module) -> torch.nn.Module:
         return getattr(block, self.router_attr)
 
+    def num_experts(self, block: torch.nn.Module) -> int:
+        obj = block
+        for part in self.count_attr.split("."):
+            obj = getattr(obj, part)
+        return int(obj)
+
     def num_zero_experts(self, block: torch.nn.Module) -> int:
         return 0 if self.zero_experts is None else int(self.zero_experts(self.router(block)))
 
     def num_expert_ids(self, block: torch.nn.Module) -> int:
         if self.experts_ids is not None:
             return int(self.experts_ids(block.experts))
-        return int(self.router(block).num_experts) + self.num_zero_experts(block)
+        return self.num_experts(block) + self.num_zero_experts(block)
 
     def pair_fn(self, block: torch.nn.Module):
         return None if self.pair_experts is None else self.pair_experts(block.experts)
 
     def required(self) -> tuple[str, ...]:
         """Every attribute path of a block the patch reads (see ``structure``)."""
-        r = self.router_attr
-        return (r, f"{r}.num_experts", f"{r}.top_k", "experts", *self.structure)
+        return (self.router_attr, "experts", self.count_attr, *self.structure)
+
+
+def split_router_output(output: tuple):
+    """(logits or None, weights_TK, ids_TK, extra) of a router output (logits, weights, ids, *extra) or
+    (weights, ids), each flattened to (T, ...) where the router kept the batch dimensions."""
+    logits, weights, ids, extra = (None, *output, ()) if len(output) == 2 else (*output[:3], tuple(output[3:]))
+    if isinstance(ids, torch.Tensor) and ids.dim() > 2:
+        weights, ids = weights.reshape(-1, weights.shape[-1]), ids.reshape(-1, ids.shape[-1])
+        logits = None if logits is None else logits.reshape(-1, logits.shape[-1])
+    return logits, weights, ids, extra
+
+
+def join_router_output(output: tuple, weights_TW, ids_TW) -> tuple:
+    """``output`` with its weights and ids replaced, in the router's own arity and batch dimensions."""
+    lead = tuple(output[-1 if len(output) == 2 else 2].shape[:-1])
+    if len(lead) > 1:
+        weights_TW, ids_TW = weights_TW.reshape(*lead, -1), ids_TW.reshape(*lead, -1)
+    if len(output) == 2:
+        return weights_TW, ids_TW
+    return (output[0], weights_TW, ids_TW, *output[3:])

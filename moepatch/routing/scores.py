@@ -27,6 +27,7 @@ class FamilyScoring:
     normalize: bool = False
     eps: float = 0.0
     scale: float = 1.0
+    per_token: bool = False  # factor[t] read from the native weights: sum_k w[t, k] / sum_k s[t, ids[t, k]]
 
     def scores(self, logits_TE: torch.Tensor) -> torch.Tensor:
         """Scores s[t, e] in float32 from router logits (T, E) of any float dtype."""
@@ -36,10 +37,15 @@ class FamilyScoring:
             return torch.sigmoid(logits_TE.float())
         raise ValueError(f"unknown score kind {self.kind!r}; accepted: 'softmax', 'sigmoid'")
 
-    def factor(self, scores_TE: torch.Tensor, topk_ids_TK: torch.Tensor) -> torch.Tensor:
+    def factor(self, scores_TE: torch.Tensor, topk_ids_TK: torch.Tensor,
+               weights_TK: torch.Tensor | None = None) -> torch.Tensor:
         """factor[t] (T,) float32: the family's weight of expert e is s[t, e] * factor[t], normalised over
-        the token's original picks (a rerouted expert weighs what it would in the dropped one's place)."""
+        the token's original picks (a rerouted expert weighs what it would in the dropped one's place).
+        ``per_token`` families (a factor no formula here gives) need the native ``weights_TK``."""
         T = scores_TE.shape[0]
+        if self.per_token:
+            picked_T = scores_TE.gather(1, topk_ids_TK).sum(dim=-1)
+            return weights_TK.float().sum(dim=-1) / picked_T.clamp_min(torch.finfo(torch.float32).tiny)
         factor_T = torch.full((T,), float(self.scale), dtype=torch.float32, device=scores_TE.device)
         if self.normalize:
             denom_T = scores_TE.gather(1, topk_ids_TK).sum(dim=-1) + self.eps

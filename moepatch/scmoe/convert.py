@@ -193,6 +193,7 @@ def convert(model: nn.Module, position: int = 2, combine: str = "cg1", *, top_k:
     if any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules()):
         raise ModelStateError("convert does not support gradient checkpointing (a recomputed layer would read a "
                               "stale shortcut source); disable it first")
+    from ..patch.probe import read_router
     from ..patch.registry import family_for, moe_blocks
 
     spec = family_for(model)
@@ -236,7 +237,8 @@ def convert(model: nn.Module, position: int = 2, combine: str = "cg1", *, top_k:
         else:
             shared = _new_shared_expert(block.experts, shared_init)
             desc = "mean of the experts" if shared_init == "mean" else f"copy of expert {shared_init}"
-        new = ShortcutMoeBlock(block, stash, key, shared, combine, top_k, spec.scoring(block.gate), i, shared_gate)
+        new = ShortcutMoeBlock(block, stash, key, shared, combine, top_k, read_router(spec, model, block), i,
+                               shared_gate)
         if combine == "cg1" and shared_gate is None:
             added_gate += new.shared_expert_gate.weight.numel()
         elif combine == "cg2":

@@ -7,11 +7,12 @@ import torch
 import torch.nn.functional as F
 
 import moepatch
+from families import HAND
 from moepatch.ops.reference import expert_mlp
 from moepatch.patch.registry import family_for, moe_blocks
 from moepatch.tiny import tiny_model
 
-FAMILIES = moepatch.supported_model_types()
+FAMILIES = HAND
 # Families whose router is `block.gate` and whose experts run through transformers' ExpertsInterface;
 # LongCat-Flash (block.router, zero-computation experts) has its own tests in test_longcat.py.
 GATE_FAMILIES = [f for f in FAMILIES if f != "longcat_flash"]

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import moepatch
+from families import HAND
 from moepatch.patch.registry import family_for, moe_blocks
 from moepatch.tiny import tiny_model
 from moepatch.versions import TESTED_TRANSFORMERS, installed_transformers
@@ -56,11 +57,16 @@ def _rename(module, old, new):
     module.forward = types.MethodType(forward, module)
 
 
-@pytest.mark.parametrize("family", moepatch.supported_model_types())
-def test_a_renamed_router_attribute(family):
+@pytest.mark.parametrize("family", HAND)
+def test_a_renamed_expert_count(family):
+    """The number of experts is read from the experts module (LongCat-Flash: its router); renamed, the
+    experts module is no longer recognised as one of transformers' experts interface."""
     model = tiny_model(family)
-    _rename(_router(model), "top_k", "k")
-    _expect_unsupported(model, r"has no `(gate|router)\.top_k`")
+    spec = family_for(model)
+    owner, attr = spec.count_attr.rsplit(".", 1)
+    for _, block in moe_blocks(model, spec):
+        _rename(getattr(block, owner), attr, "n_experts")
+    _expect_unsupported(model, r"has no `router\.num_experts`|no MoE experts module behind transformers' experts")
 
 
 def test_a_renamed_experts_attribute():
@@ -72,8 +78,8 @@ def test_a_renamed_experts_attribute():
 
 def test_a_renamed_scoring_attribute():
     model = tiny_model("deepseek_v3")
-    _rename(_router(model), "routed_scaling_factor", "scaling")
-    _expect_unsupported(model, "routed_scaling_factor")
+    _rename(_router(model), "routed_scaling_factor", "scaling")  # read as 1: the weights are 2.5 times that
+    _expect_unsupported(model, r"weights differ .*scale=1\)")
 
 
 def _rewrap(router, change):
@@ -86,12 +92,12 @@ def _rewrap(router, change):
 
 
 @pytest.mark.parametrize("family,change", [
-    # Weights no longer renormalised over the picks (the reading says they are).
-    ("mixtral", lambda logits, w, ids: (logits, w * w.new_tensor(1.0).add(w.sum(-1, keepdim=True)), ids)),
+    # Weights no longer renormalised over the picks (the router's norm_topk_prob says they are).
+    ("qwen3_moe", lambda logits, w, ids: (logits, w * w.new_tensor(1.0).add(w.sum(-1, keepdim=True)), ids)),
     # A routed scaling factor the config does not say.
     ("deepseek_v3", lambda logits, w, ids: (logits, w * 2.0, ids)),
-    # Sigmoid weights where the family computes a softmax.
-    ("olmoe", lambda logits, w, ids: (logits, torch.sigmoid(logits).gather(1, ids).to(w.dtype), ids)),
+    # Weights that are no scoring of the logits times a factor per token.
+    ("olmoe", lambda logits, w, ids: (logits, w + 0.05, ids)),
     # Logits no longer the ones the weights come from.
     ("qwen3_moe", lambda logits, w, ids: (logits * 3.0, w, ids)),
 ])
@@ -110,8 +116,9 @@ def test_longcat_router_without_its_scaling():
 
 
 @pytest.mark.parametrize("change,match", [
-    (lambda logits, w, ids: (w, ids, logits, ids), "returns tuple of 4 value"),
-    (lambda logits, w, ids: (logits, w, ids[:, :1]), r"ids of shape \(16, 1\)"),
+    (lambda logits, w, ids: (w, ids, logits, ids), r"ids of shape \(16, 8\) and dtype torch.float32"),
+    (lambda logits, w, ids: (logits, w, ids[:, :1]), r"weights of shape \(16, 2\)"),
+    (lambda logits, w, ids: logits, "returns Tensor of 1 value"),
     (lambda logits, w, ids: (logits, w, torch.zeros_like(ids)), "the same expert twice"),
     (lambda logits, w, ids: (logits[:, :-1], w, ids.clamp(max=logits.shape[1] - 2)), r"logits of shape \(16, 7\)"),
 ])
@@ -127,3 +134,26 @@ def test_the_probe_leaves_the_global_rng_alone():
     with moepatch.patched(model, capacity_factor=1.0):
         pass
     assert torch.equal(torch.random.get_rng_state(), state)
+
+
+@pytest.mark.parametrize("family,kind,normalize,scale", [
+    ("mixtral", "softmax", True, 1.0), ("olmoe", "softmax", False, 1.0), ("qwen3_moe", "softmax", True, 1.0),
+    ("deepseek_v2", "softmax", False, 1.5), ("deepseek_v3", "sigmoid", True, 2.5)])
+def test_the_reading_is_derived_from_the_router(family, kind, normalize, scale):
+    from moepatch.patch.probe import read_router
+
+    model = tiny_model(family)
+    spec = family_for(model)
+    got = read_router(spec, model, moe_blocks(model, spec)[0][1])
+    assert (got.kind, got.normalize, got.scale) == (kind, normalize, scale)
+
+
+def test_a_router_that_moved_to_sigmoid_is_read_as_sigmoid():
+    """A changed computation that is still a reading (sigmoid scores, as is) is derived, not refused."""
+    from moepatch.patch.probe import read_router
+
+    model = tiny_model("olmoe")
+    _rewrap(_router(model), lambda logits, w, ids: (logits, torch.sigmoid(logits).gather(1, ids).to(w.dtype), ids))
+    spec = family_for(model)
+    got = read_router(spec, model, moe_blocks(model, spec)[0][1])
+    assert (got.kind, got.normalize, got.scale) == ("sigmoid", False, 1.0)
