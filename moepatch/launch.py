@@ -126,11 +126,9 @@ def _check_routing(args, model_type: str | None) -> None:
 def _demo_args(argv, prog: str) -> argparse.Namespace:
     p = _parser(prog)
     p.add_argument("--model-type", default="mixtral")
-    p.add_argument("--batch-per-rank", type=int, default=2)
-    p.add_argument("--seq", type=int, default=16)
+    p.add_argument("--batch-per-rank", type=positive(int, ">= 1"), default=2)
+    p.add_argument("--seq", type=positive(int, ">= 1"), default=16)
     args = _parse(p, argv)
-    if args.batch_per_rank < 1 or args.seq < 1:
-        raise UsageError("--batch-per-rank and --seq must be >= 1")
     _check_routing(args, args.model_type)
     return args
 
@@ -166,8 +164,8 @@ def _eval_args(argv, prog: str) -> argparse.Namespace:
     data = p.add_mutually_exclusive_group(required=True)
     data.add_argument("--text", type=Path, help="a text file, tokenized with the checkpoint's tokenizer")
     data.add_argument("--random-tokens", type=int, help="this many random token ids (smoke runs)")
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--seq-len", type=positive(int, ">= 1"), default=128)
+    p.add_argument("--batch-size", type=positive(int, ">= 1"), default=4)
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     p.add_argument("--out", type=Path)
     args = _parse(p, argv)
@@ -177,8 +175,8 @@ def _eval_args(argv, prog: str) -> argparse.Namespace:
         raise UsageError(f"--checkpoint {args.checkpoint}: no config.json there; give a local checkpoint directory")
     if args.text is not None and not args.text.is_file():
         raise UsageError(f"--text {args.text}: no such file")
-    if min(args.seq_len, args.batch_size) < 1 or (args.random_tokens is not None and args.random_tokens < 2):
-        raise UsageError("--seq-len and --batch-size must be >= 1, --random-tokens >= 2")
+    if args.random_tokens is not None and args.random_tokens < 2:
+        raise UsageError("--random-tokens must be >= 2")
     _check_routing(args, args.tiny)
     return args
 
