@@ -461,7 +461,6 @@ class ScMoEForCausalLM(nn.Module):
         return self.head(h_BSD, labels, cache)
 
     def head(self, h_BSD: torch.Tensor, labels: torch.Tensor | None, cache: KVCache | None) -> ScMoEOutput:
-        """Final norm, logits, losses."""
         logits = self.lm_head(self.norm(h_BSD))
         auxes = [m.aux_loss for m in self.moe_layers() if m.aux_loss is not None]
         aux = torch.stack(auxes).mean() if auxes else None

@@ -411,8 +411,7 @@ class ShortcutEP:
                 t = clock.lap()
                 if it >= warmup:
                     times[way].append(t)
-        t_out, t_back = disp.reduce_max([statistics.median(t) for t in times])
-        return t_out, t_back
+        return tuple(disp.reduce_max([statistics.median(t) for t in times]))
 
     @torch.no_grad()
     def calibrate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -420,13 +419,12 @@ class ShortcutEP:
         """Time every unit's phases in the sequential schedule and set its slot by :func:`choose_slot`; a
         collective (medians over ``iters``, maxima over the ranks, so every rank picks the same slots)."""
         ctx, h0 = self.prepare(input_ids, attention_mask)
-        device = h0.device
         samples: dict[int, list[dict]] = {u: [] for u in range(len(self.model.units))}
         for it in range(warmup + iters):
             h_BSD = h0
             for u in range(len(self.model.units)):
                 phases: dict = {}
-                h_BSD = self.run_unit(u, h_BSD, ctx, "sequential", clock=_Clock(device), phases=phases)
+                h_BSD = self.run_unit(u, h_BSD, ctx, "sequential", clock=_Clock(h0.device), phases=phases)
                 if it >= warmup:
                     samples[u].append(phases)
         for u, runs in samples.items():
