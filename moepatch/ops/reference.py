@@ -26,6 +26,28 @@ def expert_mlp(x_RD: torch.Tensor, gate_up_2ID: torch.Tensor, down_DI: torch.Ten
     return F.linear(h_RX, down_DI)
 
 
+def module_expert(experts: torch.nn.Module, e: int, x_RD: torch.Tensor) -> torch.Tensor:
+    """Expert ``e`` of a transformers experts module (``use_experts_implementation``) on rows x_RD, unweighted,
+    in any layout its flags describe: gated (its own ``_apply_gate``: concatenated or interleaved, clamped)
+    or not (``act_fn``), biases, transposed weights, a post-expert norm.  (R, D) in x's dtype."""
+    # Modules without the flags (moepatch's own ScMoE experts) are in the plain layout.
+    transposed, bias = bool(getattr(experts, "is_transposed", False)), bool(getattr(experts, "has_bias", False))
+
+    def linear(x, name):
+        w = getattr(experts, name)[e]
+        y = x @ w if transposed else F.linear(x, w)
+        return y + getattr(experts, f"{name}_bias")[e] if bias else y
+
+    if getattr(experts, "has_gate", True):
+        h_RI = experts._apply_gate(linear(x_RD, "gate_up_proj"))
+    else:
+        h_RI = experts.act_fn(linear(x_RD, "up_proj"))
+    y_RD = linear(h_RI, "down_proj")
+    if getattr(experts, "has_post_expert_norm", False):
+        y_RD = experts.post_expert_norm(y_RD)
+    return y_RD.to(x_RD.dtype)
+
+
 def sum_slots(y_TWD: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """(T, W, D) -> (T, D): each token's slots summed in slot order in float32 (deterministic, and
     the same rounding as the expert-parallel combine), cast to ``dtype`` (default y's)."""

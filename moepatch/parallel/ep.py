@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import types
 import weakref
 from dataclasses import dataclass
@@ -16,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import ModelStateError, UnsupportedModelError
-from ..ops.reference import expert_mlp
+from ..ops.reference import module_expert
 from ..patch import backend
 from .dispatch import IDLE, AllToAllDispatcher, Dispatched, Dispatcher, LocalDispatcher, local_range, weigh_and_sum
 from .errors import ExpertParallelError, ProtocolError
@@ -46,8 +45,8 @@ class EPBlock:
     ordinal: int
     num_experts: int
     experts: weakref.ref
-    gate_up_LIH: torch.Tensor  # (L, 2I, H) this rank's experts
-    down_LHI: torch.Tensor  # (L, H, I)
+    first: int  # index in the module's parameters of this rank's first expert (0 where install sliced them)
+    local: int  # L, the experts this rank holds
     restore: dict | None  # original parameters when install sliced them
 
 
@@ -130,9 +129,9 @@ class Runtime:
 
 
 def compute_local_experts(blk: EPBlock, x_RH: torch.Tensor, counts_SM: list) -> torch.Tensor:
-    """``blk``'s local experts (``moepatch.ops.reference.expert_mlp``) on x_RH (R, H), rows by source, then by
+    """``blk``'s local experts (``moepatch.ops.reference.module_expert``) on x_RH (R, H), rows by source, then by
     local expert (``counts_SM``: rows per (source, local expert slot), host ints): (R, H) in receive order."""
-    L = blk.gate_up_LIH.shape[0]
+    L = blk.local
     per_expert = [sum(c[j] for c in counts_SM) for j in range(len(counts_SM[0]))]
     if any(per_expert[L:]):
         raise ProtocolError(f"a peer sent rows for local expert slots >= {L}; the ranks split the experts differently")
@@ -141,7 +140,6 @@ def compute_local_experts(blk: EPBlock, x_RH: torch.Tensor, counts_SM: list) -> 
     experts = blk.experts()
     if experts is None:
         raise ModelStateError("the experts module of an expert-parallel block no longer exists")
-    apply_gate = functools.partial(type(experts)._apply_gate, experts)
     S = len(counts_SM)
     # Each expert's rows made contiguous by concatenating the (source, expert) blocks, whose sizes are
     # host ints: one copy kernel each way instead of a sort, a gather and a scatter.
@@ -152,8 +150,7 @@ def compute_local_experts(blk: EPBlock, x_RH: torch.Tensor, counts_SM: list) -> 
     out_RH = torch.empty_like(x_RH)
     for j, n in enumerate(per_expert[:L]):
         if n:
-            out_RH[start:start + n] = expert_mlp(x_RH[start:start + n], blk.gate_up_LIH[j], blk.down_LHI[j],
-                                                 apply_gate=apply_gate)
+            out_RH[start:start + n] = module_expert(experts, blk.first + j, x_RH[start:start + n])
             start += n
     if S == 1:
         return out_RH
@@ -195,24 +192,28 @@ def _check_block(ordinal: int, block, rank: int, world: int) -> ShardInfo | None
         raise UnsupportedModelError(
             f"{name}: {cls.__name__} does not dispatch through transformers' ExpertsInterface "
             "(@use_experts_implementation); expert parallelism needs transformers >= 5.17")
-    for flag, wanted in (("is_transposed", False), ("has_bias", False), ("has_gate", True)):
-        if getattr(experts, flag, wanted) != wanted:
-            raise UnsupportedModelError(f"{name}: {cls.__name__} has {flag}={not wanted}; expert parallelism "
-                                        "supports gated, untransposed, bias-free experts")
-    for pname in ("gate_up_proj", "down_proj"):
+    for pname in (_first_weight(experts), "down_proj"):
         p = getattr(experts, pname, None)
         if not isinstance(p, torch.Tensor) or p.dim() != 3:
             raise UnsupportedModelError(f"{name}: {cls.__name__}.{pname} is not a 3-D expert tensor")
-    if getattr(experts, "num_experts", E) != E:
-        raise UnsupportedModelError(f"{name}: {E} experts, experts module {experts.num_experts}")
     shard = SHARDS.get(experts)
     if shard is not None and (shard.rank, shard.world, shard.num_experts) != (rank, world, E):
         raise ModelStateError(f"{name} was loaded for rank {shard.rank} of {shard.world} with {shard.num_experts} "
                               f"experts; this process is rank {rank} of {world}")
-    if shard is None and (experts.gate_up_proj.shape[0] != E or experts.down_proj.shape[0] != E):
-        raise ModelStateError(f"{name} holds {experts.gate_up_proj.shape[0]} experts, its router {E}; a model sharded "
-                              "by something other than moepatch.parallel.load_expert_parallel cannot be re-sliced")
+    held = getattr(experts, _first_weight(experts)).shape[0]
+    if shard is None and (held != E or experts.down_proj.shape[0] != E):
+        raise ModelStateError(f"{name} holds {held} experts, its module says {E}; a model sharded by something "
+                              "other than moepatch.parallel.load_expert_parallel cannot be re-sliced")
     return shard
+
+
+def _first_weight(experts) -> str:
+    return "gate_up_proj" if getattr(experts, "has_gate", True) else "up_proj"
+
+
+def _per_expert(experts, E: int) -> list[str]:
+    """The module's own parameters with one entry per expert (weights, biases): what a rank slices."""
+    return [n for n, p in experts._parameters.items() if p is not None and p.dim() >= 1 and p.shape[0] == E]
 
 
 def install(model: torch.nn.Module, blocks: list, cfg) -> list:
@@ -230,7 +231,7 @@ def install(model: torch.nn.Module, blocks: list, cfg) -> list:
 
     # Validate everything first so a refused install leaves the model untouched.
     shards = [_check_block(ordinal, block, rank, world) for ordinal, block in enumerate(blocks)]
-    first_p = blocks[0].experts.gate_up_proj
+    first_p = blocks[0].experts.down_proj
     if world > 1 and dist.get_backend() == "gloo" and first_p.device.type != "cpu":
         raise ModelStateError(f"the experts live on {first_p.device} but the process group uses gloo; "
                               "initialise it with NCCL (moepatch.parallel.init_distributed does)")
@@ -240,15 +241,16 @@ def install(model: torch.nn.Module, blocks: list, cfg) -> list:
         experts, E, restore = block.experts, int(block.experts.num_experts), None
         if shard is None:
             first, stop = local_range(E, world, rank)
-            restore = {n: experts._parameters[n] for n in ("gate_up_proj", "down_proj")}
+            restore = {n: experts._parameters[n] for n in _per_expert(experts, E)}
             # Views of the full parameters: remove() puts the very same Parameter objects back, so
             # the full weights stay allocated (load with load_expert_parallel to hold only a slice).
             for n, p in restore.items():
                 experts._parameters[n] = torch.nn.Parameter(p.detach()[first:stop], requires_grad=p.requires_grad)
-        ep_blocks.append(EPBlock(ordinal, E, weakref.ref(experts), experts.gate_up_proj, experts.down_proj, restore))
+        ep_blocks.append(EPBlock(ordinal, E, weakref.ref(experts), 0, int(experts.down_proj.shape[0]), restore))
     header_slots = max(1, *(-(-blk.num_experts // world) for blk in ep_blocks))
     dispatcher = AllToAllDispatcher(header_slots) if world > 1 else LocalDispatcher(header_slots)
-    runtime = Runtime(dispatcher, ep_blocks, first_p.device, first_p.dtype, int(first_p.shape[-1]))
+    hidden = int(model.config.get_text_config().hidden_size)
+    runtime = Runtime(dispatcher, ep_blocks, first_p.device, first_p.dtype, hidden)
 
     model_ref = weakref.ref(model)  # the core keeps these handles in a map keyed weakly by the model
 

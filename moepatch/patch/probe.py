@@ -148,8 +148,8 @@ def read_router(spec: FamilySpec, model: torch.nn.Module, block: torch.nn.Module
             s = options[0]
             what = f"{s.kind} scores, renormalised={s.normalize}, scale={s.scale:g}"
         else:
-            what = (f"softmax or sigmoid scores of its logits, renormalised={'/'.join({str(s.normalize) for s in options})}"
-                    f", scale={options[0].scale:g}")
+            normalized = "/".join(sorted({str(s.normalize) for s in options if not s.per_token}))
+            what = f"softmax or sigmoid scores of its logits, renormalised={normalized}, scale={options[0].scale:g}"
         raise _unsupported(spec, f"its router's weights differ from moepatch's reading ({what}) by up to "
                                  f"{errors[best]:.3g} (relative): the router computes something else than this "
                                  "release of moepatch reads")

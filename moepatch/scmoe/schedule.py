@@ -42,7 +42,7 @@ def compute_padded_experts(blk: EPBlock, x_NH: torch.Tensor, local_N: torch.Tens
         raise ModelStateError("the experts module of an expert-parallel block no longer exists")
     # Each row to its one expert with weight 1 in float32 (exact); ids >= L (no data) are dropped slots.
     args = (x_NH, local_N.view(-1, 1), torch.ones(x_NH.shape[0], 1, dtype=torch.float32, device=x_NH.device),
-            blk.gate_up_LIH, blk.down_LHI)
+            experts.gate_up_proj[blk.first:blk.first + blk.local], experts.down_proj[blk.first:blk.first + blk.local])
     # moepatch.ops' fused SwiGLU kernel where it computes these experts (gated SiLU, [gate; up]).
     if x_NH.is_cuda and (isinstance(experts, FusedExperts) or layout_problem(type(experts).__name__, experts) is None):
         from ..ops.experts import fused_experts_impl
@@ -164,9 +164,7 @@ class ShortcutEP:
                 raise ModelStateError(f"capacity is configured for ep_size={cap.config.ep_size}; call "
                                       f"moepatch.apply(model, ..., ep_size={world}) for {world} ranks")
             local, ex = self.dispatcher.local_experts(m.num_experts), m.experts
-            mine = slice(local.start, local.stop)
-            self.blocks.append(EPBlock(i, m.num_experts, weakref.ref(ex), ex.gate_up_proj.detach()[mine],
-                                       ex.down_proj.detach()[mine], None))
+            self.blocks.append(EPBlock(i, m.num_experts, weakref.ref(ex), local.start, len(local), None))
         self.slots: dict[int, int] = {}  # calibrated slots; before calibration choose_slot on unit costs
         self.timings: dict[int, UnitTiming] = {}
         self._side = None  # CUDA stream of the overlapped dispatch, made on first use

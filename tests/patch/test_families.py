@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from families import HAND
 
 import moepatch
-from families import HAND
 from moepatch.ops.reference import expert_mlp
 from moepatch.patch.registry import family_for, moe_blocks
 from moepatch.tiny import tiny_model

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from families import HAND
 
 import moepatch
-from families import HAND
 from moepatch.tiny import tiny_model
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]

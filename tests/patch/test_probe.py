@@ -8,9 +8,9 @@ import types
 
 import pytest
 import torch
+from families import HAND
 
 import moepatch
-from families import HAND
 from moepatch.patch.registry import family_for, moe_blocks
 from moepatch.tiny import tiny_model
 from moepatch.versions import TESTED_TRANSFORMERS, installed_transformers
