@@ -139,12 +139,18 @@ def triton_problem(model: torch.nn.Module) -> str | None:
         return "no fused experts module (transformers' @use_experts_implementation) in this model"
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
     for name, m in modules:
+        dev = next(m.parameters()).device
+        if dev.type != "cuda" and not interpret:
+            return f"{name}: experts are on {dev.type}, the Triton kernels need CUDA (or TRITON_INTERPRET=1)"
+    return uncovered_layout(model)
+
+
+def uncovered_layout(model: torch.nn.Module) -> str | None:
+    """The first experts module of ``model`` in a form the fused kernel does not compute, None if all are."""
+    for name, m in experts_modules(model):
         problem = layout_problem(name, m)
         if problem:
             return problem
-        dev = m.gate_up_proj.device
-        if dev.type != "cuda" and not interpret:
-            return f"{name}: experts are on {dev.type}, the Triton kernels need CUDA (or TRITON_INTERPRET=1)"
     return None
 
 

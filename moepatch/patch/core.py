@@ -12,6 +12,7 @@ import functools
 import importlib.util
 import inspect
 import re
+import warnings
 import weakref
 from dataclasses import dataclass, field
 
@@ -236,6 +237,11 @@ def _choose_backend(model: torch.nn.Module, cfg: RoutingConfig, spec) -> str:
         problem = backend.triton_problem(model)
         if problem is None:
             return "triton"
+        if problem == backend.uncovered_layout(model):
+            # A form the kernels do not compute: transformers' own experts, never a wrong result.
+            warnings.warn(f"moepatch: the Triton kernels do not cover this model's experts ({problem}); they run on "
+                          "transformers' own experts backend (kernel='torch')", stacklevel=3)
+            return "hf"
         if cfg.kernel == "triton":
             raise ModelStateError(f"kernel='triton' is not available for this model: {problem}; accepted "
                                   "alternatives: kernel='torch' or kernel='auto'")

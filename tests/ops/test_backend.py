@@ -108,10 +108,16 @@ def test_unavailable_reasons(monkeypatch):
     monkeypatch.setattr(experts, "has_bias", False)
     monkeypatch.setattr(experts, "act_fn", torch.nn.GELU())
     assert "activation" in backend.triton_problem(model)
+    # A form the kernels do not compute falls back to transformers' experts with one warning.
+    with pytest.warns(UserWarning, match="do not cover this model's experts.*activation GELU") as caught:
+        handle = moepatch.apply(model, kernel="triton")
+    assert len(caught) == 1 and "hf experts backend" in repr(handle)
+    assert model.config._experts_implementation == "grouped_mm"
+    handle.remove()
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # not a form but no device: an explicit request fails
     with pytest.raises(moepatch.ModelStateError, match="not available"):
         moepatch.apply(model, kernel="triton")
     assert not moepatch.is_patched(model)
-    assert model.config._experts_implementation == "grouped_mm"
 
 
 def test_interpreter_env_is_set():
