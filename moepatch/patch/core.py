@@ -51,6 +51,7 @@ class _Block:
     layer: int
     num_experts: int
     scoring: FamilyScoring
+    layout: tuple = (0, 1, 2)  # positions of (logits, weights, ids) in the router's output
     zero_experts: int = 0
     expert_ids: int = 0  # ids the experts module computes; the experts hooks lower the others
     router_logits: object = None  # (router, hidden_states) -> logits, for routers that return none
@@ -180,7 +181,7 @@ def apply(model: torch.nn.Module, capacity_factor: float | None = 1.5, strategy:
     cfg, source_rank = chosen.prepare(model, cfg)
     state = _STATES.get(model)
     # Each router's reading, while no hook of ours is installed (the router's own output).
-    scorings = [read_router(spec, model, b) for _, b in blocks] if state is None or key != state.backend else None
+    readings = [read_router(spec, model, b) for _, b in blocks] if state is None or key != state.backend else None
     if state is not None and key != state.backend:
         # A different experts backend means different hooks: undo the old patch, then install afresh.
         remove(model)
@@ -192,7 +193,7 @@ def apply(model: torch.nn.Module, capacity_factor: float | None = 1.5, strategy:
     state = PatchState(config=cfg, model_type=spec.model_type, names=[n for n, _ in blocks], backend=key,
                        source_rank=source_rank)
     try:
-        _install(model, state, blocks, spec, scorings)
+        _install(model, state, blocks, spec, readings)
         modules = [b for _, b in blocks]
         state.handles.extend(chosen.install(model, modules, cfg))
         if chosen.device_route and any(p.is_cuda for b in modules for p in b.experts.parameters()):
@@ -260,13 +261,13 @@ def _install_context(model, state):
         state.handles.append(m.register_forward_hook(functools.partial(_leave_forward, state), always_call=True))
 
 
-def _install(model, state, blocks, spec, scorings):
+def _install(model, state, blocks, spec, readings):
     _install_context(model, state)
-    for i, ((name, block), scoring) in enumerate(zip(blocks, scorings)):
+    for i, ((name, block), (scoring, layout)) in enumerate(zip(blocks, readings)):
         match = _LAYER_RE.search(name)
         router = spec.router(block)
         b = _Block(name=name, layer=int(match.group(1)) if match else i, num_experts=spec.num_experts(block),
-                   scoring=scoring, zero_experts=spec.num_zero_experts(block),
+                   scoring=scoring, layout=layout, zero_experts=spec.num_zero_experts(block),
                    expert_ids=spec.num_expert_ids(block), router_logits=spec.router_logits,
                    pair_experts=spec.pair_fn(block))
         state.blocks.append(b)
@@ -408,7 +409,7 @@ def _decide(state: PatchState, block: _Block, router, x, output, batch: int, seq
             source_rank: int | None):
     """The capacity-aware router output (same arity as ``output``), or None to leave it untouched."""
     # A router may return no logits (LongCat-Flash in transformers 5.17): they are recomputed if needed.
-    logits, weights_TK, ids_TK, _ = split_router_output(output)
+    logits, weights_TK, ids_TK = split_router_output(output, block.layout)
     if ids_TK.shape[0] == 0 or (state.config.unlimited and not state.config.collect_stats):
         return None
     if seq == 1 and not state.config.apply_in_decode:
@@ -420,7 +421,7 @@ def _decide(state: PatchState, block: _Block, router, x, output, batch: int, seq
                          seq, valid, source_rank, zero_experts=block.zero_experts)
     if state.config.unlimited:
         return None
-    return join_router_output(output, result.topk_weights_TW, result.topk_ids_TW)
+    return join_router_output(output, block.layout, result.topk_weights_TW, result.topk_ids_TW)
 
 
 def _block_pre_hook(block: _Block, module, args):
@@ -432,7 +433,7 @@ def _block_pre_hook(block: _Block, module, args):
 def _router_hook(state: PatchState, block: _Block, module, args, output):
     block.lower = False
     shape, block.shape = block.shape, None  # consumed: a later direct router call gets no stale shape
-    T = split_router_output(output)[2].shape[0]
+    T = split_router_output(output, block.layout)[2].shape[0]
     ctx = state.context
     if ctx is not None and ctx.batch * ctx.seq == T:
         batch, seq, valid = ctx.batch, ctx.seq, ctx.valid_BS
@@ -459,7 +460,7 @@ def capacity_decision(model: torch.nn.Module, router: torch.nn.Module, hidden_st
         raise ModelStateError(f"{type(router).__name__} is not a router of this patched model")
     B, S = int(hidden_states.shape[0]), int(hidden_states.shape[1])
     out = _decide(state, block, router, hidden_states, output, B, S, valid_BS, source_rank) or output
-    return split_router_output(out)[1:3]
+    return split_router_output(out, block.layout)[1:3]
 
 
 def remove(model: torch.nn.Module) -> None:

@@ -15,7 +15,7 @@ import torch
 from ..errors import UnsupportedModelError
 from ..routing.scores import FamilyScoring
 from ..versions import tested_range
-from .spec import FamilySpec, split_router_output
+from .spec import FamilySpec, router_layout, split_router_output
 
 _ROWS = 16
 # Router weights may be computed in the model's dtype; the probe compares in float32 with room for
@@ -48,8 +48,11 @@ def check_structure(spec: FamilySpec, blocks: list[tuple[str, torch.nn.Module]])
             raise _unsupported(spec, f"its MoE block {name} ({type(block).__name__}): {exc}") from None
 
 
-def _probe_input(model: torch.nn.Module, router: torch.nn.Module) -> torch.Tensor:
-    param = next(router.parameters(), None)
+def _probe_input(model: torch.nn.Module, router: torch.nn.Module, block: torch.nn.Module) -> torch.Tensor:
+    # The hidden states' dtype is the experts' (a router may keep float32 weights in a bf16 model).
+    experts = getattr(block, "experts", None)
+    param = next(experts.parameters(), None) if isinstance(experts, torch.nn.Module) else None
+    param = param if param is not None else next(router.parameters(), None)
     dtype = param.dtype if param is not None else torch.float32
     device = param.device if param is not None else torch.device("cpu")
     if device.type == "meta":  # offloaded by accelerate: its hook loads the weights on the execution device
@@ -103,16 +106,20 @@ def _router_output(spec: FamilySpec, block, router, x_BSD):
 
 
 @torch.no_grad()
-def read_router(spec: FamilySpec, model: torch.nn.Module, block: torch.nn.Module) -> FamilyScoring:
-    """The block's scoring: the spec's, or derived, and checked against its router on a few random rows."""
+def read_router(spec: FamilySpec, model: torch.nn.Module, block: torch.nn.Module) -> tuple[FamilyScoring, tuple]:
+    """(scoring, layout) of the block's router: the spec's scoring or a derived one, checked against the router on
+    a few random rows, and where its output holds (logits, weights, ids) (``spec.router_layout``)."""
     router = spec.router(block)
-    x_BSD = _probe_input(model, router)
+    x_BSD = _probe_input(model, router, block)
     output, x_in = _router_output(spec, block, router, x_BSD)
     if not isinstance(output, tuple) or len(output) < 2:
         raise _unsupported(spec, f"its router {type(router).__name__} returns {type(output).__name__} "
                                  f"of {len(output) if isinstance(output, tuple) else 1} value(s); "
                                  "moepatch reads (logits, weights, ids, ...) or (weights, ids)")
-    logits_TE, weights_TK, ids_TK, _ = split_router_output(output)
+    layout = router_layout(output)
+    if layout[1] is None:
+        raise _unsupported(spec, f"its router returns no weights of its ids' shape {tuple(output[layout[2]].shape)}")
+    logits_TE, weights_TK, ids_TK = split_router_output(output, layout)
     E, Z = spec.num_experts(block), spec.num_zero_experts(block)
     if (not isinstance(ids_TK, torch.Tensor) or ids_TK.dim() != 2 or ids_TK.shape[0] != _ROWS
             or ids_TK.dtype not in (torch.int64, torch.int32)):
@@ -136,7 +143,8 @@ def read_router(spec: FamilySpec, model: torch.nn.Module, block: torch.nn.Module
         raise _unsupported(spec, f"its router returns logits of shape {tuple(logits_TE.shape)}; moepatch expects "
                                  f"({_ROWS}, {E + Z}) for {E} routed and {Z} zero-computation experts")
     got_TK = weights_TK.float()
-    rtol = _RTOL.get(weights_TK.dtype, _RTOL_LOW)
+    # Weights computed in low precision may be returned in float32: the looser of the two dtypes decides.
+    rtol = max(_RTOL.get(weights_TK.dtype, _RTOL_LOW), _RTOL.get(x_BSD.dtype, _RTOL_LOW))
     options = [spec.scoring(router)] if spec.scoring is not None else _candidates(router)
     errors = [_mismatch(s, logits_TE, ids_TK, got_TK) for s in options]
     # The first reading within the tolerance (exact ones before per-token ones), else the closest one.
@@ -153,4 +161,4 @@ def read_router(spec: FamilySpec, model: torch.nn.Module, block: torch.nn.Module
         raise _unsupported(spec, f"its router's weights differ from moepatch's reading ({what}) by up to "
                                  f"{errors[best]:.3g} (relative): the router computes something else than this "
                                  "release of moepatch reads")
-    return options[best]
+    return options[best], layout

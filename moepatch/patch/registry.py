@@ -15,6 +15,31 @@ from .spec import FamilySpec
 
 _SPECS = {longcat.SPEC.model_type: longcat.SPEC}  # families with what the modules do not tell
 _ROUTER_NAMES = ("gate", "router")
+# MoE types whose routing moepatch cannot read yet, and why (apply says so before anything else).
+UNSUPPORTED = {
+    "deepseek_v4": "its hash-routed layers pick experts from the token ids, not from scores of the hidden states",
+    "gemma4": "its router weighs each expert by a learned per-expert scale, not by a factor per token",
+    "gemma4_text": "its router weighs each expert by a learned per-expert scale, not by a factor per token",
+    "phimoe": "its router's sparsemixer weights are masked softmaxes, not the scores times a factor per token",
+    "zaya": "its router maps its skip expert onto expert 0 with weight 0, which capacity would count as load",
+}
+# The same, for releases before the one named (their modules changed since).
+_UNSUPPORTED_BEFORE = {
+    "jamba": ("5.25.0", "its router is a plain Linear returning logits, the block takes the top-k itself"),
+}
+
+
+@functools.cache
+def unsupported() -> dict[str, str]:
+    """Model type -> why moepatch cannot patch it, for the installed transformers."""
+    from ..versions import installed_transformers
+
+    def release(text):
+        return tuple(int(part) for part in text.split(".")[:3] if part.isdigit())
+
+    installed = release(installed_transformers())
+    before = {t: why for t, (first, why) in _UNSUPPORTED_BEFORE.items() if installed < release(first)}
+    return {**UNSUPPORTED, **before}
 
 
 @functools.cache
@@ -26,13 +51,13 @@ def supported_model_types() -> tuple[str, ...]:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     root = os.path.join(os.path.dirname(transformers.__file__), "models")
-    found = set(_SPECS)
+    found = set(_SPECS)  # the UNSUPPORTED ones are left out below
     for model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         module = model_type_to_module_name(model_type)
         path = os.path.join(root, module, f"modeling_{module}.py")
         if os.path.exists(path):
             with open(path, encoding="utf-8") as f:
-                if "use_experts_implementation" in f.read():
+                if "use_experts_implementation" in f.read() and model_type not in unsupported():
                     found.add(model_type)
     return tuple(sorted(found))
 
@@ -92,6 +117,9 @@ def family_for(model: torch.nn.Module) -> FamilySpec:
     if not model_type:
         raise UnsupportedModelError(f"moepatch cannot patch {type(model).__name__} (no transformers config); "
                                     f"supported model types: {', '.join(supported_model_types())}")
+    if model_type in unsupported():
+        raise UnsupportedModelError(f"moepatch cannot patch {model_type} models yet: {unsupported()[model_type]}; "
+                                    f"{tested_range()}")
     if model_type in _SPECS:
         return _SPECS[model_type]
     return derive_spec(model, model_type)

@@ -59,21 +59,42 @@ class FamilySpec:
         return (self.router_attr, "experts", self.count_attr, *self.structure)
 
 
-def split_router_output(output: tuple):
-    """(logits or None, weights_TK, ids_TK, extra) of a router output (logits, weights, ids, *extra) or
-    (weights, ids), each flattened to (T, ...) where the router kept the batch dimensions."""
-    logits, weights, ids, extra = (None, *output, ()) if len(output) == 2 else (*output[:3], tuple(output[3:]))
+DEFAULT_LAYOUT = (0, 1, 2)  # positions of (logits, weights, ids) in a router's output; logits None: absent
+
+
+def router_layout(output: tuple) -> tuple[int | None, int | None, int]:
+    """Where a router puts (logits, weights, ids): the ids are its first integer tensor of two or more
+    dimensions, the weights the floating one of the same shape, the logits the next floating one."""
+    tensors = [(i, t) for i, t in enumerate(output) if isinstance(t, torch.Tensor) and t.dim() >= 2]
+    ints = [i for i, t in tensors if not t.is_floating_point()]
+    if not ints:
+        return (None, 0, 1) if len(output) == 2 else DEFAULT_LAYOUT
+    ids = ints[0]
+    floats = [i for i, t in tensors if t.is_floating_point()]
+    same = [i for i in floats if output[i].shape == output[ids].shape]
+    weights = same[0] if same else None
+    rest = [i for i in floats if i != weights and output[i].shape[:-1] == output[ids].shape[:-1]]
+    return (rest[0] if rest else None, weights, ids)
+
+
+def split_router_output(output: tuple, layout=DEFAULT_LAYOUT):
+    """(logits or None, weights_TK, ids_TK) of a router output at ``layout``'s positions, each flattened
+    to (T, ...) where the router kept the batch dimensions."""
+    at_logits, at_weights, at_ids = layout
+    logits = None if at_logits is None else output[at_logits]
+    weights, ids = output[at_weights], output[at_ids]
     if isinstance(ids, torch.Tensor) and ids.dim() > 2:
         weights, ids = weights.reshape(-1, weights.shape[-1]), ids.reshape(-1, ids.shape[-1])
         logits = None if logits is None else logits.reshape(-1, logits.shape[-1])
-    return logits, weights, ids, extra
+    return logits, weights, ids
 
 
-def join_router_output(output: tuple, weights_TW, ids_TW) -> tuple:
-    """``output`` with its weights and ids replaced, in the router's own arity and batch dimensions."""
-    lead = tuple(output[-1 if len(output) == 2 else 2].shape[:-1])
+def join_router_output(output: tuple, layout, weights_TW, ids_TW) -> tuple:
+    """``output`` with its weights and ids replaced, in the router's own order and batch dimensions."""
+    _, at_weights, at_ids = layout
+    lead = tuple(output[at_ids].shape[:-1])
     if len(lead) > 1:
         weights_TW, ids_TW = weights_TW.reshape(*lead, -1), ids_TW.reshape(*lead, -1)
-    if len(output) == 2:
-        return weights_TW, ids_TW
-    return (output[0], weights_TW, ids_TW, *output[3:])
+    out = list(output)
+    out[at_weights], out[at_ids] = weights_TW, ids_TW
+    return tuple(out)

@@ -237,7 +237,7 @@ def convert(model: nn.Module, position: int = 2, combine: str = "cg1", *, top_k:
         else:
             shared = _new_shared_expert(block.experts, shared_init)
             desc = "mean of the experts" if shared_init == "mean" else f"copy of expert {shared_init}"
-        new = ShortcutMoeBlock(block, stash, key, shared, combine, top_k, read_router(spec, model, block), i,
+        new = ShortcutMoeBlock(block, stash, key, shared, combine, top_k, read_router(spec, model, block)[0], i,
                                shared_gate)
         if combine == "cg1" and shared_gate is None:
             added_gate += new.shared_expert_gate.weight.numel()

@@ -116,8 +116,8 @@ def test_longcat_router_without_its_scaling():
 
 
 @pytest.mark.parametrize("change,match", [
-    (lambda logits, w, ids: (w, ids, logits, ids), r"ids of shape \(16, 8\) and dtype torch.float32"),
-    (lambda logits, w, ids: (logits, w, ids[:, :1]), r"weights of shape \(16, 2\)"),
+    (lambda logits, w, ids: (logits, w, ids.float()), r"ids of shape \(16, 2\) and dtype torch.float32"),
+    (lambda logits, w, ids: (logits, w, ids[:, :1]), r"no weights of its ids' shape \(16, 1\)"),
     (lambda logits, w, ids: logits, "returns Tensor of 1 value"),
     (lambda logits, w, ids: (logits, w, torch.zeros_like(ids)), "the same expert twice"),
     (lambda logits, w, ids: (logits[:, :-1], w, ids.clamp(max=logits.shape[1] - 2)), r"logits of shape \(16, 7\)"),
@@ -144,7 +144,7 @@ def test_the_reading_is_derived_from_the_router(family, kind, normalize, scale):
 
     model = tiny_model(family)
     spec = family_for(model)
-    got = read_router(spec, model, moe_blocks(model, spec)[0][1])
+    got, _ = read_router(spec, model, moe_blocks(model, spec)[0][1])
     assert (got.kind, got.normalize, got.scale) == (kind, normalize, scale)
 
 
@@ -155,5 +155,16 @@ def test_a_router_that_moved_to_sigmoid_is_read_as_sigmoid():
     model = tiny_model("olmoe")
     _rewrap(_router(model), lambda logits, w, ids: (logits, torch.sigmoid(logits).gather(1, ids).to(w.dtype), ids))
     spec = family_for(model)
-    got = read_router(spec, model, moe_blocks(model, spec)[0][1])
+    got, _ = read_router(spec, model, moe_blocks(model, spec)[0][1])
     assert (got.kind, got.normalize, got.scale) == ("sigmoid", False, 1.0)
+
+
+def test_a_router_that_reorders_its_outputs_is_read_by_type():
+    """(ids, weights, logits), the order of transformers 5.17's GraniteMoE router, is read by type."""
+    from moepatch.patch.probe import read_router
+
+    model = tiny_model("mixtral")
+    _rewrap(_router(model), lambda logits, w, ids: (ids, w, logits))
+    spec = family_for(model)
+    scoring, layout = read_router(spec, model, moe_blocks(model, spec)[0][1])
+    assert layout == (2, 1, 0) and (scoring.kind, scoring.normalize) == ("softmax", True)
