@@ -15,7 +15,7 @@ JOBS ?= $(shell $(PYTHON) -c "import os; print(min(4, len(os.sched_getaffinity(0
 PYTEST := TRITON_INTERPRET=1 $(PYTHON) -m pytest -q -n $(JOBS)
 # The version-sensitive suites (patching, the experts registry, expert parallelism, ScMoE) that
 # also run on transformers 5.17, the GPU image's release and the oldest in the declared range.
-TF517_TESTS := tests/patch tests/ops/test_backend.py tests/parallel tests/scmoe tests/test_versions.py
+TF517_TESTS := tests/patch tests/ops/test_backend.py tests/parallel tests/scmoe tests/test_versions.py tests/test_tiny.py
 LOGS := out/tests
 
 .PHONY: install install-dev demo test test-main test-tf517 test-latest constraints lint

@@ -9,11 +9,12 @@ Seven families have hand-written configs; every other MoE causal LM of the insta
 
 from __future__ import annotations
 
-import functools
-import pathlib
-
 import torch
 
+from .patch.registry import experts_modules, moe_model_types
+
+# The families with a hand-written tiny config: the demo's default and the detailed patch tests' set.
+HAND_FAMILIES = ("deepseek_v2", "deepseek_v3", "longcat_flash", "mixtral", "olmoe", "qwen2_moe", "qwen3_moe")
 _MLA = dict(n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=0, kv_lora_rank=16,
             q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, intermediate_size=64,
             moe_intermediate_size=48)
@@ -45,22 +46,6 @@ _SPECIAL_IDS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
 # Layer counts before the first layer of a kind (a MoE or an attention layer): the prefix kept must pass them.
 _FIRST_OF_KIND = ("first_k_dense_replace", "num_dense_layers", "num_dense_blocks", "moe_layer_start_index",
                   "expert_layer_offset", "attn_layer_offset")
-
-
-@functools.cache
-def moe_model_types() -> tuple[str, ...]:
-    """The causal-LM model types whose modeling module uses transformers' experts interface."""
-    import transformers
-    from transformers.models.auto.configuration_auto import model_type_to_module_name
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    models = pathlib.Path(transformers.__file__).parent / "models"
-    found = []
-    for model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        sources = (models / model_type_to_module_name(model_type)).glob("modeling_*.py")
-        if any("use_experts_implementation" in path.read_text() for path in sources):
-            found.append(model_type)
-    return tuple(found)
 
 
 def _shrink_scalar(key: str, value, d: dict):
@@ -215,18 +200,13 @@ def tiny_model(model_type: str, seed: int = 0, router_scale: float = 8.0, dtype=
     return model.eval()
 
 
-def experts_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The experts modules of ``model``: those transformers' ``use_experts_implementation`` marks."""
-    return [m for m in model.modules() if hasattr(m, "has_gate") and hasattr(m, "num_experts")]
-
-
 def _routers(model: torch.nn.Module):
     """The router of each MoE block: the experts' sibling named ``gate`` or ``router``, else the sibling
     whose (E, D) weight has a row per expert; and the modules named ``*Router`` (LongCat-Flash's experts
     carry no marks on transformers 5.17)."""
     yield from (m for m in model.modules() if type(m).__name__.endswith("Router"))
     parents = {id(child): parent for parent in model.modules() for child in parent.children()}
-    for experts in experts_modules(model):
+    for _, experts in experts_modules(model):
         siblings = dict(parents[id(experts)].named_children())
         named = [siblings[name] for name in ("gate", "router") if name in siblings]
         by_shape = [m for m in siblings.values() if m is not experts and _router_weight(m) is not None

@@ -4,7 +4,7 @@ interface, found from the model's own modules; hand-written specs only where tha
 from __future__ import annotations
 
 import functools
-import os
+import pathlib
 
 import torch
 
@@ -43,23 +43,26 @@ def unsupported() -> dict[str, str]:
 
 
 @functools.cache
-def supported_model_types() -> tuple[str, ...]:
+def moe_model_types() -> tuple[str, ...]:
     """The causal-LM model types of the installed transformers whose modeling code uses its experts
-    interface (``use_experts_implementation``), and the hand-specified families."""
+    interface (``use_experts_implementation``)."""
     import transformers
     from transformers.models.auto.configuration_auto import model_type_to_module_name
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    root = os.path.join(os.path.dirname(transformers.__file__), "models")
-    found = set(_SPECS)  # the UNSUPPORTED ones are left out below
+    models = pathlib.Path(transformers.__file__).parent / "models"
+    found = []
     for model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        module = model_type_to_module_name(model_type)
-        path = os.path.join(root, module, f"modeling_{module}.py")
-        if os.path.exists(path):
-            with open(path, encoding="utf-8") as f:
-                if "use_experts_implementation" in f.read() and model_type not in unsupported():
-                    found.add(model_type)
-    return tuple(sorted(found))
+        sources = (models / model_type_to_module_name(model_type)).glob("modeling_*.py")
+        if any("use_experts_implementation" in path.read_text(encoding="utf-8") for path in sources):
+            found.append(model_type)
+    return tuple(found)
+
+
+def supported_model_types() -> tuple[str, ...]:
+    """What moepatch patches on the installed transformers: the experts-interface types it can read and the
+    hand-specified families."""
+    return tuple(sorted((set(moe_model_types()) - set(unsupported())) | set(_SPECS)))
 
 
 def experts_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:

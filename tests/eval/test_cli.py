@@ -113,7 +113,7 @@ BAD = [
     (["bench", "kernels", "--nope"], "unrecognized arguments: --nope (see `moepatch bench kernels --help`)"),
     (["bench", "ep", "--smoke"], "the following arguments are required: --out"),
     (["bench", "scmoe", "--shapes", "narrow"], "the following arguments are required: --out"),
-    (["demo", "--families", "nope"], "--families: unknown model type(s) nope; accepted: deepseek_v2"),
+    (["demo", "--families", "nope"], "--families: unknown model type(s) nope; accepted: afmoe"),
     (["demo", "--capacity-factor", "0"], "argument --capacity-factor: '0' must be > 0"),
     (["nope"], "argument command: invalid choice: 'nope'"),
 ]
@@ -157,7 +157,7 @@ def test_no_network_fails_at_once_from_the_local_caches(argv, needle, files, not
 
 
 @pytest.mark.parametrize("argv,needle", [
-    (["demo", "--model-type", "nope"], "model type 'nope' is not supported; accepted: deepseek_v2"),
+    (["demo", "--model-type", "nope"], "model type 'nope' is not supported; accepted: afmoe"),
     (["demo", "--capacity-factor", "0"], "capacity_factor=0.0 is not valid"),
     (["demo", "--strategy", "drop", "--policy", "best"], "argument --policy: invalid choice: 'best'"),
     (["demo", "--nproc", "0"], "argument --nproc: '0' must be >= 1"),
