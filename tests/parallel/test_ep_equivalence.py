@@ -15,7 +15,9 @@ TOLERANCE = 1e-5  # fp32 logits of magnitude ~0.5; observed differences are 0 to
 RANK_INDEPENDENT = [c[0] for c in CASES if c[0] != "drop-random"]
 
 
-@pytest.fixture(scope="module", params=["mixtral", "qwen2_moe,deepseek_v3"])
+# The last: expert forms beyond plain SwiGLU (gpt-oss: bias, transposed, interleaved clamped gate;
+# Nemotron-H: no gate) and a router whose outputs come in another order (GraniteMoE on 5.17).
+@pytest.fixture(scope="module", params=["mixtral", "qwen2_moe,deepseek_v3", "gpt_oss,nemotron_h,granitemoe"])
 def equivalence(request, tmp_path_factory):
     results, _ = run_ranks("equivalence", tmp_path_factory.mktemp("eq"), args=(request.param,), limit_s=60)
     return request.param.split(","), check_ok(results)
