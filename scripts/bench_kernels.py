@@ -302,11 +302,12 @@ def _attempt(results: dict, key: str, fn):
 
 
 def bench_shape(name: str, shape: dict, ms: list[int], args, device: str, dtype: torch.dtype, log) -> list[dict]:
+    from moepatch.patch.probe import read_router
     from moepatch.patch.registry import family_for
 
     block, cfg = build_block(shape, dtype, device)
     holder = _Holder(block, cfg)
-    scoring = family_for(holder).scoring(block.gate)
+    scoring = read_router(family_for(holder), holder, block)[0]  # the reading apply derives for this router
     timer = Timer(device, args.reps, args.warmup)
     rows = []
     for M in ms:
