@@ -1,9 +1,11 @@
-"""Fused SwiGLU experts on Triton: dispatch -> gate_up (+SiLU) -> down (+routing weight) -> combine.
+"""Fused experts on Triton: dispatch -> gate_up (+bias, activation) -> down (+bias, routing weight) -> combine.
 
 Legend: T tokens, W slots per token, P = T * W pairs, R dispatch rows, E experts, H hidden,
 I intermediate, S split-K parts of the down GEMM.  Slots whose id is outside [0, E) add nothing.
 No host sync, no atomics (CUDA-graph safe, bit-identical run to run).  Launchers take an explicit
 tile configuration (what tune.py times); the custom op ``moepatch::fused_experts`` looks it up.
+What an expert computes between its GEMMs is an :class:`ExpertForm` (default: SiLU(gate) * up, [gate; up]);
+transposed weights are strided views ((E, 2I, H) / (E, H, I) of (E, H, 2I) / (E, I, H)), nothing else.
 """
 
 from __future__ import annotations
@@ -28,6 +30,73 @@ from .gemm_kernels import combine_kernel, down_kernel, down_token_kernel, gate_u
 from .graph_cache import on_device
 from .tma_kernels import down_desc_kernel, gate_up_desc_kernel, gather_rows_kernel
 from .tuning import device_key, get_config, max_rows
+
+ACT_NAMES = ("silu", "gelu_tanh", "gelu", "relu2", "swiglu_oai")  # index: the kernels' ACT
+CLAMP_NAMES = ("none", "before", "after")  # the kernels' CLAMP: gate <= limit before / after the activation
+
+
+@dataclass(frozen=True)
+class ExpertForm:
+    """The expert computation between the GEMMs, as the kernels' compile-time flags (hashable: keys caches).
+
+    gated: h = act(gate) * up from a 2I projection, else h = act(up) from I rows; act: index in ACT_NAMES
+    ("swiglu_oai": gate * sigmoid(alpha * gate) * (up + 1), gpt-oss); interleaved: gate rows 0::2, up 1::2
+    (else [gate; up]); clamp: index in CLAMP_NAMES, gate <= limit and up in [-limit, limit]."""
+
+    gated: bool = True
+    act: int = 0
+    interleaved: bool = False
+    clamp: int = 0
+    limit: float = 0.0
+    alpha: float = 1.0
+
+    def __post_init__(self):
+        if not 0 <= self.act < len(ACT_NAMES) or not 0 <= self.clamp < len(CLAMP_NAMES):
+            raise ValueError(f"act must index {ACT_NAMES} and clamp {CLAMP_NAMES}, got {self.act}, {self.clamp}")
+        if not self.gated and (self.interleaved or self.clamp or self.act == 4):
+            raise ValueError(f"an ungated form has no interleaving, clamp or {ACT_NAMES[4]}: {self}")
+
+    @property
+    def plain(self) -> bool:
+        return self == PLAIN
+
+    def apply_gate(self, h_RX: torch.Tensor) -> torch.Tensor:
+        """The form in torch, (R, 2I or I) -> (R, I) in h's dtype (what backend's probe matches modules with)."""
+        f = h_RX.float()
+        if not self.gated:
+            return _act_torch(f, self.act, self.alpha).to(h_RX.dtype)
+        g, u = (f[:, 0::2], f[:, 1::2]) if self.interleaved else f.chunk(2, dim=-1)
+        if self.clamp == 1:
+            g = g.clamp(max=self.limit)
+        if self.clamp:
+            u = u.clamp(-self.limit, self.limit)
+        g = _act_torch(g, self.act, self.alpha)
+        if self.clamp == 2:
+            g = g.clamp(max=self.limit)
+        return (g * (u + 1) if self.act == 4 else g * u).to(h_RX.dtype)
+
+    def constexprs(self) -> dict:
+        return dict(GATED=self.gated, INTERLEAVED=self.interleaved, ACT=self.act, CLAMP=self.clamp,
+                    LIMIT=float(self.limit), ALPHA=float(self.alpha))
+
+    def op_args(self) -> tuple:
+        """The custom op's form arguments (gated, act, interleaved, clamp, limit, alpha)."""
+        return self.gated, self.act, self.interleaved, self.clamp, float(self.limit), float(self.alpha)
+
+
+PLAIN = ExpertForm()
+
+
+def _act_torch(x: torch.Tensor, act: int, alpha: float) -> torch.Tensor:
+    if act == 0:
+        return torch.nn.functional.silu(x)
+    if act == 1:
+        return torch.nn.functional.gelu(x, approximate="tanh")
+    if act == 2:
+        return torch.nn.functional.gelu(x)
+    if act == 3:
+        return torch.relu(x).square()
+    return x * torch.sigmoid(alpha * x)
 
 
 @dataclass
@@ -237,11 +306,13 @@ def _pointer_constexprs(layout: DispatchLayout, c: dict, E: int, K: int, dtype: 
 
 
 def gate_up(x_TH: torch.Tensor, gate_up_EIH: torch.Tensor, layout: DispatchLayout, config: dict,
-            out: torch.Tensor | None = None) -> torch.Tensor:
-    """h = silu(x @ gate^T) * (x @ up^T) for every kept pair, by pair or by row (``layout.h_by_pair``);
-    x_TH (T, H) in the weights' dtype, gate_up_EIH (E, 2I, H) [gate; up] rows."""
+            out: torch.Tensor | None = None, *, form: ExpertForm = PLAIN, bias: torch.Tensor | None = None
+            ) -> torch.Tensor:
+    """h = silu(x @ gate^T) * (x @ up^T) (or ``form``'s computation) for every kept pair, by pair or by row
+    (``layout.h_by_pair``); x_TH (T, H) in the weights' dtype, gate_up_EIH (E, 2I, H) [gate; up] rows
+    (any strides; (E, I, H) ungated); bias (E, 2I or I) contiguous, or None."""
     E, two_i, H = gate_up_EIH.shape
-    I = two_i // 2  # noqa: E741
+    I = two_i // 2 if form.gated else two_i  # noqa: E741
     h_RI = out if out is not None else torch.empty(layout.h_rows, I, device=x_TH.device, dtype=x_TH.dtype)
     if layout.num_pairs == 0:
         return h_RI
@@ -253,15 +324,17 @@ def gate_up(x_TH: torch.Tensor, gate_up_EIH: torch.Tensor, layout: DispatchLayou
              layout.num_pairs, layout.width, E, I, H, num_m,
              x_TH.stride(0), x_TH.stride(1), gate_up_EIH.stride(0), gate_up_EIH.stride(1), gate_up_EIH.stride(2),
              h_RI.stride(0)),
-            dict(_pointer_constexprs(layout, c, E, H, x_TH.dtype), PDL=layout.fused and use_pdl(x_TH.device)),
+            dict(_pointer_constexprs(layout, c, E, H, x_TH.dtype), PDL=layout.fused and use_pdl(x_TH.device),
+                 b1_ptr=bias, HAS_BIAS=bias is not None, **form.constexprs()),
             c["num_warps"], c["num_stages"])
     return h_RI
 
 
 def down(h_RI: torch.Tensor, down_EHI: torch.Tensor, layout: DispatchLayout, weights_TW: torch.Tensor,
-         config: dict) -> torch.Tensor:
-    """y_SPH[s, p] = weight[p] * (h[row of p] @ down_e^T) over split-K part s (rows of dropped pairs
-    unwritten): (S, P, H) in h's dtype when S == 1, else fp32 parts for the combine to add."""
+         config: dict, *, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y_SPH[s, p] = weight[p] * (h[row of p] @ down_e^T (+ bias_e on part 0)) over split-K part s (rows of
+    dropped pairs unwritten): (S, P, H) in h's dtype when S == 1, else fp32 parts for the combine to add.
+    down_EHI (E, H, I) any strides; bias (E, H) contiguous, or None."""
     E, H, I = down_EHI.shape  # noqa: E741
     c = config["down"]
     split = max(1, min(int(c.get("SPLIT_K", 1)), _cdiv(I, c["BLOCK_K"])))
@@ -278,7 +351,7 @@ def down(h_RI: torch.Tensor, down_EHI: torch.Tensor, layout: DispatchLayout, wei
              layout.num_pairs, E, H, I, num_m, k_per_split,
              h_RI.stride(0), down_EHI.stride(0), down_EHI.stride(1), down_EHI.stride(2), y_SPH.stride(0),
              y_SPH.stride(1)),
-            dict(_pointer_constexprs(layout, c, E, I, h_RI.dtype), PDL=pdl),
+            dict(_pointer_constexprs(layout, c, E, I, h_RI.dtype), PDL=pdl, b2_ptr=bias, HAS_BIAS=bias is not None),
             c["num_warps"], c["num_stages"], pdl=pdl)
     return y_SPH
 
@@ -401,9 +474,11 @@ def weighted_combine(y_PH: torch.Tensor, pos_TW: torch.Tensor, weights_TW: torch
     return out_TH
 
 
-def token_path(layout: DispatchLayout, config: dict) -> bool:
-    """Whether the down GEMM runs as :func:`down_token` (one token, a "TOKEN" down configuration)."""
-    return bool(config["down"].get("TOKEN")) and layout.num_pairs == layout.width and layout.h_by_pair
+def token_path(layout: DispatchLayout, config: dict, has_bias: bool = False) -> bool:
+    """Whether the down GEMM runs as :func:`down_token` (one token, a "TOKEN" down configuration, no
+    down bias: biased experts take :func:`down` and :func:`combine`)."""
+    return (bool(config["down"].get("TOKEN")) and layout.num_pairs == layout.width and layout.h_by_pair
+            and not has_bias)
 
 
 def down_token(h_RI: torch.Tensor, down_EHI: torch.Tensor, ids_TW: torch.Tensor, weights_TW: torch.Tensor,
@@ -425,70 +500,95 @@ def down_token(h_RI: torch.Tensor, down_EHI: torch.Tensor, ids_TW: torch.Tensor,
 
 
 def down_and_combine(h_RI: torch.Tensor, down_EHI: torch.Tensor, layout: DispatchLayout, ids_TW: torch.Tensor,
-                     weights_TW: torch.Tensor, config: dict, out_dtype: torch.dtype) -> torch.Tensor:
-    """The pointer path's down GEMM and combine: (T, H) in ``out_dtype``."""
-    if token_path(layout, config):
+                     weights_TW: torch.Tensor, config: dict, out_dtype: torch.dtype, *,
+                     bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The pointer path's down GEMM and combine: (T, H) in ``out_dtype``; bias (E, H) or None."""
+    if token_path(layout, config, bias is not None):
         return down_token(h_RI, down_EHI, ids_TW, weights_TW, config, out_dtype, fused=layout.fused)
-    return combine(down(h_RI, down_EHI, layout, weights_TW, config), ids_TW, layout.num_experts, out_dtype,
-                   pdl=layout.fused)
+    return combine(down(h_RI, down_EHI, layout, weights_TW, config, bias=bias), ids_TW, layout.num_experts,
+                   out_dtype, pdl=layout.fused)
 
 
-def config_for(x_TH: torch.Tensor, ids_TW: torch.Tensor, gate_up_EIH: torch.Tensor) -> dict:
-    """The table's configuration for this call's shape and GPU."""
+def config_for(x_TH: torch.Tensor, ids_TW: torch.Tensor, gate_up_EIH: torch.Tensor,
+               down_EHI: torch.Tensor | None = None) -> dict:
+    """The table's configuration for this call's shape and GPU (I from down_EHI where given, else gate_up's 2I)."""
     E, two_i, H = gate_up_EIH.shape
-    return get_config(x_TH.shape[0], E, H, two_i // 2, ids_TW.shape[1], device_key(x_TH.device))
+    I = down_EHI.shape[2] if down_EHI is not None else two_i // 2  # noqa: E741
+    return get_config(x_TH.shape[0], E, H, I, ids_TW.shape[1], device_key(x_TH.device))
 
 
-def _check(x_TH, ids_TW, weights_TW, gate_up_EIH, down_EHI):
+def _check(x_TH, ids_TW, weights_TW, gate_up_EIH, down_EHI, gate_up_bias, down_bias, form):
     T, H = x_TH.shape
     E, two_i, H1 = gate_up_EIH.shape
-    if H1 != H or two_i % 2 or tuple(down_EHI.shape) != (E, H, two_i // 2):
+    I = two_i // 2 if form.gated else two_i  # noqa: E741
+    if H1 != H or (form.gated and two_i % 2) or tuple(down_EHI.shape) != (E, H, I):
+        want = "(E, 2I, H)" if form.gated else "(E, I, H) (ungated)"
         raise ValueError(f"expert weights do not match: x {tuple(x_TH.shape)}, gate_up {tuple(gate_up_EIH.shape)}, "
-                         f"down {tuple(down_EHI.shape)}; expected gate_up (E, 2I, H) and down (E, H, I)")
+                         f"down {tuple(down_EHI.shape)}; expected gate_up {want} and down (E, H, I)")
+    for name, b, shape in (("gate_up_bias", gate_up_bias, (E, two_i)), ("down_bias", down_bias, (E, H))):
+        if b is not None and tuple(b.shape) != shape:
+            raise ValueError(f"{name} {tuple(b.shape)} does not match the weights: expected {shape}")
     if ids_TW.shape != weights_TW.shape or ids_TW.shape[0] != T:
         raise ValueError(f"routing shapes {tuple(ids_TW.shape)} / {tuple(weights_TW.shape)} do not match {T} tokens")
 
 
 def fused_experts_impl(x_TH: torch.Tensor, ids_TW: torch.Tensor, weights_TW: torch.Tensor,
                        gate_up_EIH: torch.Tensor, down_EHI: torch.Tensor, config: dict | None = None,
-                       fuse_dispatch: bool | None = None) -> torch.Tensor:
+                       fuse_dispatch: bool | None = None, *, gate_up_bias: torch.Tensor | None = None,
+                       down_bias: torch.Tensor | None = None, form: ExpertForm = PLAIN) -> torch.Tensor:
     """The whole fused experts layer: (T, H) in x_TH's dtype.  x_TH (T, H) any float dtype (computed in
     the weights'); ids_TW (T, W) integer ids, outside [0, E): empty slots; weights_TW (T, W) any float
-    dtype (applied in fp32); gate_up_EIH (E, 2I, H) [gate; up]; down_EHI (E, H, I); config None: looked up."""
-    _check(x_TH, ids_TW, weights_TW, gate_up_EIH, down_EHI)
+    dtype (applied in fp32); gate_up_EIH (E, 2I, H) [gate; up] ((E, I, H) for an ungated ``form``);
+    down_EHI (E, H, I), both any strides (a transposed layout: ``w.transpose(1, 2)``); gate_up_bias (E, 2I
+    or I), down_bias (E, H) or None, added in fp32; config None: looked up.  The descriptor GEMMs run the
+    plain form without biases only; other forms take the pointer GEMMs."""
+    _check(x_TH, ids_TW, weights_TW, gate_up_EIH, down_EHI, gate_up_bias, down_bias, form)
     E = gate_up_EIH.shape[0]
-    cfg = config if config is not None else config_for(x_TH, ids_TW, gate_up_EIH)
+    cfg = config if config is not None else config_for(x_TH, ids_TW, gate_up_EIH, down_EHI)
     x_c = x_TH.to(gate_up_EIH.dtype)
     ids_c = ids_TW.contiguous()
     layout = dispatch(ids_c, E, cfg["BLOCK_M"], fuse_dispatch)
     w_c = weights_TW.contiguous()
-    if cfg.get("DESC") and descriptors_fit(layout, x_c, gate_up_EIH, down_EHI):
+    plain = form.plain and gate_up_bias is None and down_bias is None
+    if cfg.get("DESC") and plain and descriptors_fit(layout, x_c, gate_up_EIH, down_EHI):
         h_RI = gate_up_desc(gather_rows(x_c, layout), gate_up_EIH, layout, cfg)
         return combine(down_desc(h_RI, down_EHI, layout, w_c, cfg), ids_c, E, x_TH.dtype)
-    h_RI = gate_up(x_c, gate_up_EIH, layout, cfg)
-    return down_and_combine(h_RI, down_EHI, layout, ids_c, w_c, cfg, x_TH.dtype)
+    b1 = gate_up_bias.contiguous() if gate_up_bias is not None else None
+    b2 = down_bias.contiguous() if down_bias is not None else None
+    h_RI = gate_up(x_c, gate_up_EIH, layout, cfg, form=form, bias=b1)
+    return down_and_combine(h_RI, down_EHI, layout, ids_c, w_c, cfg, x_TH.dtype, bias=b2)
 
 
 def moe_experts(x_TH: torch.Tensor, ids_TW: torch.Tensor, weights_TW: torch.Tensor, gate_up_EIH: torch.Tensor,
-                down_EHI: torch.Tensor, *, graphs: bool = True) -> torch.Tensor:
-    """What patched models call (shapes as :func:`fused_experts_impl`): the custom op under torch.compile,
+                down_EHI: torch.Tensor, *, graphs: bool = True, gate_up_bias: torch.Tensor | None = None,
+                down_bias: torch.Tensor | None = None, form: ExpertForm = PLAIN) -> torch.Tensor:
+    """What patched models call (arguments as :func:`fused_experts_impl`): the custom op under torch.compile,
     else the launchers directly (a custom op costs host time per layer), replayed from CUDA graphs at 1-64
     tokens unless ``graphs`` is False.  Same result on every path; none records autograd."""
+    extra = {} if form.plain and gate_up_bias is None and down_bias is None else \
+        dict(gate_up_bias=gate_up_bias, down_bias=down_bias, form=form)
     if torch.compiler.is_compiling():
-        return fused_experts(x_TH, ids_TW, weights_TW, gate_up_EIH, down_EHI)
+        return fused_experts(x_TH, ids_TW, weights_TW, gate_up_EIH, down_EHI, gate_up_bias, down_bias,
+                             *form.op_args())
     if not graphs:
         with on_device(x_TH):
-            return fused_experts_impl(x_TH, ids_TW, weights_TW, gate_up_EIH, down_EHI)
-    return experts_graphed(fused_experts_impl, x_TH, ids_TW, weights_TW, gate_up_EIH, down_EHI)
+            return fused_experts_impl(x_TH, ids_TW, weights_TW, gate_up_EIH, down_EHI, **extra)
+    return experts_graphed(fused_experts_impl, x_TH, ids_TW, weights_TW, gate_up_EIH, down_EHI, **extra)
 
 
 @torch.library.custom_op("moepatch::fused_experts", mutates_args=())
 def fused_experts(x_TH: torch.Tensor, ids_TW: torch.Tensor, weights_TW: torch.Tensor, gate_up_EIH: torch.Tensor,
-                  down_EHI: torch.Tensor) -> torch.Tensor:
-    """:func:`fused_experts_impl` (the configuration looked up) as one custom op, opaque to torch.compile."""
-    return fused_experts_impl(x_TH, ids_TW, weights_TW, gate_up_EIH, down_EHI)
+                  down_EHI: torch.Tensor, gate_up_bias: torch.Tensor | None = None,
+                  down_bias: torch.Tensor | None = None, gated: bool = True, act: int = 0,
+                  interleaved: bool = False, clamp: int = 0, limit: float = 0.0, alpha: float = 1.0) -> torch.Tensor:
+    """:func:`fused_experts_impl` (the configuration looked up) as one custom op, opaque to torch.compile;
+    the form as :class:`ExpertForm`'s fields (``ExpertForm.op_args``)."""
+    form = ExpertForm(gated, act, interleaved, clamp, limit, alpha)
+    return fused_experts_impl(x_TH, ids_TW, weights_TW, gate_up_EIH, down_EHI, gate_up_bias=gate_up_bias,
+                              down_bias=down_bias, form=form)
 
 
 @fused_experts.register_fake
-def _(x_TH, ids_TW, weights_TW, gate_up_EIH, down_EHI):
+def _(x_TH, ids_TW, weights_TW, gate_up_EIH, down_EHI, gate_up_bias=None, down_bias=None, gated=True, act=0,
+      interleaved=False, clamp=0, limit=0.0, alpha=1.0):
     return torch.empty_like(x_TH)

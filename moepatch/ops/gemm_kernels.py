@@ -4,6 +4,8 @@ Legend: T tokens, W slots per token, P = T * W pairs, R dispatch rows, E experts
 I intermediate, S split-K parts.  H_BY_PAIR: h has P rows, else (fused layouts with BLOCK_M >= 32) R.
 FUSED (small P): each program derives the dispatch layout from the slot ids.  PDL (Hopper, fused
 layouts): the next kernel launches early and waits (gdc_wait) before reading.  Detail: docs/kernels.md.
+Expert forms (experts.ExpertForm): GATED / INTERLEAVED gate and up rows, ACT, CLAMP at LIMIT, HAS_BIAS;
+at their defaults (SiLU(gate) * up, [gate; up], no bias) the kernels compile to the plain SwiGLU code.
 """
 
 from __future__ import annotations
@@ -69,13 +71,35 @@ def _block_rows(ids_ptr, sorted_ptr, start_ptr, row0, P, E, BLOCK_M: tl.constexp
 
 
 @triton.jit
+def _activation(x, ACT: tl.constexpr, ALPHA: tl.constexpr):
+    """ACT 0 silu, 1 gelu (tanh approximation), 2 gelu (erf), 3 relu^2, 4 gpt-oss's x * sigmoid(ALPHA * x); fp32."""
+    if ACT == 0:
+        y = x * tl.sigmoid(x)
+    elif ACT == 1:  # 0.5 x (1 + tanh(z)) = x sigmoid(2z), z = sqrt(2/pi) (x + 0.044715 x^3)
+        y = x * tl.sigmoid(1.5957691216057308 * (x + 0.044715 * x * x * x))
+    elif ACT == 2:
+        y = 0.5 * x * (1.0 + tl.erf(x * 0.7071067811865476))
+    elif ACT == 3:
+        r = tl.maximum(x, 0.0)
+        y = r * r
+    else:
+        y = x * tl.sigmoid(ALPHA * x)
+    return y
+
+
+@triton.jit
 def gate_up_kernel(x_ptr, w1_ptr, h_ptr, ids_ptr, sorted_ptr, start_ptr,
                     P, W, E, N, K, num_m,
                     stride_xt, stride_xk, stride_we, stride_wn, stride_wk, stride_hr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                     E_PAD: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
-                    FUSED: tl.constexpr, P_PAD: tl.constexpr, H_BY_PAIR: tl.constexpr, PDL: tl.constexpr = False):
-    """N = I (outputs per half), K = H."""
+                    FUSED: tl.constexpr, P_PAD: tl.constexpr, H_BY_PAIR: tl.constexpr, PDL: tl.constexpr = False,
+                    b1_ptr=None, GATED: tl.constexpr = True, INTERLEAVED: tl.constexpr = False,
+                    ACT: tl.constexpr = 0, CLAMP: tl.constexpr = 0, LIMIT: tl.constexpr = 0.0,
+                    ALPHA: tl.constexpr = 1.0, HAS_BIAS: tl.constexpr = False):
+    """N = I (outputs per half), K = H.  Gate row n at n (up at N + n), INTERLEAVED at 2n (up 2n + 1);
+    not GATED: one projection of N rows, h = act(up).  b1 (E, 2N or N) contiguous, added in fp32.
+    CLAMP 1: gate <= LIMIT before the activation, 2: after it; either way up in [-LIMIT, LIMIT]."""
     if PDL:
         gdc_launch_dependents()
     pid = tl.program_id(0)
@@ -94,29 +118,63 @@ def gate_up_kernel(x_ptr, w1_ptr, h_ptr, ids_ptr, sorted_ptr, start_ptr,
     n_ok = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = x_ptr + tok[:, None] * stride_xt + offs_k[None, :] * stride_xk
-    g_ptrs = w1_ptr + e * stride_we + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None] * stride_wk
-    u_ptrs = g_ptrs + N * stride_wn
+    if INTERLEAVED:
+        g_row = offs_n * 2
+        u_off = stride_wn
+    else:
+        g_row = offs_n
+        u_off = N * stride_wn
+    g_ptrs = w1_ptr + e * stride_we + g_row[None, :].to(tl.int64) * stride_wn + offs_k[:, None] * stride_wk
+    u_ptrs = g_ptrs + u_off
 
-    acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)  # not GATED: the up projection
     acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         if EVEN_K:
             a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
             bg = tl.load(g_ptrs, mask=n_ok[None, :], other=0.0)
-            bu = tl.load(u_ptrs, mask=n_ok[None, :], other=0.0)
+            if GATED:
+                bu = tl.load(u_ptrs, mask=n_ok[None, :], other=0.0)
         else:
             k_ok = offs_k < K - k0
             a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             bg = tl.load(g_ptrs, mask=n_ok[None, :] & k_ok[:, None], other=0.0)
-            bu = tl.load(u_ptrs, mask=n_ok[None, :] & k_ok[:, None], other=0.0)
+            if GATED:
+                bu = tl.load(u_ptrs, mask=n_ok[None, :] & k_ok[:, None], other=0.0)
         acc_g = tl.dot(a, bg, acc_g, input_precision=PRECISION)
-        acc_u = tl.dot(a, bu, acc_u, input_precision=PRECISION)
+        if GATED:
+            acc_u = tl.dot(a, bu, acc_u, input_precision=PRECISION)
         a_ptrs += BLOCK_K * stride_xk
         g_ptrs += BLOCK_K * stride_wk
-        u_ptrs += BLOCK_K * stride_wk
+        if GATED:
+            u_ptrs += BLOCK_K * stride_wk
 
-    # SiLU in fp32 on the unrounded accumulator, one rounding for the stored product.
-    h = acc_g * tl.sigmoid(acc_g) * acc_u
+    if HAS_BIAS:  # fp32, on the unrounded accumulators
+        if GATED:
+            b_ptrs = b1_ptr + e * (2 * N) + g_row
+            if INTERLEAVED:
+                u_b = 1
+            else:
+                u_b = N
+            acc_u += tl.load(b_ptrs + u_b, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        else:
+            b_ptrs = b1_ptr + e * N + g_row
+        acc_g += tl.load(b_ptrs, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    # The activation in fp32 on the unrounded accumulator, one rounding for the stored product.
+    if GATED:
+        if CLAMP == 1:
+            acc_g = tl.minimum(acc_g, LIMIT)
+        if CLAMP != 0:
+            acc_u = tl.minimum(tl.maximum(acc_u, -LIMIT), LIMIT)
+        g = _activation(acc_g, ACT, ALPHA)
+        if CLAMP == 2:
+            g = tl.minimum(g, LIMIT)
+        if ACT == 4:  # gpt-oss: (up + 1) * glu
+            h = g * (acc_u + 1.0)
+        else:
+            h = g * acc_u
+    else:
+        h = _activation(acc_g, ACT, ALPHA)
     h_row = pair if H_BY_PAIR else row0 + tl.arange(0, BLOCK_M)
     h_ptrs = h_ptr + h_row[:, None].to(tl.int64) * stride_hr + offs_n[None, :]
     tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
@@ -128,8 +186,10 @@ def down_kernel(h_ptr, w2_ptr, y_ptr, ids_ptr, sorted_ptr, start_ptr, weights_pt
                  stride_hr, stride_we, stride_wn, stride_wk, stride_ys, stride_yp,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                  E_PAD: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
-                 FUSED: tl.constexpr, P_PAD: tl.constexpr, H_BY_PAIR: tl.constexpr, PDL: tl.constexpr = False):
-    """N = H, K = I; program_id(1) is the split-K part, covering [s * k_per_split, (s + 1) * k_per_split)."""
+                 FUSED: tl.constexpr, P_PAD: tl.constexpr, H_BY_PAIR: tl.constexpr, PDL: tl.constexpr = False,
+                 b2_ptr=None, HAS_BIAS: tl.constexpr = False):
+    """N = H, K = I; program_id(1) is the split-K part, covering [s * k_per_split, (s + 1) * k_per_split).
+    HAS_BIAS: b2 (E, N) contiguous, added in fp32 by part 0, before the routing weight."""
     pid = tl.program_id(0)
     split = tl.program_id(1)
     pid_m, pid_n = block_coords(pid, num_m, tl.cdiv(N, BLOCK_N), GROUP_M)
@@ -167,6 +227,9 @@ def down_kernel(h_ptr, w2_ptr, y_ptr, ids_ptr, sorted_ptr, start_ptr, weights_pt
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K * stride_wk
 
+    if HAS_BIAS:
+        b_ok = n_ok & (offs_n * 0 + split == 0)  # (a tensor: the interpreter rejects masks built from scalars)
+        acc += tl.load(b2_ptr + e * N + offs_n, mask=b_ok, other=0.0).to(tl.float32)[None, :]
     # The routing weight in fp32 before the single rounding to the output dtype.
     w = tl.load(weights_ptr + pair, mask=row_ok, other=0.0).to(tl.float32)
     acc = acc * w[:, None]

@@ -106,10 +106,13 @@ def test_unavailable_reasons(monkeypatch):
     monkeypatch.setattr(experts, "has_bias", True)
     assert "has_bias" in backend.triton_problem(model)
     monkeypatch.setattr(experts, "has_bias", False)
-    monkeypatch.setattr(experts, "act_fn", torch.nn.GELU())
-    assert "activation" in backend.triton_problem(model)
+    other = tiny_model("mixtral")
+    other.model.layers[0].mlp.experts.act_fn = torch.nn.GELU()  # gated GELU: an ACT the kernels compute
+    assert backend.triton_problem(other) is None
+    monkeypatch.setattr(experts, "act_fn", torch.nn.Tanh())
+    assert "activation Tanh" in backend.triton_problem(model)
     # A form the kernels do not compute falls back to transformers' experts with one warning.
-    with pytest.warns(UserWarning, match="do not cover this model's experts.*activation GELU") as caught:
+    with pytest.warns(UserWarning, match="do not cover this model's experts.*activation Tanh") as caught:
         handle = moepatch.apply(model, kernel="triton")
     assert len(caught) == 1 and "hf experts backend" in repr(handle)
     assert model.config._experts_implementation == "grouped_mm"

@@ -441,3 +441,147 @@ def test_pdl_is_requested_only_where_it_exists(monkeypatch):
     monkeypatch.setattr(X, "PDL", True)
     monkeypatch.setattr(X, "_pdl_supported", lambda: False)  # a Triton without launch_pdl
     assert not X.use_pdl(torch.device("cuda", 0))
+
+
+# Expert forms: real transformers experts modules of tiny models (each family's own flags and gate), run
+# through the patched forward's arguments (backend.fused_weights / expert_form) against module_expert.
+FORM_FAMILIES = ["gpt_oss", "nemotron_h", "aria_text", "hy_v4", "minimax_m3_vl_text", "lfm2_moe", "gemma4_text"]
+FORM_TOL = {torch.float32: 1e-5, torch.float16: 5e-3}  # bf16: test_bf16_expert_forms_on_gpu (compiled)
+
+
+def _experts_of(model_type, dtype):
+    from moepatch.patch.registry import experts_modules
+    from moepatch.tiny import moe_model_types, tiny_model
+
+    if model_type not in moe_model_types():
+        pytest.skip(f"{model_type} is not in this transformers")
+    m = experts_modules(tiny_model(model_type))[0][1]
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in m.parameters():  # biases and weights large enough that a clamp at the module's limit bites
+            p.copy_(torch.randn(p.shape, generator=gen) * (3.0 if p.dim() == 2 else p.shape[-1] ** -0.5 * 4))
+    return m.to(dtype)
+
+
+def _module_reference(m, x, ids, wts):
+    """sum over kept slots of w * module_expert(m, e, x) (the project's reference expert loop; m in fp32)."""
+    from moepatch.ops.reference import module_expert
+
+    out = torch.zeros(x.shape, dtype=torch.float64)
+    for e in range(m.num_experts):
+        tok, slot = (ids == e).nonzero(as_tuple=True)
+        if tok.numel():
+            y = module_expert(m, e, x[tok].float()).double()
+            out.index_add_(0, tok, y * wts[tok, slot].double()[:, None])
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("kind", ["random", "empty_expert", "all_sentinel"])
+@pytest.mark.parametrize("model_type", FORM_FAMILIES)
+def test_expert_forms_match_module_expert(model_type, kind, dtype, device):
+    import copy
+
+    from moepatch.patch import backend
+
+    m = _experts_of(model_type, dtype)
+    assert backend.layout_problem(model_type, m) is None
+    gu, dn, b1, b2 = backend.fused_weights(m)
+    form = backend.expert_form(m, gu.shape[1])
+    E, H = m.num_experts, dn.shape[1]
+    T, W = 7, 2
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(T, H, generator=gen).to(dtype)
+    ids = _ids(kind, T, W, E, gen)
+    ids[0, 1] = ids[0, 0]  # a token naming one expert twice
+    wts = torch.rand(T, W, generator=gen)
+    wts[1, 1] = wts[1, 0]  # tied weights
+    ref = _module_reference(copy.deepcopy(m).float(), x, ids, wts)
+    I = dn.shape[2]  # noqa: E741
+    for cfg in (_config(T, W, E, H, I, bn=16, bk=16), _config(T, W, E, H, I, block_m=32, split=2, bn=16, bk=16),
+                _desc_config(T, W, E, H, I), _token_config(1, W, E, H, I)):
+        n = 1 if cfg["down"].get("TOKEN") else T
+        out = X.fused_experts_impl(x[:n], ids[:n], wts[:n], gu, dn, cfg, gate_up_bias=b1, down_bias=b2, form=form)
+        assert out.dtype == dtype and torch.isfinite(out).all()
+        if kind == "all_sentinel":
+            assert (out == 0).all()
+        else:
+            assert _rel(out, ref[:n]) < FORM_TOL[dtype], (cfg, _rel(out, ref[:n]))
+
+
+@pytest.mark.parametrize("model_type", ["gpt_oss", "nemotron_h"])
+def test_expert_forms_match_transformers_and_the_custom_op(model_type, device):
+    """No dropped slots: transformers' own batched_mm experts; the custom op and moe_experts agree bit for bit."""
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    from moepatch.patch import backend
+
+    m = _experts_of(model_type, torch.float32)
+    gu, dn, b1, b2 = backend.fused_weights(m)
+    form = backend.expert_form(m, gu.shape[1])
+    T, W, E, H = 5, 2, m.num_experts, dn.shape[1]
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(T, H, generator=gen)
+    ids = _ids("distinct", T, W, E, gen)
+    wts = torch.rand(T, W, generator=gen)
+    want = ALL_EXPERTS_FUNCTIONS["batched_mm"](m, x, ids, wts)
+    out = X.moe_experts(x, ids, wts, gu, dn, gate_up_bias=b1, down_bias=b2, form=form)
+    torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4)
+    op = torch.ops.moepatch.fused_experts(x, ids, wts, gu, dn, b1, b2, *form.op_args())
+    assert torch.equal(op, out)
+
+
+@pytest.mark.parametrize("form", [X.ExpertForm(gated=False, act=a) for a in range(4)]
+                         + [X.ExpertForm(act=a) for a in (1, 2, 3)]
+                         + [X.ExpertForm(act=0, clamp=2, limit=0.5), X.ExpertForm(act=4, interleaved=True,
+                                                                                  clamp=1, limit=1.0, alpha=1.7)],
+                         ids=lambda f: f"{'g' if f.gated else 'u'}-{X.ACT_NAMES[f.act]}-{X.CLAMP_NAMES[f.clamp]}")
+def test_every_activation_matches_the_reference(form, device):
+    """Each ACT / CLAMP kind against reference_experts with the form's torch gate (odd I, masked tiles)."""
+    from moepatch.ops.reference import reference_experts
+
+    T, W, E, H, I = 9, 2, 4, 24, 20  # noqa: E741
+    x, ids, wts, w1, w2 = _problem(T, W, E, H, I, torch.float32, "random", device, seed=2)
+    if not form.gated:
+        w1 = w1[:, :I].contiguous()
+    want = reference_experts(x.double(), ids, wts.double(), w1.double(), w2.double(), apply_gate=form.apply_gate)
+    out = X.fused_experts_impl(x, ids, wts, w1, w2, _config(T, W, E, H, I, bn=16, bk=16), form=form)
+    assert _rel(out, want) < TOL[torch.float32]
+
+
+def test_plain_form_compiles_the_default_kernel(device, monkeypatch):
+    """The plain form passes only the kernels' default form flags (the plain SwiGLU code path)."""
+    seen = []
+    real = X._launch
+    monkeypatch.setattr(X, "_launch", lambda k, g, a, c, *r, **kw: seen.append((k.fn.__name__, c)) or real(k, g, a, c,
+                                                                                                            *r, **kw))
+    T, W, E, H, I = 5, 2, 4, 32, 16  # noqa: E741
+    x, ids, wts, w1, w2 = _problem(T, W, E, H, I, torch.float32, "random", device)
+    X.fused_experts_impl(x, ids, wts, w1, w2, _config(T, W, E, H, I))
+    flags = dict(X.PLAIN.constexprs(), HAS_BIAS=False)
+    for name, c in seen:
+        if name in ("gate_up_kernel", "down_kernel"):
+            assert all(c[k] == v for k, v in flags.items() if k in c) and c.get("b1_ptr") is None
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("model_type", ["gpt_oss", "nemotron_h", "aria_text"])
+@pytest.mark.parametrize("M", [1, 16, 256])
+def test_bf16_expert_forms_on_gpu(model_type, M):
+    """The new forms compiled (bf16, CUDA graphs through moe_experts) against the fp32 module reference."""
+    import copy
+
+    from moepatch.patch import backend
+
+    m = _experts_of(model_type, torch.bfloat16).cuda()
+    gu, dn, b1, b2 = backend.fused_weights(m)
+    form = backend.expert_form(m, gu.shape[1])
+    E, H = m.num_experts, dn.shape[1]
+    gen = torch.Generator().manual_seed(M)
+    x = torch.randn(M, H, generator=gen).bfloat16()
+    ids = _ids("random", M, 2, E, gen)
+    wts = torch.rand(M, 2, generator=gen)
+    ref = _module_reference(copy.deepcopy(m).float().cpu(), x, ids, wts)
+    for _ in range(4):  # past the graph warm-up
+        out = X.moe_experts(x.cuda(), ids.cuda(), wts.cuda(), gu, dn, gate_up_bias=b1, down_bias=b2, form=form)
+        assert _rel(out, ref) < 2e-2

@@ -1,14 +1,14 @@
 """Every MoE causal-LM type of the installed transformers, from a tiny model of its own config, through the
 public API only: each is patched, or refused with the reason moepatch gives, or listed as unbuildable tiny."""
 
-import contextlib
 import math
+import warnings
 
 import pytest
 import torch
 
 import moepatch
-from moepatch.patch.registry import family_for, moe_blocks, unsupported
+from moepatch.patch.registry import experts_modules, family_for, moe_blocks, unsupported
 from moepatch.tiny import UNBUILDABLE, moe_model_types, tiny_model
 
 TYPES = moe_model_types()
@@ -116,8 +116,9 @@ def test_bf16_padding_rows_give_no_nan(model):
 
 @torch.no_grad()
 def test_triton_equals_the_torch_path(model):
-    """kernel='triton' (the CPU interpreter here) on every form the kernels cover, checked to have run;
-    other forms fall back to transformers' experts with a warning, and give the torch path's result."""
+    """kernel='triton' (the CPU interpreter here) on every form the kernels cover (backend.layout_problem),
+    checked to have run for every experts call, without a fallback warning; other forms fall back to
+    transformers' experts with a warning, and give the torch path's result."""
     if _refused(model):
         return
     from moepatch.patch import backend
@@ -138,13 +139,21 @@ def test_triton_equals_the_torch_path(model):
         return original(*args)
 
     backend._TRITON_FORWARDS[backend.TRITON] = counting
+    experts_calls, hooks = [], []
     try:
-        with pytest.warns(UserWarning, match="do not cover") if not covered else contextlib.nullcontext():
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             handle = moepatch.apply(model, capacity_factor=GAMMA, kernel="triton")
+        fallback = [w for w in caught if "do not cover" in str(w.message)]
+        assert len(fallback) == (0 if covered else 1), [str(w.message) for w in fallback]
         assert ("triton experts backend" if covered else "hf experts backend") in repr(handle)
+        calls.clear()  # only the model's forward below (apply may probe modules)
+        hooks = [m.register_forward_hook(lambda *a: experts_calls.append(1)) for _, m in experts_modules(model)]
         got = model(x).logits
         handle.remove()
     finally:
         backend._TRITON_FORWARDS[backend.TRITON] = original
-    assert bool(calls) == covered
+        for h in hooks:
+            h.remove()
+    assert experts_calls and len(calls) == (len(experts_calls) if covered else 0)
     torch.testing.assert_close(got, want, rtol=2e-4, atol=2e-4)
